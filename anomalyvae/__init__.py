@@ -1,0 +1,16 @@
+"""anomalyvae: variational-autoencoder anomaly detection for medical and industrial images."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "VAEAnomalyDetector"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `import anomalyvae.runtime` (the ONNX path) never pulls in torch.
+    if name == "VAEAnomalyDetector":
+        from anomalyvae.detector import VAEAnomalyDetector
+
+        return VAEAnomalyDetector
+    raise AttributeError(f"module 'anomalyvae' has no attribute {name!r}")

@@ -1,0 +1,167 @@
+"""Decision thresholds for image scores and anomaly maps (numpy + scikit-learn only).
+
+Scores follow the product convention: higher = more anomalous; a score above the
+threshold is an anomaly. The normalized score ``score / threshold`` puts the decision
+boundary at 1.0 for every model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+CALIBRATION_METHODS: tuple[str, ...] = ("normal_quantile", "f1", "youden")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A calibrated threshold and how it was obtained.
+
+    Attributes
+    ----------
+    value : float
+        Scores strictly above ``value`` are anomalous.
+    method : str
+        "normal_quantile", "f1" or "youden".
+    target_fpr : float or None
+        The false-positive rate asked for ("normal_quantile" only).
+    expected_fpr : float
+        Share of the calibration normals above ``value``.
+    expected_tpr : float or None
+        Share of the calibration anomalies above ``value`` (labelled methods only).
+    n_normal, n_anomalous : int
+        Size of the calibration set.
+    """
+
+    value: float
+    method: str
+    target_fpr: float | None
+    expected_fpr: float
+    expected_tpr: float | None
+    n_normal: int
+    n_anomalous: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Threshold:
+        return cls(**data)
+
+
+def _check_scores(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
+    array = np.asarray(scores, dtype=np.float64).ravel()
+    if array.size == 0:
+        raise ValueError(f"{name} is empty; calibration needs at least one score")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Threshold:
+    """Threshold at the (1 - target_fpr) quantile of held-out normal scores.
+
+    With n normals the smallest FPR that can be told apart is about 1 / n; when
+    ``target_fpr`` is finer than that, the largest normal score is used and a warning
+    says how many normals the target needs.
+    """
+    if not 0 < target_fpr < 1:
+        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    normal = _check_scores(scores, "normal scores")
+    if normal.size * target_fpr < 1:
+        warnings.warn(
+            f"{normal.size} calibration normals cannot resolve a false-positive rate of "
+            f"{target_fpr:g}; at least {int(np.ceil(1 / target_fpr))} are needed. "
+            "Using the largest normal score.",
+            UserWarning,
+            stacklevel=2,
+        )
+    value = float(np.quantile(normal, 1.0 - target_fpr, method="higher"))
+    return Threshold(value, "normal_quantile", target_fpr, float(np.mean(normal > value)),
+                     None, int(normal.size), 0)
+
+
+def threshold_from_labels(
+    scores: ArrayLike, labels: ArrayLike, method: str = "f1"
+) -> Threshold:
+    """Threshold from a labelled set (1 = anomalous): F1-max or Youden's J = TPR - FPR.
+
+    F1 uses ``sklearn.metrics.precision_recall_curve`` and Youden ``roc_curve``. The
+    threshold is placed halfway between the chosen score and the next lower one, so
+    that "score > threshold" reproduces the curve's "score >= cut" decision.
+    """
+    values = _check_scores(scores)
+    y = np.asarray(labels).ravel().astype(int)
+    if y.shape != values.shape:
+        raise ValueError(f"scores and labels differ in length: {values.size} vs {y.size}")
+    if set(np.unique(y)) != {0, 1}:
+        raise ValueError("labels must contain both 0 (normal) and 1 (anomalous)")
+    if method == "f1":
+        precision, recall, cuts = precision_recall_curve(y, values)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        cut = float(cuts[int(np.argmax(f1))])
+    elif method == "youden":
+        fpr, tpr, cuts = roc_curve(y, values)
+        cut = float(cuts[int(np.argmax(tpr - fpr))])
+    else:
+        raise ValueError(f"method must be 'f1' or 'youden', got {method!r}")
+    below = values[values < cut]
+    value = 0.5 * (cut + float(below.max())) if below.size else float(np.nextafter(cut, -np.inf))
+    return Threshold(
+        value,
+        method,
+        None,
+        float(np.mean(values[y == 0] > value)),
+        float(np.mean(values[y == 1] > value)),
+        int((y == 0).sum()),
+        int((y == 1).sum()),
+    )
+
+
+def pixel_threshold_from_normals(
+    maps: ArrayLike, target_fpr: float = 0.001, max_pixels: int = 2_000_000, seed: int = 0
+) -> Threshold:
+    """Pixel threshold: the (1 - target_fpr) quantile of all pixels of normal maps.
+
+    Maps of any shape are flattened; beyond ``max_pixels`` a seeded random subset is
+    used, which changes the quantile by far less than its sampling error.
+    """
+    values = _subsample(np.asarray(maps, dtype=np.float32).ravel(), max_pixels, seed)
+    return threshold_from_normals(values, target_fpr)
+
+
+def pixel_threshold_from_labels(
+    maps: ArrayLike, masks: ArrayLike, method: str = "f1", max_pixels: int = 2_000_000,
+    seed: int = 0,
+) -> Threshold:
+    """Pixel threshold from maps and their boolean defect masks (same shape)."""
+    values = np.asarray(maps, dtype=np.float32).ravel()
+    truth = np.asarray(masks, dtype=bool).ravel()
+    if values.shape != truth.shape:
+        raise ValueError(f"maps and masks differ in size: {values.size} vs {truth.size}")
+    if values.size > max_pixels:
+        index = np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)
+        values, truth = values[index], truth[index]
+    return threshold_from_labels(values, truth.astype(int), method)
+
+
+def _subsample(values: NDArray[np.float32], max_pixels: int, seed: int) -> NDArray[np.float32]:
+    if values.size <= max_pixels:
+        return values
+    return values[np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)]
+
+
+def normalize(scores: ArrayLike, threshold: float) -> NDArray[np.float64]:
+    """Normalized score = raw score / threshold; 1.0 is the decision boundary.
+
+    Requires a positive threshold, which every score kind of this product gives
+    except a negative ELBO below zero nats (then subtract a reference first).
+    """
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0 to normalize scores, got {threshold}")
+    return np.asarray(scores, dtype=np.float64) / threshold

@@ -1,0 +1,470 @@
+"""``VAEAnomalyDetector``: the scikit-learn-shaped public API."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from anomalyvae import calibration as cal
+from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
+from anomalyvae.io import Preprocessing, preprocess, read_images
+from anomalyvae.maps import ScoringConfig, score_batch
+from anomalyvae.model import ConvVAE, VAEConfig
+from anomalyvae.train import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    train_vae,
+    versions,
+)
+
+ImagesLike = Union[NDArray[np.floating], Sequence[Union[str, os.PathLike]]]
+
+
+class NotFittedError(RuntimeError):
+    """The detector was used before ``fit`` or ``load``."""
+
+
+class VAEAnomalyDetector:
+    """Anomaly detector: a VAE trained on normal images, scored by reconstruction.
+
+    Parameters
+    ----------
+    image_size : int or (int, int), optional
+        Model input size; by default chosen from the training files (see
+        :func:`anomalyvae.data.infer_preprocessing`) or taken from the array shape.
+    channels : {1, 3}, optional
+        By default 3 only when the training images carry colour.
+    hidden_channels : tuple of int
+        Encoder channels per stage (each stage halves the resolution).
+    latent_dim : int
+        Size of the latent code.
+    beta : float
+        KL weight of the beta-VAE objective.
+    map_kind, score_kind, smoothing_sigma, topk_fraction
+        Scoring, see :class:`anomalyvae.maps.ScoringConfig`.
+    target_fpr : float
+        False-positive rate the image threshold aims at on held-out normals.
+    pixel_target_fpr : float
+        False-positive rate of the pixel threshold (segmentation masks).
+    val_fraction : float
+        Share of the normal images held out for early stopping and calibration.
+    epochs, batch_size, learning_rate, patience, time_budget_s, augment, seed, device
+        Training, see :class:`anomalyvae.train.TrainConfig`.
+    checkpoint_path : path, optional
+        Where ``fit`` writes a checkpoint after every epoch (atomically).
+    progress : bool
+        Show progress bars on stderr.
+
+    Attributes
+    ----------
+    model_ : ConvVAE
+        The trained network, in eval mode.
+    preprocessing_ : Preprocessing
+        How files become model input.
+    scoring_ : ScoringConfig
+    threshold_ : float
+        Image scores above it are anomalous.
+    calibration_ : Threshold
+        How ``threshold_`` was chosen.
+    pixel_threshold_ : float
+        Map values above it are anomalous pixels.
+    offset_ : float
+        ``-threshold_``, so ``decision_function = score_samples - offset_``.
+    history_ : list of dict
+        Per-epoch losses.
+    data_summary_ : dict
+        Number of training/validation images and a hash of the file list.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int | tuple[int, int] | None = None,
+        channels: int | None = None,
+        hidden_channels: tuple[int, ...] = (32, 64, 128, 256),
+        latent_dim: int = 64,
+        beta: float = 1.0,
+        map_kind: str = "nll",
+        score_kind: str = "topk_mean",
+        smoothing_sigma: float = 2.0,
+        topk_fraction: float = 0.01,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.005,
+        val_fraction: float = 0.15,
+        epochs: int = 200,
+        batch_size: int = 32,
+        learning_rate: float = 1e-3,
+        patience: int = 20,
+        time_budget_s: float | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        device: str = "cpu",
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.image_size = image_size
+        self.channels = channels
+        self.hidden_channels = hidden_channels
+        self.latent_dim = latent_dim
+        self.beta = beta
+        self.map_kind = map_kind
+        self.score_kind = score_kind
+        self.smoothing_sigma = smoothing_sigma
+        self.topk_fraction = topk_fraction
+        self.target_fpr = target_fpr
+        self.pixel_target_fpr = pixel_target_fpr
+        self.val_fraction = val_fraction
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.time_budget_s = time_budget_s
+        self.augment = augment
+        self.seed = seed
+        self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, X: ImagesLike, y: Any = None, resume: bool = False) -> VAEAnomalyDetector:
+        """Train on normal images, then calibrate the thresholds on held-out normals.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, c, h, w) or (n, h, w), float in [0, 1], or a list of paths
+            Normal images only. Unreadable files are skipped with a warning naming them.
+        y : ignored
+            Present for scikit-learn compatibility.
+        resume : bool
+            Continue the training saved in ``checkpoint_path``.
+
+        Returns
+        -------
+        self
+        """
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        scoring = ScoringConfig(self.map_kind, self.score_kind, self.smoothing_sigma,
+                                self.topk_fraction)
+        train_config = TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            patience=self.patience, time_budget_s=self.time_budget_s, augment=self.augment,
+            seed=self.seed, device=self.device,
+        )
+        images, names, n_skipped = self._training_images(X)
+        if len(images) < 2:
+            raise DatasetError(
+                f"need at least 2 readable normal images to train, got {len(images)}"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(images))
+        n_val = min(len(images) - 1, max(1, int(round(self.val_fraction * len(images)))))
+        val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+        spec = self.preprocessing_
+        model_config = VAEConfig(
+            height=spec.height, width=spec.width, in_channels=spec.channels,
+            channels=tuple(self.hidden_channels), latent_dim=self.latent_dim, beta=self.beta,
+        )
+        self.scoring_ = scoring
+        self.data_summary_ = {
+            "n_train": int(len(train_index)),
+            "n_val": int(len(val_index)),
+            "n_skipped": int(n_skipped),
+            "file_list_hash": file_list_hash(names) if names else "",
+        }
+        result = train_vae(
+            model_config, train_config, images[train_index], images[val_index],
+            checkpoint_path=self.checkpoint_path, resume=resume,
+            checkpoint_extra=self._extra_state, progress=self.progress,
+        )
+        self.model_ = result.model
+        self.history_ = result.history
+        self.training_summary_ = {
+            "best_epoch": result.best_epoch,
+            "stopped_reason": result.stopped_reason,
+            "elapsed_s": result.elapsed_s,
+            "epochs_run": len(result.history),
+        }
+        self.calibrate(images[val_index])
+        if self.checkpoint_path is not None:
+            self.save(self.checkpoint_path)
+        return self
+
+    def _training_images(self, X: ImagesLike) -> tuple[NDArray[np.float32], list[str], int]:
+        if isinstance(X, np.ndarray):
+            images = _as_nchw(X)
+            spec = Preprocessing(images.shape[1], images.shape[2], images.shape[3])
+            if self.channels is not None and self.channels != spec.channels:
+                raise ValueError(f"channels={self.channels} but X has {spec.channels} channels")
+            self.preprocessing_ = spec
+            if self.image_size is not None:
+                target = _size_pair(self.image_size)
+                self.preprocessing_ = Preprocessing(spec.channels, *target)
+                images = self._to_model_input(images)
+            return images, [], 0
+        paths = [Path(p) for p in X]
+        if not paths:
+            raise DatasetError("no training images given")
+        self.preprocessing_ = infer_preprocessing(paths, self.channels, self.image_size)
+        images, kept, errors = read_images(paths, self.preprocessing_, on_error="warn")
+        if not kept:
+            raise DatasetError(f"none of the {len(paths)} training files could be read")
+        return images, [p.as_posix() for p in kept], len(errors)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "preprocessing": self.preprocessing_.to_dict(),
+            "scoring": self.scoring_.to_dict(),
+            "data": dict(self.data_summary_),
+        }
+
+    def calibrate(
+        self,
+        X: ImagesLike,
+        y: NDArray[np.integer] | None = None,
+        masks: NDArray[np.bool_] | None = None,
+        method: str = "normal_quantile",
+    ) -> VAEAnomalyDetector:
+        """Set ``threshold_`` and ``pixel_threshold_`` from calibration images.
+
+        Parameters
+        ----------
+        X : images, see :meth:`fit`
+        y : ndarray of shape (n,), optional
+            1 = anomalous. Without it every image is taken as normal.
+        masks : ndarray of shape (n, h, w), optional
+            Pixel ground truth at model resolution for a labelled pixel threshold.
+        method : {"normal_quantile", "f1", "youden"}
+            "normal_quantile" uses only the normal images at ``target_fpr``.
+        """
+        self._check_fitted()
+        if method not in cal.CALIBRATION_METHODS:
+            raise ValueError(f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}")
+        maps, scores = self._score(X)
+        labels = np.zeros(len(scores), dtype=int) if y is None else np.asarray(y).astype(int)
+        if labels.shape != scores.shape:
+            raise ValueError(f"y has {labels.size} labels for {scores.size} images")
+        normal = labels == 0
+        if method == "normal_quantile":
+            if not normal.any():
+                raise ValueError("calibration needs normal images (label 0)")
+            self.calibration_ = cal.threshold_from_normals(scores[normal], self.target_fpr)
+        else:
+            self.calibration_ = cal.threshold_from_labels(scores, labels, method)
+        if masks is not None and method != "normal_quantile":
+            self.pixel_calibration_ = cal.pixel_threshold_from_labels(maps, masks, method)
+        else:
+            self.pixel_calibration_ = cal.pixel_threshold_from_normals(
+                maps[normal], self.pixel_target_fpr)
+        self.threshold_ = self.calibration_.value
+        self.pixel_threshold_ = self.pixel_calibration_.value
+        self.offset_ = -self.threshold_
+        return self
+
+    # ------------------------------------------------------------------ scoring
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError(
+                "this VAEAnomalyDetector is not fitted yet; call fit() or load() first"
+            )
+
+    def _to_model_input(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
+        spec = self.preprocessing_
+        if images.shape[1:] == (spec.channels, spec.height, spec.width):
+            return images
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
+        return np.stack([preprocess(image.transpose(1, 2, 0), spec) for image in images])
+
+    def _load(self, X: ImagesLike) -> NDArray[np.float32]:
+        if isinstance(X, np.ndarray):
+            return self._to_model_input(_as_nchw(X))
+        images, _, _ = read_images([Path(p) for p in X], self.preprocessing_, on_error="raise")
+        return images
+
+    def _score(self, X: ImagesLike) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+        self._check_fitted()
+        images = self._load(X)
+        device = resolve_device(self.device)
+        self.model_.to(device).eval()
+        maps, scores = [], []
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
+            result = score_batch(self.model_, x, self.scoring_)
+            maps.append(result.anomaly_map[:, 0].cpu().numpy())
+            scores.append(result.score.cpu().numpy())
+        if not maps:
+            raise ValueError("no images to score")
+        return np.concatenate(maps), np.concatenate(scores).astype(np.float64)
+
+    def anomaly_map(self, X: ImagesLike) -> NDArray[np.float32]:
+        """Per-pixel anomaly maps at model resolution, shape (n, h, w); higher = more anomalous."""
+        return self._score(X)[0]
+
+    def anomaly_score(self, X: ImagesLike) -> NDArray[np.float64]:
+        """Image anomaly scores, shape (n,); higher = more anomalous."""
+        return self._score(X)[1]
+
+    def score_and_map(self, X: ImagesLike) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+        """Both at once: scores (n,) and maps (n, h, w); higher = more anomalous."""
+        maps, scores = self._score(X)
+        return scores, maps
+
+    def normalized_score(self, X: ImagesLike) -> NDArray[np.float64]:
+        """Anomaly score / threshold, shape (n,); above 1.0 = anomalous."""
+        return cal.normalize(self.anomaly_score(X), self._threshold())
+
+    def score_samples(self, X: ImagesLike) -> NDArray[np.float64]:
+        """Opposite of the anomaly score, scikit-learn's sign: higher = more normal."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X: ImagesLike) -> NDArray[np.float64]:
+        """``score_samples - offset_``: negative = anomalous, positive = normal."""
+        self._threshold()
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X: ImagesLike) -> NDArray[np.int64]:
+        """+1 for normal images, -1 for anomalies (scikit-learn's outlier convention)."""
+        return np.where(self.anomaly_score(X) > self._threshold(), -1, 1)
+
+    def _threshold(self) -> float:
+        self._check_fitted()
+        if getattr(self, "threshold_", None) is None:
+            raise NotFittedError("the detector has no threshold yet; call calibrate() first")
+        return float(self.threshold_)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the detector (weights, configs, calibration) atomically to ``path``."""
+        self._check_fitted()
+        path = Path(path)
+        state: dict[str, Any] = {}
+        if path.exists():
+            try:  # keep the resume state that training wrote into the same file
+                previous = load_checkpoint(path)
+                state["resume"] = previous.get("resume")
+                state["train_config"] = previous.get("train_config")
+            except CheckpointError:
+                pass
+        state.update({
+            "format": "anomalyvae-checkpoint",
+            "format_version": 1,
+            "versions": versions(),
+            "model_config": self.model_.config.to_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            "training": {**getattr(self, "training_summary_", {}),
+                         "history": list(getattr(self, "history_", []))},
+            "calibration": self._calibration_state(),
+            "params": _plain(self.get_params()),
+            **self._extra_state(),
+        })
+        state["training"].setdefault("best_val_elbo", _best_val(state["training"]["history"]))
+        save_checkpoint(state, path)
+        return path
+
+    def _calibration_state(self) -> dict[str, Any] | None:
+        if getattr(self, "calibration_", None) is None:
+            return None
+        return {"image": self.calibration_.to_dict(), "pixel": self.pixel_calibration_.to_dict()}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu",
+             progress: bool = True) -> VAEAnomalyDetector:
+        """Load a detector written by :meth:`save` or by training (no code is executed)."""
+        state = load_checkpoint(path)
+        try:
+            params = dict(state.get("params") or {})
+            params.update(device=device, progress=progress, checkpoint_path=None)
+            params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
+            detector = cls(**params)
+            config = VAEConfig.from_dict({**state["model_config"],
+                                          "channels": tuple(state["model_config"]["channels"])})
+            model = ConvVAE(config)
+            model.load_state_dict(state["model_state"])
+            detector.model_ = model.eval()
+            detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])
+            detector.scoring_ = ScoringConfig.from_dict(state["scoring"])
+            detector.data_summary_ = dict(state.get("data") or {})
+            training = dict(state.get("training") or {})
+            detector.history_ = list(training.pop("history", []))
+            detector.training_summary_ = training
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(
+                f"checkpoint '{path}' is incomplete or does not match this anomalyvae "
+                f"version ({type(error).__name__}: {error})"
+            ) from error
+        calibration = state.get("calibration")
+        if calibration:
+            detector.calibration_ = cal.Threshold.from_dict(calibration["image"])
+            detector.pixel_calibration_ = cal.Threshold.from_dict(calibration["pixel"])
+            detector.threshold_ = detector.calibration_.value
+            detector.pixel_threshold_ = detector.pixel_calibration_.value
+            detector.offset_ = -detector.threshold_
+        elif state.get("training", {}).get("stopped_reason") == "in_progress":
+            warnings.warn(
+                f"checkpoint '{path}' is from an unfinished training run and has no "
+                "threshold; call calibrate() or finish training with resume",
+                UserWarning, stacklevel=2,
+            )
+        return detector
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments, as scikit-learn's ``get_params``."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {name: getattr(self, name) for name in names}
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as types ``torch.load(weights_only=True)`` accepts."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def _best_val(history: list[dict[str, float]]) -> float:
+    return min((h["val_elbo"] for h in history), default=float("nan"))
+
+
+def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
+    if X.ndim == 3:
+        X = X[:, None]
+    if X.ndim != 4:
+        raise ValueError(f"images must have shape (n, c, h, w) or (n, h, w), got {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise ValueError(
+            f"image arrays must be float in [0, 1], got dtype {X.dtype}; divide integer "
+            "images by their maximum (255 or 65535) first"
+        )
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        raise ValueError("images contain NaN or infinite values")
+    if X.size and (X.min() < -1e-6 or X.max() > 1 + 1e-6):
+        raise ValueError(
+            f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
+        )
+    return np.ascontiguousarray(X)

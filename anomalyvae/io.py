@@ -1,0 +1,328 @@
+"""Finding image files and decoding them to float32 arrays in [0, 1].
+
+This module is imported by the torch-free ONNX path, so it uses numpy and Pillow only.
+Decoding keeps the source precision: 16-bit images are scaled by 65535, never squeezed
+through 8 bits, and the bit depth is reported so it can be written into the model card.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+RESIZE_METHODS: tuple[str, ...] = ("bilinear", "bicubic", "area", "nearest")
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+# ITU-R BT.601 luma, the weights Pillow's "L" conversion uses, so colour files turn
+# grey the same way on every path.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class ImageReadError(ValueError):
+    """An image file could not be decoded; the message names the file and a fix."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, fix: str = "") -> None:
+        self.path = Path(path)
+        self.reason = reason
+        self.fix = fix or "check that the file is a complete, supported image"
+        super().__init__(f"cannot read image '{self.path}': {reason} ({self.fix})")
+
+
+class MaskError(ValueError):
+    """A mask is missing, unreadable or does not match its image."""
+
+
+class DecodedImage(NamedTuple):
+    """A decoded image: ``pixels`` of shape (h, w, c), float32 in [0, 1]."""
+
+    pixels: NDArray[np.float32]
+    bit_depth: int
+    mode: str
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[2])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a decoded image becomes model input; stored with every model.
+
+    Attributes
+    ----------
+    channels : int
+        1 (grayscale, BT.601 luma) or 3 (RGB; grayscale is replicated).
+    height, width : int
+        Model input size in pixels.
+    resize : str
+        Pillow resampling filter: "bilinear", "bicubic", "area" (box) or "nearest".
+        Pillow filters are antialiased when shrinking.
+    scaling : str
+        "dtype_max": integer images are divided by their type's maximum
+        (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled.
+    """
+
+    channels: int
+    height: int
+    width: int
+    resize: str = "bilinear"
+    scaling: str = "dtype_max"
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.height < 8 or self.width < 8:
+            raise ValueError(f"image size must be at least 8x8, got {self.height}x{self.width}")
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+        if self.scaling != "dtype_max":
+            raise ValueError(f"scaling must be 'dtype_max', got {self.scaling!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        known = {k: data[k] for k in ("channels", "height", "width", "resize", "scaling") if k in data}
+        return cls(**known)
+
+
+def find_images(
+    root: str | os.PathLike[str],
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> list[Path]:
+    """Return image files under ``root``, recursively, in a stable sorted order.
+
+    Hidden files and folders (names starting with ".") are skipped; symlinked folders
+    are not followed, so a symlink loop cannot make the walk endless.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"folder '{root}' does not exist")
+    if root.is_file():
+        return [root] if root.suffix.lower() in set(extensions) else []
+    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in wanted:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def read_image(path: str | os.PathLike[str]) -> DecodedImage:
+    """Decode an image file to float32 (h, w, c) in [0, 1], keeping its bit depth.
+
+    Raises
+    ------
+    ImageReadError
+        When the file is missing, unreadable, truncated, too large or not an image.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before it raises for oversized images; we want the error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.seek(0)  # first frame of animated GIF/TIFF
+                image.load()
+                return _decode(image)
+    except FileNotFoundError as error:
+        raise ImageReadError(path, "file not found", "check the path") from error
+    except PermissionError as error:
+        raise ImageReadError(path, "permission denied", "make the file readable") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageReadError(
+            path, f"image is too large ({error})", "split or downscale it before scoring"
+        ) from error
+    except UnidentifiedImageError as error:
+        raise ImageReadError(path, "not a recognised image format") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
+
+
+def _decode(image: Image.Image) -> DecodedImage:
+    mode = image.mode
+    if mode == "1":
+        pixels = np.asarray(image, dtype=np.float32)
+        bit_depth = 1
+    elif mode in ("L", "RGB"):
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        bit_depth = 8
+    elif mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float32) / 65535.0
+        bit_depth = 16
+    elif mode == "I":
+        raw = np.asarray(image)
+        # Pillow opens 16-bit PNGs as 32-bit "I"; their values still fit 16 bits.
+        if raw.min() >= 0 and raw.max() <= 65535:
+            pixels, bit_depth = raw.astype(np.float32) / 65535.0, 16
+        else:
+            pixels, bit_depth = _min_max(raw.astype(np.float64)), 32
+    elif mode == "F":
+        pixels, bit_depth = _min_max(np.asarray(image, dtype=np.float64)), 32
+    elif mode in ("LA", "La"):
+        pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        bit_depth = 8
+    else:  # P, RGBA, CMYK, YCbCr, LAB, HSV, ...: Pillow knows how to make RGB of them
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        bit_depth = 8
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if not np.isfinite(pixels).all():
+        raise ValueError("image contains NaN or infinite values")
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), bit_depth, mode)
+
+
+def _min_max(values: NDArray[np.float64]) -> NDArray[np.float32]:
+    if not np.isfinite(values).all():
+        raise ValueError("image contains NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    scale = high - low if high > low else 1.0
+    return ((values - low) / scale).astype(np.float32)
+
+
+def is_grayscale(pixels: NDArray[np.float32], tolerance: float = 2.0 / 255.0) -> bool:
+    """Return True when an (h, w, c) image carries no colour (c == 1 or equal channels)."""
+    if pixels.shape[2] == 1:
+        return True
+    return bool(
+        np.abs(pixels[:, :, 0] - pixels[:, :, 1]).max() <= tolerance
+        and np.abs(pixels[:, :, 1] - pixels[:, :, 2]).max() <= tolerance
+    )
+
+
+def to_channels(pixels: NDArray[np.float32], channels: int) -> NDArray[np.float32]:
+    """Convert an (h, w, c) image to ``channels`` (1: BT.601 luma; 3: RGB)."""
+    have = pixels.shape[2]
+    if have == channels:
+        return pixels
+    if channels == 1:
+        return (pixels[:, :, :3] @ _LUMA)[:, :, None].astype(np.float32)
+    if channels == 3:
+        return np.repeat(pixels[:, :, :1], 3, axis=2)
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def resize(
+    pixels: NDArray[np.float32], height: int, width: int, method: str = "bilinear"
+) -> NDArray[np.float32]:
+    """Resize an (h, w, c) float image channel by channel with a Pillow filter."""
+    if pixels.shape[0] == height and pixels.shape[1] == width:
+        return pixels
+    if method not in _PIL_RESAMPLE:
+        raise ValueError(f"resize method must be one of {RESIZE_METHODS}, got {method!r}")
+    planes = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(pixels[:, :, k]), mode="F").resize(
+                (width, height), _PIL_RESAMPLE[method]
+            )
+        )
+        for k in range(pixels.shape[2])
+    ]
+    return np.clip(np.stack(planes, axis=2), 0.0, 1.0).astype(np.float32)
+
+
+def preprocess(pixels: NDArray[np.float32], spec: Preprocessing) -> NDArray[np.float32]:
+    """Turn a decoded (h, w, c) image into model input of shape (c, height, width)."""
+    pixels = to_channels(pixels, spec.channels)
+    pixels = resize(pixels, spec.height, spec.width, spec.resize)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+
+
+def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
+    """Read and preprocess one file to (c, h, w) float32 in [0, 1]."""
+    return preprocess(read_image(path).pixels, spec)
+
+
+def read_mask(
+    path: str | os.PathLike[str],
+    size: tuple[int, int] | None = None,
+    threshold: float = 0.0,
+    expected_shape: tuple[int, int] | None = None,
+) -> NDArray[np.bool_]:
+    """Read a defect mask as a boolean (h, w) array; values above ``threshold`` are defect.
+
+    ``threshold`` is a fraction of full scale: 0.0 means "nonzero is defect"; 0.5
+    suits masks with soft anti-aliased edges. ``expected_shape`` (h, w) is the source
+    image's size, checked before resizing; ``size`` (h, w) resizes the mask (area
+    average, then >= 0.5), as the image is resized.
+    """
+    try:
+        decoded = read_image(path)
+    except ImageReadError as error:
+        raise MaskError(f"cannot read mask '{path}': {error.reason}") from error
+    if expected_shape is not None and (decoded.height, decoded.width) != tuple(expected_shape):
+        raise MaskError(
+            f"mask '{path}' is {decoded.height}x{decoded.width} but its image is "
+            f"{expected_shape[0]}x{expected_shape[1]}; masks must match their image's size"
+        )
+    mask = to_channels(decoded.pixels, 1)[:, :, 0] > threshold
+    if size is not None and mask.shape != tuple(size):
+        area = resize(mask.astype(np.float32)[:, :, None], size[0], size[1], "area")
+        mask = area[:, :, 0] >= 0.5
+    return mask
+
+
+def read_images(
+    paths: Sequence[str | os.PathLike[str]],
+    spec: Preprocessing,
+    on_error: str = "warn",
+) -> tuple[NDArray[np.float32], list[Path], list[ImageReadError]]:
+    """Load many files to one (n, c, h, w) array; unreadable files are reported, not fatal.
+
+    Parameters
+    ----------
+    on_error : {"warn", "raise", "ignore"}
+        "warn" skips an unreadable file with a warning naming it; "raise" stops.
+
+    Returns
+    -------
+    images : ndarray of shape (n_ok, c, h, w)
+    kept : list of Path, the files that loaded
+    errors : list of ImageReadError, one per skipped file
+    """
+    if on_error not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_error must be 'warn', 'raise' or 'ignore', got {on_error!r}")
+    images = np.empty((len(paths), spec.channels, spec.height, spec.width), dtype=np.float32)
+    kept: list[Path] = []
+    errors: list[ImageReadError] = []
+    for path in paths:
+        try:
+            images[len(kept)] = load_image(path, spec)
+        except ImageReadError as error:
+            if on_error == "raise":
+                raise
+            if on_error == "warn":
+                warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
+            errors.append(error)
+            continue
+        kept.append(Path(path))
+    return images[: len(kept)], kept, errors
+
+
+# Pillow refuses truncated files by default; keep it that way explicitly, so a
+# half-copied JPEG becomes an error row rather than a silently grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

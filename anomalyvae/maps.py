@@ -1,0 +1,216 @@
+"""Anomaly maps and image scores from a VAE (higher = more anomalous everywhere).
+
+Smoothing and SSIM are written here as plain depthwise convolutions rather than taken
+from MONAI, so that the whole scoring graph exports to ONNX as standard Conv ops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from anomalyvae.model import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
+
+MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
+SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo")
+#: Map kinds whose graph has no input gradient, so they export to ONNX.
+EXPORTABLE_MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Which anomaly map and image score a detector uses.
+
+    Attributes
+    ----------
+    map_kind : str
+        One of ``MAP_KINDS``; see :func:`anomaly_map` and docs/maps.md.
+    score_kind : str
+        "max" (largest map value), "topk_mean" (mean of the ``topk_fraction``
+        largest values) or "elbo" (the image's negative ELBO in nats).
+    smoothing_sigma : float
+        Gaussian blur of the map in pixels; 0 disables it.
+    topk_fraction : float
+        Share of pixels averaged by "topk_mean", in (0, 1].
+    """
+
+    map_kind: str = "nll"
+    score_kind: str = "topk_mean"
+    smoothing_sigma: float = 2.0
+    topk_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.map_kind not in MAP_KINDS:
+            raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {self.map_kind!r}")
+        if self.score_kind not in SCORE_KINDS:
+            raise ValueError(f"score_kind must be one of {SCORE_KINDS}, got {self.score_kind!r}")
+        if self.smoothing_sigma < 0:
+            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
+        return cls(**data)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> Tensor:
+    """Normalised 1-D Gaussian kernel of radius ceil(truncate * sigma)."""
+    radius = max(1, int(math.ceil(truncate * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (n, c, h, w) with reflect padding (no dark border)."""
+    if sigma <= 0:
+        return x
+    kernel = gaussian_kernel1d(sigma).to(x)
+    radius = kernel.numel() // 2
+    if radius >= min(x.shape[-2:]):
+        raise ValueError(f"smoothing_sigma {sigma} is too large for a {tuple(x.shape[-2:])} map")
+    c = x.shape[1]
+    horizontal = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    vertical = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, horizontal, groups=c)
+    return F.conv2d(x, vertical, groups=c)
+
+
+def ssim_map(x: Tensor, y: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Local SSIM (Wang et al. 2004, Gaussian window, K1=0.01, K2=0.03), shape of x."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = gaussian_blur(x, sigma), gaussian_blur(y, sigma)
+    var_x = gaussian_blur(x * x, sigma) - mu_x**2
+    var_y = gaussian_blur(y * y, sigma) - mu_y**2
+    cov = gaussian_blur(x * y, sigma) - mu_x * mu_y
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+
+
+def nll_floor(logvar_min: float) -> float:
+    """Smallest per-pixel NLL the decoder can give (zero error at the lowest variance).
+
+    NLL-based maps and the image ELBO are reported in excess of this floor, so they
+    are never negative and a threshold can normalize them.
+    """
+    return 0.5 * (LOG_2PI + logvar_min)
+
+
+def _excess_nll(x: Tensor, output: VAEOutput, logvar_min: float) -> Tensor:
+    return gaussian_nll(x, output.recon_mean, output.recon_logvar) - nll_floor(logvar_min)
+
+
+def map_from_output(x: Tensor, output: VAEOutput, kind: str, logvar_min: float) -> Tensor:
+    """A raw (unsmoothed) (n, 1, h, w) anomaly map of a gradient-free kind.
+
+    - recon: squared error (x - mean)^2, averaged over channels;
+    - ssim: 1 - local SSIM between x and the reconstruction, averaged over channels;
+    - nll: Gaussian NLL under the decoder's mean and variance, summed over channels,
+      in excess of :func:`nll_floor`;
+    - elbo: nll plus the image's KL divergence spread evenly over its pixels, so the
+      map sums to :func:`image_elbo` (Kingma & Welling 2014).
+    """
+    if kind == "recon":
+        return ((x - output.recon_mean) ** 2).mean(1, keepdim=True)
+    if kind == "ssim":
+        return (1.0 - ssim_map(x, output.recon_mean)).mean(1, keepdim=True)
+    nll = _excess_nll(x, output, logvar_min).sum(1, keepdim=True)
+    if kind == "nll":
+        return nll
+    if kind == "elbo":
+        kl = kl_divergence(output.mu, output.logvar)
+        return nll + (kl / (x.shape[-2] * x.shape[-1])).view(-1, 1, 1, 1)
+    raise ValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+
+
+def image_elbo(x: Tensor, output: VAEOutput, logvar_min: float) -> Tensor:
+    """Negative ELBO per image in nats above the NLL floor, shape (n,).
+
+    Higher = less likely = more anomalous; it differs from the textbook negative ELBO
+    by the constant ``n_pixels * nll_floor(logvar_min)``.
+    """
+    nll = _excess_nll(x, output, logvar_min).flatten(1).sum(1)
+    return nll + kl_divergence(output.mu, output.logvar)
+
+
+def elbo_grad_map(model: ConvVAE, x: Tensor) -> tuple[Tensor, VAEOutput]:
+    """Reconstruction error times |d(-ELBO)/dx| ("combi", Zimmerer et al. 2019).
+
+    Needs an input gradient, so it runs in torch only (not in the ONNX graph).
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        output = model(x)
+        (grad,) = torch.autograd.grad(image_elbo(x, output, 0.0).sum(), x)
+    error = (x.detach() - output.recon_mean.detach()) ** 2
+    anomaly = (error * grad.abs()).mean(1, keepdim=True)
+    detached = VAEOutput(*(t.detach() for t in output))
+    return anomaly, detached
+
+
+def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tensor:
+    """Image score (n,) from a smoothed (n, 1, h, w) map; higher = more anomalous."""
+    if config.score_kind == "elbo":
+        return elbo
+    flat = anomaly_map.flatten(1)
+    if config.score_kind == "max":
+        return flat.max(dim=1).values
+    k = max(1, int(round(config.topk_fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+class ScoreResult(NamedTuple):
+    """Scores of a batch: ``anomaly_map`` (n, 1, h, w), ``score`` (n,), ``elbo`` (n,)."""
+
+    anomaly_map: Tensor
+    score: Tensor
+    elbo: Tensor
+
+
+def score_batch(model: ConvVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
+    """Anomaly maps and image scores of a batch; the model must be in eval mode."""
+    if config.map_kind == "elbo_grad":
+        raw, output = elbo_grad_map(model, x)
+    else:
+        with torch.no_grad():
+            output = model(x)
+            raw = map_from_output(x, output, config.map_kind, model.config.logvar_min)
+    with torch.no_grad():
+        smoothed = gaussian_blur(raw, config.smoothing_sigma)
+        elbo = image_elbo(x, output, model.config.logvar_min)
+        return ScoreResult(smoothed, reduce_map(smoothed, elbo, config), elbo)
+
+
+class ScoringGraph(nn.Module):
+    """VAE + map + smoothing + image score as one module (the graph ONNX export traces).
+
+    Only the gradient-free map kinds (``EXPORTABLE_MAP_KINDS``) are supported.
+    """
+
+    def __init__(self, model: ConvVAE, config: ScoringConfig) -> None:
+        super().__init__()
+        if config.map_kind not in EXPORTABLE_MAP_KINDS:
+            raise ValueError(
+                f"map kind {config.map_kind!r} needs an input gradient and cannot be part "
+                f"of a forward-only graph; use one of {EXPORTABLE_MAP_KINDS}"
+            )
+        self.model = model
+        self.config = config
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        output = self.model(x)
+        floor = self.model.config.logvar_min
+        raw = map_from_output(x, output, self.config.map_kind, floor)
+        smoothed = gaussian_blur(raw, self.config.smoothing_sigma)
+        return smoothed, reduce_map(smoothed, image_elbo(x, output, floor), self.config)

@@ -1,0 +1,141 @@
+"""Detection and segmentation metrics (numpy, scikit-learn, scipy, pandas).
+
+Scores and maps: higher = more anomalous. Labels: 1 = anomalous. Masks: True = defect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike, NDArray
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+
+def image_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float | None = None) -> dict:
+    """Image AUROC, AUPR and, given a threshold, F1 / precision / recall / FPR.
+
+    A metric that needs both classes is NaN when one is missing.
+    """
+    y = np.asarray(labels).astype(int).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+    both = len(np.unique(y)) == 2
+    result = {
+        "n_images": int(y.size),
+        "n_normal": int((y == 0).sum()),
+        "n_anomalous": int((y == 1).sum()),
+        "image_auroc": float(roc_auc_score(y, s)) if both else float("nan"),
+        "image_aupr": float(average_precision_score(y, s)) if both else float("nan"),
+    }
+    if threshold is not None:
+        predicted = s > threshold
+        tp = int((predicted & (y == 1)).sum())
+        fp = int((predicted & (y == 0)).sum())
+        fn = int((~predicted & (y == 1)).sum())
+        precision = tp / (tp + fp) if tp + fp else float("nan")
+        recall = tp / (tp + fn) if tp + fn else float("nan")
+        result.update(
+            threshold=float(threshold),
+            f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+            precision=precision,
+            recall=recall,
+            fpr=fp / result["n_normal"] if result["n_normal"] else float("nan"),
+        )
+    return result
+
+
+def sensitivity_at_specificity(labels: ArrayLike, scores: ArrayLike, specificity: float) -> float:
+    """Largest TPR whose FPR is at most 1 - ``specificity``."""
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(int), np.asarray(scores))
+    return float(tpr[fpr <= 1 - specificity + 1e-12].max())
+
+
+def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
+    """AUROC over all pixels of all images; NaN without both defect and normal pixels."""
+    truth = np.asarray(masks, dtype=bool).ravel()
+    values = np.asarray(maps, dtype=np.float32).ravel()
+    if truth.shape != values.shape:
+        raise ValueError(f"masks and maps differ in size: {truth.size} vs {values.size}")
+    if truth.all() or not truth.any():
+        return float("nan")
+    return float(roc_auc_score(truth, values))
+
+
+def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, divided by it.
+
+    PRO (Bergmann et al., MVTec AD, CVPR 2019 / IJCV 2021): at each threshold, the
+    mean over connected defect regions of the share of the region above threshold,
+    plotted against the FPR over all defect-free pixels. It equals a ROC curve in
+    which each defect pixel weighs 1 / (region area * number of regions), so we let
+    ``sklearn.metrics.roc_curve`` compute it exactly, at every distinct score.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    truth = np.asarray(masks, dtype=bool)
+    values = np.asarray(maps, dtype=np.float32)
+    if truth.shape != values.shape:
+        raise ValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
+    if truth.ndim == 2:
+        truth, values = truth[None], values[None]
+    weights = np.zeros(truth.shape, dtype=np.float64)
+    n_regions = 0
+    structure = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in the MVTec evaluation
+    for i in range(truth.shape[0]):
+        labelled, count = ndimage.label(truth[i], structure=structure)
+        if count:
+            areas = np.bincount(labelled.ravel())
+            region_weight = np.where(labelled > 0, 1.0 / areas[labelled], 0.0)
+            weights[i] = region_weight
+            n_regions += count
+    if n_regions == 0 or truth.all():
+        return float("nan")
+    weights /= n_regions
+    negatives = ~truth
+    weights[negatives] = 1.0 / negatives.sum()
+    fpr, pro, _ = roc_curve(truth.ravel(), values.ravel(), sample_weight=weights.ravel(),
+                            drop_intermediate=False)
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    fpr_part, pro_part = fpr[:cut], pro[:cut]
+    if cut < len(fpr) and fpr_part[-1] < fpr_limit:
+        # interpolate the curve at exactly fpr_limit
+        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+        fpr_part = np.append(fpr_part, fpr_limit)
+        pro_part = np.append(pro_part, p0 + (p1 - p0) * (fpr_limit - f0) / max(f1 - f0, 1e-12))
+    return float(np.trapezoid(pro_part, fpr_part) / fpr_limit)
+
+
+def evaluation_table(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    defect_types: Sequence[str],
+    threshold: float | None = None,
+    masks: NDArray[np.bool_] | None = None,
+    maps: NDArray[np.floating] | None = None,
+    normal_type: str = "good",
+) -> pd.DataFrame:
+    """Metrics overall and per defect type (each type against all normal images).
+
+    Returns a DataFrame indexed by "overall" and each defect type, with image metrics
+    and, when masks and maps (n, h, w) are given, ``pixel_auroc`` and ``aupro``.
+    """
+    y = np.asarray(labels).astype(int).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    types = np.asarray(list(defect_types))
+    rows: dict[str, dict] = {}
+    groups = ["overall"] + sorted(set(types[y == 1].tolist()))
+    normal = y == 0
+    for group in groups:
+        keep = np.ones_like(normal) if group == "overall" else (normal | (types == group))
+        row = image_metrics(y[keep], s[keep], threshold)
+        if masks is not None and maps is not None:
+            row["pixel_auroc"] = pixel_auroc(masks[keep], maps[keep])
+            row["aupro"] = aupro(masks[keep], maps[keep])
+        rows[group] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "defect_type"
+    return table

@@ -1,0 +1,318 @@
+"""Training loop: seeded, early-stopped on validation ELBO, checkpointed atomically each epoch."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm.auto import tqdm
+
+from anomalyvae import __version__
+from anomalyvae.model import ConvVAE, VAEConfig, vae_loss
+
+CHECKPOINT_FORMAT = "anomalyvae-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, foreign or from an incompatible version."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings.
+
+    Attributes
+    ----------
+    epochs : int
+        Upper bound on passes over the training images.
+    batch_size : int
+    learning_rate : float
+        Adam step size (Kingma & Ba 2015).
+    patience : int
+        Stop after this many epochs without a better validation ELBO.
+    time_budget_s : float or None
+        Stop after the epoch that exceeds this wall time (seconds).
+    augment : bool
+        Random horizontal and vertical flips; suits textures and symmetric parts.
+    seed : int
+    device : str
+        "cpu", "cuda" or "auto".
+    """
+
+    epochs: int = 200
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 20
+    time_budget_s: float | None = None
+    augment: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn "auto" into cuda when present, else cpu; reject unavailable CUDA clearly."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use 'cpu'")
+    return torch.device(device)
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_vae` returns: the best model (eval mode) and the history."""
+
+    model: ConvVAE
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_reason: str
+    elapsed_s: float
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write a checkpoint atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint without executing code (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"'{path}' is not a readable anomalyvae checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
+            "retrain or point to the file `anomalyvae train` wrote"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"'{path}' is not an anomalyvae checkpoint (no '{CHECKPOINT_FORMAT}' marker)"
+        )
+    if int(state.get("format_version", -1)) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"'{path}' has checkpoint format {state['format_version']}, newer than this "
+            f"anomalyvae ({__version__}) reads; upgrade anomalyvae"
+        )
+    return state
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every checkpoint."""
+    return {
+        "anomalyvae": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _evaluate(model: ConvVAE, images: torch.Tensor, batch_size: int, device: torch.device,
+              beta: float) -> tuple[float, float]:
+    """Mean loss and mean negative ELBO (nats per image) over ``images`` in eval mode."""
+    model.eval()
+    losses, elbos = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            terms = vae_loss(x, model(x), beta)
+            losses.append(terms.loss.sum().item())
+            elbos.append(terms.elbo.sum().item())
+    return sum(losses) / len(images), sum(elbos) / len(images)
+
+
+def train_vae(
+    model_config: VAEConfig,
+    train_config: TrainConfig,
+    train_images: NDArray[np.float32],
+    val_images: NDArray[np.float32],
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit a :class:`ConvVAE` on normal images; early-stop on the validation ELBO.
+
+    Parameters
+    ----------
+    train_images, val_images : ndarray of shape (n, c, h, w), float32 in [0, 1]
+    checkpoint_path : path, optional
+        Written atomically after every epoch: the best weights so far, plus what a
+        resume needs (last weights, optimiser, RNG, counters).
+    resume : bool
+        Continue from ``checkpoint_path`` at the epoch after the saved one.
+    checkpoint_extra : callable, optional
+        Returns entries (preprocessing, scoring, data summary) stored in each checkpoint.
+    """
+    if len(train_images) == 0:
+        raise ValueError("no training images: the training set is empty")
+    if len(val_images) == 0:
+        raise ValueError("no validation images: hold out at least one normal image")
+    device = resolve_device(train_config.device)
+    torch.manual_seed(train_config.seed)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    model = ConvVAE(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
+    train_x = torch.from_numpy(np.ascontiguousarray(train_images))
+    val_x = torch.from_numpy(np.ascontiguousarray(val_images))
+
+    start_epoch, best_val, best_epoch, stale, elapsed_before = 1, float("inf"), 0, 0, 0.0
+    history: list[dict[str, float]] = []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if resume:
+        if checkpoint_path is None or not Path(checkpoint_path).exists():
+            raise CheckpointError(f"cannot resume: checkpoint '{checkpoint_path}' does not exist")
+        saved = load_checkpoint(checkpoint_path)
+        if saved["model_config"] != model_config.to_dict():
+            raise CheckpointError(
+                f"cannot resume from '{checkpoint_path}': it was trained with a different "
+                "model configuration; use the same settings or start without --resume"
+            )
+        run = saved["resume"]
+        model.load_state_dict(run["model_state"])
+        optimizer.load_state_dict(run["optimizer_state"])
+        generator.set_state(run["generator_state"])
+        torch.set_rng_state(run["torch_rng_state"])
+        start_epoch = int(run["epoch"]) + 1
+        stale = int(run["epochs_without_improvement"])
+        elapsed_before = float(run["elapsed_s"])
+        history = list(saved["training"]["history"])
+        best_val = float(saved["training"]["best_val_elbo"])
+        best_epoch = int(saved["training"]["best_epoch"])
+        best_state = saved["model_state"]
+
+    started = time.monotonic()
+    stopped_reason = "max_epochs"
+    bar = tqdm(range(start_epoch, train_config.epochs + 1), desc="training", unit="epoch",
+               disable=not progress, file=sys.stderr, initial=start_epoch - 1,
+               total=train_config.epochs)
+    if start_epoch > train_config.epochs:
+        stopped_reason = "already_complete"
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        total_loss, total_elbo, seen = 0.0, 0.0, 0
+        for start in range(0, len(order), train_config.batch_size):
+            index = order[start : start + train_config.batch_size]
+            if len(index) < 2 and len(order) > 1:
+                continue  # BatchNorm needs two samples; drop a last batch of one
+            x = train_x[index]
+            if train_config.augment:
+                flips = torch.rand(2, generator=generator)
+                if flips[0] < 0.5:
+                    x = x.flip(-1)
+                if flips[1] < 0.5:
+                    x = x.flip(-2)
+            x = x.to(device)
+            terms = vae_loss(x, model(x), model_config.beta)
+            loss = terms.loss.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+            optimizer.step()
+            total_loss += terms.loss.sum().item()
+            total_elbo += terms.elbo.sum().item()
+            seen += len(index)
+        val_loss, val_elbo = _evaluate(model, val_x, train_config.batch_size, device,
+                                       model_config.beta)
+        elapsed = elapsed_before + time.monotonic() - started
+        pixels = float(np.prod(train_images.shape[1:]))
+        record = {
+            "epoch": float(epoch),
+            "train_loss": total_loss / max(seen, 1),
+            "train_elbo": total_elbo / max(seen, 1),
+            "val_loss": val_loss,
+            "val_elbo": val_elbo,
+            "val_bits_per_dim": val_elbo / (pixels * np.log(2.0)),
+            "elapsed_s": elapsed,
+        }
+        history.append(record)
+        if val_elbo < best_val:
+            best_val, best_epoch, stale = val_elbo, epoch, 0
+            best_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        bar.set_postfix(loss=f"{record['train_loss']:.1f}", val_elbo=f"{val_elbo:.1f}",
+                        best=best_epoch)
+        out_of_time = (train_config.time_budget_s is not None
+                       and elapsed >= train_config.time_budget_s)
+        if stale >= train_config.patience:
+            stopped_reason = "early_stopping"
+        elif out_of_time:
+            stopped_reason = "time_budget"
+        if checkpoint_path is not None:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "format_version": CHECKPOINT_VERSION,
+                "versions": versions(),
+                "model_config": model_config.to_dict(),
+                "train_config": train_config.to_dict(),
+                "model_state": best_state,
+                "training": {
+                    "history": history,
+                    "best_epoch": best_epoch,
+                    "best_val_elbo": best_val,
+                    "epochs_run": epoch,
+                    "stopped_reason": stopped_reason if stopped_reason != "max_epochs"
+                    or epoch == train_config.epochs else "in_progress",
+                    "n_train": len(train_images),
+                    "n_val": len(val_images),
+                },
+                "resume": {
+                    "model_state": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+                    "optimizer_state": optimizer.state_dict(),
+                    "generator_state": generator.get_state(),
+                    "torch_rng_state": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "epochs_without_improvement": stale,
+                    "elapsed_s": elapsed,
+                },
+                "calibration": None,
+            }
+            if checkpoint_extra is not None:
+                state.update(checkpoint_extra())
+            save_checkpoint(state, checkpoint_path)
+        if stopped_reason in ("early_stopping", "time_budget"):
+            break
+    bar.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    total = history[-1]["elapsed_s"] if history else 0.0
+    return TrainResult(model, history, best_epoch, stopped_reason, total)
