@@ -82,13 +82,18 @@ def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Thres
             stacklevel=2,
         )
     value = float(np.quantile(normal, 1.0 - target_fpr, method="higher"))
-    return Threshold(value, "normal_quantile", target_fpr, float(np.mean(normal > value)),
-                     None, int(normal.size), 0)
+    return Threshold(
+        value,
+        "normal_quantile",
+        target_fpr,
+        float(np.mean(normal > value)),
+        None,
+        int(normal.size),
+        0,
+    )
 
 
-def threshold_from_labels(
-    scores: ArrayLike, labels: ArrayLike, method: str = "f1"
-) -> Threshold:
+def threshold_from_labels(scores: ArrayLike, labels: ArrayLike, method: str = "f1") -> Threshold:
     """Threshold from a labelled set (1 = anomalous): F1-max or Youden's J = TPR - FPR.
 
     F1 uses ``sklearn.metrics.precision_recall_curve`` and Youden ``roc_curve``. The
@@ -136,7 +141,10 @@ def pixel_threshold_from_normals(
 
 
 def pixel_threshold_from_labels(
-    maps: ArrayLike, masks: ArrayLike, method: str = "f1", max_pixels: int = 2_000_000,
+    maps: ArrayLike,
+    masks: ArrayLike,
+    method: str = "f1",
+    max_pixels: int = 2_000_000,
     seed: int = 0,
 ) -> Threshold:
     """Pixel threshold from maps and their boolean defect masks (same shape)."""

@@ -13,7 +13,14 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from anomalyvae.io import IMAGE_EXTENSIONS, Preprocessing, find_images, is_grayscale, read_image
+from anomalyvae.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    Preprocessing,
+    find_images,
+    is_grayscale,
+    read_image,
+)
 
 NORMAL_TYPE = "good"
 
@@ -76,9 +83,7 @@ def folder_samples(root: str | os.PathLike[str]) -> list[Sample]:
     return [Sample(p, 0, NORMAL_TYPE) for p in paths]
 
 
-def split_file_samples(
-    split_file: str | os.PathLike[str], subset: str
-) -> list[Sample]:
+def split_file_samples(split_file: str | os.PathLike[str], subset: str) -> list[Sample]:
     """Read a JSON split file listing ``train_good``, ``test_good`` and ``test_defect``.
 
     ``test_defect`` maps a defect type to its files; a defect image's mask is the
@@ -153,9 +158,14 @@ def infer_preprocessing(
     probe = [paths[i] for i in sorted(rng.permutation(len(paths))[:n_probe])]
     shapes, colour = [], False
     for path in probe:
-        decoded = read_image(path)
+        try:
+            decoded = read_image(path)
+        except ImageReadError:
+            continue  # reported when the training images are loaded
         shapes.append(min(decoded.height, decoded.width))
         colour = colour or not is_grayscale(decoded.pixels)
+    if not shapes:
+        raise DatasetError(f"none of the {len(probe)} probed training files could be read")
     if channels is None:
         channels = 3 if colour else 1
     if image_size is None:

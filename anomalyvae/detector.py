@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from anomalyvae.train import (
     versions,
 )
 
-ImagesLike = Union[NDArray[np.floating], Sequence[Union[str, os.PathLike]]]
+ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
 
 class NotFittedError(RuntimeError):
@@ -156,12 +156,18 @@ class VAEAnomalyDetector:
         """
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        scoring = ScoringConfig(self.map_kind, self.score_kind, self.smoothing_sigma,
-                                self.topk_fraction)
+        scoring = ScoringConfig(
+            self.map_kind, self.score_kind, self.smoothing_sigma, self.topk_fraction
+        )
         train_config = TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            patience=self.patience, time_budget_s=self.time_budget_s, augment=self.augment,
-            seed=self.seed, device=self.device,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            patience=self.patience,
+            time_budget_s=self.time_budget_s,
+            augment=self.augment,
+            seed=self.seed,
+            device=self.device,
         )
         images, names, n_skipped = self._training_images(X)
         if len(images) < 2:
@@ -173,8 +179,12 @@ class VAEAnomalyDetector:
         val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
         spec = self.preprocessing_
         model_config = VAEConfig(
-            height=spec.height, width=spec.width, in_channels=spec.channels,
-            channels=tuple(self.hidden_channels), latent_dim=self.latent_dim, beta=self.beta,
+            height=spec.height,
+            width=spec.width,
+            in_channels=spec.channels,
+            channels=tuple(self.hidden_channels),
+            latent_dim=self.latent_dim,
+            beta=self.beta,
         )
         self.scoring_ = scoring
         self.data_summary_ = {
@@ -184,9 +194,14 @@ class VAEAnomalyDetector:
             "file_list_hash": file_list_hash(names) if names else "",
         }
         result = train_vae(
-            model_config, train_config, images[train_index], images[val_index],
-            checkpoint_path=self.checkpoint_path, resume=resume,
-            checkpoint_extra=self._extra_state, progress=self.progress,
+            model_config,
+            train_config,
+            images[train_index],
+            images[val_index],
+            checkpoint_path=self.checkpoint_path,
+            resume=resume,
+            checkpoint_extra=self._extra_state,
+            progress=self.progress,
         )
         self.model_ = result.model
         self.history_ = result.history
@@ -266,7 +281,8 @@ class VAEAnomalyDetector:
             self.pixel_calibration_ = cal.pixel_threshold_from_labels(maps, masks, method)
         else:
             self.pixel_calibration_ = cal.pixel_threshold_from_normals(
-                maps[normal], self.pixel_target_fpr)
+                maps[normal], self.pixel_target_fpr
+            )
         self.threshold_ = self.calibration_.value
         self.pixel_threshold_ = self.pixel_calibration_.value
         self.offset_ = -self.threshold_
@@ -359,18 +375,22 @@ class VAEAnomalyDetector:
                 state["train_config"] = previous.get("train_config")
             except CheckpointError:
                 pass
-        state.update({
-            "format": "anomalyvae-checkpoint",
-            "format_version": 1,
-            "versions": versions(),
-            "model_config": self.model_.config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-            "training": {**getattr(self, "training_summary_", {}),
-                         "history": list(getattr(self, "history_", []))},
-            "calibration": self._calibration_state(),
-            "params": _plain(self.get_params()),
-            **self._extra_state(),
-        })
+        state.update(
+            {
+                "format": "anomalyvae-checkpoint",
+                "format_version": 1,
+                "versions": versions(),
+                "model_config": self.model_.config.to_dict(),
+                "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+                "training": {
+                    **getattr(self, "training_summary_", {}),
+                    "history": list(getattr(self, "history_", [])),
+                },
+                "calibration": self._calibration_state(),
+                "params": _plain(self.get_params()),
+                **self._extra_state(),
+            }
+        )
         state["training"].setdefault("best_val_elbo", _best_val(state["training"]["history"]))
         save_checkpoint(state, path)
         return path
@@ -381,8 +401,9 @@ class VAEAnomalyDetector:
         return {"image": self.calibration_.to_dict(), "pixel": self.pixel_calibration_.to_dict()}
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu",
-             progress: bool = True) -> VAEAnomalyDetector:
+    def load(
+        cls, path: str | os.PathLike[str], device: str = "cpu", progress: bool = True
+    ) -> VAEAnomalyDetector:
         """Load a detector written by :meth:`save` or by training (no code is executed)."""
         state = load_checkpoint(path)
         try:
@@ -390,8 +411,9 @@ class VAEAnomalyDetector:
             params.update(device=device, progress=progress, checkpoint_path=None)
             params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
             detector = cls(**params)
-            config = VAEConfig.from_dict({**state["model_config"],
-                                          "channels": tuple(state["model_config"]["channels"])})
+            config = VAEConfig.from_dict(
+                {**state["model_config"], "channels": tuple(state["model_config"]["channels"])}
+            )
             model = ConvVAE(config)
             model.load_state_dict(state["model_state"])
             detector.model_ = model.eval()
@@ -417,7 +439,8 @@ class VAEAnomalyDetector:
             warnings.warn(
                 f"checkpoint '{path}' is from an unfinished training run and has no "
                 "threshold; call calibrate() or finish training with resume",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
         return detector
 
@@ -464,7 +487,5 @@ def _as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
     if not np.isfinite(X).all():
         raise ValueError("images contain NaN or infinite values")
     if X.size and (X.min() < -1e-6 or X.max() > 1 + 1e-6):
-        raise ValueError(
-            f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
-        )
+        raise ValueError(f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]")
     return np.ascontiguousarray(X)

@@ -104,7 +104,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        known = {k: data[k] for k in ("channels", "height", "width", "resize", "scaling") if k in data}
+        known = {
+            k: data[k] for k in ("channels", "height", "width", "resize", "scaling") if k in data
+        }
         return cls(**known)
 
 

@@ -97,8 +97,9 @@ def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     weights /= n_regions
     negatives = ~truth
     weights[negatives] = 1.0 / negatives.sum()
-    fpr, pro, _ = roc_curve(truth.ravel(), values.ravel(), sample_weight=weights.ravel(),
-                            drop_intermediate=False)
+    fpr, pro, _ = roc_curve(
+        truth.ravel(), values.ravel(), sample_weight=weights.ravel(), drop_intermediate=False
+    )
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     fpr_part, pro_part = fpr[:cut], pro[:cut]
     if cut < len(fpr) and fpr_part[-1] < fpr_limit:
@@ -116,12 +117,14 @@ def evaluation_table(
     threshold: float | None = None,
     masks: NDArray[np.bool_] | None = None,
     maps: NDArray[np.floating] | None = None,
-    normal_type: str = "good",
+    pixel_valid: NDArray[np.bool_] | None = None,
 ) -> pd.DataFrame:
     """Metrics overall and per defect type (each type against all normal images).
 
     Returns a DataFrame indexed by "overall" and each defect type, with image metrics
     and, when masks and maps (n, h, w) are given, ``pixel_auroc`` and ``aupro``.
+    ``pixel_valid`` (n,) marks the images whose masks count for pixel metrics (e.g.
+    leaves out defect images without a mask); by default all do.
     """
     y = np.asarray(labels).astype(int).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
@@ -133,8 +136,9 @@ def evaluation_table(
         keep = np.ones_like(normal) if group == "overall" else (normal | (types == group))
         row = image_metrics(y[keep], s[keep], threshold)
         if masks is not None and maps is not None:
-            row["pixel_auroc"] = pixel_auroc(masks[keep], maps[keep])
-            row["aupro"] = aupro(masks[keep], maps[keep])
+            pixel_keep = keep if pixel_valid is None else keep & np.asarray(pixel_valid)
+            row["pixel_auroc"] = pixel_auroc(masks[pixel_keep], maps[pixel_keep])
+            row["aupro"] = aupro(masks[pixel_keep], maps[pixel_keep])
         rows[group] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "defect_type"

@@ -45,7 +45,9 @@ class VAEConfig:
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {self.channels}")
+            raise ValueError(
+                f"channels must be a non-empty sequence of positive ints, got {self.channels}"
+            )
         stride = 2 ** len(self.channels)
         if self.height % stride or self.width % stride:
             raise ValueError(
@@ -124,7 +126,9 @@ class ConvVAE(nn.Module):
 
         self.from_latent = nn.Linear(config.latent_dim, flat)
         rev = list(reversed(config.channels))
-        decoder = [_stage(a, b, transpose=True) for a, b in zip(rev, rev[1:] + [rev[-1]])]
+        decoder = [
+            _stage(a, b, transpose=True) for a, b in zip(rev, rev[1:] + [rev[-1]], strict=True)
+        ]
         self.decoder = nn.Sequential(*decoder)
         self.head = nn.Conv2d(rev[-1], 2 * config.in_channels, 3, padding=1)
 

@@ -137,14 +137,15 @@ def versions() -> dict[str, str]:
     """Versions recorded in every checkpoint."""
     return {
         "anomalyvae": __version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
         "python": sys.version.split()[0],
     }
 
 
-def _evaluate(model: ConvVAE, images: torch.Tensor, batch_size: int, device: torch.device,
-              beta: float) -> tuple[float, float]:
+def _evaluate(
+    model: ConvVAE, images: torch.Tensor, batch_size: int, device: torch.device, beta: float
+) -> tuple[float, float]:
     """Mean loss and mean negative ELBO (nats per image) over ``images`` in eval mode."""
     model.eval()
     losses, elbos = [], []
@@ -219,9 +220,15 @@ def train_vae(
 
     started = time.monotonic()
     stopped_reason = "max_epochs"
-    bar = tqdm(range(start_epoch, train_config.epochs + 1), desc="training", unit="epoch",
-               disable=not progress, file=sys.stderr, initial=start_epoch - 1,
-               total=train_config.epochs)
+    bar = tqdm(
+        range(start_epoch, train_config.epochs + 1),
+        desc="training",
+        unit="epoch",
+        disable=not progress,
+        file=sys.stderr,
+        initial=start_epoch - 1,
+        total=train_config.epochs,
+    )
     if start_epoch > train_config.epochs:
         stopped_reason = "already_complete"
     for epoch in bar:
@@ -249,8 +256,9 @@ def train_vae(
             total_loss += terms.loss.sum().item()
             total_elbo += terms.elbo.sum().item()
             seen += len(index)
-        val_loss, val_elbo = _evaluate(model, val_x, train_config.batch_size, device,
-                                       model_config.beta)
+        val_loss, val_elbo = _evaluate(
+            model, val_x, train_config.batch_size, device, model_config.beta
+        )
         elapsed = elapsed_before + time.monotonic() - started
         pixels = float(np.prod(train_images.shape[1:]))
         record = {
@@ -259,7 +267,7 @@ def train_vae(
             "train_elbo": total_elbo / max(seen, 1),
             "val_loss": val_loss,
             "val_elbo": val_elbo,
-            "val_bits_per_dim": val_elbo / (pixels * np.log(2.0)),
+            "val_bits_per_dim": float(val_elbo / (pixels * np.log(2.0))),
             "elapsed_s": elapsed,
         }
         history.append(record)
@@ -268,10 +276,12 @@ def train_vae(
             best_state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-        bar.set_postfix(loss=f"{record['train_loss']:.1f}", val_elbo=f"{val_elbo:.1f}",
-                        best=best_epoch)
-        out_of_time = (train_config.time_budget_s is not None
-                       and elapsed >= train_config.time_budget_s)
+        bar.set_postfix(
+            loss=f"{record['train_loss']:.1f}", val_elbo=f"{val_elbo:.1f}", best=best_epoch
+        )
+        out_of_time = (
+            train_config.time_budget_s is not None and elapsed >= train_config.time_budget_s
+        )
         if stale >= train_config.patience:
             stopped_reason = "early_stopping"
         elif out_of_time:
@@ -289,8 +299,9 @@ def train_vae(
                     "best_epoch": best_epoch,
                     "best_val_elbo": best_val,
                     "epochs_run": epoch,
-                    "stopped_reason": stopped_reason if stopped_reason != "max_epochs"
-                    or epoch == train_config.epochs else "in_progress",
+                    "stopped_reason": stopped_reason
+                    if stopped_reason != "max_epochs" or epoch == train_config.epochs
+                    else "in_progress",
                     "n_train": len(train_images),
                     "n_val": len(val_images),
                 },

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny synthetic MVTec-style dataset and a detector trained on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anomalyvae.data import make_synthetic_dataset, mvtec_samples
+from anomalyvae.detector import VAEAnomalyDetector
+
+# Small enough for seconds on 2 CPU cores, big enough to rank defects well.
+TINY = dict(
+    hidden_channels=(16, 32, 64),
+    latent_dim=16,
+    epochs=15,
+    batch_size=16,
+    patience=15,
+    target_fpr=0.1,
+    progress=False,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"),
+        n_train=100,
+        n_test_good=20,
+        n_test_defect=30,
+        size=32,
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_root, tmp_path_factory) -> tuple[VAEAnomalyDetector, Path]:
+    """A detector fitted on the synthetic train set, and its saved checkpoint."""
+    checkpoint = tmp_path_factory.mktemp("model") / "model.pt"
+    paths = [s.path for s in mvtec_samples(synthetic_root, "train")]
+    detector = VAEAnomalyDetector(checkpoint_path=checkpoint, **TINY).fit(paths)
+    return detector, checkpoint

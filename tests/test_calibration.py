@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomalyvae.calibration import (
+    Threshold,
+    normalize,
+    pixel_threshold_from_labels,
+    pixel_threshold_from_normals,
+    threshold_from_labels,
+    threshold_from_normals,
+)
+
+
+@pytest.mark.parametrize("target_fpr", [0.01, 0.05, 0.1])
+def test_normal_quantile_reaches_target_fpr_on_held_out_normals(target_fpr):
+    rng = np.random.default_rng(0)
+    calibration, held_out = rng.gamma(2.0, size=5000), rng.gamma(2.0, size=20000)
+    threshold = threshold_from_normals(calibration, target_fpr)
+    assert threshold.method == "normal_quantile" and threshold.n_normal == 5000
+    assert threshold.expected_fpr <= target_fpr
+    # Binomial sampling error of a quantile from 5000 normals: stay within 30 % relative.
+    assert np.mean(held_out > threshold.value) == pytest.approx(target_fpr, rel=0.3)
+
+
+def test_too_few_normals_warn_and_use_the_maximum():
+    with pytest.warns(UserWarning, match="at least 100"):
+        threshold = threshold_from_normals([1.0, 2.0, 3.0], 0.01)
+    assert threshold.value == 3.0 and threshold.expected_fpr == 0.0
+
+
+@pytest.mark.parametrize(
+    ("scores", "message"),
+    [([], "empty"), ([1.0, np.nan], "NaN")],
+)
+def test_bad_scores(scores, message):
+    with pytest.raises(ValueError, match=message):
+        threshold_from_normals(scores, 0.5)
+
+
+def test_bad_target():
+    with pytest.raises(ValueError, match="target_fpr must be in"):
+        threshold_from_normals([1.0], 0.0)
+
+
+@pytest.mark.parametrize("method", ["f1", "youden"])
+def test_labelled_methods_split_separable_scores(method):
+    scores = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    threshold = threshold_from_labels(scores, labels, method)
+    assert 0.3 <= threshold.value < 0.7
+    assert threshold.expected_fpr == 0.0 and threshold.expected_tpr == 1.0
+    assert (threshold.n_normal, threshold.n_anomalous) == (3, 3)
+
+
+def test_labelled_needs_both_classes_and_known_method():
+    with pytest.raises(ValueError, match="both"):
+        threshold_from_labels([0.1, 0.2], [0, 0])
+    with pytest.raises(ValueError, match="method"):
+        threshold_from_labels([0.1, 0.2], [0, 1], "magic")
+
+
+def test_pixel_thresholds():
+    rng = np.random.default_rng(1)
+    maps = rng.random((20, 16, 16))
+    masks = np.zeros_like(maps, dtype=bool)
+    masks[:, :2, :2] = True
+    maps[masks] += 1.0
+    normal = pixel_threshold_from_normals(maps[:, 4:, 4:], 0.01)
+    assert normal.value == pytest.approx(0.99, abs=0.01)
+    labelled = pixel_threshold_from_labels(maps, masks, "f1")
+    assert labelled.expected_tpr == 1.0 and labelled.expected_fpr < 0.01
+
+
+def test_normalize_and_round_trip():
+    np.testing.assert_allclose(normalize([1.0, 2.0], 2.0), [0.5, 1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        normalize([1.0], 0.0)
+    threshold = Threshold(1.0, "f1", None, 0.0, 1.0, 3, 3)
+    assert Threshold.from_dict(threshold.to_dict()) == threshold

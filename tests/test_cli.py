@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from anomalyvae import __version__
+from anomalyvae.cli import main
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def test_version(runner):
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_has_help_with_an_example_and_docs(runner, command):
+    result = runner.invoke(main, [command, "-h"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    reference = (DOCS / "cli.md").read_text()
+    assert re.search(rf"^## `anomalyvae {command}`", reference, re.M), command
+
+
+def test_docs_list_no_missing_commands():
+    documented = set(re.findall(r"^## `anomalyvae (\w+)`", (DOCS / "cli.md").read_text(), re.M))
+    assert documented == set(main.commands)
+
+
+def test_train_calibrate_evaluate(runner, synthetic_root, tmp_path):
+    model = tmp_path / "model.pt"
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            str(synthetic_root),
+            "-o",
+            str(model),
+            "--epochs",
+            "2",
+            "--latent-dim",
+            "8",
+            "--target-fpr",
+            "0.2",
+            "--silent",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Trained on 85 images" in result.output and model.exists()
+
+    result = runner.invoke(
+        main, ["calibrate", str(model), str(synthetic_root), "--method", "f1", "--silent"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "(f1; 20 normal, 30 anomalous" in result.output
+
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        main, ["evaluate", str(model), str(synthetic_root), "-o", str(out), "--silent"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "image_auroc" in result.output and "scratch" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"overall", "blob", "scratch", "spot"}
+    assert (out / "scores.csv").read_text().count("\n") == 51
+
+
+def test_resume_from_cli(runner, synthetic_root, tmp_path):
+    model = tmp_path / "model.pt"
+    common = [
+        "train",
+        str(synthetic_root),
+        "-o",
+        str(model),
+        "--latent-dim",
+        "8",
+        "--target-fpr",
+        "0.2",
+        "--silent",
+    ]
+    assert runner.invoke(main, common + ["--epochs", "1"]).exit_code == 0
+    result = runner.invoke(main, common + ["--epochs", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "for 2 epochs" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "{empty}", "-o", "{tmp}/m.pt"], "no images"),
+        (["evaluate", "{bad}", "{empty}"], "not a readable anomalyvae checkpoint"),
+        (["calibrate", "{bad}", "{empty}"], "not a readable anomalyvae checkpoint"),
+        (["train", "{tmp}/missing"], "does not exist"),
+        (["train", "{empty}", "--resume", "-o", "{tmp}/none.pt"], "no images"),
+    ],
+)
+def test_errors_are_one_clean_line(runner, tmp_path, args, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    args = [a.format(empty=empty, bad=bad, tmp=tmp_path) for a in args]
+    result = runner.invoke(main, args)
+    assert result.exit_code in (1, 2)
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_usage_error_exit_code(runner):
+    assert runner.invoke(main, ["train"]).exit_code == 2
+    assert runner.invoke(main, ["nope"]).exit_code == 2

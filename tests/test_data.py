@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalyvae.data import (
+    DatasetError,
+    discover,
+    file_list_hash,
+    folder_samples,
+    infer_preprocessing,
+    make_synthetic_dataset,
+    mvtec_samples,
+    split_file_samples,
+)
+from anomalyvae.io import read_image, read_mask
+
+
+def test_synthetic_dataset_layout_and_exact_masks(tmp_path):
+    root = make_synthetic_dataset(tmp_path, n_train=4, n_test_good=2, n_test_defect=3, size=32)
+    train = mvtec_samples(root, "train")
+    test = mvtec_samples(root, "test")
+    assert len(train) == 4 and all(s.label == 0 for s in train)
+    defects = [s for s in test if s.label == 1]
+    assert {s.defect_type for s in defects} == {"scratch", "blob", "spot"}
+    for sample in defects:
+        mask = read_mask(sample.mask_path)
+        assert mask.any()
+        image = read_image(sample.path).pixels[..., 0]
+        clean = read_image(sample.path).pixels[..., 0]
+        assert image.shape == mask.shape == clean.shape
+
+
+def test_synthetic_defect_changes_only_masked_pixels(tmp_path):
+    from anomalyvae.data import _defect, _texture
+
+    rng = np.random.default_rng(0)
+    texture = _texture(rng, 32)
+    damaged, mask = _defect(rng, texture, "blob")
+    assert mask.any()
+    np.testing.assert_array_equal(damaged[~mask], texture[~mask])
+    assert not np.allclose(damaged[mask], texture[mask])
+
+
+def test_folder_and_discover(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        folder_samples(flat)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / "a.png")
+    assert [s.label for s in discover(flat)] == [0]
+    with pytest.raises(DatasetError, match="does not exist"):
+        discover(tmp_path / "missing")
+
+
+def test_split_file(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ["n1", "n2", "d1"]:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / f"{name}.jpg")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "imgs" / "d1.png")
+    split = tmp_path / "split.json"
+    split.write_text(
+        json.dumps(
+            {
+                "root": ".",
+                "train_good": ["imgs/n1.jpg"],
+                "test_good": ["imgs/n2.jpg"],
+                "test_defect": {"crack": ["imgs/d1.jpg"]},
+            }
+        )
+    )
+    assert [s.path.name for s in split_file_samples(split, "train")] == ["n1.jpg"]
+    test = discover(split, "test")
+    assert [(s.label, s.defect_type) for s in test] == [(0, "good"), (1, "crack")]
+    assert test[1].mask_path.name == "d1.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DatasetError, match="cannot read split file"):
+        discover(bad, "train")
+
+
+@pytest.mark.parametrize(("side", "expected"), [(28, 32), (64, 64), (100, 96), (400, 128)])
+def test_infer_preprocessing_size_from_data(tmp_path, side, expected):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((side, side + 7), np.uint8)).save(path)
+    spec = infer_preprocessing([path])
+    assert (spec.height, spec.width, spec.channels) == (expected, expected, 1)
+
+
+def test_infer_preprocessing_detects_colour(tmp_path):
+    grey, colour = tmp_path / "g.png", tmp_path / "c.png"
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(grey)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(colour)
+    assert infer_preprocessing([grey]).channels == 1
+    assert infer_preprocessing([grey, colour]).channels == 3
+
+
+def test_file_list_hash_is_order_free():
+    assert file_list_hash(["b", "a"]) == file_list_hash(["a", "b"]) != file_list_hash(["a"])

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+
+from anomalyvae.data import DatasetError, mvtec_samples
+from anomalyvae.detector import NotFittedError, VAEAnomalyDetector
+from anomalyvae.metrics import image_metrics
+from anomalyvae.train import CheckpointError
+
+
+def test_detector_ranks_synthetic_defects_above_normals(trained, synthetic_root):
+    detector, _ = trained
+    test = mvtec_samples(synthetic_root, "test")
+    scores = detector.anomaly_score([s.path for s in test])
+    metrics = image_metrics([s.label for s in test], scores, detector.threshold_)
+    assert metrics["image_auroc"] >= 0.9
+    assert metrics["recall"] >= 0.8
+
+
+def test_sklearn_conventions(trained, synthetic_root):
+    detector, _ = trained
+    paths = [s.path for s in mvtec_samples(synthetic_root, "test")][:6]
+    scores = detector.anomaly_score(paths)
+    np.testing.assert_allclose(detector.score_samples(paths), -scores)
+    np.testing.assert_allclose(detector.decision_function(paths), detector.threshold_ - scores)
+    predicted = detector.predict(paths)
+    assert set(predicted) <= {-1, 1}
+    np.testing.assert_array_equal(predicted == -1, scores > detector.threshold_)
+    np.testing.assert_allclose(detector.normalized_score(paths), scores / detector.threshold_)
+    maps = detector.anomaly_map(paths)
+    assert maps.shape == (6, 32, 32) and maps.dtype == np.float32
+    assert detector.offset_ == -detector.threshold_
+    assert detector.calibration_.method == "normal_quantile"
+    assert detector.data_summary_["n_train"] + detector.data_summary_["n_val"] == 100
+
+
+def test_save_load_round_trip(trained, synthetic_root, tmp_path):
+    detector, checkpoint = trained
+    paths = [s.path for s in mvtec_samples(synthetic_root, "test")][:5]
+    loaded = VAEAnomalyDetector.load(checkpoint)
+    np.testing.assert_allclose(
+        loaded.anomaly_score(paths), detector.anomaly_score(paths), rtol=1e-5
+    )
+    assert loaded.threshold_ == detector.threshold_
+    assert loaded.preprocessing_ == detector.preprocessing_
+    assert loaded.get_params()["latent_dim"] == TINY["latent_dim"]
+    raw = torch.load(checkpoint, weights_only=True)
+    assert raw["calibration"]["image"]["value"] == detector.threshold_
+    assert raw["versions"]["anomalyvae"]
+    copy = detector.save(tmp_path / "copy.pt")
+    assert VAEAnomalyDetector.load(copy).threshold_ == detector.threshold_
+
+
+def test_accepts_arrays_and_resizes(trained):
+    detector, _ = trained
+    rng = np.random.default_rng(0)
+    assert detector.anomaly_score(rng.random((2, 32, 32), dtype=np.float32)).shape == (2,)
+    assert detector.anomaly_score(rng.random((2, 1, 50, 40), dtype=np.float32)).shape == (2,)
+    assert detector.anomaly_score(rng.random((2, 3, 32, 32), dtype=np.float32)).shape == (2,)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        detector.anomaly_score(np.full((1, 32, 32), 2.0, np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        detector.anomaly_score(np.zeros((1, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        detector.anomaly_score(np.full((1, 32, 32), np.nan, np.float32))
+
+
+def test_fit_on_arrays_with_mixed_sized_files(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        size = (40 + 4 * (i % 3), 36)
+        array = (rng.random(size) * 255).astype(np.uint8)
+        mode_image = Image.fromarray(array).convert("RGB" if i % 4 == 0 else "L")
+        paths.append(tmp_path / f"{i}.png")
+        mode_image.save(paths[-1])
+    (tmp_path / "broken.png").write_text("not an image")
+    paths.append(tmp_path / "broken.png")
+    detector = VAEAnomalyDetector(**(TINY | dict(epochs=2, target_fpr=0.5)))
+    with pytest.warns(UserWarning, match="broken.png"):
+        detector.fit(paths)
+    assert detector.preprocessing_.channels == 1  # RGB files hold grey content
+    assert detector.data_summary_["n_skipped"] == 1
+    array_detector = VAEAnomalyDetector(
+        **(TINY | dict(epochs=1, target_fpr=0.5, val_fraction=0.25))
+    )
+    array_detector.fit(rng.random((8, 1, 16, 16), dtype=np.float32))
+    assert array_detector.preprocessing_.height == 16
+
+
+def test_errors(tmp_path):
+    with pytest.raises(NotFittedError, match="fit"):
+        VAEAnomalyDetector().anomaly_score(np.zeros((1, 32, 32), np.float32))
+    with pytest.raises(DatasetError, match="no training images"):
+        VAEAnomalyDetector(progress=False).fit([])
+    bad = tmp_path / "bad.png"
+    bad.write_text("x")
+    with pytest.raises(DatasetError, match="could be read"):
+        VAEAnomalyDetector(progress=False).fit([bad])
+    with pytest.raises(ValueError, match="val_fraction"):
+        VAEAnomalyDetector(val_fraction=1.5).fit(np.zeros((4, 16, 16), np.float32))
+    with pytest.raises(CheckpointError):
+        VAEAnomalyDetector.load(bad)
+
+
+def test_labelled_recalibration(trained, synthetic_root):
+    detector, checkpoint = trained
+    fresh = VAEAnomalyDetector.load(checkpoint)
+    test = mvtec_samples(synthetic_root, "test")
+    fresh.calibrate([s.path for s in test], np.array([s.label for s in test]), method="youden")
+    assert fresh.calibration_.method == "youden"
+    assert fresh.calibration_.expected_tpr >= 0.8
+    with pytest.raises(ValueError, match="method"):
+        fresh.calibrate([test[0].path], method="median")

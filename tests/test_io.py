@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalyvae.io import (
+    ImageReadError,
+    MaskError,
+    Preprocessing,
+    find_images,
+    load_image,
+    preprocess,
+    read_image,
+    read_images,
+    read_mask,
+    to_channels,
+)
+
+
+def _save(path, array, **kwargs):
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def test_find_images_recursive_sorted_and_filtered(tmp_path):
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for name in ["b/deep/z.PNG", "a.jpg", "b/c.tif", "notes.txt", ".hidden/x.png", "b/.y.png"]:
+        (tmp_path / name).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a.jpg", "b/c.tif", "b/deep/z.PNG"]
+
+
+def test_find_images_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_images(tmp_path / "nope")
+
+
+def test_find_images_survives_symlink_loop(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _save(tmp_path / "sub" / "a.png", np.zeros((4, 4), np.uint8))
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    assert [p.name for p in find_images(tmp_path)] == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    ("array", "suffix", "bit_depth", "expected_max"),
+    [
+        (np.full((5, 6), 255, np.uint8), ".png", 8, 1.0),
+        (np.full((5, 6), 65535, np.uint16), ".png", 16, 1.0),
+        (np.full((5, 6), 1000, np.uint16), ".png", 16, 1000 / 65535),
+        (np.full((5, 6), 1000, np.uint16), ".tif", 16, 1000 / 65535),
+        (np.full((5, 6, 3), 128, np.uint8), ".bmp", 8, 128 / 255),
+    ],
+)
+def test_read_image_keeps_bit_depth(tmp_path, array, suffix, bit_depth, expected_max):
+    path = _save(tmp_path / f"img{suffix}", array)
+    decoded = read_image(path)
+    assert decoded.bit_depth == bit_depth
+    assert decoded.pixels.dtype == np.float32
+    assert decoded.pixels.shape[:2] == (5, 6)
+    np.testing.assert_allclose(decoded.pixels.max(), expected_max, rtol=1e-6)
+
+
+def test_sixteen_bit_values_are_not_squeezed_to_eight_bits(tmp_path):
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16)[:256].reshape(16, 16) + 1
+    decoded = read_image(_save(tmp_path / "ramp.png", ramp))
+    np.testing.assert_allclose(decoded.pixels[:, :, 0] * 65535, ramp, atol=0.01)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA", "CMYK", "1"])
+def test_read_image_converts_other_modes(tmp_path, mode):
+    image = Image.new("RGB", (8, 8), (200, 100, 50)).convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    image.save(path)
+    decoded = read_image(path)
+    assert decoded.pixels.shape[:2] == (8, 8)
+    assert 0.0 <= decoded.pixels.min() <= decoded.pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "not a recognised image format"),
+        (b"hello, I am text", "not a recognised image format"),
+    ],
+)
+def test_unreadable_files_name_the_file(tmp_path, content, reason):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    assert "broken.png" in str(info.value)
+
+
+def test_truncated_png_is_an_error(tmp_path):
+    path = _save(
+        tmp_path / "full.png", np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated|corrupt"):
+        read_image(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_to_channels_luma_and_replicate():
+    rgb = np.zeros((2, 2, 3), np.float32)
+    rgb[..., 1] = 1.0
+    np.testing.assert_allclose(to_channels(rgb, 1)[..., 0], 0.587, rtol=1e-6)
+    assert to_channels(rgb[..., :1], 3).shape == (2, 2, 3)
+
+
+def test_preprocess_shape_and_range():
+    spec = Preprocessing(channels=1, height=16, width=24)
+    out = preprocess(np.random.default_rng(0).random((40, 50, 3), dtype=np.float32), spec)
+    assert out.shape == (1, 16, 24) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("bad", [dict(channels=2), dict(height=4), dict(resize="lanczos9")])
+def test_preprocessing_validates(bad):
+    args = dict(channels=1, height=16, width=16) | bad
+    with pytest.raises(ValueError):
+        Preprocessing(**args)
+
+
+def test_read_images_skips_and_reports_unreadable(tmp_path):
+    good = _save(tmp_path / "good.png", np.zeros((8, 8), np.uint8))
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    spec = Preprocessing(1, 8, 8)
+    with pytest.warns(UserWarning, match="bad.png"):
+        images, kept, errors = read_images([good, bad], spec)
+    assert images.shape == (1, 1, 8, 8) and kept == [good] and len(errors) == 1
+    with pytest.raises(ImageReadError):
+        read_images([good, bad], spec, on_error="raise")
+    assert load_image(good, spec).shape == (1, 8, 8)
+
+
+def test_read_mask_threshold_resize_and_size_check(tmp_path):
+    mask = np.zeros((20, 20), np.uint8)
+    mask[4:14, 4:14] = 255
+    mask[0, 0] = 40  # a soft edge value
+    path = _save(tmp_path / "m.png", mask)
+    assert read_mask(path)[0, 0]
+    assert not read_mask(path, threshold=0.5)[0, 0]
+    small = read_mask(path, size=(10, 10), threshold=0.5)
+    assert small.shape == (10, 10) and small.sum() == 25
+    with pytest.raises(MaskError, match="must match"):
+        read_mask(path, expected_shape=(30, 20))

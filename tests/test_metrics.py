@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anomalyvae.metrics import (
+    aupro,
+    evaluation_table,
+    image_metrics,
+    pixel_auroc,
+    sensitivity_at_specificity,
+)
+
+
+def test_image_metrics_at_threshold():
+    labels = [0, 0, 0, 1, 1]
+    scores = [0.1, 0.2, 0.6, 0.5, 0.9]
+    result = image_metrics(labels, scores, threshold=0.4)
+    assert result["image_auroc"] == pytest.approx(5 / 6)
+    # predicted anomalous: 0.6 (FP), 0.5 (TP), 0.9 (TP)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["recall"] == 1.0 and result["fpr"] == pytest.approx(1 / 3)
+    assert result["f1"] == pytest.approx(0.8)
+    assert np.isnan(image_metrics([0, 0], [0.1, 0.2])["image_auroc"])
+
+
+def test_sensitivity_at_specificity():
+    assert sensitivity_at_specificity([0, 0, 1, 1], [0.1, 0.4, 0.3, 0.9], 0.95) == 0.5
+
+
+def test_pixel_auroc():
+    masks = np.array([[[True, False], [False, False]]])
+    assert pixel_auroc(masks, np.array([[[0.9, 0.1], [0.2, 0.3]]])) == 1.0
+    assert np.isnan(pixel_auroc(np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2))))
+
+
+def test_aupro_hand_computed():
+    # One image, two regions: A (2 px) and B (1 px), and 5 normal pixels.
+    masks = np.zeros((1, 2, 4), dtype=bool)
+    masks[0, 0, 0:2] = True  # region A
+    masks[0, 1, 3] = True  # region B
+    maps = np.zeros((1, 2, 4), dtype=np.float32)
+    maps[0, 0, 0], maps[0, 0, 1] = 0.9, 0.5  # A: one pixel high, one medium
+    maps[0, 1, 3] = 0.1  # B: low
+    maps[0, 0, 2] = 0.6  # one normal pixel in between
+    maps[0, 0, 3] = maps[0, 1, 0] = maps[0, 1, 1] = maps[0, 1, 2] = 0.0
+    # Thresholds (score >= t) and (FPR, PRO):
+    #   t=0.9 -> FPR 0, PRO (1/2 + 0)/2 = 0.25
+    #   t=0.6 -> FPR 1/5, PRO 0.25
+    #   t=0.5 -> FPR 1/5, PRO (1 + 0)/2 = 0.5
+    #   t=0.1 -> FPR 1/5, PRO 1.0 ; then t=0 -> FPR 1, PRO 1
+    # Up to FPR 0.3: trapezoid from (0,0)->(0,0.25) is 0, (0,.25)->(0.2,.25) = 0.05,
+    # vertical at 0.2 up to 1.0, then (0.2,1)->(0.3,1) = 0.1. Total 0.15 / 0.3 = 0.5.
+    assert aupro(masks, maps, fpr_limit=0.3) == pytest.approx(0.5)
+    assert aupro(masks, maps, fpr_limit=1.0) == pytest.approx(0.05 + 0.8)
+
+
+def test_aupro_perfect_and_no_regions():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert np.isnan(aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4))))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(masks, masks.astype(float), fpr_limit=0)
+
+
+def test_evaluation_table_per_type():
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.9, 0.15])
+    types = ["good", "good", "crack", "stain"]
+    masks = np.zeros((4, 4, 4), bool)
+    masks[2:, 1:3, 1:3] = True
+    maps = masks.astype(float)
+    table = evaluation_table(labels, scores, types, 0.5, masks, maps)
+    assert list(table.index) == ["overall", "crack", "stain"]
+    assert table.loc["crack", "image_auroc"] == 1.0
+    assert table.loc["stain", "image_auroc"] == 0.5
+    assert table.loc["overall", "pixel_auroc"] == 1.0
+    assert table.loc["crack", "n_images"] == 3
