@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -19,16 +20,18 @@ _USER_ERRORS = (
     "anomalyvae.io.MaskError",
     "anomalyvae.train.CheckpointError",
     "anomalyvae.detector.NotFittedError",
+    "anomalyvae.runtime.OnnxModelError",
+    "anomalyvae.runtime.OnnxInputError",
+    "anomalyvae.export.ExportError",
 )
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    import importlib
-
     types: list[type[BaseException]] = [ValueError, FileNotFoundError, PermissionError]
     for dotted in _USER_ERRORS:
         module, name = dotted.rsplit(".", 1)
-        types.append(getattr(importlib.import_module(module), name))
+        if module in sys.modules:  # a module never imported cannot have raised
+            types.append(getattr(sys.modules[module], name))
     return tuple(types)
 
 
@@ -320,6 +323,98 @@ def demo(output: Path, epochs: int, seed: int, silent: bool) -> None:
         f"{result.evaluation.files['metrics_json']}\n"
         f"Per-image scores: {result.evaluation.files['scores_csv']}"
     )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("model.onnx"),
+    show_default=True,
+)
+@click.option(
+    "--images",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Images (folder, MVTec root or split file) for the parity check and "
+    "int8 calibration [default: a seeded random batch].",
+)
+@click.option("--fp16", is_flag=True, help="Also write a float16 model (OUTPUT stem + .fp16.onnx).")
+@click.option("--int8", is_flag=True, help="Also write an int8 model calibrated on --images.")
+@click.option(
+    "--max-images",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Images used for parity and int8 calibration.",
+)
+def export(
+    checkpoint: Path, output: Path, images: Path | None, fp16: bool, int8: bool, max_images: int
+) -> None:
+    """Export CHECKPOINT to one self-describing ONNX file (+ a JSON sidecar).
+
+    The graph goes from a preprocessed image to anomaly map, score, normalized score
+    and verdict; the threshold is an input whose default is the calibrated value.
+    Export fails when ONNX Runtime and torch disagree beyond tolerance.
+
+    \b
+    Example:
+      anomalyvae export model.pt -o model.onnx --images data/train/good --int8
+    """
+    from anomalyvae.export import export_all
+
+    for result in export_all(checkpoint, output, images, fp16, int8, max_images):
+        parity = result.parity
+        adjustment = result.metadata.get("anomalyvae.threshold_adjustment")
+        detail = (
+            "no parity check"
+            if parity is None
+            else (
+                f"parity on {parity.n_images} images: max |map diff| "
+                f"{parity.max_abs_map_diff:.2e}, max |score diff| {parity.max_abs_score_diff:.2e} "
+                f"(relative {parity.max_rel_score_diff:.2e}), verdicts agree: "
+                f"{parity.verdicts_agree}"
+            )
+        )
+        if adjustment:
+            info = json.loads(adjustment)
+            detail = (
+                f"threshold carried over from float32 by the median int8/float32 "
+                f"score ratio {info['ratio']:.3f} on {info['n_images']} normal images"
+            )
+        click.echo(f"Wrote {result.path} and {result.sidecar.name} ({detail})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--threshold", type=float, default=None, help="Override the calibrated threshold.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
+)
+def predict(model: Path, images: tuple[Path, ...], threshold: float | None, device: str) -> None:
+    """Score IMAGES with an exported MODEL (ONNX Runtime, no torch) and print verdicts.
+
+    Prints one tab-separated line per image: path, score, normalized score, verdict.
+    Exits 1 when a file cannot be read.
+
+    \b
+    Example:
+      anomalyvae predict model.onnx part_001.png part_002.png
+    """
+    from anomalyvae.runtime import OnnxDetector
+
+    detector = OnnxDetector(model, device=device)
+    result = detector.predict_files(list(images), threshold)
+    click.echo("path\tscore\tnormalized_score\tverdict")
+    for path, score, norm, bad in zip(
+        images, result.score, result.normalized_score, result.is_anomaly, strict=True
+    ):
+        click.echo(f"{path}\t{score:.6g}\t{norm:.4f}\t{'ANOMALY' if bad else 'ok'}")
 
 
 def _format_table(table: Any) -> str:

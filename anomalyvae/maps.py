@@ -78,7 +78,7 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     radius = kernel.numel() // 2
     if radius >= min(x.shape[-2:]):
         raise ValueError(f"smoothing_sigma {sigma} is too large for a {tuple(x.shape[-2:])} map")
-    c = x.shape[1]
+    c = int(x.shape[1])  # a constant for ONNX tracing: the kernel shape must be static
     horizontal = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
     x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
@@ -159,6 +159,11 @@ def elbo_grad_map(model: ConvVAE, x: Tensor) -> tuple[Tensor, VAEOutput]:
     return anomaly, detached
 
 
+def topk_count(config: ScoringConfig, n_pixels: int) -> int:
+    """How many of ``n_pixels`` map values "topk_mean" averages (at least one)."""
+    return max(1, int(round(config.topk_fraction * n_pixels)))
+
+
 def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tensor:
     """Image score (n,) from a smoothed (n, 1, h, w) map; higher = more anomalous."""
     if config.score_kind == "elbo":
@@ -166,7 +171,8 @@ def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tens
     flat = anomaly_map.flatten(1)
     if config.score_kind == "max":
         return flat.max(dim=1).values
-    k = max(1, int(round(config.topk_fraction * flat.shape[1])))
+    # Python ints from the static spatial size, so ONNX tracing sees a constant k.
+    k = topk_count(config, int(anomaly_map.shape[-2]) * int(anomaly_map.shape[-1]))
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 

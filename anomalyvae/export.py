@@ -1,0 +1,478 @@
+"""Export a trained detector to one self-describing ONNX file, and check it against torch.
+
+The graph holds everything from a preprocessed image to a verdict: VAE forward pass,
+anomaly map, smoothing, image score, normalized score and the decision. The threshold is
+a graph input with the calibrated value as its default, so an inspection line can change
+it without re-exporting. Metadata (``metadata_props``) says how to preprocess, what the
+outputs mean and how the threshold was chosen; :mod:`anomalyvae.runtime` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import io as _io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+import torch
+from numpy.typing import NDArray
+from onnx import numpy_helper
+from torch import Tensor, nn
+
+from anomalyvae import __version__
+from anomalyvae.detector import VAEAnomalyDetector
+from anomalyvae.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
+from anomalyvae.model import VAEOutput, count_parameters
+from anomalyvae.runtime import (
+    FORMAT_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAMES,
+    SUPPORTED_FORMAT_VERSIONS,
+    content_hash,
+)
+
+OPSET = 17
+FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
+INPUT_NAME = "image"
+THRESHOLD_NAME = "threshold"
+OUTPUTS_DOC = {
+    "anomaly_map": "float32 (N, 1, H, W): per-pixel anomaly, higher = more anomalous, "
+    "smoothed, at model input resolution",
+    "score": "float32 (N,): image anomaly score, higher = more anomalous",
+    "normalized_score": "float32 (N,): score / threshold; above 1.0 = anomalous",
+    "is_anomaly": "bool (N,): score > threshold",
+}
+#: Largest absolute difference allowed between torch and ONNX Runtime, relative to the
+#: spread of the compared values (max(|a|) + 1e-6).
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export failed, or the exported graph disagrees with torch beyond tolerance."""
+
+
+class _HalfVAE(nn.Module):
+    """Runs the VAE in float16 between float32 casts; the scoring stays float32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+        self.config = model.config
+
+    def forward(self, x: Tensor) -> VAEOutput:
+        return VAEOutput(*(t.float() for t in self.model(x.half())))
+
+
+class _ExportGraph(nn.Module):
+    def __init__(self, scoring: ScoringGraph) -> None:
+        super().__init__()
+        self.scoring = scoring
+
+    def forward(self, image: Tensor, threshold: Tensor) -> tuple[Tensor, ...]:
+        anomaly_map, score = self.scoring(image)
+        normalized = score / threshold
+        return anomaly_map, score, normalized, score > threshold
+
+
+class ParityReport(NamedTuple):
+    """Largest differences between torch and ONNX Runtime on the same batch."""
+
+    n_images: int
+    max_abs_map_diff: float
+    max_abs_score_diff: float
+    max_rel_score_diff: float
+    verdicts_agree: bool
+
+
+class ExportResult(NamedTuple):
+    """What :func:`export_onnx` wrote and measured."""
+
+    path: Path
+    sidecar: Path
+    metadata: dict[str, str]
+    parity: ParityReport | None
+
+
+def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
+    """Everything an integrator needs, as ``metadata_props`` strings (JSON where nested)."""
+    spec = detector.preprocessing_
+    calibration = detector._calibration_state() or {}
+    config = detector.model_.config
+    preprocessing = {
+        **spec.to_dict(),
+        "input_range": [0.0, 1.0],
+        "layout": "NCHW",
+        "dtype": "float32",
+        "bit_depth_scaling": "integer images divided by their type maximum "
+        "(255 for 8-bit, 65535 for 16-bit); float images min-max scaled",
+        "color_conversion": "grayscale = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601); "
+        "grayscale to RGB replicates the channel",
+        "resize_library": "Pillow (antialiased when shrinking)",
+        "intensity_normalization": "none",
+    }
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "product_version": __version__,
+        "threshold": repr(float(detector.threshold_)),
+        "pixel_threshold": repr(float(detector.pixel_threshold_)),
+        "calibration": json.dumps(calibration),
+        "map_kind": detector.scoring_.map_kind,
+        "score_kind": detector.scoring_.score_kind,
+        "scoring": json.dumps(detector.scoring_.to_dict()),
+        "preprocessing": json.dumps(preprocessing),
+        "model_config": json.dumps(
+            {**config.to_dict(), "n_parameters": count_parameters(detector.model_)}
+        ),
+        "training_data": json.dumps(
+            {
+                **detector.data_summary_,
+                **{
+                    k: v
+                    for k, v in detector.training_summary_.items()
+                    if k in ("best_epoch", "epochs_run", "stopped_reason")
+                },
+            }
+        ),
+        "inputs": json.dumps(
+            {
+                INPUT_NAME: f"float32 (N, {spec.channels}, {spec.height}, {spec.width}) in [0, 1]",
+                THRESHOLD_NAME: "float32 scalar, optional: defaults to the calibrated threshold",
+            }
+        ),
+        "outputs": json.dumps(OUTPUTS_DOC),
+        "opset": str(OPSET),
+    }
+    return {METADATA_PREFIX + k: v for k, v in meta.items()}
+
+
+def export_onnx(
+    detector: VAEAnomalyDetector,
+    path: str | os.PathLike[str],
+    parity_images: NDArray[np.float32] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+    precision: str = "fp32",
+) -> ExportResult:
+    """Export the scoring graph of a calibrated detector to ``path`` (+ a JSON sidecar).
+
+    Parameters
+    ----------
+    parity_images : ndarray (n, c, h, w), optional
+        Model-ready images to compare torch and ONNX Runtime on; export fails when
+        they differ beyond ``tolerance``. Without them nothing is compared.
+    precision : {"fp32", "fp16"}
+        "fp16" runs the VAE in half precision (weights and activations); the anomaly
+        map and score are still computed in float32.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    detector._check_fitted()
+    if getattr(detector, "threshold_", None) is None:
+        raise ExportError("the detector has no threshold; calibrate it before export")
+    if detector.scoring_.map_kind not in EXPORTABLE_MAP_KINDS:
+        raise ExportError(
+            f"map kind {detector.scoring_.map_kind!r} needs an input gradient, which a "
+            f"forward-only ONNX graph cannot compute; export with one of "
+            f"{EXPORTABLE_MAP_KINDS} (recalibrate after changing it)"
+        )
+    path = Path(path)
+    spec = detector.preprocessing_
+    model = detector.model_.to("cpu").eval()
+    vae: nn.Module = model if precision == "fp32" else _HalfVAE(model)
+    graph = _ExportGraph(ScoringGraph(vae, detector.scoring_)).eval()
+    example = torch.rand(2, spec.channels, spec.height, spec.width)
+    threshold = torch.tensor(float(detector.threshold_), dtype=torch.float32)
+    buffer = _io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        torch.onnx.export(
+            graph,
+            (example, threshold),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME, THRESHOLD_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "N"}, **{n: {0: "N"} for n in OUTPUT_NAMES}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    _make_threshold_default(proto, float(detector.threshold_))
+    proto.producer_name = "anomalyvae"
+    proto.producer_version = __version__
+    proto.doc_string = (
+        "anomalyvae anomaly detector. Input 'image': float32 (N, C, H, W) in [0, 1], "
+        "preprocessed as metadata 'anomalyvae.preprocessing' says. Outputs: anomaly_map, "
+        "score, normalized_score, is_anomaly. Optional input 'threshold' overrides the "
+        "calibrated threshold."
+    )
+    metadata = build_metadata(detector)
+    metadata[METADATA_PREFIX + "precision"] = precision
+    onnx.helper.set_model_props(proto, metadata)
+    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+
+    sidecar = _write_model(proto, path, metadata)
+
+    parity = None
+    if parity_images is not None:
+        parity = check_parity(detector, path, parity_images)
+        if (
+            parity.max_rel_score_diff > tolerance
+            or not parity.verdicts_agree
+            or not np.isfinite(parity.max_abs_map_diff)
+        ):
+            raise ExportError(
+                f"ONNX Runtime differs from torch beyond tolerance {tolerance:g}: {parity}"
+            )
+    return ExportResult(path, sidecar, metadata, parity)
+
+
+def _maybe_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
+    """Give the ``threshold`` input an initializer of the same name: its default value.
+
+    ONNX (IR >= 4) lets an input share its name with an initializer; a caller that
+    feeds the input overrides it, one that does not gets the initializer.
+    """
+    names = [i.name for i in proto.graph.input]
+    if THRESHOLD_NAME not in names:
+        raise ExportError("the traced graph lost its threshold input")
+    proto.graph.initializer.append(
+        numpy_helper.from_array(np.array(value, dtype=np.float32), THRESHOLD_NAME)
+    )
+    if proto.ir_version < 4:
+        proto.ir_version = 4
+
+
+def torch_outputs(
+    detector: VAEAnomalyDetector, images: NDArray[np.float32], threshold: float | None = None
+) -> dict[str, NDArray[Any]]:
+    """The four outputs computed in torch, for parity checks and benchmarks."""
+    graph = _ExportGraph(ScoringGraph(detector.model_.to("cpu").eval(), detector.scoring_))
+    value = float(detector.threshold_ if threshold is None else threshold)
+    with torch.no_grad():
+        outs = graph(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(value))
+    return {name: out.numpy() for name, out in zip(OUTPUT_NAMES, outs, strict=True)}
+
+
+def check_parity(
+    detector: VAEAnomalyDetector, path: str | os.PathLike[str], images: NDArray[np.float32]
+) -> ParityReport:
+    """Compare torch and ONNX Runtime (CPU) on the same model-ready images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = dict(
+        zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}), strict=True)
+    )
+    ref = torch_outputs(detector, images)
+    score_diff = np.abs(onnx_out["score"] - ref["score"])
+    # A score within rounding of the threshold may fall either side; judge the others.
+    threshold = float(detector.threshold_)
+    clear = np.abs(ref["score"] - threshold) > PARITY_TOLERANCE * max(abs(threshold), 1e-6)
+    return ParityReport(
+        n_images=len(images),
+        max_abs_map_diff=float(np.abs(onnx_out["anomaly_map"] - ref["anomaly_map"]).max()),
+        max_abs_score_diff=float(score_diff.max()),
+        max_rel_score_diff=float((score_diff / (np.abs(ref["score"]) + 1e-6)).max()),
+        verdicts_agree=bool(
+            np.array_equal(onnx_out["is_anomaly"][clear], ref["is_anomaly"][clear])
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- precisions
+
+#: Relative score tolerance of the float16 variant against torch float32.
+FP16_TOLERANCE = 2e-2
+#: Name prefix of the VAE's nodes in the traced graph (ScoringGraph.model).
+_VAE_SCOPE = "/scoring/model/"
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Path:
+    """Write model and JSON sidecar (same metadata, prefix dropped) atomically."""
+    _atomic_bytes(path, proto.SerializeToString())
+    sidecar = path.with_suffix(".json")
+    data = {k[len(METADATA_PREFIX) :]: _maybe_json(v) for k, v in metadata.items()}
+    _atomic_bytes(sidecar, json.dumps(data, indent=2).encode())
+    return sidecar
+
+
+def _session_scores(path: Path, images: NDArray[np.float32]) -> NDArray[np.float32]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [
+            session.run(["score"], {INPUT_NAME: images[i : i + 16]})[0]
+            for i in range(0, len(images), 16)
+        ]
+    )
+
+
+def export_int8(
+    fp32_path: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    calibration_images: NDArray[np.float32],
+) -> tuple[Path, Path, float]:
+    """Quantize the VAE's convolutions and linear layers to int8 (ONNX Runtime, static QDQ).
+
+    Activation ranges are calibrated on ``calibration_images`` (normal, model-ready).
+    The map, smoothing, score and the decoder head stay float32. Quantization noise
+    raises every reconstruction error a little, so the threshold is carried over by the
+    median ratio of int8 to float32 scores on the same normal images; the ratio is
+    recorded in the metadata. Returns (model path, sidecar path, ratio).
+    """
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self, images: NDArray[np.float32]) -> None:
+            self._batches = iter(
+                [{INPUT_NAME: images[i : i + 8]} for i in range(0, len(images), 8)]
+            )
+
+        def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+            return next(self._batches, None)
+
+    if len(calibration_images) < 2:
+        raise ExportError("int8 export needs at least 2 normal calibration images")
+    fp32_path, path = Path(fp32_path), Path(path)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        prepared = Path(tmpdir) / "prepared.onnx"
+        quantized = Path(tmpdir) / "quantized.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        # Quantize the VAE only: an anomaly lies, by definition, outside the calibration
+        # images' activation ranges, so the map and score must keep float range. The
+        # decoder head stays float too: the NLL divides squared errors by variances as
+        # small as e^-7, which magnifies an 8-bit step of the mean a thousandfold.
+        keep_float = [
+            n.name
+            for n in onnx.load(str(prepared)).graph.node
+            if not n.name.startswith(_VAE_SCOPE) or n.name.startswith(_VAE_SCOPE + "head")
+        ]
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _Reader(calibration_images),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
+            nodes_to_exclude=keep_float,
+        )
+        proto = onnx.load(str(quantized))
+        ratio = float(
+            np.median(
+                _session_scores(quantized, calibration_images)
+                / np.maximum(_session_scores(fp32_path, calibration_images), 1e-12)
+            )
+        )
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    threshold = float(metadata[METADATA_PREFIX + "threshold"]) * ratio
+    for index, initializer in enumerate(proto.graph.initializer):
+        if initializer.name == THRESHOLD_NAME:
+            proto.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(np.array(threshold, dtype=np.float32), THRESHOLD_NAME)
+            )
+    metadata.update(
+        {
+            METADATA_PREFIX + "precision": "int8",
+            METADATA_PREFIX + "threshold": repr(threshold),
+            METADATA_PREFIX + "threshold_adjustment": json.dumps(
+                {
+                    "method": "float32 threshold times the median int8/float32 score ratio",
+                    "ratio": ratio,
+                    "n_images": int(len(calibration_images)),
+                }
+            ),
+        }
+    )
+    metadata.pop(METADATA_PREFIX + "content_hash", None)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto)
+    return path, _write_model(proto, path, metadata), ratio
+
+
+def variant_path(path: str | os.PathLike[str], precision: str) -> Path:
+    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{precision}{path.suffix}")
+
+
+def export_all(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    images: str | os.PathLike[str] | None = None,
+    fp16: bool = False,
+    int8: bool = False,
+    max_images: int = 64,
+) -> list[ExportResult]:
+    """Export a checkpoint (and optional fp16/int8 variants), with parity checks.
+
+    ``images`` (folder, MVTec root or split file; its normal training images) feed the
+    parity check and int8 calibration; without them a seeded random batch is compared.
+    """
+    from anomalyvae.data import discover
+    from anomalyvae.io import read_images
+
+    detector = VAEAnomalyDetector.load(checkpoint, progress=False)
+    spec = detector.preprocessing_
+    rng = np.random.default_rng(0)
+    if images is not None:
+        paths = [s.path for s in discover(images, "train") if s.label == 0]
+        chosen = sorted(rng.permutation(len(paths))[:max_images])
+        batch, _, _ = read_images([paths[i] for i in chosen], spec, on_error="ignore")
+    elif int8:
+        raise ExportError("--int8 needs --images: normal images to calibrate on")
+    else:
+        batch = rng.random((8, spec.channels, spec.height, spec.width), dtype=np.float32)
+    results = [export_onnx(detector, output, batch)]
+    if fp16:
+        results.append(
+            export_onnx(
+                detector,
+                variant_path(output, "fp16"),
+                batch,
+                tolerance=FP16_TOLERANCE,
+                precision="fp16",
+            )
+        )
+    if int8:
+        path, sidecar, _ = export_int8(output, variant_path(output, "int8"), batch)
+        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        results.append(ExportResult(path, sidecar, metadata, None))
+    return results

@@ -1,0 +1,265 @@
+"""``OnnxDetector``: torch-free inference from an exported model.onnx.
+
+Imports numpy, onnx, onnxruntime and :mod:`anomalyvae.io` only, so an inspection line
+needs no PyTorch (a test checks that ``torch`` stays out of ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from anomalyvae.io import Preprocessing, load_image
+
+METADATA_PREFIX = "anomalyvae."
+FORMAT_NAME = "anomalyvae-onnx"
+SUPPORTED_FORMAT_VERSIONS = ("1",)
+OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score", "is_anomaly")
+
+
+class OnnxModelError(ValueError):
+    """The file is not an anomalyvae ONNX model, or it was altered after export."""
+
+
+class OnnxInputError(ValueError):
+    """An input batch does not match what the model expects."""
+
+
+class OnnxResult(NamedTuple):
+    """Outputs for a batch: map (n, 1, h, w), score, normalized_score, is_anomaly (n,)."""
+
+    anomaly_map: NDArray[np.float32]
+    score: NDArray[np.float32]
+    normalized_score: NDArray[np.float32]
+    is_anomaly: NDArray[np.bool_]
+
+
+def content_hash(model: onnx.ModelProto) -> str:
+    """SHA-256 of the graph and every metadata entry except the hash itself."""
+    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for prop in sorted(model.metadata_props, key=lambda p: p.key):
+        if prop.key != METADATA_PREFIX + "content_hash":
+            digest.update(f"{prop.key}={prop.value}\n".encode())
+    return digest.hexdigest()
+
+
+def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """Read and check an exported model's metadata (keys without the prefix; JSON decoded).
+
+    Raises
+    ------
+    OnnxModelError
+        Not an ONNX file, no anomalyvae metadata, an unsupported format version, or
+        (with ``verify``) a content hash that does not match the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"model file '{path}' does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:  # onnx raises DecodeError, OSError, ...
+        raise OnnxModelError(
+            f"'{path}' is not an ONNX model ({type(error).__name__}); export one with "
+            "`anomalyvae export CHECKPOINT -o model.onnx`"
+        ) from error
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get(METADATA_PREFIX + "format") != FORMAT_NAME:
+        raise OnnxModelError(
+            f"'{path}' is an ONNX model without anomalyvae metadata; only files written "
+            "by `anomalyvae export` carry the threshold and preprocessing it needs"
+        )
+    version = props.get(METADATA_PREFIX + "format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise OnnxModelError(
+            f"'{path}' has anomalyvae ONNX format {version}; this version reads "
+            f"{SUPPORTED_FORMAT_VERSIONS}; upgrade anomalyvae"
+        )
+    if verify:
+        stored = props.get(METADATA_PREFIX + "content_hash")
+        if stored != content_hash(model):
+            raise OnnxModelError(
+                f"'{path}' was altered after export (content hash mismatch); re-export it "
+                "or pass verify=False if the change was intended"
+            )
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                out[key[len(METADATA_PREFIX) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(METADATA_PREFIX) :]] = value
+    return out
+
+
+def choose_providers(device: str = "auto", strict: bool = False) -> list[str]:
+    """Execution providers for ``device`` ("auto", "cuda" or "cpu").
+
+    "auto" takes CUDA when ONNX Runtime offers it; "cuda" without it warns and uses
+    the CPU, or raises with ``strict``.
+    """
+    available = ort.get_available_providers()
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        message = (
+            f"CUDA was requested but this ONNX Runtime offers only {available}; "
+            "install onnxruntime-gpu with a matching CUDA, or use device='cpu'"
+        )
+        if strict:
+            raise RuntimeError(message)
+        warnings.warn(message + "; running on the CPU", UserWarning, stacklevel=3)
+    return ["CPUExecutionProvider"]
+
+
+class OnnxDetector:
+    """Run an exported anomalyvae model with ONNX Runtime, without torch.
+
+    Parameters
+    ----------
+    path : path
+        A model.onnx written by ``anomalyvae export``.
+    device : {"auto", "cuda", "cpu"}
+        "auto" uses CUDA when ONNX Runtime can, else the CPU.
+    strict : bool
+        Raise instead of warning when CUDA was asked for and is not used.
+    intra_op_threads, inter_op_threads : int, optional
+        ONNX Runtime thread pools (0 or None = its default, all cores).
+    batch_size : int
+        Images per ``session.run``.
+    verify : bool
+        Check the content hash (refuses altered files).
+
+    Attributes
+    ----------
+    metadata : dict
+        The model card: thresholds, calibration, preprocessing, training data, versions.
+    preprocessing : Preprocessing
+    threshold : float
+        The calibrated threshold (the graph's default).
+    providers : list of str
+        Providers the session really uses.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device: str = "auto",
+        strict: bool = False,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        batch_size: int = 32,
+        verify: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path, verify=verify)
+        self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
+        self.threshold = float(self.metadata["threshold"])
+        self.pixel_threshold = float(self.metadata["pixel_threshold"])
+        self.model_hash = str(self.metadata.get("content_hash", ""))
+        self.batch_size = batch_size
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads:
+            options.inter_op_num_threads = inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        requested = choose_providers(device, strict)
+        # 3 = errors only: ONNX Runtime otherwise notes at every load that the threshold
+        # input has a default (by design); 4 hushes the failed CUDA probe of "auto".
+        options.log_severity_level = 4 if device == "auto" else 3
+        self.session = ort.InferenceSession(str(self.path), options, providers=requested)
+        self.providers = self.session.get_providers()
+        if (
+            device == "cuda"
+            and requested[0] == "CUDAExecutionProvider"
+            and self.providers[0] != requested[0]
+        ):
+            message = (
+                f"CUDA provider could not start (CUDA libraries missing?); "
+                f"running on {self.providers[0]}"
+            )
+            if strict:
+                raise RuntimeError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) the model takes."""
+        spec = self.preprocessing
+        return spec.channels, spec.height, spec.width
+
+    def check_batch(self, images: NDArray[Any]) -> NDArray[np.float32]:
+        """Validate an (n, c, h, w) float32 batch in [0, 1]; return it contiguous."""
+        if not isinstance(images, np.ndarray):
+            raise OnnxInputError(f"images must be a numpy array, got {type(images).__name__}")
+        expected = self.input_shape
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise OnnxInputError(
+                f"images must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}), "
+                f"got {images.shape}; preprocess files with predict_files()"
+            )
+        if images.dtype != np.float32:
+            raise OnnxInputError(f"images must be float32 in [0, 1], got dtype {images.dtype}")
+        if not np.isfinite(images).all():
+            raise OnnxInputError("images contain NaN or infinite pixels")
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise OnnxInputError(
+                f"pixel values must be in [0, 1], got [{images.min():.3g}, {images.max():.3g}]"
+            )
+        return np.ascontiguousarray(images)
+
+    def predict_arrays(
+        self, images: NDArray[np.float32], threshold: float | None = None
+    ) -> OnnxResult:
+        """Score model-ready images (n, c, h, w); higher scores = more anomalous."""
+        images = self.check_batch(images)
+        feeds_threshold = np.array(
+            self.threshold if threshold is None else threshold, dtype=np.float32
+        )
+        parts: list[list[NDArray[Any]]] = [[], [], [], []]
+        for start in range(0, len(images), self.batch_size):
+            outputs = self.session.run(
+                list(OUTPUT_NAMES),
+                {"image": images[start : start + self.batch_size], "threshold": feeds_threshold},
+            )
+            for part, output in zip(parts, outputs, strict=True):
+                part.append(output)
+        if not parts[0]:
+            c, h, w = self.input_shape
+            return OnnxResult(
+                np.zeros((0, 1, h, w), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros(0, np.float32),
+                np.zeros(0, bool),
+            )
+        return OnnxResult(*(np.concatenate(p) for p in parts))
+
+    def load_files(self, paths: Sequence[str | os.PathLike[str]]) -> NDArray[np.float32]:
+        """Decode and preprocess files exactly as training did, to (n, c, h, w)."""
+        c, h, w = self.input_shape
+        out = np.empty((len(paths), c, h, w), dtype=np.float32)
+        for i, path in enumerate(paths):
+            out[i] = load_image(path, self.preprocessing)
+        return out
+
+    def predict_files(
+        self, paths: Sequence[str | os.PathLike[str]], threshold: float | None = None
+    ) -> OnnxResult:
+        """Score image files; raises :class:`anomalyvae.io.ImageReadError` for a bad one."""
+        return self.predict_arrays(self.load_files(paths), threshold)

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from anomalyvae.cli import main
+from anomalyvae.data import mvtec_samples
+from anomalyvae.detector import VAEAnomalyDetector
+from anomalyvae.export import ExportError, export_all, export_onnx, variant_path
+from anomalyvae.runtime import OnnxDetector, OnnxInputError, OnnxModelError, read_metadata
+
+
+@pytest.fixture(scope="module")
+def exported(trained, synthetic_root, tmp_path_factory):
+    _, checkpoint = trained
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    results = export_all(checkpoint, out, synthetic_root, fp16=True, int8=True, max_images=32)
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def test_paths(synthetic_root):
+    return [s.path for s in mvtec_samples(synthetic_root, "test")]
+
+
+def test_export_is_valid_and_self_describing(exported):
+    path, results = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["image", "threshold"]
+    assert [o.name for o in model.graph.output] == [
+        "anomaly_map",
+        "score",
+        "normalized_score",
+        "is_anomaly",
+    ]
+    assert model.opset_import[0].version == 17
+    meta = read_metadata(path)
+    for key in (
+        "threshold",
+        "pixel_threshold",
+        "calibration",
+        "map_kind",
+        "score_kind",
+        "preprocessing",
+        "model_config",
+        "training_data",
+        "product_version",
+        "content_hash",
+        "outputs",
+        "precision",
+    ):
+        assert key in meta, key
+    assert meta["calibration"]["image"]["method"] == "normal_quantile"
+    assert meta["preprocessing"]["height"] == 32
+    assert meta["training_data"]["n_train"] == 85
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar == meta
+    assert results[0].parity.max_rel_score_diff < 1e-4 and results[0].parity.verdicts_agree
+
+
+def test_onnx_reproduces_torch_scores_and_verdicts(trained, exported, test_paths):
+    detector, _ = trained
+    path, _ = exported
+    runtime = OnnxDetector(path, device="cpu")
+    result = runtime.predict_files(test_paths)
+    scores = detector.anomaly_score(test_paths)
+    np.testing.assert_allclose(result.score, scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.is_anomaly, scores > detector.threshold_)
+    np.testing.assert_allclose(result.normalized_score, scores / detector.threshold_, rtol=1e-4)
+    np.testing.assert_allclose(
+        result.anomaly_map[:, 0], detector.anomaly_map(test_paths), rtol=1e-3, atol=1e-5
+    )
+    assert runtime.threshold == pytest.approx(detector.threshold_)
+
+
+def test_threshold_is_an_overridable_input(exported, test_paths):
+    runtime = OnnxDetector(exported[0], device="cpu")
+    default = runtime.predict_files(test_paths)
+    low = runtime.predict_files(test_paths, threshold=float(default.score.min()) - 1)
+    assert low.is_anomaly.all()
+    np.testing.assert_allclose(low.score, default.score)
+
+
+def test_precision_variants(exported, trained, test_paths):
+    detector, _ = trained
+    path, results = exported
+    assert [r.path.name for r in results] == ["model.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    fp16 = OnnxDetector(variant_path(path, "fp16"), device="cpu")
+    assert fp16.metadata["precision"] == "fp16"
+    np.testing.assert_allclose(
+        fp16.predict_files(test_paths).score, detector.anomaly_score(test_paths), rtol=2e-2
+    )
+    int8 = OnnxDetector(variant_path(path, "int8"), device="cpu")
+    assert int8.metadata["precision"] == "int8"
+    assert int8.metadata["threshold_adjustment"]["ratio"] > 0
+    model = onnx.load(str(variant_path(path, "int8")))
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+
+
+def test_altered_foreign_and_broken_files(exported, tmp_path):
+    path, _ = exported
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "anomalyvae.threshold":
+            prop.value = "999"
+    altered = tmp_path / "altered.onnx"
+    onnx.save(model, str(altered))
+    with pytest.raises(OnnxModelError, match="altered"):
+        OnnxDetector(altered)
+    assert OnnxDetector(altered, verify=False).threshold == 999
+
+    del model.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(model, str(foreign))
+    with pytest.raises(OnnxModelError, match="without anomalyvae metadata"):
+        OnnxDetector(foreign)
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not onnx")
+    with pytest.raises(OnnxModelError, match="not an ONNX model"):
+        OnnxDetector(junk)
+    with pytest.raises(OnnxModelError, match="does not exist"):
+        OnnxDetector(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (np.zeros((2, 3, 32, 32), np.float32), "shape"),
+        (np.zeros((2, 1, 16, 16), np.float32), "shape"),
+        (np.zeros((2, 1, 32, 32), np.float64), "float32"),
+        (np.full((1, 1, 32, 32), np.nan, np.float32), "NaN"),
+        (np.full((1, 1, 32, 32), 255.0, np.float32), r"\[0, 1\]"),
+        ([[0.0]], "numpy array"),
+    ],
+)
+def test_bad_inputs(exported, batch, message):
+    with pytest.raises(OnnxInputError, match=message):
+        OnnxDetector(exported[0], device="cpu").predict_arrays(batch)
+
+
+def test_gradient_maps_do_not_export(trained, tmp_path):
+    detector, checkpoint = trained
+    grad = VAEAnomalyDetector.load(checkpoint)
+    grad.scoring_ = grad.scoring_.__class__(map_kind="elbo_grad")
+    with pytest.raises(ExportError, match="input gradient"):
+        export_onnx(grad, tmp_path / "x.onnx")
+
+
+def test_runtime_never_imports_torch():
+    code = (
+        "import sys, anomalyvae.runtime, anomalyvae.io; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_export_and_predict(trained, synthetic_root, tmp_path, test_paths):
+    _, checkpoint = trained
+    runner = CliRunner()
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(
+        main,
+        [
+            "export",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "--images",
+            str(synthetic_root),
+            "--max-images",
+            "8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "verdicts agree: True" in result.output and out.exists()
+    result = runner.invoke(
+        main, ["predict", str(out), *map(str, test_paths[:3]), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split("\t") == ["path", "score", "normalized_score", "verdict"]
+    assert len(lines) == 4
+    bad = tmp_path / "bad.png"
+    bad.write_text("x")
+    result = runner.invoke(main, ["predict", str(out), str(bad), "--device", "cpu"])
+    assert result.exit_code == 1 and "bad.png" in result.output
+    result = runner.invoke(main, ["export", str(checkpoint), "-o", str(out), "--int8"])
+    assert result.exit_code == 1 and "--int8 needs --images" in result.output
