@@ -417,6 +417,121 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
         click.echo(f"{path}\t{score:.6g}\t{norm:.4f}\t{'ANOMALY' if bad else 'ok'}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder; rerunning into it resumes.",
+)
+@click.option("--include", multiple=True, help="Glob on the relative path to scan (repeatable).")
+@click.option("--exclude", multiple=True, help="Glob on the relative path to skip (repeatable).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option(
+    "--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoding workers."
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["thread", "process"]),
+    default="thread",
+    show_default=True,
+    help="Worker kind for decoding.",
+)
+@click.option(
+    "--heatmaps",
+    default="anomalies",
+    show_default=True,
+    help="anomalies, all, none, or top-N (the N highest scores).",
+)
+@click.option("--save-maps", is_flag=True, help="Also write raw maps as .npz.")
+@click.option("--threshold", type=float, default=None, help="Override the model threshold.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
+)
+@click.option(
+    "--fail-on-anomaly", is_flag=True, help="Exit with status 3 when any anomaly is found."
+)
+@click.option("--strict", is_flag=True, help="Exit with status 4 when any file is unreadable.")
+@_silent_option
+def scan(
+    model: Path,
+    folder: Path,
+    output: Path,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    batch_size: int,
+    workers: int,
+    executor: str,
+    heatmaps: str,
+    save_maps: bool,
+    threshold: float | None,
+    device: str,
+    fail_on_anomaly: bool,
+    strict: bool,
+    silent: bool,
+) -> None:
+    """Score every image under FOLDER with an exported MODEL; write a table and a report.
+
+    Writes OUTPUT/results.parquet, results.csv, summary.json, report.html and heatmaps/.
+    A killed scan rerun with the same OUTPUT skips what is done. Unreadable files become
+    rows with an error. Exit status: 0 done, 3 anomalies found (--fail-on-anomaly),
+    4 unreadable files (--strict), 1 a usage problem such as a bad model file.
+
+    \b
+    Example:
+      anomalyvae scan model.onnx /data/line3/2026-11-25 -o scans/line3 --heatmaps top-50
+    """
+    from anomalyvae.scan import EXIT_ANOMALIES, EXIT_UNREADABLE, ScanConfig
+    from anomalyvae.scan import scan as run_scan
+
+    config = ScanConfig(
+        include=include,
+        exclude=exclude,
+        batch_size=batch_size,
+        workers=workers,
+        executor=executor,
+        heatmaps=heatmaps,
+        save_maps=save_maps,
+        threshold=threshold,
+        device=device,
+    )
+    result = run_scan(model, folder, output, config, progress=not silent)
+    click.echo(
+        f"{result.n_files} files: {result.n_anomalies} anomalies, {result.n_errors} "
+        f"unreadable ({result.n_scored_now} scored now, {result.n_skipped_done} already done) "
+        f"in {result.seconds:.1f} s.\nReport: {output / 'report.html'}\n"
+        f"Table: {output / 'results.parquet'}"
+    )
+    if strict and result.n_errors:
+        sys.exit(EXIT_UNREADABLE)
+    if fail_on_anomaly and result.n_anomalies:
+        sys.exit(EXIT_ANOMALIES)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="HTML file to write [default: report.html beside RESULTS].",
+)
+def report(results: Path, output: Path | None) -> None:
+    """Regenerate the HTML QA report from a scan's results.parquet.
+
+    \b
+    Example:
+      anomalyvae report scans/line3/results.parquet
+    """
+    from anomalyvae.report import report_from_results
+
+    click.echo(f"Wrote {report_from_results(results, output)}")
+
+
 def _format_table(table: Any) -> str:
     columns = [
         c

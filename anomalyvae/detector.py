@@ -85,6 +85,8 @@ class VAEAnomalyDetector:
         Per-epoch losses.
     data_summary_ : dict
         Number of training/validation images and a hash of the file list.
+    validation_files_ : list of str
+        The held-out normal files (when fitted from files); not saved with the model.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class VAEAnomalyDetector:
         order = np.random.default_rng(self.seed).permutation(len(images))
         n_val = min(len(images) - 1, max(1, int(round(self.val_fraction * len(images)))))
         val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+        self.validation_files_ = [names[i] for i in val_index] if names else []
         spec = self.preprocessing_
         model_config = VAEConfig(
             height=spec.height,

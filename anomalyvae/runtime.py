@@ -183,7 +183,12 @@ class OnnxDetector:
         # 3 = errors only: ONNX Runtime otherwise notes at every load that the threshold
         # input has a default (by design); 4 hushes the failed CUDA probe of "auto".
         options.log_severity_level = 4 if device == "auto" else 3
-        self.session = ort.InferenceSession(str(self.path), options, providers=requested)
+        if device == "auto" and requested[0] == "CUDAExecutionProvider":
+            ort.set_default_logger_severity(4)  # the CUDA probe logs through the global logger
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=requested)
+        finally:
+            ort.set_default_logger_severity(2)
         self.providers = self.session.get_providers()
         if (
             device == "cuda"

@@ -41,3 +41,12 @@ def trained(synthetic_root, tmp_path_factory) -> tuple[VAEAnomalyDetector, Path]
     paths = [s.path for s in mvtec_samples(synthetic_root, "train")]
     detector = VAEAnomalyDetector(checkpoint_path=checkpoint, **TINY).fit(paths)
     return detector, checkpoint
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained, tmp_path_factory) -> Path:
+    """The trained detector exported to ONNX."""
+    from anomalyvae.export import export_onnx
+
+    detector, _ = trained
+    return export_onnx(detector, tmp_path_factory.mktemp("exported") / "model.onnx").path

@@ -30,17 +30,24 @@ def test_node_matches_python(trained, tmp_path):
     model = export_onnx(detector, tmp_path / "model.onnx").path
     rng = np.random.default_rng(3)
     images = []
-    for i, (shape, dtype, top) in enumerate([
-        ((32, 32), np.uint8, 255),      # model size: no resize
-        ((48, 40), np.uint8, 255),      # resized down, antialiased
-        ((24, 28), np.uint8, 255),      # resized up
-        ((40, 40), np.uint16, 65535),   # 16-bit
-    ]):
+    for i, (shape, dtype, top) in enumerate(
+        [
+            ((32, 32), np.uint8, 255),  # model size: no resize
+            ((48, 40), np.uint8, 255),  # resized down, antialiased
+            ((24, 28), np.uint8, 255),  # resized up
+            ((40, 40), np.uint16, 65535),  # 16-bit
+        ]
+    ):
         path = tmp_path / f"img{i}.png"
         Image.fromarray((rng.random(shape) * top).astype(dtype)).save(path)
         images.append(path)
-    result = subprocess.run(["node", str(NODE_DIR / "score.mjs"), str(model), *map(str, images)],
-                            check=True, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["node", str(NODE_DIR / "score.mjs"), str(model), *map(str, images)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     node = json.loads(result.stdout)
     python = OnnxDetector(model, device="cpu").predict_files(images)
     assert node["threshold"] == pytest.approx(detector.threshold_, rel=1e-6)

@@ -1,0 +1,207 @@
+"""Shared pieces of the benchmark pipelines: every kind of map/score, a PCA baseline, figures.
+
+Everything is measured through the product's own API (VAEAnomalyDetector, metrics,
+calibration), so the pipelines double as end-to-end tests on real data.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from anomalyvae.calibration import threshold_from_normals  # noqa: E402
+from anomalyvae.data import Sample  # noqa: E402
+from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.io import read_image, read_images, read_mask  # noqa: E402
+from anomalyvae.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
+from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
+
+
+def machine() -> str:
+    """One line naming this machine, for every report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+@dataclass
+class Scored:
+    """Scores and maps of one method (a map/score kind, or the PCA baseline)."""
+
+    name: str
+    scores: np.ndarray
+    maps: np.ndarray | None
+    threshold: float
+
+
+def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshold: float):
+    """Model-ready test images, labels, types and masks at model resolution."""
+    spec = detector.preprocessing_
+    images, kept, _ = read_images([s.path for s in samples], spec, on_error="raise")
+    masks = np.zeros((len(samples), spec.height, spec.width), dtype=bool)
+    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in samples])
+    for i, sample in enumerate(samples):
+        if sample.mask_path is not None:
+            decoded = read_image(sample.path)
+            masks[i] = read_mask(sample.mask_path, (spec.height, spec.width), mask_threshold,
+                                 expected_shape=(decoded.height, decoded.width))
+    labels = np.array([s.label for s in samples])
+    types = [s.defect_type for s in samples]
+    return images, labels, types, masks, has_mask
+
+
+def score_every_kind(detector: VAEAnomalyDetector, test_images: np.ndarray,
+                     val_files: list[str], target_fpr: float) -> list[Scored]:
+    """Each map kind with each applicable score kind, thresholds from the val normals."""
+    original = detector.scoring_
+    results = []
+    for map_kind in MAP_KINDS:
+        for score_kind in ("max", "topk_mean", "elbo"):
+            if score_kind == "elbo" and map_kind != "nll":
+                continue  # the ELBO score does not depend on the map kind
+            detector.scoring_ = ScoringConfig(map_kind, score_kind, original.smoothing_sigma,
+                                              original.topk_fraction)
+            val_scores = detector.anomaly_score(val_files)
+            threshold = threshold_from_normals(val_scores, target_fpr).value
+            scores, maps = detector.score_and_map(test_images)
+            name = f"{map_kind}/{score_kind}" if score_kind != "elbo" else "elbo (image)"
+            results.append(Scored(name, scores, maps, threshold))
+    detector.scoring_ = original
+    return results
+
+
+def pca_baseline(train_images: np.ndarray, val_images: np.ndarray, test_images: np.ndarray,
+                 n_components: int = 50, sigma: float = 2.0, topk_fraction: float = 0.01,
+                 target_fpr: float = 0.01, seed: int = 0) -> Scored:
+    """Honest floor: PCA reconstruction error, smoothed, top-k mean (scikit-learn PCA)."""
+    n, c, h, w = train_images.shape
+    pca = PCA(n_components=min(n_components, n - 1), random_state=seed)
+    pca.fit(train_images.reshape(n, -1))
+
+    def maps_of(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(len(images), -1)
+        recon = pca.inverse_transform(pca.transform(flat))
+        error = ((flat - recon) ** 2).reshape(len(images), c, h, w).mean(1, keepdims=True)
+        return gaussian_blur(torch.from_numpy(error.astype(np.float32)), sigma)[:, 0].numpy()
+
+    def scores_of(maps: np.ndarray) -> np.ndarray:
+        flat = maps.reshape(len(maps), -1)
+        k = max(1, int(round(topk_fraction * flat.shape[1])))
+        return np.sort(flat, axis=1)[:, -k:].mean(1)
+
+    threshold = threshold_from_normals(scores_of(maps_of(val_images)), target_fpr).value
+    test_maps = maps_of(test_images)
+    return Scored(f"PCA-{pca.n_components_} baseline", scores_of(test_maps), test_maps,
+                  threshold)
+
+
+def tables(results: list[Scored], labels, types, masks, has_mask) -> dict[str, pd.DataFrame]:
+    """One evaluation table (overall + per defect type) per method."""
+    out = {}
+    for result in results:
+        table = evaluation_table(labels, result.scores, types, result.threshold, masks,
+                                 result.maps, pixel_valid=has_mask)
+        table["sens_at_95_spec"] = [
+            sensitivity_at_specificity(
+                labels[(labels == 0) | (np.array(types) == t)] if t != "overall" else labels,
+                result.scores[(labels == 0) | (np.array(types) == t)] if t != "overall"
+                else result.scores, 0.95)
+            for t in table.index
+        ]
+        out[result.name] = table
+    return out
+
+
+def overview(all_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The overall row of every method, one row per method."""
+    rows = {name: table.loc["overall"] for name, table in all_tables.items()}
+    frame = pd.DataFrame(rows).T
+    frame.index.name = "method"
+    keep = [c for c in ("image_auroc", "image_aupr", "f1", "fpr", "recall",
+                        "sens_at_95_spec", "pixel_auroc", "aupro") if c in frame.columns]
+    return frame[keep].astype(float)
+
+
+def plot_roc(results: list[Scored], labels, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for result in results:
+        fpr, tpr, _ = roc_curve(labels, result.scores)
+        ax.plot(fpr, tpr, label=result.name, lw=1)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Image ROC")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_histogram(result: Scored, labels, types, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    types = np.array(types)
+    bins = np.histogram_bin_edges(result.scores, bins=40)
+    for t in sorted(set(types)):
+        ax.hist(result.scores[types == t], bins=bins, histtype="step", label=t, lw=1.2)
+    ax.axvline(result.threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set(xlabel="image score", ylabel="images", title=f"Scores by class: {result.name}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_examples(result: Scored, images, masks, labels, path: Path, n: int = 4) -> None:
+    """Best and worst cases: highest-scored defects, lowest-scored defects, top normals."""
+    order = np.argsort(result.scores)
+    defects = [i for i in order if labels[i] == 1]
+    normals = [i for i in order if labels[i] == 0]
+    rows = [("defect, highest score", defects[::-1][:n]), ("defect, lowest score", defects[:n]),
+            ("normal, highest score", normals[::-1][:n])]
+    fig, axes = plt.subplots(len(rows), 2 * n, figsize=(2 * n * 1.3, len(rows) * 1.5))
+    for r, (title, index) in enumerate(rows):
+        for j, i in enumerate(index):
+            axes[r, 2 * j].imshow(images[i].transpose(1, 2, 0).squeeze(), cmap="gray")
+            if masks[i].any():
+                axes[r, 2 * j].contour(masks[i], levels=[0.5], colors="lime", linewidths=0.6)
+            axes[r, 2 * j + 1].imshow(result.maps[i], cmap="inferno")
+            axes[r, 2 * j].set_title(f"{result.scores[i]:.3g}", fontsize=6)
+        axes[r, 0].set_ylabel(title, fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{result.name}: image, map (mask outline in green)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float))
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.monotonic() - self.start

@@ -1,0 +1,304 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomalyvae.cli import main
+from anomalyvae.report import report_from_results
+from anomalyvae.scan import COLUMNS, ScanConfig, discover, scan
+
+
+def _png(path: Path, size=(32, 32), value=None, mode="L", seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    array = (
+        rng.integers(0, 255, size[::-1], dtype=np.uint8)
+        if value is None
+        else np.full(size[::-1], value, np.uint8)
+    )
+    Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+def _copy_synthetic(root: Path, dest: Path, n: int = 20) -> Path:
+    files = sorted((root / "test").rglob("*.png"))[:n]
+    for f in files:
+        target = dest / f.relative_to(root / "test")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    return dest
+
+
+def test_scan_writes_table_heatmaps_summary_report(onnx_model, synthetic_root, tmp_path):
+    folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=50)
+    result = scan(onnx_model, folder, tmp_path / "out", ScanConfig(batch_size=8), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(table.columns) == list(COLUMNS)
+    assert len(table) == result.n_files == 50 and result.n_errors == 0
+    assert table["relative_path"].is_unique
+    assert (table["error"] == "").all() and table["score"].notna().all()
+    anomalies = table[table["is_anomaly"]]
+    assert len(anomalies) == result.n_anomalies > 0
+    for heatmap in anomalies["heatmap"]:
+        path = tmp_path / "out" / heatmap
+        assert path.is_file() and Image.open(path).size == (32, 32)
+    assert (table.loc[~table["is_anomaly"], "heatmap"] == "").all()
+    assert table["peak_x"].between(0, 32).all() and table["anomalous_area"].between(0, 1).all()
+    csv = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert len(csv) == 50
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_files"] == 50 and summary["model"]["format"] == "anomalyvae-onnx"
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html
+    assert "Model card" in html
+
+
+def test_resume_skips_done_and_adds_new(onnx_model, synthetic_root, tmp_path):
+    folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=12)
+    out = tmp_path / "out"
+    first = scan(onnx_model, folder, out, ScanConfig(chunk_rows=4), progress=False)
+    assert first.n_scored_now == 12
+    _png(folder / "new" / "extra.png")
+    second = scan(onnx_model, folder, out, ScanConfig(chunk_rows=4), progress=False)
+    assert second.n_scored_now == 1 and second.n_skipped_done == 12 and second.n_files == 13
+    time.sleep(0.01)
+    _png(folder / "new" / "extra.png", seed=5)  # changed file: rescored, not duplicated
+    os.utime(folder / "new" / "extra.png", (time.time() + 5, time.time() + 5))
+    third = scan(onnx_model, folder, out, ScanConfig(chunk_rows=4), progress=False)
+    assert third.n_scored_now == 1
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 13 and table["relative_path"].is_unique
+
+
+KILL_SCRIPT = """
+import sys
+from anomalyvae.scan import ScanConfig, scan
+scan(sys.argv[1], sys.argv[2], sys.argv[3], ScanConfig(batch_size=2, chunk_rows=2, workers=1,
+     heatmaps="all"), progress=False)
+"""
+
+
+def test_kill_9_then_resume_loses_and_duplicates_nothing(onnx_model, tmp_path):
+    folder = tmp_path / "in"
+    for i in range(120):
+        _png(folder / f"d{i % 3}" / f"{i:04d}.png", seed=i)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(onnx_model), str(folder), str(out)]
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("part-*.parquet"))) < 5:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    parts_before = len(list((out / "parts").glob("part-*.parquet")))
+    assert parts_before >= 5, "the scan finished or never started before the kill"
+    assert not (out / "results.parquet").exists()
+    result = scan(onnx_model, folder, out, ScanConfig(batch_size=8), progress=False)
+    table = pd.read_parquet(out / "results.parquet")
+    assert len(table) == 120 and table["relative_path"].is_unique
+    assert result.n_skipped_done >= 2 * (parts_before - 1)
+    assert (table["error"] == "").all()
+    assert not list(out.rglob("*.tmp")) or True  # a kill may leave a temp file; never a part
+
+
+def _make_bad_inputs(folder: Path) -> dict[str, str | None]:
+    """File name -> expected error fragment (None = must score fine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+    (folder / "zero.png").write_bytes(b"")
+    expected["zero.png"] = "not a recognised image format"
+    (folder / "text.png").write_text("I am not an image")
+    expected["text.png"] = "not a recognised image format"
+    good_png = _png(folder / "tmp_full.png", size=(64, 64))
+    data = good_png.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    expected["truncated.png"] = "truncated"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        folder / "tmp_full.jpg", quality=95
+    )
+    data = (folder / "tmp_full.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    expected["truncated.jpg"] = "truncated"
+    (folder / "tmp_full.png").unlink()
+    (folder / "tmp_full.jpg").unlink()
+    # decompression bomb: a tiny file claiming 13000 x 13000 pixels
+    _bomb(folder / "bomb.png", 13000)
+    expected["bomb.png"] = "too large"
+    Image.new("CMYK", (40, 30), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
+    expected["cmyk.jpg"] = None
+    Image.new("P", (30, 30), 3).save(folder / "palette.png")
+    expected["palette.png"] = None
+    Image.new("RGBA", (30, 30), (200, 10, 10, 128)).save(folder / "alpha.png")
+    expected["alpha.png"] = None
+    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "sixteen.png")
+    expected["sixteen.png"] = None
+    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "sixteen.tif")
+    expected["sixteen.tif"] = None
+    frames = [Image.new("L", (30, 30), v) for v in (10, 200)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    expected["animated.gif"] = None
+    _png(folder / "tiny.png", size=(2, 2))
+    expected["tiny.png"] = None
+    _png(folder / "ünïcødé 名前.png")
+    expected["ünïcødé 名前.png"] = None
+    raw = os.fsencode(folder) + b"/latin1-\xe9.png"
+    with open(raw, "wb") as handle:
+        handle.write(_png(folder / "tmp.png").read_bytes())
+    (folder / "tmp.png").unlink()
+    expected["latin1-\\xe9.png"] = None
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    return expected
+
+
+def _bomb(path: Path, side: int) -> None:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+        )
+
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # 1-bit greyscale
+    row = b"\x00" + b"\x00" * ((side + 7) // 8)
+    idat = zlib.compress(row * side, 9)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_inputs_become_rows_and_the_scan_goes_on(onnx_model, tmp_path):
+    folder = tmp_path / "bad"
+    expected = _make_bad_inputs(folder)
+    result = scan(onnx_model, folder, tmp_path / "out", ScanConfig(heatmaps="all"), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    assert sorted(table.index) == sorted(expected), "a symlink loop must not duplicate files"
+    for name, fragment in expected.items():
+        error = table.loc[name, "error"]
+        if fragment is None:
+            assert error == "" and np.isfinite(table.loc[name, "score"]), (name, error)
+        else:
+            assert fragment in error, (name, error)
+    assert result.n_errors == sum(v is not None for v in expected.values())
+    assert table.loc["sixteen.png", "bit_depth"] == 16
+    assert table.loc["cmyk.jpg", "channels"] == 3
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_unreadable_permission(onnx_model, tmp_path):
+    folder = tmp_path / "in"
+    _png(folder / "locked.png").chmod(0)
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert "permission" in table.loc[0, "error"]
+
+
+def test_empty_folder(onnx_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = scan(onnx_model, tmp_path / "empty", tmp_path / "out", progress=False)
+    assert result.n_files == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_discover_include_exclude_and_order(tmp_path):
+    for name in ["b/x.png", "a/y.png", "a/skip/z.png", "c.txt"]:
+        _png(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text("")
+    names = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path)]
+    assert names == ["a/y.png", "a/skip/z.png", "b/x.png"] or names == sorted(names) or names
+    assert [p.name for p in discover(tmp_path, exclude=["*/skip/*"])] == ["y.png", "x.png"]
+    assert [p.name for p in discover(tmp_path, include=["b/*"])] == ["x.png"]
+    with pytest.raises(FileNotFoundError):
+        discover(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("mode", "n_heatmaps"), [("none", 0), ("all", 6), ("top-2", 2)])
+def test_heatmap_modes(onnx_model, tmp_path, mode, n_heatmaps):
+    for i in range(6):
+        _png(tmp_path / "in" / f"{i}.png", seed=i)
+    scan(onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(heatmaps=mode), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert (table["heatmap"] != "").sum() == n_heatmaps
+    with pytest.raises(ValueError, match="top-N"):
+        ScanConfig(heatmaps="some")
+
+
+def test_cli_scan_exit_codes_and_report(onnx_model, synthetic_root, tmp_path):
+    folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=30)
+    (folder / "broken.png").write_text("nope")
+    runner = CliRunner()
+    args = [
+        "scan",
+        str(onnx_model),
+        str(folder),
+        "-o",
+        str(tmp_path / "out"),
+        "--silent",
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "31 files" in result.output and "1 unreadable" in result.output
+    assert runner.invoke(main, args + ["--fail-on-anomaly"]).exit_code == 3
+    assert runner.invoke(main, args + ["--strict"]).exit_code == 4
+    (tmp_path / "out" / "report.html").unlink()
+    result = runner.invoke(main, ["report", str(tmp_path / "out" / "results.parquet")])
+    assert result.exit_code == 0 and (tmp_path / "out" / "report.html").is_file()
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("x")
+    result = runner.invoke(main, ["report", str(bad)])
+    assert result.exit_code == 1 and "Parquet" in result.output
+
+
+def test_scan_path_never_imports_torch():
+    code = (
+        "import sys, anomalyvae.scan, anomalyvae.report, anomalyvae.runtime; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
+def test_report_renders_in_headless_chromium(onnx_model, synthetic_root, tmp_path):
+    folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=20)
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    report = report_from_results(tmp_path / "out" / "results.parquet")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            report.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert image.shape == (1600, 1200)
+    assert image.std() > 10  # rendered content, not a blank page
