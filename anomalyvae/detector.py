@@ -176,9 +176,7 @@ class VAEAnomalyDetector:
             raise DatasetError(
                 f"need at least 2 readable normal images to train, got {len(images)}"
             )
-        order = np.random.default_rng(self.seed).permutation(len(images))
-        n_val = min(len(images) - 1, max(1, int(round(self.val_fraction * len(images)))))
-        val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+        val_index, train_index = self.split_indices(len(images))
         self.validation_files_ = [names[i] for i in val_index] if names else []
         spec = self.preprocessing_
         model_config = VAEConfig(
@@ -218,6 +216,12 @@ class VAEAnomalyDetector:
         if self.checkpoint_path is not None:
             self.save(self.checkpoint_path)
         return self
+
+    def split_indices(self, n_images: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """The seeded (validation, training) split ``fit`` makes of ``n_images`` normals."""
+        order = np.random.default_rng(self.seed).permutation(n_images)
+        n_val = min(n_images - 1, max(1, int(round(self.val_fraction * n_images))))
+        return np.sort(order[:n_val]), np.sort(order[n_val:])
 
     def _training_images(self, X: ImagesLike) -> tuple[NDArray[np.float32], list[str], int]:
         if isinstance(X, np.ndarray):

@@ -40,8 +40,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 @dataclass
@@ -63,15 +65,20 @@ def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshol
     for i, sample in enumerate(samples):
         if sample.mask_path is not None:
             decoded = read_image(sample.path)
-            masks[i] = read_mask(sample.mask_path, (spec.height, spec.width), mask_threshold,
-                                 expected_shape=(decoded.height, decoded.width))
+            masks[i] = read_mask(
+                sample.mask_path,
+                (spec.height, spec.width),
+                mask_threshold,
+                expected_shape=(decoded.height, decoded.width),
+            )
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     return images, labels, types, masks, has_mask
 
 
-def score_every_kind(detector: VAEAnomalyDetector, test_images: np.ndarray,
-                     val_files: list[str], target_fpr: float) -> list[Scored]:
+def score_every_kind(
+    detector: VAEAnomalyDetector, test_images: np.ndarray, val_files: list[str], target_fpr: float
+) -> list[Scored]:
     """Each map kind with each applicable score kind, thresholds from the val normals."""
     original = detector.scoring_
     results = []
@@ -79,8 +86,9 @@ def score_every_kind(detector: VAEAnomalyDetector, test_images: np.ndarray,
         for score_kind in ("max", "topk_mean", "elbo"):
             if score_kind == "elbo" and map_kind != "nll":
                 continue  # the ELBO score does not depend on the map kind
-            detector.scoring_ = ScoringConfig(map_kind, score_kind, original.smoothing_sigma,
-                                              original.topk_fraction)
+            detector.scoring_ = ScoringConfig(
+                map_kind, score_kind, original.smoothing_sigma, original.topk_fraction
+            )
             val_scores = detector.anomaly_score(val_files)
             threshold = threshold_from_normals(val_scores, target_fpr).value
             scores, maps = detector.score_and_map(test_images)
@@ -90,9 +98,16 @@ def score_every_kind(detector: VAEAnomalyDetector, test_images: np.ndarray,
     return results
 
 
-def pca_baseline(train_images: np.ndarray, val_images: np.ndarray, test_images: np.ndarray,
-                 n_components: int = 50, sigma: float = 2.0, topk_fraction: float = 0.01,
-                 target_fpr: float = 0.01, seed: int = 0) -> Scored:
+def pca_baseline(
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    test_images: np.ndarray,
+    n_components: int = 50,
+    sigma: float = 2.0,
+    topk_fraction: float = 0.01,
+    target_fpr: float = 0.01,
+    seed: int = 0,
+) -> Scored:
     """Honest floor: PCA reconstruction error, smoothed, top-k mean (scikit-learn PCA)."""
     n, c, h, w = train_images.shape
     pca = PCA(n_components=min(n_components, n - 1), random_state=seed)
@@ -111,21 +126,24 @@ def pca_baseline(train_images: np.ndarray, val_images: np.ndarray, test_images: 
 
     threshold = threshold_from_normals(scores_of(maps_of(val_images)), target_fpr).value
     test_maps = maps_of(test_images)
-    return Scored(f"PCA-{pca.n_components_} baseline", scores_of(test_maps), test_maps,
-                  threshold)
+    return Scored(f"PCA-{pca.n_components_} baseline", scores_of(test_maps), test_maps, threshold)
 
 
 def tables(results: list[Scored], labels, types, masks, has_mask) -> dict[str, pd.DataFrame]:
     """One evaluation table (overall + per defect type) per method."""
     out = {}
     for result in results:
-        table = evaluation_table(labels, result.scores, types, result.threshold, masks,
-                                 result.maps, pixel_valid=has_mask)
+        table = evaluation_table(
+            labels, result.scores, types, result.threshold, masks, result.maps, pixel_valid=has_mask
+        )
         table["sens_at_95_spec"] = [
             sensitivity_at_specificity(
                 labels[(labels == 0) | (np.array(types) == t)] if t != "overall" else labels,
-                result.scores[(labels == 0) | (np.array(types) == t)] if t != "overall"
-                else result.scores, 0.95)
+                result.scores[(labels == 0) | (np.array(types) == t)]
+                if t != "overall"
+                else result.scores,
+                0.95,
+            )
             for t in table.index
         ]
         out[result.name] = table
@@ -137,8 +155,20 @@ def overview(all_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows = {name: table.loc["overall"] for name, table in all_tables.items()}
     frame = pd.DataFrame(rows).T
     frame.index.name = "method"
-    keep = [c for c in ("image_auroc", "image_aupr", "f1", "fpr", "recall",
-                        "sens_at_95_spec", "pixel_auroc", "aupro") if c in frame.columns]
+    keep = [
+        c
+        for c in (
+            "image_auroc",
+            "image_aupr",
+            "f1",
+            "fpr",
+            "recall",
+            "sens_at_95_spec",
+            "pixel_auroc",
+            "aupro",
+        )
+        if c in frame.columns
+    ]
     return frame[keep].astype(float)
 
 
@@ -174,8 +204,11 @@ def plot_examples(result: Scored, images, masks, labels, path: Path, n: int = 4)
     order = np.argsort(result.scores)
     defects = [i for i in order if labels[i] == 1]
     normals = [i for i in order if labels[i] == 0]
-    rows = [("defect, highest score", defects[::-1][:n]), ("defect, lowest score", defects[:n]),
-            ("normal, highest score", normals[::-1][:n])]
+    rows = [
+        ("defect, highest score", defects[::-1][:n]),
+        ("defect, lowest score", defects[:n]),
+        ("normal, highest score", normals[::-1][:n]),
+    ]
     fig, axes = plt.subplots(len(rows), 2 * n, figsize=(2 * n * 1.3, len(rows) * 1.5))
     for r, (title, index) in enumerate(rows):
         for j, i in enumerate(index):

@@ -77,3 +77,13 @@ def test_evaluation_table_per_type():
     assert table.loc["stain", "image_auroc"] == 0.5
     assert table.loc["overall", "pixel_auroc"] == 1.0
     assert table.loc["crack", "n_images"] == 3
+
+
+def test_sampled_negatives_match_exact_metrics():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 64, 64), bool)
+    masks[:3, 10:20, 10:20] = True
+    maps = rng.random(masks.shape) + masks * 0.3
+    exact_auroc, exact_pro = pixel_auroc(masks, maps), aupro(masks, maps)
+    assert pixel_auroc(masks, maps, max_negatives=5000) == pytest.approx(exact_auroc, abs=0.01)
+    assert aupro(masks, maps, max_negatives=5000) == pytest.approx(exact_pro, abs=0.02)

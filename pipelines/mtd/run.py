@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
@@ -42,14 +40,20 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "mtd")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
     parser.add_argument("--time-budget", type=float, default=900.0)
     parser.add_argument("--epochs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Evaluate the existing --checkpoint instead of training it.",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     target_fpr, mask_threshold = 0.01, 0.5  # MTD masks have soft edges: >= 128 is defect
@@ -57,10 +61,19 @@ def main() -> None:
     train = split_file_samples(args.data, "train")
     test = split_file_samples(args.data, "test")
     with Timer() as train_timer:
-        detector = VAEAnomalyDetector(
-            epochs=args.epochs, time_budget_s=args.time_budget, seed=args.seed,
-            target_fpr=target_fpr, checkpoint_path=args.checkpoint,
-        ).fit([s.path for s in train])
+        if args.reuse:
+            detector = VAEAnomalyDetector.load(args.checkpoint)
+            # the same seeded split fit() made (every MTD file is readable)
+            val_index, _ = detector.split_indices(len(train))
+            detector.validation_files_ = [str(train[i].path) for i in val_index]
+        else:
+            detector = VAEAnomalyDetector(
+                epochs=args.epochs,
+                time_budget_s=args.time_budget,
+                seed=args.seed,
+                target_fpr=target_fpr,
+                checkpoint_path=args.checkpoint,
+            ).fit([s.path for s in train])
     val_files = detector.validation_files_
     val_set = set(val_files)
     train_files = [str(s.path) for s in train if s.path.as_posix() not in val_set]
@@ -86,8 +99,11 @@ def main() -> None:
         plot_examples(by_name[best_name], images, masks, labels, args.out / "examples_best.png")
 
     settings = {
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in detector.get_params().items()
-           if k not in ("checkpoint_path", "progress")},
+        **{
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in detector.get_params().items()
+            if k not in ("checkpoint_path", "progress")
+        },
         "preprocessing": spec.to_dict(),
         "mask_threshold": mask_threshold,
         "n_parameters": count_parameters(detector.model_),
@@ -98,13 +114,14 @@ def main() -> None:
         "n_train": detector.data_summary_["n_train"],
         "n_val": detector.data_summary_["n_val"],
         "n_test": len(test),
-        "training": {**detector.training_summary_, "seconds": train_timer.seconds},
+        "training": dict(detector.training_summary_),
         "scoring_seconds_all_kinds": score_timer.seconds,
         "settings": settings,
         "default_method": default_name,
         "overall": {name: row.to_dict() for name, row in summary.iterrows()},
-        "per_defect_type": {name: table.to_dict(orient="index")
-                            for name, table in all_tables.items()},
+        "per_defect_type": {
+            name: table.to_dict(orient="index") for name, table in all_tables.items()
+        },
     }
     write_json(args.out / "metrics.json", metrics)
 
@@ -121,7 +138,8 @@ def main() -> None:
         "",
         f"Training: {detector.data_summary_['n_train']} images "
         f"(+{detector.data_summary_['n_val']} held out), "
-        f"{detector.training_summary_['epochs_run']} epochs in {train_timer.seconds:.0f} s "
+        f"{detector.training_summary_['epochs_run']} epochs in "
+        f"{detector.training_summary_['elapsed_s']:.0f} s "
         f"(stopped: {detector.training_summary_['stopped_reason']}, best epoch "
         f"{detector.training_summary_['best_epoch']}).",
         "",
@@ -134,12 +152,14 @@ def main() -> None:
         "",
         f"## Per defect type: default ({default_name})",
         "",
-        all_tables[default_name].drop(columns=["threshold"], errors="ignore")
+        all_tables[default_name]
+        .drop(columns=["threshold"], errors="ignore")
         .to_markdown(floatfmt=".3f"),
         "",
         f"## Per defect type: best image AUROC ({best_name})",
         "",
-        all_tables[best_name].drop(columns=["threshold"], errors="ignore")
+        all_tables[best_name]
+        .drop(columns=["threshold"], errors="ignore")
         .to_markdown(floatfmt=".3f"),
         "",
         "## Figures",
