@@ -60,8 +60,7 @@ def main() -> None:
 
     train = split_file_samples(args.data, "train")
     test = split_file_samples(args.data, "test")
-    with Timer() as train_timer:
-        if args.reuse:
+    if args.reuse:
             detector = VAEAnomalyDetector.load(args.checkpoint)
             # the same seeded split fit() made (every MTD file is readable)
             val_index, _ = detector.split_indices(len(train))

@@ -1,6 +1,7 @@
 """ONNX Runtime vs torch eager on the full scoring graph; fp32, fp16, int8; FLOPs and peak.
 
-    python pipelines/onnx/bench.py [--checkpoint runs/mtd/model.pt] [--data ../shared/datasets/mtd/split.json]
+    python pipelines/onnx/bench.py [--checkpoint runs/mtd/model.pt]
+                                   [--data ../shared/datasets/mtd/split.json]
 
 Exports the checkpoint (fp32, fp16, int8 calibrated on training normals), then on the same
 batches of test images, alternating configurations round by round (this machine is noisy),
@@ -182,7 +183,8 @@ def main() -> None:
         f"in each of {args.rounds} rounds, median reported. Latency: one image, "
         f"{args.latency_runs} runs. AUROC: all {len(images)} MTD test images.",
         "",
-        "| configuration | images/s | × torch | latency p50 ms | p99 ms | GFLOP/s | % of matmul peak | image AUROC | Δ AUROC |",
+        "| configuration | images/s | × torch | latency p50 ms | p99 ms | GFLOP/s "
+        "| % of matmul peak | image AUROC | Δ AUROC |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
