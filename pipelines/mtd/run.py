@@ -61,18 +61,18 @@ def main() -> None:
     train = split_file_samples(args.data, "train")
     test = split_file_samples(args.data, "test")
     if args.reuse:
-            detector = VAEAnomalyDetector.load(args.checkpoint)
-            # the same seeded split fit() made (every MTD file is readable)
-            val_index, _ = detector.split_indices(len(train))
-            detector.validation_files_ = [str(train[i].path) for i in val_index]
-        else:
-            detector = VAEAnomalyDetector(
-                epochs=args.epochs,
-                time_budget_s=args.time_budget,
-                seed=args.seed,
-                target_fpr=target_fpr,
-                checkpoint_path=args.checkpoint,
-            ).fit([s.path for s in train])
+        detector = VAEAnomalyDetector.load(args.checkpoint)
+        # the same seeded split fit() made (every MTD file is readable)
+        val_index, _ = detector.split_indices(len(train))
+        detector.validation_files_ = [str(train[i].path) for i in val_index]
+    else:
+        detector = VAEAnomalyDetector(
+            epochs=args.epochs,
+            time_budget_s=args.time_budget,
+            seed=args.seed,
+            target_fpr=target_fpr,
+            checkpoint_path=args.checkpoint,
+        ).fit([s.path for s in train])
     val_files = detector.validation_files_
     val_set = set(val_files)
     train_files = [str(s.path) for s in train if s.path.as_posix() not in val_set]

@@ -110,13 +110,10 @@ def main() -> None:
         for name, run in runners.items():  # alternate within each round
             throughput[name].append(len(batch) / _timed(lambda r=run: r(batch)))
     latency: dict[str, list[float]] = {k: [] for k in runners}
-    single = images[:1]
     for i in range(args.latency_runs):
+        one = images[i % len(images)][None]
         for name, run in runners.items():
-            latency[name].append(
-                1000
-                * _timed(lambda r=run: r(images[i % len(images) :][:1] if len(images) else single))
-            )
+            latency[name].append(1000 * _timed(lambda r=run, x=one: r(x)))
     flops = flops_per_image(detector)
     peak = matmul_peak()
 
