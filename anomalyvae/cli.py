@@ -532,6 +532,192 @@ def report(results: Path, output: Path | None) -> None:
     click.echo(f"Wrote {report_from_results(results, output)}")
 
 
+_CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)
+_IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=_CHECKPOINT)
+@click.option("-n", "n_samples", type=click.IntRange(1, 10_000), default=64, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("samples"),
+    show_default=True,
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 5, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Prior scale: < 1 more typical, > 1 more varied.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--interpolate",
+    nargs=2,
+    type=_IMAGE,
+    default=None,
+    help="Two images: also write a latent interpolation strip between them.",
+)
+def sample(
+    checkpoint: Path,
+    n_samples: int,
+    output: Path,
+    temperature: float,
+    seed: int,
+    interpolate: tuple[Path, Path] | None,
+) -> None:
+    """Draw images from the model's prior: what it believes normal looks like.
+
+    Writes OUTPUT/sample_NNNN.png and OUTPUT/grid.png (and interpolation.png).
+
+    \b
+    Example:
+      anomalyvae sample model.pt -n 64 -o samples/ --temperature 0.8
+    """
+    from anomalyvae.workflows import sample_to
+
+    written = sample_to(checkpoint, output, n_samples, temperature, seed, interpolate)
+    click.echo(f"Wrote {len(written)} files to {output}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=_CHECKPOINT)
+@click.argument("images", nargs=-1, required=True, type=_IMAGE)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("denoised"),
+    show_default=True,
+)
+@click.option(
+    "--mc-samples",
+    type=click.IntRange(0, 1000),
+    default=0,
+    show_default=True,
+    help="Average over this many posterior samples (0 = posterior mean).",
+)
+def denoise(checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples: int) -> None:
+    """Denoise IMAGES by reconstructing them through the VAE (at model size).
+
+    \b
+    Example:
+      anomalyvae denoise model.pt noisy_*.png -o denoised/ --mc-samples 8
+    """
+    from anomalyvae.workflows import denoise_files
+
+    written = denoise_files(checkpoint, list(images), output, mc_samples)
+    click.echo(f"Wrote {len(written)} images to {output}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=_CHECKPOINT)
+@click.argument("image", type=_IMAGE)
+@click.option(
+    "--mask",
+    type=_IMAGE,
+    required=True,
+    help="Mask image of the same size: nonzero = missing pixel.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("inpainted.png"),
+    show_default=True,
+)
+@click.option(
+    "--method", type=click.Choice(["optimize", "clamp"]), default="optimize", show_default=True
+)
+@click.option("--iterations", type=click.IntRange(1, 10_000), default=100, show_default=True)
+def inpaint(
+    checkpoint: Path, image: Path, mask: Path, output: Path, method: str, iterations: int
+) -> None:
+    """Fill the missing region of IMAGE given by --mask; known pixels are kept.
+
+    \b
+    Example:
+      anomalyvae inpaint model.pt part.png --mask dead_pixels.png -o filled.png
+    """
+    from anomalyvae.workflows import inpaint_file
+
+    click.echo(f"Wrote {inpaint_file(checkpoint, image, mask, output, method, iterations)}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=_CHECKPOINT)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("embeddings.parquet"),
+    show_default=True,
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a 2-D PCA plot coloured by subfolder.",
+)
+@click.option(
+    "--neighbours-of",
+    type=_IMAGE,
+    default=None,
+    help="Sort by latent distance to this image and print the nearest.",
+)
+@click.option("-k", type=click.IntRange(1), default=5, show_default=True)
+def embed(
+    checkpoint: Path,
+    folder: Path,
+    output: Path,
+    plot: Path | None,
+    neighbours_of: Path | None,
+    k: int,
+) -> None:
+    """Write the latent mean and variance of every image in FOLDER to a Parquet table.
+
+    \b
+    Example:
+      anomalyvae embed model.pt data/train/good -o emb.parquet --neighbours-of query.png
+    """
+    from anomalyvae.workflows import embed_folder
+
+    table = embed_folder(checkpoint, folder, output, plot, neighbours_of, k)
+    click.echo(f"Wrote {len(table)} embeddings to {output}")
+    if neighbours_of is not None:
+        for _, row in table.head(k).iterrows():
+            click.echo(f"{row['distance']:.4f}\t{row['path']}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("checkpoint", type=_CHECKPOINT)
+@click.argument("images", nargs=-1, required=True, type=_IMAGE)
+@click.option(
+    "--valid-mask",
+    type=_IMAGE,
+    default=None,
+    help="Mask image: nonzero = valid pixel; others (dead pixels, outside the field "
+    "of view) are ignored.",
+)
+def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -> None:
+    """Score IMAGES with a checkpoint (torch), optionally ignoring invalid pixels.
+
+    Prints path, score, normalized score and verdict per image, tab-separated.
+
+    \b
+    Example:
+      anomalyvae score model.pt scan_017.png --valid-mask field_of_view.png
+    """
+    from anomalyvae.workflows import score_files
+
+    for path, value, normalized, is_anomaly in score_files(checkpoint, list(images), valid_mask):
+        click.echo(f"{path}\t{value:.6g}\t{normalized:.4f}\t{'ANOMALY' if is_anomaly else 'ok'}")
+
+
 def _format_table(table: Any) -> str:
     columns = [
         c

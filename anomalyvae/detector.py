@@ -317,9 +317,13 @@ class VAEAnomalyDetector:
         images, _, _ = read_images([Path(p) for p in X], self.preprocessing_, on_error="raise")
         return images
 
-    def _score(self, X: ImagesLike) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    def _score(
+        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
         self._check_fitted()
         images = self._load(X)
+        if valid_mask is not None:
+            return self._score_partial(images, valid_mask)
         device = resolve_device(self.device)
         self.model_.to(device).eval()
         maps, scores = [], []
@@ -332,17 +336,67 @@ class VAEAnomalyDetector:
             raise ValueError("no images to score")
         return np.concatenate(maps), np.concatenate(scores).astype(np.float64)
 
-    def anomaly_map(self, X: ImagesLike) -> NDArray[np.float32]:
-        """Per-pixel anomaly maps at model resolution, shape (n, h, w); higher = more anomalous."""
-        return self._score(X)[0]
+    def _score_partial(
+        self, images: NDArray[np.float32], valid_mask: NDArray[np.bool_]
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+        """Score images with invalid pixels: inpaint them, then score the valid ones only."""
+        from anomalyvae.generate import inpaint
 
-    def anomaly_score(self, X: ImagesLike) -> NDArray[np.float64]:
-        """Image anomaly scores, shape (n,); higher = more anomalous."""
-        return self._score(X)[1]
+        valid = np.asarray(valid_mask, dtype=bool)
+        if valid.ndim == 2:
+            valid = np.broadcast_to(valid, (len(images), *valid.shape))
+        if valid.shape != (len(images), *images.shape[2:]):
+            raise ValueError(
+                f"valid_mask must be (h, w) or (n, h, w) at model resolution "
+                f"{images.shape[2]}x{images.shape[3]}, got {valid.shape}"
+            )
+        if not valid.reshape(len(valid), -1).any(axis=1).all():
+            raise ValueError("valid_mask leaves an image with no valid pixels to score")
+        filled = images.copy()
+        partial = ~valid.reshape(len(valid), -1).all(axis=1)
+        if partial.any():
+            filled[partial] = inpaint(
+                self.model_, images[partial], ~valid[partial], method="clamp", iterations=20
+            )
+        maps, scores = self._score(filled)
+        maps = np.where(valid, maps, 0.0).astype(np.float32)
+        if self.scoring_.score_kind != "elbo":
+            from anomalyvae.maps import topk_count
 
-    def score_and_map(self, X: ImagesLike) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+            for i in np.flatnonzero(partial):
+                values = maps[i][valid[i]]
+                k = (
+                    1
+                    if self.scoring_.score_kind == "max"
+                    else topk_count(self.scoring_, values.size)
+                )
+                scores[i] = float(np.sort(values)[-k:].mean())
+        return maps, scores
+
+    def anomaly_map(
+        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
+    ) -> NDArray[np.float32]:
+        """Per-pixel anomaly maps at model resolution, shape (n, h, w); higher = more anomalous.
+
+        ``valid_mask`` (h, w) or (n, h, w), True = valid pixel: invalid pixels (dead
+        pixels, outside the field of view) are inpainted before scoring and get 0.
+        """
+        return self._score(X, valid_mask)[0]
+
+    def anomaly_score(
+        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
+    ) -> NDArray[np.float64]:
+        """Image anomaly scores, shape (n,); higher = more anomalous.
+
+        With ``valid_mask`` (True = valid), only valid pixels count (see anomaly_map).
+        """
+        return self._score(X, valid_mask)[1]
+
+    def score_and_map(
+        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
+    ) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
         """Both at once: scores (n,) and maps (n, h, w); higher = more anomalous."""
-        maps, scores = self._score(X)
+        maps, scores = self._score(X, valid_mask)
         return scores, maps
 
     def normalized_score(self, X: ImagesLike) -> NDArray[np.float64]:

@@ -323,6 +323,7 @@ def train_vae(
             break
     bar.close()
 
+    model.zero_grad(set_to_none=True)  # a trained model carries no stale gradients
     model.load_state_dict(best_state)
     model.eval()
     total = history[-1]["elapsed_s"] if history else 0.0

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomalyvae.cli import main
+from anomalyvae.data import mvtec_samples
+from anomalyvae.generate import MAX_SAMPLES, denoise, embed, inpaint, interpolate, sample
+from anomalyvae.io import read_images
+
+
+@pytest.fixture(scope="module")
+def normals(trained, synthetic_root):
+    detector, _ = trained
+    paths = [s.path for s in mvtec_samples(synthetic_root, "test") if s.label == 0][:12]
+    return read_images(paths, detector.preprocessing_)[0]
+
+
+def _psnr(a, b, where=None):
+    error = (a - b) ** 2 if where is None else ((a - b) ** 2)[where]
+    return 10 * np.log10(1.0 / error.mean())
+
+
+def test_sample_is_seeded_shaped_and_capped(trained):
+    model = trained[0].model_
+    a, b = sample(model, 5, seed=1), sample(model, 5, seed=1)
+    assert a.shape == (5, 1, 32, 32) and np.array_equal(a, b)
+    assert not np.array_equal(a, sample(model, 5, seed=2))
+    assert sample(model, 5, temperature=0.1).std(0).mean() < a.std(0).mean()
+    for n in (0, MAX_SAMPLES + 1):
+        with pytest.raises(ValueError, match="between 1 and"):
+            sample(model, n)
+
+
+def test_denoise_removes_noise(trained, normals):
+    model = trained[0].model_
+    rng = np.random.default_rng(0)
+    noisy = np.clip(normals + rng.normal(0, 0.2, normals.shape), 0, 1).astype(np.float32)
+    clean = denoise(model, noisy)
+    assert _psnr(clean, normals) > _psnr(noisy, normals) + 3
+    averaged = denoise(model, noisy, n_samples=4)
+    assert averaged.shape == noisy.shape
+
+
+@pytest.mark.parametrize("method", ["clamp", "optimize"])
+def test_inpaint_keeps_known_pixels_and_beats_mean_fill(trained, normals, method):
+    model = trained[0].model_
+    missing = np.zeros((32, 32), bool)
+    missing[8:20, 6:22] = True
+    filled = inpaint(model, normals, missing, method=method, iterations=40)
+    known = np.broadcast_to(~missing, (len(normals), 1, 32, 32))
+    np.testing.assert_array_equal(filled[known], normals[known])
+    hole = np.broadcast_to(missing, (len(normals), 1, 32, 32))
+    mean_fill = normals.copy()
+    for i in range(len(normals)):
+        mean_fill[i, 0][missing] = normals[i, 0][~missing].mean()
+    assert _psnr(filled, normals, hole) > _psnr(mean_fill, normals, hole)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_inpaint_and_shape_errors(trained, normals):
+    model = trained[0].model_
+    with pytest.raises(ValueError, match="no missing pixels"):
+        inpaint(model, normals, np.zeros((32, 32), bool))
+    with pytest.raises(ValueError, match="mask must be"):
+        inpaint(model, normals, np.ones((16, 16), bool))
+    with pytest.raises(ValueError, match="every pixel"):
+        inpaint(model, normals, np.ones((32, 32), bool))
+    with pytest.raises(ValueError, match="trained at that size"):
+        denoise(model, np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="method"):
+        inpaint(model, normals, np.eye(32, dtype=bool), method="magic")
+
+
+def test_embed_and_interpolate(trained, normals):
+    model = trained[0].model_
+    codes = embed(model, normals)
+    assert codes.mu.shape == codes.logvar.shape == (len(normals), model.config.latent_dim)
+    strip = interpolate(model, normals[0], normals[1], steps=5)
+    assert strip.shape == (5, 1, 32, 32)
+
+
+def test_valid_mask_ignores_a_defect_outside_the_field_of_view(trained, normals):
+    detector = trained[0]
+    damaged = normals[:4].copy()
+    damaged[:, 0, 4:12, 4:12] = 1.0
+    valid = np.ones((32, 32), bool)
+    valid[2:14, 2:14] = False
+    plain = detector.anomaly_score(damaged)
+    masked = detector.anomaly_score(damaged, valid_mask=valid)
+    assert (masked < plain).all()
+    maps = detector.anomaly_map(damaged, valid_mask=valid)
+    assert (maps[:, ~valid] == 0).all()
+    with pytest.raises(ValueError, match="no valid pixels"):
+        detector.anomaly_score(damaged, valid_mask=np.zeros((32, 32), bool))
+    with pytest.raises(ValueError, match="valid_mask must be"):
+        detector.anomaly_score(damaged, valid_mask=np.ones((8, 8), bool))
+
+
+def test_generative_cli(trained, synthetic_root, tmp_path):
+    _, checkpoint = trained
+    runner = CliRunner()
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))
+    result = runner.invoke(
+        main,
+        [
+            "sample",
+            str(checkpoint),
+            "-n",
+            "6",
+            "-o",
+            str(tmp_path / "s"),
+            "--interpolate",
+            str(good[0]),
+            str(good[1]),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "grid.png").is_file() and (
+        tmp_path / "s" / "interpolation.png"
+    ).is_file()
+    assert len(list((tmp_path / "s").glob("sample_*.png"))) == 6
+    assert runner.invoke(main, ["sample", str(checkpoint), "-n", "0"]).exit_code == 2
+
+    result = runner.invoke(
+        main, ["denoise", str(checkpoint), str(good[0]), "-o", str(tmp_path / "d")]
+    )
+    assert result.exit_code == 0 and (tmp_path / "d" / f"{good[0].stem}_denoised.png").is_file()
+
+    mask = tmp_path / "mask.png"
+    array = np.zeros((32, 32), np.uint8)
+    array[10:20, 10:20] = 255
+    Image.fromarray(array).save(mask)
+    out = tmp_path / "filled.png"
+    result = runner.invoke(
+        main,
+        [
+            "inpaint",
+            str(checkpoint),
+            str(good[0]),
+            "--mask",
+            str(mask),
+            "-o",
+            str(out),
+            "--iterations",
+            "10",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    wrong = tmp_path / "wrong.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(wrong)
+    result = runner.invoke(main, ["inpaint", str(checkpoint), str(good[0]), "--mask", str(wrong)])
+    assert result.exit_code == 1 and "must match" in result.output
+
+    emb = tmp_path / "emb.parquet"
+    result = runner.invoke(
+        main,
+        [
+            "embed",
+            str(checkpoint),
+            str(synthetic_root / "test"),
+            "-o",
+            str(emb),
+            "--plot",
+            str(tmp_path / "e.png"),
+            "--neighbours-of",
+            str(good[0]),
+            "-k",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(emb)
+    assert len(table) == 50 and table.loc[0, "distance"] == pytest.approx(0, abs=1e-5)
+    assert set(table["group"]) == {"good", "blob", "scratch", "spot"}
+
+    valid = tmp_path / "valid.png"
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(valid)
+    result = runner.invoke(
+        main, ["score", str(checkpoint), str(good[0]), "--valid-mask", str(valid)]
+    )
+    assert result.exit_code == 0 and result.output.count("\t") == 3
