@@ -109,11 +109,12 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "layout": "NCHW",
         "dtype": "float32",
         "bit_depth_scaling": "integer images divided by their type maximum "
-        "(255 for 8-bit, 65535 for 16-bit); float images min-max scaled",
+        "(255 for 8-bit, 65535 for 16-bit); float, DICOM and NIfTI images min-max "
+        "scaled, unless intensity_normalization is set (then it applies to stored values)",
         "color_conversion": "grayscale = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601); "
         "grayscale to RGB replicates the channel",
         "resize_library": "Pillow (antialiased when shrinking)",
-        "intensity_normalization": "none",
+        "intensity_normalization": spec.normalization,
     }
     meta = {
         "format": FORMAT_NAME,

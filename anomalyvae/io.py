@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +18,18 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from anomalyvae.medical import (
+    NORMALIZATIONS,
+    MedicalReadError,
+    is_dicom,
+    is_nifti,
+    normalize_intensity,
+    read_dicom,
+    read_nifti,
+)
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MEDICAL_EXTENSIONS: tuple[str, ...] = (".dcm", ".nii", ".nii.gz")
 RESIZE_METHODS: tuple[str, ...] = ("bilinear", "bicubic", "area", "nearest")
 _PIL_RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -51,6 +62,7 @@ class DecodedImage(NamedTuple):
     pixels: NDArray[np.float32]
     bit_depth: int
     mode: str
+    raw: NDArray[np.float32] | None = None  # stored units (16-bit, DICOM, NIfTI), (h, w, c)
 
     @property
     def height(self) -> int:
@@ -80,7 +92,13 @@ class Preprocessing:
         Pillow filters are antialiased when shrinking.
     scaling : str
         "dtype_max": integer images are divided by their type's maximum
-        (255 for 8-bit, 65535 for 16-bit); float images are min-max scaled.
+        (255 for 8-bit, 65535 for 16-bit); float, DICOM and NIfTI images are min-max
+        scaled, unless ``normalization`` says otherwise.
+    normalization : str
+        Intensity normalization on stored values, before resizing: "none",
+        "minmax", "percentile" (``percentile_low``/``percentile_high``) or "window"
+        (``window_center``/``window_width``, e.g. CT Hounsfield units); see
+        :func:`anomalyvae.medical.normalize_intensity`.
     """
 
     channels: int
@@ -88,6 +106,11 @@ class Preprocessing:
     width: int
     resize: str = "bilinear"
     scaling: str = "dtype_max"
+    normalization: str = "none"
+    window_center: float | None = None
+    window_width: float | None = None
+    percentile_low: float = 1.0
+    percentile_high: float = 99.0
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -98,26 +121,35 @@ class Preprocessing:
             raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
         if self.scaling != "dtype_max":
             raise ValueError(f"scaling must be 'dtype_max', got {self.scaling!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.normalization == "window" and (
+            self.window_center is None or not (self.window_width or 0) > 0
+        ):
+            raise ValueError(
+                "normalization 'window' needs window_center and a positive window_width"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        known = {
-            k: data[k] for k in ("channels", "height", "width", "resize", "scaling") if k in data
-        }
-        return cls(**known)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def find_images(
     root: str | os.PathLike[str],
-    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS,
 ) -> list[Path]:
     """Return image files under ``root``, recursively, in a stable sorted order.
 
     Hidden files and folders (names starting with ".") are skipped; symlinked folders
-    are not followed, so a symlink loop cannot make the walk endless.
+    are not followed, so a symlink loop cannot make the walk endless. With ".dcm" among
+    the extensions, extensionless files with the DICOM preamble are found too.
     """
     root = Path(root)
     if not root.exists():
@@ -129,9 +161,17 @@ def find_images(
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in wanted:
+            if not name.startswith(".") and has_image_name(Path(dirpath) / name, wanted):
                 found.append(Path(dirpath) / name)
     return sorted(found)
+
+
+def has_image_name(path: Path, wanted: set[str]) -> bool:
+    """Whether ``path`` looks like a supported image by name (or DICOM preamble)."""
+    name = path.name.lower()
+    if any(name.endswith(e) for e in wanted):
+        return True
+    return ".dcm" in wanted and not path.suffix and is_dicom(path)
 
 
 def read_image(path: str | os.PathLike[str]) -> DecodedImage:
@@ -143,6 +183,8 @@ def read_image(path: str | os.PathLike[str]) -> DecodedImage:
         When the file is missing, unreadable, truncated, too large or not an image.
     """
     path = Path(path)
+    if is_nifti(path) or is_dicom(path):
+        return _read_medical(path)
     try:
         with warnings.catch_warnings():
             # Pillow warns before it raises for oversized images; we want the error.
@@ -165,8 +207,46 @@ def read_image(path: str | os.PathLike[str]) -> DecodedImage:
         raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
 
 
+def _read_medical(path: Path) -> DecodedImage:
+    try:
+        if is_nifti(path):
+            volume = read_nifti(path)
+            if volume.data.shape[0] != 1:
+                raise MedicalReadError(
+                    f"a 3-D volume of {volume.data.shape[0]} slices, not a 2-D image",
+                    "score volumes slice by slice: anomalyvae.io.read_volume or `scan`",
+                )
+            raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
+        else:
+            raw, bits = read_dicom(path)
+            mode = "DICOM"
+    except FileNotFoundError as error:
+        raise ImageReadError(path, "file not found", "check the path") from error
+    except PermissionError as error:
+        raise ImageReadError(path, "permission denied", "make the file readable") from error
+    except MedicalReadError as error:
+        raise ImageReadError(path, error.reason, error.fix) from error
+    if raw.ndim == 2:
+        raw = raw[:, :, None]
+    if not np.isfinite(raw).all():
+        raise ImageReadError(
+            path, "image contains NaN or infinite values", "replace them before scoring"
+        )
+    pixels = normalize_intensity(raw, "minmax")
+    return DecodedImage(pixels, bits, mode, np.ascontiguousarray(raw, dtype=np.float32))
+
+
+def read_volume(path: str | os.PathLike[str], axis: int = 2):
+    """A NIfTI volume as (slices, h, w) stored values plus its affine; see medical.read_nifti."""
+    try:
+        return read_nifti(path, axis)
+    except MedicalReadError as error:
+        raise ImageReadError(path, error.reason, error.fix) from error
+
+
 def _decode(image: Image.Image) -> DecodedImage:
     mode = image.mode
+    raw_values = None
     if mode == "1":
         pixels = np.asarray(image, dtype=np.float32)
         bit_depth = 1
@@ -174,13 +254,15 @@ def _decode(image: Image.Image) -> DecodedImage:
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         bit_depth = 8
     elif mode.startswith("I;16"):
-        pixels = np.asarray(image).astype(np.float32) / 65535.0
+        raw_values = np.asarray(image).astype(np.float32)
+        pixels = raw_values / 65535.0
         bit_depth = 16
     elif mode == "I":
         raw = np.asarray(image)
         # Pillow opens 16-bit PNGs as 32-bit "I"; their values still fit 16 bits.
+        raw_values = raw.astype(np.float32)
         if raw.min() >= 0 and raw.max() <= 65535:
-            pixels, bit_depth = raw.astype(np.float32) / 65535.0, 16
+            pixels, bit_depth = raw_values / 65535.0, 16
         else:
             pixels, bit_depth = _min_max(raw.astype(np.float64)), 32
     elif mode == "F":
@@ -193,9 +275,11 @@ def _decode(image: Image.Image) -> DecodedImage:
         bit_depth = 8
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    if raw_values is not None and raw_values.ndim == 2:
+        raw_values = raw_values[:, :, None]
     if not np.isfinite(pixels).all():
         raise ValueError("image contains NaN or infinite values")
-    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), bit_depth, mode)
+    return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), bit_depth, mode, raw_values)
 
 
 def _min_max(values: NDArray[np.float64]) -> NDArray[np.float32]:
@@ -254,9 +338,24 @@ def preprocess(pixels: NDArray[np.float32], spec: Preprocessing) -> NDArray[np.f
     return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
+def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float32]:
+    """The decoded image in [0, 1] under ``spec.normalization`` (on stored values)."""
+    if spec.normalization == "none":
+        return decoded.pixels
+    source = decoded.raw if decoded.raw is not None else decoded.pixels
+    return normalize_intensity(
+        source,
+        spec.normalization,
+        spec.window_center,
+        spec.window_width,
+        spec.percentile_low,
+        spec.percentile_high,
+    )
+
+
 def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
     """Read and preprocess one file to (c, h, w) float32 in [0, 1]."""
-    return preprocess(read_image(path).pixels, spec)
+    return preprocess(intensities(read_image(path), spec), spec)
 
 
 def read_mask(

@@ -27,7 +27,16 @@ from numpy.typing import NDArray
 from PIL import Image
 from tqdm.auto import tqdm
 
-from anomalyvae.io import IMAGE_EXTENSIONS, ImageReadError, Preprocessing, preprocess, read_image
+from anomalyvae.io import (
+    IMAGE_EXTENSIONS,
+    MEDICAL_EXTENSIONS,
+    ImageReadError,
+    Preprocessing,
+    has_image_name,
+    intensities,
+    preprocess,
+    read_image,
+)
 from anomalyvae.runtime import OnnxDetector
 
 #: Exit codes of ``anomalyvae scan`` (documented in docs/cli.md).
@@ -168,7 +177,7 @@ def display_path(path: Path) -> str:
 
 def discover(
     root: str | os.PathLike[str],
-    extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS + MEDICAL_EXTENSIONS,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> list[Path]:
@@ -192,7 +201,7 @@ def discover(
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if name.startswith(".") or path.suffix.lower() not in wanted:
+            if name.startswith(".") or not has_image_name(path, wanted):
                 continue
             relative = display_path(path.relative_to(root))
             if include and not any(fnmatch.fnmatch(relative, p) for p in include):
@@ -230,7 +239,7 @@ def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
             channels=decoded.channels,
             bit_depth=decoded.bit_depth,
         )
-        return Decoded(index, preprocess(decoded.pixels, spec), info)
+        return Decoded(index, preprocess(intensities(decoded, spec), spec), info)
     except ImageReadError as error:
         info["error"] = f"{error.reason} ({error.fix})"
     except Exception as error:  # a decoder bug must not stop a 100,000-file scan

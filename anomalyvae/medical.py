@@ -1,0 +1,162 @@
+"""DICOM and NIfTI decoding and intensity normalization, torch-free.
+
+MONAI's ``LoadImage`` wraps these same libraries (pydicom for DICOM, nibabel for NIfTI),
+and its ``ScaleIntensityRange*`` transforms do the normalizations below. We read and
+normalize with pydicom, nibabel and numpy directly because this module also serves the
+ONNX inspection path, which must not import torch (MONAI does); the tests check that the
+results equal MONAI's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+NORMALIZATIONS = ("none", "minmax", "percentile", "window")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class MedicalReadError(ValueError):
+    """A DICOM or NIfTI file cannot be used; ``reason`` says why, ``fix`` what to do."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        self.reason, self.fix = reason, fix
+        super().__init__(f"{reason} ({fix})")
+
+
+class Volume(NamedTuple):
+    """A decoded volume: ``data`` (d, h, w) float32 in stored units, the 4x4 ``affine``."""
+
+    data: NDArray[np.float32]
+    affine: NDArray[np.float64]
+    bit_depth: int
+
+
+def is_nifti(path: str | os.PathLike[str]) -> bool:
+    """True for .nii and .nii.gz names."""
+    name = Path(path).name.lower()
+    return name.endswith(NIFTI_SUFFIXES)
+
+
+def is_dicom(path: str | os.PathLike[str]) -> bool:
+    """True for .dcm names, and for extensionless files with the DICM preamble."""
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], int]:
+    """Pixels of a single-frame DICOM in stored units after rescale slope/intercept.
+
+    Returns (h, w) or (h, w, 3) float32 and the bits stored.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError as error:
+        raise MedicalReadError(
+            f"not a valid DICOM file ({error})", "check the file is complete"
+        ) from error
+    if "PixelData" not in dataset:
+        raise MedicalReadError(
+            "DICOM file has no pixel data (e.g. a structured report)", "score image objects only"
+        )
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom names the plugin a compressed syntax needs
+        syntax = getattr(dataset.file_meta, "TransferSyntaxUID", "unknown")
+        raise MedicalReadError(
+            f"cannot decode DICOM pixel data with transfer syntax {syntax}: {error}",
+            "install the decoder plugin named above (e.g. pip install pylibjpeg "
+            "pylibjpeg-libjpeg) or decompress the file",
+        ) from error
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[0]  # first frame of a multi-frame object
+    values = pixels.astype(np.float32)
+    slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
+    values = values * slope + intercept
+    return values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
+
+
+def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
+    """A 2-D or 3-D NIfTI image as (slices, h, w) along ``axis`` (2 = axial in RAS order).
+
+    4-D images are refused: choose a time point or channel first.
+    """
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
+    except Exception as error:
+        raise MedicalReadError(
+            f"not a readable NIfTI file ({error})", "check the file is complete"
+        ) from error
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise MedicalReadError(
+            f"NIfTI image has {data.ndim} dimensions {data.shape}; only 2-D and 3-D are scored",
+            "extract one time point or channel (e.g. with nibabel) first",
+        )
+    if not np.isfinite(data).all():
+        raise MedicalReadError(
+            "NIfTI image contains NaN or infinite voxels",
+            "replace them (e.g. with the background value) first",
+        )
+    slices = np.moveaxis(data, axis, 0)
+    bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
+    return Volume(np.ascontiguousarray(slices), np.asarray(image.affine, dtype=np.float64), bits)
+
+
+def normalize_intensity(
+    raw: NDArray[np.floating],
+    method: str,
+    window_center: float | None = None,
+    window_width: float | None = None,
+    percentile_low: float = 1.0,
+    percentile_high: float = 99.0,
+) -> NDArray[np.float32]:
+    """Map stored intensities to [0, 1].
+
+    - minmax: (x - min) / (max - min) per image (MONAI ``ScaleIntensity``);
+    - percentile: clip to the image's [low, high] percentiles, then scale (MONAI
+      ``ScaleIntensityRangePercentiles(lower, upper, 0, 1, clip=True)``);
+    - window: clip to center +- width / 2, then scale, as for CT (MONAI
+      ``ScaleIntensityRange(center - width/2, center + width/2, 0, 1, clip=True)``).
+    """
+    values = np.asarray(raw, dtype=np.float32)
+    if method == "minmax":
+        low, high = float(values.min()), float(values.max())
+    elif method == "percentile":
+        if not 0 <= percentile_low < percentile_high <= 100:
+            raise ValueError(
+                "percentiles must satisfy 0 <= low < high <= 100, got "
+                f"{percentile_low}, {percentile_high}"
+            )
+        low, high = (float(v) for v in np.percentile(values, [percentile_low, percentile_high]))
+    elif method == "window":
+        if window_center is None or window_width is None or window_width <= 0:
+            raise ValueError("window normalization needs window_center and a positive window_width")
+        low, high = window_center - window_width / 2, window_center + window_width / 2
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS[1:]}, got {method!r}")
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,145 @@
+"""PneumoniaMNIST benchmark: a VAE on normal chest X-rays, pneumonia as the anomaly.
+
+    python pipelines/pneumonia/run.py [--data ../shared/datasets/pneumoniamnist] [--out reports/pneumonia]
+
+As the dataset's ABOUT.md prescribes: train on train/good (normal only), calibrate on val
+(labelled: F1-optimal threshold per method), evaluate on test. Every map and score kind
+and a 50-component PCA baseline; image AUROC, AUPR, F1 at the calibrated threshold,
+sensitivity at 95 % specificity. The model size is the product's default for the data
+(28 px images -> 32 px input), not a blind upsampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+from common import Scored, machine, overview, pca_baseline, plot_histogram, plot_roc  # noqa: E402
+
+from anomalyvae.calibration import threshold_from_labels  # noqa: E402
+from anomalyvae.data import mvtec_samples  # noqa: E402
+from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.io import read_images  # noqa: E402
+from anomalyvae.maps import MAP_KINDS, ScoringConfig  # noqa: E402
+from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
+from anomalyvae.model import count_parameters  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "pneumoniamnist"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "pneumonia")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "pneumonia" / "model.pt")
+    parser.add_argument("--time-budget", type=float, default=600.0)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    train = mvtec_samples(args.data, "train")
+    val = mvtec_samples(args.data, "val")
+    test = mvtec_samples(args.data, "test")
+    detector = VAEAnomalyDetector(
+        epochs=args.epochs,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        target_fpr=0.05,
+        checkpoint_path=args.checkpoint,
+    ).fit([s.path for s in train])
+    spec = detector.preprocessing_
+    val_x, _, _ = read_images([s.path for s in val], spec)
+    test_x, _, _ = read_images([s.path for s in test], spec)
+    val_y = np.array([s.label for s in val])
+    test_y = np.array([s.label for s in test])
+    types = [s.defect_type for s in test]
+
+    results: list[Scored] = []
+    original = detector.scoring_
+    for map_kind in MAP_KINDS:
+        for score_kind in ("max", "topk_mean", "elbo"):
+            if score_kind == "elbo" and map_kind != "nll":
+                continue
+            detector.scoring_ = ScoringConfig(
+                map_kind, score_kind, original.smoothing_sigma, original.topk_fraction
+            )
+            threshold = threshold_from_labels(detector.anomaly_score(val_x), val_y, "f1").value
+            name = f"{map_kind}/{score_kind}" if score_kind != "elbo" else "elbo (image)"
+            results.append(Scored(name, detector.anomaly_score(test_x), None, threshold))
+    detector.scoring_ = original
+    train_x, _, _ = read_images([s.path for s in train], spec)
+    pca = pca_baseline(train_x, val_x[val_y == 0], test_x)
+    pca.threshold = threshold_from_labels(
+        pca_baseline(train_x, val_x[val_y == 0], val_x).scores, val_y, "f1"
+    ).value
+    results.append(pca)
+
+    tables = {}
+    for result in results:
+        table = evaluation_table(test_y, result.scores, types, result.threshold)
+        table["sens_at_95_spec"] = sensitivity_at_specificity(test_y, result.scores, 0.95)
+        tables[result.name] = table
+    summary = overview(tables)
+    default_name = f"{original.map_kind}/{original.score_kind}"
+    best_name = summary["image_auroc"].idxmax()
+    plot_roc(results, test_y, args.out / "roc.png")
+    by_name = {r.name: r for r in results}
+    plot_histogram(by_name[best_name], test_y, types, args.out / "histogram_best.png")
+
+    metrics = {
+        "machine": machine(),
+        "data": str(args.data),
+        "n_train": detector.data_summary_["n_train"],
+        "n_val_holdout_from_train": detector.data_summary_["n_val"],
+        "n_calibration_val": len(val),
+        "n_test": len(test),
+        "training": detector.training_summary_,
+        "preprocessing": spec.to_dict(),
+        "n_parameters": count_parameters(detector.model_),
+        "default_method": default_name,
+        "best_method": best_name,
+        "overall": {name: row.to_dict() for name, row in summary.iterrows()},
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    lines = [
+        "# PneumoniaMNIST benchmark (chest X-ray, pneumonia = anomaly)",
+        "",
+        "Produced by `python pipelines/pneumonia/run.py`; every number below comes from that run.",
+        "Train on `train/good` only; thresholds: F1-optimal on the labelled `val` split, per "
+        "method; evaluate on `test` (234 normal, 390 pneumonia).",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"Input {spec.channels}x{spec.height}x{spec.width} (chosen from the 28 px data), "
+        f"{count_parameters(detector.model_):,} parameters; "
+        f"{detector.training_summary_['epochs_run']} epochs in "
+        f"{detector.training_summary_['elapsed_s']:.0f} s (stopped: "
+        f"{detector.training_summary_['stopped_reason']}).",
+        "",
+        f"Product default: **{default_name}**; best image AUROC here: **{best_name}**.",
+        "For scale: a VAE-GAN reaches 0.75 image AUROC on the larger RSNA pneumonia set "
+        "(Nakao et al. 2021); the target for this product is 0.85.",
+        "",
+        summary.to_markdown(floatfmt=".3f"),
+        "",
+        "![ROC](roc.png)",
+        "",
+        "![Histogram](histogram_best.png)",
+        "",
+    ]
+    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()

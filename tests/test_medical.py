@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from anomalyvae.io import (
+    ImageReadError,
+    Preprocessing,
+    find_images,
+    load_image,
+    read_image,
+    read_volume,
+)
+from anomalyvae.medical import normalize_intensity
+
+
+def _testdata(name: str):
+    # download=False: never touch the network; these files ship inside the pydicom wheel.
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not bundled with this pydicom")
+    return path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_dicom_keeps_full_precision_and_rescale(name):
+    path = _testdata(name)
+    dataset = pydicom.dcmread(path)
+    expected = dataset.pixel_array.astype(np.float32) * float(
+        getattr(dataset, "RescaleSlope", 1)
+    ) + float(getattr(dataset, "RescaleIntercept", 0))
+    decoded = read_image(path)
+    assert decoded.mode == "DICOM" and decoded.bit_depth == dataset.BitsStored
+    np.testing.assert_allclose(decoded.raw[:, :, 0], expected)
+    assert 0 <= decoded.pixels.min() and decoded.pixels.max() == pytest.approx(1.0)
+
+
+def test_dicom_matches_monai_loadimage():
+    from monai.transforms import LoadImage
+
+    path = _testdata("CT_small.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = np.asarray(LoadImage(image_only=True, reader="PydicomReader")(path))
+    ours = read_image(path).raw[:, :, 0]
+    # MONAI's reader returns (columns, rows); ours is (rows, columns) like the image.
+    reference = np.squeeze(reference)
+    assert np.allclose(ours, reference) or np.allclose(ours, reference.T)
+
+
+def test_extensionless_dicom_is_found(tmp_path):
+    shutil.copy(_testdata("MR_small.dcm"), tmp_path / "IM0001")
+    (tmp_path / "README").write_text("not an image")
+    assert [p.name for p in find_images(tmp_path)] == ["IM0001"]
+    assert read_image(tmp_path / "IM0001").mode == "DICOM"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("rtplan.dcm", "no pixel data"), ("JPEG-lossy.dcm", "transfer syntax")],
+)
+def test_unusable_dicom_gives_a_clear_error(name, message):
+    with pytest.raises(ImageReadError, match=message) as info:
+        read_image(_testdata(name))
+    assert name in str(info.value)
+
+
+def _nifti(path, data, affine=None):
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_nifti_volume_and_2d(tmp_path):
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 20, (20, 24, 6)).astype(np.float32)
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    path = _nifti(tmp_path / "vol.nii.gz", volume, affine)
+    decoded = read_volume(path)
+    assert decoded.data.shape == (6, 20, 24)
+    np.testing.assert_allclose(decoded.data[3], volume[:, :, 3])
+    np.testing.assert_allclose(decoded.affine, affine)
+    with pytest.raises(ImageReadError, match="3-D volume of 6 slices"):
+        read_image(path)
+    flat = _nifti(tmp_path / "flat.nii", volume[:, :, 0])
+    assert read_image(flat).pixels.shape == (20, 24, 1)
+    assert [p.name for p in find_images(tmp_path)] == ["flat.nii", "vol.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.zeros((4, 4, 4, 2), np.float32), "4 dimensions"),
+        (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_nifti(tmp_path, data, message):
+    with pytest.raises(ImageReadError, match=message):
+        read_volume(_nifti(tmp_path / "bad.nii", data))
+
+
+def test_normalizations_equal_monai():
+    from monai.transforms import ScaleIntensity, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    values = np.random.default_rng(1).normal(40, 300, (1, 32, 32)).astype(np.float32)
+    monai_percentile = ScaleIntensityRangePercentiles(2, 98, 0.0, 1.0, clip=True)(values)
+    np.testing.assert_allclose(
+        normalize_intensity(values, "percentile", percentile_low=2, percentile_high=98),
+        np.asarray(monai_percentile),
+        atol=1e-5,
+    )
+    monai_window = ScaleIntensityRange(40 - 200, 40 + 200, 0.0, 1.0, clip=True)(values)
+    np.testing.assert_allclose(
+        normalize_intensity(values, "window", 40, 400), np.asarray(monai_window), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        normalize_intensity(values, "minmax"),
+        np.asarray(ScaleIntensity(0.0, 1.0)(values)),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="window"):
+        normalize_intensity(values, "window")
+
+
+def test_window_normalization_uses_stored_sixteen_bit_values(tmp_path):
+    array = np.array([[1000, 2000], [3000, 4000]], np.uint16)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    spec = Preprocessing(
+        channels=1,
+        height=8,
+        width=8,
+        resize="nearest",
+        normalization="window",
+        window_center=2500,
+        window_width=2000,
+    )
+    out = load_image(tmp_path / "a.png", spec)
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert np.isclose(out, 0.25).any()
+    with pytest.raises(ValueError, match="window_center"):
+        Preprocessing(channels=1, height=8, width=8, normalization="window")
