@@ -91,6 +91,30 @@ def _silent_option(func: Any) -> Any:
     default=None,
     help="1 = grayscale, 3 = RGB [default: from the data].",
 )
+@click.option(
+    "--normalization",
+    type=click.Choice(["none", "minmax", "percentile", "window"]),
+    default="none",
+    show_default=True,
+    help="Intensity normalization of stored values (DICOM/NIfTI/16-bit).",
+)
+@click.option(
+    "--window",
+    nargs=2,
+    type=float,
+    default=None,
+    metavar="CENTER WIDTH",
+    help="Window for --normalization window, e.g. 40 400 for CT soft tissue.",
+)
+@click.option(
+    "--percentiles",
+    nargs=2,
+    type=float,
+    default=(1.0, 99.0),
+    show_default=True,
+    metavar="LOW HIGH",
+    help="Clip range for --normalization percentile.",
+)
 @click.option("--latent-dim", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--beta", type=click.FloatRange(0), default=1.0, show_default=True, help="KL weight.")
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
@@ -149,7 +173,15 @@ def _silent_option(func: Any) -> Any:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--resume", is_flag=True, help="Continue the training saved in --output.")
 @_silent_option
-def train(data: Path, output: Path, channels: str | None, silent: bool, **params: Any) -> None:
+def train(
+    data: Path,
+    output: Path,
+    channels: str | None,
+    window: tuple[float, float] | None,
+    percentiles: tuple[float, float],
+    silent: bool,
+    **params: Any,
+) -> None:
     """Train on normal images in DATA and calibrate a threshold.
 
     DATA is a folder of normal images, an MVTec-style root (train/good is used) or a

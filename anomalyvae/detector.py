@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import warnings
@@ -45,6 +46,9 @@ class VAEAnomalyDetector:
         :func:`anomalyvae.data.infer_preprocessing`) or taken from the array shape.
     channels : {1, 3}, optional
         By default 3 only when the training images carry colour.
+    normalization, window_center, window_width, percentile_low, percentile_high
+        Intensity normalization of stored values (medical images): "none",
+        "minmax", "percentile" or "window"; see :class:`anomalyvae.io.Preprocessing`.
     hidden_channels : tuple of int
         Encoder channels per stage (each stage halves the resolution).
     latent_dim : int
@@ -94,6 +98,11 @@ class VAEAnomalyDetector:
         *,
         image_size: int | tuple[int, int] | None = None,
         channels: int | None = None,
+        normalization: str = "none",
+        window_center: float | None = None,
+        window_width: float | None = None,
+        percentile_low: float = 1.0,
+        percentile_high: float = 99.0,
         hidden_channels: tuple[int, ...] = (32, 64, 128, 256),
         latent_dim: int = 64,
         beta: float = 1.0,
@@ -117,6 +126,11 @@ class VAEAnomalyDetector:
     ) -> None:
         self.image_size = image_size
         self.channels = channels
+        self.normalization = normalization
+        self.window_center = window_center
+        self.window_width = window_width
+        self.percentile_low = percentile_low
+        self.percentile_high = percentile_high
         self.hidden_channels = hidden_channels
         self.latent_dim = latent_dim
         self.beta = beta
@@ -238,7 +252,14 @@ class VAEAnomalyDetector:
         paths = [Path(p) for p in X]
         if not paths:
             raise DatasetError("no training images given")
-        self.preprocessing_ = infer_preprocessing(paths, self.channels, self.image_size)
+        self.preprocessing_ = dataclasses.replace(
+            infer_preprocessing(paths, self.channels, self.image_size),
+            normalization=self.normalization,
+            window_center=self.window_center,
+            window_width=self.window_width,
+            percentile_low=self.percentile_low,
+            percentile_high=self.percentile_high,
+        )
         images, kept, errors = read_images(paths, self.preprocessing_, on_error="warn")
         if not kept:
             raise DatasetError(f"none of the {len(paths)} training files could be read")

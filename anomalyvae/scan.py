@@ -36,7 +36,9 @@ from anomalyvae.io import (
     intensities,
     preprocess,
     read_image,
+    read_volume,
 )
+from anomalyvae.medical import is_nifti, normalize_intensity
 from anomalyvae.runtime import OnnxDetector
 
 #: Exit codes of ``anomalyvae scan`` (documented in docs/cli.md).
@@ -232,6 +234,8 @@ def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
         "error": "",
     }
     try:
+        if is_nifti(path):
+            return _decode_volume(index, path, spec, info)
         decoded = read_image(path)
         info.update(
             width=decoded.width,
@@ -245,6 +249,30 @@ def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
     except Exception as error:  # a decoder bug must not stop a 100,000-file scan
         info["error"] = f"unexpected {type(error).__name__}: {error}"
     return Decoded(index, None, info)
+
+
+def _decode_volume(index: int, path: Path, spec: Preprocessing, info: dict[str, Any]) -> Decoded:
+    """All slices of a NIfTI volume as a (slices, c, h, w) stack, normalized per volume."""
+    volume = read_volume(path)
+    data = volume.data[..., None]  # (slices, h, w, 1)
+    method = "minmax" if spec.normalization == "none" else spec.normalization
+    scaled = normalize_intensity(
+        data,
+        method,
+        spec.window_center,
+        spec.window_width,
+        spec.percentile_low,
+        spec.percentile_high,
+    )
+    stack = np.stack([preprocess(plane, spec) for plane in scaled])
+    info.update(
+        width=int(data.shape[2]),
+        height=int(data.shape[1]),
+        channels=1,
+        bit_depth=volume.bit_depth,
+        slices=int(len(stack)),
+    )
+    return Decoded(index, stack, info)
 
 
 def _stream(
@@ -320,10 +348,12 @@ def _save_heatmap(
     anomaly_map: NDArray[np.float32],
     pixel_threshold: float,
     vmax: float,
+    pixels: NDArray[np.float32] | None = None,
 ) -> None:
     import io as _io
 
-    image = heatmap_overlay(read_image(path).pixels, anomaly_map, pixel_threshold, vmax)
+    source = read_image(path).pixels if pixels is None else pixels
+    image = heatmap_overlay(source, anomaly_map, pixel_threshold, vmax)
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")
     _atomic_write_bytes(out_path, buffer.getvalue())
@@ -431,9 +461,19 @@ def scan(
         good = [d for d in batch if d.pixels is not None]
         result = None
         if good:
-            result = detector.predict_arrays(np.stack([d.pixels for d in good]), threshold)
-        position = {d.index: k for k, d in enumerate(good)}
+            # a volume contributes one model input per slice
+            stacked = np.concatenate(
+                [d.pixels if "slices" in d.info else d.pixels[None] for d in good]
+            )
+            result = detector.predict_arrays(stacked, threshold)
+        position, offset = {}, 0
+        for d in good:
+            position[d.index] = offset
+            offset += d.info.get("slices", 1)
         for item in batch:
+            if "slices" in item.info and item.index in position:
+                rows.extend(_volume_rows(item, position[item.index], result))
+                continue
             path, relative, size, mtime = todo[item.index]
             row = {
                 "path": display_path(path),
@@ -480,6 +520,54 @@ def scan(
         if len(rows) >= config.chunk_rows:
             flush()
 
+    def _volume_rows(item: Decoded, start: int, result: Any) -> list[dict[str, Any]]:
+        """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice)."""
+        path, relative, size, mtime = todo[item.index]
+        n = int(item.info["slices"])
+        worst = int(np.argmax(result.score[start : start + n]))
+        out = []
+        for k in [*range(n), worst]:
+            anomaly_map = result.anomaly_map[start + k, 0]
+            h, w = anomaly_map.shape
+            py, px = divmod(int(anomaly_map.argmax()), w)
+            out.append(
+                {
+                    "path": display_path(path),
+                    "relative_path": f"{relative}#slice={k:04d}",
+                    "file_size": size,
+                    "mtime": mtime,
+                    "width": item.info["width"],
+                    "height": item.info["height"],
+                    "channels": 1,
+                    "bit_depth": item.info["bit_depth"],
+                    "score": float(result.score[start + k]),
+                    "normalized_score": float(result.normalized_score[start + k]),
+                    "is_anomaly": bool(result.is_anomaly[start + k]),
+                    "threshold": threshold,
+                    "peak_x": (px + 0.5) * item.info["width"] / w,
+                    "peak_y": (py + 0.5) * item.info["height"] / h,
+                    "anomalous_area": float((anomaly_map > pixel_threshold).mean()),
+                    "heatmap": "",
+                    "error": "",
+                    "model_hash": detector.model_hash,
+                }
+            )
+        volume = out[-1]
+        volume["relative_path"] = relative  # the volume row: max over slices
+        if heatmap_mode == "all" or (heatmap_mode == "anomalies" and volume["is_anomaly"]):
+            name = Path("heatmaps") / _heatmap_name(f"{relative}#slice={worst:04d}")
+            plane = normalize_intensity(read_volume(path).data[worst][..., None], "minmax")
+            _save_heatmap(
+                path,
+                output / name,
+                result.anomaly_map[start + worst, 0],
+                pixel_threshold,
+                vmax,
+                pixels=plane,
+            )
+            volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
+        return out
+
     scan_started = time.monotonic()
     try:
         in_flight = max(2 * config.batch_size, 4 * config.workers)
@@ -497,7 +585,8 @@ def scan(
 
     table = _read_parts(parts_dir)
     present = {display_path(p.relative_to(folder)) for p in paths}
-    table = table[table["relative_path"].isin(present)]
+    # a volume's slice rows ("name#slice=NNNN") belong to the file "name"
+    table = table[table["relative_path"].str.split("#slice=").str[0].isin(present)]
     table = table.sort_values("relative_path", kind="stable").reset_index(drop=True)
     if n_top:
         table = _top_heatmaps(detector, folder, output, table, paths, n_top, pixel_threshold, vmax)

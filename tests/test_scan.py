@@ -302,3 +302,23 @@ def test_report_renders_in_headless_chromium(onnx_model, synthetic_root, tmp_pat
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape == (1600, 1200)
     assert image.std() > 10  # rendered content, not a blank page
+
+
+def test_nifti_volume_scored_per_slice_and_per_volume(onnx_model, tmp_path):
+    import nibabel
+
+    rng = np.random.default_rng(0)
+    volume = rng.random((40, 40, 5)).astype(np.float32) * 1000
+    volume[10:20, 10:20, 3] = 5000  # a bright block in slice 3
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(folder / "ct.nii.gz"))
+    _png(folder / "plain.png")
+    scan(onnx_model, folder, tmp_path / "out", ScanConfig(heatmaps="all"), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    slices = [f"ct.nii.gz#slice={k:04d}" for k in range(5)]
+    assert set(table.index) == {"ct.nii.gz", "plain.png", *slices}
+    assert table.loc["ct.nii.gz", "score"] == table.loc[slices, "score"].max()
+    assert table.loc["ct.nii.gz", "heatmap"].endswith(".heatmap.png")
+    again = scan(onnx_model, folder, tmp_path / "out", progress=False)
+    assert again.n_scored_now == 0

@@ -1,6 +1,7 @@
 """PneumoniaMNIST benchmark: a VAE on normal chest X-rays, pneumonia as the anomaly.
 
-    python pipelines/pneumonia/run.py [--data ../shared/datasets/pneumoniamnist] [--out reports/pneumonia]
+    python pipelines/pneumonia/run.py [--data ../shared/datasets/pneumoniamnist]
+                                      [--out reports/pneumonia]
 
 As the dataset's ABOUT.md prescribes: train on train/good (normal only), calibrate on val
 (labelled: F1-optimal threshold per method), evaluate on test. Every map and score kind
