@@ -1,0 +1,126 @@
+"""MTD experiments on a trained checkpoint: post-hoc scoring variants, measured and recorded.
+
+    python pipelines/mtd/experiments.py [--checkpoint runs/mtd/model.pt]
+
+Each variant changes only how the trained VAE's output is turned into maps and scores
+(smoothing, top-k share, per-pixel normalization of the map by the statistics of the
+held-out normal maps, the image ELBO), so all run in minutes on one checkpoint. Results
+are appended to the experiment log reports/mtd/experiments.md (kept or dropped, with the
+numbers) and reports/mtd/experiments.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+import torch  # noqa: E402
+from common import load_test, machine  # noqa: E402
+
+from anomalyvae.data import split_file_samples  # noqa: E402
+from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.io import read_images  # noqa: E402
+from anomalyvae.maps import ScoringConfig, gaussian_blur  # noqa: E402
+from anomalyvae.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
+
+
+def topk(maps: np.ndarray, fraction: float) -> np.ndarray:
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return np.sort(flat, axis=1)[:, -k:].mean(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "mtd")
+    args = parser.parse_args()
+    detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
+    train = split_file_samples(args.data, "train")
+    val_index, _ = detector.split_indices(len(train))
+    val_x, _, _ = read_images([train[i].path for i in val_index], detector.preprocessing_)
+    test = split_file_samples(args.data, "test")
+    images, labels, _, masks, has_mask = load_test(test, detector, 0.5)
+
+    rows = []
+
+    def record(name: str, scores: np.ndarray, maps: np.ndarray | None, note: str) -> None:
+        row = {
+            "variant": name,
+            "image_auroc": image_metrics(labels, scores)["image_auroc"],
+            "note": note,
+        }
+        if maps is not None:
+            row["pixel_auroc"] = pixel_auroc(masks[has_mask], maps[has_mask], 1_000_000)
+            row["aupro"] = aupro(masks[has_mask], maps[has_mask], max_negatives=1_000_000)
+        rows.append(row)
+        print(row, flush=True)
+
+    for map_kind in ("nll", "recon", "ssim"):
+        for sigma in (0.0, 2.0, 4.0):
+            detector.scoring_ = ScoringConfig(map_kind, "max", sigma, 0.01)
+            _, val_maps = detector.score_and_map(val_x)
+            _, maps = detector.score_and_map(images)
+            record(
+                f"{map_kind}, sigma {sigma:g}, top-1 %", topk(maps, 0.01), maps, "smoothing sweep"
+            )
+            if sigma != 2.0:
+                continue
+            record(f"{map_kind}, sigma 2, top-0.1 %", topk(maps, 0.001), None, "top-k sweep")
+            record(f"{map_kind}, sigma 2, top-5 %", topk(maps, 0.05), None, "top-k sweep")
+            mean = val_maps.mean(0)
+            std = gaussian_blur(torch.from_numpy(val_maps.std(0)[None, None]), 4.0)[0, 0]
+            zmaps = (maps - mean) / (std.numpy() + 1e-6)
+            record(
+                f"{map_kind}, sigma 2, per-pixel z-score vs held-out normals, top-1 %",
+                topk(zmaps, 0.01),
+                zmaps,
+                "removes position-dependent error (borders)",
+            )
+    detector.scoring_ = ScoringConfig("nll", "elbo", 2.0, 0.01)
+    record("image ELBO", detector.anomaly_score(images), None, "global likelihood")
+
+    best = max(rows, key=lambda r: r["image_auroc"])
+    payload = {"machine": machine(), "checkpoint": str(args.checkpoint), "rows": rows, "best": best}
+    (args.out / "experiments.json").write_text(json.dumps(payload, indent=2, default=float))
+    fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "# MTD experiment log",
+        "",
+        "Produced by `python pipelines/mtd/experiments.py` on the checkpoint trained by "
+        "`pipelines/mtd/run.py`; every number below comes from that run. Earlier probes "
+        "quoted from the issue (not rerun here): a plain 5M-parameter conv VAE at 128 px "
+        "reached 0.57 image / 0.62 pixel AUROC, a fully convolutional VAE on 64 px crops "
+        "0.55-0.61 / 0.56-0.59.",
+        "",
+        f"Machine: {machine()}",
+        "",
+        "| variant | image AUROC | pixel AUROC | AUPRO | note |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['variant']} | {fmt(r['image_auroc'])} | {fmt(r.get('pixel_auroc'))} | "
+            f"{fmt(r.get('aupro'))} | {r['note']} |"
+            for r in rows
+        ],
+        "",
+        f"Best image AUROC: **{best['variant']}** ({best['image_auroc']:.3f}). Targets: "
+        "0.95 image AUROC, 0.95 pixel AUROC, 0.85 AUPRO — not met by any variant here.",
+        "",
+    ]
+    (args.out / "experiments.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
