@@ -69,6 +69,23 @@ def _silent_option(func: Any) -> Any:
     return click.option("--silent", is_flag=True, help="No progress bars.")(func)
 
 
+def _labelled_data_options(func: Any) -> Any:
+    """--subset and --mask-threshold, shared by the commands that read labelled sets."""
+    func = click.option(
+        "--mask-threshold",
+        type=click.FloatRange(0, 1),
+        default=0.0,
+        show_default=True,
+        help="Mask values above this fraction of full scale are defect (0.5 for soft masks).",
+    )(func)
+    return click.option(
+        "--subset",
+        default="test",
+        show_default=True,
+        help="Subfolder of an MVTec-style DATA to use (e.g. test or val).",
+    )(func)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -231,19 +248,7 @@ def train(
     default=None,
     help="For normal_quantile [default: the model's].",
 )
-@click.option(
-    "--subset",
-    default="test",
-    show_default=True,
-    help="Subfolder of an MVTec-style DATA to use (e.g. val).",
-)
-@click.option(
-    "--mask-threshold",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    help="Mask values above this fraction of full scale are defect.",
-)
+@_labelled_data_options
 @_silent_option
 def calibrate(
     checkpoint: Path,
@@ -287,19 +292,7 @@ def calibrate(
     show_default=True,
     help="Folder for the results.",
 )
-@click.option(
-    "--subset",
-    default="test",
-    show_default=True,
-    help="Subfolder of an MVTec-style DATA to evaluate.",
-)
-@click.option(
-    "--mask-threshold",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    help="Mask values above this fraction of full scale are defect (0.5 for soft masks).",
-)
+@_labelled_data_options
 @_silent_option
 def evaluate(
     checkpoint: Path, data: Path, output: Path, subset: str, mask_threshold: float, silent: bool
