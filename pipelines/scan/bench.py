@@ -165,7 +165,7 @@ def main() -> None:
         "",
         "| folder | files | model only img/s | end to end, threads | end to end, processes |",
         "|---|---|---|---|---|",
-        line("MTD (JPEG, 103-632 px)", results["mtd"]),
+        line("MTD folder (JPEG tiles 103-632 px + their PNG masks)", results["mtd"]),
         line("synthetic PNG 128 px", results["synthetic"]),
         "",
         "Peak resident memory of a whole scan (fresh process each):",
