@@ -20,7 +20,9 @@ from anomalyvae.io import (
     find_images,
     is_grayscale,
     read_image,
+    read_volume,
 )
+from anomalyvae.medical import is_nifti
 
 NORMAL_TYPE = "good"
 
@@ -159,6 +161,10 @@ def infer_preprocessing(
     shapes, colour = [], False
     for path in probe:
         try:
+            if is_nifti(path):  # a volume: judge its slices
+                data = read_volume(path).data
+                shapes.append(min(data.shape[1], data.shape[2]))
+                continue
             decoded = read_image(path)
         except ImageReadError:
             continue  # reported when the training images are loaded

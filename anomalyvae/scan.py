@@ -37,6 +37,7 @@ from anomalyvae.io import (
     preprocess,
     read_image,
     read_volume,
+    volume_slices,
 )
 from anomalyvae.medical import is_nifti, normalize_intensity
 from anomalyvae.runtime import OnnxDetector
@@ -253,24 +254,10 @@ def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
 
 def _decode_volume(index: int, path: Path, spec: Preprocessing, info: dict[str, Any]) -> Decoded:
     """All slices of a NIfTI volume as a (slices, c, h, w) stack, normalized per volume."""
-    volume = read_volume(path)
-    data = volume.data[..., None]  # (slices, h, w, 1)
-    method = "minmax" if spec.normalization == "none" else spec.normalization
-    scaled = normalize_intensity(
-        data,
-        method,
-        spec.window_center,
-        spec.window_width,
-        spec.percentile_low,
-        spec.percentile_high,
-    )
-    stack = np.stack([preprocess(plane, spec) for plane in scaled])
+    stack = volume_slices(path, spec)
+    shape = read_volume(path).data.shape
     info.update(
-        width=int(data.shape[2]),
-        height=int(data.shape[1]),
-        channels=1,
-        bit_depth=volume.bit_depth,
-        slices=int(len(stack)),
+        width=int(shape[2]), height=int(shape[1]), channels=1, bit_depth=32, slices=int(len(stack))
     )
     return Decoded(index, stack, info)
 
@@ -554,6 +541,12 @@ def scan(
             )
         volume = out[-1]
         volume["relative_path"] = relative  # the volume row: max over slices
+        if config.save_maps:
+            _save_volume_map(
+                path,
+                output / "maps" / (relative + ".map.nii.gz"),
+                result.anomaly_map[start : start + n, 0],
+            )
         if heatmap_mode == "all" or (heatmap_mode == "anomalies" and volume["is_anomaly"]):
             name = Path("heatmaps") / _heatmap_name(f"{relative}#slice={worst:04d}")
             plane = normalize_intensity(read_volume(path).data[worst][..., None], "minmax")
@@ -619,6 +612,27 @@ def _save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:
     buffer = _io.BytesIO()
     np.savez_compressed(buffer, anomaly_map=anomaly_map)
     _atomic_write_bytes(path, buffer.getvalue())
+
+
+def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) -> None:
+    """Write a volume's slice maps, resized to the slices, as NIfTI with the source affine."""
+    import nibabel
+
+    volume = read_volume(source)
+    _, height, width = volume.data.shape
+    planes = [
+        np.asarray(
+            Image.fromarray(m.astype(np.float32), mode="F").resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for m in maps
+    ]
+    data = np.moveaxis(np.stack(planes), 0, 2)  # back to the source's (x, y, slice) order
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{os.getpid()}.{out_path.name}")
+    nibabel.save(nibabel.Nifti1Image(data.astype(np.float32), volume.affine), str(tmp))
+    os.replace(tmp, out_path)
 
 
 def _top_heatmaps(

@@ -145,3 +145,73 @@ def test_window_normalization_uses_stored_sixteen_bit_values(tmp_path):
     assert np.isclose(out, 0.25).any()
     with pytest.raises(ValueError, match="window_center"):
         Preprocessing(channels=1, height=8, width=8, normalization="window")
+
+
+def test_cli_trains_on_volumes_and_scans_dicom_and_nifti(tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from anomalyvae.cli import main
+
+    rng = np.random.default_rng(0)
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(3):
+        volume = np.zeros((32, 32, 10), np.float32)
+        volume[4:28, 4:28, 1:9] = rng.normal(500, 30, (24, 24, 8))  # slices 0 and 9 are air
+        _nifti(train / f"normal{i}.nii.gz", volume)
+    runner = CliRunner()
+    model = tmp_path / "model.pt"
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            str(train),
+            "-o",
+            str(model),
+            "--epochs",
+            "2",
+            "--latent-dim",
+            "8",
+            "--target-fpr",
+            "0.3",
+            "--silent",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Trained on 20 images (4 held out)" in result.output  # 24 slices, air skipped
+    onnx_path = tmp_path / "model.onnx"
+    assert runner.invoke(main, ["export", str(model), "-o", str(onnx_path)]).exit_code == 0
+
+    scan_dir = tmp_path / "incoming"
+    scan_dir.mkdir()
+    shutil.copy(_testdata("CT_small.dcm"), scan_dir / "ct.dcm")
+    shutil.copy(_testdata("MR_small.dcm"), scan_dir / "MR0001")  # extensionless DICOM
+    shutil.copy(_testdata("rtplan.dcm"), scan_dir / "plan.dcm")  # no pixel data
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    _nifti(scan_dir / "patient.nii.gz", rng.normal(500, 30, (32, 32, 4)).astype(np.float32), affine)
+    out = tmp_path / "scan"
+    result = runner.invoke(
+        main,
+        [
+            "scan",
+            str(onnx_path),
+            str(scan_dir),
+            "-o",
+            str(out),
+            "--save-maps",
+            "--device",
+            "cpu",
+            "--silent",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out / "results.parquet").set_index("relative_path")
+    assert {"ct.dcm", "MR0001", "plan.dcm", "patient.nii.gz", "patient.nii.gz#slice=0003"} <= set(
+        table.index
+    )
+    assert table.loc["ct.dcm", "error"] == "" and table.loc["ct.dcm", "bit_depth"] == 16
+    assert "no pixel data" in table.loc["plan.dcm", "error"]
+    saved = nibabel.load(str(out / "maps" / "patient.nii.gz.map.nii.gz"))
+    assert saved.shape == (32, 32, 4)
+    np.testing.assert_allclose(saved.affine, affine)
