@@ -48,6 +48,8 @@ class _Group(click.Group):
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)  # also MODEL files
+_IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -227,7 +229,7 @@ def train(
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=_CHECKPOINT)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
@@ -282,7 +284,7 @@ def calibrate(
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=_CHECKPOINT)
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
@@ -351,7 +353,7 @@ def demo(output: Path, epochs: int, seed: int, silent: bool) -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=_CHECKPOINT)
 @click.option(
     "-o",
     "--output",
@@ -413,7 +415,7 @@ def export(
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=_CHECKPOINT)
 @click.argument(
     "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -443,7 +445,7 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", type=_CHECKPOINT)
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "-o",
@@ -555,10 +557,6 @@ def report(results: Path, output: Path | None) -> None:
     from anomalyvae.report import report_from_results
 
     click.echo(f"Wrote {report_from_results(results, output)}")
-
-
-_CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)
-_IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @main.command(context_settings=CONTEXT)

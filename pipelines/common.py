@@ -7,6 +7,7 @@ calibration), so the pipelines double as end-to-end tests on real data.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -28,6 +29,15 @@ from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.io import read_image, read_images, read_mask  # noqa: E402
 from anomalyvae.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
+
+
+def shown(path: Path) -> str:
+    """A path as reports show it: relative to the repository, never a machine path."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
+    except ValueError:  # another drive
+        return Path(path).name
 
 
 def machine() -> str:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, shown  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
@@ -161,7 +161,7 @@ def main() -> None:
 
     results = {
         "machine": machine(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": shown(args.checkpoint),
         "n_images": len(clean),
         "denoising": denoising,
         "inpainting": inpainting,
@@ -177,7 +177,7 @@ def main() -> None:
         "# Generative uses: denoising and inpainting on MTD test normals",
         "",
         "Produced by `python pipelines/generative/run.py`; every number comes from that run.",
-        f"Machine: {machine()}. Model: {args.checkpoint} "
+        f"Machine: {machine()}. Model: {shown(args.checkpoint)} "
         f"({detector.preprocessing_.height}x{detector.preprocessing_.width}), "
         f"{len(clean)} test normals (seeded choice).",
         "",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import load_test, machine  # noqa: E402
+from common import load_test, machine, shown  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -103,7 +103,12 @@ def main() -> None:
     record("image ELBO", detector.anomaly_score(images), None, "global likelihood")
 
     best = max(rows, key=lambda r: r["image_auroc"])
-    payload = {"machine": machine(), "checkpoint": str(args.checkpoint), "rows": rows, "best": best}
+    payload = {
+        "machine": machine(),
+        "checkpoint": shown(args.checkpoint),
+        "rows": rows,
+        "best": best,
+    }
     (args.out / "experiments.json").write_text(json.dumps(payload, indent=2, default=float))
     fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
     lines = [

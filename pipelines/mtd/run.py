@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     plot_histogram,
     plot_roc,
     score_every_kind,
+    shown,
     tables,
     write_json,
 )
@@ -109,7 +110,7 @@ def main() -> None:
     }
     metrics = {
         "machine": machine(),
-        "data": str(args.data),
+        "data": shown(args.data),
         "n_train": detector.data_summary_["n_train"],
         "n_val": detector.data_summary_["n_val"],
         "n_test": len(test),

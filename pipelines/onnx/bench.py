@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, shown  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -138,7 +138,7 @@ def main() -> None:
         }
     results = {
         "machine": machine(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": shown(args.checkpoint),
         "input": [spec.channels, spec.height, spec.width],
         "batch_size": args.batch_size,
         "rounds": args.rounds,

@@ -22,7 +22,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import Scored, machine, overview, pca_baseline, plot_histogram, plot_roc  # noqa: E402
+from common import (  # noqa: E402
+    Scored,
+    machine,
+    overview,
+    pca_baseline,
+    plot_histogram,
+    plot_roc,
+    shown,
+)
 
 from anomalyvae.calibration import threshold_from_labels  # noqa: E402
 from anomalyvae.data import mvtec_samples  # noqa: E402
@@ -99,7 +107,7 @@ def main() -> None:
 
     metrics = {
         "machine": machine(),
-        "data": str(args.data),
+        "data": shown(args.data),
         "n_train": detector.data_summary_["n_train"],
         "n_val_holdout_from_train": detector.data_summary_["n_val"],
         "n_calibration_val": len(val),
