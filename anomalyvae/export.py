@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from anomalyvae import __version__
 from anomalyvae.detector import VAEAnomalyDetector
+from anomalyvae.io import atomic_write_bytes
 from anomalyvae.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.model import VAEOutput, count_parameters
 from anomalyvae.runtime import (
@@ -305,19 +306,12 @@ FP16_TOLERANCE = 2e-2
 _VAE_SCOPE = "/scoring/model/"
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Path:
     """Write model and JSON sidecar (same metadata, prefix dropped) atomically."""
-    _atomic_bytes(path, proto.SerializeToString())
+    atomic_write_bytes(path, proto.SerializeToString())
     sidecar = path.with_suffix(".json")
     data = {k[len(METADATA_PREFIX) :]: _maybe_json(v) for k, v in metadata.items()}
-    _atomic_bytes(sidecar, json.dumps(data, indent=2).encode())
+    atomic_write_bytes(sidecar, json.dumps(data, indent=2).encode())
     return sidecar
 
 

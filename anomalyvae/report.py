@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment
 
+from anomalyvae.io import atomic_write_text
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>anomalyvae QA report</title>
@@ -208,10 +210,7 @@ def write_report(
             model_card=_model_card(summary.get("model", {})),
         )
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(rendered, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, rendered)
     return path
 
 

@@ -32,6 +32,8 @@ from anomalyvae.io import (
     MEDICAL_EXTENSIONS,
     ImageReadError,
     Preprocessing,
+    atomic_path,
+    atomic_write_bytes,
     has_image_name,
     intensities,
     preprocess,
@@ -278,24 +280,12 @@ def _stream(
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_frame(frame: pd.DataFrame, path: Path, kind: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if kind == "parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if kind == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
 
 
 def heatmap_overlay(
@@ -343,7 +333,7 @@ def _save_heatmap(
     image = heatmap_overlay(source, anomaly_map, pixel_threshold, vmax)
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")
-    _atomic_write_bytes(out_path, buffer.getvalue())
+    atomic_write_bytes(out_path, buffer.getvalue())
 
 
 def _heatmap_name(relative: str) -> str:
@@ -586,7 +576,7 @@ def scan(
     _atomic_frame(table, output / "results.parquet", "parquet")
     _atomic_frame(table, output / "results.csv", "csv")
     summary = summarize(table, detector.metadata, len(todo), scan_seconds, config)
-    _atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
 
     from anomalyvae.report import write_report
 
@@ -611,7 +601,7 @@ def _save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:
 
     buffer = _io.BytesIO()
     np.savez_compressed(buffer, anomaly_map=anomaly_map)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) -> None:
@@ -629,10 +619,8 @@ def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) ->
         for m in maps
     ]
     data = np.moveaxis(np.stack(planes), 0, 2)  # back to the source's (x, y, slice) order
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{os.getpid()}.{out_path.name}")
-    nibabel.save(nibabel.Nifti1Image(data.astype(np.float32), volume.affine), str(tmp))
-    os.replace(tmp, out_path)
+    with atomic_path(out_path, keep_suffix=True) as tmp:  # nibabel reads .nii.gz from the name
+        nibabel.save(nibabel.Nifti1Image(data.astype(np.float32), volume.affine), str(tmp))
 
 
 def _top_heatmaps(

@@ -17,7 +17,7 @@ import pandas as pd
 from anomalyvae.calibration import normalize
 from anomalyvae.data import Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.io import MaskError, read_image, read_mask
+from anomalyvae.io import MaskError, atomic_path, atomic_write_text, read_image, read_mask
 from anomalyvae.metrics import evaluation_table
 
 
@@ -162,16 +162,10 @@ def write_evaluation(
         "scoring": detector.scoring_.to_dict(),
         "preprocessing": detector.preprocessing_.to_dict(),
     }
-    _atomic_write(files["metrics_csv"], table.to_csv())
-    _atomic_write(files["metrics_json"], json.dumps(payload, indent=2, default=str))
-    _atomic_write(files["scores_csv"], per_image.to_csv(index=False))
+    atomic_write_text(files["metrics_csv"], table.to_csv())
+    atomic_write_text(files["metrics_json"], json.dumps(payload, indent=2, default=str))
+    atomic_write_text(files["scores_csv"], per_image.to_csv(index=False))
     return files
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class DemoResult(NamedTuple):
@@ -359,11 +353,8 @@ def embed_folder(
         query = embed(detector.model_, load_image(neighbours_of, detector.preprocessing_)[None])
         table["distance"] = np.linalg.norm(codes.mu - query.mu[0], axis=1)
         table = table.sort_values("distance").reset_index(drop=True)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        table.to_parquet(tmp, index=False)
     if plot is not None:
         _plot_embedding(codes.mu, groups, Path(plot))
     return table
