@@ -213,11 +213,7 @@ def export_onnx(
         "score, normalized_score, is_anomaly. Optional input 'threshold' overrides the "
         "calibrated threshold."
     )
-    metadata = build_metadata(detector)
-    metadata[METADATA_PREFIX + "precision"] = precision
-    onnx.helper.set_model_props(proto, metadata)
-    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
-    onnx.helper.set_model_props(proto, metadata)
+    metadata = _stamp(proto, {**build_metadata(detector), METADATA_PREFIX + "precision": precision})
     onnx.checker.check_model(proto, full_check=True)
 
     sidecar = _write_model(proto, path, metadata)
@@ -252,11 +248,25 @@ def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
     names = [i.name for i in proto.graph.input]
     if THRESHOLD_NAME not in names:
         raise ExportError("the traced graph lost its threshold input")
-    proto.graph.initializer.append(
-        numpy_helper.from_array(np.array(value, dtype=np.float32), THRESHOLD_NAME)
-    )
+    default = numpy_helper.from_array(np.array(value, dtype=np.float32), THRESHOLD_NAME)
+    for initializer in proto.graph.initializer:
+        if initializer.name == THRESHOLD_NAME:  # a variant: replace the old default
+            initializer.CopyFrom(default)
+            break
+    else:
+        proto.graph.initializer.append(default)
     if proto.ir_version < 4:
         proto.ir_version = 4
+
+
+def _stamp(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
+    """Replace the model's metadata with ``metadata`` plus a fresh content hash."""
+    metadata = {k: v for k, v in metadata.items() if k != METADATA_PREFIX + "content_hash"}
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
+    onnx.helper.set_model_props(proto, metadata)
+    return metadata
 
 
 def torch_outputs(
@@ -397,11 +407,7 @@ def export_int8(
         )
     metadata = {p.key: p.value for p in proto.metadata_props}
     threshold = float(metadata[METADATA_PREFIX + "threshold"]) * ratio
-    for index, initializer in enumerate(proto.graph.initializer):
-        if initializer.name == THRESHOLD_NAME:
-            proto.graph.initializer[index].CopyFrom(
-                numpy_helper.from_array(np.array(threshold, dtype=np.float32), THRESHOLD_NAME)
-            )
+    _make_threshold_default(proto, threshold)
     metadata.update(
         {
             METADATA_PREFIX + "precision": "int8",
@@ -415,11 +421,7 @@ def export_int8(
             ),
         }
     )
-    metadata.pop(METADATA_PREFIX + "content_hash", None)
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, metadata)
-    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
-    onnx.helper.set_model_props(proto, metadata)
+    metadata = _stamp(proto, metadata)
     onnx.checker.check_model(proto)
     return path, _write_model(proto, path, metadata), ratio
 
