@@ -22,6 +22,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from anomalyvae.medical import (
     NORMALIZATIONS,
     MedicalReadError,
+    Volume,
     is_dicom,
     is_nifti,
     normalize_intensity,
@@ -424,14 +425,20 @@ def read_mask(
 
 
 def volume_slices(
-    path: str | os.PathLike[str], spec: Preprocessing, skip_background: bool = False, axis: int = 2
+    path: str | os.PathLike[str],
+    spec: Preprocessing,
+    skip_background: bool = False,
+    axis: int = 2,
+    volume: Volume | None = None,
 ) -> NDArray[np.float32]:
     """Every slice of a NIfTI volume as model input (slices, c, h, w), normalized per volume.
 
     ``skip_background`` drops slices that are mostly empty (fewer than 10 % of pixels
     above 5 % of the volume's intensity range), as training on air teaches nothing.
+    ``volume`` is the already decoded file, when the caller has it.
     """
-    volume = read_volume(path, axis)
+    if volume is None:
+        volume = read_volume(path, axis)
     method = "minmax" if spec.normalization == "none" else spec.normalization
     scaled = normalize_intensity(
         volume.data[..., None],

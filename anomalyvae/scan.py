@@ -256,8 +256,9 @@ def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
 
 def _decode_volume(index: int, path: Path, spec: Preprocessing, info: dict[str, Any]) -> Decoded:
     """All slices of a NIfTI volume as a (slices, c, h, w) stack, normalized per volume."""
-    stack = volume_slices(path, spec)
-    shape = read_volume(path).data.shape
+    volume = read_volume(path)
+    stack = volume_slices(path, spec, volume=volume)
+    shape = volume.data.shape
     info.update(
         width=int(shape[2]), height=int(shape[1]), channels=1, bit_depth=32, slices=int(len(stack))
     )
@@ -451,41 +452,13 @@ def scan(
             if "slices" in item.info and item.index in position:
                 rows.extend(_volume_rows(item, position[item.index], result))
                 continue
-            path, relative, size, mtime = todo[item.index]
-            row = {
-                "path": display_path(path),
-                "relative_path": relative,
-                "file_size": size,
-                "mtime": mtime,
-                **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
-                "score": np.nan,
-                "normalized_score": np.nan,
-                "is_anomaly": False,
-                "threshold": threshold,
-                "peak_x": np.nan,
-                "peak_y": np.nan,
-                "anomalous_area": np.nan,
-                "heatmap": "",
-                "error": item.info["error"],
-                "model_hash": detector.model_hash,
-            }
+            path, relative, _, _ = todo[item.index]
+            row = _base_row(item, relative)
             if result is not None and item.index in position:
                 k = position[item.index]
+                row.update(_score_fields(result, k, item.info, pixel_threshold))
                 anomaly_map = result.anomaly_map[k, 0]
-                h, w = anomaly_map.shape
-                py, px = divmod(int(anomaly_map.argmax()), w)
-                row.update(
-                    score=float(result.score[k]),
-                    normalized_score=float(result.normalized_score[k]),
-                    is_anomaly=bool(result.is_anomaly[k]),
-                    peak_x=(px + 0.5) * item.info["width"] / w,
-                    peak_y=(py + 0.5) * item.info["height"] / h,
-                    anomalous_area=float((anomaly_map > pixel_threshold).mean()),
-                )
-                wanted = heatmap_mode == "all" or (
-                    heatmap_mode == "anomalies" and row["is_anomaly"]
-                )
-                if wanted:
+                if heatmap_mode == "all" or (heatmap_mode == "anomalies" and row["is_anomaly"]):
                     name = Path("heatmaps") / _heatmap_name(relative)
                     _save_heatmap(path, output / name, anomaly_map, pixel_threshold, vmax)
                     row["heatmap"] = name.as_posix()
@@ -497,38 +470,37 @@ def scan(
         if len(rows) >= config.chunk_rows:
             flush()
 
+    def _base_row(item: Decoded, relative: str) -> dict[str, Any]:
+        """A row with the file's facts and no scores yet (what an unreadable file gets)."""
+        path, _, size, mtime = todo[item.index]
+        return {
+            "path": display_path(path),
+            "relative_path": relative,
+            "file_size": size,
+            "mtime": mtime,
+            **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
+            "score": np.nan,
+            "normalized_score": np.nan,
+            "is_anomaly": False,
+            "threshold": threshold,
+            "peak_x": np.nan,
+            "peak_y": np.nan,
+            "anomalous_area": np.nan,
+            "heatmap": "",
+            "error": item.info["error"],
+            "model_hash": detector.model_hash,
+        }
+
     def _volume_rows(item: Decoded, start: int, result: Any) -> list[dict[str, Any]]:
         """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice)."""
-        path, relative, size, mtime = todo[item.index]
+        path, relative, _, _ = todo[item.index]
         n = int(item.info["slices"])
         worst = int(np.argmax(result.score[start : start + n]))
         out = []
         for k in [*range(n), worst]:
-            anomaly_map = result.anomaly_map[start + k, 0]
-            h, w = anomaly_map.shape
-            py, px = divmod(int(anomaly_map.argmax()), w)
-            out.append(
-                {
-                    "path": display_path(path),
-                    "relative_path": f"{relative}#slice={k:04d}",
-                    "file_size": size,
-                    "mtime": mtime,
-                    "width": item.info["width"],
-                    "height": item.info["height"],
-                    "channels": 1,
-                    "bit_depth": item.info["bit_depth"],
-                    "score": float(result.score[start + k]),
-                    "normalized_score": float(result.normalized_score[start + k]),
-                    "is_anomaly": bool(result.is_anomaly[start + k]),
-                    "threshold": threshold,
-                    "peak_x": (px + 0.5) * item.info["width"] / w,
-                    "peak_y": (py + 0.5) * item.info["height"] / h,
-                    "anomalous_area": float((anomaly_map > pixel_threshold).mean()),
-                    "heatmap": "",
-                    "error": "",
-                    "model_hash": detector.model_hash,
-                }
-            )
+            row = _base_row(item, f"{relative}#slice={k:04d}")
+            row.update(channels=1, **_score_fields(result, start + k, item.info, pixel_threshold))
+            out.append(row)
         volume = out[-1]
         volume["relative_path"] = relative  # the volume row: max over slices
         if config.save_maps:
@@ -602,6 +574,23 @@ def _save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:
     buffer = _io.BytesIO()
     np.savez_compressed(buffer, anomaly_map=anomaly_map)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _score_fields(
+    result: Any, k: int, info: dict[str, Any], pixel_threshold: float
+) -> dict[str, Any]:
+    """Scores of model input ``k``, with the map's peak in the file's own pixels."""
+    anomaly_map = result.anomaly_map[k, 0]
+    h, w = anomaly_map.shape
+    py, px = divmod(int(anomaly_map.argmax()), w)
+    return {
+        "score": float(result.score[k]),
+        "normalized_score": float(result.normalized_score[k]),
+        "is_anomaly": bool(result.is_anomaly[k]),
+        "peak_x": (px + 0.5) * info["width"] / w,
+        "peak_y": (py + 0.5) * info["height"] / h,
+        "anomalous_area": float((anomaly_map > pixel_threshold).mean()),
+    }
 
 
 def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) -> None:
