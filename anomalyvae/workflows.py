@@ -61,7 +61,7 @@ def calibrate_on(
     labels = np.array([s.label for s in samples])
     masks = None
     if method != "normal_quantile" and all(s.mask_path or s.label == 0 for s in samples):
-        masks = _masks(samples, detector, mask_threshold)
+        masks = masks_for(samples, detector, mask_threshold)
     detector.calibrate([s.path for s in samples], labels, masks, method)
     detector.save(output or checkpoint)
     return detector
@@ -102,7 +102,7 @@ def evaluate_on(
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in samples])
     masks = None
     if any(s.mask_path for s in samples):
-        masks = _masks(samples, detector, mask_threshold)
+        masks = masks_for(samples, detector, mask_threshold)
     threshold = getattr(detector, "threshold_", None)
     types = [s.defect_type for s in samples]
     keep = has_mask if masks is not None else None
@@ -124,9 +124,13 @@ def evaluate_on(
     return Evaluation(table, per_image, maps, masks, files)
 
 
-def _masks(
+def masks_for(
     samples: list[Sample], detector: VAEAnomalyDetector, mask_threshold: float
 ) -> np.ndarray:
+    """Defect masks (n, h, w) at model resolution; all-False for samples without a mask.
+
+    Each mask must match its image's size (checked, with both files named).
+    """
     spec = detector.preprocessing_
     out = np.zeros((len(samples), spec.height, spec.width), dtype=bool)
     for i, sample in enumerate(samples):

@@ -26,9 +26,10 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from anomalyvae.calibration import threshold_from_normals  # noqa: E402
 from anomalyvae.data import Sample  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.io import read_image, read_images, read_mask  # noqa: E402
+from anomalyvae.io import read_images  # noqa: E402
 from anomalyvae.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
+from anomalyvae.workflows import masks_for  # noqa: E402
 
 
 def shown(path: Path) -> str:
@@ -70,17 +71,8 @@ def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshol
     """Model-ready test images, labels, types and masks at model resolution."""
     spec = detector.preprocessing_
     images, kept, _ = read_images([s.path for s in samples], spec, on_error="raise")
-    masks = np.zeros((len(samples), spec.height, spec.width), dtype=bool)
+    masks = masks_for(samples, detector, mask_threshold)
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in samples])
-    for i, sample in enumerate(samples):
-        if sample.mask_path is not None:
-            decoded = read_image(sample.path)
-            masks[i] = read_mask(
-                sample.mask_path,
-                (spec.height, spec.width),
-                mask_threshold,
-                expected_shape=(decoded.height, decoded.width),
-            )
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     return images, labels, types, masks, has_mask
@@ -108,6 +100,13 @@ def score_every_kind(
     return results
 
 
+def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
+    """Mean of the largest ``fraction`` of each (h, w) map, as the product's topk_mean."""
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return np.sort(flat, axis=1)[:, -k:].mean(1)
+
+
 def pca_baseline(
     train_images: np.ndarray,
     val_images: np.ndarray,
@@ -130,9 +129,7 @@ def pca_baseline(
         return gaussian_blur(torch.from_numpy(error.astype(np.float32)), sigma)[:, 0].numpy()
 
     def scores_of(maps: np.ndarray) -> np.ndarray:
-        flat = maps.reshape(len(maps), -1)
-        k = max(1, int(round(topk_fraction * flat.shape[1])))
-        return np.sort(flat, axis=1)[:, -k:].mean(1)
+        return topk_mean(maps, topk_fraction)
 
     threshold = threshold_from_normals(scores_of(maps_of(val_images)), target_fpr).value
     test_maps = maps_of(test_images)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import load_test, machine, shown  # noqa: E402
+from common import load_test, machine, shown, topk_mean  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -31,12 +31,6 @@ from anomalyvae.maps import ScoringConfig, gaussian_blur  # noqa: E402
 from anomalyvae.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
-
-
-def topk(maps: np.ndarray, fraction: float) -> np.ndarray:
-    flat = maps.reshape(len(maps), -1)
-    k = max(1, int(round(fraction * flat.shape[1])))
-    return np.sort(flat, axis=1)[:, -k:].mean(1)
 
 
 def main() -> None:
@@ -74,19 +68,22 @@ def main() -> None:
             _, val_maps = detector.score_and_map(val_x)
             _, maps = detector.score_and_map(images)
             record(
-                f"{map_kind}, sigma {sigma:g}, top-1 %", topk(maps, 0.01), maps, "smoothing sweep"
+                f"{map_kind}, sigma {sigma:g}, top-1 %",
+                topk_mean(maps, 0.01),
+                maps,
+                "smoothing sweep",
             )
             if sigma != 2.0:
                 continue
-            record(f"{map_kind}, sigma 2, top-0.1 %", topk(maps, 0.001), None, "top-k sweep")
-            record(f"{map_kind}, sigma 2, top-5 %", topk(maps, 0.05), None, "top-k sweep")
+            record(f"{map_kind}, sigma 2, top-0.1 %", topk_mean(maps, 0.001), None, "top-k sweep")
+            record(f"{map_kind}, sigma 2, top-5 %", topk_mean(maps, 0.05), None, "top-k sweep")
             for margin in (4, 8, 16):
                 inner = maps.copy()
                 inner[:, :margin], inner[:, -margin:] = 0, 0
                 inner[:, :, :margin], inner[:, :, -margin:] = 0, 0
                 record(
                     f"{map_kind}, sigma 2, border margin {margin} px, top-0.1 %",
-                    topk(inner, 0.001),
+                    topk_mean(inner, 0.001),
                     inner,
                     "ignores the tile borders",
                 )
@@ -95,7 +92,7 @@ def main() -> None:
             zmaps = (maps - mean) / (std.numpy() + 1e-6)
             record(
                 f"{map_kind}, sigma 2, per-pixel z-score vs held-out normals, top-1 %",
-                topk(zmaps, 0.01),
+                topk_mean(zmaps, 0.01),
                 zmaps,
                 "removes position-dependent error (borders)",
             )
