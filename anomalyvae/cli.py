@@ -23,6 +23,7 @@ _USER_ERRORS = (
     "anomalyvae.runtime.OnnxModelError",
     "anomalyvae.runtime.OnnxInputError",
     "anomalyvae.export.ExportError",
+    "anomalyvae.ray_engine.RayEngineError",
 )
 
 
@@ -482,6 +483,24 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
     "--fail-on-anomaly", is_flag=True, help="Exit with status 3 when any anomaly is found."
 )
 @click.option("--strict", is_flag=True, help="Exit with status 4 when any file is unreadable.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: a Ray cluster (pip install 'anomalyvae[ray]').",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto) [default: a local Ray].",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Ray inference actors [default: one per GPU, else half the cluster's CPUs].",
+)
 @_silent_option
 def scan(
     model: Path,
@@ -498,6 +517,9 @@ def scan(
     device: str,
     fail_on_anomaly: bool,
     strict: bool,
+    engine: str,
+    address: str | None,
+    ray_workers: int | None,
     silent: bool,
 ) -> None:
     """Score every image under FOLDER with an exported MODEL; write a table and a report.
@@ -510,6 +532,7 @@ def scan(
     \b
     Example:
       anomalyvae scan model.onnx /data/line3/2026-11-25 -o scans/line3 --heatmaps top-50
+      anomalyvae scan model.onnx /shared/archive -o /shared/scans/a --engine ray --address auto
     """
     from anomalyvae.scan import EXIT_ANOMALIES, EXIT_UNREADABLE, ScanConfig
     from anomalyvae.scan import scan as run_scan
@@ -524,7 +547,12 @@ def scan(
         save_maps=save_maps,
         threshold=threshold,
         device=device,
+        engine=engine,
+        address=address,
+        ray_workers=ray_workers,
     )
+    if address and engine != "ray":
+        raise click.UsageError("--address needs --engine ray")
     result = run_scan(model, folder, output, config, progress=not silent)
     click.echo(
         f"{result.n_files} files: {result.n_anomalies} anomalies, {result.n_errors} "

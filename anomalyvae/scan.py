@@ -122,6 +122,16 @@ class ScanConfig:
     chunk_rows : int
         Rows per Parquet part file: what a kill can lose at most (it is redone).
     device : {"auto", "cuda", "cpu"}
+    report_top : int
+        Gallery size of the HTML report.
+    engine : {"local", "ray"}
+        "local" (default) decodes on a pool in this process; "ray" runs decoding as
+        Ray tasks and inference in a Ray actor pool (needs ``anomalyvae[ray]``).
+    address : str or None
+        Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None starts a
+        local Ray instance.
+    ray_workers : int or None
+        Inference actors for the Ray engine (default: one per GPU, else ``workers``).
     """
 
     include: tuple[str, ...] = ()
@@ -135,6 +145,9 @@ class ScanConfig:
     chunk_rows: int = 512
     device: str = "auto"
     report_top: int = 24
+    engine: str = "local"
+    address: str | None = None
+    ray_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -145,6 +158,10 @@ class ScanConfig:
             raise ValueError(f"executor must be 'thread' or 'process', got {self.executor!r}")
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
         top_n(self.heatmaps)  # validates
 
 
@@ -359,6 +376,215 @@ def _read_parts(parts_dir: Path) -> pd.DataFrame:
     return merged.drop_duplicates(subset="relative_path", keep="last")
 
 
+class Job(NamedTuple):
+    """One file still to scan: its position in the to-do list, path and identity."""
+
+    index: int
+    path: Path
+    relative: str
+    size: int
+    mtime: float
+
+
+class PartWriter:
+    """Collects result rows and writes them as numbered Parquet parts, each atomically."""
+
+    def __init__(self, parts_dir: Path, chunk_rows: int) -> None:
+        self.parts_dir = parts_dir
+        self.chunk_rows = chunk_rows
+        self.rows: list[dict[str, Any]] = []
+        self.next_part = 1 + max(
+            (int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")), default=-1
+        )
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            _atomic_frame(
+                _typed(pd.DataFrame(self.rows, columns=list(COLUMNS))),
+                self.parts_dir / f"part-{self.next_part:06d}.parquet",
+                "parquet",
+            )
+            self.next_part += 1
+            self.rows = []
+
+
+class BatchScorer:
+    """Scores decoded files into result rows and writes their heatmaps and maps.
+
+    Both engines use it: the local engine in its main thread, the Ray engine inside
+    each inference actor. ``output`` must be reachable from wherever it runs.
+    """
+
+    def __init__(
+        self, detector: OnnxDetector, output: Path, config: ScanConfig, threshold: float
+    ) -> None:
+        self.detector = detector
+        self.output = output
+        self.config = config
+        self.threshold = threshold
+        self.pixel_threshold = detector.pixel_threshold
+        self.vmax = max(self.pixel_threshold * 2.0, 1e-6)
+
+    def rows(self, batch: Sequence[tuple[Decoded, Job]]) -> list[dict[str, Any]]:
+        """One row per file (a volume: one per slice plus one for the volume)."""
+        good = [(d, job) for d, job in batch if d.pixels is not None]
+        result = None
+        if good:
+            # a volume contributes one model input per slice
+            stacked = np.concatenate(
+                [d.pixels if "slices" in d.info else d.pixels[None] for d, _ in good]
+            )
+            result = self.detector.predict_arrays(stacked, self.threshold)
+        position, offset = {}, 0
+        for d, _ in good:
+            position[d.index] = offset
+            offset += d.info.get("slices", 1)
+        out: list[dict[str, Any]] = []
+        for item, job in batch:
+            if item.index not in position:
+                out.append(self._base_row(item, job, job.relative))
+            elif "slices" in item.info:
+                out.extend(self._volume_rows(item, job, position[item.index], result))
+            else:
+                out.append(self._image_row(item, job, position[item.index], result))
+        return out
+
+    def _wants_heatmap(self, is_anomaly: bool) -> bool:
+        mode = self.config.heatmaps
+        return mode == "all" or (mode == "anomalies" and is_anomaly)
+
+    def _base_row(self, item: Decoded, job: Job, relative: str) -> dict[str, Any]:
+        """A row with the file's facts and no scores yet (what an unreadable file gets)."""
+        return {
+            "path": display_path(job.path),
+            "relative_path": relative,
+            "file_size": job.size,
+            "mtime": job.mtime,
+            **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
+            "score": np.nan,
+            "normalized_score": np.nan,
+            "is_anomaly": False,
+            "threshold": self.threshold,
+            "peak_x": np.nan,
+            "peak_y": np.nan,
+            "anomalous_area": np.nan,
+            "heatmap": "",
+            "error": item.info["error"],
+            "model_hash": self.detector.model_hash,
+        }
+
+    def _image_row(self, item: Decoded, job: Job, k: int, result: Any) -> dict[str, Any]:
+        row = self._base_row(item, job, job.relative)
+        row.update(_score_fields(result, k, item.info, self.pixel_threshold))
+        anomaly_map = result.anomaly_map[k, 0]
+        if self._wants_heatmap(row["is_anomaly"]):
+            name = Path("heatmaps") / _heatmap_name(job.relative)
+            _save_heatmap(
+                job.path, self.output / name, anomaly_map, self.pixel_threshold, self.vmax
+            )
+            row["heatmap"] = name.as_posix()
+        if self.config.save_maps:
+            _save_map(self.output / "maps" / (job.relative + ".npz"), anomaly_map)
+        return row
+
+    def _volume_rows(
+        self, item: Decoded, job: Job, start: int, result: Any
+    ) -> list[dict[str, Any]]:
+        """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice)."""
+        n = int(item.info["slices"])
+        worst = int(np.argmax(result.score[start : start + n]))
+        out = []
+        for k in [*range(n), worst]:
+            row = self._base_row(item, job, f"{job.relative}#slice={k:04d}")
+            row.update(
+                channels=1, **_score_fields(result, start + k, item.info, self.pixel_threshold)
+            )
+            out.append(row)
+        volume = out[-1]
+        volume["relative_path"] = job.relative  # the volume row: max over slices
+        if self.config.save_maps:
+            _save_volume_map(
+                job.path,
+                self.output / "maps" / (job.relative + ".map.nii.gz"),
+                result.anomaly_map[start : start + n, 0],
+            )
+        if self._wants_heatmap(volume["is_anomaly"]):
+            name = Path("heatmaps") / _heatmap_name(f"{job.relative}#slice={worst:04d}")
+            plane = normalize_intensity(read_volume(job.path).data[worst][..., None], "minmax")
+            _save_heatmap(
+                job.path,
+                self.output / name,
+                result.anomaly_map[start + worst, 0],
+                self.pixel_threshold,
+                self.vmax,
+                pixels=plane,
+            )
+            volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
+        return out
+
+
+def _todo(
+    folder: Path, paths: Sequence[Path], parts_dir: Path, model_hash: str, threshold: float
+) -> list[Job]:
+    """The files not yet scored by this model at this threshold (the resume rule)."""
+    done = _read_parts(parts_dir)
+    done_keys = set()
+    if len(done):
+        ok = done[
+            (done["error"] == "")
+            & (done["model_hash"] == model_hash)
+            & (done["threshold"] == threshold)
+        ]
+        done_keys = set(zip(ok["relative_path"], ok["file_size"], ok["mtime"], strict=True))
+    todo: list[Job] = []
+    for path in paths:
+        relative = display_path(path.relative_to(folder))
+        try:
+            stat = path.stat()
+            size, mtime = int(stat.st_size), float(stat.st_mtime)
+        except OSError:
+            size, mtime = -1, float("nan")
+        if (relative, size, mtime) not in done_keys:
+            todo.append(Job(len(todo), path, relative, size, mtime))
+    return todo
+
+
+def _scan_local(
+    scorer: BatchScorer, todo: Sequence[Job], writer: PartWriter, bar: Any
+) -> dict[str, Any]:
+    """The local engine: a decoding pool feeding ONNX Runtime batches in this process."""
+    config = scorer.config
+    pool: Executor = (
+        ThreadPoolExecutor(config.workers)
+        if config.executor == "thread"
+        else ProcessPoolExecutor(config.workers)
+    )
+    batch: list[tuple[Decoded, Job]] = []
+
+    def run_batch() -> None:
+        writer.add(scorer.rows(batch))
+        bar.update(len(batch))
+        batch.clear()
+
+    try:
+        in_flight = max(2 * config.batch_size, 4 * config.workers)
+        paths = [job.path for job in todo]
+        for item in _stream(pool, paths, scorer.detector.preprocessing, in_flight):
+            batch.append((item, todo[item.index]))
+            if len(batch) >= config.batch_size:
+                run_batch()
+        if batch:
+            run_batch()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return {"engine": "local", "workers": config.workers, "executor": config.executor}
+
+
 def scan(
     model: str | os.PathLike[str],
     folder: str | os.PathLike[str],
@@ -369,62 +595,25 @@ def scan(
     """Scan ``folder`` with ``model`` into ``output`` (resuming what is already there).
 
     Writes ``results.parquet``, ``results.csv``, ``summary.json``, ``report.html``,
-    ``heatmaps/`` and ``parts/`` (the resumable record) under ``output``.
+    ``heatmaps/`` and ``parts/`` (the resumable record) under ``output``. With
+    ``config.engine == "ray"`` decoding and inference run on a Ray cluster
+    (:mod:`anomalyvae.ray_engine`); everything else is the same.
     """
     started = time.monotonic()
     folder, output = Path(folder), Path(output)
+    if config.engine == "ray":
+        from anomalyvae.ray_engine import check_ray
+
+        check_ray(config.address)  # before any work: a clear error for a bad address
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
-    pixel_threshold = detector.pixel_threshold
-    vmax = max(pixel_threshold * 2.0, 1e-6)
-    heatmap_mode, n_top = config.heatmaps, top_n(config.heatmaps)
-
     paths = discover(folder, include=config.include, exclude=config.exclude)
     parts_dir = output / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    done = _read_parts(parts_dir)
-    done_keys = set()
-    if len(done):
-        ok = done[
-            (done["error"] == "")
-            & (done["model_hash"] == detector.model_hash)
-            & (done["threshold"] == threshold)
-        ]
-        done_keys = set(zip(ok["relative_path"], ok["file_size"], ok["mtime"], strict=True))
-
-    todo: list[tuple[Path, str, int, float]] = []
-    for path in paths:
-        relative = display_path(path.relative_to(folder))
-        try:
-            stat = path.stat()
-            size, mtime = int(stat.st_size), float(stat.st_mtime)
-        except OSError:
-            size, mtime = -1, float("nan")
-        if (relative, size, mtime) not in done_keys:
-            todo.append((path, relative, size, mtime))
+    todo = _todo(folder, paths, parts_dir, detector.model_hash, threshold)
     n_done = len(paths) - len(todo)
-    next_part = 1 + max(
-        (int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")), default=-1
-    )
-
-    rows: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        nonlocal next_part, rows
-        if rows:
-            _atomic_frame(
-                _typed(pd.DataFrame(rows, columns=list(COLUMNS))),
-                parts_dir / f"part-{next_part:06d}.parquet",
-                "parquet",
-            )
-            next_part += 1
-            rows = []
-
-    pool: Executor = (
-        ThreadPoolExecutor(config.workers)
-        if config.executor == "thread"
-        else ProcessPoolExecutor(config.workers)
-    )
+    writer = PartWriter(parts_dir, config.chunk_rows)
+    scorer = BatchScorer(detector, output, config, threshold)
     bar = tqdm(
         total=len(todo),
         desc="scanning",
@@ -433,109 +622,17 @@ def scan(
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    batch: list[Decoded] = []
-
-    def run_batch() -> None:
-        good = [d for d in batch if d.pixels is not None]
-        result = None
-        if good:
-            # a volume contributes one model input per slice
-            stacked = np.concatenate(
-                [d.pixels if "slices" in d.info else d.pixels[None] for d in good]
-            )
-            result = detector.predict_arrays(stacked, threshold)
-        position, offset = {}, 0
-        for d in good:
-            position[d.index] = offset
-            offset += d.info.get("slices", 1)
-        for item in batch:
-            if "slices" in item.info and item.index in position:
-                rows.extend(_volume_rows(item, position[item.index], result))
-                continue
-            path, relative, _, _ = todo[item.index]
-            row = _base_row(item, relative)
-            if result is not None and item.index in position:
-                k = position[item.index]
-                row.update(_score_fields(result, k, item.info, pixel_threshold))
-                anomaly_map = result.anomaly_map[k, 0]
-                if heatmap_mode == "all" or (heatmap_mode == "anomalies" and row["is_anomaly"]):
-                    name = Path("heatmaps") / _heatmap_name(relative)
-                    _save_heatmap(path, output / name, anomaly_map, pixel_threshold, vmax)
-                    row["heatmap"] = name.as_posix()
-                if config.save_maps:
-                    _save_map(output / "maps" / (relative + ".npz"), anomaly_map)
-            rows.append(row)
-        bar.update(len(batch))
-        batch.clear()
-        if len(rows) >= config.chunk_rows:
-            flush()
-
-    def _base_row(item: Decoded, relative: str) -> dict[str, Any]:
-        """A row with the file's facts and no scores yet (what an unreadable file gets)."""
-        path, _, size, mtime = todo[item.index]
-        return {
-            "path": display_path(path),
-            "relative_path": relative,
-            "file_size": size,
-            "mtime": mtime,
-            **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
-            "score": np.nan,
-            "normalized_score": np.nan,
-            "is_anomaly": False,
-            "threshold": threshold,
-            "peak_x": np.nan,
-            "peak_y": np.nan,
-            "anomalous_area": np.nan,
-            "heatmap": "",
-            "error": item.info["error"],
-            "model_hash": detector.model_hash,
-        }
-
-    def _volume_rows(item: Decoded, start: int, result: Any) -> list[dict[str, Any]]:
-        """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice)."""
-        path, relative, _, _ = todo[item.index]
-        n = int(item.info["slices"])
-        worst = int(np.argmax(result.score[start : start + n]))
-        out = []
-        for k in [*range(n), worst]:
-            row = _base_row(item, f"{relative}#slice={k:04d}")
-            row.update(channels=1, **_score_fields(result, start + k, item.info, pixel_threshold))
-            out.append(row)
-        volume = out[-1]
-        volume["relative_path"] = relative  # the volume row: max over slices
-        if config.save_maps:
-            _save_volume_map(
-                path,
-                output / "maps" / (relative + ".map.nii.gz"),
-                result.anomaly_map[start : start + n, 0],
-            )
-        if heatmap_mode == "all" or (heatmap_mode == "anomalies" and volume["is_anomaly"]):
-            name = Path("heatmaps") / _heatmap_name(f"{relative}#slice={worst:04d}")
-            plane = normalize_intensity(read_volume(path).data[worst][..., None], "minmax")
-            _save_heatmap(
-                path,
-                output / name,
-                result.anomaly_map[start + worst, 0],
-                pixel_threshold,
-                vmax,
-                pixels=plane,
-            )
-            volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
-        return out
-
     scan_started = time.monotonic()
     try:
-        in_flight = max(2 * config.batch_size, 4 * config.workers)
-        for item in _stream(pool, [t[0] for t in todo], detector.preprocessing, in_flight):
-            batch.append(item)
-            if len(batch) >= config.batch_size:
-                run_batch()
-        if batch:
-            run_batch()
-        flush()
+        if config.engine == "ray" and todo:
+            from anomalyvae.ray_engine import scan_on_ray
+
+            engine = scan_on_ray(model, scorer, todo, writer, bar)
+        else:
+            engine = _scan_local(scorer, todo, writer, bar)
+        writer.flush()
     finally:
         bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
     scan_seconds = time.monotonic() - scan_started
 
     table = _read_parts(parts_dir)
@@ -543,11 +640,13 @@ def scan(
     # a volume's slice rows ("name#slice=NNNN") belong to the file "name"
     table = table[table["relative_path"].str.split("#slice=").str[0].isin(present)]
     table = table.sort_values("relative_path", kind="stable").reset_index(drop=True)
+    n_top = top_n(config.heatmaps)
     if n_top:
-        table = _top_heatmaps(detector, folder, output, table, paths, n_top, pixel_threshold, vmax)
+        table = _top_heatmaps(scorer, folder, table, paths, n_top)
     _atomic_frame(table, output / "results.parquet", "parquet")
     _atomic_frame(table, output / "results.csv", "csv")
     summary = summarize(table, detector.metadata, len(todo), scan_seconds, config)
+    summary["engine"] = engine
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
 
     from anomalyvae.report import write_report
@@ -613,24 +712,25 @@ def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) ->
 
 
 def _top_heatmaps(
-    detector: OnnxDetector,
-    folder: Path,
-    output: Path,
-    table: pd.DataFrame,
-    paths: list[Path],
-    n: int,
-    pixel_threshold: float,
-    vmax: float,
+    scorer: BatchScorer, folder: Path, table: pd.DataFrame, paths: list[Path], n: int
 ) -> pd.DataFrame:
     real = {display_path(p.relative_to(folder)): p for p in paths}
     scored = table[table["error"] == ""].nlargest(n, "score")
     for index, row in scored.iterrows():
         if row["heatmap"]:
             continue
-        path = real[row["relative_path"]]
-        result = detector.predict_files([path])
+        path = real.get(row["relative_path"])
+        if path is None or is_nifti(path):
+            continue  # volume rows keep the worst-slice heatmap rule of their scan
+        result = scorer.detector.predict_files([path])
         name = Path("heatmaps") / _heatmap_name(row["relative_path"])
-        _save_heatmap(path, output / name, result.anomaly_map[0, 0], pixel_threshold, vmax)
+        _save_heatmap(
+            path,
+            scorer.output / name,
+            result.anomaly_map[0, 0],
+            scorer.pixel_threshold,
+            scorer.vmax,
+        )
         table.loc[index, "heatmap"] = name.as_posix()
     return table
 
