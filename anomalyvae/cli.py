@@ -191,6 +191,13 @@ def _labelled_data_options(func: Any) -> Any:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Train with N processes (DistributedDataParallel; gloo on CPU, nccl on GPU).",
+)
 @click.option("--resume", is_flag=True, help="Continue the training saved in --output.")
 @_silent_option
 def train(
@@ -209,14 +216,20 @@ def train(
     a killed run continues with --resume.
 
     \b
-    Example:
+    Examples:
       anomalyvae train data/mvtec_like -o model.pt --epochs 100 --time-budget 600
+      anomalyvae train data/mvtec_like -o model.pt --nproc 4
+      torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m anomalyvae train /shared/data -o /shared/model.pt
     """
+    from anomalyvae.train import is_main_process
     from anomalyvae.workflows import train_on
 
     detector = train_on(
         data, output, channels=int(channels) if channels else None, progress=not silent, **params
     )
+    if not is_main_process():
+        return  # under torchrun, rank 0 reports and writes
     summary = detector.training_summary_
     click.echo(
         f"Trained on {detector.data_summary_['n_train']} images "

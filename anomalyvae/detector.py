@@ -22,6 +22,7 @@ from anomalyvae.model import ConvVAE, VAEConfig
 from anomalyvae.train import (
     CheckpointError,
     TrainConfig,
+    is_main_process,
     load_checkpoint,
     resolve_device,
     save_checkpoint,
@@ -63,7 +64,7 @@ class VAEAnomalyDetector:
         False-positive rate of the pixel threshold (segmentation masks).
     val_fraction : float
         Share of the normal images held out for early stopping and calibration.
-    epochs, batch_size, learning_rate, patience, time_budget_s, augment, seed, device
+    epochs, batch_size, learning_rate, patience, time_budget_s, augment, seed, device, nproc
         Training, see :class:`anomalyvae.train.TrainConfig`.
     checkpoint_path : path, optional
         Where ``fit`` writes a checkpoint after every epoch (atomically).
@@ -121,6 +122,7 @@ class VAEAnomalyDetector:
         augment: bool = False,
         seed: int = 0,
         device: str = "cpu",
+        nproc: int = 1,
         checkpoint_path: str | os.PathLike[str] | None = None,
         progress: bool = True,
     ) -> None:
@@ -149,6 +151,7 @@ class VAEAnomalyDetector:
         self.augment = augment
         self.seed = seed
         self.device = device
+        self.nproc = nproc
         self.checkpoint_path = checkpoint_path
         self.progress = progress
 
@@ -184,6 +187,7 @@ class VAEAnomalyDetector:
             augment=self.augment,
             seed=self.seed,
             device=self.device,
+            nproc=self.nproc,
         )
         images, names, n_skipped = self._training_images(X)
         if len(images) < 2:
@@ -225,9 +229,10 @@ class VAEAnomalyDetector:
             "stopped_reason": result.stopped_reason,
             "elapsed_s": result.elapsed_s,
             "epochs_run": len(result.history),
+            "world_size": result.world_size,
         }
         self.calibrate(images[val_index])
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)
         return self
 

@@ -47,6 +47,10 @@ class TrainConfig:
     seed : int
     device : str
         "cpu", "cuda" or "auto".
+    nproc : int
+        Processes to train with DistributedDataParallel on this machine (gloo on the
+        CPU, nccl on GPUs); ``batch_size`` is per process. Under ``torchrun`` the
+        processes come from the launcher instead and this is ignored.
     """
 
     epochs: int = 200
@@ -57,6 +61,7 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     device: str = "cpu"
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -69,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +98,7 @@ class TrainResult(NamedTuple):
     best_epoch: int
     stopped_reason: str
     elapsed_s: float
+    world_size: int = 1
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -149,6 +157,132 @@ def _evaluate(
     return sum(losses) / len(images), sum(elbos) / len(images)
 
 
+# --------------------------------------------------------------------------- distributed
+
+
+def _process_group() -> Any:
+    """``torch.distributed`` when a process group is running, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_main_process() -> bool:
+    """True outside distributed training and on rank 0 inside it (who writes files)."""
+    dist = _process_group()
+    return dist is None or dist.get_rank() == 0
+
+
+def _join_launcher_group(device: torch.device) -> bool:
+    """Start the process group a ``torchrun`` launch describes; True when this did it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _process_group() is not None:
+        return False
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawned_worker(
+    rank: int,
+    world: int,
+    port: int,
+    arguments: dict[str, Any],
+) -> None:
+    """One process of ``nproc`` local training: join the group, train, leave."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    device = resolve_device(arguments["train_config"].device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world
+    )
+    try:
+        settings = dict(arguments)
+        extra = settings.pop("extra")
+        train_x, val_x = settings.pop("train_x"), settings.pop("val_x")
+        train_vae(
+            train_images=train_x.numpy(),
+            val_images=val_x.numpy(),
+            checkpoint_extra=(lambda: dict(extra)) if extra else None,
+            **settings,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_spawned(
+    model_config: VAEConfig,
+    train_config: TrainConfig,
+    train_images: NDArray[np.float32],
+    val_images: NDArray[np.float32],
+    checkpoint_path: str | os.PathLike[str] | None,
+    resume: bool,
+    checkpoint_extra: Callable[[], dict[str, Any]] | None,
+    progress: bool,
+) -> TrainResult:
+    """Train with ``train_config.nproc`` local processes; return rank 0's result.
+
+    The images travel as shared-memory tensors (not copied per process); the result is
+    read back from the checkpoint rank 0 writes.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    scratch = None
+    if checkpoint_path is None:
+        scratch = tempfile.TemporaryDirectory(prefix="anomalyvae-ddp-")
+        checkpoint_path = Path(scratch.name) / "train.pt"
+    arguments = {
+        "model_config": model_config,
+        "train_config": train_config,
+        "train_x": torch.from_numpy(np.ascontiguousarray(train_images)).share_memory_(),
+        "val_x": torch.from_numpy(np.ascontiguousarray(val_images)).share_memory_(),
+        "checkpoint_path": checkpoint_path,
+        "resume": resume,
+        "extra": checkpoint_extra() if checkpoint_extra is not None else {},
+        "progress": progress,
+    }
+    try:
+        mp.spawn(
+            _spawned_worker,
+            args=(train_config.nproc, _free_port(), arguments),
+            nprocs=train_config.nproc,
+            join=True,
+        )
+        saved = load_checkpoint(checkpoint_path)
+    except mp.ProcessRaisedException as error:
+        last = str(error).strip().splitlines()[-1]
+        raise RuntimeError(f"distributed training failed in a worker process: {last}") from error
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    model = ConvVAE(model_config)
+    model.load_state_dict(saved["model_state"])
+    model.eval()
+    training = saved["training"]
+    history = list(training["history"])
+    return TrainResult(
+        model,
+        history,
+        int(training["best_epoch"]),
+        str(training["stopped_reason"]),
+        history[-1]["elapsed_s"] if history else 0.0,
+        int(training.get("world_size", train_config.nproc)),
+    )
+
+
 def train_vae(
     model_config: VAEConfig,
     train_config: TrainConfig,
@@ -177,10 +311,45 @@ def train_vae(
     if len(val_images) == 0:
         raise ValueError("no validation images: hold out at least one normal image")
     device = resolve_device(train_config.device)
+    if train_config.nproc > 1 and _process_group() is None and "WORLD_SIZE" not in os.environ:
+        return _train_spawned(
+            model_config,
+            train_config,
+            train_images,
+            val_images,
+            checkpoint_path,
+            resume,
+            checkpoint_extra,
+            progress,
+        )
+    _join_launcher_group(device)
+    dist = _process_group()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    if dist is not None and device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     torch.manual_seed(train_config.seed)
     generator = torch.Generator().manual_seed(train_config.seed)
     model = ConvVAE(model_config).to(device)
+    # every rank starts from rank 0's weights (DDP also broadcasts them at wrap time)
+    network = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if dist is not None
+        else model
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
+    # Each rank takes its own shard of a seeded shuffle of the training images; the
+    # shards have equal length, so every rank takes the same number of steps.
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(train_images)),
+        num_replicas=world,
+        rank=rank,
+        shuffle=True,
+        seed=train_config.seed,
+    )
     train_x = torch.from_numpy(np.ascontiguousarray(train_images))
     val_x = torch.from_numpy(np.ascontiguousarray(val_images))
 
@@ -215,7 +384,7 @@ def train_vae(
         range(start_epoch, train_config.epochs + 1),
         desc="training",
         unit="epoch",
-        disable=not progress,
+        disable=not progress or rank != 0,
         file=sys.stderr,
         initial=start_epoch - 1,
         total=train_config.epochs,
@@ -223,12 +392,13 @@ def train_vae(
     if start_epoch > train_config.epochs:
         stopped_reason = "already_complete"
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(train_x), generator=generator)
+        network.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
         total_loss, total_elbo, seen = 0.0, 0.0, 0
         for start in range(0, len(order), train_config.batch_size):
             index = order[start : start + train_config.batch_size]
-            if len(index) < 2 and len(order) > 1:
+            if len(index) < 2 and len(train_x) > 1:
                 continue  # BatchNorm needs two samples; drop a last batch of one
             x = train_x[index]
             if train_config.augment:
@@ -238,7 +408,7 @@ def train_vae(
                 if flips[1] < 0.5:
                     x = x.flip(-2)
             x = x.to(device)
-            terms = vae_loss(x, model(x), model_config.beta)
+            terms = vae_loss(x, network(x), model_config.beta)
             loss = terms.loss.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -251,6 +421,14 @@ def train_vae(
             model, val_x, train_config.batch_size, device, model_config.beta
         )
         elapsed = elapsed_before + time.monotonic() - started
+        if dist is not None:
+            # the epoch's totals over all ranks; rank 0's validation and clock decide
+            totals = torch.tensor([total_loss, total_elbo, float(seen)], dtype=torch.float64)
+            dist.all_reduce(totals)
+            total_loss, total_elbo, seen = totals[0].item(), totals[1].item(), int(totals[2])
+            shared = torch.tensor([val_loss, val_elbo, elapsed], dtype=torch.float64)
+            dist.broadcast(shared, src=0)
+            val_loss, val_elbo, elapsed = (float(v) for v in shared)
         pixels = float(np.prod(train_images.shape[1:]))
         record = {
             "epoch": float(epoch),
@@ -277,7 +455,7 @@ def train_vae(
             stopped_reason = "early_stopping"
         elif out_of_time:
             stopped_reason = "time_budget"
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and rank == 0:
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "format_version": CHECKPOINT_VERSION,
@@ -307,6 +485,7 @@ def train_vae(
                 },
                 "calibration": None,
             }
+            state["training"]["world_size"] = world
             if checkpoint_extra is not None:
                 state.update(checkpoint_extra())
             save_checkpoint(state, checkpoint_path)
@@ -318,4 +497,4 @@ def train_vae(
     model.load_state_dict(best_state)
     model.eval()
     total = history[-1]["elapsed_s"] if history else 0.0
-    return TrainResult(model, history, best_epoch, stopped_reason, total)
+    return TrainResult(model, history, best_epoch, stopped_reason, total, world)
