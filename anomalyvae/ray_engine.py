@@ -21,6 +21,7 @@ workers need no access to the model file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -159,6 +160,8 @@ class _Scorer:
 
         from anomalyvae.scan import BatchScorer, ScanConfig
 
+        if isinstance(model_bytes, list):  # [ObjectRef]: fetched here, held by the driver
+            model_bytes = model_bytes[0]
         if isinstance(model_bytes, ray.ObjectRef):
             model_bytes = ray.get(model_bytes)
         folder = Path(tempfile.mkdtemp(prefix="anomalyvae-model-"))
@@ -239,6 +242,9 @@ def scan_on_ray(
     ]
     # enough blocks to keep every actor busy, at most FILES_PER_BLOCK files in each
     n_blocks = min(len(items), max(2 * n_actors, -(-len(items) // FILES_PER_BLOCK)))
+    # Ray Data logs its plan and progress at INFO; the scan has its own progress bar,
+    # and failures surface as exceptions
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the scan shows its own progress bar
     context.enable_auto_log_stats = False
@@ -261,7 +267,8 @@ def scan_on_ray(
             batch_size=config.batch_size,
             batch_format="pandas",
             fn_constructor_kwargs={
-                "model_bytes": model_ref,
+                # nested in a list: a restarted actor fetches it again from the store
+                "model_bytes": [model_ref],
                 "model_hash": scorer.detector.model_hash,
                 "output": str(scorer.output),
                 "config": settings,
