@@ -44,7 +44,12 @@ def _mask_for(image: Path, ground_truth: Path | None, defect_type: str) -> Path 
     if ground_truth is None:
         return None
     folder = ground_truth / defect_type
-    for candidate in (folder / f"{image.stem}_mask.png", folder / f"{image.stem}.png"):
+    if is_nifti(image):  # a volume's mask is a volume: ct01.nii.gz -> ct01_mask.nii.gz
+        base = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
+        names = [f"{base}_mask{ext}" for ext in (".nii.gz", ".nii")] + [image.name]
+    else:
+        names = [f"{image.stem}_mask.png", f"{image.stem}.png"]
+    for candidate in (folder / name for name in names):
         if candidate.exists():
             return candidate
     return None

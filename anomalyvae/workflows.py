@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,9 +16,20 @@ import numpy as np
 import pandas as pd
 
 from anomalyvae.calibration import normalize
-from anomalyvae.data import Sample, discover, make_synthetic_dataset
+from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.io import MaskError, atomic_path, atomic_write_text, read_image, read_mask
+from anomalyvae.io import (
+    ImageReadError,
+    MaskError,
+    atomic_path,
+    atomic_write_text,
+    read_image,
+    read_mask,
+    read_volume,
+    resize,
+    volume_slices,
+)
+from anomalyvae.medical import is_nifti
 from anomalyvae.metrics import evaluation_table
 
 
@@ -90,6 +102,11 @@ def evaluate_on(
     Pixel metrics (pixel AUROC, AUPRO) are computed at model resolution over normal
     images and the defect images that have a mask; masks are read with
     ``mask_threshold`` (0 = any nonzero pixel is defect).
+
+    NIfTI volumes are evaluated slice by slice (rows ``name#slice=NNNN``): a slice of a
+    volume with a mask volume is defective when its mask slice has a defect pixel. A
+    volume whose mask disagrees with it in shape or affine, or that cannot be read, is
+    left out with a warning naming both files, and the evaluation goes on.
     """
     detector = (
         checkpoint
@@ -97,23 +114,43 @@ def evaluate_on(
         else VAEAnomalyDetector.load(checkpoint, progress=progress)
     )
     samples = discover(source, subset)
-    labels = np.array([s.label for s in samples])
-    scores, maps = detector.score_and_map([s.path for s in samples])
-    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in samples])
-    masks = None
-    if any(s.mask_path for s in samples):
-        masks = masks_for(samples, detector, mask_threshold)
+    flat = [s for s in samples if not is_nifti(s.path)]
+    volumes = [s for s in samples if is_nifti(s.path)]
+    labels = np.array([s.label for s in flat], dtype=np.int64)
+    types = [s.defect_type for s in flat]
+    names = [str(s.path) for s in flat]
+    spec = detector.preprocessing_
+    scores = np.zeros(0)
+    maps = np.zeros((0, spec.height, spec.width), np.float32)
+    if flat:
+        scores, maps = detector.score_and_map([s.path for s in flat])
+    has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
+    masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
+    if any(s.mask_path for s in flat):
+        masks = masks_for(flat, detector, mask_threshold)
+    any_mask = any(s.mask_path for s in samples)
+    for sample in volumes:
+        try:
+            unit = volume_units(sample, detector, mask_threshold)
+        except (MaskError, ImageReadError) as error:
+            warnings.warn(f"left out of the evaluation: {error}", UserWarning, stacklevel=2)
+            continue
+        volume_scores, volume_maps = detector.score_and_map(unit.images)
+        scores = np.concatenate([scores, volume_scores])
+        maps = np.concatenate([maps, volume_maps])
+        masks = np.concatenate([masks, unit.masks])
+        labels = np.concatenate([labels, unit.labels])
+        has_mask = np.concatenate([has_mask, unit.has_mask])
+        types += [sample.defect_type] * len(unit.labels)
+        names += [f"{sample.path}#slice={k:04d}" for k in range(len(unit.labels))]
+    if not len(labels):
+        raise DatasetError(f"nothing to evaluate in '{source}': no readable test images")
     threshold = getattr(detector, "threshold_", None)
-    types = [s.defect_type for s in samples]
-    keep = has_mask if masks is not None else None
-    table = evaluation_table(labels, scores, types, threshold, masks, maps, pixel_valid=keep)
+    pixel_masks = masks if any_mask else None
+    keep = has_mask if any_mask else None
+    table = evaluation_table(labels, scores, types, threshold, pixel_masks, maps, pixel_valid=keep)
     per_image = pd.DataFrame(
-        {
-            "path": [str(s.path) for s in samples],
-            "defect_type": types,
-            "label": labels,
-            "score": scores,
-        }
+        {"path": names, "defect_type": types, "label": labels, "score": scores}
     )
     if threshold is not None:
         per_image["normalized_score"] = normalize(scores, threshold)
@@ -121,7 +158,79 @@ def evaluate_on(
     files: dict[str, Path] = {}
     if output_dir is not None:
         files = write_evaluation(table, per_image, detector, Path(output_dir))
-    return Evaluation(table, per_image, maps, masks, files)
+    return Evaluation(table, per_image, maps, pixel_masks, files)
+
+
+class VolumeUnits(NamedTuple):
+    """A NIfTI test volume as evaluation units: its slices, their labels and masks."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    has_mask: np.ndarray
+
+
+def volume_units(
+    sample: Sample, detector: VAEAnomalyDetector, mask_threshold: float = 0.0
+) -> VolumeUnits:
+    """Every slice of ``sample``'s volume with its label and mask at model resolution.
+
+    Raises
+    ------
+    MaskError
+        The mask volume's shape or affine differs from the image volume's (both named).
+    """
+    spec = detector.preprocessing_
+    volume = read_volume(sample.path)
+    images = volume_slices(sample.path, spec, volume=volume)  # all slices, in order
+    n = len(images)
+    masks = np.zeros((n, spec.height, spec.width), dtype=bool)
+    if sample.mask_path is None:
+        labels = np.full(n, sample.label, dtype=np.int64)
+        return VolumeUnits(images, labels, masks, np.full(n, sample.label == 0))
+    masks = read_volume_mask(
+        sample.mask_path, volume, sample.path, (spec.height, spec.width), mask_threshold
+    )
+    labels = masks.reshape(n, -1).any(axis=1).astype(np.int64)
+    return VolumeUnits(images, labels, masks, np.ones(n, dtype=bool))
+
+
+def read_volume_mask(
+    mask_path: str | os.PathLike[str],
+    volume: Any,
+    image_path: str | os.PathLike[str],
+    size: tuple[int, int],
+    threshold: float = 0.0,
+) -> np.ndarray:
+    """A NIfTI mask volume as (slices, h, w) booleans at ``size``, checked against its image.
+
+    The mask must have the image's voxel grid: the same shape and the same affine (to
+    1e-3 mm). ``threshold`` is a fraction of the mask's largest value (label volumes
+    store 0/1 or 0/255).
+    """
+    mask = read_volume(mask_path)
+    if mask.data.shape != volume.data.shape:
+        raise MaskError(
+            f"mask '{mask_path}' has {mask.data.shape[0]} slices of "
+            f"{mask.data.shape[1]}x{mask.data.shape[2]} but its volume '{image_path}' has "
+            f"{volume.data.shape[0]} of {volume.data.shape[1]}x{volume.data.shape[2]}; "
+            "resample the mask onto the image grid (e.g. nibabel.processing."
+            "resample_from_to(mask, image, order=0))"
+        )
+    if not np.allclose(mask.affine, volume.affine, atol=1e-3):
+        raise MaskError(
+            f"mask '{mask_path}' and its volume '{image_path}' have different affines "
+            "(voxel-to-world mappings), so their voxels do not line up; resample the mask "
+            "onto the image grid (e.g. nibabel.processing.resample_from_to(mask, image, "
+            "order=0))"
+        )
+    scale = max(float(mask.data.max()), 1.0)
+    defect = mask.data > threshold * scale
+    out = np.zeros((len(defect), size[0], size[1]), dtype=bool)
+    for k, plane in enumerate(defect):
+        area = resize(plane.astype(np.float32)[:, :, None], size[0], size[1], "area")
+        out[k] = area[:, :, 0] >= 0.5
+    return out
 
 
 def masks_for(

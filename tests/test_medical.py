@@ -73,6 +73,7 @@ def test_unusable_dicom_gives_a_clear_error(name, message):
 
 
 def _nifti(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
     nibabel.save(nibabel.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
 
@@ -215,3 +216,48 @@ def test_cli_trains_on_volumes_and_scans_dicom_and_nifti(tmp_path):
     saved = nibabel.load(str(out / "maps" / "patient.nii.gz.map.nii.gz"))
     assert saved.shape == (32, 32, 4)
     np.testing.assert_allclose(saved.affine, affine)
+
+
+def test_evaluation_of_volumes_with_masks_and_mismatched_pairs(trained, tmp_path):
+    from anomalyvae.workflows import evaluate_on
+
+    detector, _ = trained
+    rng = np.random.default_rng(0)
+    root = tmp_path / "volumes"
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+
+    def volume(defect_slices=()):
+        data = rng.normal(0.5, 0.05, (32, 32, 6)).astype(np.float32)
+        mask = np.zeros((32, 32, 6), np.uint8)
+        for k in defect_slices:
+            data[8:20, 8:20, k] = 1.0
+            mask[8:20, 8:20, k] = 1
+        return data, mask
+
+    good, _ = volume()
+    _nifti(root / "test" / "good" / "normal01.nii.gz", good, affine)
+    bad, bad_mask = volume(defect_slices=(2, 3))
+    _nifti(root / "test" / "lesion" / "case01.nii.gz", bad, affine)
+    _nifti(root / "ground_truth" / "lesion" / "case01_mask.nii.gz", bad_mask, affine)
+    # a mask with another grid, and one with another affine: left out, named, not fatal
+    shape_bad, _ = volume(defect_slices=(1,))
+    _nifti(root / "test" / "lesion" / "case02.nii.gz", shape_bad, affine)
+    _nifti(root / "ground_truth" / "lesion" / "case02_mask.nii.gz", np.zeros((16, 16, 6)), affine)
+    shifted, shifted_mask = volume(defect_slices=(4,))
+    _nifti(root / "test" / "lesion" / "case03.nii.gz", shifted, affine)
+    moved = affine.copy()
+    moved[0, 3] = 5.0
+    _nifti(root / "ground_truth" / "lesion" / "case03_mask.nii.gz", shifted_mask, moved)
+
+    with pytest.warns(UserWarning) as caught:
+        evaluation = evaluate_on(detector, root, progress=False)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "case02_mask.nii.gz' has 6 slices of 16x16" in messages and "case02.nii.gz" in messages
+    assert "different affines" in messages and "case03_mask.nii.gz" in messages
+    rows = evaluation.per_image.set_index("path")
+    assert len(rows) == 12  # the two good volumes' 6 slices each; case02/03 left out
+    lesion = [p for p in rows.index if "case01.nii.gz#slice=" in p]
+    assert [int(rows.loc[p, "label"]) for p in lesion] == [0, 0, 1, 1, 0, 0]
+    assert evaluation.masks is not None and evaluation.masks.shape == (12, 32, 32)
+    assert evaluation.masks[[i for i, p in enumerate(rows.index) if p.endswith("=0002")]].any()
+    assert "pixel_auroc" in evaluation.table.columns
