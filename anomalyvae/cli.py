@@ -165,9 +165,16 @@ def _labelled_data_options(func: Any) -> Any:
 )
 @click.option(
     "--map-kind",
-    type=click.Choice(["recon", "ssim", "nll", "elbo", "elbo_grad"]),
-    default="nll",
+    type=click.Choice(["auto", "recon", "ssim", "nll", "elbo", "elbo_grad"]),
+    default="auto",
     show_default=True,
+    help="auto: ssim for inputs of at most 32 px, nll above.",
+)
+@click.option(
+    "--standardize/--no-standardize",
+    default=True,
+    show_default=True,
+    help="Score each pixel against the training normals' statistics at that pixel.",
 )
 @click.option(
     "--score-kind",

@@ -17,7 +17,13 @@ from numpy.typing import NDArray
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
 from anomalyvae.io import Preprocessing, preprocess, read_images
-from anomalyvae.maps import ScoringConfig, score_batch
+from anomalyvae.maps import (
+    MapStats,
+    ScoringConfig,
+    default_map_kind,
+    fit_map_stats,
+    score_batch,
+)
 from anomalyvae.model import ConvVAE, VAEConfig
 from anomalyvae.train import (
     CheckpointError,
@@ -56,8 +62,11 @@ class VAEAnomalyDetector:
         Size of the latent code.
     beta : float
         KL weight of the beta-VAE objective.
-    map_kind, score_kind, smoothing_sigma, topk_fraction
-        Scoring, see :class:`anomalyvae.maps.ScoringConfig`.
+    map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
+        Scoring, see :class:`anomalyvae.maps.ScoringConfig`. ``map_kind="auto"``
+        (default) takes SSIM for inputs of at most 32 px and NLL above
+        (:func:`anomalyvae.maps.default_map_kind`); ``standardize`` (default on) scores
+        each pixel against the training normals' statistics at that pixel.
     target_fpr : float
         False-positive rate the image threshold aims at on held-out normals.
     pixel_target_fpr : float
@@ -107,10 +116,11 @@ class VAEAnomalyDetector:
         hidden_channels: tuple[int, ...] = (32, 64, 128, 256),
         latent_dim: int = 64,
         beta: float = 1.0,
-        map_kind: str = "nll",
+        map_kind: str = "auto",
         score_kind: str = "topk_mean",
         smoothing_sigma: float = 2.0,
         topk_fraction: float = 0.01,
+        standardize: bool = True,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.005,
         val_fraction: float = 0.15,
@@ -140,6 +150,7 @@ class VAEAnomalyDetector:
         self.score_kind = score_kind
         self.smoothing_sigma = smoothing_sigma
         self.topk_fraction = topk_fraction
+        self.standardize = standardize
         self.target_fpr = target_fpr
         self.pixel_target_fpr = pixel_target_fpr
         self.val_fraction = val_fraction
@@ -175,9 +186,8 @@ class VAEAnomalyDetector:
         """
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        scoring = ScoringConfig(
-            self.map_kind, self.score_kind, self.smoothing_sigma, self.topk_fraction
-        )
+        if self.map_kind != "auto":  # validate before the (long) data loading
+            ScoringConfig(self.map_kind, self.score_kind, self.smoothing_sigma, self.topk_fraction)
         train_config = TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -205,7 +215,13 @@ class VAEAnomalyDetector:
             latent_dim=self.latent_dim,
             beta=self.beta,
         )
-        self.scoring_ = scoring
+        self.scoring_ = ScoringConfig(
+            default_map_kind(spec.height, spec.width) if self.map_kind == "auto" else self.map_kind,
+            self.score_kind,
+            self.smoothing_sigma,
+            self.topk_fraction,
+            self.standardize,
+        )
         self.data_summary_ = {
             "n_train": int(len(train_index)),
             "n_val": int(len(val_index)),
@@ -231,9 +247,34 @@ class VAEAnomalyDetector:
             "epochs_run": len(result.history),
             "world_size": result.world_size,
         }
+        if self.scoring_.standardize:
+            self.fit_map_stats(images[train_index])
         self.calibrate(images[val_index])
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)
+        return self
+
+    def fit_map_stats(self, X: ImagesLike, max_images: int = 1000) -> VAEAnomalyDetector:
+        """Fit the per-pixel normal statistics that ``standardize`` scoring divides by.
+
+        ``fit`` calls it with the training images (at most ``max_images``, a seeded
+        sample). Call it again after changing ``scoring_``'s map kind or smoothing.
+        """
+        self._check_fitted()
+        images = self._load(X)
+        if len(images) > max_images:
+            keep = np.random.default_rng(self.seed).choice(len(images), max_images, replace=False)
+            images = images[np.sort(keep)]
+        raw = dataclasses.replace(self.scoring_, standardize=False)
+        device = resolve_device(self.device)
+        self.model_.to(device).eval()
+        maps = [
+            score_batch(
+                self.model_, torch.from_numpy(images[i : i + self.batch_size]).to(device), raw
+            ).anomaly_map.cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
+        self.map_stats_ = fit_map_stats(torch.cat(maps), raw)
         return self
 
     def split_indices(self, n_images: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -355,7 +396,7 @@ class VAEAnomalyDetector:
         maps, scores = [], []
         for start in range(0, len(images), self.batch_size):
             x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
-            result = score_batch(self.model_, x, self.scoring_)
+            result = score_batch(self.model_, x, self.scoring_, getattr(self, "map_stats_", None))
             maps.append(result.anomaly_map[:, 0].cpu().numpy())
             scores.append(result.score.cpu().numpy())
         if not maps:
@@ -474,6 +515,9 @@ class VAEAnomalyDetector:
                     "history": list(getattr(self, "history_", [])),
                 },
                 "calibration": self._calibration_state(),
+                "map_stats": (
+                    self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None
+                ),
                 "params": _plain(self.get_params()),
                 **self._extra_state(),
             }
@@ -506,6 +550,8 @@ class VAEAnomalyDetector:
             detector.model_ = model.eval()
             detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])
             detector.scoring_ = ScoringConfig.from_dict(state["scoring"])
+            if state.get("map_stats"):
+                detector.map_stats_ = MapStats.from_dict(state["map_stats"])
             detector.data_summary_ = dict(state.get("data") or {})
             training = dict(state.get("training") or {})
             detector.history_ = list(training.pop("history", []))

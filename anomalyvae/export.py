@@ -43,7 +43,8 @@ INPUT_NAME = "image"
 THRESHOLD_NAME = "threshold"
 OUTPUTS_DOC = {
     "anomaly_map": "float32 (N, 1, H, W): per-pixel anomaly, higher = more anomalous, "
-    "smoothed, at model input resolution",
+    "smoothed, at model input resolution; with scoring.standardize, in standard "
+    "deviations above the training normals at that pixel (floored at 0)",
     "score": "float32 (N,): image anomaly score, higher = more anomalous",
     "normalized_score": "float32 (N,): score / threshold; above 1.0 = anomalous",
     "is_anomaly": "bool (N,): score > threshold",
@@ -186,7 +187,9 @@ def export_onnx(
     spec = detector.preprocessing_
     model = detector.model_.to("cpu").eval()
     vae: nn.Module = model if precision == "fp32" else _HalfVAE(model)
-    graph = _ExportGraph(ScoringGraph(vae, detector.scoring_)).eval()
+    graph = _ExportGraph(
+        ScoringGraph(vae, detector.scoring_, getattr(detector, "map_stats_", None))
+    ).eval()
     example = torch.rand(2, spec.channels, spec.height, spec.width)
     threshold = torch.tensor(float(detector.threshold_), dtype=torch.float32)
     buffer = _io.BytesIO()
@@ -273,7 +276,13 @@ def torch_outputs(
     detector: VAEAnomalyDetector, images: NDArray[np.float32], threshold: float | None = None
 ) -> dict[str, NDArray[Any]]:
     """The four outputs computed in torch, for parity checks and benchmarks."""
-    graph = _ExportGraph(ScoringGraph(detector.model_.to("cpu").eval(), detector.scoring_))
+    graph = _ExportGraph(
+        ScoringGraph(
+            detector.model_.to("cpu").eval(),
+            detector.scoring_,
+            getattr(detector, "map_stats_", None),
+        )
+    )
     value = float(detector.threshold_ if threshold is None else threshold)
     with torch.no_grad():
         outs = graph(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(value))

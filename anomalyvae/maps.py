@@ -18,6 +18,9 @@ from anomalyvae.model import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_diver
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
 SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo")
+#: Model inputs at most this many pixels on a side get SSIM maps by default (see
+#: :func:`default_map_kind`).
+SMALL_IMAGE_SIDE = 32
 #: Map kinds whose graph has no input gradient, so they export to ONNX.
 EXPORTABLE_MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo")
 
@@ -37,12 +40,18 @@ class ScoringConfig:
         Gaussian blur of the map in pixels; 0 disables it.
     topk_fraction : float
         Share of pixels averaged by "topk_mean", in (0, 1].
+    standardize : bool
+        Express the smoothed map per pixel in standard deviations above the normal
+        images' mean at that pixel, floored at 0 (:class:`MapStats`, fitted on the
+        training normals). Removes what every normal image has at the same place
+        (edges, anatomy, borders), so what is left is unusual *for that position*.
     """
 
     map_kind: str = "nll"
     score_kind: str = "topk_mean"
     smoothing_sigma: float = 2.0
     topk_fraction: float = 0.01
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         if self.map_kind not in MAP_KINDS:
@@ -60,6 +69,18 @@ class ScoringConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoringConfig:
         return cls(**data)
+
+
+def default_map_kind(height: int, width: int) -> str:
+    """The map kind "auto" resolves to for a model input of ``height`` x ``width``.
+
+    Thumbnail-sized inputs (<= ``SMALL_IMAGE_SIDE``; e.g. 28 px chest X-rays) show a
+    whole scene in a few hundred pixels: a finding changes local structure, which the
+    SSIM map measures, while per-pixel likelihoods are dominated by the decoder's noise
+    model. Larger inputs get the NLL map, which weighs each pixel's error by the
+    variance the decoder expects there. Measured in reports/pneumonia and reports/mtd.
+    """
+    return "ssim" if min(height, width) <= SMALL_IMAGE_SIDE else "nll"
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> Tensor:
@@ -159,6 +180,65 @@ def elbo_grad_map(model: ConvVAE, x: Tensor) -> tuple[Tensor, VAEOutput]:
     return anomaly, detached
 
 
+class MapStats(NamedTuple):
+    """Per-pixel statistics of normal images' smoothed maps, for ``standardize``.
+
+    ``mean`` and ``std`` have shape (1, 1, h, w); ``map_kind`` and ``smoothing_sigma``
+    say which maps they describe (they are only valid for those).
+    """
+
+    mean: Tensor
+    std: Tensor
+    map_kind: str
+    smoothing_sigma: float
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MapStats:
+        return cls(**data)
+
+
+#: The std floor, as a share of the mean std: keeps flat pixels from dividing by ~0.
+STD_FLOOR = 0.05
+
+
+def fit_map_stats(maps: Tensor, config: ScoringConfig) -> MapStats:
+    """Per-pixel mean and (floored) std of smoothed, unstandardized maps (n, 1, h, w)."""
+    if maps.ndim != 4 or len(maps) < 2:
+        raise ValueError(f"need maps of shape (n >= 2, 1, h, w), got {tuple(maps.shape)}")
+    maps = maps.double()
+    mean = maps.mean(0, keepdim=True)
+    std = maps.std(0, keepdim=True)
+    std = torch.sqrt(std**2 + (STD_FLOOR * std.mean()) ** 2 + 1e-24)
+    return MapStats(
+        mean.float(), std.float(), config.map_kind, float(config.smoothing_sigma), len(maps)
+    )
+
+
+def check_stats(stats: MapStats | None, config: ScoringConfig) -> MapStats:
+    """The statistics a standardized ``config`` needs, or a clear error."""
+    if stats is None:
+        raise ValueError(
+            "this scoring standardizes the map but no normal-map statistics were fitted; "
+            "call detector.fit_map_stats(normal_images) (fit() does it)"
+        )
+    if stats.map_kind != config.map_kind or stats.smoothing_sigma != config.smoothing_sigma:
+        raise ValueError(
+            f"the normal-map statistics describe {stats.map_kind!r} maps smoothed with "
+            f"sigma {stats.smoothing_sigma}, not {config.map_kind!r} with sigma "
+            f"{config.smoothing_sigma}; call detector.fit_map_stats(normal_images) again"
+        )
+    return stats
+
+
+def standardize_map(smoothed: Tensor, stats: MapStats) -> Tensor:
+    """Standard deviations above the normal mean at each pixel, floored at 0."""
+    return torch.clamp((smoothed - stats.mean.to(smoothed)) / stats.std.to(smoothed), min=0.0)
+
+
 def topk_count(config: ScoringConfig, n_pixels: int) -> int:
     """How many of ``n_pixels`` map values "topk_mean" averages (at least one)."""
     return max(1, int(round(config.topk_fraction * n_pixels)))
@@ -184,8 +264,14 @@ class ScoreResult(NamedTuple):
     elbo: Tensor
 
 
-def score_batch(model: ConvVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
-    """Anomaly maps and image scores of a batch; the model must be in eval mode."""
+def score_batch(
+    model: ConvVAE, x: Tensor, config: ScoringConfig, stats: MapStats | None = None
+) -> ScoreResult:
+    """Anomaly maps and image scores of a batch; the model must be in eval mode.
+
+    ``stats`` is required when ``config.standardize``; pass ``config`` with
+    ``standardize=False`` to get the raw smoothed maps that :func:`fit_map_stats` takes.
+    """
     if config.map_kind == "elbo_grad":
         raw, output = elbo_grad_map(model, x)
     else:
@@ -194,6 +280,8 @@ def score_batch(model: ConvVAE, x: Tensor, config: ScoringConfig) -> ScoreResult
             raw = map_from_output(x, output, config.map_kind, model.config.logvar_min)
     with torch.no_grad():
         smoothed = gaussian_blur(raw, config.smoothing_sigma)
+        if config.standardize:
+            smoothed = standardize_map(smoothed, check_stats(stats, config))
         elbo = image_elbo(x, output, model.config.logvar_min)
         return ScoreResult(smoothed, reduce_map(smoothed, elbo, config), elbo)
 
@@ -204,7 +292,9 @@ class ScoringGraph(nn.Module):
     Only the gradient-free map kinds (``EXPORTABLE_MAP_KINDS``) are supported.
     """
 
-    def __init__(self, model: ConvVAE, config: ScoringConfig) -> None:
+    def __init__(
+        self, model: ConvVAE, config: ScoringConfig, stats: MapStats | None = None
+    ) -> None:
         super().__init__()
         if config.map_kind not in EXPORTABLE_MAP_KINDS:
             raise ValueError(
@@ -213,10 +303,13 @@ class ScoringGraph(nn.Module):
             )
         self.model = model
         self.config = config
+        self.stats = check_stats(stats, config) if config.standardize else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         output = self.model(x)
         floor = self.model.config.logvar_min
         raw = map_from_output(x, output, self.config.map_kind, floor)
         smoothed = gaussian_blur(raw, self.config.smoothing_sigma)
+        if self.stats is not None:  # constants in the exported graph
+            smoothed = standardize_map(smoothed, self.stats)
         return smoothed, reduce_map(smoothed, image_elbo(x, output, floor), self.config)

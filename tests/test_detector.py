@@ -116,3 +116,20 @@ def test_labelled_recalibration(trained, synthetic_root):
     assert fresh.calibration_.expected_tpr >= 0.8
     with pytest.raises(ValueError, match="method"):
         fresh.calibrate([test[0].path], method="median")
+
+
+def test_standardized_scoring_survives_save_and_load(trained, synthetic_root, tmp_path):
+    import dataclasses
+
+    detector, checkpoint = trained
+    assert detector.scoring_.standardize and detector.scoring_.map_kind == "ssim"  # 32 px: auto
+    assert detector.map_stats_.map_kind == "ssim" and detector.map_stats_.n_images == 85
+    loaded = VAEAnomalyDetector.load(checkpoint)
+    test = [s.path for s in mvtec_samples(synthetic_root, "test")][:8]
+    np.testing.assert_allclose(loaded.anomaly_score(test), detector.anomaly_score(test))
+    # another map kind needs its own statistics, and says so
+    loaded.scoring_ = dataclasses.replace(loaded.scoring_, map_kind="nll")
+    with pytest.raises(ValueError, match="fit_map_stats"):
+        loaded.anomaly_score(test)
+    train = [s.path for s in mvtec_samples(synthetic_root, "train")]
+    assert np.isfinite(loaded.fit_map_stats(train).anomaly_score(test)).all()

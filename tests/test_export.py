@@ -74,8 +74,11 @@ def test_onnx_reproduces_torch_scores_and_verdicts(trained, exported, test_paths
     np.testing.assert_allclose(result.score, scores, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(result.is_anomaly, scores > detector.threshold_)
     np.testing.assert_allclose(result.normalized_score, scores / detector.threshold_, rtol=1e-4)
+    reference = detector.anomaly_map(test_paths)
+    # standardized maps are in standard deviations (values of several units), so float
+    # rounding is judged relative to the map's range
     np.testing.assert_allclose(
-        result.anomaly_map[:, 0], detector.anomaly_map(test_paths), rtol=1e-3, atol=1e-5
+        result.anomaly_map[:, 0], reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max()
     )
     assert runtime.threshold == pytest.approx(detector.threshold_)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,34 @@ def test_scoring_graph_matches_score_batch_and_rejects_gradient_maps():
 def test_scoring_config_validates(bad):
     with pytest.raises(ValueError):
         ScoringConfig(**bad)
+
+
+def test_standardized_maps_subtract_the_normal_pixel_statistics():
+    from anomalyvae.maps import MapStats, check_stats, fit_map_stats, standardize_map
+
+    config = ScoringConfig("nll", standardize=True)
+    rng = np.random.default_rng(0)
+    base = torch.zeros(1, 1, 8, 8)
+    base[..., :, 0] = 5.0  # a bright border every normal image has
+    normals = base + torch.from_numpy(rng.normal(0, 0.1, (50, 1, 8, 8)).astype(np.float32))
+    stats = fit_map_stats(normals, config)
+    assert stats.mean.shape == stats.std.shape == (1, 1, 8, 8) and stats.n_images == 50
+    assert (stats.std > 0).all()
+    z = standardize_map(normals, stats)
+    assert z.min() == 0.0 and float(z[..., 0].mean()) < 1.0  # the border is normal here
+    odd = base.clone()
+    odd[..., 4, 4] += 1.0  # 10 standard deviations at one pixel
+    zz = standardize_map(odd, stats)[0, 0]
+    assert zz[4, 4] > 5 and zz.flatten().topk(2).values[1] < 3
+    with pytest.raises(ValueError, match="no normal-map statistics"):
+        check_stats(None, config)
+    with pytest.raises(ValueError, match="describe 'nll' maps"):
+        check_stats(stats, ScoringConfig("ssim", standardize=True))
+    assert MapStats.from_dict(stats.to_dict()).map_kind == "nll"
+
+
+def test_auto_map_kind_follows_the_input_size():
+    from anomalyvae.maps import default_map_kind
+
+    assert default_map_kind(28, 28) == default_map_kind(32, 32) == "ssim"
+    assert default_map_kind(64, 64) == default_map_kind(128, 256) == "nll"
