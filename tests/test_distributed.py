@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY
 
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.model import VAEConfig
 from anomalyvae.train import TrainConfig, load_checkpoint, train_vae
-
-from conftest import TINY
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch has no torch.distributed"
