@@ -6,6 +6,7 @@ calibration), so the pipelines double as end-to-end tests on real data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -78,25 +79,65 @@ def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshol
     return images, labels, types, masks, has_mask
 
 
-def score_every_kind(
-    detector: VAEAnomalyDetector, test_images: np.ndarray, val_files: list[str], target_fpr: float
-) -> list[Scored]:
-    """Each map kind with each applicable score kind, thresholds from the val normals."""
+def scoring_variants(detector: VAEAnomalyDetector, train_images):
+    """Set each map kind x score kind, raw and standardized, on ``detector`` in turn.
+
+    Yields the variant's name ("nll/topk_mean", "z-nll/topk_mean", "elbo (image)");
+    standardized variants first fit their per-pixel statistics on ``train_images``.
+    Restores the detector's own scoring (and statistics) at the end.
+    """
     original = detector.scoring_
+    original_stats = getattr(detector, "map_stats_", None)
+    try:
+        for map_kind in MAP_KINDS:
+            for standardize in (False, True):
+                base = ScoringConfig(
+                    map_kind,
+                    "topk_mean",
+                    original.smoothing_sigma,
+                    original.topk_fraction,
+                    standardize,
+                )
+                if standardize:
+                    detector.scoring_ = base
+                    detector.fit_map_stats(train_images)
+                for score_kind in ("max", "topk_mean", "elbo"):
+                    if score_kind == "elbo" and (map_kind != "nll" or standardize):
+                        continue  # the ELBO score depends on neither
+                    detector.scoring_ = dataclasses.replace(base, score_kind=score_kind)
+                    prefix = "z-" if standardize else ""
+                    yield (
+                        f"{prefix}{map_kind}/{score_kind}"
+                        if score_kind != "elbo"
+                        else "elbo (image)"
+                    )
+    finally:
+        detector.scoring_ = original
+        if original_stats is not None:
+            detector.map_stats_ = original_stats
+
+
+def variant_name(scoring: ScoringConfig) -> str:
+    """The name :func:`scoring_variants` gives ``scoring``."""
+    if scoring.score_kind == "elbo":
+        return "elbo (image)"
+    return f"{'z-' if scoring.standardize else ''}{scoring.map_kind}/{scoring.score_kind}"
+
+
+def score_every_kind(
+    detector: VAEAnomalyDetector,
+    test_images: np.ndarray,
+    val_files: list[str],
+    target_fpr: float,
+    train_images: np.ndarray,
+) -> list[Scored]:
+    """Every scoring variant, thresholds from the val normals at ``target_fpr``."""
     results = []
-    for map_kind in MAP_KINDS:
-        for score_kind in ("max", "topk_mean", "elbo"):
-            if score_kind == "elbo" and map_kind != "nll":
-                continue  # the ELBO score does not depend on the map kind
-            detector.scoring_ = ScoringConfig(
-                map_kind, score_kind, original.smoothing_sigma, original.topk_fraction
-            )
-            val_scores = detector.anomaly_score(val_files)
-            threshold = threshold_from_normals(val_scores, target_fpr).value
-            scores, maps = detector.score_and_map(test_images)
-            name = f"{map_kind}/{score_kind}" if score_kind != "elbo" else "elbo (image)"
-            results.append(Scored(name, scores, maps, threshold))
-    detector.scoring_ = original
+    for name in scoring_variants(detector, train_images):
+        val_scores = detector.anomaly_score(val_files)
+        threshold = threshold_from_normals(val_scores, target_fpr).value
+        scores, maps = detector.score_and_map(test_images)
+        results.append(Scored(name, scores, maps, threshold))
     return results
 
 

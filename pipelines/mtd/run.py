@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     score_every_kind,
     shown,
     tables,
+    variant_name,
     write_json,
 )
 
@@ -79,16 +80,16 @@ def main() -> None:
     train_files = [str(s.path) for s in train if s.path.as_posix() not in val_set]
 
     images, labels, types, masks, has_mask = load_test(test, detector, mask_threshold)
-    with Timer() as score_timer:
-        results = score_every_kind(detector, images, val_files, target_fpr)
     spec = detector.preprocessing_
     train_images, _, _ = read_images(train_files, spec)
     val_images, _, _ = read_images(val_files, spec)
+    with Timer() as score_timer:
+        results = score_every_kind(detector, images, val_files, target_fpr, train_images)
     results.append(pca_baseline(train_images, val_images, images, target_fpr=target_fpr))
 
     all_tables = tables(results, labels, types, masks, has_mask)
     summary = overview(all_tables)
-    default_name = f"{detector.scoring_.map_kind}/{detector.scoring_.score_kind}"
+    default_name = variant_name(detector.scoring_)
     best_name = summary["image_auroc"].idxmax()
 
     plot_roc(results, labels, args.out / "roc.png")
@@ -144,7 +145,8 @@ def main() -> None:
         f"{detector.training_summary_['best_epoch']}).",
         "",
         f"Product default: **{default_name}**. Thresholds: 1 % target FPR on the held-out "
-        "normals, per method.",
+        "normals, per method. `z-` = the map standardized per pixel against the training "
+        "normals (docs/maps.md).",
         "",
         "## All methods (overall)",
         "",
