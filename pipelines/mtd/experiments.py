@@ -5,8 +5,8 @@
 Each variant changes only how the trained VAE's output is turned into maps and scores
 (smoothing, top-k share, border margins, per-pixel standardization of the map by the
 statistics of held-out or of training normal maps, the image ELBO), so all run in
-minutes on one checkpoint. Results to the experiment log reports/mtd/experiments.md (kept or dropped,
-with the numbers) and reports/mtd/experiments.json.
+minutes on one checkpoint. Results go to the experiment log reports/mtd/experiments.md
+(kept or dropped, with the numbers) and reports/mtd/experiments.json.
 """
 
 from __future__ import annotations
