@@ -80,8 +80,21 @@ def test_gaussian_blur_keeps_constants_and_mass():
 @pytest.mark.parametrize(("kind", "expected"), [("max", 9.0), ("topk_mean", 8.5), ("elbo", 42.0)])
 def test_reduce_map(kind, expected):
     values = torch.arange(10, dtype=torch.float32).view(1, 1, 2, 5)
-    config = ScoringConfig(map_kind="recon", score_kind=kind, topk_fraction=0.2)
+    config = ScoringConfig(
+        map_kind="recon", score_kind=kind, topk_fraction=0.2, smoothing_sigma=0.0
+    )
     assert reduce_map(values, torch.tensor([42.0]), config).item() == pytest.approx(expected)
+
+
+def test_topk_never_averages_less_than_one_smoothing_footprint():
+    from anomalyvae.maps import smoothing_footprint, topk_count
+
+    assert smoothing_footprint(0.0) == 1 and smoothing_footprint(2.0) == 114  # ceil(36 pi)
+    config = ScoringConfig(topk_fraction=0.01, smoothing_sigma=2.0)
+    assert topk_count(config, 128 * 128) == 164  # 1 % is already above the footprint
+    assert topk_count(config, 32 * 32) == 114  # 1 % would be 10 pixels of one blob
+    assert topk_count(config, 100) == 100  # never more than the map has
+    assert topk_count(ScoringConfig(topk_fraction=0.01, smoothing_sigma=0.0), 1024) == 10
 
 
 class _ConstantVAE(torch.nn.Module):
