@@ -21,11 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from anomalyvae.calibration import threshold_from_normals  # noqa: E402
-from anomalyvae.data import Sample  # noqa: E402
+from anomalyvae.data import Sample, _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.io import read_images  # noqa: E402
 from anomalyvae.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
@@ -66,6 +67,16 @@ class Scored:
     scores: np.ndarray
     maps: np.ndarray | None
     threshold: float
+
+
+def synthetic_folder(root: Path, n: int, size: int = 128) -> Path:
+    """``n`` synthetic normal-texture PNGs under ``root`` (1,000 per subfolder)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = root / f"batch{i // 1000:02d}" / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(_texture(rng, size), 0, 1) * 255).astype(np.uint8)).save(path)
+    return root
 
 
 def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshold: float):

@@ -33,8 +33,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import machine, shown  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import machine, shown, synthetic_folder  # noqa: E402
 
 from anomalyvae.data import _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -44,15 +43,6 @@ from anomalyvae.ray_engine import connect  # noqa: E402
 from anomalyvae.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.scan import ScanConfig, _decode, discover, scan  # noqa: E402
 from anomalyvae.train import TrainConfig, train_vae  # noqa: E402
-
-
-def synthetic_folder(root: Path, n: int, size: int = 128) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        path = root / f"batch{i // 1000:02d}" / f"{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(_texture(rng, size), 0, 1) * 255).astype(np.uint8)).save(path)
-    return root
 
 
 def timed_scan(model: Path, folder: Path, out: Path, config: ScanConfig) -> dict:

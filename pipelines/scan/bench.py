@@ -22,15 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import machine  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import machine, synthetic_folder  # noqa: E402
 
-from anomalyvae.data import _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
 from anomalyvae.runtime import OnnxDetector  # noqa: E402
@@ -66,15 +62,6 @@ def end_to_end(
     result = scan(model, folder, out, config, progress=False)
     seconds = time.perf_counter() - start
     return result.n_files / seconds
-
-
-def synthetic_folder(root: Path, n: int, size: int = 128) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        path = root / f"batch{i // 1000:02d}" / f"{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(_texture(rng, size), 0, 1) * 255).astype(np.uint8)).save(path)
-    return root
 
 
 def compare(model: Path, folder: Path, batch_size: int, workers: int, work: Path) -> dict:
