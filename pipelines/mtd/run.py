@@ -130,7 +130,9 @@ def main() -> None:
     lines = [
         "# MTD benchmark (Magnetic Tile Defect)",
         "",
-        "Produced by `python pipelines/mtd/run.py`; every number below comes from that run.",
+        "Produced by `python pipelines/mtd/run.py`; every number below comes from that run. "
+        "`python pipelines/mtd/all.py` regenerates the whole folder (with the experiment log "
+        "and the data curve).",
         "Data: the fixed split `split.json` (train on `train_good` only; calibration normals "
         "are held out of `train_good` by the detector; test = `test_good` + all defects).",
         "Pixel metrics at model resolution; masks >= 128 are defect.",
