@@ -266,15 +266,8 @@ class VAEAnomalyDetector:
             keep = np.random.default_rng(self.seed).choice(len(images), max_images, replace=False)
             images = images[np.sort(keep)]
         raw = dataclasses.replace(self.scoring_, standardize=False)
-        device = resolve_device(self.device)
-        self.model_.to(device).eval()
-        maps = [
-            score_batch(
-                self.model_, torch.from_numpy(images[i : i + self.batch_size]).to(device), raw
-            ).anomaly_map.cpu()
-            for i in range(0, len(images), self.batch_size)
-        ]
-        self.map_stats_ = fit_map_stats(torch.cat(maps), raw)
+        maps, _ = self._score_arrays(images, raw)
+        self.map_stats_ = fit_map_stats(torch.from_numpy(maps)[:, None], raw)
         return self
 
     def split_indices(self, n_images: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -391,12 +384,19 @@ class VAEAnomalyDetector:
         images = self._load(X)
         if valid_mask is not None:
             return self._score_partial(images, valid_mask)
+        return self._score_arrays(images, self.scoring_)
+
+    def _score_arrays(
+        self, images: NDArray[np.float32], scoring: ScoringConfig
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+        """Maps (n, h, w) and scores (n,) of model-ready images under ``scoring``."""
         device = resolve_device(self.device)
         self.model_.to(device).eval()
+        stats = getattr(self, "map_stats_", None)
         maps, scores = [], []
         for start in range(0, len(images), self.batch_size):
             x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
-            result = score_batch(self.model_, x, self.scoring_, getattr(self, "map_stats_", None))
+            result = score_batch(self.model_, x, scoring, stats)
             maps.append(result.anomaly_map[:, 0].cpu().numpy())
             scores.append(result.score.cpu().numpy())
         if not maps:
