@@ -173,13 +173,18 @@ def is_main_process() -> bool:
     return dist is None or dist.get_rank() == 0
 
 
+def _backend(device: torch.device) -> str:
+    """The collective backend for ``device``: nccl for GPUs, gloo for the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def _join_launcher_group(device: torch.device) -> bool:
     """Start the process group a ``torchrun`` launch describes; True when this did it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _process_group() is not None:
         return False
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(_backend(device))
     return True
 
 
@@ -204,9 +209,7 @@ def _spawned_worker(
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = resolve_device(arguments["train_config"].device)
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world
-    )
+    dist.init_process_group(_backend(device), rank=rank, world_size=world)
     try:
         settings = dict(arguments)
         extra = settings.pop("extra")
