@@ -418,10 +418,15 @@ def read_mask(
             f"{expected_shape[0]}x{expected_shape[1]}; masks must match their image's size"
         )
     mask = to_channels(decoded.pixels, 1)[:, :, 0] > threshold
-    if size is not None and mask.shape != tuple(size):
-        area = resize(mask.astype(np.float32)[:, :, None], size[0], size[1], "area")
-        mask = area[:, :, 0] >= 0.5
-    return mask
+    return mask if size is None else resize_mask(mask, size)
+
+
+def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bool_]:
+    """A boolean (h, w) mask at ``size`` (h, w): area average, then >= 0.5, as images."""
+    if mask.shape == tuple(size):
+        return mask
+    area = resize(mask.astype(np.float32)[:, :, None], size[0], size[1], "area")
+    return area[:, :, 0] >= 0.5
 
 
 def volume_slices(

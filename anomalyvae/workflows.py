@@ -26,7 +26,7 @@ from anomalyvae.io import (
     read_image,
     read_mask,
     read_volume,
-    resize,
+    resize_mask,
     volume_slices,
 )
 from anomalyvae.medical import is_nifti
@@ -228,8 +228,7 @@ def read_volume_mask(
     defect = mask.data > threshold * scale
     out = np.zeros((len(defect), size[0], size[1]), dtype=bool)
     for k, plane in enumerate(defect):
-        area = resize(plane.astype(np.float32)[:, :, None], size[0], size[1], "area")
-        out[k] = area[:, :, 0] >= 0.5
+        out[k] = resize_mask(plane, size)
     return out
 
 
