@@ -8,7 +8,7 @@ __all__ = ["__version__", "VAEAnomalyDetector"]
 
 
 def __getattr__(name: str):
-    # Lazy so that `import anomalyvae.runtime` (the ONNX path) never pulls in torch.
+    # Lazy so that `import anomalyvae.inference.runtime` (the ONNX path) never pulls in torch.
     if name == "VAEAnomalyDetector":
         from anomalyvae.detector import VAEAnomalyDetector
 

@@ -16,14 +16,14 @@ from anomalyvae import __version__
 # Imported lazily from their modules, so `anomalyvae --help` stays fast.
 _USER_ERRORS = (
     "anomalyvae.data.DatasetError",
-    "anomalyvae.io.ImageReadError",
-    "anomalyvae.io.MaskError",
-    "anomalyvae.train.CheckpointError",
+    "anomalyvae.imaging.io.ImageReadError",
+    "anomalyvae.imaging.io.MaskError",
+    "anomalyvae.models.train.CheckpointError",
     "anomalyvae.detector.NotFittedError",
-    "anomalyvae.runtime.OnnxModelError",
-    "anomalyvae.runtime.OnnxInputError",
+    "anomalyvae.inference.runtime.OnnxModelError",
+    "anomalyvae.inference.runtime.OnnxInputError",
     "anomalyvae.export.ExportError",
-    "anomalyvae.ray_engine.RayEngineError",
+    "anomalyvae.inference.ray_engine.RayEngineError",
 )
 
 
@@ -229,7 +229,7 @@ def train(
       torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m anomalyvae train /shared/data -o /shared/model.pt
     """
-    from anomalyvae.train import is_main_process
+    from anomalyvae.models.train import is_main_process
     from anomalyvae.workflows import train_on
 
     detector = train_on(
@@ -454,7 +454,7 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
     Example:
       anomalyvae predict model.onnx part_001.png part_002.png
     """
-    from anomalyvae.runtime import OnnxDetector
+    from anomalyvae.inference.runtime import OnnxDetector
 
     detector = OnnxDetector(model, device=device)
     result = detector.predict_files(list(images), threshold)
@@ -554,8 +554,8 @@ def scan(
       anomalyvae scan model.onnx /data/line3/2026-11-25 -o scans/line3 --heatmaps top-50
       anomalyvae scan model.onnx /shared/archive -o /shared/scans/a --engine ray --address auto
     """
-    from anomalyvae.scan import EXIT_ANOMALIES, EXIT_UNREADABLE, ScanConfig
-    from anomalyvae.scan import scan as run_scan
+    from anomalyvae.inference.scan import EXIT_ANOMALIES, EXIT_UNREADABLE, ScanConfig
+    from anomalyvae.inference.scan import scan as run_scan
 
     config = ScanConfig(
         include=include,
@@ -573,7 +573,13 @@ def scan(
     )
     if address and engine != "ray":
         raise click.UsageError("--address needs --engine ray")
-    result = run_scan(model, folder, output, config, progress=not silent)
+    runner = None
+    if engine == "ray":
+        from anomalyvae.inference.ray_engine import check_ray, scan_on_ray
+
+        check_ray(address)  # before any work: a clear error for a bad address
+        runner = scan_on_ray
+    result = run_scan(model, folder, output, config, progress=not silent, engine=runner)
     click.echo(
         f"{result.n_files} files: {result.n_anomalies} anomalies, {result.n_errors} "
         f"unreadable ({result.n_scored_now} scored now, {result.n_skipped_done} already done) "
@@ -602,7 +608,7 @@ def report(results: Path, output: Path | None) -> None:
     Example:
       anomalyvae report scans/line3/results.parquet
     """
-    from anomalyvae.report import report_from_results
+    from anomalyvae.inference.report import report_from_results
 
     click.echo(f"Wrote {report_from_results(results, output)}")
 

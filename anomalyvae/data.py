@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from anomalyvae.io import (
+from anomalyvae.imaging.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
     Preprocessing,
@@ -22,7 +22,7 @@ from anomalyvae.io import (
     read_image,
     read_volume,
 )
-from anomalyvae.medical import is_nifti
+from anomalyvae.imaging.medical import is_nifti
 
 NORMAL_TYPE = "good"
 

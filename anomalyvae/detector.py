@@ -16,16 +16,15 @@ from numpy.typing import NDArray
 
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
-from anomalyvae.io import Preprocessing, preprocess, read_images
-from anomalyvae.maps import (
+from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
+from anomalyvae.models.maps import (
     MapStats,
     ScoringConfig,
     default_map_kind,
     fit_map_stats,
     score_batch,
 )
-from anomalyvae.model import ConvVAE, VAEConfig
-from anomalyvae.train import (
+from anomalyvae.models.train import (
     CheckpointError,
     TrainConfig,
     is_main_process,
@@ -35,6 +34,7 @@ from anomalyvae.train import (
     train_vae,
     versions,
 )
+from anomalyvae.models.vae import ConvVAE, VAEConfig
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
@@ -55,7 +55,7 @@ class VAEAnomalyDetector:
         By default 3 only when the training images carry colour.
     normalization, window_center, window_width, percentile_low, percentile_high
         Intensity normalization of stored values (medical images): "none",
-        "minmax", "percentile" or "window"; see :class:`anomalyvae.io.Preprocessing`.
+        "minmax", "percentile" or "window"; see :class:`anomalyvae.imaging.io.Preprocessing`.
     hidden_channels : tuple of int
         Encoder channels per stage (each stage halves the resolution).
     latent_dim : int
@@ -63,9 +63,9 @@ class VAEAnomalyDetector:
     beta : float
         KL weight of the beta-VAE objective.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
-        Scoring, see :class:`anomalyvae.maps.ScoringConfig`. ``map_kind="auto"``
+        Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`. ``map_kind="auto"``
         (default) takes SSIM for inputs of at most 32 px and NLL above
-        (:func:`anomalyvae.maps.default_map_kind`); ``standardize`` (default on) scores
+        (:func:`anomalyvae.models.maps.default_map_kind`); ``standardize`` (default on) scores
         each pixel against the training normals' statistics at that pixel.
     target_fpr : float
         False-positive rate the image threshold aims at on held-out normals.
@@ -74,7 +74,7 @@ class VAEAnomalyDetector:
     val_fraction : float
         Share of the normal images held out for early stopping and calibration.
     epochs, batch_size, learning_rate, patience, time_budget_s, augment, seed, device, nproc
-        Training, see :class:`anomalyvae.train.TrainConfig`.
+        Training, see :class:`anomalyvae.models.train.TrainConfig`.
     checkpoint_path : path, optional
         Where ``fit`` writes a checkpoint after every epoch (atomically).
     progress : bool
@@ -260,7 +260,7 @@ class VAEAnomalyDetector:
         ``fit`` calls it with the training images (at most ``max_images``, a seeded
         sample). Call it again after changing ``scoring_``'s map kind or smoothing.
         """
-        self._check_fitted()
+        self.check_fitted()
         images = self._load(X)
         if len(images) > max_images:
             keep = np.random.default_rng(self.seed).choice(len(images), max_images, replace=False)
@@ -330,7 +330,7 @@ class VAEAnomalyDetector:
         method : {"normal_quantile", "f1", "youden"}
             "normal_quantile" uses only the normal images at ``target_fpr``.
         """
-        self._check_fitted()
+        self.check_fitted()
         if method not in cal.CALIBRATION_METHODS:
             raise ValueError(f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}")
         maps, scores = self._score(X)
@@ -357,7 +357,8 @@ class VAEAnomalyDetector:
 
     # ------------------------------------------------------------------ scoring
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless ``fit`` or ``load`` has run."""
         if not hasattr(self, "model_"):
             raise NotFittedError(
                 "this VAEAnomalyDetector is not fitted yet; call fit() or load() first"
@@ -380,7 +381,7 @@ class VAEAnomalyDetector:
     def _score(
         self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
     ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
-        self._check_fitted()
+        self.check_fitted()
         images = self._load(X)
         if valid_mask is not None:
             return self._score_partial(images, valid_mask)
@@ -407,7 +408,7 @@ class VAEAnomalyDetector:
         self, images: NDArray[np.float32], valid_mask: NDArray[np.bool_]
     ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
         """Score images with invalid pixels: inpaint them, then score the valid ones only."""
-        from anomalyvae.generate import inpaint
+        from anomalyvae.models.generate import inpaint
 
         valid = np.asarray(valid_mask, dtype=bool)
         if valid.ndim == 2:
@@ -428,7 +429,7 @@ class VAEAnomalyDetector:
         maps, scores = self._score(filled)
         maps = np.where(valid, maps, 0.0).astype(np.float32)
         if self.scoring_.score_kind != "elbo":
-            from anomalyvae.maps import topk_count
+            from anomalyvae.models.maps import topk_count
 
             for i in np.flatnonzero(partial):
                 values = maps[i][valid[i]]
@@ -468,7 +469,7 @@ class VAEAnomalyDetector:
 
     def normalized_score(self, X: ImagesLike) -> NDArray[np.float64]:
         """Anomaly score / threshold, shape (n,); above 1.0 = anomalous."""
-        return cal.normalize(self.anomaly_score(X), self._threshold())
+        return cal.normalize(self.anomaly_score(X), self.decision_threshold())
 
     def score_samples(self, X: ImagesLike) -> NDArray[np.float64]:
         """Opposite of the anomaly score, scikit-learn's sign: higher = more normal."""
@@ -476,15 +477,16 @@ class VAEAnomalyDetector:
 
     def decision_function(self, X: ImagesLike) -> NDArray[np.float64]:
         """``score_samples - offset_``: negative = anomalous, positive = normal."""
-        self._threshold()
+        self.decision_threshold()
         return self.score_samples(X) - self.offset_
 
     def predict(self, X: ImagesLike) -> NDArray[np.int64]:
         """+1 for normal images, -1 for anomalies (scikit-learn's outlier convention)."""
-        return np.where(self.anomaly_score(X) > self._threshold(), -1, 1)
+        return np.where(self.anomaly_score(X) > self.decision_threshold(), -1, 1)
 
-    def _threshold(self) -> float:
-        self._check_fitted()
+    def decision_threshold(self) -> float:
+        """The image threshold (scores above it are anomalous), or NotFittedError."""
+        self.check_fitted()
         if getattr(self, "threshold_", None) is None:
             raise NotFittedError("the detector has no threshold yet; call calibrate() first")
         return float(self.threshold_)
@@ -493,7 +495,7 @@ class VAEAnomalyDetector:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the detector (weights, configs, calibration) atomically to ``path``."""
-        self._check_fitted()
+        self.check_fitted()
         path = Path(path)
         state: dict[str, Any] = {}
         if path.exists():
@@ -514,7 +516,7 @@ class VAEAnomalyDetector:
                     **getattr(self, "training_summary_", {}),
                     "history": list(getattr(self, "history_", [])),
                 },
-                "calibration": self._calibration_state(),
+                "calibration": self.calibration_state(),
                 "map_stats": (
                     self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None
                 ),
@@ -526,7 +528,8 @@ class VAEAnomalyDetector:
         save_checkpoint(state, path)
         return path
 
-    def _calibration_state(self) -> dict[str, Any] | None:
+    def calibration_state(self) -> dict[str, Any] | None:
+        """How the image and pixel thresholds were chosen, as plain dicts (or None)."""
         if getattr(self, "calibration_", None) is None:
             return None
         return {"image": self.calibration_.to_dict(), "pixel": self.pixel_calibration_.to_dict()}

@@ -4,7 +4,7 @@ The graph holds everything from a preprocessed image to a verdict: VAE forward p
 anomaly map, smoothing, image score, normalized score and the decision. The threshold is
 a graph input with the calibrated value as its default, so an inspection line can change
 it without re-exporting. Metadata (``metadata_props``) says how to preprocess, what the
-outputs mean and how the threshold was chosen; :mod:`anomalyvae.runtime` reads it back.
+outputs mean and how the threshold was chosen; :mod:`anomalyvae.inference.runtime` reads it back.
 """
 
 from __future__ import annotations
@@ -26,29 +26,21 @@ from torch import Tensor, nn
 
 from anomalyvae import __version__
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.io import atomic_write_bytes
-from anomalyvae.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
-from anomalyvae.model import VAEOutput, count_parameters
-from anomalyvae.runtime import (
+from anomalyvae.imaging.io import atomic_write_bytes
+from anomalyvae.inference.contract import (
     FORMAT_NAME,
+    FORMAT_VERSION,
+    INPUT_NAME,
     METADATA_PREFIX,
+    OPSET,
     OUTPUT_NAMES,
-    SUPPORTED_FORMAT_VERSIONS,
+    OUTPUTS_DOC,
+    THRESHOLD_NAME,
     content_hash,
 )
+from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
+from anomalyvae.models.vae import VAEOutput, count_parameters
 
-OPSET = 17
-FORMAT_VERSION = SUPPORTED_FORMAT_VERSIONS[-1]
-INPUT_NAME = "image"
-THRESHOLD_NAME = "threshold"
-OUTPUTS_DOC = {
-    "anomaly_map": "float32 (N, 1, H, W): per-pixel anomaly, higher = more anomalous, "
-    "smoothed, at model input resolution; with scoring.standardize, in standard "
-    "deviations above the training normals at that pixel (floored at 0)",
-    "score": "float32 (N,): image anomaly score, higher = more anomalous",
-    "normalized_score": "float32 (N,): score / threshold; above 1.0 = anomalous",
-    "is_anomaly": "bool (N,): score > threshold",
-}
 #: Largest absolute difference allowed between torch and ONNX Runtime, relative to the
 #: spread of the compared values (max(|a|) + 1e-6).
 PARITY_TOLERANCE = 1e-4
@@ -103,7 +95,7 @@ class ExportResult(NamedTuple):
 def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
     """Everything an integrator needs, as ``metadata_props`` strings (JSON where nested)."""
     spec = detector.preprocessing_
-    calibration = detector._calibration_state() or {}
+    calibration = detector.calibration_state() or {}
     config = detector.model_.config
     preprocessing = {
         **spec.to_dict(),
@@ -174,7 +166,7 @@ def export_onnx(
     """
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    detector._check_fitted()
+    detector.check_fitted()
     if getattr(detector, "threshold_", None) is None:
         raise ExportError("the detector has no threshold; calibrate it before export")
     if detector.scoring_.map_kind not in EXPORTABLE_MAP_KINDS:
@@ -455,7 +447,7 @@ def export_all(
     parity check and int8 calibration; without them a seeded random batch is compared.
     """
     from anomalyvae.data import discover
-    from anomalyvae.io import read_images
+    from anomalyvae.imaging.io import read_images
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_

@@ -18,7 +18,7 @@ import pandas as pd
 from anomalyvae.calibration import normalize
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.io import (
+from anomalyvae.imaging.io import (
     ImageReadError,
     MaskError,
     atomic_path,
@@ -29,7 +29,7 @@ from anomalyvae.io import (
     resize_mask,
     volume_slices,
 )
-from anomalyvae.medical import is_nifti
+from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.metrics import evaluation_table
 
 
@@ -270,7 +270,7 @@ def write_evaluation(
     payload = {
         "metrics": json.loads(table.to_json(orient="index")),
         "threshold": getattr(detector, "threshold_", None),
-        "calibration": detector._calibration_state(),
+        "calibration": detector.calibration_state(),
         "scoring": detector.scoring_.to_dict(),
         "preprocessing": detector.preprocessing_.to_dict(),
     }
@@ -363,8 +363,8 @@ def sample_to(
 
     With ``interpolate_between`` (two image paths), also a latent interpolation strip.
     """
-    from anomalyvae.generate import interpolate, sample
-    from anomalyvae.io import load_image
+    from anomalyvae.imaging.io import load_image
+    from anomalyvae.models.generate import interpolate, sample
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     output_dir = Path(output_dir)
@@ -387,8 +387,8 @@ def denoise_files(
     n_samples: int = 0,
 ) -> list[Path]:
     """Reconstruct each file through the VAE; write ``<stem>_denoised.png`` at model size."""
-    from anomalyvae.generate import denoise
-    from anomalyvae.io import read_images
+    from anomalyvae.imaging.io import read_images
+    from anomalyvae.models.generate import denoise
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     images, kept, _ = read_images(paths, detector.preprocessing_, on_error="raise")
@@ -408,8 +408,8 @@ def inpaint_file(
     iterations: int = 100,
 ) -> Path:
     """Fill the masked pixels (mask nonzero = missing) of one image; write it at model size."""
-    from anomalyvae.generate import inpaint
-    from anomalyvae.io import load_image, read_image
+    from anomalyvae.imaging.io import load_image, read_image
+    from anomalyvae.models.generate import inpaint
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_
@@ -437,8 +437,8 @@ def embed_folder(
     ``logvar_0..``. ``neighbours_of`` adds ``distance`` to that image (Euclidean in
     the latent means) and returns the table sorted by it.
     """
-    from anomalyvae.generate import embed
-    from anomalyvae.io import find_images, load_image, read_images
+    from anomalyvae.imaging.io import find_images, load_image, read_images
+    from anomalyvae.models.generate import embed
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     folder = Path(folder)
@@ -504,7 +504,7 @@ def score_files(
         spec = detector.preprocessing_
         valid = read_mask(valid_mask, (spec.height, spec.width), 0.0)
     scores = detector.anomaly_score(paths, valid_mask=valid)
-    threshold = detector._threshold()
+    threshold = detector.decision_threshold()
     return [
         (p, float(s), float(s / threshold), bool(s > threshold))
         for p, s in zip(paths, scores, strict=True)

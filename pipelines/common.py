@@ -28,9 +28,9 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from anomalyvae.calibration import threshold_from_normals  # noqa: E402
 from anomalyvae.data import Sample, _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.io import read_images  # noqa: E402
-from anomalyvae.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
+from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
+from anomalyvae.models.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
 from anomalyvae.workflows import masks_for  # noqa: E402
 
 

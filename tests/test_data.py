@@ -16,7 +16,7 @@ from anomalyvae.data import (
     mvtec_samples,
     split_file_samples,
 )
-from anomalyvae.io import read_image, read_mask
+from anomalyvae.imaging.io import read_image, read_mask
 
 
 def test_synthetic_dataset_layout_and_exact_masks(tmp_path):

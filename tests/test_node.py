@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from anomalyvae.export import export_onnx
-from anomalyvae.runtime import OnnxDetector
+from anomalyvae.inference.runtime import OnnxDetector
 
 NODE_DIR = Path(__file__).parent / "node"
 pytestmark = pytest.mark.skipif(

@@ -26,9 +26,9 @@ from common import load_test, machine, shown, topk_mean  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.io import read_images  # noqa: E402
-from anomalyvae.maps import ScoringConfig, gaussian_blur  # noqa: E402
+from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
+from anomalyvae.models.maps import ScoringConfig, gaussian_blur  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
 
@@ -98,7 +98,7 @@ def main() -> None:
                 "dropped: held-out normals are too few for stable per-pixel statistics",
             )
             # the product's standardization: statistics of the training normals, floored
-            # std, negative z clipped to 0 (anomalyvae.maps.standardize_map)
+            # std, negative z clipped to 0 (anomalyvae.models.maps.standardize_map)
             detector.scoring_ = ScoringConfig(map_kind, "max", 2.0, 0.01, standardize=True)
             detector.fit_map_stats(train_x)
             _, zmaps = detector.score_and_map(images)

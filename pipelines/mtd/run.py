@@ -35,8 +35,8 @@ from common import (  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.io import read_images  # noqa: E402
-from anomalyvae.model import count_parameters  # noqa: E402
+from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.models.vae import count_parameters  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
 

@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_all, torch_outputs, variant_path  # noqa: E402
-from anomalyvae.io import read_images  # noqa: E402
-from anomalyvae.maps import ScoringGraph  # noqa: E402
-from anomalyvae.runtime import OnnxDetector  # noqa: E402
+from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
+from anomalyvae.models.maps import ScoringGraph  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
 

@@ -38,13 +38,13 @@ from sklearn.metrics import roc_auc_score as auroc  # noqa: E402
 from anomalyvae.calibration import threshold_from_labels  # noqa: E402
 from anomalyvae.data import mvtec_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.io import read_images  # noqa: E402
-from anomalyvae.maps import topk_count  # noqa: E402
+from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.metrics import (  # noqa: E402
     evaluation_table,
     sensitivity_at_specificity,
 )
-from anomalyvae.model import count_parameters  # noqa: E402
+from anomalyvae.models.maps import topk_count  # noqa: E402
+from anomalyvae.models.vae import count_parameters  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "pneumoniamnist"
 

@@ -38,11 +38,11 @@ from common import machine, shown, synthetic_folder  # noqa: E402
 from anomalyvae.data import _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
-from anomalyvae.model import VAEConfig  # noqa: E402
-from anomalyvae.ray_engine import connect  # noqa: E402
-from anomalyvae.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.scan import ScanConfig, _decode, discover, scan  # noqa: E402
-from anomalyvae.train import TrainConfig, train_vae  # noqa: E402
+from anomalyvae.inference.ray_engine import connect  # noqa: E402
+from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, _decode, discover, scan  # noqa: E402
+from anomalyvae.models.train import TrainConfig, train_vae  # noqa: E402
+from anomalyvae.models.vae import VAEConfig  # noqa: E402
 
 
 def timed_scan(model: Path, folder: Path, out: Path, config: ScanConfig) -> dict:
@@ -75,7 +75,7 @@ def stage_rates(model: Path, folder: Path, batch_size: int) -> dict:
 
 def driver_rate(work: Path, n_rows: int = 100_000) -> float:
     """Result rows/s the driver can write as Parquet parts (the one serial step)."""
-    from anomalyvae.scan import COLUMNS, PartWriter
+    from anomalyvae.inference.scan import COLUMNS, PartWriter
 
     parts = work / "driver-parts"
     parts.mkdir(parents=True, exist_ok=True)

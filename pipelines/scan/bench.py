@@ -29,12 +29,12 @@ from common import machine, synthetic_folder  # noqa: E402
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
-from anomalyvae.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.scan import ScanConfig, discover, scan  # noqa: E402
+from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, discover, scan  # noqa: E402
 
 RSS_SCRIPT = """
 import resource, sys, json
-from anomalyvae.scan import ScanConfig, scan
+from anomalyvae.inference.scan import ScanConfig, scan
 r = scan(sys.argv[1], sys.argv[2], sys.argv[3], ScanConfig(heatmaps="none"), progress=False)
 print(json.dumps({"files": r.n_files, "peak_rss_mb":
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

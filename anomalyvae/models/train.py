@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from anomalyvae import __version__
-from anomalyvae.io import atomic_path
-from anomalyvae.model import ConvVAE, VAEConfig, vae_loss
+from anomalyvae.imaging.io import atomic_path
+from anomalyvae.models.vae import ConvVAE, VAEConfig, vae_loss
 
 CHECKPOINT_FORMAT = "anomalyvae-checkpoint"
 CHECKPOINT_VERSION = 1

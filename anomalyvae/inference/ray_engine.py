@@ -32,8 +32,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from anomalyvae.io import Preprocessing
-from anomalyvae.runtime import OnnxDetector
+from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.inference.runtime import OnnxDetector
+from anomalyvae.inference.scan import (
+    COLUMNS,
+    BatchScorer,
+    Decoded,
+    Job,
+    ScanConfig,
+    decode_file,
+)
 
 #: Ray reports usage statistics to its developers unless told not to.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -122,12 +130,10 @@ class _Tally:
 
 def _decode_block(block: pd.DataFrame, spec: dict[str, Any], tally: Any) -> pd.DataFrame:
     """A Ray task: decode and preprocess a block of files (errors become error rows)."""
-    from anomalyvae.scan import _decode
-
     preprocessing = Preprocessing.from_dict(spec)
     pixels, n_inputs, infos = [], [], []
     for index, path in zip(block["index"], block["path"], strict=True):
-        decoded = _decode(int(index), Path(os.fsdecode(path)), preprocessing)
+        decoded = decode_file(int(index), Path(os.fsdecode(path)), preprocessing)
         data = decoded.pixels
         if data is None:
             pixels.append(b"")
@@ -158,8 +164,6 @@ class _Scorer:
     ) -> None:
         import ray
 
-        from anomalyvae.scan import BatchScorer, ScanConfig
-
         if isinstance(model_bytes, list):  # [ObjectRef]: fetched here, held by the driver
             model_bytes = model_bytes[0]
         if isinstance(model_bytes, ray.ObjectRef):
@@ -181,8 +185,6 @@ class _Scorer:
         tally.add.remote("actor_starts")
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
-        from anomalyvae.scan import COLUMNS, Decoded, Job
-
         c, h, w = self.scorer.detector.input_shape
         batch = []
         for row in block.itertuples(index=False):
@@ -214,7 +216,7 @@ def scan_on_ray(
 ) -> dict[str, Any]:
     """Run the to-do list through Ray; rows go to ``writer`` as blocks finish.
 
-    ``scorer`` is the driver's :class:`anomalyvae.scan.BatchScorer` (its detector,
+    ``scorer`` is the driver's :class:`anomalyvae.inference.scan.BatchScorer` (its detector,
     configuration and threshold are what the actors reproduce).
     """
     from dataclasses import asdict

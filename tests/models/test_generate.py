@@ -8,8 +8,8 @@ from PIL import Image
 
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
-from anomalyvae.generate import MAX_SAMPLES, denoise, embed, inpaint, interpolate, sample
-from anomalyvae.io import read_images
+from anomalyvae.imaging.io import read_images
+from anomalyvae.models.generate import MAX_SAMPLES, denoise, embed, inpaint, interpolate, sample
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from anomalyvae.medical import (
+from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
     Volume,
@@ -100,7 +100,7 @@ class Preprocessing:
         Intensity normalization on stored values, before resizing: "none",
         "minmax", "percentile" (``percentile_low``/``percentile_high``) or "window"
         (``window_center``/``window_width``, e.g. CT Hounsfield units); see
-        :func:`anomalyvae.medical.normalize_intensity`.
+        :func:`anomalyvae.imaging.medical.normalize_intensity`.
     """
 
     channels: int
@@ -251,7 +251,7 @@ def _read_medical(path: Path) -> DecodedImage:
             if volume.data.shape[0] != 1:
                 raise MedicalReadError(
                     f"a 3-D volume of {volume.data.shape[0]} slices, not a 2-D image",
-                    "score volumes slice by slice: anomalyvae.io.read_volume or `scan`",
+                    "score volumes slice by slice: anomalyvae.imaging.io.read_volume or `scan`",
                 )
             raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
         else:

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyvae.model import VAEConfig
-from anomalyvae.train import (
+from anomalyvae.models.train import (
     CheckpointError,
     TrainConfig,
     load_checkpoint,
     save_checkpoint,
     train_vae,
 )
+from anomalyvae.models.vae import VAEConfig
 
 CONFIG = VAEConfig(height=16, width=16, channels=(8, 16), latent_dim=4)
 

@@ -17,8 +17,14 @@ from PIL import Image
 pytest.importorskip("ray.data", reason="the Ray engine needs the 'ray' extra")
 
 from anomalyvae.cli import main  # noqa: E402
-from anomalyvae.ray_engine import RayEngineError, _Scorer, check_ray, connect  # noqa: E402
-from anomalyvae.scan import COLUMNS, ScanConfig, scan  # noqa: E402
+from anomalyvae.inference.ray_engine import (  # noqa: E402
+    RayEngineError,
+    _Scorer,
+    check_ray,
+    connect,
+    scan_on_ray,
+)
+from anomalyvae.inference.scan import COLUMNS, ScanConfig, scan  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,7 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
 
 def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_table, tmp_path):
     config = ScanConfig(batch_size=8, heatmaps="all", engine="ray", ray_workers=2)
-    result = scan(onnx_model, folder, tmp_path / "out", config, progress=False)
+    result = scan(onnx_model, folder, tmp_path / "out", config, progress=False, engine=scan_on_ray)
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     _same_rows(table, local_table)
     assert result.n_errors == 1 and "broken.png" in table.loc[table["error"] != "", "path"].iloc[0]
@@ -77,7 +83,7 @@ def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_ta
     }
     assert (tmp_path / "out" / "report.html").is_file()
     # resume: only the unreadable file is tried again, and the table is unchanged
-    again = scan(onnx_model, folder, tmp_path / "out", config, progress=False)
+    again = scan(onnx_model, folder, tmp_path / "out", config, progress=False, engine=scan_on_ray)
     assert again.n_scored_now == 1
     _same_rows(pd.read_parquet(tmp_path / "out" / "results.parquet"), local_table)
 
@@ -104,7 +110,7 @@ def test_killed_inference_worker_loses_no_rows(
 ):
     import ray.cloudpickle
 
-    import anomalyvae.ray_engine as engine_module
+    import anomalyvae.inference.ray_engine as engine_module
 
     # Ray workers cannot import this test module: send its classes by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -115,9 +121,8 @@ def test_killed_inference_worker_loses_no_rows(
     def with_faulty_actor(*args, **kwargs):
         return original(*args, **kwargs, scorer_class=dies)
 
-    monkeypatch.setattr(engine_module, "scan_on_ray", with_faulty_actor)
     config = ScanConfig(batch_size=8, heatmaps="all", engine="ray", ray_workers=1)
-    scan(onnx_model, folder, tmp_path / "out", config, progress=False)
+    scan(onnx_model, folder, tmp_path / "out", config, progress=False, engine=with_faulty_actor)
     assert marker.read_text() == "killed"  # the actor really died
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     _same_rows(table, local_table)  # exactly one row per file, none lost

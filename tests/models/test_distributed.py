@@ -16,8 +16,8 @@ from conftest import TINY
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.model import VAEConfig
-from anomalyvae.train import TrainConfig, load_checkpoint, train_vae
+from anomalyvae.models.train import TrainConfig, load_checkpoint, train_vae
+from anomalyvae.models.vae import VAEConfig
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch has no torch.distributed"

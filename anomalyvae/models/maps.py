@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anomalyvae.model import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
+from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
 SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment
 
-from anomalyvae.io import atomic_write_text
+from anomalyvae.imaging.io import atomic_write_text
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from anomalyvae.model import ConvVAE, VAEConfig, gaussian_nll, kl_divergence, vae_loss
+from anomalyvae.models.vae import ConvVAE, VAEConfig, gaussian_nll, kl_divergence, vae_loss
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,11 @@
 """``OnnxDetector``: torch-free inference from an exported model.onnx.
 
-Imports numpy, onnx, onnxruntime and :mod:`anomalyvae.io` only, so an inspection line
+Imports numpy, onnx, onnxruntime and :mod:`anomalyvae.imaging.io` only, so an inspection line
 needs no PyTorch (a test checks that ``torch`` stays out of ``sys.modules``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -19,12 +18,17 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from anomalyvae.io import Preprocessing, load_image
-
-METADATA_PREFIX = "anomalyvae."
-FORMAT_NAME = "anomalyvae-onnx"
-SUPPORTED_FORMAT_VERSIONS = ("1",)
-OUTPUT_NAMES = ("anomaly_map", "score", "normalized_score", "is_anomaly")
+from anomalyvae.imaging.io import Preprocessing, load_image
+from anomalyvae.inference.contract import (
+    CONTENT_HASH_KEY,
+    FORMAT_NAME,
+    INPUT_NAME,
+    METADATA_PREFIX,
+    OUTPUT_NAMES,
+    SUPPORTED_FORMAT_VERSIONS,
+    THRESHOLD_NAME,
+    content_hash,
+)
 
 
 class OnnxModelError(ValueError):
@@ -42,15 +46,6 @@ class OnnxResult(NamedTuple):
     score: NDArray[np.float32]
     normalized_score: NDArray[np.float32]
     is_anomaly: NDArray[np.bool_]
-
-
-def content_hash(model: onnx.ModelProto) -> str:
-    """SHA-256 of the graph and every metadata entry except the hash itself."""
-    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
-    for prop in sorted(model.metadata_props, key=lambda p: p.key):
-        if prop.key != METADATA_PREFIX + "content_hash":
-            digest.update(f"{prop.key}={prop.value}\n".encode())
-    return digest.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
@@ -85,7 +80,7 @@ def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str
             f"{SUPPORTED_FORMAT_VERSIONS}; upgrade anomalyvae"
         )
     if verify:
-        stored = props.get(METADATA_PREFIX + "content_hash")
+        stored = props.get(CONTENT_HASH_KEY)
         if stored != content_hash(model):
             raise OnnxModelError(
                 f"'{path}' was altered after export (content hash mismatch); re-export it "
@@ -241,7 +236,10 @@ class OnnxDetector:
         for start in range(0, len(images), self.batch_size):
             outputs = self.session.run(
                 list(OUTPUT_NAMES),
-                {"image": images[start : start + self.batch_size], "threshold": feeds_threshold},
+                {
+                    INPUT_NAME: images[start : start + self.batch_size],
+                    THRESHOLD_NAME: feeds_threshold,
+                },
             )
             for part, output in zip(parts, outputs, strict=True):
                 part.append(output)
@@ -266,5 +264,5 @@ class OnnxDetector:
     def predict_files(
         self, paths: Sequence[str | os.PathLike[str]], threshold: float | None = None
     ) -> OnnxResult:
-        """Score image files; raises :class:`anomalyvae.io.ImageReadError` for a bad one."""
+        """Score image files; raises :class:`anomalyvae.imaging.io.ImageReadError` for a bad one."""
         return self.predict_arrays(self.load_files(paths), threshold)

@@ -1,6 +1,6 @@
 """The VAE as a generative model: sampling, interpolation, denoising, inpainting, embeddings.
 
-All functions take a trained :class:`~anomalyvae.model.ConvVAE` and model-ready images
+All functions take a trained :class:`~anomalyvae.models.vae.ConvVAE` and model-ready images
 (n, c, h, w) float32 in [0, 1]; they never train or change the model.
 """
 
@@ -13,7 +13,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from anomalyvae.model import ConvVAE, gaussian_nll
+from anomalyvae.models.vae import ConvVAE, gaussian_nll
 
 MAX_SAMPLES = 10_000
 INPAINT_METHODS = ("clamp", "optimize")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyvae.maps import (
+from anomalyvae.models.maps import (
     MAP_KINDS,
     ScoringConfig,
     ScoringGraph,
@@ -16,7 +16,7 @@ from anomalyvae.maps import (
     score_batch,
     ssim_map,
 )
-from anomalyvae.model import LOG_2PI, ConvVAE, VAEConfig, VAEOutput
+from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEConfig, VAEOutput
 
 LOGVAR_MIN = -7.0
 
@@ -87,7 +87,7 @@ def test_reduce_map(kind, expected):
 
 
 def test_topk_never_averages_less_than_one_smoothing_footprint():
-    from anomalyvae.maps import smoothing_footprint, topk_count
+    from anomalyvae.models.maps import smoothing_footprint, topk_count
 
     assert smoothing_footprint(0.0) == 1 and smoothing_footprint(2.0) == 114  # ceil(36 pi)
     config = ScoringConfig(topk_fraction=0.01, smoothing_sigma=2.0)
@@ -141,7 +141,7 @@ def test_scoring_config_validates(bad):
 
 
 def test_standardized_maps_subtract_the_normal_pixel_statistics():
-    from anomalyvae.maps import MapStats, check_stats, fit_map_stats, standardize_map
+    from anomalyvae.models.maps import MapStats, check_stats, fit_map_stats, standardize_map
 
     config = ScoringConfig("nll", standardize=True)
     rng = np.random.default_rng(0)
@@ -165,7 +165,7 @@ def test_standardized_maps_subtract_the_normal_pixel_statistics():
 
 
 def test_auto_map_kind_follows_the_input_size():
-    from anomalyvae.maps import default_map_kind
+    from anomalyvae.models.maps import default_map_kind
 
     assert default_map_kind(28, 28) == default_map_kind(32, 32) == "ssim"
     assert default_map_kind(64, 64) == default_map_kind(128, 256) == "nll"

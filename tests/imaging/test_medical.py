@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from anomalyvae.io import (
+from anomalyvae.imaging.io import (
     ImageReadError,
     Preprocessing,
     find_images,
@@ -18,7 +18,7 @@ from anomalyvae.io import (
     read_image,
     read_volume,
 )
-from anomalyvae.medical import normalize_intensity
+from anomalyvae.imaging.medical import normalize_intensity
 
 
 def _testdata(name: str):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalyvae.io import (
+from anomalyvae.imaging.io import (
     ImageReadError,
     MaskError,
     Preprocessing,

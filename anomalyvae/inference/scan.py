@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from tqdm.auto import tqdm
 
-from anomalyvae.io import (
+from anomalyvae.imaging.io import (
     IMAGE_EXTENSIONS,
     MEDICAL_EXTENSIONS,
     ImageReadError,
@@ -41,8 +41,13 @@ from anomalyvae.io import (
     read_volume,
     volume_slices,
 )
-from anomalyvae.medical import is_nifti, normalize_intensity
-from anomalyvae.runtime import OnnxDetector
+from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.inference.runtime import OnnxDetector
+
+#: A scan engine: ``engine(model_path, scorer, todo, writer, bar) -> info`` scores every
+#: job of ``todo`` with ``scorer`` and hands the rows to ``writer``; ``info`` (a dict)
+#: lands in summary.json. The local engine is :func:`_scan_local`'s loop.
+Engine = Callable[..., dict[str, Any]]
 
 #: Exit codes of ``anomalyvae scan`` (documented in docs/cli.md).
 EXIT_OK = 0
@@ -245,7 +250,8 @@ class Decoded(NamedTuple):
     info: dict[str, Any]
 
 
-def _decode(index: int, path: Path, spec: Preprocessing) -> Decoded:
+def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
+    """Decode and preprocess one file for row ``index``; a failure becomes an error row."""
     info: dict[str, Any] = {
         "width": None,
         "height": None,
@@ -288,7 +294,7 @@ def _stream(
     """Decode in order with at most ``in_flight`` files pending (bounded memory)."""
     pending: deque[Future[Decoded]] = deque()
     for index, path in enumerate(paths):
-        pending.append(executor.submit(_decode, index, path, spec))
+        pending.append(executor.submit(decode_file, index, path, spec))
         if len(pending) >= in_flight:
             yield pending.popleft().result()
     while pending:
@@ -591,20 +597,25 @@ def scan(
     output: str | os.PathLike[str],
     config: ScanConfig = ScanConfig(),  # noqa: B008 - frozen, so sharing is safe
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> ScanSummary:
     """Scan ``folder`` with ``model`` into ``output`` (resuming what is already there).
 
     Writes ``results.parquet``, ``results.csv``, ``summary.json``, ``report.html``,
-    ``heatmaps/`` and ``parts/`` (the resumable record) under ``output``. With
-    ``config.engine == "ray"`` decoding and inference run on a Ray cluster
-    (:mod:`anomalyvae.ray_engine`); everything else is the same.
+    ``heatmaps/`` and ``parts/`` (the resumable record) under ``output``.
+
+    ``engine`` runs the to-do list: by default this process (a decoding pool feeding
+    ONNX Runtime); the caller hands in another one, such as
+    :func:`anomalyvae.inference.ray_engine.scan_on_ray` for ``config.engine == "ray"``.
+    Everything else (rows, resume, report) is the same whichever engine runs.
     """
     started = time.monotonic()
     folder, output = Path(folder), Path(output)
-    if config.engine == "ray":
-        from anomalyvae.ray_engine import check_ray
-
-        check_ray(config.address)  # before any work: a clear error for a bad address
+    if config.engine != "local" and engine is None:
+        raise ValueError(
+            f"config.engine is {config.engine!r}: pass that engine's runner as engine= "
+            "(e.g. anomalyvae.inference.ray_engine.scan_on_ray)"
+        )
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
     paths = discover(folder, include=config.include, exclude=config.exclude)
@@ -624,12 +635,10 @@ def scan(
     )
     scan_started = time.monotonic()
     try:
-        if config.engine == "ray" and todo:
-            from anomalyvae.ray_engine import scan_on_ray
-
-            engine = scan_on_ray(model, scorer, todo, writer, bar)
+        if engine is not None and todo:
+            engine_info = engine(model, scorer, todo, writer, bar)
         else:
-            engine = _scan_local(scorer, todo, writer, bar)
+            engine_info = _scan_local(scorer, todo, writer, bar)
         writer.flush()
     finally:
         bar.close()
@@ -646,10 +655,10 @@ def scan(
     _atomic_frame(table, output / "results.parquet", "parquet")
     _atomic_frame(table, output / "results.csv", "csv")
     summary = summarize(table, detector.metadata, len(todo), scan_seconds, config)
-    summary["engine"] = engine
+    summary["engine"] = engine_info
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
 
-    from anomalyvae.report import write_report
+    from anomalyvae.inference.report import write_report
 
     write_report(
         table, summary, output / "report.html", output, folder=folder, top=config.report_top

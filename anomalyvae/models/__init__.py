@@ -1,0 +1,1 @@
+"""The torch wing: model families, maps and scoring, training, checkpoints, generative uses."""
