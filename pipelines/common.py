@@ -30,7 +30,12 @@ from anomalyvae.data import Sample, _texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
-from anomalyvae.models.maps import MAP_KINDS, ScoringConfig, gaussian_blur  # noqa: E402
+from anomalyvae.models.maps import (  # noqa: E402
+    MAP_KINDS,
+    ScoringConfig,
+    gaussian_blur,
+    topk_count,
+)
 from anomalyvae.workflows import masks_for  # noqa: E402
 
 
@@ -152,10 +157,11 @@ def score_every_kind(
     return results
 
 
-def topk_mean(maps: np.ndarray, fraction: float) -> np.ndarray:
-    """Mean of the largest ``fraction`` of each (h, w) map, as the product's topk_mean."""
+def topk_mean(maps: np.ndarray, fraction: float, sigma: float = 2.0) -> np.ndarray:
+    """Mean of the largest values of each (h, w) map: the product's own ``topk_count``
+    (the ``fraction`` share, never fewer than one smoothing footprint)."""
     flat = maps.reshape(len(maps), -1)
-    k = max(1, int(round(fraction * flat.shape[1])))
+    k = topk_count(ScoringConfig("recon", "topk_mean", sigma, fraction), flat.shape[1])
     return np.sort(flat, axis=1)[:, -k:].mean(1)
 
 
@@ -181,7 +187,7 @@ def pca_baseline(
         return gaussian_blur(torch.from_numpy(error.astype(np.float32)), sigma)[:, 0].numpy()
 
     def scores_of(maps: np.ndarray) -> np.ndarray:
-        return topk_mean(maps, topk_fraction)
+        return topk_mean(maps, topk_fraction, sigma)
 
     threshold = threshold_from_normals(scores_of(maps_of(val_images)), target_fpr).value
     test_maps = maps_of(test_images)

@@ -186,3 +186,24 @@ def test_cli_export_and_predict(trained, synthetic_root, tmp_path, test_paths):
     assert result.exit_code == 1 and "bad.png" in result.output
     result = runner.invoke(main, ["export", str(checkpoint), "-o", str(out), "--int8"])
     assert result.exit_code == 1 and "--int8 needs --images" in result.output
+
+
+def test_feature_model_exports_one_graph_with_parity(tmp_path):
+    from anomalyvae.data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(
+        tmp_path / "d", n_train=24, n_test_good=4, n_test_defect=4, size=64
+    )
+    paths = [s.path for s in mvtec_samples(root, "train")]
+    detector = VAEAnomalyDetector(model="feature", epochs=2, target_fpr=0.25, progress=False)
+    detector.fit(paths)
+    test = [s.path for s in mvtec_samples(root, "test")]
+    images = detector.preprocess(test)
+    result = export_onnx(detector, tmp_path / "feature.onnx", images)
+    assert result.parity.verdicts_agree and result.parity.max_rel_score_diff < 1e-4
+    meta = read_metadata(result.path)
+    assert meta["model_family"] == "feature" and meta["score_kind"] == "fused"
+    onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
+    np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExportError, match="pixel model only"):
+        export_onnx(detector, tmp_path / "feature.fp16.onnx", precision="fp16")

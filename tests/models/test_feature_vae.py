@@ -1,0 +1,144 @@
+"""The feature family: a frozen EfficientNet-Lite0 backbone and a per-location VAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from anomalyvae.data import make_synthetic_dataset, mvtec_samples
+from anomalyvae.detector import VAEAnomalyDetector, resolve_family
+from anomalyvae.models.backbone import load_backbone, weights_path
+from anomalyvae.models.feature_vae import VIEW_NAMES, FeatureVAE, FeatureVAEConfig, fuse_views
+from anomalyvae.models.maps import ScoringConfig, score_batch
+
+FEATURE_TINY = dict(epochs=4, target_fpr=0.1, progress=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def feature_root(tmp_path_factory):
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("feature"),
+        n_train=80,
+        n_test_good=12,
+        n_test_defect=16,
+        size=64,
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def feature_detector(feature_root, tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("feature_model") / "feature.pt"
+    paths = [s.path for s in mvtec_samples(feature_root, "train")]
+    detector = VAEAnomalyDetector(model="feature", checkpoint_path=checkpoint, **FEATURE_TINY)
+    return detector.fit(paths), checkpoint
+
+
+def test_backbone_weights_load_offline_from_the_wheel():
+    state = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    backbone = load_backbone()
+    assert torch.equal(backbone.stem.conv.weight, state["_conv_stem.weight"])
+    assert torch.equal(
+        backbone.stages[4][2].project.bn.running_var, state["_blocks.10._bn2.running_var"]
+    )
+    random = load_backbone(pretrained=False)
+    assert not torch.equal(random.stem.conv.weight, state["_conv_stem.weight"])
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (96, 160), (70, 45)])
+def test_backbone_strides_follow_tensorflow_same_padding(height, width):
+    fine, coarse = load_backbone(pretrained=False)(torch.rand(1, 3, height, width))
+    assert fine.shape == (1, 40, -(-height // 8), -(-width // 8))
+    assert coarse.shape == (1, 112, -(-height // 16), -(-width // 16))
+
+
+def test_backbone_stays_frozen_in_train_mode():
+    backbone = load_backbone(pretrained=False).train()
+    assert not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("in_channels", 2, "in_channels"),
+        ("height", 16, "at least 32"),
+        ("pool", 2, "odd"),
+        ("latent_dim", 0, "latent_dim"),
+        ("beta", -1.0, "beta"),
+    ],
+)
+def test_feature_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureVAEConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "expected"),
+    [
+        ("auto", 28, "pixel"),
+        ("auto", 63, "pixel"),
+        ("auto", 64, "feature"),
+        ("pixel", 256, "pixel"),
+    ],
+)
+def test_auto_family_follows_input_size(family, size, expected):
+    assert resolve_family(family, size, size) == expected
+
+
+def test_fused_score_takes_the_strongest_view():
+    views = torch.tensor([[1.0, 10.0, 0.0], [0.0, 0.0, 7.0]])
+    fused = fuse_views(views, torch.zeros(3), torch.tensor([1.0, 5.0, 1.0]))
+    assert fused.tolist() == [2.0, 7.0]
+
+
+def test_feature_detector_ranks_defects_and_reloads(feature_detector, feature_root):
+    detector, checkpoint = feature_detector
+    assert detector.family_ == "feature" and detector.scoring_.score_kind == "fused"
+    test = mvtec_samples(feature_root, "test")
+    labels = [s.label for s in test]
+    scores, maps = detector.score_and_map([s.path for s in test])
+    assert maps.shape == (len(test), 64, 64)
+    assert roc_auc_score(labels, scores) > 0.8
+    views = detector.view_scores([s.path for s in test])
+    assert set(views) == {*VIEW_NAMES, "fused"}
+    np.testing.assert_allclose(views["fused"], scores, rtol=1e-5, atol=1e-5)
+    loaded = VAEAnomalyDetector.load(checkpoint)
+    assert loaded.family_ == "feature"
+    np.testing.assert_allclose(loaded.anomaly_score([s.path for s in test]), scores, rtol=1e-6)
+
+
+def test_feature_map_is_position_independent():
+    model = FeatureVAE(FeatureVAEConfig(height=64, width=64), pretrained=False).eval()
+    config = ScoringConfig("elbo", "topk_mean", 2.0, 0.01)
+    x = torch.rand(1, 1, 64, 64)
+    shifted = torch.roll(x, shifts=(16, 16), dims=(2, 3))
+    a = score_batch(model, x, config).anomaly_map
+    b = score_batch(model, shifted, config).anomaly_map
+    # away from the borders the map moves with the image
+    inner = (slice(None), slice(None), slice(24, 40), slice(24, 40))
+    shifted_back = torch.roll(b, shifts=(-16, -16), dims=(2, 3))
+    torch.testing.assert_close(a[inner], shifted_back[inner], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(model="pixel", score_kind="fused"), "needs the feature model"),
+        (dict(model="feature", nproc=2), "one process"),
+        (dict(model="nope"), "model must be one of"),
+    ],
+)
+def test_family_misuse_is_a_clear_error(feature_root, kwargs, message):
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:8]
+    with pytest.raises(ValueError, match=message):
+        VAEAnomalyDetector(epochs=1, progress=False, **kwargs).fit(paths)
+
+
+def test_valid_mask_needs_the_pixel_model(feature_detector, feature_root):
+    detector, _ = feature_detector
+    path = mvtec_samples(feature_root, "test")[0].path
+    with pytest.raises(ValueError, match="pixel model"):
+        detector.anomaly_score([path], valid_mask=np.ones((64, 64), bool))
