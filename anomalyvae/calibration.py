@@ -36,6 +36,9 @@ class Threshold:
         Share of the calibration anomalies above ``value`` (labelled methods only).
     n_normal, n_anomalous : int
         Size of the calibration set.
+    min_achievable_fpr : float or None
+        ``1 / (n_normal + 1)``: the smallest false-positive rate that n normals can
+        promise ("normal_quantile" only; None in older models).
     """
 
     value: float
@@ -45,6 +48,7 @@ class Threshold:
     expected_tpr: float | None
     n_normal: int
     n_anomalous: int
+    min_achievable_fpr: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,32 +68,41 @@ def _check_scores(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64
 
 
 def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Threshold:
-    """Threshold at the (1 - target_fpr) quantile of held-out normal scores.
+    """Conformal threshold from held-out normal scores for a target false-positive rate.
 
-    With n normals the smallest FPR that can be told apart is about 1 / n; when
-    ``target_fpr`` is finer than that, the largest normal score is used and a warning
-    says how many normals the target needs.
+    The threshold is the ``ceil((n + 1) * (1 - target_fpr))``-th smallest of the n
+    normal scores: for a new normal image exchangeable with them, the chance of scoring
+    above it is at most ``target_fpr`` (split-conformal prediction; Vovk et al. 2005,
+    Angelopoulos & Bates 2021). With n normals the smallest false-positive rate that
+    can be promised is ``1 / (n + 1)``: when ``target_fpr`` is finer than that, the
+    largest normal score is used, ``min_achievable_fpr`` says what is really promised,
+    and a warning says how many normals the target needs.
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
-    normal = _check_scores(scores, "normal scores")
-    if normal.size * target_fpr < 1:
+    normal = np.sort(_check_scores(scores, "normal scores"))
+    n = normal.size
+    rank = int(np.ceil((n + 1) * (1.0 - target_fpr)))  # 1-based order statistic
+    if rank > n:
         warnings.warn(
-            f"{normal.size} calibration normals cannot resolve a false-positive rate of "
-            f"{target_fpr:g}; at least {int(np.ceil(1 / target_fpr))} are needed. "
-            "Using the largest normal score.",
+            f"{n} calibration normals cannot promise a false-positive rate of "
+            f"{target_fpr:g}: the smallest they can is 1/(n+1) = {1 / (n + 1):.3g}, and "
+            f"{target_fpr:g} needs at least {int(np.ceil(1 / target_fpr)) - 1} normals. "
+            "Using the largest normal score; hold out more normal images.",
             UserWarning,
             stacklevel=2,
         )
-    value = float(np.quantile(normal, 1.0 - target_fpr, method="higher"))
+        rank = n
+    value = float(normal[rank - 1])
     return Threshold(
         value,
         "normal_quantile",
         target_fpr,
         float(np.mean(normal > value)),
         None,
-        int(normal.size),
+        int(n),
         0,
+        1.0 / (n + 1),
     )
 
 

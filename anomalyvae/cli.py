@@ -266,8 +266,27 @@ def train(
         f"stopped: {summary['stopped_reason']})."
     )
     click.echo(
+        f"Model: {detector.family_} ({detector.preprocessing_.height}x"
+        f"{detector.preprocessing_.width}, score {detector.scoring_.score_kind})."
+    )
+    click.echo(
         f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}. Saved {output}"
     )
+    calibration = detector.calibration_
+    if calibration.min_achievable_fpr and calibration.min_achievable_fpr > detector.target_fpr:
+        click.echo(
+            f"Warning: {calibration.n_normal} held-out normals cannot promise a false-positive "
+            f"rate below {calibration.min_achievable_fpr:.1%} (1/(n+1)); expect about that "
+            "rate of normal images flagged, or train on more normal images."
+        )
+    check = getattr(detector, "self_check_", {}) or {}
+    if check.get("detection_rate") is not None:
+        kinds = ", ".join(f"{k} {v:.0%}" for k, v in check["by_kind"].items())
+        click.echo(
+            f"Self-check: {check['detection_rate']:.0%} of synthetic defects pasted into the "
+            f"{check['n_images']} held-out normals are detected at this threshold ({kinds}); "
+            "an estimate from made-up defects, not a test on real ones."
+        )
 
 
 @main.command(context_settings=CONTEXT)
@@ -607,6 +626,8 @@ def scan(
         f"in {result.seconds:.1f} s.\nReport: {output / 'report.html'}\n"
         f"Table: {output / 'results.parquet'}"
     )
+    for warning in result.summary.get("drift", {}).get("warnings", []):
+        click.echo(f"Drift alarm: {warning}", err=True)
     if strict and result.n_errors:
         sys.exit(EXIT_UNREADABLE)
     if fail_on_anomaly and result.n_anomalies:

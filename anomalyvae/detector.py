@@ -17,6 +17,8 @@ from numpy.typing import NDArray
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
 from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
+from anomalyvae.imaging.synthetic_defects import paste_defects
+from anomalyvae.inference.drift import intensity_summary
 from anomalyvae.models.feature_vae import (
     VIEW_NAMES,
     FeatureVAE,
@@ -146,6 +148,12 @@ class VAEAnomalyDetector:
         Per-epoch losses.
     data_summary_ : dict
         Number of training/validation images and a hash of the file list.
+    self_check_ : dict
+        :meth:`self_check` on the held-out normals: the estimated detection rate of
+        synthetic defects at ``threshold_``.
+    normal_intensity_ : dict
+        The held-out normals' per-image mean intensity (median, spread, 0.5/99.5 %
+        percentiles): what a scan's drift alarm compares a batch with.
     validation_files_ : list of str
         The held-out normal files (when fitted from files); not saved with the model.
     """
@@ -282,9 +290,45 @@ class VAEAnomalyDetector:
         if self.family_ == "feature":
             self.fit_fusion(images[val_index])
         self.calibrate(images[val_index])
+        # what the scan's drift alarm compares each batch with (inference/drift.py)
+        self.normal_intensity_ = intensity_summary(
+            images[val_index].reshape(len(val_index), -1).mean(axis=1)
+        )
+        self.self_check_ = self.self_check(images[val_index])
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)
         return self
+
+    def self_check(self, X: ImagesLike, seed: int = 0) -> dict[str, Any]:
+        """Estimated detection rate: synthetic defects pasted into normals, scored.
+
+        Each normal image of ``X`` gets one synthetic defect (a blob of cut-paste
+        texture, a grey-level shift or noise; :mod:`anomalyvae.imaging.synthetic_defects`)
+        and is scored; the share above ``threshold_`` estimates how many defects of
+        that size and contrast the model would catch. ``fit`` runs it on the held-out
+        normals. An estimate from made-up defects, not a measurement on real ones.
+
+        Returns
+        -------
+        dict
+            ``detection_rate``, ``by_kind`` (rate per defect kind), ``n_images`` and
+            ``normal_flag_rate`` (the same images without defects).
+        """
+        threshold = self.decision_threshold()
+        images = self._load(X)
+        if len(images) < 2:
+            return {"detection_rate": None, "n_images": int(len(images))}
+        defects = paste_defects(images, seed=seed)
+        _, scores = self._score_arrays(defects.images, self.scoring_)
+        _, clean = self._score_arrays(images, self.scoring_)
+        flagged = scores > threshold
+        kinds = np.array(defects.kinds)
+        return {
+            "detection_rate": float(flagged.mean()),
+            "by_kind": {k: float(flagged[kinds == k].mean()) for k in sorted(set(defects.kinds))},
+            "n_images": int(len(images)),
+            "normal_flag_rate": float((clean > threshold).mean()),
+        }
 
     def _resolve_scoring(self, spec: Preprocessing) -> ScoringConfig:
         if self.family_ == "feature":
@@ -706,6 +750,8 @@ class VAEAnomalyDetector:
                     self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None
                 ),
                 "params": _plain(self.get_params()),
+                "normal_intensity": getattr(self, "normal_intensity_", None),
+                "self_check": getattr(self, "self_check_", None),
                 **self._extra_state(),
             }
         )
@@ -750,6 +796,10 @@ class VAEAnomalyDetector:
             if state.get("map_stats"):
                 detector.map_stats_ = MapStats.from_dict(state["map_stats"])
             detector.data_summary_ = dict(state.get("data") or {})
+            if state.get("self_check"):
+                detector.self_check_ = dict(state["self_check"])
+            if state.get("normal_intensity"):
+                detector.normal_intensity_ = dict(state["normal_intensity"])
             training = dict(state.get("training") or {})
             detector.history_ = list(training.pop("history", []))
             detector.training_summary_ = training

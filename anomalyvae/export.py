@@ -123,6 +123,8 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "pixel_threshold": repr(float(detector.pixel_threshold_)),
         "calibration": json.dumps(calibration),
         "model_family": model_family(detector),
+        "normal_intensity": json.dumps(getattr(detector, "normal_intensity_", None)),
+        "self_check": json.dumps(getattr(detector, "self_check_", None)),
         "map_kind": detector.scoring_.map_kind,
         "score_kind": detector.scoring_.score_kind,
         "scoring": json.dumps(detector.scoring_.to_dict()),

@@ -329,6 +329,17 @@ def run_demo(
 # --------------------------------------------------------------------------- generative
 
 
+def pixel_model(detector: VAEAnomalyDetector) -> Any:
+    """The detector's pixel VAE, or a clear error: the generative uses need pixels."""
+    if getattr(detector.model_, "family", "pixel") != "pixel":
+        raise ValueError(
+            "sampling, denoising, inpainting and embeddings need a pixel model; this "
+            "checkpoint holds the feature model. Train one with `anomalyvae train DATA "
+            "-o pixel.pt --model pixel`"
+        )
+    return detector.model_
+
+
 def _save_png(array: np.ndarray, path: Path) -> Path:
     """Save a (c, h, w) float image in [0, 1] as an 8-bit PNG."""
     from PIL import Image
@@ -368,14 +379,14 @@ def sample_to(
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     output_dir = Path(output_dir)
-    images = sample(detector.model_, n, temperature, seed)
+    images = sample(pixel_model(detector), n, temperature, seed)
     written = [
         _save_png(image, output_dir / f"sample_{i:04d}.png") for i, image in enumerate(images)
     ]
     written.append(_save_png(grid(images), output_dir / "grid.png"))
     if interpolate_between is not None:
         pair = [load_image(p, detector.preprocessing_) for p in interpolate_between]
-        strip = interpolate(detector.model_, pair[0], pair[1], steps=8)
+        strip = interpolate(pixel_model(detector), pair[0], pair[1], steps=8)
         written.append(_save_png(grid(strip, columns=len(strip)), output_dir / "interpolation.png"))
     return written
 
@@ -392,7 +403,7 @@ def denoise_files(
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     images, kept, _ = read_images(paths, detector.preprocessing_, on_error="raise")
-    clean = denoise(detector.model_, images, n_samples=n_samples)
+    clean = denoise(pixel_model(detector), images, n_samples=n_samples)
     return [
         _save_png(image, Path(output_dir) / f"{path.stem}_denoised.png")
         for image, path in zip(clean, kept, strict=True)
@@ -418,7 +429,7 @@ def inpaint_file(
         mask_path, (spec.height, spec.width), 0.0, expected_shape=(image.height, image.width)
     )
     filled = inpaint(
-        detector.model_, load_image(image_path, spec)[None], missing, method, iterations
+        pixel_model(detector), load_image(image_path, spec)[None], missing, method, iterations
     )
     return _save_png(filled[0], Path(output))
 
@@ -446,7 +457,7 @@ def embed_folder(
     if not paths:
         raise FileNotFoundError(f"no images under '{folder}'")
     images, kept, _ = read_images(paths, detector.preprocessing_, on_error="warn")
-    codes = embed(detector.model_, images)
+    codes = embed(pixel_model(detector), images)
     groups = [
         p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "."
         for p in kept
@@ -462,7 +473,9 @@ def embed_folder(
         axis=1,
     )
     if neighbours_of is not None:
-        query = embed(detector.model_, load_image(neighbours_of, detector.preprocessing_)[None])
+        query = embed(
+            pixel_model(detector), load_image(neighbours_of, detector.preprocessing_)[None]
+        )
         table["distance"] = np.linalg.norm(codes.mu - query.mu[0], axis=1)
         table = table.sort_values("distance").reset_index(drop=True)
     with atomic_path(output) as tmp:

@@ -25,9 +25,34 @@ def test_normal_quantile_reaches_target_fpr_on_held_out_normals(target_fpr):
 
 
 def test_too_few_normals_warn_and_use_the_maximum():
-    with pytest.warns(UserWarning, match="at least 100"):
+    with pytest.warns(UserWarning, match="1/\\(n\\+1\\) = 0.25.*at least 99"):
         threshold = threshold_from_normals([1.0, 2.0, 3.0], 0.01)
     assert threshold.value == 3.0 and threshold.expected_fpr == 0.0
+    assert threshold.min_achievable_fpr == 0.25
+
+
+@pytest.mark.parametrize(("n", "target_fpr", "rank"), [(19, 0.05, 19), (99, 0.1, 90), (9, 0.1, 9)])
+def test_threshold_is_the_conformal_order_statistic(n, target_fpr, rank):
+    scores = np.arange(1, n + 1, dtype=float)[::-1]  # order must not matter
+    threshold = threshold_from_normals(scores, target_fpr)
+    assert threshold.value == rank  # the ceil((n + 1)(1 - fpr))-th smallest
+
+
+def test_conformal_threshold_keeps_its_promise_with_few_normals():
+    # 30 normals at a 10 % target: averaged over draws, a new normal exceeds the
+    # threshold at most 10 % of the time (the conformal guarantee), never far above.
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(400):
+        threshold = threshold_from_normals(rng.normal(size=30), 0.1)
+        rates.append(np.mean(rng.normal(size=2000) > threshold.value))
+    assert 0.06 < np.mean(rates) <= 0.1
+
+
+def test_old_thresholds_without_the_floor_still_load():
+    data = threshold_from_normals(np.arange(200.0), 0.01).to_dict()
+    data.pop("min_achievable_fpr")
+    assert Threshold.from_dict(data).min_achievable_fpr is None
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,9 @@ TEMPLATE = """<!doctype html>
  .tile img { width: 100%; image-rendering: auto; }
  .tile .path { word-break: break-all; color: #444; }
  code { background: #f4f4f4; padding: 0 .2rem; }
+ .alarm { border: 2px solid #b00020; border-radius: 6px; padding: .4rem 1rem;
+          background: #fff4f4; margin: 1rem 0; }
+ p.bad { color: #b00020; }
 </style></head><body>
 <h1>Anomaly scan report</h1>
 <p class="sub">{{ folder }} &middot; model {{ model_hash[:12] }} &middot;
@@ -51,6 +54,11 @@ TEMPLATE = """<!doctype html>
  <div class="card"><b>{{ "%.1f"|format(s.throughput.images_per_second) }}</b>
   images/s (this run)</div>
 </div>
+{% if drift_warnings %}<div class="alarm"><b>Drift alarm</b><ul>
+{% for w in drift_warnings %}<li>{{ w }}</li>{% endfor %}</ul></div>{% endif %}
+{% if s.n_errors %}<p class="bad">{{ s.n_errors }} files could not be scored: see
+ <a href="#unreadable">Unreadable files</a>.</p>{% endif %}
+{% if calibration_note %}<p class="sub">{{ calibration_note }}</p>{% endif %}
 <h2>Score distribution</h2>
 {% if histogram %}
 <img alt="score histogram" src="data:image/png;base64,{{ histogram }}" style="max-width:720px">
@@ -66,12 +74,36 @@ TEMPLATE = """<!doctype html>
 {% endfor %}</div>{% else %}<p>None.</p>{% endif %}
 <h2>By folder</h2>
 {{ folders|safe }}
-<h2>Unreadable files</h2>
+<h2 id="unreadable">Unreadable files</h2>
 {% if errors %}{{ errors|safe }}{% else %}<p>None.</p>{% endif %}
 <h2>Model card</h2>
 {{ model_card|safe }}
 </body></html>
 """
+
+
+def calibration_note(model: dict[str, Any]) -> str:
+    """One sentence on what the threshold promises, and its limit with few normals."""
+    image = (model.get("calibration") or {}).get("image") or {}
+    if image.get("method") != "normal_quantile":
+        return f"Threshold from a labelled set ({image.get('method', 'unknown')})." if image else ""
+    n, target = image.get("n_normal"), image.get("target_fpr")
+    note = (
+        f"Threshold calibrated on {n} held-out normal images for a {target:.1%} false-positive rate"
+    )
+    floor = image.get("min_achievable_fpr")
+    if floor and target and floor > target:
+        note += (
+            f"; {n} normals can promise no less than {floor:.1%} (1/(n+1)), so expect about "
+            "that rate of normal images flagged"
+        )
+    detection = model.get("self_check")
+    if isinstance(detection, dict) and detection.get("detection_rate") is not None:
+        note += (
+            f". Self-check: {detection['detection_rate']:.0%} of synthetic defects pasted into "
+            "held-out normals are detected at this threshold (an estimate, not a test result)"
+        )
+    return note + "."
 
 
 def _png(fig: Any) -> str:
@@ -208,6 +240,8 @@ def write_report(
             folders=_table(folders),
             errors=_table(errors) if len(errors) else "",
             model_card=_model_card(summary.get("model", {})),
+            drift_warnings=(summary.get("drift") or {}).get("warnings", []),
+            calibration_note=calibration_note(summary.get("model", {})),
         )
     )
     atomic_write_text(path, rendered)

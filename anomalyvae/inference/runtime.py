@@ -46,6 +46,8 @@ class OnnxResult(NamedTuple):
     score: NDArray[np.float32]
     normalized_score: NDArray[np.float32]
     is_anomaly: NDArray[np.bool_]
+    #: (n,) mean of each model input, filled in by the scan (None from ``predict_*``)
+    mean_intensity: NDArray[np.float32] | None = None
 
 
 def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
@@ -251,7 +253,7 @@ class OnnxDetector:
                 np.zeros(0, np.float32),
                 np.zeros(0, bool),
             )
-        return OnnxResult(*(np.concatenate(p) for p in parts))
+        return OnnxResult(*(np.concatenate(p) for p in parts))  # type: ignore[call-arg]
 
     def load_files(self, paths: Sequence[str | os.PathLike[str]]) -> NDArray[np.float32]:
         """Decode and preprocess files exactly as training did, to (n, c, h, w)."""

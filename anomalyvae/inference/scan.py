@@ -42,6 +42,7 @@ from anomalyvae.imaging.io import (
     volume_slices,
 )
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.inference.drift import drift_report
 from anomalyvae.inference.runtime import OnnxDetector
 
 #: A scan engine: ``engine(model_path, scorer, todo, writer, bar) -> info`` scores every
@@ -70,6 +71,7 @@ COLUMNS = (
     "peak_x",
     "peak_y",
     "anomalous_area",
+    "mean_intensity",
     "heatmap",
     "error",
     "model_hash",
@@ -90,6 +92,7 @@ DTYPES = {
     "peak_x": "float64",
     "peak_y": "float64",
     "anomalous_area": "float64",
+    "mean_intensity": "float64",
     "heatmap": "string",
     "error": "string",
     "model_hash": "string",
@@ -446,6 +449,8 @@ class BatchScorer:
                 [d.pixels if "slices" in d.info else d.pixels[None] for d, _ in good]
             )
             result = self.detector.predict_arrays(stacked, self.threshold)
+            # the drift alarm compares these with the calibration normals' (drift.py)
+            result = result._replace(mean_intensity=stacked.reshape(len(stacked), -1).mean(axis=1))
         position, offset = {}, 0
         for d, _ in good:
             position[d.index] = offset
@@ -479,6 +484,7 @@ class BatchScorer:
             "peak_x": np.nan,
             "peak_y": np.nan,
             "anomalous_area": np.nan,
+            "mean_intensity": np.nan,
             "heatmap": "",
             "error": item.info["error"],
             "model_hash": self.detector.model_hash,
@@ -698,6 +704,9 @@ def _score_fields(
         "peak_x": (px + 0.5) * info["width"] / w,
         "peak_y": (py + 0.5) * info["height"] / h,
         "anomalous_area": float((anomaly_map > pixel_threshold).mean()),
+        "mean_intensity": float(result.mean_intensity[k])
+        if result.mean_intensity is not None
+        else np.nan,
     }
 
 
@@ -744,6 +753,18 @@ def _top_heatmaps(
     return table
 
 
+def _target_fpr(metadata: dict[str, Any]) -> float | None:
+    """The false-positive rate the model's threshold was set for (normal-only calibration)."""
+    image = (metadata.get("calibration") or {}).get("image") or {}
+    if image.get("method") != "normal_quantile":
+        return None  # a labelled threshold promises no normal flag rate
+    value = image.get("target_fpr")
+    if not value:
+        return None
+    # with few normals the threshold cannot promise less than 1/(n+1)
+    return max(float(value), float(image.get("min_achievable_fpr") or 0.0))
+
+
 def summarize(
     table: pd.DataFrame,
     metadata: dict[str, Any],
@@ -777,6 +798,12 @@ def summarize(
             "seconds_this_run": seconds,
             "images_per_second": n_scored_now / seconds if seconds > 0 else 0.0,
         },
+        "drift": drift_report(
+            ok["is_anomaly"].to_numpy(dtype=bool),
+            ok["mean_intensity"].to_numpy(dtype=float),
+            _target_fpr(metadata),
+            metadata.get("normal_intensity"),
+        ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "model": metadata,
     }

@@ -142,3 +142,11 @@ def test_valid_mask_needs_the_pixel_model(feature_detector, feature_root):
     path = mvtec_samples(feature_root, "test")[0].path
     with pytest.raises(ValueError, match="pixel model"):
         detector.anomaly_score([path], valid_mask=np.ones((64, 64), bool))
+
+
+def test_generative_uses_name_the_pixel_model(feature_detector, tmp_path):
+    from anomalyvae.workflows import sample_to
+
+    _, checkpoint = feature_detector
+    with pytest.raises(ValueError, match="--model pixel"):
+        sample_to(checkpoint, tmp_path / "samples", n=4)

@@ -1,0 +1,61 @@
+"""The scan's drift alarm: flagged rate and intensity against the calibration normals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalyvae.inference.drift import drift_report, intensity_summary
+from anomalyvae.inference.scan import scan
+
+NORMALS = intensity_summary(np.random.default_rng(0).normal(0.6, 0.02, 200))
+
+
+@pytest.mark.parametrize(
+    ("flag_share", "shift", "expected"),
+    [
+        (0.01, 0.0, []),
+        (0.30, 0.0, ["flagged"]),
+        (0.01, -0.08, ["darker"]),
+        (0.01, +0.08, ["brighter"]),
+        (0.30, -0.08, ["flagged", "darker"]),
+    ],
+)
+def test_drift_alarm_names_what_changed(flag_share, shift, expected):
+    rng = np.random.default_rng(1)
+    n = 400
+    flags = np.zeros(n, bool)
+    flags[: int(flag_share * n)] = True
+    means = rng.normal(0.6 + shift, 0.02, n)
+    report = drift_report(flags, means, 0.01, NORMALS)
+    text = " ".join(report["warnings"])
+    assert len(report["warnings"]) == len(expected)
+    for word in expected:
+        assert word in text
+
+
+def test_small_batches_are_not_judged():
+    report = drift_report(np.ones(5, bool), np.full(5, 0.1), 0.01, NORMALS)
+    assert report["warnings"] == [] and "fewer than" in report["note"]
+
+
+def test_a_darker_line_raises_the_alarm_in_a_scan(onnx_model, synthetic_root, tmp_path):
+    good = sorted((synthetic_root / "train" / "good").glob("*.png"))[:30]
+    same, darker = tmp_path / "same", tmp_path / "darker"
+    for folder, factor in ((same, 1.0), (darker, 0.6)):
+        folder.mkdir()
+        for path in good:
+            pixels = np.asarray(Image.open(path), dtype=np.float32) * factor
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / path.name)
+    calm = scan(onnx_model, same, tmp_path / "out_same", progress=False).summary["drift"]
+    alarm = scan(onnx_model, darker, tmp_path / "out_darker", progress=False).summary["drift"]
+    assert not any("darker" in w for w in calm["warnings"])
+    assert any("darker" in w for w in alarm["warnings"])
+    assert alarm["intensity"]["shift_in_normal_sd"] < -1
+    report = (tmp_path / "out_darker" / "report.html").read_text()
+    assert "Drift alarm" in report and "darker" in report
+    written = json.loads((tmp_path / "out_darker" / "summary.json").read_text())
+    assert written["drift"]["warnings"] == alarm["warnings"]
