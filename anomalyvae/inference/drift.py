@@ -102,7 +102,7 @@ def drift_report(
                 f"intensity {np.median(means):.3f} against {normal_intensity['median']:.3f} "
                 f"({shift:+.1f} normal standard deviations), and "
                 f"{outside / means.size:.0%} fall outside the normals' range "
-                f"[{low:.3f}, {high:.3f}] (about {expected:.0%} expected). Lighting or acquisition has "
-                "changed; scores may rise or fall for reasons other than defects."
+                f"[{low:.3f}, {high:.3f}] (about {expected:.0%} expected). Lighting or "
+                "acquisition has changed; scores may rise or fall for reasons other than defects."
             )
     return out
