@@ -152,28 +152,35 @@ def infer_preprocessing(
     multiple: int = 16,
     max_size: int = 128,
     n_probe: int = 64,
+    keep_aspect: bool = False,
+    max_aspect: float = 3.0,
 ) -> Preprocessing:
     """Choose channels and model input size from the training files themselves.
 
     Channels: 3 only if some probed image carries real colour. Size: the median short
     side, rounded down to a multiple of ``multiple`` (the network's stride), within
-    [32, ``max_size``]; small images are not blown up beyond the next multiple.
+    [32, ``max_size``]; small images are not blown up beyond the next multiple. With
+    ``keep_aspect`` the long side follows the images' median aspect ratio (up to
+    ``max_aspect`` : 1), so elongated images are not squashed: a 500 x 1250 crack
+    image becomes 256 x 640, not 256 x 256.
     """
     if not paths:
         raise DatasetError("no training images given")
     rng = np.random.default_rng(0)
     probe = [paths[i] for i in sorted(rng.permutation(len(paths))[:n_probe])]
-    shapes, colour = [], False
+    shapes, aspects, colour = [], [], False
     for path in probe:
         try:
             if is_nifti(path):  # a volume: judge its slices
                 data = read_volume(path).data
                 shapes.append(min(data.shape[1], data.shape[2]))
+                aspects.append(data.shape[2] / data.shape[1])
                 continue
             decoded = read_image(path)
         except ImageReadError:
             continue  # reported when the training images are loaded
         shapes.append(min(decoded.height, decoded.width))
+        aspects.append(decoded.width / decoded.height)
         colour = colour or not is_grayscale(decoded.pixels)
     if not shapes:
         raise DatasetError(f"none of the {len(probe)} probed training files could be read")
@@ -185,6 +192,11 @@ def infer_preprocessing(
         if side < size:  # small images: the smallest multiple that holds them
             size = max(32, -(-side // multiple) * multiple)
         height = width = size
+        aspect = float(np.median(aspects))
+        if keep_aspect and max(aspect, 1 / aspect) >= 1.25:  # near-square stays square
+            ratio = min(max(aspect, 1 / aspect), max_aspect)
+            long = max(size, int(round(size * ratio / multiple)) * multiple)
+            height, width = (size, long) if aspect > 1 else (long, size)
     elif isinstance(image_size, int):
         height = width = image_size
     else:

@@ -50,7 +50,8 @@ MODEL_FAMILIES: tuple[str, ...] = ("auto", "pixel", "feature")
 #: "auto" picks the feature model when the model input is at least this many pixels on
 #: its short side (see :func:`resolve_family`).
 FEATURE_MIN_SIDE = 64
-#: Largest input side the feature family resizes to by default (multiples of 32).
+#: Largest short input side the feature family resizes to by default (multiples of 32;
+#: the long side follows the training images' median aspect ratio).
 FEATURE_MAX_SIZE = 256
 
 
@@ -502,7 +503,12 @@ class VAEAnomalyDetector:
         inferred = infer_preprocessing(paths, self.channels, self.image_size)
         if self.model != "pixel":  # the feature model sees more pixels: up to 256 px
             wide = infer_preprocessing(
-                paths, self.channels, self.image_size, multiple=32, max_size=FEATURE_MAX_SIZE
+                paths,
+                self.channels,
+                self.image_size,
+                multiple=32,
+                max_size=FEATURE_MAX_SIZE,
+                keep_aspect=True,
             )
             if resolve_family(self.model, wide.height, wide.width) == "feature":
                 inferred = wide

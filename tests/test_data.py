@@ -100,3 +100,17 @@ def test_infer_preprocessing_detects_colour(tmp_path):
 
 def test_file_list_hash_is_order_free():
     assert file_list_hash(["b", "a"]) == file_list_hash(["a", "b"]) != file_list_hash(["a"])
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [(500, 1250, (256, 640)), (1250, 500, (640, 256)), (300, 320, (256, 256)), (100, 1000, (96, 288))],
+)
+def test_infer_preprocessing_keeps_the_aspect_ratio_when_asked(tmp_path, height, width, expected):
+    for i in range(3):
+        Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp_path / f"{i}.png")
+    paths = sorted(tmp_path.glob("*.png"))
+    spec = infer_preprocessing(paths, multiple=32, max_size=256, keep_aspect=True)
+    assert (spec.height, spec.width) == expected
+    square = infer_preprocessing(paths, multiple=32, max_size=256)
+    assert square.height == square.width

@@ -275,6 +275,7 @@ def train_feature_vae(
     val_images: NDArray[np.float32],
     epochs: int = 200,
     batch_size: int = 4096,
+    vectors_per_epoch: int = 131072,
     learning_rate: float = 1e-3,
     patience: int = 20,
     time_budget_s: float | None = None,
@@ -283,8 +284,9 @@ def train_feature_vae(
 ) -> FeatureTrainResult:
     """Fit the per-location VAE on the backbone features of normal images.
 
-    The backbone is frozen, so features are computed once; an epoch is one pass over
-    every training location in mini-batches of ``batch_size`` vectors. Early stopping
+    The backbone is frozen, so features are computed once; an epoch is
+    ``vectors_per_epoch`` locations drawn at random from all training images (or every
+    location, when there are fewer), in mini-batches of ``batch_size``. Early stopping
     watches the validation images' mean per-location ELBO; the time budget is checked
     after every mini-batch.
     """
@@ -306,6 +308,9 @@ def train_feature_vae(
         return standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1], 1, 1).contiguous()
 
     train_x, val_x = vectors(train_raw), vectors(val_raw)
+    if len(val_x) > 131072:  # a fixed, seeded sample keeps validation cheap
+        keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))
+        val_x = val_x[keep[:131072]]
     del train_raw, val_raw
     parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
@@ -319,7 +324,7 @@ def train_feature_vae(
     )
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(train_x), generator=generator)
+        order = torch.randperm(len(train_x), generator=generator)[:vectors_per_epoch]
         total, seen, out_of_time = 0.0, 0, False
         for start in range(0, len(order), batch_size):
             batch = train_x[order[start : start + batch_size]]

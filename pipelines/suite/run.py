@@ -117,13 +117,42 @@ def _metrics(labels, scores, threshold, test, masks=None, maps=None) -> dict:
     return out
 
 
-def alternatives(detector: VAEAnomalyDetector, test) -> dict[str, float]:
+def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
+    """Ways to fuse the feature model's views, scored against the held-out normals.
+
+    z-scores use the held-out normals' median and MAD (as the product does); p-values
+    are the conformal ones, (1 + #normals at or above) / (n + 1).
+    """
+    names = ("local", "elbo", "global")
+    z, p = {}, {}
+    for name in names:
+        ref = np.sort(val_views[name])
+        center = np.median(ref)
+        scale = max(1.4826 * np.median(np.abs(ref - center)), 1e-6 * max(abs(center), 1.0))
+        z[name] = (views[name] - center) / scale
+        above = len(ref) - np.searchsorted(ref, views[name], side="left")
+        p[name] = (1 + above) / (len(ref) + 1)
+    out = {
+        "max-z(local, elbo, global)": np.max([z[n] for n in names], axis=0),
+        "mean-z(local, elbo, global)": np.mean([z[n] for n in names], axis=0),
+        "max-z(local, global)": np.maximum(z["local"], z["global"]),
+        "mean-z(local, global)": (z["local"] + z["global"]) / 2,
+        "fisher-p(local, elbo, global)": -2 * np.sum([np.log(p[n]) for n in names], axis=0),
+        "min-p(local, elbo, global)": -np.min([p[n] for n in names], axis=0),
+    }
+    return out
+
+
+def alternatives(detector: VAEAnomalyDetector, test, val_paths: list[Path]) -> dict[str, float]:
     """Image AUROC of the product's other candidate scores on the same trained model."""
     labels = np.array([s.label for s in test])
     paths = [s.path for s in test]
     if detector.family_ == "feature":
         views = detector.view_scores(paths)
-        return {f"feature/{name}": float(roc_auc_score(labels, v)) for name, v in views.items()}
+        out = {f"feature/{name}": float(roc_auc_score(labels, v)) for name, v in views.items()}
+        fused = fusion_variants(views, detector.view_scores(val_paths))
+        out.update({f"fusion/{k}": float(roc_auc_score(labels, v)) for k, v in fused.items()})
+        return out
     import dataclasses
 
     out = {}
@@ -171,7 +200,8 @@ def run_set(name: str, source: Path, work: Path, budget: float, smoke: bool) -> 
     print(f"[{name}] PCA floor", flush=True)
     train = [s.path for s in discover(source, "train") if s.label == 0]
     floor = pca_floor(source, train, detector, test)
-    alt = alternatives(detector, test)
+    val_index, _ = detector.split_indices(len(train))  # the normals training held out
+    alt = alternatives(detector, test, [train[i] for i in val_index])
     best_name = max(alt, key=alt.get)
     return {
         "source": shown(source),
@@ -265,6 +295,97 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
     if smoke:
         lines.insert(2, "**Smoke run on tiny synthetic sets: these numbers mean nothing.**\n")
     (out / "README.md").write_text("\n".join(lines) + "\n")
+    write_experiments(results, out)
+
+
+def git_commit() -> str:
+    completed = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "anomalyvae"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return completed.stdout.strip() + ("+changes" if dirty else "")
+
+
+def write_experiments(results: dict, out: Path) -> None:
+    """experiments.md: every variant on every set (this run) and every run's defaults.
+
+    Each non-smoke run appends its defaults to history.jsonl, so variants of the
+    defaults tried in earlier runs (kept or dropped) stay in the log with their numbers.
+    """
+    sets = results["sets"]
+    names = list(sets)
+    variants = sorted({k for r in sets.values() for k in r["alternatives"]})
+    lines = [
+        "# Experiment log: every variant, every set",
+        "",
+        "Written by `python pipelines/suite/run.py`; nothing here is typed in.",
+        "",
+        "## Candidate scores of the default models (this run), image AUROC",
+        "",
+        "Each row is a way to turn the trained default model into an image score; the "
+        "product uses `feature/fused` (= `fusion/max-z(local, elbo, global)`) on every "
+        "set that the feature model serves. Rows are kept or dropped as a whole, never "
+        "per set.",
+        "",
+        "| variant | " + " | ".join(names) + " | mean |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for variant in variants:
+        values = [sets[n]["alternatives"].get(variant) for n in names]
+        known = [v for v in values if v is not None]
+        cells = ["–" if v is None else f"{v:.3f}" for v in values]
+        mean = f"{np.mean(known):.3f}" if known else "–"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {mean} |")
+    lines += [
+        "",
+        "PCA-50 floor: "
+        + ", ".join(f"{n} {sets[n]['pca_floor']['image_auroc']:.3f}" for n in names)
+        + ".",
+        "",
+        "## The defaults, run by run (history.jsonl)",
+        "",
+        "| date | code | budget s | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    history = out / "history.jsonl"
+    if history.is_file():
+        for line in history.read_text().splitlines():
+            run = json.loads(line)
+            cells = []
+            for n in names:
+                d = run["sets"].get(n)
+                cells.append(
+                    "–"
+                    if d is None
+                    else f"{d['model_family']}/{d['score_kind']} {d['image_auroc']:.3f}"
+                )
+            lines.append(
+                f"| {run['date']} | {run['code']} | {run['time_budget_s']:g} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    (out / "experiments.md").write_text("\n".join(lines) + "\n")
+
+
+def append_history(results: dict, out: Path) -> None:
+    entry = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "code": git_commit(),
+        "time_budget_s": results["time_budget_s"],
+        "sets": {
+            n: {
+                k: r["defaults"][k]
+                for k in ("image_auroc", "pixel_auroc", "aupro", "model_family", "score_kind")
+                if k in r["defaults"]
+            }
+            for n, r in results["sets"].items()
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "history.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry, default=float) + "\n")
 
 
 def smoke_sets(root: Path) -> dict[str, Path]:
@@ -284,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=900.0)
     parser.add_argument("--sets", nargs="*", default=None, help="only these sets")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic sets, one round")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the trained models here [default: temp]"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="anomalyvae-suite-") as tmp:
@@ -307,9 +431,12 @@ def main(argv: list[str] | None = None) -> int:
             previous = json.loads((out / "results.json").read_text()).get("sets", {})
         results = {"machine": machine(), "time_budget_s": budget, "sets": dict(previous)}
         for name, source in sets.items():
-            results["sets"][name] = run_set(name, source, work / "runs", budget, args.smoke)
+            runs = args.work or work / "runs"
+            results["sets"][name] = run_set(name, source, runs, budget, args.smoke)
             print(json.dumps({name: results["sets"][name]["defaults"]}, default=float), flush=True)
         results["sets"] = dict(sorted(results["sets"].items()))
+        if not args.smoke:
+            append_history(results, out)
         write_report(results, out, budget, time.monotonic() - started, args.smoke)
         print(f"wrote {out / 'README.md'}")
     return 0
