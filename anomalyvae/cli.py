@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -51,6 +52,16 @@ class _Group(click.Group):
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)  # also MODEL files
 _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _check_threshold(value: float | None) -> float | None:
+    """Reject thresholds that would silently flag everything or nothing."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(
+            f"must be a positive finite number, got {value}: scores are non-negative, so "
+            "0 or less flags every image and NaN or infinity none"
+        )
+    return value
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -480,7 +491,13 @@ def export(
 @click.argument(
     "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("--threshold", type=float, default=None, help="Override the calibrated threshold.")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    callback=lambda ctx, param, value: _check_threshold(value),
+    help="Override the calibrated threshold (a positive number).",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
 )
@@ -535,7 +552,18 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
     help="anomalies, all, none, or top-N (the N highest scores).",
 )
 @click.option("--save-maps", is_flag=True, help="Also write raw maps as .npz.")
-@click.option("--threshold", type=float, default=None, help="Override the model threshold.")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    callback=lambda ctx, param, value: _check_threshold(value),
+    help="Override the model threshold (a positive number).",
+)
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="Let OUTPUT, which holds a scan of another folder, take this folder's files too.",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
 )
@@ -580,6 +608,7 @@ def scan(
     engine: str,
     address: str | None,
     ray_workers: int | None,
+    extend: bool,
     silent: bool,
 ) -> None:
     """Score every image under FOLDER with an exported MODEL; write a table and a report.
@@ -610,6 +639,7 @@ def scan(
         engine=engine,
         address=address,
         ray_workers=ray_workers,
+        extend=extend,
     )
     if address and engine != "ray":
         raise click.UsageError("--address needs --engine ray")

@@ -104,7 +104,12 @@ def test_file_list_hash_is_order_free():
 
 @pytest.mark.parametrize(
     ("height", "width", "expected"),
-    [(500, 1250, (256, 640)), (1250, 500, (640, 256)), (300, 320, (256, 256)), (100, 1000, (96, 288))],
+    [
+        (500, 1250, (256, 640)),
+        (1250, 500, (640, 256)),
+        (300, 320, (256, 256)),
+        (100, 1000, (96, 288)),
+    ],
 )
 def test_infer_preprocessing_keeps_the_aspect_ratio_when_asked(tmp_path, height, width, expected):
     for i in range(3):

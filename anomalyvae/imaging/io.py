@@ -208,7 +208,9 @@ def has_image_name(path: Path, wanted: set[str]) -> bool:
     name = path.name.lower()
     if any(name.endswith(e) for e in wanted):
         return True
-    return ".dcm" in wanted and not path.suffix and is_dicom(path)
+    # sniff the DICOM preamble of regular files only: opening a FIFO or a device
+    # would block the scan forever
+    return ".dcm" in wanted and not path.suffix and path.is_file() and is_dicom(path)
 
 
 def read_image(path: str | os.PathLike[str]) -> DecodedImage:

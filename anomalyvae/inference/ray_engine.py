@@ -199,6 +199,7 @@ class _Scorer:
                 str(row.relative),
                 int(row.size),
                 float(row.mtime),
+                str(row.fingerprint),
             )
             batch.append((Decoded(int(row.index), pixels, info), job))
         rows = self.scorer.rows(batch)
@@ -239,6 +240,7 @@ def scan_on_ray(
             "relative": job.relative,
             "size": job.size,
             "mtime": job.mtime,
+            "fingerprint": job.fingerprint,
         }
         for job in todo
     ]
@@ -287,7 +289,7 @@ def scan_on_ray(
         for frame in dataset.iter_batches(batch_size=None, batch_format="pandas"):
             rows = frame.to_dict(orient="records")
             writer.add(rows)
-            bar.update(int((~frame["relative_path"].str.contains("#slice=")).sum()))
+            bar.update(int(frame["slice"].isna().sum()))  # files, not volume slices
     except Exception as error:
         writer.flush()  # keep every row that did arrive; a rerun resumes from there
         raise RayEngineError(

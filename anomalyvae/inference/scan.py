@@ -10,6 +10,7 @@ rows with an ``error``; the scan goes on. No torch on this path.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from stat import S_ISFIFO, S_ISREG
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -58,6 +60,9 @@ HEATMAP_MODES = ("anomalies", "all", "none")
 COLUMNS = (
     "path",
     "relative_path",
+    "source",
+    "slice",
+    "fingerprint",
     "file_size",
     "mtime",
     "width",
@@ -79,6 +84,9 @@ COLUMNS = (
 DTYPES = {
     "path": "string",
     "relative_path": "string",
+    "source": "string",
+    "slice": "Int64",
+    "fingerprint": "string",
     "file_size": "int64",
     "mtime": "float64",
     "width": "Int64",
@@ -140,6 +148,9 @@ class ScanConfig:
         local Ray instance.
     ray_workers : int or None
         Inference actors for the Ray engine (default: one per GPU, else ``workers``).
+    extend : bool
+        Allow an output folder that holds a scan of another input folder to take this
+        one too (otherwise that is an error: one output folder, one input).
     """
 
     include: tuple[str, ...] = ()
@@ -156,6 +167,7 @@ class ScanConfig:
     engine: str = "local"
     address: str | None = None
     ray_workers: int | None = None
+    extend: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -170,6 +182,12 @@ class ScanConfig:
             raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
+        if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(
+                f"threshold must be a positive finite number, got {self.threshold}: scores "
+                "are non-negative, so 0 or less flags every image, and NaN or infinity "
+                "none (leave it out to use the model's calibrated threshold)"
+            )
         top_n(self.heatmaps)  # validates
 
 
@@ -210,17 +228,19 @@ def discover(
     extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS + MEDICAL_EXTENSIONS,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    skip: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Path]:
     """Image files under ``root`` in a stable order; symlinked folders are entered once.
 
     A symlink loop, or two links to the same folder, cannot make a file appear twice:
-    each real folder is walked only the first time it is reached.
+    each real folder is walked only the first time it is reached. Folders in ``skip``
+    (the scan's own output, when it lies inside ``root``) are never entered.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"'{root}' is not a folder")
     wanted = {e.lower() for e in extensions}
-    seen: set[str] = set()
+    seen: set[str] = {os.path.realpath(p) for p in skip}
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -263,6 +283,11 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
         "error": "",
     }
     try:
+        mode = path.stat().st_mode
+        if not S_ISREG(mode):  # never open a FIFO, socket or device: it can block forever
+            kind = "a FIFO" if S_ISFIFO(mode) else "not a regular file"
+            info["error"] = f"{kind}, so it was not read (scan regular image files only)"
+            return Decoded(index, None, info)
         if is_nifti(path):
             return _decode_volume(index, path, spec, info)
         decoded = read_image(path)
@@ -312,7 +337,27 @@ def _atomic_frame(frame: pd.DataFrame, path: Path, kind: str) -> None:
         if kind == "parquet":
             frame.to_parquet(tmp, index=False)
         else:
-            frame.to_csv(tmp, index=False)
+            spreadsheet_safe(frame).to_csv(tmp, index=False)
+
+
+#: A cell starting with one of these is a formula to Excel, LibreOffice and Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula, prefixed with a quote.
+
+    File names come from whoever wrote the folder: ``=HYPERLINK(...)`` must reach a
+    QA engineer's spreadsheet as text (OWASP's CSV-injection rule). Parquet keeps the
+    exact names.
+    """
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype in ("string", object):
+            values = out[column].astype("string")
+            risky = values.str.startswith(FORMULA_STARTS).fillna(False)
+            out[column] = values.where(~risky, "'" + values)
+    return out
 
 
 def heatmap_overlay(
@@ -363,9 +408,24 @@ def _save_heatmap(
     atomic_write_bytes(out_path, buffer.getvalue())
 
 
+#: Longest file-name component (bytes) the scan writes: file systems allow 255, and
+#: the atomic writer adds a temporary prefix and suffix.
+MAX_NAME_BYTES = 180
+
+
 def _heatmap_name(relative: str) -> str:
-    # Keep the full name (a.png and a.jpg must not collide) and say what the file is.
-    return relative.replace("\\", "_") + ".heatmap.png"
+    """The heatmap's path under heatmaps/: the file's own path plus ".heatmap.png".
+
+    The full name is kept (a.png and a.jpg must not collide); a name too long for the
+    file system keeps its start and gets a hash of the whole instead of the rest.
+    """
+    parts = (relative.replace("\\", "_") + ".heatmap.png").split("/")
+    name = parts[-1]
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        stem = name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
+        name = f"{stem}~{digest}.heatmap.png"
+    return "/".join([*parts[:-1], name])
 
 
 # --------------------------------------------------------------------------- scanning
@@ -393,6 +453,7 @@ class Job(NamedTuple):
     relative: str
     size: int
     mtime: float
+    fingerprint: str = ""
 
 
 class PartWriter:
@@ -474,6 +535,10 @@ class BatchScorer:
         return {
             "path": display_path(job.path),
             "relative_path": relative,
+            # the row's file, never parsed out of a name ("a#slice=1.png" is a file too)
+            "source": job.relative,
+            "slice": pd.NA,
+            "fingerprint": job.fingerprint,
             "file_size": job.size,
             "mtime": job.mtime,
             **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
@@ -514,11 +579,14 @@ class BatchScorer:
         for k in [*range(n), worst]:
             row = self._base_row(item, job, f"{job.relative}#slice={k:04d}")
             row.update(
-                channels=1, **_score_fields(result, start + k, item.info, self.pixel_threshold)
+                channels=1,
+                slice=k,
+                **_score_fields(result, start + k, item.info, self.pixel_threshold),
             )
             out.append(row)
         volume = out[-1]
         volume["relative_path"] = job.relative  # the volume row: max over slices
+        volume["slice"] = pd.NA
         if self.config.save_maps:
             _save_volume_map(
                 job.path,
@@ -552,18 +620,44 @@ def _todo(
             & (done["model_hash"] == model_hash)
             & (done["threshold"] == threshold)
         ]
-        done_keys = set(zip(ok["relative_path"], ok["file_size"], ok["mtime"], strict=True))
+        done_keys = set(
+            zip(ok["source"], ok["file_size"], ok["mtime"], ok["fingerprint"], strict=True)
+        )
     todo: list[Job] = []
     for path in paths:
         relative = display_path(path.relative_to(folder))
         try:
             stat = path.stat()
             size, mtime = int(stat.st_size), float(stat.st_mtime)
+            fingerprint = file_fingerprint(path, stat)
         except OSError:
-            size, mtime = -1, float("nan")
-        if (relative, size, mtime) not in done_keys:
-            todo.append(Job(len(todo), path, relative, size, mtime))
+            size, mtime, fingerprint = -1, float("nan"), ""
+        if (relative, size, mtime, fingerprint) not in done_keys:
+            todo.append(Job(len(todo), path, relative, size, mtime, fingerprint))
     return todo
+
+
+#: Bytes read from each end of a file for its fingerprint.
+FINGERPRINT_BYTES = 65536
+
+
+def file_fingerprint(path: Path, stat: os.stat_result | None = None) -> str:
+    """A short SHA-256 of a regular file's size, first and last 64 KiB ("" otherwise).
+
+    Part of the resume key with the name, size and mtime: a file replaced by another of
+    the same name, size and mtime (``touch -r``) is scored again. Special files (FIFO,
+    socket, device) are never opened: reading one could block forever.
+    """
+    stat = stat or path.stat()
+    if not S_ISREG(stat.st_mode):
+        return ""
+    digest = hashlib.sha256(str(stat.st_size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if stat.st_size > 2 * FINGERPRINT_BYTES:
+            handle.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def _scan_local(
@@ -624,8 +718,9 @@ def scan(
         )
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
-    paths = discover(folder, include=config.include, exclude=config.exclude)
+    paths = discover(folder, include=config.include, exclude=config.exclude, skip=[output])
     parts_dir = output / "parts"
+    claim_output(output, folder, config.extend)
     parts_dir.mkdir(parents=True, exist_ok=True)
     todo = _todo(folder, paths, parts_dir, detector.model_hash, threshold)
     n_done = len(paths) - len(todo)
@@ -652,8 +747,7 @@ def scan(
 
     table = _read_parts(parts_dir)
     present = {display_path(p.relative_to(folder)) for p in paths}
-    # a volume's slice rows ("name#slice=NNNN") belong to the file "name"
-    table = table[table["relative_path"].str.split("#slice=").str[0].isin(present)]
+    table = table[table["source"].isin(present)]  # rows of files no longer there go
     table = table.sort_values("relative_path", kind="stable").reset_index(drop=True)
     n_top = top_n(config.heatmaps)
     if n_top:
@@ -680,6 +774,40 @@ def scan(
         time.monotonic() - started,
         summary,
     )
+
+
+class ScanOutputError(ValueError):
+    """The output folder belongs to a scan of another input folder."""
+
+
+MANIFEST = "scan.json"
+
+
+def claim_output(output: Path, folder: Path, extend: bool = False) -> None:
+    """Record which input folder ``output`` holds, or refuse a second one.
+
+    An output folder never mixes two inputs silently: files of the same names in
+    another folder would otherwise pass as "already done".
+    """
+    root = os.path.realpath(folder)
+    manifest = output / MANIFEST
+    roots: list[str] = []
+    if manifest.is_file():
+        try:
+            roots = list(json.loads(manifest.read_text()).get("input_roots", []))
+        except (OSError, ValueError, AttributeError):
+            roots = []
+    elif (output / "parts").is_dir() and any((output / "parts").glob("part-*.parquet")):
+        roots = []  # a scan from before the manifest: adopt it
+    if roots and root not in roots:
+        if not extend:
+            raise ScanOutputError(
+                f"'{output}' holds a scan of '{roots[0]}', not of '{root}'; write to another "
+                "output folder with -o, or pass --extend to add this folder's files to it"
+            )
+    if root not in roots:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(manifest, json.dumps({"input_roots": [*roots, root]}).encode())
 
 
 def _save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:

@@ -1,0 +1,142 @@
+"""Hostile input for the scan: names, special files, mixed inputs, bad thresholds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from anomalyvae.cli import main
+from anomalyvae.inference.scan import ScanConfig, ScanOutputError, _heatmap_name, scan
+
+
+def _defects_and_goods(root: Path, dest: Path, n: int = 6) -> tuple[list[Path], list[Path]]:
+    defects = sorted((root / "test").glob("*/*.png"))
+    defects = [p for p in defects if p.parent.name != "good"][:n]
+    goods = sorted((root / "test" / "good").glob("*.png"))[:n]
+    dest.mkdir(parents=True, exist_ok=True)
+    return defects, goods
+
+
+@pytest.fixture()
+def alarm():
+    """Fail instead of hanging forever (a FIFO opened for reading blocks)."""
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the scan hung"))
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+
+
+def test_a_name_with_slice_marker_keeps_its_row_and_verdict(onnx_model, synthetic_root, tmp_path):
+    defects, _ = _defects_and_goods(synthetic_root, tmp_path / "in")
+    for i, path in enumerate(defects):
+        shutil.copy(path, tmp_path / "in" / f"part{i}#slice=0001.png")
+    result = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert len(table) == len(defects) == result.n_files
+    assert table["relative_path"].str.contains("#slice=").all()
+    assert result.n_anomalies > 0
+    runner = CliRunner()
+    args = ["scan", str(onnx_model), str(tmp_path / "in"), "-o", str(tmp_path / "out2")]
+    assert runner.invoke(main, [*args, "--fail-on-anomaly", "--silent"]).exit_code == 3
+
+
+def test_another_folder_with_the_same_names_is_refused_then_extended(
+    onnx_model, synthetic_root, tmp_path
+):
+    defects, goods = _defects_and_goods(synthetic_root, tmp_path / "x")
+    (tmp_path / "y").mkdir()
+    for i, (good, bad) in enumerate(zip(goods, defects, strict=False)):
+        shutil.copy(good, tmp_path / "x" / f"{i}.png")
+        shutil.copy(bad, tmp_path / "y" / f"{i}.png")
+        os.utime(tmp_path / "y" / f"{i}.png", ns=(10**18, 10**18))
+        os.utime(tmp_path / "x" / f"{i}.png", ns=(10**18, 10**18))
+    scan(onnx_model, tmp_path / "x", tmp_path / "out", progress=False)
+    with pytest.raises(ScanOutputError, match="--extend"):
+        scan(onnx_model, tmp_path / "y", tmp_path / "out", progress=False)
+    extended = scan(
+        onnx_model, tmp_path / "y", tmp_path / "out", ScanConfig(extend=True), progress=False
+    )
+    assert extended.n_skipped_done == 0  # same names, sizes and mtimes: content differs
+    fresh = scan(onnx_model, tmp_path / "y", tmp_path / "fresh", progress=False)
+    assert extended.n_anomalies == fresh.n_anomalies
+
+
+def test_a_file_replaced_in_place_is_scored_again(onnx_model, synthetic_root, tmp_path):
+    defects, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
+    target = tmp_path / "in" / "a.bmp"  # uncompressed: both versions have the same size
+    Image.open(goods[0]).save(target)
+    os.utime(target, ns=(10**18, 10**18))
+    first = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    size = target.stat().st_size
+    Image.open(defects[0]).save(target)
+    os.utime(target, ns=(10**18, 10**18))
+    assert target.stat().st_size == size
+    again = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    assert first.n_scored_now == again.n_scored_now == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_become_error_rows_without_hanging(onnx_model, synthetic_root, tmp_path, alarm):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=2)
+    shutil.copy(goods[0], tmp_path / "in" / "ok.png")
+    os.mkfifo(tmp_path / "in" / "x.png")
+    os.mkfifo(tmp_path / "in" / "noextension")
+    result = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    assert result.n_errors == 1 and "FIFO" in table.loc["x.png", "error"]
+    assert "noextension" not in table.index  # not an image by name, never opened
+
+
+def test_very_long_names_are_scanned_with_a_shortened_heatmap(onnx_model, synthetic_root, tmp_path):
+    defects, _ = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
+    name = "d" * 236 + ".png"
+    shutil.copy(defects[0], tmp_path / "in" / name)
+    result = scan(
+        onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(heatmaps="all"), progress=False
+    )
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert result.n_errors == 0 and table.loc[0, "relative_path"] == name
+    assert (tmp_path / "out" / table.loc[0, "heatmap"]).is_file()
+    assert len(_heatmap_name(name).encode()) < 255
+    assert not list((tmp_path / "out").rglob(".*tmp*"))
+
+
+def test_an_output_inside_the_folder_is_not_scanned_again(onnx_model, synthetic_root, tmp_path):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=4)
+    for path in goods:
+        shutil.copy(path, tmp_path / "in" / path.name)
+    config = ScanConfig(heatmaps="all")
+    counts = [
+        scan(onnx_model, tmp_path / "in", tmp_path / "in" / "out", config, progress=False).n_files
+        for _ in range(3)
+    ]
+    assert counts == [len(goods)] * 3
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_meaningless_thresholds_are_refused(onnx_model, tmp_path, value):
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        ["scan", str(onnx_model), str(tmp_path), "-o", str(tmp_path / "o"), "--threshold", value],
+    )
+    assert result.exit_code == 2 and "positive finite" in result.output
+    with pytest.raises(ValueError, match="positive finite"):
+        ScanConfig(threshold=float(value))
+
+
+def test_csv_cells_never_run_as_formulas(onnx_model, synthetic_root, tmp_path):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
+    shutil.copy(goods[0], tmp_path / "in" / "=HYPERLINK(x).png")
+    scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    csv = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert csv.loc[0, "relative_path"] == "'=HYPERLINK(x).png"
+    parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert parquet.loc[0, "relative_path"] == "=HYPERLINK(x).png"
