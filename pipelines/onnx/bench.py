@@ -1,9 +1,11 @@
 """ONNX Runtime vs torch eager on the full scoring graph; fp32, fp16, int8; FLOPs and peak.
 
-    python pipelines/onnx/bench.py [--checkpoint runs/mtd/model.pt]
+    python pipelines/onnx/bench.py [--checkpoint runs/suite/mtd/model.pt]
                                    [--data ../shared/datasets/mtd/split.json]
+    python pipelines/onnx/bench.py --smoke      # a tiny synthetic model, one round (CI)
 
-Exports the checkpoint (fp32, fp16, int8 calibrated on training normals), then on the same
+Exports the checkpoint (fp32; for the pixel model also fp16 and int8 calibrated on
+training normals), then on the same
 batches of test images, alternating configurations round by round (this machine is noisy),
 measures images/s, single-image latency p50/p99, and image AUROC of each precision on the
 test set. Also counts the model's FLOPs per image and measures this machine's dense float32
@@ -29,7 +31,7 @@ from common import machine, shown  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from anomalyvae.data import split_file_samples  # noqa: E402
+from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_all, torch_outputs, variant_path  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
@@ -54,9 +56,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def scoring_graph(detector: VAEAnomalyDetector) -> ScoringGraph:
+    """The product's own scoring graph, with the normal statistics it was fitted with."""
+    stats = getattr(detector, "map_stats_", None)
+    return ScoringGraph(detector.model_.eval(), detector.scoring_, stats).eval()
+
+
 def flops_per_image(detector: VAEAnomalyDetector) -> float:
     spec = detector.preprocessing_
-    graph = ScoringGraph(detector.model_, detector.scoring_).eval()
+    graph = scoring_graph(detector)
     x = torch.rand(1, spec.channels, spec.height, spec.width)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         graph(x)
@@ -67,32 +75,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=ROOT / "runs" / "suite" / "mtd" / "model.pt"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model, one round")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "onnx")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--latency-runs", type=int, default=60)
     args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    if args.smoke:  # everything below on a tiny synthetic set, written to a temp folder
+        args.data = make_synthetic_dataset(
+            tmp / "data", n_train=40, n_test_good=8, n_test_defect=8, size=64
+        )
+        args.checkpoint = tmp / "model.pt"
+        paths = [s.path for s in discover(args.data, "train")]
+        VAEAnomalyDetector(epochs=1, target_fpr=0.2, progress=False).fit(paths).save(
+            args.checkpoint
+        )
+        args.out, args.rounds, args.latency_runs, args.batch_size = tmp / "report", 1, 2, 8
     args.out.mkdir(parents=True, exist_ok=True)
 
     detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
     spec = detector.preprocessing_
-    test = split_file_samples(args.data, "test")
+    test = discover(args.data, "test")
     images, _, _ = read_images([s.path for s in test], spec, on_error="raise")
     labels = np.array([s.label for s in test])
-    train = split_file_samples(args.data, "train")
-    tmp = Path(tempfile.mkdtemp())
-    export_all(args.checkpoint, tmp / "model.onnx", args.data, fp16=True, int8=True, max_images=64)
-    paths = {
-        "fp32": tmp / "model.onnx",
-        "fp16": variant_path(tmp / "model.onnx", "fp16"),
-        "int8": variant_path(tmp / "model.onnx", "int8"),
-    }
+    train = discover(args.data, "train")
+    pixel = detector.family_ == "pixel"  # fp16/int8 variants exist for the pixel model
+    export_all(
+        args.checkpoint, tmp / "model.onnx", args.data, fp16=pixel, int8=pixel, max_images=64
+    )
+    paths = {"fp32": tmp / "model.onnx"}
+    if pixel:
+        paths.update(
+            fp16=variant_path(tmp / "model.onnx", "fp16"),
+            int8=variant_path(tmp / "model.onnx", "int8"),
+        )
     sessions = {
         k: OnnxDetector(p, device="cpu", batch_size=args.batch_size) for k, p in paths.items()
     }
-    graph = ScoringGraph(detector.model_.eval(), detector.scoring_).eval()
+    graph = scoring_graph(detector)
 
     def torch_run(batch: np.ndarray) -> None:
         with torch.no_grad():
@@ -142,6 +167,7 @@ def main() -> None:
         "input": [spec.channels, spec.height, spec.width],
         "batch_size": args.batch_size,
         "rounds": args.rounds,
+        "model_family": detector.family_,
         "map_kind": detector.scoring_.map_kind,
         "score_kind": detector.scoring_.score_kind,
         "mflops_per_image": flops / 1e6,
@@ -166,19 +192,20 @@ def main() -> None:
     plt.close(fig)
 
     lines = [
-        "# ONNX Runtime vs torch eager: full scoring graph",
+        "# ONNX Runtime vs torch eager: full scoring graph"
+        + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/onnx/bench.py`; every number comes from that run.",
         f"Machine: {machine()}.",
-        f"Model: {args.checkpoint.name}, input {spec.channels}x{spec.height}x{spec.width}, "
+        f"Model: {shown(args.checkpoint)} ({detector.family_} family), input "
+        f"{spec.channels}x{spec.height}x{spec.width}, "
         f"map `{detector.scoring_.map_kind}`, score `{detector.scoring_.score_kind}`; "
-        f"{flops / 1e6:.0f} MFLOP per image (torch FLOP counter, VAE + map + smoothing + "
-        "score).",
+        f"{flops / 1e6:.0f} MFLOP per image (torch FLOP counter, the whole scoring graph).",
         f"Dense float32 matmul peak measured in the same run (numpy, 2048^2): "
         f"**{peak:.0f} GFLOP/s**.",
-        f"Throughput: batch {args.batch_size} of MTD test images, configurations alternated "
+        f"Throughput: batch {args.batch_size} of test images, configurations alternated "
         f"in each of {args.rounds} rounds, median reported. Latency: one image, "
-        f"{args.latency_runs} runs. AUROC: all {len(images)} MTD test images.",
+        f"{args.latency_runs} runs. AUROC: all {len(images)} test images.",
         "",
         "| configuration | images/s | × torch | latency p50 ms | p99 ms | GFLOP/s "
         "| % of matmul peak | image AUROC | Δ AUROC |",

@@ -1,0 +1,40 @@
+"""Every benchmark pipeline with a smoke mode runs end to end on tiny synthetic data.
+
+So that no report can go stale silently: a code change that breaks a pipeline fails
+here, not months later when someone regenerates its report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+@pytest.mark.parametrize(
+    ("script", "outputs"),
+    [
+        ("suite/run.py", ["README.md", "results.json", "experiments.md", "auroc.png"]),
+        ("onnx/bench.py", ["README.md", "results.json", "throughput.png"]),
+    ],
+)
+def test_pipeline_smoke_mode(script, outputs, tmp_path):
+    args = [sys.executable, str(PIPELINES / script), "--smoke"]
+    if script.startswith("suite"):
+        args += ["--out", str(tmp_path / "report")]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    if script.startswith("suite"):
+        for name in outputs:
+            assert (tmp_path / "report" / name).is_file(), name
+        results = json.loads((tmp_path / "report" / "results.json").read_text())
+        families = {r["defaults"]["model_family"] for r in results["sets"].values()}
+        assert families == {"pixel", "feature"}  # auto picks by size: both are exercised
+        assert "Smoke run" in (tmp_path / "report" / "README.md").read_text()
+    else:
+        assert "smoke run" in completed.stdout
