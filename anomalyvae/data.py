@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -79,15 +80,50 @@ def mvtec_samples(root: str | os.PathLike[str], subset: str) -> list[Sample]:
     return samples
 
 
+def is_mask_file(path: Path, siblings: set[str]) -> bool:
+    """Whether ``path`` looks like a pixel mask rather than an image to learn from.
+
+    A mask is named ``*_mask.*`` (MVTec), or is a ``.png`` beside an image of the same
+    stem in another format (MTD: ``X.jpg`` with its mask ``X.png``); ``siblings`` holds
+    the file names of the folder.
+    """
+    name = path.name.lower()
+    if path.stem.lower().endswith("_mask") or name.endswith("_mask.nii.gz"):
+        return True
+    if path.suffix.lower() != ".png":
+        return False
+    stem = path.stem
+    return any(
+        f"{stem}{ext}" in siblings for ext in (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG")
+    )
+
+
 def folder_samples(root: str | os.PathLike[str]) -> list[Sample]:
-    """Every image under ``root`` (recursively), all taken as normal."""
+    """Every image under ``root`` (recursively), all taken as normal; masks left out.
+
+    Mask files (see :func:`is_mask_file`) are not training images: they are left out
+    with a warning that says how many.
+    """
     paths = find_images(root)
     if not paths:
         raise DatasetError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'; "
             "point to a folder of normal images"
         )
-    return [Sample(p, 0, NORMAL_TYPE) for p in paths]
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        names.setdefault(path.parent, set()).add(path.name)
+    kept = [p for p in paths if not is_mask_file(p, names[p.parent])]
+    if len(kept) < len(paths):
+        warnings.warn(
+            f"left out {len(paths) - len(kept)} mask files under '{root}' (names like "
+            "X_mask.png, or X.png beside X.jpg); they are not images to learn from",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not kept:
+        raise DatasetError(f"only mask files found under '{root}'; point to the images")
+    return [Sample(p, 0, NORMAL_TYPE) for p in kept]
 
 
 def split_file_samples(split_file: str | os.PathLike[str], subset: str) -> list[Sample]:
@@ -132,7 +168,14 @@ def discover(source: str | os.PathLike[str], subset: str = "train") -> list[Samp
         raise DatasetError(f"'{source}' does not exist")
     if source.is_file() and source.suffix.lower() == ".json":
         return split_file_samples(source, subset)
-    if (source / subset).is_dir() and ((source / "train").is_dir() or (source / "test").is_dir()):
+    is_mvtec = (source / "train").is_dir() or (source / "test").is_dir()
+    if is_mvtec and not (source / subset).is_dir():
+        present = sorted(p.name for p in source.iterdir() if p.is_dir())
+        raise DatasetError(
+            f"'{source}' is an MVTec-style root without a '{subset}' folder (it has "
+            f"{present}); name one of those with --subset, or point to the folder itself"
+        )
+    if is_mvtec:
         return mvtec_samples(source, subset)
     return folder_samples(source)
 

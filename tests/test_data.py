@@ -119,3 +119,22 @@ def test_infer_preprocessing_keeps_the_aspect_ratio_when_asked(tmp_path, height,
     assert (spec.height, spec.width) == expected
     square = infer_preprocessing(paths, multiple=32, max_size=256)
     assert square.height == square.width
+
+
+def test_flat_folders_leave_out_mask_files(tmp_path):
+    pixels = np.zeros((8, 8), np.uint8)
+    for stem in ("a", "b"):
+        Image.fromarray(pixels).save(tmp_path / f"{stem}.jpg")
+        Image.fromarray(pixels).save(tmp_path / f"{stem}.png")  # MTD: the mask beside it
+    Image.fromarray(pixels).save(tmp_path / "c.png")  # a plain image
+    Image.fromarray(pixels).save(tmp_path / "c_mask.png")
+    with pytest.warns(UserWarning, match="left out 3 mask files"):
+        samples = discover(tmp_path, "train")
+    assert sorted(s.path.name for s in samples) == ["a.jpg", "b.jpg", "c.png"]
+
+
+def test_a_missing_subset_of_an_mvtec_root_is_an_error(tmp_path):
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "good" / "a.png")
+    with pytest.raises(DatasetError, match="without a 'val' folder.*'train'"):
+        discover(tmp_path, "val")

@@ -35,7 +35,7 @@ TEMPLATE = """<!doctype html>
  .gallery { display: grid; gap: .8rem;
             grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); }
  .tile { border: 1px solid #ddd; border-radius: 6px; padding: .4rem; font-size: .75rem; }
- .tile img { width: 100%; image-rendering: auto; }
+ .tile img { width: 100%; max-height: 320px; object-fit: contain; image-rendering: auto; }
  .tile .path { word-break: break-all; color: #444; }
  code { background: #f4f4f4; padding: 0 .2rem; }
  .alarm { border: 2px solid #b00020; border-radius: 6px; padding: .4rem 1rem;

@@ -719,6 +719,11 @@ def scan(
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
     paths = discover(folder, include=config.include, exclude=config.exclude, skip=[output])
+    if not paths:
+        raise ScanOutputError(
+            f"no image files under '{folder}' (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+            "DICOM and NIfTI, minus --exclude); nothing was written"
+        )
     parts_dir = output / "parts"
     claim_output(output, folder, config.extend)
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -777,7 +782,7 @@ def scan(
 
 
 class ScanOutputError(ValueError):
-    """The output folder belongs to a scan of another input folder."""
+    """The scan cannot run: no images, or an output folder of another input folder."""
 
 
 MANIFEST = "scan.json"

@@ -372,7 +372,8 @@ def train_feature_vae(
             ) / max(1, len(val_x))
         history.append({"epoch": epoch, "train_loss": total / max(1, seen), "val_elbo": val_loss})
         bar.set_postfix(val_elbo=f"{val_loss:.3f}")
-        if val_loss < best_val - 1e-3 * max(1.0, abs(best_val)):  # 0.1 % counts
+        if not math.isfinite(best_val) or val_loss < best_val - 1e-3 * max(1.0, abs(best_val)):
+            # an improvement counts when it is at least 0.1 %
             best_val, best_epoch, stale = val_loss, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:

@@ -41,7 +41,8 @@ class TrainConfig:
     patience : int
         Stop after this many epochs without a better validation ELBO.
     time_budget_s : float or None
-        Stop after the epoch that exceeds this wall time (seconds).
+        Stop when this wall time (seconds) is spent: checked after every batch (one
+        process) or every epoch (DistributedDataParallel, where ranks stay in step).
     augment : bool
         Random horizontal and vertical flips; suits textures and symmetric parts.
     seed : int
@@ -115,11 +116,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad file
+        if path.suffix.lower() == ".onnx" or _looks_like_onnx(path):
+            raise CheckpointError(
+                f"'{path}' is an exported ONNX model; this command needs the training "
+                "checkpoint (.pt) that `anomalyvae train` wrote. ONNX models are for "
+                "`anomalyvae scan` and `anomalyvae predict`"
+            ) from None
+        # torch's own message suggests weights_only=False, which would run code from the
+        # file: never pass that advice on
         raise CheckpointError(
-            f"'{path}' is not a readable anomalyvae checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); "
-            "retrain or point to the file `anomalyvae train` wrote"
-        ) from error
+            f"'{path}' is not a readable anomalyvae checkpoint ({type(error).__name__}); "
+            "retrain, or point to the .pt file `anomalyvae train` wrote. Checkpoints are "
+            "loaded without running code, so a file that needs more is refused"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"'{path}' is not an anomalyvae checkpoint (no '{CHECKPOINT_FORMAT}' marker)"
@@ -130,6 +139,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"anomalyvae ({__version__}) reads; upgrade anomalyvae"
         )
     return state
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """An ONNX file is a protobuf that names its producer near the start."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return False
+    return not head.startswith(b"PK") and (b"anomalyvae" in head or b"pytorch" in head)
 
 
 def versions() -> dict[str, str]:
@@ -420,6 +439,12 @@ def train_vae(
             total_loss += terms.loss.sum().item()
             total_elbo += terms.elbo.sum().item()
             seen += len(index)
+            if (
+                dist is None  # under DDP every rank must take the same steps: epoch ends
+                and train_config.time_budget_s is not None
+                and elapsed_before + time.monotonic() - started >= train_config.time_budget_s
+            ):
+                break  # the budget is checked between batches, not only between epochs
         val_loss, val_elbo = _evaluate(
             model, val_x, train_config.batch_size, device, model_config.beta
         )

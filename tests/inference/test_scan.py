@@ -18,7 +18,7 @@ from PIL import Image
 
 from anomalyvae.cli import main
 from anomalyvae.inference.report import report_from_results
-from anomalyvae.inference.scan import COLUMNS, ScanConfig, discover, scan
+from anomalyvae.inference.scan import COLUMNS, ScanConfig, ScanOutputError, discover, scan
 
 
 def _png(path: Path, size=(32, 32), value=None, mode="L", seed=0):
@@ -208,9 +208,9 @@ def test_unreadable_permission(onnx_model, tmp_path):
 
 def test_empty_folder(onnx_model, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = scan(onnx_model, tmp_path / "empty", tmp_path / "out", progress=False)
-    assert result.n_files == 0
-    assert (tmp_path / "out" / "report.html").is_file()
+    with pytest.raises(ScanOutputError, match="no image files"):
+        scan(onnx_model, tmp_path / "empty", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # no report that says "Threshold nan"
 
 
 def test_discover_include_exclude_and_order(tmp_path):

@@ -140,3 +140,14 @@ def test_csv_cells_never_run_as_formulas(onnx_model, synthetic_root, tmp_path):
     assert csv.loc[0, "relative_path"] == "'=HYPERLINK(x).png"
     parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert parquet.loc[0, "relative_path"] == "=HYPERLINK(x).png"
+
+
+def test_an_empty_folder_is_an_error_and_writes_nothing(onnx_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["scan", str(onnx_model), str(tmp_path / "empty"), "-o", str(out)])
+    assert result.exit_code == 1 and "no image files" in result.output
+    assert not out.exists()
+    missing = runner.invoke(main, ["scan", str(onnx_model), str(tmp_path / "nope"), "-o", str(out)])
+    assert missing.exit_code == 2  # as docs/cli.md says: a missing path is a usage error

@@ -150,3 +150,10 @@ def test_generative_uses_name_the_pixel_model(feature_detector, tmp_path):
     _, checkpoint = feature_detector
     with pytest.raises(ValueError, match="--model pixel"):
         sample_to(checkpoint, tmp_path / "samples", n=4)
+
+
+def test_training_keeps_the_best_epoch_not_the_initial_weights(feature_detector):
+    detector, _ = feature_detector
+    assert detector.training_summary_["best_epoch"] >= 1
+    history = detector.history_
+    assert min(h["val_elbo"] for h in history) < history[0]["val_elbo"] or len(history) == 1

@@ -194,3 +194,40 @@ def test_train_config_validates(bad):
 def test_empty_sets():
     with pytest.raises(ValueError, match="training set is empty"):
         train_vae(CONFIG, TrainConfig(), _images(0), _images(2), progress=False)
+
+
+def test_an_onnx_file_given_as_checkpoint_names_the_right_file(onnx_model):
+    with pytest.raises(CheckpointError, match="exported ONNX model.*checkpoint \\(.pt\\)") as info:
+        load_checkpoint(onnx_model)
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_foreign_pickle_never_suggests_weights_only_false(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "anomalyvae-checkpoint", "x": object()}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_time_budget_stops_within_an_epoch(monkeypatch):
+    import anomalyvae.models.train as train_module
+
+    clock = iter(range(0, 10**6))  # a fake clock: one second per reading
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: float(next(clock)))
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(
+        torch.optim.Adam, "step", lambda self, *a, **k: (steps.append(1), original(self, *a, **k))
+    )
+    result = train_vae(
+        CONFIG,
+        TrainConfig(epochs=3, batch_size=2, time_budget_s=5),
+        _images(400),
+        _images(4, 1),
+        progress=False,
+    )
+    assert result.stopped_reason == "time_budget" and len(result.history) == 1
+    assert len(steps) < 10  # not the 200 steps of a whole epoch
