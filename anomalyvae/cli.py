@@ -29,12 +29,38 @@ _USER_ERRORS = (
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ValueError, FileNotFoundError, PermissionError]
+    types: list[type[BaseException]] = []
     for dotted in _USER_ERRORS:
         module, name = dotted.rsplit(".", 1)
         if module in sys.modules:  # a module never imported cannot have raised
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether ``error`` was raised by anomalyvae's own code (a checked mistake).
+
+    A ``ValueError`` raised inside numpy, torch or another library is a bug of ours
+    that reached it, not a user mistake: it keeps its traceback.
+    """
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(
+        _PACKAGE
+    )
+
+
+def _os_error_message(error: OSError) -> str:
+    where = f" '{error.filename}'" if error.filename else ""
+    reason = error.strerror or str(error)
+    return (
+        f"{reason}{where}. Free space, fix the permission, or choose another output "
+        "folder; what was already written is kept and a rerun resumes"
+    )
 
 
 class _Group(click.Group):
@@ -43,9 +69,18 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except click.ClickException:
             raise
+        except OSError as error:  # disk full, read-only folder, missing file
+            raise click.ClickException(_os_error_message(error)) from error
         except Exception as error:
-            if isinstance(error, _user_error_types()):
+            if isinstance(error, _user_error_types()) or (
+                isinstance(error, ValueError) and _raised_by_us(error)
+            ):
                 raise click.ClickException(str(error)) from error
+            click.echo(
+                "anomalyvae hit an unexpected error (a bug, not your mistake); please "
+                "report it with the traceback below.",
+                err=True,
+            )
             raise
 
 

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from stat import S_ISFIFO, S_ISREG
@@ -691,6 +692,10 @@ def _scan_local(
     return {"engine": "local", "workers": config.workers, "executor": config.executor}
 
 
+class ScanOutputError(ValueError):
+    """The scan cannot run: no images, or an output folder of another input folder."""
+
+
 def scan(
     model: str | os.PathLike[str],
     folder: str | os.PathLike[str],
@@ -709,6 +714,71 @@ def scan(
     :func:`anomalyvae.inference.ray_engine.scan_on_ray` for ``config.engine == "ray"``.
     Everything else (rows, resume, report) is the same whichever engine runs.
     """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):
+        return _scan_unlocked(model, folder, output, config, progress, engine)
+
+
+class ScanLockedError(ScanOutputError):
+    """Another scan is writing to the same output folder."""
+
+
+LOCK = ".scan.lock"
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """One scan at a time per output folder: a lock file holding the owner's PID.
+
+    Two scans writing one folder would lose rows. A lock left by a process that no
+    longer runs (killed with -9) is taken over, so a resume is never blocked.
+    """
+    path = output / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                raise ScanLockedError(
+                    f"another scan (process {owner}) is writing to '{output}'; wait for it "
+                    "to finish, or write to another output folder with -o"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _scan_unlocked(
+    model: str | os.PathLike[str],
+    folder: str | os.PathLike[str],
+    output: Path,
+    config: ScanConfig,
+    progress: bool,
+    engine: Engine | None,
+) -> ScanSummary:
     started = time.monotonic()
     folder, output = Path(folder), Path(output)
     if config.engine != "local" and engine is None:
@@ -779,10 +849,6 @@ def scan(
         time.monotonic() - started,
         summary,
     )
-
-
-class ScanOutputError(ValueError):
-    """The scan cannot run: no images, or an output folder of another input folder."""
 
 
 MANIFEST = "scan.json"

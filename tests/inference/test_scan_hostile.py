@@ -151,3 +151,20 @@ def test_an_empty_folder_is_an_error_and_writes_nothing(onnx_model, tmp_path):
     assert not out.exists()
     missing = runner.invoke(main, ["scan", str(onnx_model), str(tmp_path / "nope"), "-o", str(out)])
     assert missing.exit_code == 2  # as docs/cli.md says: a missing path is a usage error
+
+
+def test_a_second_scan_into_a_locked_output_is_refused(onnx_model, synthetic_root, tmp_path):
+    from anomalyvae.inference.scan import LOCK, ScanLockedError, output_lock
+
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=2)
+    for path in goods:
+        shutil.copy(path, tmp_path / "in" / path.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_lock(out):  # as if another scan were running in this process
+        (out / LOCK).write_text(str(os.getppid()))  # ... in a live process
+        with pytest.raises(ScanLockedError, match=f"process {os.getppid()}"):
+            scan(onnx_model, tmp_path / "in", out, progress=False)
+        (out / LOCK).write_text("999999999")  # a killed scan's stale lock
+        assert scan(onnx_model, tmp_path / "in", out, progress=False).n_files == len(goods)
+    assert not (out / LOCK).exists()
