@@ -20,6 +20,7 @@ from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
 from anomalyvae.models.feature_vae import (
+    FUSED_VIEWS,
     VIEW_NAMES,
     FeatureVAE,
     FeatureVAEConfig,
@@ -460,7 +461,8 @@ class VAEAnomalyDetector:
         center = self.model_.view_center.numpy().astype(np.float64)
         scale = self.model_.view_scale.numpy().astype(np.float64)
         out = {name: views[:, i] for i, name in enumerate(VIEW_NAMES)}
-        out["fused"] = ((views - center) / scale).max(axis=1)
+        fused = [VIEW_NAMES.index(v) for v in FUSED_VIEWS]
+        out["fused"] = ((views[:, fused] - center[fused]) / scale[fused]).max(axis=1)
         return out
 
     def fit_map_stats(self, X: ImagesLike, max_images: int = 1000) -> VAEAnomalyDetector:

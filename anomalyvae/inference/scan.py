@@ -715,9 +715,15 @@ def scan(
     Everything else (rows, resume, report) is the same whichever engine runs.
     """
     output = Path(output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    with output_lock(output):
-        return _scan_unlocked(model, folder, output, config, progress, engine)
+    try:
+        with output_lock(output):
+            return _scan_unlocked(model, folder, output, config, progress, engine)
+    except Exception:
+        if created and not any(output.iterdir()):
+            output.rmdir()  # a scan that could not start leaves no empty folder behind
+        raise
 
 
 class ScanLockedError(ScanOutputError):

@@ -325,7 +325,7 @@ def write_experiments(results: dict, out: Path) -> None:
         "## Candidate scores of the default models (this run), image AUROC",
         "",
         "Each row is a way to turn the trained default model into an image score; the "
-        "product uses `feature/fused` (= `fusion/max-z(local, elbo, global)`) on every "
+        "product uses `feature/fused` (= `fusion/max-z(local, global)`) on every "
         "set that the feature model serves. Rows are kept or dropped as a whole, never "
         "per set.",
         "",

@@ -88,10 +88,10 @@ def test_auto_family_follows_input_size(family, size, expected):
     assert resolve_family(family, size, size) == expected
 
 
-def test_fused_score_takes_the_strongest_view():
-    views = torch.tensor([[1.0, 10.0, 0.0], [0.0, 0.0, 7.0]])
-    fused = fuse_views(views, torch.zeros(3), torch.tensor([1.0, 5.0, 1.0]))
-    assert fused.tolist() == [2.0, 7.0]
+def test_fused_score_takes_the_strongest_fused_view():
+    views = torch.tensor([[4.0, 10.0, 0.0], [0.0, 99.0, 7.0]])
+    fused = fuse_views(views, torch.zeros(3), torch.tensor([2.0, 1.0, 1.0]))
+    assert fused.tolist() == [2.0, 7.0]  # local / 2, then global; the elbo view is not fused
 
 
 def test_feature_detector_ranks_defects_and_reloads(feature_detector, feature_root):
