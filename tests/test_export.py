@@ -207,3 +207,31 @@ def test_feature_model_exports_one_graph_with_parity(tmp_path):
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
     with pytest.raises(ExportError, match="pixel model only"):
         export_onnx(detector, tmp_path / "feature.fp16.onnx", precision="fp16")
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_the_contracts_python_snippet_matches_the_runtime(onnx_model, tmp_path, monkeypatch, bits):
+    import contextlib
+    import io
+    import re
+    import shutil
+    from pathlib import Path
+
+    from PIL import Image
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "onnx-contract.md").read_text()
+    snippet = re.search(r"## Python \(plain onnxruntime\)\n\n```python\n(.*?)```", doc, re.S)
+    shutil.copy(onnx_model, tmp_path / "model.onnx")
+    rng = np.random.default_rng(bits)
+    if bits == 16:  # bright 16-bit values would saturate any path through uint8
+        pixels = rng.integers(30000, 65535, (40, 52), dtype=np.uint16)
+    else:
+        pixels = rng.integers(0, 255, (40, 52), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "part.png")
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet.group(1), "onnx-contract.md", "exec"), {})
+    score = float(printed.getvalue().split()[0])
+    expected = OnnxDetector(tmp_path / "model.onnx", device="cpu").predict_files(["part.png"])
+    assert score == pytest.approx(float(expected.score[0]), rel=1e-5, abs=1e-6)
