@@ -99,6 +99,15 @@ def _check_threshold(value: float | None) -> float | None:
     return value
 
 
+_threshold_option = click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    callback=lambda ctx, param, value: _check_threshold(value),
+    help="Override the model's calibrated threshold (a positive number).",
+)
+
+
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="anomalyvae")
 def main() -> None:
@@ -526,13 +535,7 @@ def export(
 @click.argument(
     "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option(
-    "--threshold",
-    type=float,
-    default=None,
-    callback=lambda ctx, param, value: _check_threshold(value),
-    help="Override the calibrated threshold (a positive number).",
-)
+@_threshold_option
 @click.option(
     "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
 )
@@ -587,13 +590,7 @@ def predict(model: Path, images: tuple[Path, ...], threshold: float | None, devi
     help="anomalies, all, none, or top-N (the N highest scores).",
 )
 @click.option("--save-maps", is_flag=True, help="Also write raw maps as .npz.")
-@click.option(
-    "--threshold",
-    type=float,
-    default=None,
-    callback=lambda ctx, param, value: _check_threshold(value),
-    help="Override the model threshold (a positive number).",
-)
+@_threshold_option
 @click.option(
     "--extend",
     is_flag=True,

@@ -376,15 +376,7 @@ class VAEAnomalyDetector:
             checkpoint_extra=self._extra_state,
             progress=self.progress,
         )
-        self.model_ = result.model
-        self.history_ = result.history
-        self.training_summary_ = {
-            "best_epoch": result.best_epoch,
-            "stopped_reason": result.stopped_reason,
-            "elapsed_s": result.elapsed_s,
-            "epochs_run": len(result.history),
-            "world_size": result.world_size,
-        }
+        self._take_training(result, result.world_size)
 
     def _fit_feature(
         self, train_images: NDArray[np.float32], val_images: NDArray[np.float32], resume: bool
@@ -409,6 +401,10 @@ class VAEAnomalyDetector:
             seed=self.seed,
             progress=self.progress,
         )
+        self._take_training(result, 1)
+
+    def _take_training(self, result: Any, world_size: int) -> None:
+        """Keep a training result (either family's): model, history and summary."""
         self.model_ = result.model
         self.history_ = result.history
         self.training_summary_ = {
@@ -416,7 +412,7 @@ class VAEAnomalyDetector:
             "stopped_reason": result.stopped_reason,
             "elapsed_s": result.elapsed_s,
             "epochs_run": len(result.history),
-            "world_size": 1,
+            "world_size": world_size,
         }
 
     def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
