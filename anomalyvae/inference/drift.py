@@ -52,11 +52,15 @@ def drift_report(
     mean_intensity: NDArray[np.floating],
     target_fpr: float | None,
     normal_intensity: dict[str, Any] | None,
+    extra_warnings: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The drift section of a scan summary: numbers, and warnings in plain words."""
+    """The drift section of a scan summary: numbers, and warnings in plain words.
+
+    ``extra_warnings`` (such as colour files into a grey model) are passed through.
+    """
     flags = np.asarray(is_anomaly, dtype=bool)
     n = int(flags.size)
-    out: dict[str, Any] = {"n_images": n, "warnings": []}
+    out: dict[str, Any] = {"n_images": n, "warnings": list(extra_warnings or [])}
     if n < MIN_IMAGES:
         out["note"] = f"fewer than {MIN_IMAGES} scored images: no drift check"
         return out

@@ -958,6 +958,27 @@ def _top_heatmaps(
     return table
 
 
+def channel_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
+    """Plain words when files carry other channels than the model was trained on."""
+    model_channels = int((metadata.get("preprocessing") or {}).get("channels", 0) or 0)
+    channels = ok["channels"].astype("float64")
+    out = []
+    colour_into_grey = int((channels == 3).sum()) if model_channels == 1 else 0
+    grey_into_colour = int((channels == 1).sum()) if model_channels == 3 else 0
+    if colour_into_grey:
+        out.append(
+            f"{colour_into_grey} colour images were turned into grey (luma) for this grey "
+            "model: a defect that changes only the colour, not the brightness, is invisible "
+            "to it. Train on colour images if colour matters."
+        )
+    if grey_into_colour:
+        out.append(
+            f"{grey_into_colour} grey images were scored by a colour model (the grey value "
+            "copied to R, G and B); the model never saw grey parts in training."
+        )
+    return out
+
+
 def _target_fpr(metadata: dict[str, Any]) -> float | None:
     """The false-positive rate the model's threshold was set for (normal-only calibration)."""
     image = (metadata.get("calibration") or {}).get("image") or {}
@@ -1008,6 +1029,7 @@ def summarize(
             ok["mean_intensity"].to_numpy(dtype=float),
             _target_fpr(metadata),
             metadata.get("normal_intensity"),
+            channel_warnings(ok, metadata),
         ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "model": metadata,

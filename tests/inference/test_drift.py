@@ -59,3 +59,14 @@ def test_a_darker_line_raises_the_alarm_in_a_scan(onnx_model, synthetic_root, tm
     assert "Drift alarm" in report and "darker" in report
     written = json.loads((tmp_path / "out_darker" / "summary.json").read_text())
     assert written["drift"]["warnings"] == alarm["warnings"]
+
+
+def test_colour_files_into_a_grey_model_are_named(onnx_model, synthetic_root, tmp_path):
+    good = sorted((synthetic_root / "train" / "good").glob("*.png"))[:3]
+    (tmp_path / "in").mkdir()
+    for path in good:
+        grey = np.asarray(Image.open(path))
+        rgb = np.stack([grey, np.roll(grey, 1), grey], axis=2)  # real colour
+        Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "in" / path.name)
+    drift = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False).summary["drift"]
+    assert any("3 colour images were turned into grey" in w for w in drift["warnings"])
