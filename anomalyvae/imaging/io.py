@@ -65,14 +65,18 @@ class DecodedImage(NamedTuple):
     bit_depth: int
     mode: str
     raw: NDArray[np.float32] | None = None  # stored units (16-bit, DICOM, NIfTI), (h, w, c)
+    #: (height, width) of the file when it was decoded reduced (see :func:`read_image`)
+    stored_size: tuple[int, int] | None = None
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[0])
+        """The file's own height (also when it was decoded reduced)."""
+        return int(self.stored_size[0] if self.stored_size else self.pixels.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[1])
+        """The file's own width (also when it was decoded reduced)."""
+        return int(self.stored_size[1] if self.stored_size else self.pixels.shape[1])
 
     @property
     def channels(self) -> int:
@@ -213,8 +217,22 @@ def has_image_name(path: Path, wanted: set[str]) -> bool:
     return ".dcm" in wanted and not path.suffix and path.is_file() and is_dicom(path)
 
 
-def read_image(path: str | os.PathLike[str]) -> DecodedImage:
+#: Images are decoded reduced when their long side is at least this many times the
+#: model input's long side (JPEG: DCT scaling; other formats: box-filter ``reduce``),
+#: down to about twice the input size. A 8000 x 8000 photo for a 256 px model then
+#: takes tens of MB, not gigabytes; smaller images are decoded in full.
+REDUCE_FACTOR = 4
+#: Largest image decoded at all: Pillow's decompression-bomb limit (about 89
+#: megapixels); larger files become "image is too large" errors.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> DecodedImage:
     """Decode an image file to float32 (h, w, c) in [0, 1], keeping its bit depth.
+
+    With ``max_side`` (the model input's long side), a much larger image is decoded
+    reduced by an integer factor (see ``REDUCE_FACTOR``) to bound memory and time;
+    ``width``/``height`` of the result still give the file's own size.
 
     Raises
     ------
@@ -230,8 +248,19 @@ def read_image(path: str | os.PathLike[str]) -> DecodedImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)  # first frame of animated GIF/TIFF
+                stored = (image.height, image.width)
+                factor = 1
+                if max_side and max(stored) >= REDUCE_FACTOR * max_side:
+                    factor = max(stored) // (2 * max_side)
+                    if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
+                        image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
                 image.load()
-                return _decode(image)
+                if factor > 1 and image.size == (stored[1], stored[0]):
+                    image = _reduce(image, factor)
+                decoded = _decode(image)
+                if decoded.pixels.shape[:2] != stored:
+                    decoded = decoded._replace(stored_size=stored)
+                return decoded
     except FileNotFoundError as error:
         raise ImageReadError(path, "file not found", "check the path") from error
     except PermissionError as error:
@@ -244,6 +273,17 @@ def read_image(path: str | os.PathLike[str]) -> DecodedImage:
         raise ImageReadError(path, "not a recognised image format") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
+
+
+def _reduce(image: Image.Image, factor: int) -> Image.Image:
+    """Box-filter ``image`` down by ``factor``, in a mode whose values can be averaged."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # still 16-bit values; _decode keeps them 16-bit
+    elif image.mode in ("1", "LA", "La"):  # bits cannot be averaged; alpha is dropped
+        image = image.convert("L")
+    elif image.mode not in ("L", "RGB", "I", "F"):  # palette, alpha, CMYK, ...: as _decode
+        image = image.convert("RGB")
+    return image.reduce(factor)
 
 
 def _read_medical(path: Path) -> DecodedImage:
@@ -394,7 +434,7 @@ def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float3
 
 def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
     """Read and preprocess one file to (c, h, w) float32 in [0, 1]."""
-    return preprocess(intensities(read_image(path), spec), spec)
+    return preprocess(intensities(read_image(path, max(spec.height, spec.width)), spec), spec)
 
 
 def read_mask(

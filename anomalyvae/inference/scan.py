@@ -291,7 +291,7 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
             return Decoded(index, None, info)
         if is_nifti(path):
             return _decode_volume(index, path, spec, info)
-        decoded = read_image(path)
+        decoded = read_image(path, max(spec.height, spec.width))
         info.update(
             width=decoded.width,
             height=decoded.height,
@@ -402,7 +402,8 @@ def _save_heatmap(
 ) -> None:
     import io as _io
 
-    source = read_image(path).pixels if pixels is None else pixels
+    # a heatmap needs no more than about 1,000 px: huge files are decoded reduced
+    source = read_image(path, 512).pixels if pixels is None else pixels
     image = heatmap_overlay(source, anomaly_map, pixel_threshold, vmax)
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")

@@ -154,3 +154,34 @@ def test_read_mask_threshold_resize_and_size_check(tmp_path):
     assert small.shape == (10, 10) and small.sum() == 25
     with pytest.raises(MaskError, match="must match"):
         read_mask(path, expected_shape=(30, 20))
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix"),
+    [
+        ("L", ".png"),
+        ("L", ".jpg"),
+        ("RGB", ".jpg"),
+        ("I;16", ".png"),
+        ("RGBA", ".png"),
+        ("P", ".png"),
+    ],
+)
+def test_huge_images_are_decoded_reduced_with_their_own_size_kept(tmp_path, mode, suffix):
+    from anomalyvae.imaging.io import REDUCE_FACTOR
+
+    rng = np.random.default_rng(0)
+    height, width = 2400, 1700
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (height, width)).astype(np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        image = image.convert(mode)
+    path = tmp_path / f"big{suffix}"
+    image.save(path)
+    full, reduced = read_image(path), read_image(path, max_side=2400 // REDUCE_FACTOR // 2)
+    assert (reduced.height, reduced.width) == (full.height, full.width) == (height, width)
+    assert reduced.pixels.shape[0] <= height // 2 and reduced.bit_depth == full.bit_depth
+    assert reduced.pixels.mean() == pytest.approx(full.pixels.mean(), abs=0.01)
+    small = read_image(path, max_side=height)  # not much larger than the model: in full
+    assert small.pixels.shape == full.pixels.shape
