@@ -28,6 +28,7 @@ from anomalyvae import __version__
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.io import atomic_write_bytes
 from anomalyvae.inference.contract import (
+    CONTENT_HASH_KEY,
     FORMAT_NAME,
     FORMAT_VERSION,
     INPUT_NAME,
@@ -35,8 +36,11 @@ from anomalyvae.inference.contract import (
     OPSET,
     OUTPUT_NAMES,
     OUTPUTS_DOC,
+    SIGNATURE_KEY,
     THRESHOLD_NAME,
     content_hash,
+    signature,
+    signing_key,
 )
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
@@ -268,11 +272,20 @@ def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
 
 
 def _stamp(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
-    """Replace the model's metadata with ``metadata`` plus a fresh content hash."""
-    metadata = {k: v for k, v in metadata.items() if k != METADATA_PREFIX + "content_hash"}
+    """Replace the model's metadata with ``metadata`` plus a fresh content hash.
+
+    When a signing key is configured (``ANOMALYVAE_SIGNING_KEY`` or
+    ``ANOMALYVAE_SIGNING_KEY_FILE``), the hash is also signed (HMAC-SHA256), and a
+    runtime with the same key refuses a file whose signature does not match.
+    """
+    metadata = {k: v for k, v in metadata.items() if k not in (CONTENT_HASH_KEY, SIGNATURE_KEY)}
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
-    metadata[METADATA_PREFIX + "content_hash"] = content_hash(proto)
+    digest = content_hash(proto)
+    metadata[CONTENT_HASH_KEY] = digest
+    key = signing_key()
+    if key is not None:
+        metadata[SIGNATURE_KEY] = signature(digest, key)
     onnx.helper.set_model_props(proto, metadata)
     return metadata
 

@@ -235,3 +235,31 @@ def test_the_contracts_python_snippet_matches_the_runtime(onnx_model, tmp_path, 
     score = float(printed.getvalue().split()[0])
     expected = OnnxDetector(tmp_path / "model.onnx", device="cpu").predict_files(["part.png"])
     assert score == pytest.approx(float(expected.score[0]), rel=1e-5, abs=1e-6)
+
+
+def test_signed_models_are_checked_when_a_key_is_configured(trained, tmp_path, monkeypatch):
+    import onnx as onnx_lib
+
+    from anomalyvae.inference.contract import KEY_ENV, SIGNATURE_KEY, content_hash, signature
+
+    detector, _ = trained
+    unsigned = export_onnx(detector, tmp_path / "unsigned.onnx").path
+    monkeypatch.setenv(KEY_ENV, "a-long-enough-secret-key")
+    signed = export_onnx(detector, tmp_path / "signed.onnx").path
+    assert SIGNATURE_KEY[len("anomalyvae.") :] in read_metadata(signed)
+    with pytest.raises(OnnxModelError, match="not signed with the configured key"):
+        read_metadata(unsigned)
+    # tampering: a new threshold with a recomputed content hash, as anyone could do
+    proto = onnx_lib.load(str(signed))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["anomalyvae.threshold"] = "1e9"
+    del proto.metadata_props[:]
+    onnx_lib.helper.set_model_props(proto, props)
+    props["anomalyvae.content_hash"] = content_hash(proto)
+    onnx_lib.helper.set_model_props(proto, props)
+    onnx_lib.save(proto, str(tmp_path / "tampered.onnx"))
+    with pytest.raises(OnnxModelError, match="not signed with the configured key"):
+        read_metadata(tmp_path / "tampered.onnx")
+    monkeypatch.delenv(KEY_ENV)
+    read_metadata(tmp_path / "tampered.onnx")  # without a key only the hash is checked
+    assert props["anomalyvae.signature"] != signature(props["anomalyvae.content_hash"], b"x" * 20)

@@ -7,6 +7,9 @@ reads them back; docs/onnx-contract.md describes them for integrators. numpy/onn
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
+from pathlib import Path
 
 import onnx
 
@@ -29,15 +32,60 @@ OUTPUTS_DOC = {
     "is_anomaly": "bool (N,): score > threshold",
 }
 CONTENT_HASH_KEY = METADATA_PREFIX + "content_hash"
+SIGNATURE_KEY = METADATA_PREFIX + "signature"
+#: Where a signing key comes from: the key itself, or a file holding it.
+KEY_ENV, KEY_FILE_ENV = "ANOMALYVAE_SIGNING_KEY", "ANOMALYVAE_SIGNING_KEY_FILE"
+
+
+class SigningKeyError(ValueError):
+    """A signing key was configured but cannot be read."""
 
 
 def content_hash(model: onnx.ModelProto) -> str:
-    """SHA-256 of the graph and every metadata entry except the hash itself.
+    """SHA-256 of the graph and every metadata entry except the hash and the signature.
 
     It catches accidental edits and truncation, not tampering: anyone can recompute it.
+    Against tampering, sign the file (:func:`signature`).
     """
     digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
     for prop in sorted(model.metadata_props, key=lambda p: p.key):
-        if prop.key != CONTENT_HASH_KEY:
+        if prop.key not in (CONTENT_HASH_KEY, SIGNATURE_KEY):
             digest.update(f"{prop.key}={prop.value}\n".encode())
     return digest.hexdigest()
+
+
+def signing_key(key: bytes | str | os.PathLike[str] | None = None) -> bytes | None:
+    """The configured signing key, or None when none is configured.
+
+    ``key`` (bytes, or a path to a key file) first, else the ``ANOMALYVAE_SIGNING_KEY``
+    environment variable, else the file named by ``ANOMALYVAE_SIGNING_KEY_FILE``.
+    """
+    if isinstance(key, bytes):
+        return key
+    if key is not None:
+        return _read_key_file(Path(key))
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    if os.environ.get(KEY_FILE_ENV):
+        return _read_key_file(Path(os.environ[KEY_FILE_ENV]))
+    return None
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as error:
+        raise SigningKeyError(f"cannot read the signing key file '{path}': {error}") from error
+    if len(key) < 16:
+        raise SigningKeyError(f"the signing key in '{path}' is shorter than 16 bytes")
+    return key
+
+
+def signature(digest: str, key: bytes) -> str:
+    """HMAC-SHA256 of a content hash under ``key`` (RFC 2104): only key holders can make it."""
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def signature_matches(digest: str, stored: str | None, key: bytes) -> bool:
+    """Whether ``stored`` is the signature of ``digest`` under ``key`` (constant time)."""
+    return stored is not None and hmac.compare_digest(signature(digest, key), stored)

@@ -23,11 +23,16 @@ from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
     FORMAT_NAME,
     INPUT_NAME,
+    KEY_ENV,
+    KEY_FILE_ENV,
     METADATA_PREFIX,
     OUTPUT_NAMES,
+    SIGNATURE_KEY,
     SUPPORTED_FORMAT_VERSIONS,
     THRESHOLD_NAME,
     content_hash,
+    signature_matches,
+    signing_key,
 )
 
 
@@ -81,6 +86,14 @@ def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str
             f"'{path}' has anomalyvae ONNX format {version}; this version reads "
             f"{SUPPORTED_FORMAT_VERSIONS}; upgrade anomalyvae"
         )
+    key = signing_key()
+    if key is not None:  # a configured key makes signatures mandatory, verify or not
+        if not signature_matches(content_hash(model), props.get(SIGNATURE_KEY), key):
+            raise OnnxModelError(
+                f"'{path}' is not signed with the configured key "
+                f"({KEY_ENV} / {KEY_FILE_ENV}): unsigned, signed with another key, or "
+                "altered after signing; export it again with the key set"
+            )
     if verify:
         stored = props.get(CONTENT_HASH_KEY)
         if stored != content_hash(model):
