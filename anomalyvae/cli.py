@@ -537,32 +537,46 @@ def export(
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=_CHECKPOINT)
-@click.argument(
-    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
-)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @_threshold_option
 @click.option(
     "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True
 )
-def predict(model: Path, images: tuple[Path, ...], threshold: float | None, device: str) -> None:
-    """Score IMAGES with an exported MODEL (ONNX Runtime, no torch) and print verdicts.
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead.")
+def predict(
+    model: Path, images: tuple[Path, ...], threshold: float | None, device: str, as_json: bool
+) -> None:
+    """Score IMAGES (files or folders) with an exported MODEL and print verdicts.
 
-    Prints one tab-separated line per image: path, score, normalized score, verdict.
-    Exits 1 when a file cannot be read.
+    Prints one tab-separated line per image: path, score, normalized score, verdict (or
+    the error of a file that cannot be read). Folders are searched for images as
+    `scan` does. Uses ONNX Runtime only (no torch). Exits 1 when any file could not be
+    read, after printing every row. For whole folders with reports, use `scan`.
 
     \b
-    Example:
+    Examples:
       anomalyvae predict model.onnx part_001.png part_002.png
+      anomalyvae predict model.onnx incoming/ --json
     """
     from anomalyvae.inference.runtime import OnnxDetector
+    from anomalyvae.inference.scan import discover
 
-    detector = OnnxDetector(model, device=device)
-    result = detector.predict_files(list(images), threshold)
-    click.echo("path\tscore\tnormalized_score\tverdict")
-    for path, score, norm, bad in zip(
-        images, result.score, result.normalized_score, result.is_anomaly, strict=True
-    ):
-        click.echo(f"{path}\t{score:.6g}\t{norm:.4f}\t{'ANOMALY' if bad else 'ok'}")
+    files = [p for image in images for p in (discover(image) if image.is_dir() else [image])]
+    rows = OnnxDetector(model, device=device).predict_rows(files, threshold)
+    if not as_json:
+        click.echo("path\tscore\tnormalized_score\tverdict")
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row))
+        elif row["error"]:
+            click.echo(f"{row['path']}\t\t\tERROR: {row['error']}")
+        else:
+            verdict = "ANOMALY" if row["is_anomaly"] else "ok"
+            click.echo(
+                f"{row['path']}\t{row['score']:.6g}\t{row['normalized_score']:.4f}\t{verdict}"
+            )
+    if any(row["error"] for row in rows):
+        sys.exit(1)
 
 
 @main.command(context_settings=CONTEXT)

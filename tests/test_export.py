@@ -182,8 +182,15 @@ def test_cli_export_and_predict(trained, synthetic_root, tmp_path, test_paths):
     assert len(lines) == 4
     bad = tmp_path / "bad.png"
     bad.write_text("x")
-    result = runner.invoke(main, ["predict", str(out), str(bad), "--device", "cpu"])
-    assert result.exit_code == 1 and "bad.png" in result.output
+    good = test_paths[0]
+    result = runner.invoke(main, ["predict", str(out), str(bad), str(good), "--device", "cpu"])
+    assert result.exit_code == 1 and "bad.png\t\t\tERROR" in result.output
+    assert str(good) in result.output  # the readable file still gets its row
+    folder = good.parent
+    result = runner.invoke(main, ["predict", str(out), str(folder), "--json", "--device", "cpu"])
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert result.exit_code == 0 and len(rows) == len(list(folder.glob("*.png")))
+    assert all(r["error"] == "" and isinstance(r["is_anomaly"], bool) for r in rows)
     result = runner.invoke(main, ["export", str(checkpoint), "-o", str(out), "--int8"])
     assert result.exit_code == 1 and "--int8 needs --images" in result.output
 

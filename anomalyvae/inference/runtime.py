@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from anomalyvae.imaging.io import Preprocessing, load_image
+from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
     FORMAT_NAME,
@@ -275,6 +275,34 @@ class OnnxDetector:
         for i, path in enumerate(paths):
             out[i] = load_image(path, self.preprocessing)
         return out
+
+    def predict_rows(
+        self, paths: Sequence[str | os.PathLike[str]], threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        """One row per file: path, score, normalized_score, is_anomaly and error.
+
+        A file that cannot be read gets a row with its error (and NaN scores) instead of
+        stopping the others; higher scores are more anomalous.
+        """
+        rows: list[dict[str, Any]] = []
+        good: list[tuple[int, NDArray[np.float32]]] = []
+        for path in paths:
+            row = {"path": str(path), "score": float("nan"), "normalized_score": float("nan")}
+            row.update(is_anomaly=None, error="")
+            try:
+                good.append((len(rows), load_image(path, self.preprocessing)))
+            except ImageReadError as error:
+                row["error"] = str(error)
+            rows.append(row)
+        if good:
+            result = self.predict_arrays(np.stack([x for _, x in good]), threshold)
+            for k, (i, _) in enumerate(good):
+                rows[i].update(
+                    score=float(result.score[k]),
+                    normalized_score=float(result.normalized_score[k]),
+                    is_anomaly=bool(result.is_anomaly[k]),
+                )
+        return rows
 
     def predict_files(
         self, paths: Sequence[str | os.PathLike[str]], threshold: float | None = None
