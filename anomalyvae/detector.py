@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from tqdm.auto import tqdm
 
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
@@ -619,7 +621,16 @@ class VAEAnomalyDetector:
         self.model_.to(device).eval()
         stats = getattr(self, "map_stats_", None)
         maps, scores = [], []
-        for start in range(0, len(images), self.batch_size):
+        starts = range(0, len(images), self.batch_size)
+        bar = tqdm(
+            starts,
+            desc="scoring",
+            unit="batch",
+            disable=not self.progress or len(starts) < 4,
+            file=sys.stderr,
+            leave=False,
+        )
+        for start in bar:
             x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
             result = score_batch(self.model_, x, scoring, stats)
             maps.append(result.anomaly_map[:, 0].cpu().numpy())

@@ -157,3 +157,11 @@ def test_training_keeps_the_best_epoch_not_the_initial_weights(feature_detector)
     assert detector.training_summary_["best_epoch"] >= 1
     history = detector.history_
     assert min(h["val_elbo"] for h in history) < history[0]["val_elbo"] or len(history) == 1
+
+
+def test_self_check_detects_synthetic_defects_more_often_than_normals(feature_detector):
+    detector, checkpoint = feature_detector
+    check = detector.self_check_
+    assert set(check["by_kind"]) == {"patch", "shift", "noise"}
+    assert 0 <= check["normal_flag_rate"] < check["detection_rate"] <= 1
+    assert VAEAnomalyDetector.load(checkpoint).self_check_ == check
