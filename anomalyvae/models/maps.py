@@ -349,21 +349,39 @@ def score_batch(
     graph and the pipelines share.
     """
     check_family(model, config)
-    if isinstance(model, FeatureVAE):
-        with torch.no_grad():
-            return feature_scores(model, x, config)
-    if config.map_kind == "elbo_grad":
-        raw, output = elbo_grad_map(model, x)
-    else:
-        with torch.no_grad():
-            output = model(x)
-            raw = map_from_output(x, output, config.map_kind, model.config.logvar_min)
     with torch.no_grad():
-        smoothed = gaussian_blur(raw, config.smoothing_sigma)
-        if config.standardize:
-            smoothed = standardize_map(smoothed, check_stats(stats, config))
-        elbo = image_elbo(x, output, model.config.logvar_min)
-        return ScoreResult(smoothed, reduce_map(smoothed, elbo, config), elbo)
+        if isinstance(model, FeatureVAE):
+            return feature_scores(model, x, config)
+        if config.map_kind != "elbo_grad":
+            return pixel_scores(model, x, config, stats)
+    raw, output = elbo_grad_map(model, x)  # needs the input gradient: torch only
+    with torch.no_grad():
+        return pixel_scores(model, x, config, stats, output, raw)
+
+
+def pixel_scores(
+    model: nn.Module,
+    x: Tensor,
+    config: ScoringConfig,
+    stats: MapStats | None = None,
+    output: VAEOutput | None = None,
+    raw: Tensor | None = None,
+) -> ScoreResult:
+    """The pixel family's recipe: map, smoothing, standardization, image score.
+
+    :func:`score_batch` and :class:`ScoringGraph` (the exported graph) both call it;
+    ``output`` and ``raw`` pass in a forward pass and map computed elsewhere (the
+    gradient map).
+    """
+    floor = model.config.logvar_min
+    if output is None or raw is None:
+        output = model(x)
+        raw = map_from_output(x, output, config.map_kind, floor)
+    smoothed = gaussian_blur(raw, config.smoothing_sigma)
+    if config.standardize:  # constants in the exported graph
+        smoothed = standardize_map(smoothed, check_stats(stats, config))
+    elbo = image_elbo(x, output, floor)
+    return ScoreResult(smoothed, reduce_map(smoothed, elbo, config), elbo)
 
 
 class ScoringGraph(nn.Module):
@@ -389,11 +407,6 @@ class ScoringGraph(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if isinstance(self.model, FeatureVAE):
             result = feature_scores(self.model, x, self.config)
-            return result.anomaly_map, result.score
-        output = self.model(x)
-        floor = self.model.config.logvar_min
-        raw = map_from_output(x, output, self.config.map_kind, floor)
-        smoothed = gaussian_blur(raw, self.config.smoothing_sigma)
-        if self.stats is not None:  # constants in the exported graph
-            smoothed = standardize_map(smoothed, self.stats)
-        return smoothed, reduce_map(smoothed, image_elbo(x, output, floor), self.config)
+        else:
+            result = pixel_scores(self.model, x, self.config, self.stats)
+        return result.anomaly_map, result.score
