@@ -38,12 +38,12 @@ from anomalyvae.models.maps import (
 from anomalyvae.models.train import (
     CheckpointError,
     TrainConfig,
+    checkpoint_header,
     is_main_process,
     load_checkpoint,
     resolve_device,
     save_checkpoint,
     train_vae,
-    versions,
 )
 from anomalyvae.models.vae import ConvVAE, VAEConfig
 
@@ -750,10 +750,7 @@ class VAEAnomalyDetector:
                 pass
         state.update(
             {
-                "format": "anomalyvae-checkpoint",
-                "format_version": 1,
-                "versions": versions(),
-                "model_family": getattr(self.model_, "family", "pixel"),
+                **checkpoint_header(getattr(self.model_, "family", "pixel")),
                 "model_config": self.model_.config.to_dict(),
                 "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
                 "training": {

@@ -151,6 +151,24 @@ def _looks_like_onnx(path: Path) -> bool:
     return not head.startswith(b"PK") and (b"anomalyvae" in head or b"pytorch" in head)
 
 
+def checkpoint_header(model_family: str = "pixel") -> dict[str, Any]:
+    """The entries every checkpoint starts with, training's and the detector's alike.
+
+    They are the format marker and version, the model family and the library versions.
+    The rest of the schema: ``model_config``, ``model_state`` and ``training`` always;
+    ``resume`` and ``train_config`` while training can go on; ``preprocessing``,
+    ``scoring``, ``data``, ``calibration``, ``map_stats``, ``params``,
+    ``normal_intensity`` and ``self_check`` once the detector is fitted. Every value is
+    a tensor or a plain Python type, so it loads with ``weights_only=True``.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "model_family": model_family,
+        "versions": versions(),
+    }
+
+
 def versions() -> dict[str, str]:
     """Versions recorded in every checkpoint."""
     return {
@@ -485,9 +503,7 @@ def train_vae(
             stopped_reason = "time_budget"
         if checkpoint_path is not None and rank == 0:
             state = {
-                "format": CHECKPOINT_FORMAT,
-                "format_version": CHECKPOINT_VERSION,
-                "versions": versions(),
+                **checkpoint_header("pixel"),
                 "model_config": model_config.to_dict(),
                 "train_config": train_config.to_dict(),
                 "model_state": best_state,
