@@ -67,8 +67,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.ClickException:
-            raise
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own flow: errors it prints, --help, Ctrl-C
         except OSError as error:  # disk full, read-only folder, missing file
             raise click.ClickException(_os_error_message(error)) from error
         except Exception as error:

@@ -1,6 +1,6 @@
 """Scan throughput end to end vs model-only ONNX Runtime, threads vs processes, memory.
 
-    python pipelines/scan/bench.py [--checkpoint runs/mtd/model.pt] [--mtd ../shared/datasets/mtd]
+    python pipelines/scan/bench.py [--checkpoint runs/suite/mtd/model.pt] [--mtd DATA/mtd]
 
 1. MTD (all images, JPEG of varying size): end-to-end `scan` (decode + preprocess on the
    worker pool, ONNX Runtime batches, results table; heatmaps off) with thread and with
@@ -80,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=ROOT / "runs" / "suite" / "mtd" / "model.pt"
+    )
     parser.add_argument("--mtd", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scan")
     parser.add_argument("--n-synthetic", type=int, default=10_000)
