@@ -197,7 +197,7 @@ def _labelled_data_options(func: Any) -> Any:
     show_default=True,
     help="feature: a VAE over frozen ImageNet features (position-independent); pixel: a "
     "VAE on the pixels (also for sample/denoise/inpaint/embed); auto: feature for inputs "
-    "of at least 64 px, else pixel.",
+    "of at least 96 px, else pixel.",
 )
 @click.option(
     "--latent-dim",

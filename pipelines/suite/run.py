@@ -395,7 +395,7 @@ def write_experiments(results: dict, out: Path) -> None:
             "are coarse), mean-z of three views. mean-z of local and global came within "
             "0.01 of max-z; max-z kept, since one strong view should suffice to flag.",
             "- Kept per-image intensity normalization in the feature model, and the pixel "
-            "model for thumbnails (`auto`: feature from 64 px up).",
+            "model for small inputs (`auto`: feature from 96 px up).",
         ]
     (out / "experiments.md").write_text("\n".join(lines) + "\n")
 
@@ -422,7 +422,7 @@ def append_history(results: dict, out: Path) -> None:
 def smoke_sets(root: Path) -> dict[str, Path]:
     """Two tiny synthetic sets: one for each model family."""
     sets = {}
-    for size in (32, 64):
+    for size in (32, 96):
         folder = root / f"synthetic{size}"
         make_synthetic_dataset(folder, n_train=24, n_test_good=6, n_test_defect=6, size=size)
         sets[folder.name] = folder

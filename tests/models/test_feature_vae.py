@@ -79,8 +79,8 @@ def test_feature_config_rejects_bad_values(field, value, message):
     ("family", "size", "expected"),
     [
         ("auto", 28, "pixel"),
-        ("auto", 63, "pixel"),
-        ("auto", 64, "feature"),
+        ("auto", 64, "pixel"),
+        ("auto", 96, "feature"),
         ("pixel", 256, "pixel"),
     ],
 )
