@@ -84,7 +84,8 @@ def drift_report(
     means = means[np.isfinite(means)]
     if normal_intensity and means.size >= MIN_IMAGES:
         low, high = normal_intensity["p005"], normal_intensity["p995"]
-        outside = int(((means < low) | (means > high)).sum())
+        below, above = int((means < low).sum()), int((means > high).sum())
+        outside = below + above
         # a band estimated from n normals holds back about 2/(n+1) of new normals
         expected = max(OUTSIDE_EXPECTED, 2.0 / (int(normal_intensity.get("n_images", 0)) + 1))
         p = float(binomtest(outside, means.size, expected, alternative="greater").pvalue)
@@ -95,18 +96,23 @@ def drift_report(
             "normal_median": float(normal_intensity["median"]),
             "shift_in_normal_sd": shift,
             "share_outside_normal_range": outside / means.size,
+            "share_darker": below / means.size,
+            "share_brighter": above / means.size,
             "normal_range": [low, high],
             "p_value": p,
         }
         share_alarm = p < ALARM_P and outside / means.size >= OUTSIDE_WARN_SHARE
         if share_alarm or abs(shift) >= SHIFT_WARN_SD:
-            direction = "darker" if shift < 0 else "brighter"
+            # the tail with more images names the direction (a batch can be mixed)
+            direction = "darker" if (below > above if outside else shift < 0) else "brighter"
             out["warnings"].append(
-                f"The images are {direction} than the calibration normals: median "
+                f"Images are {direction} than the calibration normals: median "
                 f"intensity {np.median(means):.3f} against {normal_intensity['median']:.3f} "
                 f"({shift:+.1f} normal standard deviations), and "
                 f"{outside / means.size:.0%} fall outside the normals' range "
-                f"[{low:.3f}, {high:.3f}] (about {expected:.0%} expected). Lighting or "
+                f"[{low:.3f}, {high:.3f}] (about {expected:.0%} expected; "
+                f"{below / means.size:.0%} darker, {above / means.size:.0%} brighter). "
+                "Lighting or "
                 "acquisition has changed; scores may rise or fall for reasons other than defects."
             )
     return out

@@ -37,6 +37,16 @@ def test_drift_alarm_names_what_changed(flag_share, shift, expected):
         assert word in text
 
 
+def test_a_mixed_batch_is_named_by_its_larger_tail():
+    rng = np.random.default_rng(2)
+    # a quarter much darker (the drifted normals), the rest a little brighter
+    means = np.concatenate([rng.normal(0.52, 0.01, 100), rng.normal(0.61, 0.01, 300)])
+    report = drift_report(np.zeros(400, bool), means, 0.01, NORMALS)
+    assert report["intensity"]["shift_in_normal_sd"] > 0  # the median moved up...
+    assert "darker" in report["warnings"][0]  # ... but the images out of range are darker
+    assert report["intensity"]["share_darker"] == pytest.approx(0.25, abs=0.02)
+
+
 def test_small_batches_are_not_judged():
     report = drift_report(np.ones(5, bool), np.full(5, 0.1), 0.01, NORMALS)
     assert report["warnings"] == [] and "fewer than" in report["note"]
