@@ -7,6 +7,7 @@ through 8 bits, and the bit depth is reported so it can be written into the mode
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -182,29 +183,64 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def display_path(path: Path) -> str:
+    """A path as text that survives any file name (undecodable bytes become \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def walk_images(
+    root: str | os.PathLike[str],
+    extensions: Iterable[str] = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    skip: Sequence[str | os.PathLike[str]] = (),
+) -> list[Path]:
+    """Image files under ``root`` in walk order (sorted within each folder): the one walker.
+
+    Training, evaluation and scans all find files here, by one rule: hidden files and
+    folders (names starting with ".") are skipped; symlinked folders are entered once,
+    so a symlink loop or two links to one folder cannot repeat a file; folders in
+    ``skip`` are never entered. ``include``/``exclude`` are ``fnmatch`` globs on the
+    path relative to ``root``. With ".dcm" among the extensions, extensionless regular
+    files with the DICOM preamble are found too.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"'{root}' is not a folder")
+    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    seen: set[str] = {os.path.realpath(p) for p in skip}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith(".") or not has_image_name(path, wanted):
+                continue
+            relative = display_path(path.relative_to(root))
+            if include and not any(fnmatch.fnmatch(relative, p) for p in include):
+                continue
+            if any(fnmatch.fnmatch(relative, p) for p in exclude):
+                continue
+            found.append(path)
+    return found
+
+
 def find_images(
     root: str | os.PathLike[str],
     extensions: Iterable[str] = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS,
 ) -> list[Path]:
-    """Return image files under ``root``, recursively, in a stable sorted order.
-
-    Hidden files and folders (names starting with ".") are skipped; symlinked folders
-    are not followed, so a symlink loop cannot make the walk endless. With ".dcm" among
-    the extensions, extensionless files with the DICOM preamble are found too.
-    """
+    """Image files under ``root`` (or ``root`` itself), sorted: :func:`walk_images`."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"folder '{root}' does not exist")
     if root.is_file():
         return [root] if root.suffix.lower() in set(extensions) else []
-    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and has_image_name(Path(dirpath) / name, wanted):
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+    return sorted(walk_images(root, extensions))
 
 
 def has_image_name(path: Path, wanted: set[str]) -> bool:

@@ -9,7 +9,6 @@ rows with an ``error``; the scan goes on. No torch on this path.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -37,12 +36,13 @@ from anomalyvae.imaging.io import (
     Preprocessing,
     atomic_path,
     atomic_write_bytes,
-    has_image_name,
+    display_path,
     intensities,
     preprocess,
     read_image,
     read_volume,
     volume_slices,
+    walk_images,
 )
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.inference.drift import drift_report
@@ -219,11 +219,6 @@ class ScanSummary(NamedTuple):
 # --------------------------------------------------------------------------- discovery
 
 
-def display_path(path: Path) -> str:
-    """A path as text that survives any file name (undecodable bytes become \\xNN)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def discover(
     root: str | os.PathLike[str],
     extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS + MEDICAL_EXTENSIONS,
@@ -231,36 +226,13 @@ def discover(
     exclude: Sequence[str] = (),
     skip: Sequence[str | os.PathLike[str]] = (),
 ) -> list[Path]:
-    """Image files under ``root`` in a stable order; symlinked folders are entered once.
+    """Image files under ``root`` for a scan: the product's one folder walker.
 
-    A symlink loop, or two links to the same folder, cannot make a file appear twice:
-    each real folder is walked only the first time it is reached. Folders in ``skip``
-    (the scan's own output, when it lies inside ``root``) are never entered.
+    See :func:`anomalyvae.imaging.io.walk_images` (symlinked folders entered once, hidden
+    names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered); this
+    adds the extensions a scan also reads (GIF, WebP).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"'{root}' is not a folder")
-    wanted = {e.lower() for e in extensions}
-    seen: set[str] = {os.path.realpath(p) for p in skip}
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or not has_image_name(path, wanted):
-                continue
-            relative = display_path(path.relative_to(root))
-            if include and not any(fnmatch.fnmatch(relative, p) for p in include):
-                continue
-            if any(fnmatch.fnmatch(relative, p) for p in exclude):
-                continue
-            found.append(path)
-    return found
+    return walk_images(root, extensions, include, exclude, skip)
 
 
 # --------------------------------------------------------------------------- decoding

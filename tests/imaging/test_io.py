@@ -185,3 +185,21 @@ def test_huge_images_are_decoded_reduced_with_their_own_size_kept(tmp_path, mode
     assert reduced.pixels.mean() == pytest.approx(full.pixels.mean(), abs=0.01)
     small = read_image(path, max_side=height)  # not much larger than the model: in full
     assert small.pixels.shape == full.pixels.shape
+
+
+def test_one_walker_for_training_and_scans(tmp_path):
+    from anomalyvae.imaging.io import find_images, walk_images
+    from anomalyvae.inference.scan import discover
+
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for path in (data / "a" / "1.png", tmp_path / "elsewhere" / "2.png", data / ".hidden.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+    (data / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "a" / "loop").symlink_to(data, target_is_directory=True)  # a symlink loop
+    names = sorted(p.name for p in find_images(data))
+    assert names == ["1.png", "2.png"]  # linked folder entered once, loop harmless
+    assert (
+        sorted(p.name for p in discover(data)) == names == sorted(p.name for p in walk_images(data))
+    )
