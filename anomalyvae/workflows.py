@@ -404,10 +404,27 @@ def denoise_files(
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     images, kept, _ = read_images(paths, detector.preprocessing_, on_error="raise")
     clean = denoise(pixel_model(detector), images, n_samples=n_samples)
+    names = unique_names([path for path in kept], "_denoised.png")
     return [
-        _save_png(image, Path(output_dir) / f"{path.stem}_denoised.png")
-        for image, path in zip(clean, kept, strict=True)
+        _save_png(image, Path(output_dir) / name) for image, name in zip(clean, names, strict=True)
     ]
+
+
+def unique_names(paths: list[Path], suffix: str) -> list[str]:
+    """``<stem><suffix>`` per path; stems shared by several files get their folders too.
+
+    ``a/0003.png`` and ``b/0003.png`` must not overwrite each other's output.
+    """
+    stems = [path.stem for path in paths]
+    out = []
+    for path, stem in zip(paths, stems, strict=True):
+        if stems.count(stem) > 1:
+            parts = [p for p in path.with_suffix("").parts if p not in ("/", "..", ".")]
+            stem = "__".join(parts[-3:])
+        out.append(stem + suffix)
+    if len(set(out)) < len(out):  # still equal: number them
+        out = [f"{i:05d}_{name}" for i, name in enumerate(out)]
+    return out
 
 
 def inpaint_file(

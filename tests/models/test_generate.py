@@ -184,3 +184,18 @@ def test_generative_cli(trained, synthetic_root, tmp_path):
         main, ["score", str(checkpoint), str(good[0]), "--valid-mask", str(valid)]
     )
     assert result.exit_code == 0 and result.output.count("\t") == 3
+
+
+def test_denoising_two_files_of_one_name_writes_two_files(trained, synthetic_root, tmp_path):
+    import shutil
+
+    _, checkpoint = trained
+    source = sorted((synthetic_root / "train" / "good").glob("*.png"))[0]
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "0003.png")
+    args = ["denoise", str(checkpoint), str(tmp_path / "a" / "0003.png")]
+    args += [str(tmp_path / "b" / "0003.png"), "-o", str(tmp_path / "d")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "d").glob("*.png"))) == 2
