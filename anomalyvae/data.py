@@ -250,7 +250,7 @@ def infer_preprocessing(
 # --------------------------------------------------------------------------- synthetic
 
 
-def _texture(rng: np.random.Generator, size: int) -> NDArray[np.float32]:
+def synthetic_texture(rng: np.random.Generator, size: int) -> NDArray[np.float32]:
     """A brushed-metal-like texture: fixed grating family, random phase, fine noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     image = np.full((size, size), 0.5, dtype=np.float32)
@@ -317,12 +317,12 @@ def make_synthetic_dataset(
         Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
     for i in range(n_train):
-        save(_texture(rng, size), root / "train" / NORMAL_TYPE / f"{i:04d}.png")
+        save(synthetic_texture(rng, size), root / "train" / NORMAL_TYPE / f"{i:04d}.png")
     for i in range(n_test_good):
-        save(_texture(rng, size), root / "test" / NORMAL_TYPE / f"{i:04d}.png")
+        save(synthetic_texture(rng, size), root / "test" / NORMAL_TYPE / f"{i:04d}.png")
     for i in range(n_test_defect):
         kind = SYNTHETIC_DEFECTS[i % len(SYNTHETIC_DEFECTS)]
-        image, mask = _defect(rng, _texture(rng, size), kind)
+        image, mask = _defect(rng, synthetic_texture(rng, size), kind)
         save(image, root / "test" / kind / f"{i:04d}.png")
         save(mask.astype(np.float32), root / "ground_truth" / kind / f"{i:04d}_mask.png")
     return root

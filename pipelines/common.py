@@ -26,7 +26,7 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from anomalyvae.calibration import threshold_from_normals  # noqa: E402
-from anomalyvae.data import Sample, _texture  # noqa: E402
+from anomalyvae.data import Sample, synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
@@ -80,7 +80,9 @@ def synthetic_folder(root: Path, n: int, size: int = 128) -> Path:
     for i in range(n):
         path = root / f"batch{i // 1000:02d}" / f"{i:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(_texture(rng, size), 0, 1) * 255).astype(np.uint8)).save(path)
+        Image.fromarray((np.clip(synthetic_texture(rng, size), 0, 1) * 255).astype(np.uint8)).save(
+            path
+        )
     return root
 
 

@@ -35,12 +35,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from common import machine, shown, synthetic_folder  # noqa: E402
 
-from anomalyvae.data import _texture  # noqa: E402
+from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
 from anomalyvae.inference.ray_engine import connect  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.inference.scan import ScanConfig, _decode, discover, scan  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, decode_file, discover, scan  # noqa: E402
 from anomalyvae.models.train import TrainConfig, train_vae  # noqa: E402
 from anomalyvae.models.vae import VAEConfig  # noqa: E402
 
@@ -63,7 +63,9 @@ def stage_rates(model: Path, folder: Path, batch_size: int) -> dict:
     detector = OnnxDetector(model, device="cpu", batch_size=batch_size, intra_op_threads=1)
     paths = discover(folder)[:1000]
     start = time.perf_counter()
-    tensors = np.stack([_decode(i, p, detector.preprocessing).pixels for i, p in enumerate(paths)])
+    tensors = np.stack(
+        [decode_file(i, p, detector.preprocessing).pixels for i, p in enumerate(paths)]
+    )
     decode = len(paths) / (time.perf_counter() - start)
     detector.predict_arrays(tensors[:batch_size])  # warm-up
     start = time.perf_counter()
@@ -207,7 +209,10 @@ def main() -> None:
         {**detector.model_.config.to_dict(), "channels": tuple(detector.model_.config.channels)}
     )
     images = np.stack(
-        [_texture(np.random.default_rng(i), spec.height)[None] for i in range(args.train_images)]
+        [
+            synthetic_texture(np.random.default_rng(i), spec.height)[None]
+            for i in range(args.train_images)
+        ]
     ).astype(np.float32)
     images = np.clip(images, 0, 1)
     ddp = [ddp_rate(config, n, images, args.train_epochs) for n in (1, 2)]
