@@ -35,10 +35,10 @@ def test_synthetic_dataset_layout_and_exact_masks(tmp_path):
 
 
 def test_synthetic_defect_changes_only_masked_pixels(tmp_path):
-    from anomalyvae.data import _defect, _texture
+    from anomalyvae.data import _defect, synthetic_texture
 
     rng = np.random.default_rng(0)
-    texture = _texture(rng, 32)
+    texture = synthetic_texture(rng, 32)
     damaged, mask = _defect(rng, texture, "blob")
     assert mask.any()
     np.testing.assert_array_equal(damaged[~mask], texture[~mask])
