@@ -22,10 +22,11 @@ from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
 from anomalyvae.models.feature_vae import (
-    FUSED_VIEWS,
     VIEW_NAMES,
     FeatureVAE,
     FeatureVAEConfig,
+    fuse_views,
+    robust_z_constants,
     train_feature_vae,
 )
 from anomalyvae.models.maps import (
@@ -422,31 +423,24 @@ class VAEAnomalyDetector:
     def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
         """Fit how the feature model's views become z-scores, from normal images.
 
-        Each view's centre is its median over ``X`` and its scale the MAD (times
-        1.4826, the normal-consistent factor), floored at 1e-6 of the centre. ``fit``
+        Each view's centre and scale come from :func:`robust_z_constants`. ``fit``
         calls it with the held-out normals; the fused score then is the largest
         z-score (:func:`anomalyvae.models.feature_vae.fuse_views`).
         """
         self.check_fitted()
         if getattr(self.model_, "family", "pixel") != "feature":
             raise ValueError("fusion applies to the feature model (model='feature')")
-        images = self._load(X)
-        views = self._views(images)
-        center = np.median(views, axis=0)
-        scale = 1.4826 * np.median(np.abs(views - center), axis=0)
-        scale = np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
+        center, scale = robust_z_constants(self._views(self._load(X)))
         self.model_.view_center.copy_(torch.from_numpy(center).float())
         self.model_.view_scale.copy_(torch.from_numpy(scale).float())
         return self
 
     def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
         """The feature model's (n, 3) local, ELBO and global views of model-ready images."""
-        self.model_.eval()
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(images[start : start + self.batch_size])
-            out.append(score_batch(self.model_, x, self.scoring_).views.numpy())
-        return np.concatenate(out).astype(np.float64)
+        views = self._score_all(images, self.scoring_)[2]
+        if views is None:
+            raise ValueError("views come from the feature model (model='feature')")
+        return views
 
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
         """The feature model's candidate image scores by name (higher = more anomalous).
@@ -458,11 +452,13 @@ class VAEAnomalyDetector:
         if getattr(self.model_, "family", "pixel") != "feature":
             raise ValueError("view scores come from the feature model (model='feature')")
         views = self._views(self._load(X))
-        center = self.model_.view_center.numpy().astype(np.float64)
-        scale = self.model_.view_scale.numpy().astype(np.float64)
         out = {name: views[:, i] for i, name in enumerate(VIEW_NAMES)}
-        fused = [VIEW_NAMES.index(v) for v in FUSED_VIEWS]
-        out["fused"] = ((views[:, fused] - center[fused]) / scale[fused]).max(axis=1)
+        fused = fuse_views(
+            torch.from_numpy(views).float(),
+            self.model_.view_center.cpu(),
+            self.model_.view_scale.cpu(),
+        )
+        out["fused"] = fused.numpy().astype(np.float64)
         return out
 
     def fit_map_stats(self, X: ImagesLike, max_images: int = 1000) -> VAEAnomalyDetector:
@@ -619,10 +615,17 @@ class VAEAnomalyDetector:
         self, images: NDArray[np.float32], scoring: ScoringConfig
     ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
         """Maps (n, h, w) and scores (n,) of model-ready images under ``scoring``."""
+        maps, scores, _ = self._score_all(images, scoring)
+        return maps, scores
+
+    def _score_all(
+        self, images: NDArray[np.float32], scoring: ScoringConfig
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64] | None]:
+        """Maps, scores and (feature model) the (n, 3) views: the detector's one loop."""
         device = resolve_device(self.device)
         self.model_.to(device).eval()
         stats = getattr(self, "map_stats_", None)
-        maps, scores = [], []
+        maps, scores, views = [], [], []
         starts = range(0, len(images), self.batch_size)
         bar = tqdm(
             starts,
@@ -637,9 +640,15 @@ class VAEAnomalyDetector:
             result = score_batch(self.model_, x, scoring, stats)
             maps.append(result.anomaly_map[:, 0].cpu().numpy())
             scores.append(result.score.cpu().numpy())
+            if result.views is not None:
+                views.append(result.views.cpu().numpy())
         if not maps:
             raise ValueError("no images to score")
-        return np.concatenate(maps), np.concatenate(scores).astype(np.float64)
+        return (
+            np.concatenate(maps),
+            np.concatenate(scores).astype(np.float64),
+            np.concatenate(views).astype(np.float64) if views else None,
+        )
 
     def _score_partial(
         self, images: NDArray[np.float32], valid_mask: NDArray[np.bool_]

@@ -249,6 +249,20 @@ def nll_floor(logvar_min: float) -> float:
     return 0.5 * (LOG_2PI + logvar_min)
 
 
+def robust_z_constants(
+    views: NDArray[np.floating],
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per column of (n, k) normal scores: the median and the scaled MAD.
+
+    The MAD is multiplied by 1.4826 (consistent with the standard deviation for normal
+    data) and floored at 1e-6 of the centre, so a constant view cannot divide by zero.
+    """
+    views = np.asarray(views, dtype=np.float64)
+    center = np.median(views, axis=0)
+    scale = 1.4826 * np.median(np.abs(views - center), axis=0)
+    return center, np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
+
+
 def fuse_views(views: Tensor, center: Tensor, scale: Tensor) -> Tensor:
     """The fused image score (n,): the largest z-score of the ``FUSED_VIEWS``.
 

@@ -40,6 +40,7 @@ from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.io import Preprocessing, read_images  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
+from anomalyvae.models.feature_vae import robust_z_constants  # noqa: E402
 from anomalyvae.workflows import masks_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,9 +128,8 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
     z, p = {}, {}
     for name in names:
         ref = np.sort(val_views[name])
-        center = np.median(ref)
-        scale = max(1.4826 * np.median(np.abs(ref - center)), 1e-6 * max(abs(center), 1.0))
-        z[name] = (views[name] - center) / scale
+        center, scale = robust_z_constants(ref[:, None])  # the product's own constants
+        z[name] = (views[name] - center[0]) / scale[0]
         above = len(ref) - np.searchsorted(ref, views[name], side="left")
         p[name] = (1 + above) / (len(ref) + 1)
     out = {
