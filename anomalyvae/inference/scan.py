@@ -256,11 +256,12 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
         "error": "",
     }
     try:
-        mode = path.stat().st_mode
-        if not S_ISREG(mode):  # never open a FIFO, socket or device: it can block forever
-            kind = "a FIFO" if S_ISFIFO(mode) else "not a regular file"
+        stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # never open a FIFO, socket or device: it can block
+            kind = "a FIFO" if S_ISFIFO(stat.st_mode) else "not a regular file"
             info["error"] = f"{kind}, so it was not read (scan regular image files only)"
             return Decoded(index, None, info)
+        info["fingerprint"] = file_fingerprint(path, stat)  # the resume key's content part
         if is_nifti(path):
             return _decode_volume(index, path, spec, info)
         decoded = read_image(path, max(spec.height, spec.width))
@@ -512,7 +513,7 @@ class BatchScorer:
             # the row's file, never parsed out of a name ("a#slice=1.png" is a file too)
             "source": job.relative,
             "slice": pd.NA,
-            "fingerprint": job.fingerprint,
+            "fingerprint": item.info.get("fingerprint") or job.fingerprint,
             "file_size": job.size,
             "mtime": job.mtime,
             **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
@@ -587,26 +588,32 @@ def _todo(
 ) -> list[Job]:
     """The files not yet scored by this model at this threshold (the resume rule)."""
     done = _read_parts(parts_dir)
-    done_keys = set()
+    done_keys: dict[tuple[str, int, float], str] = {}
     if len(done):
         ok = done[
             (done["error"] == "")
             & (done["model_hash"] == model_hash)
             & (done["threshold"] == threshold)
         ]
-        done_keys = set(
-            zip(ok["source"], ok["file_size"], ok["mtime"], ok["fingerprint"], strict=True)
-        )
+        done_keys = {
+            (source, size, mtime): fingerprint
+            for source, size, mtime, fingerprint in zip(
+                ok["source"], ok["file_size"], ok["mtime"], ok["fingerprint"], strict=True
+            )
+        }
     todo: list[Job] = []
     for path in paths:
         relative = display_path(path.relative_to(folder))
         try:
             stat = path.stat()
             size, mtime = int(stat.st_size), float(stat.st_mtime)
-            fingerprint = file_fingerprint(path, stat)
+            stored = done_keys.get((relative, size, mtime))
+            # Only a file that looks done is read here, to compare contents; a new file is
+            # fingerprinted by the decoder, which reads it anyway (decode_file).
+            fingerprint = file_fingerprint(path, stat) if stored is not None else ""
         except OSError:
-            size, mtime, fingerprint = -1, float("nan"), ""
-        if (relative, size, mtime, fingerprint) not in done_keys:
+            size, mtime, stored, fingerprint = -1, float("nan"), None, ""
+        if stored is None or fingerprint != stored:
             todo.append(Job(len(todo), path, relative, size, mtime, fingerprint))
     return todo
 
