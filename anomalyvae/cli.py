@@ -613,7 +613,9 @@ def predict(
 @click.option(
     "--extend",
     is_flag=True,
-    help="Let OUTPUT, which holds a scan of another folder, take this folder's files too.",
+    help="Use OUTPUT although it holds a scan of another folder: the table then shows "
+    "this folder's files, and only files identical in name, size, mtime and content are "
+    "not scored again.",
 )
 @click.option(
     "--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True

@@ -150,8 +150,11 @@ class ScanConfig:
     ray_workers : int or None
         Inference actors for the Ray engine (default: one per GPU, else ``workers``).
     extend : bool
-        Allow an output folder that holds a scan of another input folder to take this
-        one too (otherwise that is an error: one output folder, one input).
+        Let an output folder that holds a scan of another input folder be used for this
+        one (otherwise that is an error: one output folder, one input). The table and
+        report then describe this folder's files; a file whose name, size, mtime and
+        content fingerprint match an earlier row is not scored again, anything else is.
+        The other folder's rows stay in ``parts/`` but leave the table.
     """
 
     include: tuple[str, ...] = ()
