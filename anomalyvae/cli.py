@@ -120,6 +120,11 @@ def main() -> None:
     Run `anomalyvae demo` to see it work on synthetic data.
     """
     warnings.simplefilter("default", UserWarning)
+    # an oversized image is reported by the product as "image is too large" (an error
+    # row in a scan); Pillow's own warning about it would only repeat that, unformatted
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     warnings.formatwarning = lambda message, *args, **kwargs: f"Warning: {message}\n"
 
 

@@ -279,29 +279,39 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
     if is_nifti(path) or is_dicom(path):
         return _read_medical(path)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns before it raises for oversized images; we want the error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)  # first frame of animated GIF/TIFF
-                stored = (image.height, image.width)
-                factor = 1
-                if max_side and max(stored) >= REDUCE_FACTOR * max_side:
-                    factor = max(stored) // (2 * max_side)
-                    if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
-                        image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
-                image.load()
-                if factor > 1 and image.size == (stored[1], stored[0]):
-                    image = _reduce(image, factor)
-                decoded = _decode(image)
-                if decoded.pixels.shape[:2] != stored:
-                    decoded = decoded._replace(stored_size=stored)
-                return decoded
+        # Pillow only warns between one and two times its limit; the limit is checked
+        # here on the header, not by a warnings filter: filters are process-wide, and
+        # the scan decodes on several threads at once (one thread's filter would leak
+        # into, or be lifted under, another's decode).
+        with Image.open(path) as image:
+            image.seek(0)  # first frame of animated GIF/TIFF
+            stored = (image.height, image.width)
+            if MAX_PIXELS and stored[0] * stored[1] > MAX_PIXELS:
+                raise ImageReadError(
+                    path,
+                    f"image is too large ({stored[1]} x {stored[0]} pixels; the limit is "
+                    f"{MAX_PIXELS:,} pixels)",
+                    "split or downscale it before scoring",
+                )
+            factor = 1
+            if max_side and max(stored) >= REDUCE_FACTOR * max_side:
+                factor = max(stored) // (2 * max_side)
+                if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
+                    image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
+            image.load()
+            if factor > 1 and image.size == (stored[1], stored[0]):
+                image = _reduce(image, factor)
+            decoded = _decode(image)
+            if decoded.pixels.shape[:2] != stored:
+                decoded = decoded._replace(stored_size=stored)
+            return decoded
+    except ImageReadError:
+        raise
     except FileNotFoundError as error:
         raise ImageReadError(path, "file not found", "check the path") from error
     except PermissionError as error:
         raise ImageReadError(path, "permission denied", "make the file readable") from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except Image.DecompressionBombError as error:
         raise ImageReadError(
             path, f"image is too large ({error})", "split or downscale it before scoring"
         ) from error

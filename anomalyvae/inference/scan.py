@@ -378,8 +378,14 @@ def _save_heatmap(
 ) -> None:
     import io as _io
 
-    # a heatmap needs no more than about 1,000 px: huge files are decoded reduced
-    source = read_image(path, 512).pixels if pixels is None else pixels
+    if pixels is None:
+        try:  # a heatmap needs no more than about 1,000 px: huge files are decoded reduced
+            pixels = read_image(path, 512).pixels
+        except ImageReadError:
+            # the file changed or vanished after it was scored: the map is still drawn,
+            # on a blank background, rather than the scan stopping for a picture
+            pixels = np.zeros((*anomaly_map.shape, 1), np.float32)
+    source = pixels
     image = heatmap_overlay(source, anomaly_map, pixel_threshold, vmax)
     buffer = _io.BytesIO()
     image.save(buffer, format="PNG")

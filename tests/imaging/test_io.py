@@ -203,3 +203,31 @@ def test_one_walker_for_training_and_scans(tmp_path):
     assert (
         sorted(p.name for p in discover(data)) == names == sorted(p.name for p in walk_images(data))
     )
+
+
+def test_the_size_limit_is_checked_on_the_header_not_by_a_warnings_filter(tmp_path, monkeypatch):
+    """The scan decodes on several threads; a process-wide warnings filter set by one
+    decode could be lifted under another, letting an oversized image through (it did)."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from anomalyvae.imaging import io
+
+    monkeypatch.setattr(io, "MAX_PIXELS", 50 * 50)
+    Image.fromarray(np.zeros((60, 60), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "ok.png")
+
+    def outcome(name: str) -> str:
+        try:
+            read_image(tmp_path / name)
+            return "read"
+        except ImageReadError as error:
+            return "too large" if "too large" in str(error) else str(error)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whatever filters the caller has set
+        assert outcome("big.png") == "too large"
+    names = ["big.png", "ok.png"] * 100
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(outcome, names))
+    assert got == ["too large", "read"] * 100
