@@ -296,6 +296,8 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
             factor = 1
             if max_side and max(stored) >= REDUCE_FACTOR * max_side:
                 factor = max(stored) // (2 * max_side)
+            if _wide_colour(image):
+                return _read_wide_colour(path, stored, factor)
                 if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
                     image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
             image.load()
@@ -319,6 +321,51 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
         raise ImageReadError(path, "not a recognised image format") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
+
+
+#: Pillow decodes 16 bits per colour channel (48-bit RGB and 64-bit RGBA PNG or TIFF) to
+#: 8 bits by keeping each sample's high byte. The same stream decoded with the byte order
+#: swapped yields the low bytes (the unfiltering is the same: it depends on the bytes
+#: per pixel only), so two decodes give the full 16 bits.
+_SWAPPED_BYTE_ORDER = {
+    "RGB;16B": "RGB;16L",
+    "RGB;16L": "RGB;16B",
+    "RGBA;16B": "RGBA;16L",
+    "RGBA;16L": "RGBA;16B",
+}
+
+
+def _wide_colour(image: Image.Image) -> bool:
+    """True for a 16-bit-per-channel colour image that Pillow would cut to 8 bits."""
+    tiles = getattr(image, "tile", None) or []
+    return bool(tiles) and all(
+        isinstance(tile[3], str) and tile[3] in _SWAPPED_BYTE_ORDER for tile in tiles
+    )
+
+
+def _read_wide_colour(path: Path, stored: tuple[int, int], factor: int) -> DecodedImage:
+    """Decode a 48/64-bit colour file to 16-bit RGB (alpha dropped, as for 8-bit files)."""
+    planes = []
+    for swap in (False, True):
+        with Image.open(path) as image:
+            image.seek(0)
+            if swap:
+                image.tile = [
+                    tile._replace(args=_SWAPPED_BYTE_ORDER[tile[3]])
+                    if hasattr(tile, "_replace")
+                    else (tile[0], tile[1], tile[2], _SWAPPED_BYTE_ORDER[tile[3]])
+                    for tile in image.tile
+                ]
+            image.load()
+            planes.append(np.asarray(image, dtype=np.uint16)[:, :, :3])
+    high, low = planes
+    raw = (high * 256 + low).astype(np.float32)
+    if factor > 1:  # box filter, as Image.reduce does for narrower images
+        h, w = raw.shape[0] // factor * factor, raw.shape[1] // factor * factor
+        raw = raw[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(axis=(1, 3))
+        raw = raw.astype(np.float32)
+    decoded = DecodedImage(np.ascontiguousarray(raw / 65535.0), 16, "RGB;16", raw)
+    return decoded._replace(stored_size=stored) if raw.shape[:2] != stored else decoded
 
 
 def _reduce(image: Image.Image, factor: int) -> Image.Image:

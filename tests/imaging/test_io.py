@@ -231,3 +231,62 @@ def test_the_size_limit_is_checked_on_the_header_not_by_a_warnings_filter(tmp_pa
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(outcome, names))
     assert got == ["too large", "read"] * 100
+
+
+def _write_png16(path, values: np.ndarray, rng: np.random.Generator) -> None:
+    """A 48-bit (RGB) or 64-bit (RGBA) PNG, each row with a random PNG filter type.
+
+    Pillow cannot write these, so the file is put together here (filters 0-4 as the
+    PNG specification defines them, so the decoder's unfiltering is exercised too).
+    """
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    def paeth(a, b, c):
+        p = a + b - c
+        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+        return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+    height, width, channels = values.shape
+    bpp = 2 * channels
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    header += bytes([16, 2 if channels == 3 else 6, 0, 0, 0])
+    stream, previous = b"", np.zeros(width * bpp, np.int32)
+    for y in range(height):
+        row = np.frombuffer(values[y].astype(">u2").tobytes(), np.uint8).astype(np.int32)
+        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
+        upper_left = np.concatenate([np.zeros(bpp, np.int32), previous[:-bpp]])
+        kind = int(rng.integers(0, 5))
+        filtered = {
+            0: row,
+            1: row - left,
+            2: row - previous,
+            3: row - (left + previous) // 2,
+            4: row - paeth(left, previous, upper_left),
+        }[kind]
+        stream += bytes([kind]) + (filtered % 256).astype(np.uint8).tobytes()
+        previous = row
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(stream))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_48_and_64_bit_colour_png_keep_all_16_bits(tmp_path, channels):
+    rng = np.random.default_rng(channels)
+    values = rng.integers(0, 65536, (37, 23, channels)).astype(np.uint16)
+    path = tmp_path / "wide.png"
+    _write_png16(path, values, rng)
+    decoded = read_image(path)
+    assert decoded.bit_depth == 16 and decoded.pixels.shape == (37, 23, 3)  # alpha dropped
+    assert np.array_equal(decoded.raw, values[:, :, :3].astype(np.float32))
+    np.testing.assert_allclose(decoded.pixels, values[:, :, :3] / 65535.0, atol=1e-7)
+    reduced = read_image(path, max_side=4)  # large-image path: box-reduced, size kept
+    assert (reduced.height, reduced.width) == (37, 23) and reduced.bit_depth == 16
+    assert reduced.pixels.mean() == pytest.approx(decoded.pixels.mean(), abs=0.02)
