@@ -552,7 +552,8 @@ class VAEAnomalyDetector:
         self.check_fitted()
         if method not in cal.CALIBRATION_METHODS:
             raise ValueError(f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}")
-        maps, scores = self._score(X)
+        # without labels, a folder of normal volumes calibrates on their slices
+        maps, scores = self._score(X, volumes="slices" if y is None else "error")
         labels = np.zeros(len(scores), dtype=int) if y is None else np.asarray(y).astype(int)
         if labels.shape != scores.shape:
             raise ValueError(f"y has {labels.size} labels for {scores.size} images")
@@ -596,17 +597,25 @@ class VAEAnomalyDetector:
         self.check_fitted()
         return self._load(X)
 
-    def _load(self, X: ImagesLike) -> NDArray[np.float32]:
+    def _load(self, X: ImagesLike, volumes: str = "slices") -> NDArray[np.float32]:
+        """Model-ready images of an array or of files.
+
+        ``volumes="slices"`` lets a NIfTI volume add its slices (normals for fitting and
+        calibration); ``"error"`` keeps one image per file, so that scores line up with
+        the files given, and a volume is a clear error instead.
+        """
         if isinstance(X, np.ndarray):
             return self._to_model_input(_as_nchw(X))
-        images, _, _ = read_images([Path(p) for p in X], self.preprocessing_, on_error="raise")
+        images, _, _ = read_images(
+            [Path(p) for p in X], self.preprocessing_, on_error="raise", volumes=volumes
+        )
         return images
 
     def _score(
-        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None
+        self, X: ImagesLike, valid_mask: NDArray[np.bool_] | None = None, volumes: str = "error"
     ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
         self.check_fitted()
-        images = self._load(X)
+        images = self._load(X, volumes)
         if valid_mask is not None:
             return self._score_partial(images, valid_mask)
         return self._score_arrays(images, self.scoring_)

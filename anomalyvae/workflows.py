@@ -527,15 +527,40 @@ def score_files(
     paths: list[Path],
     valid_mask: str | os.PathLike[str] | None = None,
 ) -> list[tuple[Path, float, float, bool]]:
-    """(path, score, normalized score, is_anomaly) per file with a saved detector."""
+    """(name, score, normalized score, is_anomaly) per file with a saved detector.
+
+    A NIfTI volume of several slices gives one row per slice (``path#slice=NNNN``, all
+    slices, normalized per volume as in training) and a last row ``path`` for the volume
+    itself, with the score of its worst slice, as the scan reports volumes.
+    """
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
+    spec = detector.preprocessing_
     valid = None
     if valid_mask is not None:
-        spec = detector.preprocessing_
         valid = read_mask(valid_mask, (spec.height, spec.width), 0.0)
-    scores = detector.anomaly_score(paths, valid_mask=valid)
     threshold = detector.decision_threshold()
+    names: list[Path | str] = []
+    scores: list[float] = []
+    flat: list[Path] = []  # 2-D files, scored together in batches
+
+    def flush() -> None:
+        if flat:
+            names.extend(flat)
+            scores.extend(detector.anomaly_score(flat, valid_mask=valid).tolist())
+            flat.clear()
+
+    for path in paths:
+        volume = read_volume(path) if is_nifti(path) else None
+        if volume is None or volume.data.shape[0] == 1:
+            flat.append(path)
+            continue
+        flush()
+        slices = detector.anomaly_score(volume_slices(path, spec, volume=volume), valid)
+        names.extend(f"{path}#slice={k:04d}" for k in range(len(slices)))
+        names.append(path)
+        scores.extend([*slices.tolist(), float(slices.max())])
+    flush()
     return [
-        (p, float(s), float(s / threshold), bool(s > threshold))
-        for p, s in zip(paths, scores, strict=True)
+        (name, float(s), float(s / threshold), bool(s > threshold))
+        for name, s in zip(names, scores, strict=True)
     ]

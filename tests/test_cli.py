@@ -157,3 +157,32 @@ def test_an_unwritable_output_is_one_clean_error(monkeypatch, tmp_path):
     result = CliRunner().invoke(main, ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m.pt")])
     assert result.exit_code == 1
     assert "Error: No space left on device" in result.output and "resumes" in result.output
+
+
+def test_score_takes_a_nifti_volume_slice_by_slice(runner, trained, synthetic_root, tmp_path):
+    import nibabel
+    import numpy as np
+
+    from anomalyvae.imaging.io import read_volume, volume_slices
+
+    detector, checkpoint = trained
+    rng = np.random.default_rng(0)
+    volume = rng.random((40, 40, 5)).astype(np.float32) * 1000
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    image = sorted((synthetic_root / "test" / "good").glob("*.png"))[0]
+    args = ["score", str(checkpoint), str(image), str(tmp_path / "ct.nii.gz"), str(image)]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.output.strip().splitlines()]
+    names = [row[0] for row in rows]
+    slices = [f"{tmp_path / 'ct.nii.gz'}#slice={k:04d}" for k in range(5)]
+    assert names == [str(image), *slices, str(tmp_path / "ct.nii.gz"), str(image)]
+    expected = detector.anomaly_score(
+        volume_slices(tmp_path / "ct.nii.gz", detector.preprocessing_),
+    )
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:6]], expected, rtol=1e-4)
+    assert float(rows[6][1]) == pytest.approx(expected.max(), rel=1e-4)
+    assert read_volume(tmp_path / "ct.nii.gz").data.shape[0] == 5
+    # the library keeps one score per file: a volume is a clear error, never extra rows
+    with pytest.raises(ValueError, match="3-D volume of 5 slices"):
+        detector.anomaly_score([image, tmp_path / "ct.nii.gz"])
