@@ -307,8 +307,8 @@ def train(
       torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m anomalyvae train /shared/data -o /shared/model.pt
     """
+    from anomalyvae.evaluation import train_on
     from anomalyvae.models.train import is_main_process
-    from anomalyvae.workflows import train_on
 
     if window is not None:
         params.update(window_center=window[0], window_width=window[1])
@@ -392,7 +392,7 @@ def calibrate(
     Example:
       anomalyvae calibrate model.pt data/mvtec_like --subset val --method f1
     """
-    from anomalyvae.workflows import calibrate_on
+    from anomalyvae.evaluation import calibrate_on
 
     detector = calibrate_on(
         checkpoint, data, output, method, target_fpr, mask_threshold, subset, progress=not silent
@@ -428,7 +428,7 @@ def evaluate(
     Example:
       anomalyvae evaluate model.pt data/mvtec_like -o results/
     """
-    from anomalyvae.workflows import evaluate_on
+    from anomalyvae.evaluation import evaluate_on
 
     result = evaluate_on(checkpoint, data, output, mask_threshold, subset, progress=not silent)
     click.echo(_format_table(result.table))
@@ -455,7 +455,7 @@ def demo(output: Path, epochs: int, seed: int, silent: bool) -> None:
     Example:
       anomalyvae demo -o demo-output
     """
-    from anomalyvae.workflows import run_demo
+    from anomalyvae.evaluation import run_demo
 
     click.echo(f"Synthesizing data, training and evaluating into {output}/ ...", err=True)
     result = run_demo(output, epochs=epochs, seed=seed, progress=not silent)
@@ -784,7 +784,7 @@ def sample(
     Example:
       anomalyvae sample model.pt -n 64 -o samples/ --temperature 0.8
     """
-    from anomalyvae.workflows import sample_to
+    from anomalyvae.generative import sample_to
 
     written = sample_to(checkpoint, output, n_samples, temperature, seed, interpolate)
     click.echo(f"Wrote {len(written)} files to {output}")
@@ -814,7 +814,7 @@ def denoise(checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples
     Example:
       anomalyvae denoise model.pt noisy_*.png -o denoised/ --mc-samples 8
     """
-    from anomalyvae.workflows import denoise_files
+    from anomalyvae.generative import denoise_files
 
     written = denoise_files(checkpoint, list(images), output, mc_samples)
     click.echo(f"Wrote {len(written)} images to {output}")
@@ -849,7 +849,7 @@ def inpaint(
     Example:
       anomalyvae inpaint model.pt part.png --mask dead_pixels.png -o filled.png
     """
-    from anomalyvae.workflows import inpaint_file
+    from anomalyvae.generative import inpaint_file
 
     click.echo(f"Wrote {inpaint_file(checkpoint, image, mask, output, method, iterations)}")
 
@@ -891,7 +891,7 @@ def embed(
     Example:
       anomalyvae embed model.pt data/train/good -o emb.parquet --neighbours-of query.png
     """
-    from anomalyvae.workflows import embed_folder
+    from anomalyvae.generative import embed_folder
 
     table = embed_folder(checkpoint, folder, output, plot, neighbours_of, k)
     click.echo(f"Wrote {len(table)} embeddings to {output}")
@@ -919,7 +919,7 @@ def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -
     Example:
       anomalyvae score model.pt scan_017.png --valid-mask field_of_view.png
     """
-    from anomalyvae.workflows import score_files
+    from anomalyvae.evaluation import score_files
 
     for path, value, normalized, is_anomaly in score_files(checkpoint, list(images), valid_mask):
         click.echo(f"{path}\t{value:.6g}\t{normalized:.4f}\t{'ANOMALY' if is_anomaly else 'ok'}")

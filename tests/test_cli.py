@@ -124,12 +124,12 @@ def test_usage_error_exit_code(runner):
 def test_a_bug_keeps_its_traceback_and_a_mistake_does_not(monkeypatch, tmp_path):
     import numpy as np
 
-    import anomalyvae.workflows as workflows
+    import anomalyvae.evaluation as evaluation
 
     def buggy(*args, **kwargs):
         return np.zeros(3).reshape(2, 2)  # a ValueError raised inside numpy: our bug
 
-    monkeypatch.setattr(workflows, "train_on", buggy)
+    monkeypatch.setattr(evaluation, "train_on", buggy)
     (tmp_path / "d").mkdir()
     runner = CliRunner()
     result = runner.invoke(main, ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m.pt")])
@@ -141,18 +141,18 @@ def test_a_bug_keeps_its_traceback_and_a_mistake_does_not(monkeypatch, tmp_path)
 
         return VAEConfig(latent_dim=0)  # a check of our own code raises
 
-    monkeypatch.setattr(workflows, "train_on", mistake)
+    monkeypatch.setattr(evaluation, "train_on", mistake)
     result = runner.invoke(main, ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m.pt")])
     assert result.exit_code == 1 and "Error: latent_dim must be >= 1" in result.output
 
 
 def test_an_unwritable_output_is_one_clean_error(monkeypatch, tmp_path):
-    import anomalyvae.workflows as workflows
+    import anomalyvae.evaluation as evaluation
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "m.pt"))
 
-    monkeypatch.setattr(workflows, "train_on", full)
+    monkeypatch.setattr(evaluation, "train_on", full)
     (tmp_path / "d").mkdir()
     result = CliRunner().invoke(main, ["train", str(tmp_path / "d"), "-o", str(tmp_path / "m.pt")])
     assert result.exit_code == 1

@@ -31,10 +31,10 @@ from PIL import Image  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.generative import grid  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.models.generate import denoise, inpaint, interpolate, sample  # noqa: E402
 from anomalyvae.models.maps import ssim_map  # noqa: E402
-from anomalyvae.workflows import grid  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
 

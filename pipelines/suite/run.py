@@ -38,10 +38,10 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.io import Preprocessing, read_images  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.feature_vae import robust_z_constants  # noqa: E402
-from anomalyvae.workflows import masks_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"

@@ -219,7 +219,7 @@ def test_cli_trains_on_volumes_and_scans_dicom_and_nifti(tmp_path):
 
 
 def test_evaluation_of_volumes_with_masks_and_mismatched_pairs(trained, tmp_path):
-    from anomalyvae.workflows import evaluate_on
+    from anomalyvae.evaluation import evaluate_on
 
     detector, _ = trained
     rng = np.random.default_rng(0)

@@ -145,7 +145,7 @@ def test_valid_mask_needs_the_pixel_model(feature_detector, feature_root):
 
 
 def test_generative_uses_name_the_pixel_model(feature_detector, tmp_path):
-    from anomalyvae.workflows import sample_to
+    from anomalyvae.generative import sample_to
 
     _, checkpoint = feature_detector
     with pytest.raises(ValueError, match="--model pixel"):
