@@ -807,8 +807,14 @@ def sample(
     show_default=True,
     help="Average over this many posterior samples (0 = posterior mean).",
 )
-def denoise(checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples: int) -> None:
-    """Denoise IMAGES by reconstructing them through the VAE (at model size).
+@_silent_option
+def denoise(
+    checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples: int, silent: bool
+) -> None:
+    """Denoise IMAGES by reconstructing them through the VAE.
+
+    Each output has its input's size, channels and bit depth (8 or 16 bits); the VAE
+    works at model size, so detail finer than that is smoothed away.
 
     \b
     Example:
@@ -816,7 +822,7 @@ def denoise(checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples
     """
     from anomalyvae.generative import denoise_files
 
-    written = denoise_files(checkpoint, list(images), output, mc_samples)
+    written = denoise_files(checkpoint, list(images), output, mc_samples, progress=not silent)
     click.echo(f"Wrote {len(written)} images to {output}")
 
 
@@ -843,7 +849,9 @@ def denoise(checkpoint: Path, images: tuple[Path, ...], output: Path, mc_samples
 def inpaint(
     checkpoint: Path, image: Path, mask: Path, output: Path, method: str, iterations: int
 ) -> None:
-    """Fill the missing region of IMAGE given by --mask; known pixels are kept.
+    """Fill the missing region of IMAGE given by --mask; known pixels are kept exactly.
+
+    The output has the input's size, channels and bit depth (8 or 16 bits).
 
     \b
     Example:
@@ -877,6 +885,7 @@ def inpaint(
     help="Sort by latent distance to this image and print the nearest.",
 )
 @click.option("-k", type=click.IntRange(1), default=5, show_default=True)
+@_silent_option
 def embed(
     checkpoint: Path,
     folder: Path,
@@ -884,6 +893,7 @@ def embed(
     plot: Path | None,
     neighbours_of: Path | None,
     k: int,
+    silent: bool,
 ) -> None:
     """Write the latent mean and variance of every image in FOLDER to a Parquet table.
 
@@ -893,7 +903,7 @@ def embed(
     """
     from anomalyvae.generative import embed_folder
 
-    table = embed_folder(checkpoint, folder, output, plot, neighbours_of, k)
+    table = embed_folder(checkpoint, folder, output, plot, neighbours_of, k, progress=not silent)
     click.echo(f"Wrote {len(table)} embeddings to {output}")
     if neighbours_of is not None:
         for _, row in table.head(k).iterrows():

@@ -15,7 +15,19 @@ import numpy as np
 import pandas as pd
 
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.imaging.io import atomic_path, read_mask
+from anomalyvae.imaging.io import (
+    DecodedImage,
+    Preprocessing,
+    atomic_path,
+    intensities,
+    preprocess,
+    read_image,
+    read_mask,
+    resize,
+    to_channels,
+    write_png,
+)
+from anomalyvae.imaging.medical import intensity_range
 
 
 def pixel_model(detector: VAEAnomalyDetector) -> Any:
@@ -30,14 +42,8 @@ def pixel_model(detector: VAEAnomalyDetector) -> Any:
 
 
 def _save_png(array: np.ndarray, path: Path) -> Path:
-    """Save a (c, h, w) float image in [0, 1] as an 8-bit PNG."""
-    from PIL import Image
-
-    pixels = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-    image = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+    """Save a (c, h, w) float image in [0, 1] as an 8-bit PNG (atomically)."""
+    return write_png(path, np.ascontiguousarray(array.transpose(1, 2, 0)), 8)
 
 
 def grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
@@ -85,18 +91,62 @@ def denoise_files(
     paths: list[Path],
     output_dir: str | os.PathLike[str],
     n_samples: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> list[Path]:
-    """Reconstruct each file through the VAE; write ``<stem>_denoised.png`` at model size."""
-    from anomalyvae.imaging.io import read_images
+    """Reconstruct each file through the VAE; write ``<stem>_denoised.png``.
+
+    The output has the input's size, channels and bit depth (8 or 16 bits; see
+    :func:`to_file`); the VAE works at model size, so fine detail beyond it is lost.
+    """
+    from tqdm.auto import tqdm
+
     from anomalyvae.models.generate import denoise
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
-    images, kept, _ = read_images(paths, detector.preprocessing_, on_error="raise")
-    clean = denoise(pixel_model(detector), images, n_samples=n_samples)
-    names = unique_names([path for path in kept], "_denoised.png")
-    return [
-        _save_png(image, Path(output_dir) / name) for image, name in zip(clean, names, strict=True)
-    ]
+    model, spec = pixel_model(detector), detector.preprocessing_
+    names = unique_names(list(paths), "_denoised.png")
+    written = []
+    for start in tqdm(
+        range(0, len(paths), batch_size), desc="denoising", unit="batch", disable=not progress
+    ):
+        decoded = [read_image(path) for path in paths[start : start + batch_size]]
+        images = np.stack([preprocess(intensities(d, spec), spec) for d in decoded])
+        clean = denoise(model, images, n_samples=n_samples)
+        for image, source, name in zip(clean, decoded, names[start:], strict=False):
+            out = to_file(image, source, spec)
+            written.append(write_png(Path(output_dir) / name, out, source.bit_depth))
+    return written
+
+
+def to_file(image: np.ndarray, source: DecodedImage, spec: Preprocessing) -> np.ndarray:
+    """A (c, h, w) model-space image back in ``source``'s size, channels and units.
+
+    Resized (bilinear) to the file's size and converted to its channels; with an
+    intensity normalization (window, percentile, minmax), the normalization's linear
+    map is undone with the file's own range, so the result is in the file's units.
+    Returns (h, w, c) in the decoded image's [0, 1] pixel scale.
+    """
+    height, width, channels = source.pixels.shape
+    values = resize(np.ascontiguousarray(image.transpose(1, 2, 0)), height, width, "bilinear")
+    values = to_channels(values, channels)
+    if spec.normalization == "none":
+        return values
+    stored = source.raw if source.raw is not None else source.pixels
+    low, high = intensity_range(
+        stored,
+        spec.normalization,
+        spec.window_center,
+        spec.window_width,
+        spec.percentile_low,
+        spec.percentile_high,
+    )
+    in_stored = low + values * (high - low)
+    # the decoded pixels are a linear function of the stored values; recover it
+    s_low, s_high = float(stored.min()), float(stored.max())
+    p_low, p_high = float(source.pixels.min()), float(source.pixels.max())
+    slope = (p_high - p_low) / (s_high - s_low) if s_high > s_low else 0.0
+    return np.clip(p_low + (in_stored - s_low) * slope, 0.0, 1.0).astype(np.float32)
 
 
 def unique_names(paths: list[Path], suffix: str) -> list[str]:
@@ -124,20 +174,29 @@ def inpaint_file(
     method: str = "optimize",
     iterations: int = 100,
 ) -> Path:
-    """Fill the masked pixels (mask nonzero = missing) of one image; write it at model size."""
-    from anomalyvae.imaging.io import load_image, read_image
+    """Fill the masked pixels (mask nonzero = missing) of one image and write it.
+
+    The output has the input's size, channels and bit depth; every known pixel keeps
+    its value exactly. The VAE fills the hole at model size: a model pixel that the
+    hole touches at all counts as missing there, so the fill never copies the
+    unknown values it replaces.
+    """
     from anomalyvae.models.generate import inpaint
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_
-    image = read_image(image_path)
-    missing = read_mask(
-        mask_path, (spec.height, spec.width), 0.0, expected_shape=(image.height, image.width)
-    )
+    source = read_image(image_path)
+    missing = read_mask(mask_path, None, 0.0, expected_shape=(source.height, source.width))
+    touched = resize(missing.astype(np.float32)[:, :, None], spec.height, spec.width, "area")
     filled = inpaint(
-        pixel_model(detector), load_image(image_path, spec)[None], missing, method, iterations
+        pixel_model(detector),
+        preprocess(intensities(source, spec), spec)[None],
+        touched[:, :, 0] > 0,
+        method,
+        iterations,
     )
-    return _save_png(filled[0], Path(output))
+    out = np.where(missing[:, :, None], to_file(filled[0], source, spec), source.pixels)
+    return write_png(Path(output), out, source.bit_depth)
 
 
 def embed_folder(
@@ -147,6 +206,7 @@ def embed_folder(
     plot: str | os.PathLike[str] | None = None,
     neighbours_of: str | os.PathLike[str] | None = None,
     k: int = 5,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Latent means and variances per image to Parquet; optional PCA plot and neighbours.
 
@@ -154,16 +214,33 @@ def embed_folder(
     ``logvar_0..``. ``neighbours_of`` adds ``distance`` to that image (Euclidean in
     the latent means) and returns the table sorted by it.
     """
+    from tqdm.auto import tqdm
+
     from anomalyvae.imaging.io import find_images, load_image, read_images
-    from anomalyvae.models.generate import embed
+    from anomalyvae.models.generate import Embedding, embed
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     folder = Path(folder)
     paths = find_images(folder)
     if not paths:
         raise FileNotFoundError(f"no images under '{folder}'")
-    images, kept, _ = read_images(paths, detector.preprocessing_, on_error="warn")
-    codes = embed(pixel_model(detector), images)
+    model = pixel_model(detector)
+    kept, mu, logvar = [], [], []
+    chunk = 64
+    for start in tqdm(
+        range(0, len(paths), chunk), desc="embedding", unit="batch", disable=not progress
+    ):
+        images, read, _ = read_images(
+            paths[start : start + chunk], detector.preprocessing_, on_error="warn"
+        )
+        if len(images):
+            part = embed(model, images)
+            kept += read
+            mu.append(part.mu)
+            logvar.append(part.logvar)
+    if not kept:
+        raise ValueError(f"no readable images under '{folder}'")
+    codes = Embedding(np.concatenate(mu), np.concatenate(logvar))
     groups = [
         p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "."
         for p in kept

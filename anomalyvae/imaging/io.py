@@ -368,6 +368,45 @@ def _read_wide_colour(path: Path, stored: tuple[int, int], factor: int) -> Decod
     return decoded._replace(stored_size=stored) if raw.shape[:2] != stored else decoded
 
 
+def write_png(path: str | os.PathLike[str], pixels: NDArray[np.floating], bit_depth: int) -> Path:
+    """Write an (h, w, 1|3) image in [0, 1] as an 8-bit or (``bit_depth`` > 8) 16-bit PNG.
+
+    Atomic. 16-bit colour (48-bit RGB), which Pillow cannot write, is encoded here.
+    """
+    import io as _io
+    import zlib
+
+    height, width, channels = pixels.shape
+    if channels not in (1, 3):
+        raise ValueError(f"write_png takes 1 or 3 channels, got {channels}")
+    wide = bit_depth > 8
+    top = 65535 if wide else 255
+    values = np.clip(np.round(np.asarray(pixels, np.float64) * top), 0, top)
+    values = values.astype(np.uint16 if wide else np.uint8)
+    if wide and channels == 3:
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            crc = zlib.crc32(kind + body).to_bytes(4, "big")
+            return len(body).to_bytes(4, "big") + kind + body + crc
+
+        header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+        rows = np.zeros((height, 1 + width * 6), np.uint8)  # filter byte 0, then samples
+        rows[:, 1:] = values.astype(">u2").view(np.uint8).reshape(height, width * 6)
+        data = (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b"")
+        )
+    else:
+        image = Image.fromarray(values[:, :, 0] if channels == 1 else values)
+        buffer = _io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
 def _reduce(image: Image.Image, factor: int) -> Image.Image:
     """Box-filter ``image`` down by ``factor``, in a mode whose values can be averaged."""
     if image.mode.startswith("I;16"):

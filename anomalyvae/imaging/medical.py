@@ -142,6 +142,24 @@ def normalize_intensity(
       ``ScaleIntensityRange(center - width/2, center + width/2, 0, 1, clip=True)``).
     """
     values = np.asarray(raw, dtype=np.float32)
+    low, high = intensity_range(
+        values, method, window_center, window_width, percentile_low, percentile_high
+    )
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def intensity_range(
+    raw: NDArray[np.floating],
+    method: str,
+    window_center: float | None = None,
+    window_width: float | None = None,
+    percentile_low: float = 1.0,
+    percentile_high: float = 99.0,
+) -> tuple[float, float]:
+    """The stored values (low, high) that :func:`normalize_intensity` maps to 0 and 1."""
+    values = np.asarray(raw, dtype=np.float32)
     if method == "minmax":
         low, high = float(values.min()), float(values.max())
     elif method == "percentile":
@@ -157,6 +175,4 @@ def normalize_intensity(
         low, high = window_center - window_width / 2, window_center + window_width / 2
     else:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS[1:]}, got {method!r}")
-    if high <= low:
-        return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return low, high

@@ -199,3 +199,46 @@ def test_denoising_two_files_of_one_name_writes_two_files(trained, synthetic_roo
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "d").glob("*.png"))) == 2
+
+
+def test_inpaint_and_denoise_write_the_input_size_depth_and_known_pixels(trained, tmp_path):
+    from anomalyvae.generative import denoise_files, inpaint_file
+    from anomalyvae.imaging.io import read_image
+
+    _, checkpoint = trained  # a 32 x 32 grey model
+    rng = np.random.default_rng(0)
+    sixteen = (20000 + rng.integers(0, 20000, (50, 70))).astype(np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "deep.png")
+    colour = rng.integers(0, 255, (41, 29, 3)).astype(np.uint8)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    hole = np.zeros((50, 70), np.uint8)
+    hole[10:20, 30:45] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+
+    out = inpaint_file(checkpoint, tmp_path / "deep.png", tmp_path / "hole.png", tmp_path / "f.png")
+    filled = read_image(out)
+    assert filled.bit_depth == 16 and filled.pixels.shape == (50, 70, 1)
+    known = hole == 0
+    assert np.array_equal(filled.raw[:, :, 0][known], sixteen[known].astype(np.float32))
+    assert not np.array_equal(filled.raw[:, :, 0][~known], sixteen[~known].astype(np.float32))
+
+    written = denoise_files(checkpoint, [tmp_path / "deep.png", tmp_path / "colour.png"], tmp_path)
+    deep, rgb = (read_image(path) for path in written)
+    assert deep.bit_depth == 16 and deep.pixels.shape == (50, 70, 1)
+    assert rgb.bit_depth == 8 and rgb.pixels.shape == (41, 29, 3)
+    # a reconstruction, not a copy: smooth, but on the input's intensity scale
+    assert abs(deep.pixels.mean() - sixteen.mean() / 65535) < 0.25
+
+
+def test_to_file_undoes_the_intensity_window(tmp_path):
+    from anomalyvae.generative import to_file
+    from anomalyvae.imaging.io import Preprocessing, intensities, preprocess, read_image
+
+    raw = np.linspace(10000, 50000, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(raw).save(tmp_path / "ct.png")
+    source = read_image(tmp_path / "ct.png")
+    spec = Preprocessing(1, 16, 16, normalization="window", window_center=30000, window_width=20000)
+    model_space = preprocess(intensities(source, spec), spec)  # in [0, 1] over the window
+    back = to_file(model_space, source, spec)
+    expected = np.clip(raw, 20000, 40000) / 65535.0
+    np.testing.assert_allclose(back[:, :, 0], expected, atol=2e-6)
