@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -650,6 +651,23 @@ def file_fingerprint(path: Path, stat: os.stat_result | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Make this (decoding worker) process end soon after the process that started it.
+
+    A pool's workers are not told when the scan is killed with SIGKILL: they would
+    linger, orphaned. A daemon thread polls the parent id instead (a process is
+    re-parented when its parent dies), portable where ``PR_SET_PDEATHSIG`` is not.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _scan_local(
     scorer: BatchScorer, todo: Sequence[Job], writer: PartWriter, bar: Any
 ) -> dict[str, Any]:
@@ -658,7 +676,7 @@ def _scan_local(
     pool: Executor = (
         ThreadPoolExecutor(config.workers)
         if config.executor == "thread"
-        else ProcessPoolExecutor(config.workers)
+        else ProcessPoolExecutor(config.workers, initializer=exit_with_parent)
     )
     batch: list[tuple[Decoded, Job]] = []
 

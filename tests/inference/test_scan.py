@@ -315,3 +315,47 @@ def test_nifti_volume_scored_per_slice_and_per_volume(onnx_model, tmp_path):
     assert table.loc["ct.nii.gz", "heatmap"].endswith(".heatmap.png")
     again = scan(onnx_model, folder, tmp_path / "out", progress=False)
     assert again.n_scored_now == 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (only its parent has yet to reap it)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_process_workers_end_when_the_scan_is_killed(onnx_model, tmp_path):
+    folder = tmp_path / "in"
+    for i in range(400):
+        _png(folder / f"{i:04d}.png", seed=i)
+    out = tmp_path / "out"
+    script = KILL_SCRIPT.replace("workers=1,", "workers=2, executor='process',")
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(onnx_model), str(folder), str(out)]
+    )
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and (len(workers) < 2 or not (out / "parts").exists()):
+        workers = _children(process.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the scan never started its decoding workers"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "decoding workers outlived the scan"
