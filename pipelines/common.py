@@ -74,6 +74,22 @@ class Scored:
     threshold: float
 
 
+def smoke_model(root: Path, size: int = 64) -> tuple[Path, Path]:
+    """A smoke run's (MVTec-style data root, checkpoint): tiny synthetic set, one epoch.
+
+    Numbers from it are meaningless; it proves the pipeline still runs end to end.
+    """
+    from anomalyvae.data import discover, make_synthetic_dataset
+
+    data = make_synthetic_dataset(
+        root / "data", n_train=40, n_test_good=8, n_test_defect=8, size=size
+    )
+    checkpoint = root / "model.pt"
+    paths = [s.path for s in discover(data, "train")]
+    VAEAnomalyDetector(epochs=1, target_fpr=0.2, progress=False).fit(paths).save(checkpoint)
+    return data, checkpoint
+
+
 def synthetic_folder(root: Path, n: int, size: int = 128) -> Path:
     """``n`` synthetic normal-texture PNGs under ``root`` (1,000 per subfolder)."""
     rng = np.random.default_rng(0)

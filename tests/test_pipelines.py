@@ -22,6 +22,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("suite/run.py", ["README.md", "results.json", "experiments.md", "auroc.png"]),
         ("onnx/bench.py", ["README.md", "results.json", "throughput.png"]),
         ("suite/drift.py", ["drift.md", "drift.json"]),
+        ("scan/bench.py", []),
     ],
 )
 def test_pipeline_smoke_mode(script, outputs, tmp_path):

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, shown  # noqa: E402
+from common import machine, shown, smoke_model  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
+from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_all, torch_outputs, variant_path  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
@@ -87,14 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if args.smoke:  # everything below on a tiny synthetic set, written to a temp folder
-        args.data = make_synthetic_dataset(
-            tmp / "data", n_train=40, n_test_good=8, n_test_defect=8, size=64
-        )
-        args.checkpoint = tmp / "model.pt"
-        paths = [s.path for s in discover(args.data, "train")]
-        VAEAnomalyDetector(epochs=1, target_fpr=0.2, progress=False).fit(paths).save(
-            args.checkpoint
-        )
+        args.data, args.checkpoint = smoke_model(tmp)
         args.out, args.rounds, args.latency_runs, args.batch_size = tmp / "report", 1, 2, 8
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,7 @@
 """Scan throughput end to end vs model-only ONNX Runtime, threads vs processes, memory.
 
     python pipelines/scan/bench.py [--checkpoint runs/suite/mtd/model.pt] [--mtd DATA/mtd]
+    python pipelines/scan/bench.py --smoke    # a tiny synthetic model and folders (CI)
 
 1. MTD (all images, JPEG of varying size): end-to-end `scan` (decode + preprocess on the
    worker pool, ONNX Runtime batches, results table; heatmaps off) with thread and with
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import machine, synthetic_folder  # noqa: E402
+from common import machine, smoke_model, synthetic_folder  # noqa: E402
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
@@ -88,9 +89,14 @@ def main() -> None:
     parser.add_argument("--n-synthetic", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model and folders")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="anomalyvae-scan-bench-"))
+    if args.smoke:  # everything on tiny synthetic data, written to a temp folder
+        data, args.checkpoint = smoke_model(work / "smoke")
+        args.mtd, args.n_synthetic, args.batch_size = data / "test", 30, 4
+        args.out = work / "report"
+    args.out.mkdir(parents=True, exist_ok=True)
     detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
     model = export_onnx(detector, work / "model.onnx").path
 
@@ -142,7 +148,8 @@ def main() -> None:
         )
 
     text = [
-        "# Scan throughput and memory",
+        "# Scan throughput and memory"
+        + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/scan/bench.py`; every number comes from that run.",
         f"Machine: {machine()}. Model input {results['input']}, batch {args.batch_size}, "
@@ -154,7 +161,10 @@ def main() -> None:
         "",
         "| folder | files | model only img/s | end to end, threads | end to end, processes |",
         "|---|---|---|---|---|",
-        line("MTD folder (JPEG tiles 103-632 px + their PNG masks)", results["mtd"]),
+        line(
+            "synthetic test folder" if args.smoke else "MTD folder (JPEG tiles 103-632 px + masks)",
+            results["mtd"],
+        ),
         line("synthetic PNG 128 px", results["synthetic"]),
         "",
         "Peak resident memory of a whole scan (fresh process each):",
