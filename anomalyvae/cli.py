@@ -254,11 +254,11 @@ def _labelled_data_options(func: Any) -> Any:
 )
 @click.option(
     "--score-kind",
-    type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "fused"]),
+    type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "fused"]),
     default="auto",
     show_default=True,
-    help="auto: fused (feature model: local, ELBO and global views against held-out "
-    "normals) or topk_mean (pixel model).",
+    help="auto: fused (feature model: the largest z-score of the local, global and "
+    "whole-image views against held-out normals) or topk_mean (pixel model).",
 )
 @click.option(
     "--target-fpr",

@@ -445,7 +445,7 @@ class VAEAnomalyDetector:
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
         """The feature model's candidate image scores by name (higher = more anomalous).
 
-        "local", "elbo", "global" (see :mod:`anomalyvae.models.feature_vae`) and "fused",
+        "local", "elbo", "global", "image" (see :mod:`anomalyvae.models.feature_vae`) and "fused",
         each of shape (n,).
         """
         self.check_fitted()
@@ -457,6 +457,7 @@ class VAEAnomalyDetector:
             torch.from_numpy(views).float(),
             self.model_.view_center.cpu(),
             self.model_.view_scale.cpu(),
+            self.model_.config.fused_index,
         )
         out["fused"] = fused.numpy().astype(np.float64)
         return out
@@ -820,7 +821,18 @@ class VAEAnomalyDetector:
                 model = ConvVAE(config)
             else:
                 raise ValueError(f"unknown model family {family!r}")
-            model.load_state_dict(state["model_state"])
+            model_state = dict(state["model_state"])
+            if family == "feature" and model_state["view_center"].numel() < len(VIEW_NAMES):
+                # saved before the image view existed: its fusion constants are neutral
+                # and unused (the config has image_components=0, so it fuses two views)
+                missing = len(VIEW_NAMES) - model_state["view_center"].numel()
+                model_state["view_center"] = torch.cat(
+                    [model_state["view_center"], torch.zeros(missing)]
+                )
+                model_state["view_scale"] = torch.cat(
+                    [model_state["view_scale"], torch.ones(missing)]
+                )
+            model.load_state_dict(model_state)
             detector.family_ = family
             detector.model_ = model.eval()
             detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])

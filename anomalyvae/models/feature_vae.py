@@ -7,13 +7,19 @@ position. The anomaly map is each location's negative ELBO in nats, upsampled to
 input size: position-independent, so unaligned objects and textures are scored the same
 everywhere, and a global shift of brightness moves ImageNet features little.
 
-Three views of an image come out of one forward pass (all higher = more anomalous):
+Four views of an image come out of one forward pass (all higher = more anomalous):
 
 - ``local``: mean of the largest map values (top-k), the local defect evidence;
 - ``elbo``: the mean per-location negative ELBO, the whole image's fit (reported, not
   fused: see ``FUSED_VIEWS``);
 - ``global``: Mahalanobis distance of the image's mean feature vector to the normal
   images' (Ledoit-Wolf shrunk covariance; Rippel et al., ICPR 2020), the global look.
+- ``image``: the whole image's distance to the normal images' linear subspace in pixel
+  space: the input box-averaged to at most ``image_side`` px, then the squared residual
+  of a ``image_components``-component PCA of the training normals (probabilistic PCA is
+  the linear-Gaussian VAE, Tipping & Bishop 1999). It sees what ImageNet features of
+  per-image normalized inputs miss: overall brightness, layout and texture of the whole
+  image (a lesion that changes a whole MRI slice, a missing part of a fixed scene).
 
 The detector turns each view into a z-score against held-out normals and fuses them
 (:func:`fuse_views`); the fusion's constants live in this module's buffers, so the
@@ -39,12 +45,13 @@ from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.vae import LOG_2PI
 
 #: The candidate image scores of the feature family, in the order of ``views`` tensors.
-VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global")
-#: The views the fused score takes the largest z-score of: the local defect evidence
-#: and the global look. The mean-ELBO view is left out: it measures the same
-#: per-location fit as ``local`` but averaged over mostly normal background, and it
-#: ranked last on the sets measured (reports/suite/experiments.md).
-FUSED_VIEWS: tuple[str, ...] = ("local", "global")
+VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global", "image")
+#: The views the fused score takes the largest z-score of: the local defect evidence,
+#: the global look in feature space and the whole image in pixel space. The mean-ELBO
+#: view is left out: it measures the same per-location fit as ``local`` but averaged
+#: over mostly normal background, and it ranked last on the sets measured
+#: (reports/suite/experiments.md). Models saved without the image view fuse the first two.
+FUSED_VIEWS: tuple[str, ...] = ("local", "global", "image")
 FUSED_INDEX: tuple[int, ...] = tuple(VIEW_NAMES.index(v) for v in FUSED_VIEWS)
 
 
@@ -75,6 +82,11 @@ class FeatureVAEConfig:
         Give every image the same mean and contrast before the backbone
         (:func:`normalize_intensity`), so that a global change of lighting or gain is
         not scored as a defect. The scan's drift alarm still sees the raw intensities.
+    image_components : int
+        Components of the pixel-space ``image`` view's PCA; 0 turns the view off (models
+        saved before it existed load that way).
+    image_side : int
+        Longest side, in px, the input is box-averaged to for the ``image`` view.
     """
 
     height: int = 256
@@ -88,6 +100,8 @@ class FeatureVAEConfig:
     logvar_min: float = -4.0
     logvar_max: float = 3.0
     normalize_images: bool = True
+    image_components: int = 50
+    image_side: int = 64
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
@@ -105,6 +119,25 @@ class FeatureVAEConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not self.logvar_min < self.logvar_max:
             raise ValueError("logvar_min must be smaller than logvar_max")
+        if self.image_components < 0 or self.image_side < 1:
+            raise ValueError("image_components must be >= 0 and image_side >= 1")
+
+    @property
+    def image_pool(self) -> int:
+        """Box size that brings the input's longest side to at most ``image_side``."""
+        return max(1, math.ceil(max(self.height, self.width) / self.image_side))
+
+    @property
+    def image_dim(self) -> int:
+        """Length of the pooled, flattened input the ``image`` view's PCA works on."""
+        pool = self.image_pool
+        return self.in_channels * (self.height // pool) * (self.width // pool)
+
+    @property
+    def fused_index(self) -> tuple[int, ...]:
+        """Columns of ``views`` that :func:`fuse_views` takes the maximum of."""
+        names = FUSED_VIEWS if self.image_components else ("local", "global")
+        return tuple(VIEW_NAMES.index(v) for v in names)
 
     @property
     def feature_channels(self) -> int:
@@ -119,7 +152,8 @@ class FeatureVAEConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        # a model saved before the image view existed has none
+        return cls(**{"image_components": 0, **data})
 
 
 class FeatureOutput(NamedTuple):
@@ -163,6 +197,11 @@ class FeatureVAE(nn.Module):
         self.register_buffer("global_precision", torch.eye(c))
         self.register_buffer("view_center", torch.zeros(len(VIEW_NAMES)))
         self.register_buffer("view_scale", torch.ones(len(VIEW_NAMES)))
+        if config.image_components:
+            self.register_buffer("image_mean", torch.zeros(config.image_dim))
+            self.register_buffer(
+                "image_basis", torch.zeros(config.image_components, config.image_dim)
+            )
 
     # ------------------------------------------------------------------ forward
 
@@ -202,6 +241,19 @@ class FeatureVAE(nn.Module):
     def location_elbo(self, output: FeatureOutput) -> Tensor:
         """Negative ELBO per location in nats above the decoder's floor, (n, 1, h, w)."""
         return location_loss(output, 1.0, self.config.logvar_min)
+
+    def image_residual(self, x: Tensor) -> Tensor:
+        """Mean squared residual of the pooled input off the normal subspace, (n,).
+
+        ``x`` is the model input (n, c, h, w) in [0, 1], before any normalization.
+        """
+        if not self.config.image_components:
+            return x.new_zeros(x.shape[0])
+        pool = self.config.image_pool
+        pooled = F.avg_pool2d(x, pool) if pool > 1 else x
+        centred = pooled.flatten(1) - self.image_mean
+        residual = centred - (centred @ self.image_basis.T) @ self.image_basis
+        return (residual**2).mean(1)
 
     def global_distance(self, raw: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
@@ -263,7 +315,9 @@ def robust_z_constants(
     return center, np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
 
 
-def fuse_views(views: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+def fuse_views(
+    views: Tensor, center: Tensor, scale: Tensor, index: tuple[int, ...] = FUSED_INDEX
+) -> Tensor:
     """The fused image score (n,): the largest z-score of the ``FUSED_VIEWS``.
 
     Each view becomes ``(view - center) / scale`` with the held-out normals' median and
@@ -271,7 +325,7 @@ def fuse_views(views: Tensor, center: Tensor, scale: Tensor) -> Tensor:
     of the smallest p-value (the min-p rule with a Bonferroni factor: Tippett 1931), so
     one strong view is enough to flag an image and a silent view cannot hide it.
     """
-    index = list(FUSED_INDEX)  # constants in the traced graph
+    index = list(index)  # constants in the traced graph
     return ((views[:, index] - center[index]) / scale[index]).max(dim=1).values
 
 
@@ -318,6 +372,27 @@ def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:
     )
 
 
+def fit_image_subspace(
+    images: NDArray[np.float32], config: FeatureVAEConfig
+) -> tuple[Tensor, Tensor]:
+    """Mean and PCA basis (k, d) of the pooled training images, for the ``image`` view.
+
+    Fewer images than components leave the extra basis rows zero (they project nothing).
+    """
+    from sklearn.decomposition import PCA
+
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    pool = config.image_pool
+    pooled = (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy()
+    basis = np.zeros((config.image_components, config.image_dim))
+    k = min(config.image_components, len(pooled) - 1, pooled.shape[1])
+    mean = pooled.mean(axis=0)
+    if k >= 1:
+        pca = PCA(k, random_state=0).fit(pooled)
+        basis[:k], mean = pca.components_, pca.mean_
+    return torch.from_numpy(mean).float(), torch.from_numpy(basis).float()
+
+
 def train_feature_vae(
     config: FeatureVAEConfig,
     train_images: NDArray[np.float32],
@@ -351,6 +426,10 @@ def train_feature_vae(
     global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
     model.global_mean.copy_(global_mean)
     model.global_precision.copy_(precision)
+    if config.image_components:
+        image_mean, basis = fit_image_subspace(train_images, config)
+        model.image_mean.copy_(image_mean)
+        model.image_basis.copy_(basis)
 
     def vectors(raw: Tensor) -> Tensor:
         standardized = model.standardize(raw)

@@ -18,9 +18,9 @@ from anomalyvae.models.feature_vae import FeatureVAE, fuse_views
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
-SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "fused")
+SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "image", "fused")
 #: Score kinds only the feature family computes (see :mod:`anomalyvae.models.feature_vae`).
-FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("global", "fused")
+FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("global", "image", "fused")
 #: Model inputs at most this many pixels on a side get SSIM maps by default (see
 #: :func:`default_map_kind`).
 SMALL_IMAGE_SIDE = 32
@@ -40,8 +40,9 @@ class ScoringConfig:
         "max" (largest map value), "topk_mean" (mean of the ``topk_fraction``
         largest values) or "elbo" (the image's negative ELBO in nats); the feature
         family adds "global" (distance of the image's mean feature vector to the
-        normals') and "fused" (the largest z-score of the local, ELBO and global views
-        against held-out normals).
+        normals'), "image" (the pooled image's residual off the normals' PCA subspace)
+        and "fused" (the largest z-score of the local, global and image views against
+        held-out normals).
     smoothing_sigma : float
         Gaussian blur of the map in pixels; 0 disables it.
     topk_fraction : float
@@ -312,7 +313,8 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
 
     The map is each location's negative ELBO, upsampled (bilinear) from the feature
     grid to the input size, then smoothed. Views: local = top-k mean (or max) of the
-    map, elbo = mean location ELBO, global = Mahalanobis distance of the mean feature.
+    map, elbo = mean location ELBO, global = Mahalanobis distance of the mean feature,
+    image = residual of the pooled input off the normals' PCA subspace.
     """
     raw = model.raw_features(x)
     location = model.location_elbo(model.vae(model.standardize(raw)))
@@ -326,13 +328,15 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
         ScoringConfig("elbo", local_kind, config.smoothing_sigma, config.topk_fraction),
     )
     elbo = location.flatten(1).mean(1)
-    views = torch.stack([local, elbo, model.global_distance(raw)], dim=1)
+    views = torch.stack([local, elbo, model.global_distance(raw), model.image_residual(x)], dim=1)
     if config.score_kind == "fused":
-        score = fuse_views(views, model.view_center, model.view_scale)
+        score = fuse_views(views, model.view_center, model.view_scale, model.config.fused_index)
     elif config.score_kind == "elbo":
         score = elbo
     elif config.score_kind == "global":
         score = views[:, 2]
+    elif config.score_kind == "image":
+        score = views[:, 3]
     else:
         score = local
     return ScoreResult(smoothed, score, elbo, views)

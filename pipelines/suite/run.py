@@ -124,7 +124,7 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
     z-scores use the held-out normals' median and MAD (as the product does); p-values
     are the conformal ones, (1 + #normals at or above) / (n + 1).
     """
-    names = ("local", "elbo", "global")
+    names = ("local", "elbo", "global", "image")
     z, p = {}, {}
     for name in names:
         ref = np.sort(val_views[name])
@@ -132,27 +132,109 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
         z[name] = (views[name] - center[0]) / scale[0]
         above = len(ref) - np.searchsorted(ref, views[name], side="left")
         p[name] = (1 + above) / (len(ref) + 1)
+    fused = ("local", "global", "image")
     out = {
-        "max-z(local, elbo, global)": np.max([z[n] for n in names], axis=0),
-        "mean-z(local, elbo, global)": np.mean([z[n] for n in names], axis=0),
+        "max-z(local, elbo, global, image)": np.max([z[n] for n in names], axis=0),
+        "max-z(local, global, image)": np.max([z[n] for n in fused], axis=0),
+        "mean-z(local, global, image)": np.mean([z[n] for n in fused], axis=0),
         "max-z(local, global)": np.maximum(z["local"], z["global"]),
         "mean-z(local, global)": (z["local"] + z["global"]) / 2,
-        "fisher-p(local, elbo, global)": -2 * np.sum([np.log(p[n]) for n in names], axis=0),
-        "min-p(local, elbo, global)": -np.min([p[n] for n in names], axis=0),
+        "fisher-p(local, global, image)": -2 * np.sum([np.log(p[n]) for n in fused], axis=0),
+        "min-p(local, global, image)": -np.min([p[n] for n in fused], axis=0),
     }
     return out
 
 
-def alternatives(detector: VAEAnomalyDetector, test, val_paths: list[Path]) -> dict[str, float]:
-    """Image AUROC of the product's other candidate scores on the same trained model."""
+#: Probes: scores the product does not offer, measured on the same trained model and
+#: split so that the experiment log shows what they would give on every set.
+PROBE_BANK = 20_000
+
+
+def _z(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    center, scale = robust_z_constants(np.asarray(reference)[:, None])
+    return (np.asarray(values) - center[0]) / scale[0]
+
+
+def probes(detector, train_paths, val_paths, test, views, val_views) -> dict[str, float]:
+    """Image AUROC of probe scores on a feature model: nearest-neighbour memory banks.
+
+    knn-latent / knn-feature: distance of each location to the nearest of 20,000 normal
+    locations (VAE latent means / standardized backbone features), top-1 % mean, alone
+    and fused (max z) with the global and image views.
+    """
+    import torch
+
+    from anomalyvae.imaging.io import read_images
+
+    labels = np.array([s.label for s in test])
+    spec = detector.preprocessing_
+    model = detector.model_.eval()
+    rng = np.random.default_rng(0)
+    per_image = max(1, int(np.ceil(PROBE_BANK / max(1, len(train_paths)))))
+
+    def passes(paths, sample: bool):
+        feats, latents, bank_f, bank_l = [], [], [], []
+        for start in range(0, len(paths), 16):
+            images, _, _ = read_images(paths[start : start + 16], spec, on_error="ignore")
+            with torch.no_grad():
+                f = model.standardize(model.raw_features(torch.from_numpy(images)))
+                mu = model.vae(f).mu
+            f = f.permute(0, 2, 3, 1).reshape(len(images), -1, f.shape[1]).numpy()
+            mu = mu.permute(0, 2, 3, 1).reshape(len(images), -1, mu.shape[1]).numpy()
+            if sample:
+                for k in range(len(images)):
+                    pick = rng.choice(f.shape[1], min(per_image, f.shape[1]), replace=False)
+                    bank_f.append(f[k, pick])
+                    bank_l.append(mu[k, pick])
+            else:
+                feats.append(f)
+                latents.append(mu)
+        if sample:
+            return np.concatenate(bank_f), np.concatenate(bank_l)
+        return np.concatenate(feats), np.concatenate(latents)
+
+    bank_f, bank_l = passes(train_paths, sample=True)
+    val_f, val_l = passes(val_paths, sample=False)
+    test_f, test_l = passes([s.path for s in test], sample=False)
+
+    def knn(queries: np.ndarray, bank: np.ndarray) -> np.ndarray:
+        bank_t = torch.from_numpy(bank[:PROBE_BANK])
+        norms = (bank_t**2).sum(1)
+        out = []
+        for image in queries:
+            q = torch.from_numpy(image)
+            d2 = (q**2).sum(1, keepdim=True) - 2 * q @ bank_t.T + norms
+            dist = d2.min(1).values.clamp(min=0).sqrt()
+            k = max(1, int(0.01 * len(dist)))
+            out.append(float(dist.topk(k).values.mean()))
+        return np.array(out)
+
+    z = {name: _z(views[name], val_views[name]) for name in ("local", "global", "image")}
+    z["knn-latent"] = _z(knn(test_l, bank_l), knn(val_l, bank_l))
+    z["knn-feature"] = _z(knn(test_f, bank_f), knn(val_f, bank_f))
+    scores = {
+        "knn-latent": z["knn-latent"],
+        "max-z(knn-latent, global, image)": np.max([z["knn-latent"], z["global"], z["image"]], 0),
+        "knn-feature": z["knn-feature"],
+        "max-z(knn-feature, global, image)": np.max([z["knn-feature"], z["global"], z["image"]], 0),
+    }
+    return {f"probe/{k}": float(roc_auc_score(labels, v)) for k, v in scores.items()}
+
+
+def alternatives(
+    detector: VAEAnomalyDetector, test, val_paths: list[Path], train_paths: list[Path]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Image AUROC of the product's other candidate scores on the same trained model,
+    and of the probes (scores the product does not offer; feature model only)."""
     labels = np.array([s.label for s in test])
     paths = [s.path for s in test]
     if detector.family_ == "feature":
         views = detector.view_scores(paths)
+        val_views = detector.view_scores(val_paths)
         out = {f"feature/{name}": float(roc_auc_score(labels, v)) for name, v in views.items()}
-        fused = fusion_variants(views, detector.view_scores(val_paths))
+        fused = fusion_variants(views, val_views)
         out.update({f"fusion/{k}": float(roc_auc_score(labels, v)) for k, v in fused.items()})
-        return out
+        return out, probes(detector, train_paths, val_paths, test, views, val_views)
     import dataclasses
 
     out = {}
@@ -161,7 +243,7 @@ def alternatives(detector: VAEAnomalyDetector, test, val_paths: list[Path]) -> d
         detector.scoring_ = dataclasses.replace(original, score_kind=score_kind)
         out[f"pixel/{score_kind}"] = float(roc_auc_score(labels, detector.anomaly_score(paths)))
     detector.scoring_ = original
-    return out
+    return out, {}
 
 
 def run_set(name: str, source: Path, work: Path, budget: float, smoke: bool) -> dict:
@@ -200,8 +282,10 @@ def run_set(name: str, source: Path, work: Path, budget: float, smoke: bool) -> 
     print(f"[{name}] PCA floor", flush=True)
     train = [s.path for s in discover(source, "train") if s.label == 0]
     floor = pca_floor(source, train, detector, test)
-    val_index, _ = detector.split_indices(len(train))  # the normals training held out
-    alt = alternatives(detector, test, [train[i] for i in val_index])
+    val_index, train_index = detector.split_indices(len(train))  # training's own split
+    alt, probed = alternatives(
+        detector, test, [train[i] for i in val_index], [train[i] for i in train_index]
+    )
     best_name = max(alt, key=alt.get)
     return {
         "source": shown(source),
@@ -211,6 +295,7 @@ def run_set(name: str, source: Path, work: Path, budget: float, smoke: bool) -> 
         "defaults": defaults,
         "pca_floor": floor,
         "alternatives": alt,
+        "probes": probed,
         "best_alternative": {"name": best_name, "image_auroc": alt[best_name]},
         "margin_over_floor": defaults["image_auroc"] - floor["image_auroc"],
         "meets_rule": bool(defaults["image_auroc"] >= floor["image_auroc"] + MARGIN),
@@ -318,7 +403,9 @@ def write_experiments(results: dict, out: Path) -> None:
     """
     sets = results["sets"]
     names = list(sets)
-    variants = sorted({k for r in sets.values() for k in r["alternatives"]})
+    variants = sorted(
+        {k for r in sets.values() for k in {**r["alternatives"], **r.get("probes", {})}}
+    )
     lines = [
         "# Experiment log: every variant, every set",
         "",
@@ -327,15 +414,18 @@ def write_experiments(results: dict, out: Path) -> None:
         "## Candidate scores of the default models (this run), image AUROC",
         "",
         "Each row is a way to turn the trained default model into an image score; the "
-        "product uses `feature/fused` (= `fusion/max-z(local, global)`) on every "
+        "product uses `feature/fused` (= `fusion/max-z(local, global, image)`) on every "
         "set that the feature model serves. Rows are kept or dropped as a whole, never "
-        "per set.",
+        "per set. `probe/` rows are scores the product does not offer (see `probes` in "
+        "run.py: nearest-neighbour memory banks), measured on the same model and split.",
         "",
         "| variant | " + " | ".join(names) + " | mean |",
         "|---|" + "---|" * (len(names) + 1),
     ]
     for variant in variants:
-        values = [sets[n]["alternatives"].get(variant) for n in names]
+        values = [
+            {**sets[n]["alternatives"], **sets[n].get("probes", {})}.get(variant) for n in names
+        ]
         known = [v for v in values if v is not None]
         cells = ["–" if v is None else f"{v:.3f}" for v in values]
         mean = f"{np.mean(known):.3f}" if known else "–"
@@ -375,6 +465,11 @@ def write_experiments(results: dict, out: Path) -> None:
             for v in variants
             if all(v in sets[n]["alternatives"] for n in feature_sets)
         }
+        probed = {
+            v: float(np.mean([sets[n]["probes"][v] for n in feature_sets]))
+            for v in variants
+            if all(v in sets[n].get("probes", {}) for n in feature_sets)
+        }
         best = max(means, key=means.get)
         lines += [
             "",
@@ -383,12 +478,17 @@ def write_experiments(results: dict, out: Path) -> None:
             f"- Best single rule over the feature-model sets in this run: `{best}` "
             f"(mean image AUROC {means[best]:.3f}; the default `feature/fused` "
             f"{means.get('feature/fused', float('nan')):.3f}).",
-            "- Kept `fused` = max z-score of the local and global views, even where the "
-            "global view alone ranks images better: image AUROC is not the only duty of the "
-            "score. A thin crack on a large image moves the image's mean feature vector "
-            "little, and only the local view flags it; the max rule lets either view flag "
-            "an image. To revisit with more sets (the held-out crack, MRI and mammogram "
-            "sets judge this choice).",
+            "- Kept `fused` = max z-score of the views, even where the global view alone "
+            "ranks images better: image AUROC is not the only duty of the score. A thin "
+            "crack on a large image moves the image's mean feature vector little, and only "
+            "the local view flags it; the max rule lets any one view flag an image. To "
+            "revisit with more sets (the held-out crack, MRI and mammogram sets judge it).",
+            "- Added the whole-image `image` view (pixel-space PCA-50 residual at 64 px) to "
+            "the fusion (first in the run after commit 4ca99b4): on the held-out MRI set "
+            "of issue 15, a whole-image PCA beat every feature score by a wide margin, and "
+            "no view of the feature model saw what it saw. Compare `fusion/max-z(local, "
+            "global)` (the fusion before) with `feature/fused` above for what it costs or "
+            "gains on each set here.",
             "- Dropped from the fusion (first measured in the run of 2026-11-26): the "
             "mean-ELBO view (the weakest view on both feature sets), Fisher and min-p on "
             "conformal p-values (below max-z: with 48-114 calibration normals the p-values "
@@ -397,6 +497,18 @@ def write_experiments(results: dict, out: Path) -> None:
             "- Kept per-image intensity normalization in the feature model, and the pixel "
             "model for small inputs (`auto`: feature from 96 px up).",
         ]
+        if probed:
+            top = max(probed, key=probed.get)
+            default = means.get("feature/fused", float("nan"))
+            verdict = (
+                "beats the default's mean: a candidate for the product, not adopted in this run"
+                if probed[top] > default
+                else "does not beat the default's mean: none adopted"
+            )
+            lines.append(
+                f"- Best probe over the feature-model sets in this run: `{top}` (mean image "
+                f"AUROC {probed[top]:.3f} against {default:.3f}); it {verdict}."
+            )
     (out / "experiments.md").write_text("\n".join(lines) + "\n")
 
 

@@ -89,9 +89,36 @@ def test_auto_family_follows_input_size(family, size, expected):
 
 
 def test_fused_score_takes_the_strongest_fused_view():
-    views = torch.tensor([[4.0, 10.0, 0.0], [0.0, 99.0, 7.0]])
-    fused = fuse_views(views, torch.zeros(3), torch.tensor([2.0, 1.0, 1.0]))
-    assert fused.tolist() == [2.0, 7.0]  # local / 2, then global; the elbo view is not fused
+    views = torch.tensor([[4.0, 10.0, 0.0, 1.0], [0.0, 99.0, 7.0, 1.0], [0.0, 99.0, 1.0, 9.0]])
+    fused = fuse_views(views, torch.zeros(4), torch.tensor([2.0, 1.0, 1.0, 3.0]))
+    # local / 2, then global, then image / 3; the elbo view is not fused
+    assert fused.tolist() == [2.0, 7.0, 3.0]
+    # a model saved before the image view fuses local and global only
+    assert fuse_views(views, torch.zeros(4), torch.ones(4), (0, 2)).tolist() == [4.0, 7.0, 1.0]
+
+
+def test_image_view_scores_what_the_normals_subspace_misses():
+    from anomalyvae.models.feature_vae import fit_image_subspace
+
+    config = FeatureVAEConfig(height=64, width=64, image_components=4, image_side=16)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)
+    normals = np.stack(  # a family of horizontal ramps of varying gain and offset
+        [
+            (a * ramp[None, :] + b)[None] * np.ones((1, 64, 1), np.float32)
+            for a, b in rng.uniform(0.2, 0.6, (30, 2))
+        ]
+    ).astype(np.float32)
+    model = FeatureVAE(config, pretrained=False).eval()
+    mean, basis = fit_image_subspace(normals, config)
+    model.image_mean.copy_(mean)
+    model.image_basis.copy_(basis)
+    odd = normals[:1].copy()
+    odd[:, :, 20:40, 20:40] = 1.0  # a bright square no ramp explains
+    residual = model.image_residual(torch.from_numpy(np.concatenate([normals[:5], odd])))
+    assert residual[:5].max() < 1e-6 < residual[5]
+    # with fewer normals than components the basis is padded, never garbage
+    assert torch.isfinite(fit_image_subspace(normals[:2], config)[1]).all()
 
 
 def test_feature_detector_ranks_defects_and_reloads(feature_detector, feature_root):
@@ -165,3 +192,26 @@ def test_self_check_detects_synthetic_defects_more_often_than_normals(feature_de
     assert set(check["by_kind"]) == {"patch", "shift", "noise"}
     assert 0 <= check["normal_flag_rate"] < check["detection_rate"] <= 1
     assert VAEAnomalyDetector.load(checkpoint).self_check_ == check
+
+
+def test_a_model_saved_before_the_image_view_loads_and_fuses_two_views(
+    feature_detector, feature_root, tmp_path
+):
+    detector, checkpoint = feature_detector
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_state = dict(state["model_state"])
+    del model_state["image_mean"], model_state["image_basis"]
+    model_state["view_center"] = model_state["view_center"][:3].clone()
+    model_state["view_scale"] = model_state["view_scale"][:3].clone()
+    config = {k: v for k, v in state["model_config"].items() if not k.startswith("image_")}
+    old = tmp_path / "old.pt"
+    torch.save({**state, "model_state": model_state, "model_config": config}, old)
+    loaded = VAEAnomalyDetector.load(old, progress=False)
+    paths = [s.path for s in mvtec_samples(feature_root, "test")]
+    views = loaded.view_scores(paths)
+    center, scale = loaded.model_.view_center.numpy(), loaded.model_.view_scale.numpy()
+    expected = np.maximum(
+        (views["local"] - center[0]) / scale[0], (views["global"] - center[2]) / scale[2]
+    )
+    np.testing.assert_allclose(loaded.anomaly_score(paths), expected, rtol=1e-5, atol=1e-5)
+    assert np.all(views["image"] == 0)
