@@ -29,7 +29,7 @@ from anomalyvae.imaging.io import (
     resize_mask,
     volume_slices,
 )
-from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.medical import is_nifti, slice_name
 from anomalyvae.metrics import evaluation_table
 
 
@@ -142,7 +142,7 @@ def evaluate_on(
         labels = np.concatenate([labels, unit.labels])
         has_mask = np.concatenate([has_mask, unit.has_mask])
         types += [sample.defect_type] * len(unit.labels)
-        names += [f"{sample.path}#slice={k:04d}" for k in range(len(unit.labels))]
+        names += [slice_name(sample.path, k) for k in range(len(unit.labels))]
     if not len(labels):
         raise DatasetError(f"nothing to evaluate in '{source}': no readable test images")
     threshold = getattr(detector, "threshold_", None)
@@ -360,7 +360,7 @@ def score_files(
             continue
         flush()
         slices = detector.anomaly_score(volume_slices(path, spec, volume=volume), valid)
-        names.extend(f"{path}#slice={k:04d}" for k in range(len(slices)))
+        names.extend(slice_name(path, k) for k in range(len(slices)))
         names.append(path)
         scores.extend([*slices.tolist(), float(slices.max())])
     flush()

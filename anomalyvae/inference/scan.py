@@ -45,7 +45,7 @@ from anomalyvae.imaging.io import (
     volume_slices,
     walk_images,
 )
-from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.imaging.medical import is_nifti, normalize_intensity, slice_name
 from anomalyvae.inference.drift import drift_report
 from anomalyvae.inference.runtime import OnnxDetector
 
@@ -562,7 +562,7 @@ class BatchScorer:
         worst = int(np.argmax(result.score[start : start + n]))
         out = []
         for k in [*range(n), worst]:
-            row = self._base_row(item, job, f"{job.relative}#slice={k:04d}")
+            row = self._base_row(item, job, slice_name(job.relative, k))
             row.update(
                 channels=1,
                 slice=k,
@@ -579,7 +579,7 @@ class BatchScorer:
                 result.anomaly_map[start : start + n, 0],
             )
         if self._wants_heatmap(volume["is_anomaly"]):
-            name = Path("heatmaps") / _heatmap_name(f"{job.relative}#slice={worst:04d}")
+            name = Path("heatmaps") / _heatmap_name(slice_name(job.relative, worst))
             plane = normalize_intensity(read_volume(job.path).data[worst][..., None], "minmax")
             _save_heatmap(
                 job.path,
