@@ -74,6 +74,22 @@ class Scored:
     threshold: float
 
 
+def markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A DataFrame as a GitHub markdown table, index first (no tabulate needed)."""
+
+    def cell(value) -> str:
+        if isinstance(value, (float, np.floating)):
+            return "–" if not np.isfinite(value) else format(value, floatfmt)
+        return str(value)
+
+    header = [str(frame.index.name or ""), *map(str, frame.columns)]
+    rows = [
+        [cell(i), *map(cell, row)] for i, row in zip(frame.index, frame.to_numpy(), strict=True)
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def smoke_model(root: Path, size: int = 64) -> tuple[Path, Path]:
     """A smoke run's (MVTec-style data root, checkpoint): tiny synthetic set, one epoch.
 

@@ -23,6 +23,10 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("onnx/bench.py", ["README.md", "results.json", "throughput.png"]),
         ("suite/drift.py", ["drift.md", "drift.json"]),
         ("scan/bench.py", []),
+        ("generative/run.py", []),
+        ("mtd/run.py", []),
+        ("pneumonia/run.py", []),
+        ("scale/bench.py", []),
     ],
 )
 def test_pipeline_smoke_mode(script, outputs, tmp_path):

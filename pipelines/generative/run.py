@@ -2,6 +2,10 @@
 
     python pipelines/generative/run.py [--checkpoint runs/mtd/model.pt]
                                        [--data ../shared/datasets/mtd/split.json]
+    python pipelines/generative/run.py --smoke   # a tiny synthetic model, a few images (CI)
+
+The checkpoint must hold a pixel model (the generative uses need pixels), e.g.
+`anomalyvae train ../shared/datasets/mtd/split.json -o runs/mtd/model.pt --model pixel`.
 
 Denoising: Gaussian noise (sigma 0.05, 0.1, 0.2) and salt-and-pepper (5 %), PSNR and SSIM
 against the clean image for: the noisy input, VAE reconstruction (posterior mean and an
@@ -26,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, shown  # noqa: E402
+from common import machine, markdown_table, shown, smoke_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from anomalyvae.data import split_file_samples  # noqa: E402
+from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.generative import grid  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
@@ -72,12 +76,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "generative")
     parser.add_argument("--n-images", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model, few images")
     args = parser.parse_args()
+    if args.smoke:  # everything on a tiny synthetic set, written to a temp folder
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="anomalyvae-generative-smoke-"))
+        args.data, args.checkpoint = smoke_model(tmp)
+        args.out, args.n_images = tmp / "report", 4
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
     model = detector.model_
-    normals = [s.path for s in split_file_samples(args.data, "test") if s.label == 0]
+    normals = [s.path for s in discover(args.data, "test") if s.label == 0]
     chosen = sorted(rng.permutation(len(normals))[: args.n_images])
     clean, _, _ = read_images([normals[i] for i in chosen], detector.preprocessing_)
 
@@ -174,7 +185,8 @@ def main() -> None:
     den_ssim = pd.DataFrame(denoising).pivot(index="method", columns="noise", values="ssim")
     inp = pd.DataFrame(inpainting).pivot(index="method", columns="mask", values="psnr_in_mask")
     lines = [
-        "# Generative uses: denoising and inpainting on MTD test normals",
+        "# Generative uses: denoising and inpainting on MTD test normals"
+        + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/generative/run.py`; every number comes from that run.",
         f"Machine: {machine()}. Model: {shown(args.checkpoint)} "
@@ -183,15 +195,15 @@ def main() -> None:
         "",
         "## Denoising: PSNR (dB) against the clean image",
         "",
-        den.to_markdown(floatfmt=".2f"),
+        markdown_table(den, ".2f"),
         "",
         "## Denoising: SSIM",
         "",
-        den_ssim.to_markdown(floatfmt=".3f"),
+        markdown_table(den_ssim, ".3f"),
         "",
         "## Inpainting: PSNR (dB) inside the mask (masks cover 5-40 %)",
         "",
-        inp.to_markdown(floatfmt=".2f"),
+        markdown_table(inp, ".2f"),
         "",
         "## Samples (temperature 0.8) and a latent interpolation between two test normals",
         "",

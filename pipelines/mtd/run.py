@@ -1,6 +1,7 @@
 """MTD benchmark: train on the fixed split's normal tiles, calibrate, evaluate, report.
 
     python pipelines/mtd/run.py [--data ../shared/datasets/mtd/split.json] [--out reports/mtd]
+    python pipelines/mtd/run.py --smoke    # tiny synthetic data, one epoch (CI)
 
 Trains on train_good only (calibration normals are split off train_good by the detector,
 never taken from the test set), evaluates every map and score kind and a PCA baseline on
@@ -21,6 +22,7 @@ from common import (  # noqa: E402
     Timer,
     load_test,
     machine,
+    markdown_table,
     overview,
     pca_baseline,
     plot_examples,
@@ -33,7 +35,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from anomalyvae.data import split_file_samples  # noqa: E402
+from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.io import read_images  # noqa: E402
 from anomalyvae.models.vae import count_parameters  # noqa: E402
@@ -56,12 +58,19 @@ def main() -> None:
         action="store_true",
         help="Evaluate the existing --checkpoint instead of training it.",
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic data, one epoch")
     args = parser.parse_args()
+    if args.smoke:  # everything on a tiny synthetic set, written to a temp folder
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="anomalyvae-mtd-smoke-"))
+        args.data = make_synthetic_dataset(tmp / "data", 40, 8, 8, size=64)
+        args.out, args.checkpoint, args.epochs, args.reuse = tmp / "report", tmp / "m.pt", 1, False
     args.out.mkdir(parents=True, exist_ok=True)
     target_fpr, mask_threshold = 0.01, 0.5  # MTD masks have soft edges: >= 128 is defect
 
-    train = split_file_samples(args.data, "train")
-    test = split_file_samples(args.data, "test")
+    train = discover(args.data, "train")
+    test = discover(args.data, "test")
     if args.reuse:
         detector = VAEAnomalyDetector.load(args.checkpoint)
         # the same seeded split fit() made (every MTD file is readable)
@@ -128,7 +137,8 @@ def main() -> None:
 
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     lines = [
-        "# MTD benchmark (Magnetic Tile Defect)",
+        "# MTD benchmark (Magnetic Tile Defect)"
+        + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/mtd/run.py`; every number below comes from that run. "
         "`python pipelines/mtd/all.py` regenerates the whole folder (with the experiment log "
@@ -152,19 +162,15 @@ def main() -> None:
         "",
         "## All methods (overall)",
         "",
-        summary.to_markdown(floatfmt=".3f"),
+        markdown_table(summary, ".3f"),
         "",
         f"## Per defect type: default ({default_name})",
         "",
-        all_tables[default_name]
-        .drop(columns=["threshold"], errors="ignore")
-        .to_markdown(floatfmt=".3f"),
+        markdown_table(all_tables[default_name].drop(columns=["threshold"], errors="ignore")),
         "",
         f"## Per defect type: best image AUROC ({best_name})",
         "",
-        all_tables[best_name]
-        .drop(columns=["threshold"], errors="ignore")
-        .to_markdown(floatfmt=".3f"),
+        markdown_table(all_tables[best_name].drop(columns=["threshold"], errors="ignore")),
         "",
         "## Figures",
         "",
@@ -184,7 +190,7 @@ def main() -> None:
         lines.insert(lines.index("## Settings") - 1, "![Examples, best](examples_best.png)\n")
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     print(summary.to_string(float_format=fmt))
-    print(f"Wrote {args.out}")
+    print(f"Wrote {args.out}" + (" (smoke run)" if args.smoke else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Scale-out: the Ray scan engine with 1 vs 2 workers, DDP training with 1 vs 2 processes.
 
     python pipelines/scale/bench.py [--checkpoint runs/mtd/model.pt] [--n-files 4000]
+    python pipelines/scale/bench.py --smoke    # tiny synthetic model and folder (CI)
+
+The checkpoint must hold a pixel model (DDP training is the pixel model's), e.g.
+`anomalyvae train ../shared/datasets/mtd/split.json -o runs/mtd/model.pt --model pixel`.
 
 1. Scan a synthetic folder of 128 px PNGs with the Ray engine on a local Ray instance,
    1 and then 2 inference actors, and with the local engine, in one run (heatmaps off).
@@ -33,7 +37,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import machine, shown, synthetic_folder  # noqa: E402
+from common import machine, shown, smoke_model, synthetic_folder  # noqa: E402
 
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -157,7 +161,12 @@ def main() -> None:
     parser.add_argument(
         "--render-only", action="store_true", help="Rewrite README.md from results.json."
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model and folder")
     args = parser.parse_args()
+    if args.smoke:  # everything on tiny synthetic data, written to a temp folder
+        smoke = Path(tempfile.mkdtemp(prefix="anomalyvae-scale-smoke-"))
+        _, args.checkpoint = smoke_model(smoke)
+        args.out, args.n_files, args.train_images, args.train_epochs = smoke / "report", 40, 16, 1
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render_only:
         render(json.loads((args.out / "results.json").read_text()), args.out)
@@ -228,6 +237,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     render(results, args.out)
     shutil.rmtree(work, ignore_errors=True)
+    if args.smoke:
+        print(f"smoke run: wrote {args.out}")
 
 
 def render(results: dict, out: Path) -> None:
