@@ -768,6 +768,7 @@ def report(results: Path, output: Path | None) -> None:
     default=None,
     help="Two images: also write a latent interpolation strip between them.",
 )
+@_silent_option
 def sample(
     checkpoint: Path,
     n_samples: int,
@@ -775,6 +776,7 @@ def sample(
     temperature: float,
     seed: int,
     interpolate: tuple[Path, Path] | None,
+    silent: bool,
 ) -> None:
     """Draw images from the model's prior: what it believes normal looks like.
 
@@ -786,7 +788,9 @@ def sample(
     """
     from anomalyvae.generative import sample_to
 
-    written = sample_to(checkpoint, output, n_samples, temperature, seed, interpolate)
+    written = sample_to(
+        checkpoint, output, n_samples, temperature, seed, interpolate, progress=not silent
+    )
     click.echo(f"Wrote {len(written)} files to {output}")
 
 
@@ -846,8 +850,15 @@ def denoise(
     "--method", type=click.Choice(["optimize", "clamp"]), default="optimize", show_default=True
 )
 @click.option("--iterations", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@_silent_option
 def inpaint(
-    checkpoint: Path, image: Path, mask: Path, output: Path, method: str, iterations: int
+    checkpoint: Path,
+    image: Path,
+    mask: Path,
+    output: Path,
+    method: str,
+    iterations: int,
+    silent: bool,
 ) -> None:
     """Fill the missing region of IMAGE given by --mask; known pixels are kept exactly.
 
@@ -859,7 +870,8 @@ def inpaint(
     """
     from anomalyvae.generative import inpaint_file
 
-    click.echo(f"Wrote {inpaint_file(checkpoint, image, mask, output, method, iterations)}")
+    written = inpaint_file(checkpoint, image, mask, output, method, iterations, not silent)
+    click.echo(f"Wrote {written}")
 
 
 @main.command(context_settings=CONTEXT)

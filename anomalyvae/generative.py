@@ -64,6 +64,7 @@ def sample_to(
     temperature: float = 1.0,
     seed: int = 0,
     interpolate_between: tuple[str, str] | None = None,
+    progress: bool = False,
 ) -> list[Path]:
     """Write ``n`` prior samples, singly and as ``grid.png``.
 
@@ -75,8 +76,13 @@ def sample_to(
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     output_dir = Path(output_dir)
     images = sample(pixel_model(detector), n, temperature, seed)
+    from tqdm.auto import tqdm
+
     written = [
-        _save_png(image, output_dir / f"sample_{i:04d}.png") for i, image in enumerate(images)
+        _save_png(image, output_dir / f"sample_{i:04d}.png")
+        for i, image in enumerate(
+            tqdm(images, desc="writing samples", unit="image", disable=not progress)
+        )
     ]
     written.append(_save_png(grid(images), output_dir / "grid.png"))
     if interpolate_between is not None:
@@ -173,6 +179,7 @@ def inpaint_file(
     output: str | os.PathLike[str],
     method: str = "optimize",
     iterations: int = 100,
+    progress: bool = False,
 ) -> Path:
     """Fill the masked pixels (mask nonzero = missing) of one image and write it.
 
@@ -194,6 +201,7 @@ def inpaint_file(
         touched[:, :, 0] > 0,
         method,
         iterations,
+        progress=progress,
     )
     out = np.where(missing[:, :, None], to_file(filled[0], source, spec), source.pixels)
     return write_png(Path(output), out, source.bit_depth)

@@ -186,3 +186,9 @@ def test_score_takes_a_nifti_volume_slice_by_slice(runner, trained, synthetic_ro
     # the library keeps one score per file: a volume is a clear error, never extra rows
     with pytest.raises(ValueError, match="3-D volume of 5 slices"):
         detector.anomaly_score([image, tmp_path / "ct.nii.gz"])
+
+
+@pytest.mark.parametrize("command", ["sample", "denoise", "inpaint", "embed"])
+def test_generative_commands_take_silent(runner, command):
+    result = runner.invoke(main, [command, "-h"])
+    assert "--silent" in result.output

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from anomalyvae.models.vae import ConvVAE, gaussian_nll
 
@@ -151,6 +152,7 @@ def inpaint(
     method: str = "optimize",
     iterations: int = 100,
     learning_rate: float = 0.05,
+    progress: bool = False,
 ) -> NDArray[np.float32]:
     """Fill the ``missing`` pixels (True = missing) so that known pixels are kept exactly.
 
@@ -177,9 +179,10 @@ def inpaint(
     fill = (x * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
     current = x * known + fill * hole
     model.eval()
+    steps = tqdm(range(iterations), desc="inpainting", unit="step", disable=not progress)
     if method == "clamp":
         with torch.no_grad():
-            for _ in range(iterations):
+            for _ in steps:
                 mean, _ = model.decode(model.encode(current)[0])
                 current = x * known + mean * hole
     else:
@@ -187,7 +190,7 @@ def inpaint(
             z0 = model.encode(current)[0]
         z = z0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=learning_rate)
-        for _ in range(iterations):
+        for _ in steps:
             mean, logvar = model.decode(z)
             nll = (gaussian_nll(x, mean, logvar) * known).flatten(1).sum(1)
             loss = (nll + 0.5 * (z**2).sum(1)).sum()
