@@ -233,7 +233,8 @@ def _labelled_data_options(func: Any) -> Any:
     "time_budget_s",
     type=click.FloatRange(0, min_open=True),
     default=None,
-    help="Stop training after this many seconds.",
+    help="Seconds for the whole fit (loading, training, calibration): training stops "
+    "early enough to leave room for the rest.",
 )
 @click.option(
     "--augment/--no-augment", default=False, show_default=True, help="Random flips during training."

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,12 @@ def resolve_score_kind(score_kind: str, family: str) -> str:
 
 class NotFittedError(RuntimeError):
     """The detector was used before ``fit`` or ``load``."""
+
+
+#: Scoring passes over the held-out normals that ``fit`` makes after training the feature
+#: model (fusion constants, calibration, the self-check's clean and defect images);
+#: its time budget keeps room for them.
+FIT_SCORING_PASSES = 4
 
 
 class VAEAnomalyDetector:
@@ -248,6 +255,7 @@ class VAEAnomalyDetector:
         -------
         self
         """
+        started = time.monotonic()  # the time budget covers the whole fit
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.model not in MODEL_FAMILIES:
@@ -273,6 +281,9 @@ class VAEAnomalyDetector:
             nproc=self.nproc,
         )
         images, names, n_skipped = self._training_images(X)
+        if self.time_budget_s is not None:  # what loading took is no longer the training's
+            budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
+            train_config = dataclasses.replace(train_config, time_budget_s=budget)
         if len(images) < 2:
             raise DatasetError(
                 f"need at least 2 readable normal images to train, got {len(images)}"
@@ -289,7 +300,9 @@ class VAEAnomalyDetector:
             "file_list_hash": file_list_hash(names) if names else "",
         }
         if self.family_ == "feature":
-            self._fit_feature(images[train_index], images[val_index], resume)
+            self._fit_feature(
+                images[train_index], images[val_index], resume, train_config.time_budget_s
+            )
         else:
             self._fit_pixel(images[train_index], images[val_index], train_config, resume)
         if self.scoring_.standardize:
@@ -384,7 +397,11 @@ class VAEAnomalyDetector:
         self._take_training(result, result.world_size)
 
     def _fit_feature(
-        self, train_images: NDArray[np.float32], val_images: NDArray[np.float32], resume: bool
+        self,
+        train_images: NDArray[np.float32],
+        val_images: NDArray[np.float32],
+        resume: bool,
+        time_budget_s: float | None,
     ) -> None:
         if self.nproc > 1:
             raise ValueError(
@@ -402,9 +419,11 @@ class VAEAnomalyDetector:
             epochs=self.epochs,
             learning_rate=self.learning_rate,
             patience=self.patience,
-            time_budget_s=self.time_budget_s,
+            time_budget_s=time_budget_s,
             seed=self.seed,
             progress=self.progress,
+            # after training: fusion, calibration and the self-check (clean + defects)
+            reserve_passes=FIT_SCORING_PASSES,
         )
         self._take_training(result, 1)
 

@@ -215,3 +215,23 @@ def test_a_model_saved_before_the_image_view_loads_and_fuses_two_views(
     )
     np.testing.assert_allclose(loaded.anomaly_score(paths), expected, rtol=1e-5, atol=1e-5)
     assert np.all(views["image"] == 0)
+
+
+def test_the_time_budget_keeps_room_for_the_scoring_passes_after_training():
+    from anomalyvae.models.feature_vae import train_feature_vae
+
+    config = FeatureVAEConfig(height=32, width=32, hidden_dim=8, latent_dim=2)
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 1, 32, 32)).astype(np.float32)
+    # a budget the extraction alone would fit, but not a million scoring passes after it
+    result = train_feature_vae(
+        config,
+        images[:4],
+        images[4:],
+        epochs=50,
+        batch_size=64,
+        time_budget_s=600.0,
+        reserve_passes=1e9,
+        progress=False,
+    )
+    assert result.stopped_reason == "time_budget" and len(result.history) == 1
