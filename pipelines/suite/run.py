@@ -484,16 +484,28 @@ def write_experiments(results: dict, out: Path) -> None:
             "the local view flags it; the max rule lets any one view flag an image. To "
             "revisit with more sets (the held-out crack, MRI and mammogram sets judge it).",
             "- Added the whole-image `image` view (pixel-space PCA-50 residual at 64 px) to "
-            "the fusion (first in the run after commit 4ca99b4): on the held-out MRI set "
-            "of issue 15, a whole-image PCA beat every feature score by a wide margin, and "
-            "no view of the feature model saw what it saw. Compare `fusion/max-z(local, "
-            "global)` (the fusion before) with `feature/fused` above for what it costs or "
-            "gains on each set here.",
-            "- Dropped from the fusion (first measured in the run of 2026-11-26): the "
-            "mean-ELBO view (the weakest view on both feature sets), Fisher and min-p on "
-            "conformal p-values (below max-z: with 48-114 calibration normals the p-values "
-            "are coarse), mean-z of three views. mean-z of local and global came within "
-            "0.01 of max-z; max-z kept, since one strong view should suffice to flag.",
+            "the fusion (first in the run of code c24186c): on the held-out MRI set of "
+            "issue 15, a whole-image PCA beat every feature score by a wide margin, and no "
+            "view of the feature model saw what it saw. `fusion/max-z(local, global)` is "
+            "the fusion before it: "
+            + ", ".join(
+                f"{n} {alt.get('fusion/max-z(local, global)', float('nan')):.3f}"
+                f" -> {alt.get('feature/fused', float('nan')):.3f}"
+                for n, alt in ((n, sets[n]["alternatives"]) for n in feature_sets)
+            )
+            + " in this run.",
+            "- Fusion rules over the feature-model sets in this run, by mean image AUROC: "
+            + ", ".join(
+                f"`{v}` {means[v]:.3f}"
+                for v in sorted(
+                    (v for v in means if v.startswith("fusion/")), key=means.get, reverse=True
+                )
+            )
+            + ". Kept max-z even where mean-z or Fisher rank higher on these sets: they add "
+            "the views up, so a defect only one view sees (a thin crack: the local view) is "
+            "diluted by the views that see nothing, while max-z lets one strong view flag "
+            "the image. The mean-ELBO view stays out of the fusion (the weakest view on both "
+            "feature sets since it was first measured).",
             "- Kept per-image intensity normalization in the feature model, and the pixel "
             "model for small inputs (`auto`: feature from 96 px up).",
         ]
