@@ -42,7 +42,7 @@ from common import machine, shown, smoke_model, synthetic_folder  # noqa: E402
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
-from anomalyvae.inference.ray_engine import connect  # noqa: E402
+from anomalyvae.inference.ray_engine import connect, scan_on_ray  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.inference.scan import ScanConfig, decode_file, discover, scan  # noqa: E402
 from anomalyvae.models.train import TrainConfig, train_vae  # noqa: E402
@@ -52,7 +52,8 @@ from anomalyvae.models.vae import VAEConfig  # noqa: E402
 def timed_scan(model: Path, folder: Path, out: Path, config: ScanConfig) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = scan(model, folder, out, config, progress=False)
+    engine = scan_on_ray if config.engine == "ray" else None
+    result = scan(model, folder, out, config, progress=False, engine=engine)
     seconds = time.perf_counter() - start
     return {
         "files": result.n_files,
