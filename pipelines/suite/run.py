@@ -336,7 +336,9 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         "",
         "Regenerate: `python pipelines/suite/run.py` ("
         + (f"{seconds / 60:.0f} min on " if seconds else "on ")
-        + f"{results['machine']}).",
+        + f"{results['machine']}). Code each set ran with: "
+        + ", ".join(f"{n} {r.get('code', results.get('code', '?'))}" for n, r in sets.items())
+        + ".",
         f"Defaults: `anomalyvae train SOURCE -o model.pt --time-budget {budget:g}` then "
         "`anomalyvae evaluate`, the same command on every set. Floor: PCA with "
         f"{PCA_COMPONENTS} components at {PCA_SIZE}x{PCA_SIZE}. Rule: defaults >= floor + "
@@ -524,7 +526,8 @@ def write_experiments(results: dict, out: Path) -> None:
     (out / "experiments.md").write_text("\n".join(lines) + "\n")
 
 
-def append_history(results: dict, out: Path) -> None:
+def append_history(results: dict, out: Path, ran: list[str]) -> None:
+    """One line per run: the defaults' numbers of the sets this run trained (``ran``)."""
     entry = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "code": results.get("code", git_commit()),
@@ -536,6 +539,7 @@ def append_history(results: dict, out: Path) -> None:
                 if k in r["defaults"]
             }
             for n, r in results["sets"].items()
+            if n in ran
         },
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -593,7 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no data sets found (a split.json or an MVTec train/good folder)")
         previous = {}
         if args.sets and (out / "results.json").is_file():  # update some sets, keep the rest
-            previous = json.loads((out / "results.json").read_text()).get("sets", {})
+            before = json.loads((out / "results.json").read_text())
+            previous = {
+                n: {"code": before.get("code", "?"), **r} for n, r in before.get("sets", {}).items()
+            }
         # the commit the run starts from (the sets train in fresh processes, so a change
         # made during the run would reach the later sets: "+changes" says so)
         results = {
@@ -604,11 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, source in sets.items():
             runs = args.work or work / "runs"
-            results["sets"][name] = run_set(name, source, runs, budget, args.smoke)
+            # each set keeps the code it ran with: `--sets` reruns mix runs in one table
+            results["sets"][name] = {
+                **run_set(name, source, runs, budget, args.smoke),
+                "code": results["code"],
+            }
             print(json.dumps({name: results["sets"][name]["defaults"]}, default=float), flush=True)
         results["sets"] = dict(sorted(results["sets"].items()))
         if not args.smoke:
-            append_history(results, out)
+            append_history(results, out, list(sets))
         results["seconds"] = time.monotonic() - started
         write_report(results, out, budget, results["seconds"], args.smoke)
         print(f"wrote {out / 'README.md'}")
