@@ -21,9 +21,9 @@ from anomalyvae.imaging.io import (
     find_images,
     is_grayscale,
     read_image,
-    read_volume,
 )
 from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.volumes import read_volume
 
 NORMAL_TYPE = "good"
 

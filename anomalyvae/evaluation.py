@@ -25,11 +25,14 @@ from anomalyvae.imaging.io import (
     atomic_write_text,
     read_image,
     read_mask,
+)
+from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.volumes import (
     read_volume,
-    resize_mask,
+    read_volume_mask,
+    slice_name,
     volume_slices,
 )
-from anomalyvae.imaging.medical import is_nifti, slice_name
 from anomalyvae.metrics import evaluation_table
 
 
@@ -193,43 +196,6 @@ def volume_units(
     )
     labels = masks.reshape(n, -1).any(axis=1).astype(np.int64)
     return VolumeUnits(images, labels, masks, np.ones(n, dtype=bool))
-
-
-def read_volume_mask(
-    mask_path: str | os.PathLike[str],
-    volume: Any,
-    image_path: str | os.PathLike[str],
-    size: tuple[int, int],
-    threshold: float = 0.0,
-) -> np.ndarray:
-    """A NIfTI mask volume as (slices, h, w) booleans at ``size``, checked against its image.
-
-    The mask must have the image's voxel grid: the same shape and the same affine (to
-    1e-3 mm). ``threshold`` is a fraction of the mask's largest value (label volumes
-    store 0/1 or 0/255).
-    """
-    mask = read_volume(mask_path)
-    if mask.data.shape != volume.data.shape:
-        raise MaskError(
-            f"mask '{mask_path}' has {mask.data.shape[0]} slices of "
-            f"{mask.data.shape[1]}x{mask.data.shape[2]} but its volume '{image_path}' has "
-            f"{volume.data.shape[0]} of {volume.data.shape[1]}x{volume.data.shape[2]}; "
-            "resample the mask onto the image grid (e.g. nibabel.processing."
-            "resample_from_to(mask, image, order=0))"
-        )
-    if not np.allclose(mask.affine, volume.affine, atol=1e-3):
-        raise MaskError(
-            f"mask '{mask_path}' and its volume '{image_path}' have different affines "
-            "(voxel-to-world mappings), so their voxels do not line up; resample the mask "
-            "onto the image grid (e.g. nibabel.processing.resample_from_to(mask, image, "
-            "order=0))"
-        )
-    scale = max(float(mask.data.max()), 1.0)
-    defect = mask.data > threshold * scale
-    out = np.zeros((len(defect), size[0], size[1]), dtype=bool)
-    for k, plane in enumerate(defect):
-        out[k] = resize_mask(plane, size)
-    return out
 
 
 def masks_for(

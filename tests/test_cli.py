@@ -163,7 +163,7 @@ def test_score_takes_a_nifti_volume_slice_by_slice(runner, trained, synthetic_ro
     import nibabel
     import numpy as np
 
-    from anomalyvae.imaging.io import read_volume, volume_slices
+    from anomalyvae.imaging.volumes import read_volume, volume_slices
 
     detector, checkpoint = trained
     rng = np.random.default_rng(0)

@@ -23,7 +23,6 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
-    Volume,
     is_dicom,
     is_nifti,
     normalize_intensity,
@@ -425,7 +424,8 @@ def _read_medical(path: Path) -> DecodedImage:
             if volume.data.shape[0] != 1:
                 raise MedicalReadError(
                     f"a 3-D volume of {volume.data.shape[0]} slices, not a 2-D image",
-                    "score volumes slice by slice: anomalyvae.imaging.io.read_volume or `scan`",
+                    "score volumes slice by slice: `scan`, `score`, or "
+                    "anomalyvae.imaging.volumes.volume_slices",
                 )
             raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
         else:
@@ -445,14 +445,6 @@ def _read_medical(path: Path) -> DecodedImage:
         )
     pixels = normalize_intensity(raw, "minmax")
     return DecodedImage(pixels, bits, mode, np.ascontiguousarray(raw, dtype=np.float32))
-
-
-def read_volume(path: str | os.PathLike[str], axis: int = 2):
-    """A NIfTI volume as (slices, h, w) stored values plus its affine; see medical.read_nifti."""
-    try:
-        return read_nifti(path, axis)
-    except MedicalReadError as error:
-        raise ImageReadError(path, error.reason, error.fix) from error
 
 
 def _decode(image: Image.Image) -> DecodedImage:
@@ -603,39 +595,6 @@ def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bo
     return area[:, :, 0] >= 0.5
 
 
-def volume_slices(
-    path: str | os.PathLike[str],
-    spec: Preprocessing,
-    skip_background: bool = False,
-    axis: int = 2,
-    volume: Volume | None = None,
-) -> NDArray[np.float32]:
-    """Every slice of a NIfTI volume as model input (slices, c, h, w), normalized per volume.
-
-    ``skip_background`` drops slices that are mostly empty (fewer than 10 % of pixels
-    above 5 % of the volume's intensity range), as training on air teaches nothing.
-    ``volume`` is the already decoded file, when the caller has it.
-    """
-    if volume is None:
-        volume = read_volume(path, axis)
-    method = "minmax" if spec.normalization == "none" else spec.normalization
-    scaled = normalize_intensity(
-        volume.data[..., None],
-        method,
-        spec.window_center,
-        spec.window_width,
-        spec.percentile_low,
-        spec.percentile_high,
-    )
-    if skip_background:
-        foreground = (scaled > 0.05).reshape(len(scaled), -1).mean(axis=1) >= 0.10
-        scaled = scaled[foreground]
-    out = np.empty((len(scaled), spec.channels, spec.height, spec.width), dtype=np.float32)
-    for k, plane in enumerate(scaled):
-        out[k] = preprocess(plane, spec)
-    return out
-
-
 def read_images(
     paths: Sequence[str | os.PathLike[str]],
     spec: Preprocessing,
@@ -668,6 +627,8 @@ def read_images(
     for path in paths:
         try:
             if volumes == "slices" and is_nifti(path):
+                from anomalyvae.imaging.volumes import volume_slices
+
                 stack = volume_slices(path, spec, skip_background=True)
             else:
                 stack = load_image(path, spec)[None]

@@ -36,15 +36,6 @@ class Volume(NamedTuple):
     bit_depth: int
 
 
-def slice_name(name: str | os.PathLike[str], index: int) -> str:
-    """The row name of one slice of a volume: ``name#slice=NNNN`` (0-based, 4 digits).
-
-    The one naming rule of the scan's table, ``evaluate``'s scores and ``score``'s lines.
-    A name is shown, never parsed back: a file may be called ``a#slice=1.png`` too.
-    """
-    return f"{name}#slice={index:04d}"
-
-
 def is_nifti(path: str | os.PathLike[str]) -> bool:
     """True for .nii and .nii.gz names."""
     name = Path(path).name.lower()

@@ -41,11 +41,15 @@ from anomalyvae.imaging.io import (
     intensities,
     preprocess,
     read_image,
-    read_volume,
-    volume_slices,
     walk_images,
 )
-from anomalyvae.imaging.medical import is_nifti, normalize_intensity, slice_name
+from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.imaging.volumes import (
+    read_volume,
+    slice_name,
+    volume_slices,
+    write_volume_map,
+)
 from anomalyvae.inference.drift import drift_report
 from anomalyvae.inference.runtime import OnnxDetector
 
@@ -573,7 +577,7 @@ class BatchScorer:
         volume["relative_path"] = job.relative  # the volume row: max over slices
         volume["slice"] = pd.NA
         if self.config.save_maps:
-            _save_volume_map(
+            write_volume_map(
                 job.path,
                 self.output / "maps" / (job.relative + ".map.nii.gz"),
                 result.anomaly_map[start : start + n, 0],
@@ -920,25 +924,6 @@ def _score_fields(
         if result.mean_intensity is not None
         else np.nan,
     }
-
-
-def _save_volume_map(source: Path, out_path: Path, maps: NDArray[np.float32]) -> None:
-    """Write a volume's slice maps, resized to the slices, as NIfTI with the source affine."""
-    import nibabel
-
-    volume = read_volume(source)
-    _, height, width = volume.data.shape
-    planes = [
-        np.asarray(
-            Image.fromarray(m.astype(np.float32), mode="F").resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for m in maps
-    ]
-    data = np.moveaxis(np.stack(planes), 0, 2)  # back to the source's (x, y, slice) order
-    with atomic_path(out_path, keep_suffix=True) as tmp:  # nibabel reads .nii.gz from the name
-        nibabel.save(nibabel.Nifti1Image(data.astype(np.float32), volume.affine), str(tmp))
 
 
 def _top_heatmaps(

@@ -16,9 +16,9 @@ from anomalyvae.imaging.io import (
     find_images,
     load_image,
     read_image,
-    read_volume,
 )
 from anomalyvae.imaging.medical import normalize_intensity
+from anomalyvae.imaging.volumes import read_volume
 
 
 def _testdata(name: str):
