@@ -295,10 +295,10 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
             factor = 1
             if max_side and max(stored) >= REDUCE_FACTOR * max_side:
                 factor = max(stored) // (2 * max_side)
-            if _wide_colour(image):
-                return _read_wide_colour(path, stored, factor)
                 if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
                     image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
+            if _wide_colour(image):
+                return _read_wide_colour(path, stored, factor)
             image.load()
             if factor > 1 and image.size == (stored[1], stored[0]):
                 image = _reduce(image, factor)

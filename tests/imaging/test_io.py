@@ -290,3 +290,22 @@ def test_48_and_64_bit_colour_png_keep_all_16_bits(tmp_path, channels):
     reduced = read_image(path, max_side=4)  # large-image path: box-reduced, size kept
     assert (reduced.height, reduced.width) == (37, 23) and reduced.bit_depth == 16
     assert reduced.pixels.mean() == pytest.approx(decoded.pixels.mean(), abs=0.02)
+
+
+def test_a_huge_jpeg_is_decoded_at_reduced_scale_not_in_full(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(self, mode, size):
+        calls.append(size)
+        return original(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1600, 1200), dtype=np.uint8)).save(tmp_path / "b.jpg")
+    decoded = read_image(tmp_path / "b.jpg", max_side=100)
+    assert calls, "the JPEG decoder's own downscaling (draft mode) was not used"
+    assert (decoded.height, decoded.width) == (1600, 1200)
+    assert max(decoded.pixels.shape[:2]) <= 400
