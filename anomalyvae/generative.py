@@ -70,14 +70,14 @@ def sample_to(
 
     With ``interpolate_between`` (two image paths), also a latent interpolation strip.
     """
+    from tqdm.auto import tqdm
+
     from anomalyvae.imaging.io import load_image
     from anomalyvae.models.generate import interpolate, sample
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     output_dir = Path(output_dir)
     images = sample(pixel_model(detector), n, temperature, seed)
-    from tqdm.auto import tqdm
-
     written = [
         _save_png(image, output_dir / f"sample_{i:04d}.png")
         for i, image in enumerate(
