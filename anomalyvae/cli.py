@@ -212,6 +212,14 @@ def _labelled_data_options(func: Any) -> Any:
     help="Latent size of the pixel model.",
 )
 @click.option("--beta", type=click.FloatRange(0), default=1.0, show_default=True, help="KL weight.")
+@click.option(
+    "--tile-size",
+    type=click.IntRange(64),
+    default=512,
+    show_default=True,
+    help="Feature model: inputs longer than this (px) run through the backbone in "
+    "overlapping tiles of this size (a multiple of 16; smaller bounds memory).",
+)
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option(
@@ -326,9 +334,11 @@ def train(
         f"in {summary['elapsed_s']:.0f} s (best epoch {summary['best_epoch']}, "
         f"stopped: {summary['stopped_reason']})."
     )
+    layout = getattr(detector.model_.config, "layout", None)
+    tiles = f", backbone in {layout.n_tiles} tiles" if layout is not None and layout.tiled else ""
     click.echo(
         f"Model: {detector.family_} ({detector.preprocessing_.height}x"
-        f"{detector.preprocessing_.width}, score {detector.scoring_.score_kind})."
+        f"{detector.preprocessing_.width}{tiles}, score {detector.scoring_.score_kind})."
     )
     click.echo(
         f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}. Saved {output}"

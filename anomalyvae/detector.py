@@ -56,8 +56,11 @@ MODEL_FAMILIES: tuple[str, ...] = ("auto", "pixel", "feature")
 #: its short side (see :func:`resolve_family`).
 FEATURE_MIN_SIDE = 96
 #: Largest short input side the feature family resizes to by default (multiples of 32;
-#: the long side follows the training images' median aspect ratio).
-FEATURE_MAX_SIZE = 256
+#: the long side follows the training images' median aspect ratio, up to 3x). Images up
+#: to this size keep their own resolution, so thin defects are not shrunk away; inputs
+#: longer than the model's tile (512 px) run through the backbone in overlapping tiles
+#: (:mod:`anomalyvae.imaging.tiles`).
+FEATURE_MAX_SIZE = 512
 
 
 def resolve_family(family: str, height: int, width: int) -> str:
@@ -120,6 +123,11 @@ class VAEAnomalyDetector:
         in :class:`~anomalyvae.models.feature_vae.FeatureVAEConfig`'s 16 dimensions).
     beta : float
         KL weight of the beta-VAE objective.
+    tile_size : int
+        Feature model: an input longer than this many px on a side runs through the
+        backbone in overlapping tiles of this size (a quarter of it overlapping),
+        blended into one feature map (:mod:`anomalyvae.imaging.tiles`). Smaller tiles
+        bound memory further; a multiple of 16.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`. ``map_kind="auto"``
         (default) takes SSIM for inputs of at most 32 px and NLL above
@@ -186,6 +194,7 @@ class VAEAnomalyDetector:
         hidden_channels: tuple[int, ...] = (32, 64, 128, 256),
         latent_dim: int = 64,
         beta: float = 1.0,
+        tile_size: int = 512,
         map_kind: str = "auto",
         score_kind: str = "auto",
         smoothing_sigma: float = 2.0,
@@ -217,6 +226,7 @@ class VAEAnomalyDetector:
         self.hidden_channels = hidden_channels
         self.latent_dim = latent_dim
         self.beta = beta
+        self.tile_size = tile_size
         self.map_kind = map_kind
         self.score_kind = score_kind
         self.smoothing_sigma = smoothing_sigma
@@ -410,7 +420,12 @@ class VAEAnomalyDetector:
             )
         spec = self.preprocessing_
         config = FeatureVAEConfig(
-            height=spec.height, width=spec.width, in_channels=spec.channels, beta=self.beta
+            height=spec.height,
+            width=spec.width,
+            in_channels=spec.channels,
+            beta=self.beta,
+            tile_side=self.tile_size,
+            tile_overlap=self.tile_size // 4,
         )
         result = train_feature_vae(
             config,
@@ -519,7 +534,7 @@ class VAEAnomalyDetector:
         if not paths:
             raise DatasetError("no training images given")
         inferred = infer_preprocessing(paths, self.channels, self.image_size)
-        if self.model != "pixel":  # the feature model sees more pixels: up to 256 px
+        if self.model != "pixel":  # the feature model sees more pixels: up to 512 px
             wide = infer_preprocessing(
                 paths,
                 self.channels,

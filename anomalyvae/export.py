@@ -101,6 +101,23 @@ def model_family(detector: VAEAnomalyDetector) -> str:
     return str(getattr(detector.model_, "family", "pixel"))
 
 
+def tiling_metadata(detector: VAEAnomalyDetector) -> dict[str, Any]:
+    """How the graph covers its input with backbone tiles (informational: it is inside).
+
+    ``n_tiles`` 1 means the backbone sees the whole input at once.
+    """
+    layout = getattr(detector.model_.config, "layout", None)
+    if layout is None:  # the pixel family: one pass over the whole input
+        return {"n_tiles": 1, "inside_graph": True}
+    return {
+        **layout.to_dict(),
+        "inside_graph": True,
+        "blend": "per-tile feature maps (stride 8) weighted by ramps across each overlap "
+        "(a quarter of the overlap at weight 1e-3, then linear to 1 over half of it), "
+        "summed and divided by the summed weights",
+    }
+
+
 def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
     """Everything an integrator needs, as ``metadata_props`` strings (JSON where nested)."""
     spec = detector.preprocessing_
@@ -127,6 +144,7 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "pixel_threshold": repr(float(detector.pixel_threshold_)),
         "calibration": json.dumps(calibration),
         "model_family": model_family(detector),
+        "tiling": json.dumps(tiling_metadata(detector)),
         "normal_intensity": json.dumps(getattr(detector, "normal_intensity_", None)),
         "self_check": json.dumps(getattr(detector, "self_check_", None)),
         "map_kind": detector.scoring_.map_kind,

@@ -44,6 +44,7 @@ from anomalyvae.imaging.io import (
     walk_images,
 )
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
     read_volume,
     slice_name,
@@ -357,11 +358,7 @@ def heatmap_overlay(
 
     height, width = pixels.shape[:2]
     grey = pixels.mean(axis=2) if pixels.shape[2] > 1 else pixels[:, :, 0]
-    big = np.asarray(
-        Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize(
-            (width, height), Image.Resampling.BILINEAR
-        )
-    )
+    big = map_to_size(anomaly_map, height, width)
     level = np.clip(big / max(vmax, 1e-12), 0, 1)
     colour = colormaps["inferno"](level)[:, :, :3]
     alpha = 0.55 * level[:, :, None]
@@ -554,8 +551,11 @@ class BatchScorer:
                 job.path, self.output / name, anomaly_map, self.pixel_threshold, self.vmax
             )
             row["heatmap"] = name.as_posix()
-        if self.config.save_maps:
-            _save_map(self.output / "maps" / (job.relative + ".npz"), anomaly_map)
+        if self.config.save_maps:  # at the file's own resolution
+            _save_map(
+                self.output / "maps" / (job.relative + ".npz"),
+                map_to_size(anomaly_map, int(item.info["height"]), int(item.info["width"])),
+            )
         return row
 
     def _volume_rows(
@@ -899,6 +899,7 @@ def claim_output(output: Path, folder: Path, extend: bool = False) -> None:
 
 
 def _save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:
+    """Write one map as ``anomaly_map`` in a compressed .npz, atomically."""
     import io as _io
 
     buffer = _io.BytesIO()

@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.vae import LOG_2PI
 
@@ -53,6 +54,9 @@ VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global", "image")
 #: (reports/suite/experiments.md). Models saved without the image view fuse the first two.
 FUSED_VIEWS: tuple[str, ...] = ("local", "global", "image")
 FUSED_INDEX: tuple[int, ...] = tuple(VIEW_NAMES.index(v) for v in FUSED_VIEWS)
+
+#: Stride of the feature map the VAE models (the backbone's stride-8 tap).
+FEATURE_STRIDE = 8
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,12 @@ class FeatureVAEConfig:
         saved before it existed load that way).
     image_side : int
         Longest side, in px, the input is box-averaged to for the ``image`` view.
+    tile_side, tile_overlap : int
+        An input longer than ``tile_side`` px on a side runs through the backbone in
+        overlapping tiles of at most ``tile_side`` x ``tile_side`` (at least
+        ``tile_overlap`` px of overlap), blended into one feature map
+        (:mod:`anomalyvae.imaging.tiles`); everything after the backbone sees the whole
+        input. Bounds the backbone's memory for large inputs.
     """
 
     height: int = 256
@@ -102,6 +112,8 @@ class FeatureVAEConfig:
     normalize_images: bool = True
     image_components: int = 50
     image_side: int = 64
+    tile_side: int = 512
+    tile_overlap: int = 128
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
@@ -121,6 +133,23 @@ class FeatureVAEConfig:
             raise ValueError("logvar_min must be smaller than logvar_max")
         if self.image_components < 0 or self.image_side < 1:
             raise ValueError("image_components must be >= 0 and image_side >= 1")
+        if self.tile_side % TILE_ALIGN or not 0 <= self.tile_overlap < self.tile_side:
+            raise ValueError(
+                f"tile_side must be a multiple of {TILE_ALIGN} and 0 <= tile_overlap < "
+                f"tile_side, got {self.tile_side} and {self.tile_overlap}"
+            )
+        for side in (self.height, self.width):
+            if side > self.tile_side and side % TILE_ALIGN:
+                raise ValueError(
+                    f"inputs longer than the {self.tile_side} px tile are tiled, so their "
+                    f"sides must be multiples of {TILE_ALIGN} px; got {self.height}x"
+                    f"{self.width} (choose image_size accordingly)"
+                )
+
+    @property
+    def layout(self) -> TileLayout:
+        """How the backbone covers the input (one tile when it fits in ``tile_side``)."""
+        return tile_layout(self.height, self.width, self.tile_side, self.tile_overlap)
 
     @property
     def image_pool(self) -> int:
@@ -202,6 +231,11 @@ class FeatureVAE(nn.Module):
             self.register_buffer(
                 "image_basis", torch.zeros(config.image_components, config.image_dim)
             )
+        self.layout = config.layout
+        if self.layout.tiled:  # derived from the config: not saved with the weights
+            weight, norm = self.layout.blend(FEATURE_STRIDE)
+            self.register_buffer("tile_weight", torch.from_numpy(weight)[None, None], False)
+            self.register_buffer("tile_norm", torch.from_numpy(norm)[None, None], False)
 
     # ------------------------------------------------------------------ forward
 
@@ -211,16 +245,45 @@ class FeatureVAE(nn.Module):
             x = normalize_intensity(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        fine, coarse = self.backbone(x)
-        size = (int(fine.shape[-2]), int(fine.shape[-1]))
-        coarse = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-        features = torch.cat([fine, coarse], dim=1)
+        features = self._tiled_features(x) if self.layout.tiled else self._features(x)
         pool = self.config.pool
         if pool > 1:
             features = F.avg_pool2d(
                 features, pool, stride=1, padding=pool // 2, count_include_pad=False
             )
         return features
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The backbone's stride-8 map with the stride-16 map upsampled onto it."""
+        fine, coarse = self.backbone(x)
+        size = (int(fine.shape[-2]), int(fine.shape[-1]))
+        coarse = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        return torch.cat([fine, coarse], dim=1)
+
+    def _tiled_features(self, x: Tensor) -> Tensor:
+        """:meth:`_features` of the whole input, computed tile by tile and blended.
+
+        Each tile's features are weighted by linear ramps across the overlaps and placed
+        on the input's feature grid; dividing by the summed weights gives every cell the
+        weighted mean of the tiles that cover it. Static slices and pads: exports as is.
+        """
+        layout, s = self.layout, FEATURE_STRIDE
+        if (int(x.shape[-2]), int(x.shape[-1])) != (layout.height, layout.width):
+            raise ValueError(
+                f"this model tiles {layout.height}x{layout.width} inputs, "
+                f"got {int(x.shape[-2])}x{int(x.shape[-1])}"
+            )
+        fh, fw = layout.height // s, layout.width // s
+        th, tw = layout.tile_height // s, layout.tile_width // s
+        canvas = None
+        for y, x0 in layout.corners():
+            tile = x[:, :, y : y + layout.tile_height, x0 : x0 + layout.tile_width]
+            placed = F.pad(
+                self._features(tile) * self.tile_weight,
+                (x0 // s, fw - x0 // s - tw, y // s, fh - y // s - th),
+            )
+            canvas = placed if canvas is None else canvas + placed
+        return canvas * self.tile_norm
 
     def standardize(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std

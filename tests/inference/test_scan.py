@@ -359,3 +359,20 @@ def test_process_workers_end_when_the_scan_is_killed(onnx_model, tmp_path):
     while time.time() < deadline and any(_alive(pid) for pid in workers):
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers), "decoding workers outlived the scan"
+
+
+def test_saved_maps_come_back_at_each_files_own_size(onnx_model, tmp_path):
+    """--save-maps writes each map at its file's resolution, whatever the model's size."""
+    sizes = {"wide.png": (120, 40), "tall.png": (30, 90), "model_size.png": (32, 32)}
+    for name, size in sizes.items():
+        _png(tmp_path / "in" / name, size=size, seed=len(name))
+    scan(onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(save_maps=True), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    for name, (width, height) in sizes.items():
+        anomaly_map = np.load(tmp_path / "out" / "maps" / f"{name}.npz")["anomaly_map"]
+        assert anomaly_map.shape == (height, width) and anomaly_map.dtype == np.float32
+        # the peak the table reports is where the saved map peaks (within a model pixel)
+        py, px = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
+        row = table.loc[name]
+        assert abs(px + 0.5 - row["peak_x"]) <= width / 32 + 1
+        assert abs(py + 0.5 - row["peak_y"]) <= height / 32 + 1

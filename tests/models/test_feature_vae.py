@@ -235,3 +235,83 @@ def test_the_time_budget_keeps_room_for_the_scoring_passes_after_training():
         progress=False,
     )
     assert result.stopped_reason == "time_budget" and len(result.history) == 1
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def _strip(rng: np.random.Generator) -> np.ndarray:
+    """A 64 x 192 texture: three times as wide as the 64 px tiles below."""
+    from anomalyvae.data import synthetic_texture
+
+    return synthetic_texture(rng, 192)[:64]
+
+
+@pytest.fixture(scope="module")
+def tiled_detector():
+    rng = np.random.default_rng(0)
+    train = np.stack([_strip(rng) for _ in range(60)])
+    detector = VAEAnomalyDetector(model="feature", tile_size=64, **FEATURE_TINY).fit(train)
+    return detector, np.stack([_strip(rng) for _ in range(12)])
+
+
+def test_tiled_backbone_pass_matches_the_whole_input_pass():
+    """At the default tile (512 px, 128 overlapping) tiling changes the features < 1 %."""
+    from anomalyvae.data import synthetic_texture
+
+    strip = synthetic_texture(np.random.default_rng(1), 1280)[:128]
+    x = torch.from_numpy(strip[None, None].astype(np.float32))
+    whole = FeatureVAE(FeatureVAEConfig(height=128, width=1280, tile_side=1280)).eval()
+    tiled = FeatureVAE(FeatureVAEConfig(height=128, width=1280)).eval()
+    tiled.load_state_dict(whole.state_dict())  # tiling adds no saved state
+    assert tiled.layout.offsets_x == (0, 384, 768) and not whole.layout.tiled
+    with torch.no_grad():
+        a, b = whole.raw_features(x), tiled.raw_features(x)
+    assert a.shape == b.shape
+    # the same features but where a tile's zero padding stands in for real context
+    error = (a - b).abs().mean(dim=1) / a.abs().mean()
+    assert float(error.mean()) < 0.01 and float(error.max()) < 0.1
+    with pytest.raises(ValueError, match="tiles 128x1280 inputs"):
+        tiled.raw_features(x[..., :1024])
+
+
+def test_tiled_anomaly_map_shows_no_seams(tiled_detector):
+    detector, normals = tiled_detector
+    layout = detector.model_.layout
+    assert layout.offsets_x == (0, 48, 80, 128)  # three overlaps on a 192 px strip
+    maps = detector.anomaly_map(normals)
+    assert maps.shape == (12, 64, 192)
+    profile = maps.mean(axis=(0, 1))[24:-24]  # away from the input's own border
+    assert profile.max() / profile.min() < 1.15  # a seam would stand out as a ridge
+
+
+def test_a_defect_on_a_seam_scores_like_one_inside_a_tile(tiled_detector):
+    detector, normals = tiled_detector
+
+    def with_defect(x0: int) -> np.ndarray:
+        out = normals.copy()
+        out[:, 24:40, x0 : x0 + 16] = np.clip(out[:, 24:40, x0 : x0 + 16] + 0.5, 0, 1)
+        return out
+
+    on_seam = detector.anomaly_score(with_defect(56))  # inside the 48-64 overlap
+    inside = detector.anomaly_score(with_defect(96))
+    assert (on_seam > detector.threshold_).all() and (inside > detector.threshold_).all()
+    assert on_seam.mean() > 0.8 * inside.mean()
+    peaks = detector.anomaly_map(with_defect(56)).reshape(12, -1).argmax(axis=1) % 192
+    assert (np.abs(peaks - 64) <= 16).all()  # the map points at the defect, not the seam
+
+
+def test_tiled_model_exports_one_graph_with_its_tiles_in_the_metadata(tiled_detector, tmp_path):
+    from anomalyvae.export import export_onnx
+    from anomalyvae.inference.runtime import OnnxDetector
+
+    detector, normals = tiled_detector
+    images = normals[:, None].astype(np.float32)
+    export_onnx(detector, tmp_path / "tiled.onnx", parity_images=images)  # fails on mismatch
+    runtime = OnnxDetector(tmp_path / "tiled.onnx", device="cpu")
+    tiling = runtime.metadata["tiling"]
+    assert tiling["n_tiles"] == 4 and tiling["offsets_x"] == [0, 48, 80, 128]
+    assert tiling["inside_graph"] is True
+    result = runtime.predict_arrays(images)
+    assert result.anomaly_map.shape == (12, 1, 64, 192)
+    np.testing.assert_allclose(result.score, detector.anomaly_score(normals), rtol=1e-3, atol=1e-3)
