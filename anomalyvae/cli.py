@@ -263,10 +263,10 @@ def _labelled_data_options(func: Any) -> Any:
 )
 @click.option(
     "--score-kind",
-    type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "fused"]),
+    type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "knn", "fused"]),
     default="auto",
     show_default=True,
-    help="auto: fused (feature model: the largest z-score of the local, global and "
+    help="auto: fused (feature model: the mean z-score of the memory-bank, global and "
     "whole-image views against held-out normals) or topk_mean (pixel model).",
 )
 @click.option(

@@ -458,8 +458,8 @@ class VAEAnomalyDetector:
         """Fit how the feature model's views become z-scores, from normal images.
 
         Each view's centre and scale come from :func:`robust_z_constants`. ``fit``
-        calls it with the held-out normals; the fused score then is the largest
-        z-score (:func:`anomalyvae.models.feature_vae.fuse_views`).
+        calls it with the held-out normals; the fused score then combines the z-scores
+        (:func:`anomalyvae.models.feature_vae.fuse_views`).
         """
         self.check_fitted()
         if getattr(self.model_, "family", "pixel") != "feature":
@@ -470,7 +470,7 @@ class VAEAnomalyDetector:
         return self
 
     def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
-        """The feature model's (n, 3) local, ELBO and global views of model-ready images."""
+        """The feature model's (n, 5) views (``VIEW_NAMES`` order) of model-ready images."""
         views = self._score_all(images, self.scoring_)[2]
         if views is None:
             raise ValueError("views come from the feature model (model='feature')")
@@ -479,8 +479,8 @@ class VAEAnomalyDetector:
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
         """The feature model's candidate image scores by name (higher = more anomalous).
 
-        "local", "elbo", "global", "image" (see :mod:`anomalyvae.models.feature_vae`) and "fused",
-        each of shape (n,).
+        "local", "elbo", "global", "image", "knn" (see :mod:`anomalyvae.models.feature_vae`)
+        and "fused", each of shape (n,).
         """
         self.check_fitted()
         if getattr(self.model_, "family", "pixel") != "feature":
@@ -492,6 +492,7 @@ class VAEAnomalyDetector:
             self.model_.view_center.cpu(),
             self.model_.view_scale.cpu(),
             self.model_.config.fused_index,
+            self.model_.config.fusion,
         )
         out["fused"] = fused.numpy().astype(np.float64)
         return out

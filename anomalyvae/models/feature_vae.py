@@ -21,6 +21,11 @@ Four views of an image come out of one forward pass (all higher = more anomalous
   per-image normalized inputs miss: overall brightness, layout and texture of the whole
   image (a lesion that changes a whole MRI slice, a missing part of a fixed scene).
 
+- ``knn``: each location's distance to the nearest of a memory bank of normal feature
+  vectors (a greedy k-center coreset of the training locations, as in PatchCore, Roth et
+  al. 2022), the mean of the largest 1 %: local evidence that, unlike the VAE's ELBO,
+  needs no density model, so rare but normal patterns keep a small distance.
+
 The detector turns each view into a z-score against held-out normals and fuses them
 (:func:`fuse_views`); the fusion's constants live in this module's buffers, so the
 exported graph carries them.
@@ -28,6 +33,7 @@ exported graph carries them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -46,17 +52,24 @@ from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.vae import LOG_2PI
 
 #: The candidate image scores of the feature family, in the order of ``views`` tensors.
-VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global", "image")
-#: The views the fused score takes the largest z-score of: the local defect evidence,
-#: the global look in feature space and the whole image in pixel space. The mean-ELBO
-#: view is left out: it measures the same per-location fit as ``local`` but averaged
-#: over mostly normal background, and it ranked last on the sets measured
-#: (reports/suite/experiments.md). Models saved without the image view fuse the first two.
-FUSED_VIEWS: tuple[str, ...] = ("local", "global", "image")
+VIEW_NAMES: tuple[str, ...] = ("local", "elbo", "global", "image", "knn")
+#: The views the fused score averages the z-scores of: the local defect evidence (the
+#: memory bank's nearest-neighbour distance), the global look in feature space and the
+#: whole image in pixel space. The VAE's own views are reported, not fused: on the sets
+#: measured the bank's distance ranked images better than the ELBO map's top-k
+#: (reports/suite/experiments.md). Older models fuse what they have
+#: (:attr:`FeatureVAEConfig.fused_index`).
+FUSED_VIEWS: tuple[str, ...] = ("knn", "global", "image")
 FUSED_INDEX: tuple[int, ...] = tuple(VIEW_NAMES.index(v) for v in FUSED_VIEWS)
+#: How :func:`fuse_views` combines the z-scores: "mean" (the default) or "max".
+FUSION_RULES: tuple[str, ...] = ("mean", "max")
 
 #: Stride of the feature map the VAE models (the backbone's stride-8 tap).
 FEATURE_STRIDE = 8
+#: Bank vectors compared with a batch at once by the ``knn`` view (bounds its memory).
+BANK_CHUNK = 4096
+#: Share of an image's locations whose nearest-neighbour distances make its ``knn`` view.
+KNN_TOP_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,12 @@ class FeatureVAEConfig:
         saved before it existed load that way).
     image_side : int
         Longest side, in px, the input is box-averaged to for the ``image`` view.
+    bank_size : int
+        Normal feature vectors kept for the ``knn`` view (a coreset of the training
+        locations); 0 turns the view off (models saved before it existed load that way).
+    fusion : {"mean", "max"}
+        How the fused score combines the views' z-scores (:func:`fuse_views`); models
+        saved before the ``knn`` view load with "max", the rule they were calibrated with.
     tile_side, tile_overlap : int
         An input longer than ``tile_side`` px on a side runs through the backbone in
         overlapping tiles of at most ``tile_side`` x ``tile_side`` (at least
@@ -112,6 +131,8 @@ class FeatureVAEConfig:
     normalize_images: bool = True
     image_components: int = 50
     image_side: int = 64
+    bank_size: int = 8192
+    fusion: str = "mean"
     tile_side: int = 512
     tile_overlap: int = 128
 
@@ -133,6 +154,10 @@ class FeatureVAEConfig:
             raise ValueError("logvar_min must be smaller than logvar_max")
         if self.image_components < 0 or self.image_side < 1:
             raise ValueError("image_components must be >= 0 and image_side >= 1")
+        if self.bank_size < 0:
+            raise ValueError(f"bank_size must be >= 0, got {self.bank_size}")
+        if self.fusion not in FUSION_RULES:
+            raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
         if self.tile_side % TILE_ALIGN or not 0 <= self.tile_overlap < self.tile_side:
             raise ValueError(
                 f"tile_side must be a multiple of {TILE_ALIGN} and 0 <= tile_overlap < "
@@ -164,8 +189,16 @@ class FeatureVAEConfig:
 
     @property
     def fused_index(self) -> tuple[int, ...]:
-        """Columns of ``views`` that :func:`fuse_views` takes the maximum of."""
-        names = FUSED_VIEWS if self.image_components else ("local", "global")
+        """Columns of ``views`` that :func:`fuse_views` combines.
+
+        Older models fuse the views they have: without a bank the VAE's local view
+        stands in for ``knn``, and without the image view only local and global.
+        """
+        names = list(FUSED_VIEWS)
+        if not self.bank_size:
+            names[0] = "local"
+        if not self.image_components:
+            names.remove("image")
         return tuple(VIEW_NAMES.index(v) for v in names)
 
     @property
@@ -181,8 +214,9 @@ class FeatureVAEConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
-        # a model saved before the image view existed has none
-        return cls(**{"image_components": 0, **data})
+        # a model saved before the image view (or the bank) existed has none, and was
+        # calibrated on the largest z-score
+        return cls(**{"image_components": 0, "bank_size": 0, "fusion": "max", **data})
 
 
 class FeatureOutput(NamedTuple):
@@ -231,6 +265,8 @@ class FeatureVAE(nn.Module):
             self.register_buffer(
                 "image_basis", torch.zeros(config.image_components, config.image_dim)
             )
+        if config.bank_size:
+            self.register_buffer("bank", torch.zeros(config.bank_size, c))
         self.layout = config.layout
         if self.layout.tiled:  # derived from the config: not saved with the weights
             weight, norm = self.layout.blend(FEATURE_STRIDE)
@@ -318,6 +354,27 @@ class FeatureVAE(nn.Module):
         residual = centred - (centred @ self.image_basis.T) @ self.image_basis
         return (residual**2).mean(1)
 
+    def knn_distance(self, features: Tensor) -> Tensor:
+        """The ``knn`` view (n,) of standardized features (n, c, h, w).
+
+        Each location's Euclidean distance to its nearest bank vector; the image's view
+        is the mean of the largest 1 % (at least one). The bank is searched in chunks of
+        4096 vectors, which bounds the memory of a batch (static slices: exports as is).
+        """
+        if not self.config.bank_size:
+            return features.new_zeros(features.shape[0])
+        queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
+        query_sq = (queries**2).sum(-1, keepdim=True)
+        nearest = None
+        for start in range(0, self.config.bank_size, BANK_CHUNK):
+            chunk = self.bank[start : start + BANK_CHUNK]
+            d2 = query_sq - 2.0 * queries @ chunk.T + (chunk**2).sum(-1)
+            best = d2.min(dim=-1).values
+            nearest = best if nearest is None else torch.minimum(nearest, best)
+        distance = nearest.clamp(min=0.0).sqrt()
+        k = max(1, int(KNN_TOP_FRACTION * distance.shape[1]))
+        return distance.topk(k, dim=1).values.mean(dim=1)
+
     def global_distance(self, raw: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
         pooled = raw.mean(dim=(2, 3)) - self.global_mean
@@ -379,17 +436,26 @@ def robust_z_constants(
 
 
 def fuse_views(
-    views: Tensor, center: Tensor, scale: Tensor, index: tuple[int, ...] = FUSED_INDEX
+    views: Tensor,
+    center: Tensor,
+    scale: Tensor,
+    index: tuple[int, ...] = FUSED_INDEX,
+    rule: str = "mean",
 ) -> Tensor:
-    """The fused image score (n,): the largest z-score of the ``FUSED_VIEWS``.
+    """The fused image score (n,): the mean (or the largest) z-score of the fused views.
 
     Each view becomes ``(view - center) / scale`` with the held-out normals' median and
-    scaled MAD; the maximum over views is, for Gaussian-like views, a monotone function
-    of the smallest p-value (the min-p rule with a Bonferroni factor: Tippett 1931), so
-    one strong view is enough to flag an image and a silent view cannot hide it.
+    scaled MAD. "mean" (Stouffer's rule up to a constant, for Gaussian-like views)
+    lets evidence that several views see add up; "max" is a monotone function of the
+    smallest p-value (min-p with a Bonferroni factor: Tippett 1931), so one strong view
+    is enough. Measured on the suite's sets, the mean ranked images better
+    (reports/suite/experiments.md).
     """
+    if rule not in FUSION_RULES:
+        raise ValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
     index = list(index)  # constants in the traced graph
-    return ((views[:, index] - center[index]) / scale[index]).max(dim=1).values
+    z = (views[:, index] - center[index]) / scale[index]
+    return z.mean(dim=1) if rule == "mean" else z.max(dim=1).values
 
 
 # --------------------------------------------------------------------------- training
@@ -456,6 +522,34 @@ def fit_image_subspace(
     return torch.from_numpy(mean).float(), torch.from_numpy(basis).float()
 
 
+def greedy_coreset(
+    vectors: Tensor, size: int, seed: int = 0, pool: int = 80000, dim: int = 32
+) -> Tensor:
+    """``size`` rows of ``vectors`` (n, c) that cover them: greedy k-center selection.
+
+    Each step adds the vector farthest from those chosen so far (Sener & Savarese 2018;
+    PatchCore's memory bank), so rare normal patterns are kept, where a random sample
+    would keep mostly the common ones. For speed the distances are measured after a
+    seeded Gaussian random projection to ``dim`` dimensions (Johnson-Lindenstrauss) and
+    among a random ``pool`` of the vectors. Deterministic for a seed; the first ``k``
+    rows of the result are the coreset of size ``k``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if len(vectors) > pool:
+        vectors = vectors[torch.randperm(len(vectors), generator=generator)[:pool]]
+    if size >= len(vectors):
+        return vectors.clone()
+    projection = torch.randn(vectors.shape[1], dim, generator=generator) / math.sqrt(dim)
+    z = vectors @ projection
+    chosen = [0]
+    nearest = ((z - z[0]) ** 2).sum(1)
+    for _ in range(size - 1):
+        index = int(nearest.argmax())
+        chosen.append(index)
+        nearest = torch.minimum(nearest, ((z - z[index]) ** 2).sum(1))
+    return vectors[torch.tensor(chosen)].clone()
+
+
 #: A full scoring pass over the backbone alone (VAE, upsampling, blur, views): measured
 #: about 1.3x at 256 x 256 on 2 CPU cores; rounded up so the budget errs on time.
 SCORING_OVER_BACKBONE = 1.5
@@ -512,6 +606,19 @@ def train_feature_vae(
         return standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1], 1, 1).contiguous()
 
     train_x, val_x = vectors(train_raw), vectors(val_raw)
+    if config.bank_size:
+        bank = greedy_coreset(train_x.flatten(1), config.bank_size, seed)
+        if len(bank) < config.bank_size:  # fewer training locations than the bank holds
+            config = dataclasses.replace(config, bank_size=len(bank))
+            model.config = config
+        model.bank = bank  # replaces the buffer (same name, maybe fewer rows)
+        if time_budget_s is not None and reserve_passes > 0 and len(val_images):
+            sample = model.standardize(val_raw[:8])
+            knn_started = time.monotonic()
+            with torch.no_grad():
+                model.knn_distance(sample)
+            per_image = (time.monotonic() - knn_started) / len(sample)
+            time_budget_s -= reserve_passes * len(val_images) * per_image
     if len(val_x) > 131072:  # a fixed, seeded sample keeps validation cheap
         keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))
         val_x = val_x[keep[:131072]]

@@ -18,9 +18,9 @@ from anomalyvae.models.feature_vae import FeatureVAE, fuse_views
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
-SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "image", "fused")
+SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "image", "knn", "fused")
 #: Score kinds only the feature family computes (see :mod:`anomalyvae.models.feature_vae`).
-FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("global", "image", "fused")
+FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("global", "image", "knn", "fused")
 #: Model inputs at most this many pixels on a side get SSIM maps by default (see
 #: :func:`default_map_kind`).
 SMALL_IMAGE_SIDE = 32
@@ -40,8 +40,9 @@ class ScoringConfig:
         "max" (largest map value), "topk_mean" (mean of the ``topk_fraction``
         largest values) or "elbo" (the image's negative ELBO in nats); the feature
         family adds "global" (distance of the image's mean feature vector to the
-        normals'), "image" (the pooled image's residual off the normals' PCA subspace)
-        and "fused" (the largest z-score of the local, global and image views against
+        normals'), "image" (the pooled image's residual off the normals' PCA subspace),
+        "knn" (nearest-neighbour distance to a memory bank of normal feature vectors)
+        and "fused" (the mean z-score of the knn, global and image views against
         held-out normals).
     smoothing_sigma : float
         Gaussian blur of the map in pixels; 0 disables it.
@@ -283,7 +284,7 @@ def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tens
 class ScoreResult(NamedTuple):
     """Scores of a batch: ``anomaly_map`` (n, 1, h, w), ``score`` (n,), ``elbo`` (n,).
 
-    ``views`` (n, 3): the feature family's local, ELBO and global views (else None).
+    ``views`` (n, 5): the feature family's views in ``VIEW_NAMES`` order (else None).
     """
 
     anomaly_map: Tensor
@@ -317,7 +318,8 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
     image = residual of the pooled input off the normals' PCA subspace.
     """
     raw = model.raw_features(x)
-    location = model.location_elbo(model.vae(model.standardize(raw)))
+    standardized = model.standardize(raw)
+    location = model.location_elbo(model.vae(standardized))
     size = (int(x.shape[-2]), int(x.shape[-1]))
     upsampled = F.interpolate(location, size=size, mode="bilinear", align_corners=False)
     smoothed = gaussian_blur(upsampled, config.smoothing_sigma)
@@ -328,15 +330,32 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
         ScoringConfig("elbo", local_kind, config.smoothing_sigma, config.topk_fraction),
     )
     elbo = location.flatten(1).mean(1)
-    views = torch.stack([local, elbo, model.global_distance(raw), model.image_residual(x)], dim=1)
+    views = torch.stack(
+        [
+            local,
+            elbo,
+            model.global_distance(raw),
+            model.image_residual(x),
+            model.knn_distance(standardized),
+        ],
+        dim=1,
+    )
     if config.score_kind == "fused":
-        score = fuse_views(views, model.view_center, model.view_scale, model.config.fused_index)
+        score = fuse_views(
+            views,
+            model.view_center,
+            model.view_scale,
+            model.config.fused_index,
+            model.config.fusion,
+        )
     elif config.score_kind == "elbo":
         score = elbo
     elif config.score_kind == "global":
         score = views[:, 2]
     elif config.score_kind == "image":
         score = views[:, 3]
+    elif config.score_kind == "knn":
+        score = views[:, 4]
     else:
         score = local
     return ScoreResult(smoothed, score, elbo, views)

@@ -124,7 +124,7 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
     z-scores use the held-out normals' median and MAD (as the product does); p-values
     are the conformal ones, (1 + #normals at or above) / (n + 1).
     """
-    names = ("local", "elbo", "global", "image")
+    names = ("local", "elbo", "global", "image", "knn")
     z, p = {}, {}
     for name in names:
         ref = np.sort(val_views[name])
@@ -132,15 +132,25 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
         z[name] = (views[name] - center[0]) / scale[0]
         above = len(ref) - np.searchsorted(ref, views[name], side="left")
         p[name] = (1 + above) / (len(ref) + 1)
-    fused = ("local", "global", "image")
+    fused = ("knn", "global", "image")
+    before = ("local", "global", "image")  # the fused views before the memory bank
+
+    def rule(kind: str, views_: tuple[str, ...]) -> np.ndarray:
+        stack = [z[n] for n in views_]
+        return np.mean(stack, axis=0) if kind == "mean" else np.max(stack, axis=0)
+
     out = {
-        "max-z(local, elbo, global, image)": np.max([z[n] for n in names], axis=0),
-        "max-z(local, global, image)": np.max([z[n] for n in fused], axis=0),
-        "mean-z(local, global, image)": np.mean([z[n] for n in fused], axis=0),
-        "max-z(local, global)": np.maximum(z["local"], z["global"]),
-        "mean-z(local, global)": (z["local"] + z["global"]) / 2,
-        "fisher-p(local, global, image)": -2 * np.sum([np.log(p[n]) for n in fused], axis=0),
-        "min-p(local, global, image)": -np.min([p[n] for n in fused], axis=0),
+        "mean-z(knn, global, image)": rule("mean", fused),
+        "max-z(knn, global, image)": rule("max", fused),
+        "mean-z(knn, local, global, image)": rule("mean", ("knn", *before)),
+        "mean-z(knn, global)": rule("mean", ("knn", "global")),
+        "max-z(local, elbo, global, image)": rule("max", ("local", "elbo", "global", "image")),
+        "max-z(local, global, image)": rule("max", before),
+        "mean-z(local, global, image)": rule("mean", before),
+        "max-z(local, global)": rule("max", ("local", "global")),
+        "mean-z(local, global)": rule("mean", ("local", "global")),
+        "fisher-p(knn, global, image)": -2 * np.sum([np.log(p[n]) for n in fused], axis=0),
+        "min-p(knn, global, image)": -np.min([p[n] for n in fused], axis=0),
     }
     return out
 
@@ -416,7 +426,8 @@ def write_experiments(results: dict, out: Path) -> None:
         "## Candidate scores of the default models (this run), image AUROC",
         "",
         "Each row is a way to turn the trained default model into an image score; the "
-        "product uses `feature/fused` (= `fusion/max-z(local, global, image)`) on every "
+        "product uses `feature/fused` (= `fusion/mean-z(knn, global, image)`; before the "
+        "memory bank, `fusion/max-z(local, global, image)`) on every "
         "set that the feature model serves. Rows are kept or dropped as a whole, never "
         "per set. `probe/` rows are scores the product does not offer (see `probes` in "
         "run.py: nearest-neighbour memory banks), measured on the same model and split.",

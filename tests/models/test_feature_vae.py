@@ -88,13 +88,62 @@ def test_auto_family_follows_input_size(family, size, expected):
     assert resolve_family(family, size, size) == expected
 
 
-def test_fused_score_takes_the_strongest_fused_view():
-    views = torch.tensor([[4.0, 10.0, 0.0, 1.0], [0.0, 99.0, 7.0, 1.0], [0.0, 99.0, 1.0, 9.0]])
-    fused = fuse_views(views, torch.zeros(4), torch.tensor([2.0, 1.0, 1.0, 3.0]))
-    # local / 2, then global, then image / 3; the elbo view is not fused
-    assert fused.tolist() == [2.0, 7.0, 3.0]
-    # a model saved before the image view fuses local and global only
-    assert fuse_views(views, torch.zeros(4), torch.ones(4), (0, 2)).tolist() == [4.0, 7.0, 1.0]
+def test_fused_score_averages_or_takes_the_strongest_fused_view():
+    # columns: local, elbo, global, image, knn
+    views = torch.tensor(
+        [[4.0, 10.0, 0.0, 3.0, 6.0], [0.0, 99.0, 6.0, 0.0, 0.0], [9.0, 99.0, 3.0, 9.0, 0.0]]
+    )
+    center, scale = torch.zeros(5), torch.tensor([2.0, 1.0, 1.0, 3.0, 2.0])
+    # z: knn / 2, global, image / 3; the VAE's local and elbo views are not fused
+    assert fuse_views(views, center, scale).tolist() == pytest.approx([4 / 3, 2.0, 2.0])
+    assert fuse_views(views, center, scale, rule="max").tolist() == [3.0, 6.0, 3.0]
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse_views(views, center, scale, rule="median")
+
+
+def test_older_configs_fuse_the_views_they_have_with_their_rule():
+    new = FeatureVAEConfig()
+    assert [VIEW_NAMES[i] for i in new.fused_index] == ["knn", "global", "image"]
+    assert new.fusion == "mean"
+    before_bank = FeatureVAEConfig.from_dict({"image_components": 50})
+    assert [VIEW_NAMES[i] for i in before_bank.fused_index] == ["local", "global", "image"]
+    assert before_bank.fusion == "max" and before_bank.bank_size == 0
+    before_image = FeatureVAEConfig.from_dict({})
+    assert [VIEW_NAMES[i] for i in before_image.fused_index] == ["local", "global"]
+
+
+def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
+    import anomalyvae.models.feature_vae as fv
+
+    monkeypatch.setattr(fv, "BANK_CHUNK", 3)  # several chunks: the minimum spans them
+    model = FeatureVAE(FeatureVAEConfig(bank_size=7), pretrained=False).eval()
+    c = model.config.feature_channels
+    bank = torch.zeros(7, c)
+    bank[:, 0] = torch.arange(7.0)  # points 0, 1, ..., 6 on the first axis
+    model.bank = bank
+    features = torch.zeros(2, c, 10, 10)
+    features[:, 0] = 2.0  # every location sits on a bank vector ...
+    features[1, 0, 4, 4] = 9.0  # ... but one, 3 from the nearest (6)
+    distance = model.knn_distance(features)
+    assert distance[0] == 0.0
+    assert distance[1] == pytest.approx(3.0)  # top 1 % of 100 locations: the one
+    assert model.knn_distance(features[:1]).shape == (1,)
+
+
+def test_greedy_coreset_keeps_the_rare_vectors_a_random_sample_would_miss():
+    from anomalyvae.models.feature_vae import greedy_coreset
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(0, 0.1, (5000, 16))
+    rare = rng.normal(0, 0.1, (5, 16)) + 10.0 * np.eye(16)[:5]  # five far, rare patterns
+    vectors = torch.from_numpy(np.concatenate([common, rare])).float()
+    core = greedy_coreset(vectors, 20, seed=0)
+    assert core.shape == (20, 16)
+    distance_to_rare = torch.cdist(vectors[5000:], core).min(1).values
+    assert (distance_to_rare < 1e-6).all()  # every rare vector is in the coreset
+    torch.testing.assert_close(greedy_coreset(vectors, 20, seed=0), core)  # deterministic
+    torch.testing.assert_close(greedy_coreset(vectors, 10, seed=0), core[:10])  # nested
+    assert len(greedy_coreset(vectors[:8], 20)) == 8  # fewer vectors than asked: all
 
 
 def test_image_view_scores_what_the_normals_subspace_misses():
@@ -194,27 +243,39 @@ def test_self_check_detects_synthetic_defects_more_often_than_normals(feature_de
     assert VAEAnomalyDetector.load(checkpoint).self_check_ == check
 
 
-def test_a_model_saved_before_the_image_view_loads_and_fuses_two_views(
-    feature_detector, feature_root, tmp_path
+@pytest.mark.parametrize(
+    ("era", "n_views", "fused"),
+    [
+        ("before the image view", 3, ("local", "global")),
+        ("before the bank", 4, ("local", "global", "image")),
+    ],
+)
+def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
+    feature_detector, feature_root, tmp_path, era, n_views, fused
 ):
     detector, checkpoint = feature_detector
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model_state = dict(state["model_state"])
-    del model_state["image_mean"], model_state["image_basis"]
-    model_state["view_center"] = model_state["view_center"][:3].clone()
-    model_state["view_scale"] = model_state["view_scale"][:3].clone()
-    config = {k: v for k, v in state["model_config"].items() if not k.startswith("image_")}
+    dropped = ("bank", "fusion") if n_views == 4 else ("bank", "fusion", "image_")
+    for key in [k for k in model_state if k.startswith(dropped)]:
+        del model_state[key]
+    model_state["view_center"] = model_state["view_center"][:n_views].clone()
+    model_state["view_scale"] = model_state["view_scale"][:n_views].clone()
+    config = {k: v for k, v in state["model_config"].items() if not k.startswith(dropped)}
     old = tmp_path / "old.pt"
     torch.save({**state, "model_state": model_state, "model_config": config}, old)
     loaded = VAEAnomalyDetector.load(old, progress=False)
     paths = [s.path for s in mvtec_samples(feature_root, "test")]
     views = loaded.view_scores(paths)
     center, scale = loaded.model_.view_center.numpy(), loaded.model_.view_scale.numpy()
-    expected = np.maximum(
-        (views["local"] - center[0]) / scale[0], (views["global"] - center[2]) / scale[2]
+    expected = np.max(
+        [(views[n] - center[VIEW_NAMES.index(n)]) / scale[VIEW_NAMES.index(n)] for n in fused],
+        axis=0,
     )
     np.testing.assert_allclose(loaded.anomaly_score(paths), expected, rtol=1e-5, atol=1e-5)
-    assert np.all(views["image"] == 0)
+    assert np.all(views["knn"] == 0)
+    if n_views == 3:
+        assert np.all(views["image"] == 0)
 
 
 def test_the_time_budget_keeps_room_for_the_scoring_passes_after_training():
