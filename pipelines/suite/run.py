@@ -491,22 +491,23 @@ def write_experiments(results: dict, out: Path) -> None:
             f"- Best single rule over the feature-model sets in this run: `{best}` "
             f"(mean image AUROC {means[best]:.3f}; the default `feature/fused` "
             f"{means.get('feature/fused', float('nan')):.3f}).",
-            "- Kept `fused` = max z-score of the views, even where the global view alone "
-            "ranks images better: image AUROC is not the only duty of the score. A thin "
-            "crack on a large image moves the image's mean feature vector little, and only "
-            "the local view flags it; the max rule lets any one view flag an image. To "
-            "revisit with more sets (the held-out crack, MRI and mammogram sets judge it).",
-            "- Added the whole-image `image` view (pixel-space PCA-50 residual at 64 px) to "
-            "the fusion (first in the run of code c24186c): on the held-out MRI set of "
-            "issue 15, a whole-image PCA beat every feature score by a wide margin, and no "
-            "view of the feature model saw what it saw. `fusion/max-z(local, global)` is "
-            "the fusion before it: "
+            "- `fused` = the mean z-score of the memory-bank (`knn`), global and image "
+            "views (first in the run of code b931c70; before it, the largest z-score of the "
+            "VAE's local view, global and image). The bank is a greedy k-center coreset of "
+            "8192 training locations; a random sample of 20,000 (the `probe/knn-feature` "
+            "rows) ranked images worse on both sets. Before -> after, same "
+            "run: "
             + ", ".join(
-                f"{n} {alt.get('fusion/max-z(local, global)', float('nan')):.3f}"
+                f"{n} {alt.get('fusion/max-z(local, global, image)', float('nan')):.3f}"
                 f" -> {alt.get('feature/fused', float('nan')):.3f}"
                 for n, alt in ((n, sets[n]["alternatives"]) for n in feature_sets)
             )
-            + " in this run.",
+            + ".",
+            "- Kept the image view in the fusion even where `mean-z(knn, global)` ranks "
+            "these sets higher: on the held-out MRI set of issue 15 a whole-image PCA beat "
+            "every feature score by a wide margin, and only the image view sees that. Kept "
+            "the VAE's local view out: the bank's distance ranks images better on both sets "
+            "(its map stays the anomaly map: pixel metrics are the VAE's).",
             "- Fusion rules over the feature-model sets in this run, by mean image AUROC: "
             + ", ".join(
                 f"`{v}` {means[v]:.3f}"
@@ -514,11 +515,11 @@ def write_experiments(results: dict, out: Path) -> None:
                     (v for v in means if v.startswith("fusion/")), key=means.get, reverse=True
                 )
             )
-            + ". Kept max-z even where mean-z or Fisher rank higher on these sets: they add "
-            "the views up, so a defect only one view sees (a thin crack: the local view) is "
-            "diluted by the views that see nothing, while max-z lets one strong view flag "
-            "the image. The mean-ELBO view stays out of the fusion (the weakest view on both "
-            "feature sets since it was first measured).",
+            + ". The mean adds evidence that several views see; the max lets one strong "
+            "view flag an image. The mean ranks higher here; a defect that only one view "
+            "sees is diluted by it, which the held-out sets will judge. The mean-ELBO view "
+            "stays out of the fusion (the weakest view on both feature sets since it was "
+            "first measured).",
             "- Kept per-image intensity normalization in the feature model, and the pixel "
             "model for small inputs (`auto`: feature from 96 px up).",
         ]
