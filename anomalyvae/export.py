@@ -308,6 +308,10 @@ def _stamp(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+#: Images per graph run in parity checks and :func:`torch_outputs` (bounds their memory).
+PARITY_BATCH = 16
+
+
 def torch_outputs(
     detector: VAEAnomalyDetector, images: NDArray[np.float32], threshold: float | None = None
 ) -> dict[str, NDArray[Any]]:
@@ -319,10 +323,14 @@ def torch_outputs(
             getattr(detector, "map_stats_", None),
         )
     )
-    value = float(detector.threshold_ if threshold is None else threshold)
-    with torch.no_grad():
-        outs = graph(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(value))
-    return {name: out.numpy() for name, out in zip(OUTPUT_NAMES, outs, strict=True)}
+    value = torch.tensor(float(detector.threshold_ if threshold is None else threshold))
+    parts: list[list[NDArray[Any]]] = [[] for _ in OUTPUT_NAMES]
+    with torch.no_grad():  # in batches: a graph's memory grows with its batch
+        for start in range(0, len(images), PARITY_BATCH):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + PARITY_BATCH]))
+            for part, out in zip(parts, graph(batch, value), strict=True):
+                part.append(out.numpy())
+    return {name: np.concatenate(part) for name, part in zip(OUTPUT_NAMES, parts, strict=True)}
 
 
 def check_parity(
@@ -334,9 +342,13 @@ def check_parity(
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the threshold input's default is by design
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    onnx_out = dict(
-        zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}), strict=True)
-    )
+    runs = [
+        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + PARITY_BATCH]})
+        for start in range(0, len(images), PARITY_BATCH)
+    ]
+    onnx_out = {
+        name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(OUTPUT_NAMES)
+    }
     ref = torch_outputs(detector, images)
     score_diff = np.abs(onnx_out["score"] - ref["score"])
     # The feature model's fused score is a z-score: near 0 for typical normals, so a

@@ -66,8 +66,9 @@ FUSION_RULES: tuple[str, ...] = ("mean", "max")
 
 #: Stride of the feature map the VAE models (the backbone's stride-8 tap).
 FEATURE_STRIDE = 8
-#: Bank vectors compared with a batch at once by the ``knn`` view (bounds its memory).
-BANK_CHUNK = 4096
+#: Distances one image's ``knn`` block holds at once (locations x bank chunk): 4 M
+#: floats, 16 MB, so a batch of 32 needs about 0.5 GB whatever the input size.
+KNN_BLOCK = 1 << 22
 #: Share of an image's locations whose nearest-neighbour distances make its ``knn`` view.
 KNN_TOP_FRACTION = 0.01
 
@@ -358,21 +359,24 @@ class FeatureVAE(nn.Module):
         """The ``knn`` view (n,) of standardized features (n, c, h, w).
 
         Each location's Euclidean distance to its nearest bank vector; the image's view
-        is the mean of the largest 1 % (at least one). The bank is searched in chunks of
-        4096 vectors, which bounds the memory of a batch (static slices: exports as is).
+        is the mean of the largest 1 % (at least one). ``|q - b|^2 = |q|^2 + (|b|^2 -
+        2 q.b)``, minimized over the bank in chunks sized so that one image's distance
+        block stays near ``KNN_BLOCK`` values, whatever the input size (static slices:
+        exports as is).
         """
         if not self.config.bank_size:
             return features.new_zeros(features.shape[0])
         queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
-        query_sq = (queries**2).sum(-1, keepdim=True)
+        locations = int(queries.shape[1])
+        chunk = max(1, min(self.config.bank_size, KNN_BLOCK // max(1, locations)))
         nearest = None
-        for start in range(0, self.config.bank_size, BANK_CHUNK):
-            chunk = self.bank[start : start + BANK_CHUNK]
-            d2 = query_sq - 2.0 * queries @ chunk.T + (chunk**2).sum(-1)
-            best = d2.min(dim=-1).values
+        for start in range(0, self.config.bank_size, chunk):
+            bank = self.bank[start : start + chunk]
+            partial = torch.matmul(queries, bank.T * -2.0) + (bank**2).sum(-1)
+            best = partial.min(dim=-1).values
             nearest = best if nearest is None else torch.minimum(nearest, best)
-        distance = nearest.clamp(min=0.0).sqrt()
-        k = max(1, int(KNN_TOP_FRACTION * distance.shape[1]))
+        distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
+        k = max(1, int(KNN_TOP_FRACTION * locations))
         return distance.topk(k, dim=1).values.mean(dim=1)
 
     def global_distance(self, raw: Tensor) -> Tensor:

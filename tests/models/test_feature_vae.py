@@ -115,7 +115,7 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
 def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
     import anomalyvae.models.feature_vae as fv
 
-    monkeypatch.setattr(fv, "BANK_CHUNK", 3)  # several chunks: the minimum spans them
+    monkeypatch.setattr(fv, "KNN_BLOCK", 300)  # chunks of 3: the minimum spans them
     model = FeatureVAE(FeatureVAEConfig(bank_size=7), pretrained=False).eval()
     c = model.config.feature_channels
     bank = torch.zeros(7, c)
