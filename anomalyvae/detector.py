@@ -270,6 +270,8 @@ class VAEAnomalyDetector:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.model not in MODEL_FAMILIES:
             raise ValueError(f"model must be one of {MODEL_FAMILIES}, got {self.model!r}")
+        if self.tile_size < 64 or self.tile_size % 16:  # before the (long) data loading
+            raise ValueError(f"tile_size must be a multiple of 16, >= 64; got {self.tile_size}")
         if self.map_kind != "auto":  # validate before the (long) data loading
             ScoringConfig(
                 self.map_kind,

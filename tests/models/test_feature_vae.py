@@ -204,6 +204,7 @@ def test_feature_map_is_position_independent():
     [
         (dict(model="pixel", score_kind="fused"), "needs the feature model"),
         (dict(model="feature", nproc=2), "one process"),
+        (dict(model="feature", tile_size=100), "multiple of 16"),
         (dict(model="nope"), "model must be one of"),
     ],
 )
