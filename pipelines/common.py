@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,33 @@ def machine() -> str:
         f"{cpu}, {torch.get_num_threads()} torch threads, Python "
         f"{platform.python_version()}, torch {torch.__version__}"
     )
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Dense float32 matmul GFLOP/s with numpy (BLAS, all threads): the practical ceiling."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def timed(fn) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cli(*args: str) -> float:
+    """Run ``anomalyvae ARGS`` in a fresh interpreter; return its wall time in seconds."""
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-m", "anomalyvae", *args], capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"anomalyvae {' '.join(args)} failed:\n{completed.stderr[-3000:]}")
+    return time.monotonic() - started
 
 
 @dataclass

@@ -27,11 +27,12 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("mtd/run.py", []),
         ("pneumonia/run.py", []),
         ("scale/bench.py", []),
+        ("cuda/bench.py", ["README.md", "results.json"]),
     ],
 )
 def test_pipeline_smoke_mode(script, outputs, tmp_path):
     args = [sys.executable, str(PIPELINES / script), "--smoke"]
-    if script.startswith("suite"):
+    if script.startswith(("suite", "cuda")):
         args += ["--out", str(tmp_path / "report")]
     if script == "suite/drift.py":
         completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
@@ -41,6 +42,10 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    if script == "cuda/bench.py":
+        results = json.loads((tmp_path / "report" / "results.json").read_text())
+        assert results["evaluation"]["image_auroc"] is not None
+        assert all(r["images_per_s"] > 0 for r in results["throughput"].values())
     if script.startswith("suite"):
         for name in outputs:
             assert (tmp_path / "report" / name).is_file(), name

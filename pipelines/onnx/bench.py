@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, shown, smoke_model  # noqa: E402
+from common import machine, matmul_peak, shown, smoke_model, timed  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -39,21 +38,6 @@ from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.models.maps import ScoringGraph  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Dense float32 matmul GFLOP/s with numpy (BLAS, all threads): the practical ceiling."""
-    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def scoring_graph(detector: VAEAnomalyDetector) -> ScoringGraph:
@@ -126,12 +110,12 @@ def main() -> None:
     throughput: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():  # alternate within each round
-            throughput[name].append(len(batch) / _timed(lambda r=run: r(batch)))
+            throughput[name].append(len(batch) / timed(lambda r=run: r(batch)))
     latency: dict[str, list[float]] = {k: [] for k in runners}
     for i in range(args.latency_runs):
         one = images[i % len(images)][None]
         for name, run in runners.items():
-            latency[name].append(1000 * _timed(lambda r=run, x=one: r(x)))
+            latency[name].append(1000 * timed(lambda r=run, x=one: r(x)))
     flops = flops_per_image(detector)
     peak = matmul_peak()
 

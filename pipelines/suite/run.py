@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from common import machine, pca_baseline, plt, shown, tables  # noqa: E402
+from common import cli, machine, pca_baseline, plt, shown, tables  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
@@ -61,17 +61,6 @@ def discover_sets(data_root: Path) -> dict[str, Path]:
         elif (folder / "train" / "good").is_dir():
             sets[folder.name] = folder
     return sets
-
-
-def cli(*args: str) -> float:
-    """Run ``anomalyvae ARGS`` in a fresh interpreter; return its wall time in seconds."""
-    started = time.monotonic()
-    completed = subprocess.run(
-        [sys.executable, "-m", "anomalyvae", *args], capture_output=True, text=True
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"anomalyvae {' '.join(args)} failed:\n{completed.stderr[-3000:]}")
-    return time.monotonic() - started
 
 
 def pca_floor(source: Path, train: list[Path], detector: VAEAnomalyDetector, test) -> dict:
