@@ -192,3 +192,14 @@ def test_score_takes_a_nifti_volume_slice_by_slice(runner, trained, synthetic_ro
 def test_generative_commands_take_silent(runner, command):
     result = runner.invoke(main, [command, "-h"])
     assert "--silent" in result.output
+
+
+def test_time_budget_counts_the_whole_command():
+    from anomalyvae import cli
+
+    # what the command spent before the fit comes off, and 1 % (at most 5 s) stays for
+    # the final save: a 900 s budget 3 s into the command leaves the fit 892 s
+    assert cli.command_budget(900.0, now=cli._STARTED + 3.0) == pytest.approx(892.0)
+    assert cli.command_budget(100.0, now=cli._STARTED + 3.0) == pytest.approx(96.0)
+    assert cli.command_budget(2.0, now=cli._STARTED + 3.0) == 1.0  # never below a second
+    assert cli.command_budget(None) is None
