@@ -1,11 +1,11 @@
 """The VAE's generative uses measured on MTD test normals: denoising and inpainting.
 
-    python pipelines/generative/run.py [--checkpoint runs/mtd/model.pt]
+    python pipelines/generative/run.py [--checkpoint runs/mtd/pixel.pt]
                                        [--data ../shared/datasets/mtd/split.json]
     python pipelines/generative/run.py --smoke   # a tiny synthetic model, a few images (CI)
 
-The checkpoint must hold a pixel model (the generative uses need pixels), e.g.
-`anomalyvae train ../shared/datasets/mtd/split.json -o runs/mtd/model.pt --model pixel`.
+The checkpoint must hold a pixel model (the generative uses need pixels); the default,
+runs/mtd/pixel.pt, is trained first when missing (`anomalyvae train MTD --model pixel`).
 
 Denoising: Gaussian noise (sigma 0.05, 0.1, 0.2) and salt-and-pepper (5 %), PSNR and SSIM
 against the clean image for: the noisy input, VAE reconstruction (posterior mean and an
@@ -30,7 +30,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, markdown_table, shown, smoke_model  # noqa: E402
+from common import (  # noqa: E402
+    PIXEL_CHECKPOINT,
+    machine,
+    markdown_table,
+    pixel_checkpoint,
+    shown,
+    smoke_model,
+)
 from PIL import Image  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
@@ -72,7 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=PIXEL_CHECKPOINT,
+        help="a pixel-model checkpoint; the default is trained on MTD when missing",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "generative")
     parser.add_argument("--n-images", type=int, default=64)
@@ -86,7 +98,7 @@ def main() -> None:
         args.out, args.n_images = tmp / "report", 4
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
+    detector = VAEAnomalyDetector.load(pixel_checkpoint(args.checkpoint, args.data), progress=False)
     model = detector.model_
     normals = [s.path for s in discover(args.data, "test") if s.label == 0]
     chosen = sorted(rng.permutation(len(normals))[: args.n_images])

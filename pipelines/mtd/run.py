@@ -98,7 +98,7 @@ def main() -> None:
 
     all_tables = tables(results, labels, types, masks, has_mask)
     summary = overview(all_tables)
-    default_name = variant_name(detector.scoring_)
+    default_name = variant_name(detector.scoring_, detector.family_)
     best_name = summary["image_auroc"].idxmax()
 
     plot_roc(results, labels, args.out / "roc.png")
@@ -140,7 +140,8 @@ def main() -> None:
         "# MTD benchmark (Magnetic Tile Defect)"
         + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
-        "Produced by `python pipelines/mtd/run.py`; every number below comes from that run. "
+        f"Produced by `{' '.join(['python pipelines/mtd/run.py', *sys.argv[1:]])}`; every "
+        "number below comes from that run. "
         "`python pipelines/mtd/all.py` regenerates the whole folder (with the experiment log "
         "and the data curve).",
         "Data: the fixed split `split.json` (train on `train_good` only; calibration normals "

@@ -1,10 +1,10 @@
 """Scale-out: the Ray scan engine with 1 vs 2 workers, DDP training with 1 vs 2 processes.
 
-    python pipelines/scale/bench.py [--checkpoint runs/mtd/model.pt] [--n-files 4000]
+    python pipelines/scale/bench.py [--checkpoint runs/mtd/pixel.pt] [--n-files 4000]
     python pipelines/scale/bench.py --smoke    # tiny synthetic model and folder (CI)
 
-The checkpoint must hold a pixel model (DDP training is the pixel model's), e.g.
-`anomalyvae train ../shared/datasets/mtd/split.json -o runs/mtd/model.pt --model pixel`.
+The checkpoint must hold a pixel model (DDP training is the pixel model's); the default,
+runs/mtd/pixel.pt, is trained first when missing (`anomalyvae train MTD --model pixel`).
 
 1. Scan a synthetic folder of 128 px PNGs with the Ray engine on a local Ray instance,
    1 and then 2 inference actors, and with the local engine, in one run (heatmaps off).
@@ -37,7 +37,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import machine, shown, smoke_model, synthetic_folder  # noqa: E402
+from common import (  # noqa: E402
+    PIXEL_CHECKPOINT,
+    machine,
+    pixel_checkpoint,
+    shown,
+    smoke_model,
+    synthetic_folder,
+)
 
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -151,7 +158,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=PIXEL_CHECKPOINT,
+        help="a pixel-model checkpoint; the default is trained on MTD when missing",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scale")
     parser.add_argument("--n-files", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -173,7 +185,7 @@ def main() -> None:
         render(json.loads((args.out / "results.json").read_text()), args.out)
         return
     work = Path(tempfile.mkdtemp(prefix="anomalyvae-scale-bench-"))
-    detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
+    detector = VAEAnomalyDetector.load(pixel_checkpoint(args.checkpoint), progress=False)
     model = export_onnx(detector, work / "model.onnx").path
     folder = synthetic_folder(work / "in", args.n_files)
     cpus = os.cpu_count() or 1
