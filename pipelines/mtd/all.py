@@ -4,7 +4,7 @@
 
 Runs, in order: run.py (trains the default detector in its 15-minute budget, evaluates
 every scoring variant and the PCA floor, writes README.md, metrics.json and figures),
-experiments.py (post-hoc variants on that checkpoint -> experiments.md) and
+experiments.py (the pixel model's post-hoc variants -> experiments.md) and
 data_curve.py (10/25/50/100 % of train_good at equal optimizer steps -> data_curve.md).
 About 50 minutes on 2 CPU cores. Extra arguments are not passed on; run a script alone
 to change its settings.

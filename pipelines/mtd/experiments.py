@@ -1,6 +1,10 @@
-"""MTD experiments on a trained checkpoint: post-hoc scoring variants, measured and recorded.
+"""MTD experiments on a pixel-model checkpoint: post-hoc scoring variants, measured and recorded.
 
-    python pipelines/mtd/experiments.py [--checkpoint runs/mtd/model.pt]
+    python pipelines/mtd/experiments.py [--checkpoint runs/mtd/pixel.pt]
+
+The variants are the pixel model's (map kinds, standardization); the default checkpoint,
+runs/mtd/pixel.pt, is trained first when missing (`anomalyvae train MTD --model pixel`).
+The feature model's candidate scores are in reports/mtd/README.md and reports/suite.
 
 Each variant changes only how the trained VAE's output is turned into maps and scores
 (smoothing, top-k share, border margins, per-pixel standardization of the map by the
@@ -22,7 +26,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import load_test, machine, shown, topk_mean  # noqa: E402
+from common import (  # noqa: E402
+    PIXEL_CHECKPOINT,
+    load_test,
+    machine,
+    pixel_checkpoint,
+    shown,
+    topk_mean,
+)
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -37,11 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "mtd" / "model.pt")
+    parser.add_argument("--checkpoint", type=Path, default=PIXEL_CHECKPOINT)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "mtd")
     args = parser.parse_args()
-    detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
+    detector = VAEAnomalyDetector.load(pixel_checkpoint(args.checkpoint, args.data), progress=False)
     train = split_file_samples(args.data, "train")
     val_index, train_index = detector.split_indices(len(train))
     val_x, _, _ = read_images([train[i].path for i in val_index], detector.preprocessing_)
@@ -127,10 +138,10 @@ def main() -> None:
     (args.out / "experiments.json").write_text(json.dumps(payload, indent=2, default=float))
     fmt = lambda v: "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
     lines = [
-        "# MTD experiment log",
+        "# MTD experiment log (pixel model)",
         "",
-        "Produced by `python pipelines/mtd/experiments.py` on the checkpoint trained by "
-        "`pipelines/mtd/run.py`; every number below comes from that run. Earlier probes "
+        f"Produced by `python pipelines/mtd/experiments.py` on `{shown(args.checkpoint)}`, "
+        "a pixel-model checkpoint; every number below comes from that run. Earlier probes "
         "quoted from the issue (not rerun here): a plain 5M-parameter conv VAE at 128 px "
         "reached 0.57 image / 0.62 pixel AUROC, a fully convolutional VAE on 64 px crops "
         "0.55-0.61 / 0.56-0.59.",
