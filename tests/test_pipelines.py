@@ -55,3 +55,20 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         assert "Smoke run" in (tmp_path / "report" / "README.md").read_text()
     else:
         assert "smoke run" in completed.stdout
+
+
+def test_suite_logs_a_variant(tmp_path):
+    """`--variant` trains with extra options and appends one line to variants.jsonl."""
+    out = tmp_path / "report"
+    args = [sys.executable, str(PIPELINES / "suite/run.py"), "--smoke", "--out", str(out)]
+    args += ["--variant", "pixel-64", "--train-args", "--model pixel --image-size 64"]
+    completed = subprocess.run(
+        [*args, "--sets", "synthetic96"], capture_output=True, text=True, timeout=900
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (line,) = (out / "variants.jsonl").read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["variant"] == "pixel-64"
+    assert entry["train_args"] == ["--model", "pixel", "--image-size", "64"]
+    defaults = entry["sets"]["synthetic96"]["defaults"]
+    assert defaults["model_family"] == "pixel" and defaults["input_size"] == [64, 64]

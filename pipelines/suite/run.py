@@ -2,6 +2,8 @@
 
     python pipelines/suite/run.py                 # every set under ../shared/datasets
     python pipelines/suite/run.py --smoke         # two tiny synthetic sets, one round (CI)
+    python pipelines/suite/run.py --variant NAME --train-args "--model feature" --sets X
+                                                  # a variant, logged in variants.jsonl
 
 Sets are discovered, never listed: a folder under the data root with a ``split.json``
 (MTD-style split file) or an MVTec layout (``train/good``) is a set. For each set:
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -245,11 +248,14 @@ def alternatives(
     return out, {}
 
 
-def run_set(name: str, source: Path, work: Path, budget: float, smoke: bool) -> dict:
+def run_set(
+    name: str, source: Path, work: Path, budget: float, smoke: bool, extra: tuple[str, ...] = ()
+) -> dict:
     print(f"[{name}] training the defaults (budget {budget:g} s)", flush=True)
     model = work / name / "model.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     train_args = ["train", str(source), "-o", str(model), "--time-budget", str(budget), "--silent"]
+    train_args += list(extra)  # a variant's options (--variant); none for the defaults
     if smoke:
         train_args += ["--epochs", "1"]
     train_seconds = cli(*train_args)
@@ -460,6 +466,7 @@ def write_experiments(results: dict, out: Path) -> None:
                 + " | ".join(cells)
                 + " |"
             )
+    lines += variant_lines(out, sets)
     feature_sets = [n for n in names if sets[n]["defaults"]["model_family"] == "feature"]
     if feature_sets:
         means = {
@@ -527,6 +534,70 @@ def write_experiments(results: dict, out: Path) -> None:
     (out / "experiments.md").write_text("\n".join(lines) + "\n")
 
 
+def variant_lines(out: Path, sets: dict) -> list[str]:
+    """experiments.md rows of variants.jsonl: models trained with other CLI options."""
+    path = out / "variants.jsonl"
+    if not path.is_file():
+        return []
+    lines = [
+        "",
+        "## Variants trained with other options (variants.jsonl)",
+        "",
+        "Each row: `python pipelines/suite/run.py --variant NAME --train-args '...' --sets ...`, "
+        "the same training and evaluation as the defaults with the options added. Best view: "
+        "the best of the variant model's candidate scores (chosen with the test labels).",
+        "",
+        "| date | code | variant | options | set | image AUROC | best view | defaults now |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        for n, r in run["sets"].items():
+            best = max(r["alternatives"], key=r["alternatives"].get)
+            now = sets.get(n, {}).get("defaults", {}).get("image_auroc")
+            lines.append(
+                f"| {run['date']} | {run['code']} | {run['variant']} | "
+                f"`{' '.join(run['train_args'])}` | {n} | "
+                f"{r['defaults']['model_family']}/{r['defaults']['score_kind']} "
+                f"{r['defaults']['image_auroc']:.3f} | {best} {r['alternatives'][best]:.3f} | "
+                + ("–" if now is None else f"{now:.3f}")
+                + " |"
+            )
+    return lines
+
+
+def run_variant(
+    args, sets: dict[str, Path], work: Path, out: Path, budget: float, smoke: bool
+) -> None:
+    """Train and evaluate a variant (the defaults plus ``--train-args``) on ``sets``.
+
+    Appends one line to variants.jsonl and rewrites experiments.md; the defaults' own
+    results (README.md, results.json) are left as they are.
+    """
+    extra = tuple(shlex.split(args.train_args))
+    entry = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "code": git_commit(),
+        "variant": args.variant,
+        "train_args": list(extra),
+        "time_budget_s": budget,
+        "sets": {},
+    }
+    for name, source in sets.items():
+        result = run_set(name, source, work / args.variant, budget, smoke, extra)
+        entry["sets"][name] = {
+            "defaults": result["defaults"],
+            "alternatives": result["alternatives"],
+            "pca_floor": result["pca_floor"],
+        }
+        print(json.dumps({name: result["defaults"]}, default=float), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "variants.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry, default=float) + "\n")
+    if (out / "results.json").is_file():
+        write_experiments(json.loads((out / "results.json").read_text()), out)
+
+
 def append_history(results: dict, out: Path, ran: list[str]) -> None:
     """One line per run: the defaults' numbers of the sets this run trained (``ran``)."""
     entry = {
@@ -573,7 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite README.md and experiments.md from the existing results.json",
     )
+    parser.add_argument(
+        "--variant", default=None, help="log a variant under this name (variants.jsonl)"
+    )
+    parser.add_argument(
+        "--train-args", default="", help="a variant's extra `anomalyvae train` options"
+    )
     args = parser.parse_args(argv)
+    if args.variant and not args.sets:
+        parser.error("--variant needs --sets (the sets the variant is tried on)")
     if args.report_only:
         out = args.out or DEFAULT_OUT
         results = json.loads((out / "results.json").read_text())
@@ -596,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
             sets = {k: v for k, v in sets.items() if k in args.sets}
         if not sets:
             parser.error("no data sets found (a split.json or an MVTec train/good folder)")
+        if args.variant:
+            run_variant(args, sets, args.work or work / "runs", out, budget, args.smoke)
+            return 0
         previous = {}
         if args.sets and (out / "results.json").is_file():  # update some sets, keep the rest
             before = json.loads((out / "results.json").read_text())
