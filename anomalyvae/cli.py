@@ -273,7 +273,8 @@ def command_budget(budget_s: float | None, now: float | None = None) -> float | 
     type=click.Choice(["auto", "recon", "ssim", "nll", "elbo", "elbo_grad"]),
     default="auto",
     show_default=True,
-    help="auto: the feature model's per-location ELBO; for the pixel model ssim for "
+    help="auto: the feature model's map (mean z-score of each location's ELBO and "
+    "memory-bank distance); for the pixel model ssim for "
     "inputs of at most 32 px, nll above.",
 )
 @click.option(

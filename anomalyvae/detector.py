@@ -26,6 +26,7 @@ from anomalyvae.models.feature_vae import (
     VIEW_NAMES,
     FeatureVAE,
     FeatureVAEConfig,
+    fit_map_constants,
     fuse_views,
     robust_z_constants,
     train_feature_vae,
@@ -92,9 +93,9 @@ class NotFittedError(RuntimeError):
 
 
 #: Scoring passes over the held-out normals that ``fit`` makes after training the feature
-#: model (fusion constants, calibration, the self-check's clean and defect images);
-#: its time budget keeps room for them.
-FIT_SCORING_PASSES = 4
+#: model (the map's and the views' fusion constants, calibration, the self-check's clean
+#: and defect images); its time budget keeps room for them.
+FIT_SCORING_PASSES = 5
 
 
 class VAEAnomalyDetector:
@@ -457,16 +458,20 @@ class VAEAnomalyDetector:
         }
 
     def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
-        """Fit how the feature model's views become z-scores, from normal images.
+        """Fit how the feature model's maps and views become z-scores, from normal images.
 
-        Each view's centre and scale come from :func:`robust_z_constants`. ``fit``
+        The two location maps' and each view's centre and scale come from
+        :func:`robust_z_constants`. ``fit``
         calls it with the held-out normals; the fused score then combines the z-scores
         (:func:`anomalyvae.models.feature_vae.fuse_views`).
         """
         self.check_fitted()
         if getattr(self.model_, "family", "pixel") != "feature":
             raise ValueError("fusion applies to the feature model (model='feature')")
-        center, scale = robust_z_constants(self._views(self._load(X)))
+        images = self._load(X)
+        # the map first: the local view is read off it
+        fit_map_constants(self.model_, images, self.batch_size, resolve_device(self.device))
+        center, scale = robust_z_constants(self._views(images))
         self.model_.view_center.copy_(torch.from_numpy(center).float())
         self.model_.view_scale.copy_(torch.from_numpy(scale).float())
         return self

@@ -3,9 +3,12 @@
 Each location of the backbone's feature map (stride 8, with the stride-16 map upsampled
 onto it and a 3 x 3 neighbourhood averaged in, as in PatchCore, Roth et al. 2022) is a
 vector; a small VAE of 1 x 1 convolutions models those vectors, the same at every
-position. The anomaly map is each location's negative ELBO in nats, upsampled to the
-input size: position-independent, so unaligned objects and textures are scored the same
-everywhere, and a global shift of brightness moves ImageNet features little.
+position. The anomaly map is the mean of two robust z-scores per location, each against
+the held-out normals' locations: the VAE's negative ELBO and the distance to the memory
+bank (``map_rule`` "mean-z"; models saved before it map the ELBO alone, in nats). It is
+upsampled to the input size: position-independent, so unaligned objects and textures
+are scored the same everywhere, and a global shift of brightness moves ImageNet features
+little.
 
 Four views of an image come out of one forward pass (all higher = more anomalous):
 
@@ -63,6 +66,12 @@ FUSED_VIEWS: tuple[str, ...] = ("knn", "global", "image")
 FUSED_INDEX: tuple[int, ...] = tuple(VIEW_NAMES.index(v) for v in FUSED_VIEWS)
 #: How :func:`fuse_views` combines the z-scores: "mean" (the default) or "max".
 FUSION_RULES: tuple[str, ...] = ("mean", "max")
+#: What the anomaly map is: "mean-z" (the default), the mean of each location's robust
+#: z-scores of the VAE's negative ELBO and of the memory-bank distance; "elbo", the
+#: negative ELBO alone in nats (models saved before the bank's map). On both suite sets
+#: with pixel masks the mean ranked pixels better than either map alone
+#: (reports/suite/experiments.md).
+MAP_RULES: tuple[str, ...] = ("elbo", "mean-z")
 
 #: Stride of the feature map the VAE models (the backbone's stride-8 tap).
 FEATURE_STRIDE = 8
@@ -111,6 +120,9 @@ class FeatureVAEConfig:
     fusion : {"mean", "max"}
         How the fused score combines the views' z-scores (:func:`fuse_views`); models
         saved before the ``knn`` view load with "max", the rule they were calibrated with.
+    map_rule : {"mean-z", "elbo"}
+        The anomaly map (:data:`MAP_RULES`); "mean-z" needs the bank. Models saved
+        before it load with "elbo".
     tile_side, tile_overlap : int
         An input longer than ``tile_side`` px on a side runs through the backbone in
         overlapping tiles of at most ``tile_side`` x ``tile_side`` (at least
@@ -134,6 +146,7 @@ class FeatureVAEConfig:
     image_side: int = 64
     bank_size: int = 8192
     fusion: str = "mean"
+    map_rule: str = "mean-z"
     tile_side: int = 512
     tile_overlap: int = 128
 
@@ -159,6 +172,10 @@ class FeatureVAEConfig:
             raise ValueError(f"bank_size must be >= 0, got {self.bank_size}")
         if self.fusion not in FUSION_RULES:
             raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if self.map_rule not in MAP_RULES:
+            raise ValueError(f"map_rule must be one of {MAP_RULES}, got {self.map_rule!r}")
+        if self.map_rule == "mean-z" and not self.bank_size:
+            raise ValueError("map_rule 'mean-z' needs the memory bank (bank_size > 0)")
         if self.tile_side % TILE_ALIGN or not 0 <= self.tile_overlap < self.tile_side:
             raise ValueError(
                 f"tile_side must be a multiple of {TILE_ALIGN} and 0 <= tile_overlap < "
@@ -216,8 +233,9 @@ class FeatureVAEConfig:
         if unknown:
             raise ValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
         # a model saved before the image view (or the bank) existed has none, and was
-        # calibrated on the largest z-score
-        return cls(**{"image_components": 0, "bank_size": 0, "fusion": "max", **data})
+        # calibrated on the largest z-score; one saved before the bank's map maps the ELBO
+        old = {"image_components": 0, "bank_size": 0, "fusion": "max", "map_rule": "elbo"}
+        return cls(**{**old, **data})
 
 
 class FeatureOutput(NamedTuple):
@@ -239,7 +257,8 @@ class FeatureVAE(nn.Module):
     Buffers fitted from normal images (:func:`train_feature_vae` and the detector's
     calibration): ``feature_mean``/``feature_std`` standardize each channel,
     ``global_mean``/``global_precision`` define the global view, ``view_center`` /
-    ``view_scale`` turn views into z-scores for fusion.
+    ``view_scale`` turn views into z-scores for fusion, ``map_center`` / ``map_scale``
+    turn the two location maps into z-scores for the anomaly map.
     """
 
     family = "feature"
@@ -268,6 +287,9 @@ class FeatureVAE(nn.Module):
             )
         if config.bank_size:
             self.register_buffer("bank", torch.zeros(config.bank_size, c))
+        if config.map_rule == "mean-z":  # (ELBO, bank distance)
+            self.register_buffer("map_center", torch.zeros(2))
+            self.register_buffer("map_scale", torch.ones(2))
         self.layout = config.layout
         if self.layout.tiled:  # derived from the config: not saved with the weights
             weight, norm = self.layout.blend(FEATURE_STRIDE)
@@ -358,14 +380,20 @@ class FeatureVAE(nn.Module):
     def knn_distance(self, features: Tensor) -> Tensor:
         """The ``knn`` view (n,) of standardized features (n, c, h, w).
 
-        Each location's Euclidean distance to its nearest bank vector; the image's view
-        is the mean of the largest 1 % (at least one). ``|q - b|^2 = |q|^2 + (|b|^2 -
-        2 q.b)``, minimized over the bank in chunks sized so that one image's distance
-        block stays near ``KNN_BLOCK`` values, whatever the input size (static slices:
-        exports as is).
+        The mean of the largest 1 % (at least one) of :meth:`knn_locations`.
         """
         if not self.config.bank_size:
             return features.new_zeros(features.shape[0])
+        return knn_view(self.knn_locations(features))
+
+    def knn_locations(self, features: Tensor) -> Tensor:
+        """Each location's Euclidean distance to its nearest bank vector, (n, h, w).
+
+        ``|q - b|^2 = |q|^2 + (|b|^2 - 2 q.b)``, minimized over the bank in chunks sized
+        so that one image's distance block stays near ``KNN_BLOCK`` values, whatever the
+        input size (static slices: exports as is).
+        """
+        height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
         queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
         locations = int(queries.shape[1])
         chunk = max(1, min(self.config.bank_size, KNN_BLOCK // max(1, locations)))
@@ -376,8 +404,19 @@ class FeatureVAE(nn.Module):
             best = partial.min(dim=-1).values
             nearest = best if nearest is None else torch.minimum(nearest, best)
         distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
-        k = max(1, int(KNN_TOP_FRACTION * locations))
-        return distance.topk(k, dim=1).values.mean(dim=1)
+        return distance.unflatten(1, (height, width))  # the batch stays dynamic
+
+    def location_map(self, elbo: Tensor, distances: Tensor) -> Tensor:
+        """The anomaly map on the feature grid, (n, 1, h, w), by ``config.map_rule``.
+
+        ``elbo`` is :meth:`location_elbo`'s (n, 1, h, w), ``distances``
+        :meth:`knn_locations`' (n, h, w) (unused by the "elbo" rule).
+        """
+        if self.config.map_rule == "elbo":
+            return elbo
+        maps = torch.cat([elbo, distances[:, None]], dim=1)  # (n, 2, h, w)
+        z = (maps - self.map_center[None, :, None, None]) / self.map_scale[None, :, None, None]
+        return z.mean(dim=1, keepdim=True)
 
     def global_distance(self, raw: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
@@ -390,6 +429,39 @@ class FeatureVAE(nn.Module):
 TARGET_MEAN, TARGET_STD = 0.45, 0.225
 #: The smallest contrast an image is credited with: flat images are not blown up to noise.
 MIN_STD = 0.02
+
+
+def knn_view(distances: Tensor) -> Tensor:
+    """The ``knn`` view (n,) of location distances (n, h, w).
+
+    The mean of each image's largest ``KNN_TOP_FRACTION`` (at least one).
+    """
+    flat = distances.flatten(1)
+    k = max(1, int(KNN_TOP_FRACTION * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def fit_map_constants(
+    model: FeatureVAE, images: NDArray[np.float32], batch_size: int, device: torch.device
+) -> None:
+    """Set ``map_center`` / ``map_scale`` from normal images (model-ready, n x c x h x w).
+
+    The robust z constants (:func:`robust_z_constants`) of every location's negative
+    ELBO and bank distance, over all locations of all the images.
+    """
+    if model.config.map_rule != "mean-z":
+        return
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).to(device)
+            standardized = model.standardize(model.raw_features(x))
+            elbo = model.location_elbo(model.vae(standardized))
+            distances = model.knn_locations(standardized)
+            values.append(torch.stack([elbo.flatten(), distances.flatten()], dim=1).cpu())
+    center, scale = robust_z_constants(torch.cat(values).double().numpy())
+    model.map_center.copy_(torch.from_numpy(center).float())
+    model.map_scale.copy_(torch.from_numpy(scale).float())
 
 
 def normalize_intensity(x: Tensor) -> Tensor:

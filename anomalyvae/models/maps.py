@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anomalyvae.models.feature_vae import FeatureVAE, fuse_views
+from anomalyvae.models.feature_vae import FeatureVAE, fuse_views, knn_view
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
@@ -312,16 +312,25 @@ def check_family(model: nn.Module, config: ScoringConfig) -> None:
 def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
     """Map, image score and views of the feature family (the graph export traces this).
 
-    The map is each location's negative ELBO, upsampled (bilinear) from the feature
-    grid to the input size, then smoothed. Views: local = top-k mean (or max) of the
-    map, elbo = mean location ELBO, global = Mahalanobis distance of the mean feature,
-    image = residual of the pooled input off the normals' PCA subspace.
+    The map is :meth:`FeatureVAE.location_map` (the mean z-score of each location's
+    negative ELBO and memory-bank distance; older models: the ELBO), upsampled
+    (bilinear) from the feature grid to the input size, then smoothed. Views: local =
+    top-k mean (or max) of the map, elbo = mean location ELBO, global = Mahalanobis
+    distance of the mean feature, image = residual of the pooled input off the normals'
+    PCA subspace, knn = mean of the largest 1 % of the bank distances.
     """
     raw = model.raw_features(x)
     standardized = model.standardize(raw)
     location = model.location_elbo(model.vae(standardized))
+    if model.config.bank_size:
+        distances = model.knn_locations(standardized)
+        knn = knn_view(distances)
+        location_map = model.location_map(location, distances)
+    else:  # a model saved before the bank: no knn view, the ELBO map
+        knn = location.new_zeros(location.shape[0])
+        location_map = location
     size = (int(x.shape[-2]), int(x.shape[-1]))
-    upsampled = F.interpolate(location, size=size, mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(location_map, size=size, mode="bilinear", align_corners=False)
     smoothed = gaussian_blur(upsampled, config.smoothing_sigma)
     local_kind = "max" if config.score_kind == "max" else "topk_mean"
     local = reduce_map(
@@ -336,7 +345,7 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
             elbo,
             model.global_distance(raw),
             model.image_residual(x),
-            model.knn_distance(standardized),
+            knn,
         ],
         dim=1,
     )

@@ -257,7 +257,8 @@ def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
     detector, checkpoint = feature_detector
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model_state = dict(state["model_state"])
-    dropped = ("bank", "fusion") if n_views == 4 else ("bank", "fusion", "image_")
+    dropped = ("bank", "fusion", "map_")
+    dropped += () if n_views == 4 else ("image_",)
     for key in [k for k in model_state if k.startswith(dropped)]:
         del model_state[key]
     model_state["view_center"] = model_state["view_center"][:n_views].clone()
@@ -277,6 +278,49 @@ def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
     assert np.all(views["knn"] == 0)
     if n_views == 3:
         assert np.all(views["image"] == 0)
+
+
+def test_the_map_is_the_mean_z_of_elbo_and_bank_distance_centred_on_normals(
+    feature_detector, feature_root
+):
+    detector, _ = feature_detector
+    model = detector.model_
+    assert model.config.map_rule == "mean-z"
+    normals = detector.preprocess(
+        [s.path for s in mvtec_samples(feature_root, "test") if s.label == 0]
+    )
+    with torch.no_grad():
+        standardized = model.standardize(model.raw_features(torch.from_numpy(normals)))
+        elbo = model.location_elbo(model.vae(standardized))
+        distances = model.knn_locations(standardized)
+        fused = model.location_map(elbo, distances)
+    center, scale = model.map_center.numpy(), model.map_scale.numpy()
+    z_elbo = (elbo[:, 0].numpy() - center[0]) / scale[0]
+    z_knn = (distances.numpy() - center[1]) / scale[1]
+    np.testing.assert_allclose(fused[:, 0].numpy(), (z_elbo + z_knn) / 2, rtol=1e-4, atol=1e-4)
+    # the constants come from held-out normals: on normal test images the map is centred
+    assert abs(float(np.median(fused.numpy()))) < 1.0
+    assert np.all(scale > 0)
+
+
+def test_a_model_saved_before_the_bank_map_maps_the_elbo_and_scores_the_same(
+    feature_detector, feature_root, tmp_path
+):
+    detector, checkpoint = feature_detector
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_state = {k: v for k, v in state["model_state"].items() if not k.startswith("map_")}
+    config = {k: v for k, v in state["model_config"].items() if k != "map_rule"}
+    old = tmp_path / "old.pt"
+    torch.save({**state, "model_state": model_state, "model_config": config}, old)
+    loaded = VAEAnomalyDetector.load(old, progress=False)
+    assert loaded.model_.config.map_rule == "elbo"
+    paths = [s.path for s in mvtec_samples(feature_root, "test")]
+    # the fused image score does not read the map: unchanged
+    np.testing.assert_allclose(
+        loaded.anomaly_score(paths), detector.anomaly_score(paths), rtol=1e-5, atol=1e-5
+    )
+    elbo, distances = torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4)
+    assert loaded.model_.location_map(elbo, distances) is elbo
 
 
 def test_the_time_budget_keeps_room_for_the_scoring_passes_after_training():
