@@ -288,8 +288,9 @@ def command_budget(budget_s: float | None, now: float | None = None) -> float | 
     type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "knn", "fused"]),
     default="auto",
     show_default=True,
-    help="auto: fused (feature model: the mean z-score of the memory-bank, global and "
-    "whole-image views against held-out normals) or topk_mean (pixel model).",
+    help="auto: fused, the mean z-score of views against held-out normals (feature "
+    "model: memory-bank, global and whole-image views; pixel model: top-k mean and mean "
+    "of the standardized map); topk_mean for a pixel model with --no-standardize.",
 )
 @click.option(
     "--target-fpr",

@@ -32,10 +32,13 @@ from anomalyvae.models.feature_vae import (
     train_feature_vae,
 )
 from anomalyvae.models.maps import (
+    PIXEL_VIEW_NAMES,
     MapStats,
     ScoringConfig,
+    check_scoring,
     default_map_kind,
     fit_map_stats,
+    pixel_view_constants,
     score_batch,
 )
 from anomalyvae.models.train import (
@@ -81,11 +84,16 @@ def resolve_family(family: str, height: int, width: int) -> str:
     return "feature" if min(height, width) >= FEATURE_MIN_SIDE else "pixel"
 
 
-def resolve_score_kind(score_kind: str, family: str) -> str:
-    """The score kind "auto" means "fused" for the feature family, else "topk_mean"."""
+def resolve_score_kind(score_kind: str, family: str, standardize: bool = True) -> str:
+    """The score kind "auto" resolves to for ``family``.
+
+    "fused" (either family's local and global views, as z-scores against held-out
+    normals); "topk_mean" for a pixel model that does not standardize its map (its
+    global view reads the standardized map).
+    """
     if score_kind != "auto":
         return score_kind
-    return "fused" if family == "feature" else "topk_mean"
+    return "fused" if family == "feature" or standardize else "topk_mean"
 
 
 class NotFittedError(RuntimeError):
@@ -306,6 +314,7 @@ class VAEAnomalyDetector:
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
         self.scoring_ = self._resolve_scoring(spec)
+        check_scoring(self.family_, self.scoring_)  # before the (long) training
         self.data_summary_ = {
             "n_train": int(len(train_index)),
             "n_val": int(len(val_index)),
@@ -320,7 +329,7 @@ class VAEAnomalyDetector:
             self._fit_pixel(images[train_index], images[val_index], train_config, resume)
         if self.scoring_.standardize:
             self.fit_map_stats(images[train_index])
-        if self.family_ == "feature":
+        if self.family_ == "feature" or self.scoring_.standardize:
             self.fit_fusion(images[val_index])
         self.calibrate(images[val_index])
         # what the scan's drift alarm compares each batch with (inference/drift.py)
@@ -375,7 +384,7 @@ class VAEAnomalyDetector:
             )
         return ScoringConfig(
             default_map_kind(spec.height, spec.width) if self.map_kind == "auto" else self.map_kind,
-            resolve_score_kind(self.score_kind, "pixel"),
+            resolve_score_kind(self.score_kind, "pixel", self.standardize),
             self.smoothing_sigma,
             self.topk_fraction,
             self.standardize,
@@ -458,17 +467,28 @@ class VAEAnomalyDetector:
         }
 
     def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
-        """Fit how the feature model's maps and views become z-scores, from normal images.
+        """Fit how the model's maps and views become z-scores, from normal images.
 
-        The two location maps' and each view's centre and scale come from
-        :func:`robust_z_constants`. ``fit``
-        calls it with the held-out normals; the fused score then combines the z-scores
-        (:func:`anomalyvae.models.feature_vae.fuse_views`).
+        Each view's centre and scale come from :func:`robust_z_constants` (and, for the
+        feature model, the two location maps' first). ``fit`` calls it with the
+        held-out normals; the fused score then combines the z-scores
+        (:func:`anomalyvae.models.feature_vae.fuse_views`). The pixel model's views
+        read the standardized map: fit its statistics first (:meth:`fit_map_stats`).
         """
         self.check_fitted()
-        if getattr(self.model_, "family", "pixel") != "feature":
-            raise ValueError("fusion applies to the feature model (model='feature')")
         images = self._load(X)
+        if getattr(self.model_, "family", "pixel") != "feature":
+            stats = getattr(self, "map_stats_", None)
+            if not self.scoring_.standardize or stats is None:
+                raise ValueError(
+                    "the pixel model's views read the standardized map: score with "
+                    "standardize on and call detector.fit_map_stats(normal_images) first"
+                )
+            local = "max" if self.scoring_.score_kind == "max" else "topk_mean"
+            views = self._score_all(images, dataclasses.replace(self.scoring_, score_kind=local))[2]
+            assert views is not None  # the pixel recipe always returns its views
+            self.map_stats_ = stats.with_views(views)
+            return self
         # the map first: the local view is read off it
         fit_map_constants(self.model_, images, self.batch_size, resolve_device(self.device))
         center, scale = robust_z_constants(self._views(images))
@@ -478,21 +498,34 @@ class VAEAnomalyDetector:
 
     def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
         """The feature model's (n, 5) views (``VIEW_NAMES`` order) of model-ready images."""
-        views = self._score_all(images, self.scoring_)[2]
-        if views is None:
+        if getattr(self.model_, "family", "pixel") != "feature":
             raise ValueError("views come from the feature model (model='feature')")
+        views = self._score_all(images, self.scoring_)[2]
+        assert views is not None  # the feature recipe always returns its views
         return views
 
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
-        """The feature model's candidate image scores by name (higher = more anomalous).
+        """The model's candidate image scores by name (higher = more anomalous), each (n,).
 
-        "local", "elbo", "global", "image", "knn" (see :mod:`anomalyvae.models.feature_vae`)
-        and "fused", each of shape (n,).
+        Feature model: "local", "elbo", "global", "image", "knn" (see
+        :mod:`anomalyvae.models.feature_vae`) and "fused". Pixel model: "local" (top-k
+        mean of the map), "global" (mean of the map) and, once :meth:`fit_fusion` has
+        run, "fused".
         """
         self.check_fitted()
+        images = self._load(X)
         if getattr(self.model_, "family", "pixel") != "feature":
-            raise ValueError("view scores come from the feature model (model='feature')")
-        views = self._views(self._load(X))
+            local = dataclasses.replace(self.scoring_, score_kind="topk_mean")
+            views = self._score_all(images, local)[2]
+            assert views is not None  # the pixel recipe always returns its views
+            out = {name: views[:, i] for i, name in enumerate(PIXEL_VIEW_NAMES)}
+            stats = getattr(self, "map_stats_", None)
+            if stats is not None and stats.view_center is not None:
+                center, scale = pixel_view_constants(stats)
+                fused = fuse_views(torch.from_numpy(views).float(), center, scale, (0, 1))
+                out["fused"] = fused.numpy().astype(np.float64)
+            return out
+        views = self._views(images)
         out = {name: views[:, i] for i, name in enumerate(VIEW_NAMES)}
         fused = fuse_views(
             torch.from_numpy(views).float(),
@@ -508,14 +541,15 @@ class VAEAnomalyDetector:
         """Fit the per-pixel normal statistics that ``standardize`` scoring divides by.
 
         ``fit`` calls it with the training images (at most ``max_images``, a seeded
-        sample). Call it again after changing ``scoring_``'s map kind or smoothing.
+        sample). Call it again after changing ``scoring_``'s map kind or smoothing, and
+        then :meth:`fit_fusion` (the fused score's constants read the standardized map).
         """
         self.check_fitted()
         images = self._load(X)
         if len(images) > max_images:
             keep = np.random.default_rng(self.seed).choice(len(images), max_images, replace=False)
             images = images[np.sort(keep)]
-        raw = dataclasses.replace(self.scoring_, standardize=False)
+        raw = dataclasses.replace(self.scoring_, standardize=False, score_kind="topk_mean")
         maps, _ = self._score_arrays(images, raw)
         self.map_stats_ = fit_map_stats(torch.from_numpy(maps)[:, None], raw)
         return self

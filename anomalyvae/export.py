@@ -351,9 +351,10 @@ def check_parity(
     }
     ref = torch_outputs(detector, images)
     score_diff = np.abs(onnx_out["score"] - ref["score"])
-    # The feature model's fused score is a z-score: near 0 for typical normals, so a
-    # difference is judged relative to one unit (one scaled MAD), not to the value.
-    unit = 1.0 if model_family(detector) == "feature" else 1e-6
+    # A fused score (and any feature-model score) is a z-score: near 0 for typical
+    # normals, so a difference is judged relative to one unit (one scaled MAD).
+    z_like = model_family(detector) == "feature" or detector.scoring_.score_kind == "fused"
+    unit = 1.0 if z_like else 1e-6
     # A score within rounding of the threshold may fall either side; judge the others.
     threshold = float(detector.threshold_)
     clear = np.abs(ref["score"] - threshold) > PARITY_TOLERANCE * max(abs(threshold), 1e-6)

@@ -180,14 +180,16 @@ def load_test(samples: list[Sample], detector: VAEAnomalyDetector, mask_threshol
     return images, labels, types, masks, has_mask
 
 
-def scoring_variants(detector: VAEAnomalyDetector, train_images):
+def scoring_variants(detector: VAEAnomalyDetector, train_images, holdout_images=None):
     """Set each of the model's scoring variants on ``detector`` in turn.
 
     Pixel model: each map kind x score kind, raw and standardized ("nll/topk_mean",
     "z-nll/topk_mean", "elbo (image)"); standardized variants first fit their per-pixel
-    statistics on ``train_images``. Feature model: each score kind over its one map
-    ("feature/knn", "feature/fused"). Yields the variant's name; restores the detector's
-    own scoring (and statistics) at the end.
+    statistics on ``train_images`` and, given ``holdout_images`` (normals the model did
+    not train on), the fusion constants, adding the "global" and "fused" scores
+    ("z-ssim/fused"). Feature model: each score kind over its one map ("feature/knn",
+    "feature/fused"). Yields the variant's name; restores the detector's own scoring
+    (and statistics) at the end.
     """
     original = detector.scoring_
     original_stats = getattr(detector, "map_stats_", None)
@@ -199,26 +201,21 @@ def scoring_variants(detector: VAEAnomalyDetector, train_images):
             return
         for map_kind in MAP_KINDS:
             for standardize in (False, True):
-                base = ScoringConfig(
-                    map_kind,
-                    "topk_mean",
-                    original.smoothing_sigma,
-                    original.topk_fraction,
-                    standardize,
+                base = dataclasses.replace(
+                    original, map_kind=map_kind, score_kind="topk_mean", standardize=standardize
                 )
+                kinds = ["max", "topk_mean", "elbo"]
                 if standardize:
                     detector.scoring_ = base
                     detector.fit_map_stats(train_images)
-                for score_kind in ("max", "topk_mean", "elbo"):
+                    if holdout_images is not None:
+                        detector.fit_fusion(holdout_images)
+                        kinds += ["global", "fused"]
+                for score_kind in kinds:
                     if score_kind == "elbo" and (map_kind != "nll" or standardize):
                         continue  # the ELBO score depends on neither
                     detector.scoring_ = dataclasses.replace(base, score_kind=score_kind)
-                    prefix = "z-" if standardize else ""
-                    yield (
-                        f"{prefix}{map_kind}/{score_kind}"
-                        if score_kind != "elbo"
-                        else "elbo (image)"
-                    )
+                    yield variant_name(detector.scoring_)
     finally:
         detector.scoring_ = original
         if original_stats is not None:

@@ -132,4 +132,65 @@ def test_standardized_scoring_survives_save_and_load(trained, synthetic_root, tm
     with pytest.raises(ValueError, match="fit_map_stats"):
         loaded.anomaly_score(test)
     train = [s.path for s in mvtec_samples(synthetic_root, "train")]
-    assert np.isfinite(loaded.fit_map_stats(train).anomaly_score(test)).all()
+    loaded.fit_map_stats(train)
+    # the fused score's constants read the old map: refitting them is asked for
+    with pytest.raises(ValueError, match="fit_fusion"):
+        loaded.anomaly_score(test)
+    assert np.isfinite(loaded.fit_fusion(train[:20]).anomaly_score(test)).all()
+
+
+def test_pixel_default_fuses_local_and_global_views(trained, synthetic_root):
+    detector, _ = trained
+    assert detector.scoring_.score_kind == "fused" and detector.scoring_.ssim_sigma == 2.0
+    stats = detector.map_stats_
+    test = [s.path for s in mvtec_samples(synthetic_root, "test")]
+    views = detector.view_scores(test)
+    assert set(views) == {"local", "global", "fused"}
+    maps = detector.anomaly_map(test)
+    np.testing.assert_allclose(views["global"], maps.reshape(len(maps), -1).mean(1), rtol=1e-5)
+    z = [
+        (views[name] - float(stats.view_center[i])) / float(stats.view_scale[i])
+        for i, name in enumerate(("local", "global"))
+    ]
+    scores = detector.anomaly_score(test)
+    np.testing.assert_allclose(scores, np.mean(z, axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(views["fused"], scores, rtol=1e-4, atol=1e-5)
+    # the constants are the held-out normals' medians (and scaled MADs)
+    held = detector.view_scores(detector.validation_files_)
+    np.testing.assert_allclose(
+        stats.view_center.numpy(), [np.median(held["local"]), np.median(held["global"])], rtol=1e-5
+    )
+
+
+def test_a_pixel_checkpoint_saved_before_fusion_scores_as_it_did(trained, synthetic_root, tmp_path):
+    from anomalyvae.models.maps import gaussian_blur, ssim_map, standardize_map, topk_count
+
+    _, checkpoint = trained
+    state = torch.load(checkpoint, weights_only=True)
+    state["scoring"] = {k: v for k, v in state["scoring"].items() if k != "ssim_sigma"}
+    state["scoring"]["score_kind"] = "topk_mean"
+    new_keys = ("ssim_sigma", "view_center", "view_scale")
+    state["map_stats"] = {k: v for k, v in state["map_stats"].items() if k not in new_keys}
+    torch.save(state, tmp_path / "old.pt")
+    loaded = VAEAnomalyDetector.load(tmp_path / "old.pt")
+    assert loaded.scoring_.ssim_sigma == 1.5 and loaded.map_stats_.view_center is None
+    test = [s.path for s in mvtec_samples(synthetic_root, "test")][:8]
+    x = torch.from_numpy(loaded.preprocess(test))
+
+    def topk_mean(window: float) -> np.ndarray:
+        with torch.no_grad():
+            recon = loaded.model_.eval()(x).recon_mean
+            z = standardize_map(
+                gaussian_blur(1 - ssim_map(x, recon, window), 2.0), loaded.map_stats_
+            )
+        k = topk_count(loaded.scoring_, 32 * 32)
+        return z.flatten(1).topk(k, dim=1).values.mean(1).numpy()
+
+    scores = loaded.anomaly_score(test)
+    np.testing.assert_allclose(scores, topk_mean(1.5), rtol=1e-5)
+    assert not np.allclose(scores, topk_mean(2.0), rtol=1e-3)  # the window is honoured
+    with pytest.raises(ValueError, match="fit_fusion"):  # no constants: no fused score
+        loaded.scoring_ = loaded.scoring_.__class__(
+            **{**loaded.scoring_.to_dict(), "score_kind": "fused"}
+        )
+        loaded.anomaly_score(test)

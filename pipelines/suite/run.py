@@ -298,7 +298,11 @@ def alternatives(
 
     out = {}
     original = detector.scoring_
-    for score_kind in ("max", "topk_mean", "elbo"):
+    kinds = ["max", "topk_mean", "elbo"]
+    stats = getattr(detector, "map_stats_", None)
+    if stats is not None and stats.view_center is not None:  # models since the pixel fusion
+        kinds += ["global", "fused"]
+    for score_kind in kinds:
         detector.scoring_ = dataclasses.replace(original, score_kind=score_kind)
         out[f"pixel/{score_kind}"] = float(roc_auc_score(labels, detector.anomaly_score(paths)))
     detector.scoring_ = original

@@ -202,7 +202,8 @@ def test_feature_map_is_position_independent():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(model="pixel", score_kind="fused"), "needs the feature model"),
+        (dict(model="pixel", score_kind="knn"), "needs the feature model"),
+        (dict(model="pixel", score_kind="fused", standardize=False), "standardized map"),
         (dict(model="feature", nproc=2), "one process"),
         (dict(model="feature", tile_size=100), "multiple of 16"),
         (dict(model="nope"), "model must be one of"),
