@@ -441,25 +441,36 @@ def knn_view(distances: Tensor) -> Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def location_maps(
+    model: FeatureVAE, images: NDArray[np.float32], batch_size: int, device: torch.device
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Each location's negative ELBO and bank distance, each (n, h', w') on the feature grid.
+
+    The two maps the "mean-z" map rule combines, of model-ready images (n x c x h x w).
+    """
+    elbo, distance = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).to(device)
+            standardized = model.standardize(model.raw_features(x))
+            elbo.append(model.location_elbo(model.vae(standardized))[:, 0].cpu().numpy())
+            distance.append(model.knn_locations(standardized).cpu().numpy())
+    return np.concatenate(elbo), np.concatenate(distance)
+
+
 def fit_map_constants(
     model: FeatureVAE, images: NDArray[np.float32], batch_size: int, device: torch.device
 ) -> None:
     """Set ``map_center`` / ``map_scale`` from normal images (model-ready, n x c x h x w).
 
     The robust z constants (:func:`robust_z_constants`) of every location's negative
-    ELBO and bank distance, over all locations of all the images.
+    ELBO and bank distance (:func:`location_maps`), over all locations of all the images.
     """
     if model.config.map_rule != "mean-z":
         return
-    values = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start : start + batch_size]).to(device)
-            standardized = model.standardize(model.raw_features(x))
-            elbo = model.location_elbo(model.vae(standardized))
-            distances = model.knn_locations(standardized)
-            values.append(torch.stack([elbo.flatten(), distances.flatten()], dim=1).cpu())
-    center, scale = robust_z_constants(torch.cat(values).double().numpy())
+    elbo, distance = location_maps(model, images, batch_size, device)
+    values = np.stack([elbo.ravel(), distance.ravel()], axis=1).astype(np.float64)
+    center, scale = robust_z_constants(values)
     model.map_center.copy_(torch.from_numpy(center).float())
     model.map_scale.copy_(torch.from_numpy(scale).float())
 
