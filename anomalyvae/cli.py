@@ -288,9 +288,10 @@ def command_budget(budget_s: float | None, now: float | None = None) -> float | 
     type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "knn", "fused"]),
     default="auto",
     show_default=True,
-    help="auto: fused, the mean z-score of views against held-out normals (feature "
-    "model: memory-bank, global and whole-image views; pixel model: top-k mean and mean "
-    "of the standardized map); topk_mean for a pixel model with --no-standardize.",
+    help="auto: feature model: fused (the mean z-score of its memory-bank, global and "
+    "whole-image views against held-out normals); pixel model: fused (top-k mean and "
+    "mean of the standardized map) for inputs of at most 32 px with SSIM maps, else "
+    "topk_mean.",
 )
 @click.option(
     "--target-fpr",

@@ -222,6 +222,18 @@ def scoring_variants(detector: VAEAnomalyDetector, train_images, holdout_images=
             detector.map_stats_ = original_stats
 
 
+def map_label(detector: VAEAnomalyDetector) -> str:
+    """The detector's anomaly map in words for report headers.
+
+    The feature model's map follows its ``map_rule`` ("mean-z": the mean z-score of the
+    location ELBO and bank distance), not the scoring's ``map_kind``.
+    """
+    if detector.family_ == "feature":
+        rule = getattr(detector.model_.config, "map_rule", "elbo")
+        return "mean-z(elbo, knn)" if rule == "mean-z" else "elbo"
+    return f"{'z-' if detector.scoring_.standardize else ''}{detector.scoring_.map_kind}"
+
+
 def variant_name(scoring: ScoringConfig, family: str = "pixel") -> str:
     """The name :func:`scoring_variants` gives ``scoring`` (of a ``family`` model)."""
     if family == "feature":
@@ -238,9 +250,14 @@ def score_every_kind(
     target_fpr: float,
     train_images: np.ndarray,
 ) -> list[Scored]:
-    """Every scoring variant, thresholds from the val normals at ``target_fpr``."""
+    """Every scoring variant, thresholds from the val normals at ``target_fpr``.
+
+    ``val_files`` are the model's held-out normals: they also fit the pixel model's
+    fusion constants (its "global" and "fused" variants).
+    """
     results = []
-    for name in scoring_variants(detector, train_images):
+    holdout = detector.preprocess(val_files) if detector.family_ == "pixel" else None
+    for name in scoring_variants(detector, train_images, holdout):
         val_scores = detector.anomaly_score(val_files)
         threshold = threshold_from_normals(val_scores, target_fpr).value
         scores, maps = detector.score_and_map(test_images)

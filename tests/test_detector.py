@@ -194,3 +194,20 @@ def test_a_pixel_checkpoint_saved_before_fusion_scores_as_it_did(trained, synthe
             **{**loaded.scoring_.to_dict(), "score_kind": "fused"}
         )
         loaded.anomaly_score(test)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("auto", "feature"), "fused"),
+        (("auto", "pixel", True, "ssim", 32), "fused"),  # thumbnails: the whole scene
+        (("auto", "pixel", True, "nll", 32), "topk_mean"),
+        (("auto", "pixel", True, "ssim", 64), "topk_mean"),  # larger: defects are local
+        (("auto", "pixel", False, "ssim", 32), "topk_mean"),  # global view needs z-maps
+        (("max", "pixel", True, "ssim", 32), "max"),
+    ],
+)
+def test_auto_score_kind(args, expected):
+    from anomalyvae.detector import resolve_score_kind
+
+    assert resolve_score_kind(*args) == expected

@@ -130,7 +130,7 @@ def main() -> None:
             detector.fit_fusion(val_x)
             for kind, note in (
                 ("global", "standardized map's mean"),
-                ("fused", "mean z of top-k mean and map mean: the pixel model's default score"),
+                ("fused", "mean z of top-k mean and map mean: the default for inputs <= 32 px"),
             ):
                 detector.scoring_ = ScoringConfig(map_kind, kind, 2.0, 0.01, standardize=True)
                 record(

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, matmul_peak, shown, smoke_model, timed  # noqa: E402
+from common import machine, map_label, matmul_peak, shown, smoke_model, timed  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -146,6 +146,7 @@ def main() -> None:
         "rounds": args.rounds,
         "model_family": detector.family_,
         "map_kind": detector.scoring_.map_kind,
+        "map": map_label(detector),
         "score_kind": detector.scoring_.score_kind,
         "mflops_per_image": flops / 1e6,
         "matmul_peak_gflops": peak,
@@ -176,7 +177,7 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Model: {shown(args.checkpoint)} ({detector.family_} family), input "
         f"{spec.channels}x{spec.height}x{spec.width}, "
-        f"map `{detector.scoring_.map_kind}`, score `{detector.scoring_.score_kind}`; "
+        f"map `{map_label(detector)}`, score `{detector.scoring_.score_kind}`; "
         f"{flops / 1e6:.0f} MFLOP per image (torch FLOP counter, the whole scoring graph).",
         f"Dense float32 matmul peak measured in the same run (numpy, 2048^2): "
         f"**{peak:.0f} GFLOP/s**.",

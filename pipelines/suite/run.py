@@ -623,9 +623,10 @@ def pixel_decision_lines(sets: dict) -> list[str]:
         "",
         "## Decisions: the pixel model (inputs under 96 px)",
         "",
-        "- Image score `fused` (the mean z-score of the map's top-k mean and whole-map mean "
-        "against the held-out normals) since code fc62b27; before it, `topk_mean` alone. "
-        "Same model, top-k mean -> global -> fused: "
+        "- Image score `fused` for thumbnails (inputs of at most 32 px with z-SSIM maps): "
+        "the mean z-score of the map's top-k mean and whole-map mean against the held-out "
+        "normals, since code fc62b27; before it, and above 32 px, `topk_mean`. Same model, "
+        "top-k mean -> global -> fused: "
         + ", ".join(
             f"{n} {alt['pixel/topk_mean']:.3f} -> {alt['pixel/global']:.3f} -> "
             f"{alt['pixel/fused']:.3f}"
@@ -634,7 +635,9 @@ def pixel_decision_lines(sets: dict) -> list[str]:
         + ". Chosen on PneumoniaMNIST's labelled val split, not on test (the views per SSIM "
         "window on val and test: reports/pneumonia). The global view alone ranks the "
         "diffuse pneumonia findings as well or better, but a small local defect in a "
-        "thumbnail raises only the top-k view: the fusion keeps both.",
+        "thumbnail raises only the top-k view: the fusion keeps both. On larger inputs the "
+        "whole-map mean dilutes local defects (MTD, pixel model at 128 px: "
+        "reports/mtd/experiments.md), so they keep `topk_mean`.",
         "- SSIM window 2 px (the smoothing's scale) instead of Wang et al.'s 1.5 px, from "
         "the same val-split sweep (reports/pneumonia).",
     ]
