@@ -504,10 +504,7 @@ class VAEAnomalyDetector:
                     "the pixel model's views read the standardized map: score with "
                     "standardize on and call detector.fit_map_stats(normal_images) first"
                 )
-            local = "max" if self.scoring_.score_kind == "max" else "topk_mean"
-            views = self._score_all(images, dataclasses.replace(self.scoring_, score_kind=local))[2]
-            assert views is not None  # the pixel recipe always returns its views
-            self.map_stats_ = stats.with_views(views)
+            self.map_stats_ = stats.with_views(self._views(images))
             return self
         # the map first: the local view is read off it
         fit_map_constants(self.model_, images, self.batch_size, resolve_device(self.device))
@@ -517,11 +514,17 @@ class VAEAnomalyDetector:
         return self
 
     def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
-        """The feature model's (n, 5) views (``VIEW_NAMES`` order) of model-ready images."""
+        """The candidate views of model-ready images, one column each.
+
+        The feature model's (n, 5) in ``VIEW_NAMES`` order, the pixel model's (n, 2) in
+        ``PIXEL_VIEW_NAMES`` order.
+        """
+        scoring = self.scoring_
         if getattr(self.model_, "family", "pixel") != "feature":
-            raise ValueError("views come from the feature model (model='feature')")
-        views = self._score_all(images, self.scoring_)[2]
-        assert views is not None  # the feature recipe always returns its views
+            # the views need no fusion constants (fit_fusion computes them from these)
+            scoring = dataclasses.replace(scoring, score_kind="topk_mean")
+        views = self._score_all(images, scoring)[2]
+        assert views is not None  # either recipe returns its views
         return views
 
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
@@ -535,9 +538,7 @@ class VAEAnomalyDetector:
         self.check_fitted()
         images = self._load(X)
         if getattr(self.model_, "family", "pixel") != "feature":
-            local = dataclasses.replace(self.scoring_, score_kind="topk_mean")
-            views = self._score_all(images, local)[2]
-            assert views is not None  # the pixel recipe always returns its views
+            views = self._views(images)
             out = {name: views[:, i] for i, name in enumerate(PIXEL_VIEW_NAMES)}
             stats = getattr(self, "map_stats_", None)
             if stats is not None and stats.view_center is not None:

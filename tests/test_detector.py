@@ -211,3 +211,20 @@ def test_auto_score_kind(args, expected):
     from anomalyvae.detector import resolve_score_kind
 
     assert resolve_score_kind(*args) == expected
+
+
+def test_pixel_fusion_constants_do_not_depend_on_the_score_kind(trained):
+    import dataclasses
+
+    detector, checkpoint = trained
+    loaded = VAEAnomalyDetector.load(checkpoint)
+    loaded.scoring_ = dataclasses.replace(loaded.scoring_, score_kind="max")
+    loaded.fit_fusion(detector.validation_files_)  # fitted while scoring with "max"
+    for name in ("view_center", "view_scale"):
+        np.testing.assert_allclose(
+            getattr(loaded.map_stats_, name), getattr(detector.map_stats_, name), rtol=1e-5
+        )
+    # the max score is still the largest map value
+    paths = detector.validation_files_[:4]
+    maps = loaded.anomaly_map(paths)
+    np.testing.assert_allclose(loaded.anomaly_score(paths), maps.reshape(4, -1).max(1), rtol=1e-6)

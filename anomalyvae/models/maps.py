@@ -27,7 +27,7 @@ FEATURE_ONLY_SCORE_KINDS: tuple[str, ...] = ("image", "knn")
 #: Score kinds of the pixel family.
 PIXEL_SCORE_KINDS: tuple[str, ...] = ("max", "topk_mean", "elbo", "global", "fused")
 #: The pixel family's views, in the order of its ``ScoreResult.views`` columns: the local
-#: view (top-k mean, or max, of the map) and the global view (mean of the whole map).
+#: view (top-k mean of the map) and the global view (mean of the whole map).
 PIXEL_VIEW_NAMES: tuple[str, ...] = ("local", "global")
 #: SSIM window (Gaussian sigma, px) of maps saved before ``ssim_sigma`` was recorded.
 LEGACY_SSIM_SIGMA = 1.5
@@ -479,9 +479,9 @@ def pixel_scores(
 
     :func:`score_batch` and :class:`ScoringGraph` (the exported graph) both call it;
     ``output`` and ``raw`` pass in a forward pass and map computed elsewhere (the
-    gradient map). Views (n, 2), ``PIXEL_VIEW_NAMES`` order: the local view (the
-    top-k mean of the map, or its max under "max") and the global view (the mean of
-    the whole map); "fused" is their mean z-score against held-out normals.
+    gradient map). Views (n, 2), ``PIXEL_VIEW_NAMES`` order, whatever the score kind:
+    the local view (the top-k mean of the map) and the global view (the mean of the
+    whole map); "fused" is their mean z-score against held-out normals.
     """
     floor = model.config.logvar_min
     if output is None or raw is None:
@@ -492,16 +492,15 @@ def pixel_scores(
         stats = check_stats(stats, config)
         smoothed = standardize_map(smoothed, stats)
     elbo = image_elbo(x, output, floor)
-    local_kind = "max" if config.score_kind == "max" else "topk_mean"
-    local = reduce_map(smoothed, elbo, dataclasses.replace(config, score_kind=local_kind))
+    local = reduce_map(smoothed, elbo, dataclasses.replace(config, score_kind="topk_mean"))
     views = torch.stack([local, smoothed.flatten(1).mean(1)], dim=1)
     if config.score_kind == "fused":
         center, scale = pixel_view_constants(stats)
         score = fuse_views(views, center.to(views), scale.to(views), (0, 1))
     elif config.score_kind == "global":
         score = views[:, 1]
-    elif config.score_kind == "elbo":
-        score = elbo
+    elif config.score_kind in ("max", "elbo"):
+        score = reduce_map(smoothed, elbo, config)
     else:
         score = local
     return ScoreResult(smoothed, score, elbo, views)
