@@ -52,7 +52,8 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         families = {r["defaults"]["model_family"] for r in results["sets"].values()}
         assert families == {"pixel", "feature"}  # auto picks by size: both are exercised
-        assert "Smoke run" in (tmp_path / "report" / "README.md").read_text()
+        readme = (tmp_path / "report" / "README.md").read_text()
+        assert "Smoke run" in readme and "min for all sets" in readme
     else:
         assert "smoke run" in completed.stdout
 
@@ -72,3 +73,17 @@ def test_suite_logs_a_variant(tmp_path):
     assert entry["train_args"] == ["--model", "pixel", "--image-size", "64"]
     defaults = entry["sets"]["synthetic96"]["defaults"]
     assert defaults["model_family"] == "pixel" and defaults["input_size"] == [64, 64]
+
+
+def test_suite_header_says_when_a_table_mixes_runs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("suite_run", PIPELINES / "suite/run.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    timed = {"a": {"seconds": 60.0}, "b": {"seconds": 120.0}}
+    assert suite.run_time({"sets": timed}, 60.0).startswith("3 min for all sets")
+    mixed = {"sets": {"a": {"code": "new"}, "b": {"code": "old"}}, "code": "new"}
+    assert suite.run_time(mixed, 360.0).startswith("this run, of a only: 6 min")
+    recorded = {"sets": {"a": {}, "b": {}}, "sets_run": ["b"]}
+    assert suite.run_time(recorded, 120.0).startswith("this run, of b only: 2 min")
