@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomalyvae.data import make_synthetic_dataset, mvtec_samples
@@ -50,3 +51,21 @@ def onnx_model(trained, tmp_path_factory) -> Path:
 
     detector, _ = trained
     return export_onnx(detector, tmp_path_factory.mktemp("exported") / "model.onnx").path
+
+
+def assert_scores_close(actual, expected, rel: float, threshold: float | None = None) -> None:
+    """Scores agree within ``rel`` of their own scale, on any machine.
+
+    A relative tolerance alone is a coin toss for scores near zero (fused z-scores cross
+    zero), so the absolute part is ``rel`` times the score's scale: the larger of the
+    spread of the expected scores and the threshold's magnitude.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(float(np.ptp(expected)) if expected.size else 0.0, abs(threshold or 0.0), 1e-12)
+    np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * scale)
+
+
+@pytest.fixture
+def scores_close():
+    """The scale-aware score comparison, as a fixture (test modules do not import conftest)."""
+    return assert_scores_close

@@ -63,15 +63,15 @@ def test_export_is_valid_and_self_describing(exported):
     assert results[0].parity.max_rel_score_diff < 1e-4 and results[0].parity.verdicts_agree
 
 
-def test_onnx_reproduces_torch_scores_and_verdicts(trained, exported, test_paths):
+def test_onnx_reproduces_torch_scores_and_verdicts(trained, exported, test_paths, scores_close):
     detector, _ = trained
     path, _ = exported
     runtime = OnnxDetector(path, device="cpu")
     result = runtime.predict_files(test_paths)
     scores = detector.anomaly_score(test_paths)
-    np.testing.assert_allclose(result.score, scores, rtol=1e-4, atol=1e-6)
+    scores_close(result.score, scores, rel=1e-4, threshold=detector.threshold_)
     np.testing.assert_array_equal(result.is_anomaly, scores > detector.threshold_)
-    np.testing.assert_allclose(result.normalized_score, scores / detector.threshold_, rtol=1e-4)
+    scores_close(result.normalized_score, scores / detector.threshold_, rel=1e-4, threshold=1.0)
     reference = detector.anomaly_map(test_paths)
     # standardized maps are in standard deviations (values of several units), so float
     # rounding is judged relative to the map's range
@@ -89,14 +89,19 @@ def test_threshold_is_an_overridable_input(exported, test_paths):
     np.testing.assert_allclose(low.score, default.score)
 
 
-def test_precision_variants(exported, trained, test_paths):
+def test_precision_variants(exported, trained, test_paths, scores_close):
     detector, _ = trained
     path, results = exported
     assert [r.path.name for r in results] == ["model.onnx", "model.fp16.onnx", "model.int8.onnx"]
     fp16 = OnnxDetector(variant_path(path, "fp16"), device="cpu")
     assert fp16.metadata["precision"] == "fp16"
-    np.testing.assert_allclose(
-        fp16.predict_files(test_paths).score, detector.anomaly_score(test_paths), rtol=2e-2
+    # fp16 errors are relative to the score's scale, not to each score (fused z-scores
+    # near zero differ by more than 2 % of themselves on some CPUs)
+    scores_close(
+        fp16.predict_files(test_paths).score,
+        detector.anomaly_score(test_paths),
+        rel=2e-2,
+        threshold=detector.threshold_,
     )
     int8 = OnnxDetector(variant_path(path, "int8"), device="cpu")
     assert int8.metadata["precision"] == "int8"
