@@ -19,7 +19,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 @pytest.mark.parametrize(
     ("script", "outputs"),
     [
-        ("suite/run.py", ["README.md", "results.json", "experiments.md", "auroc.png"]),
+        ("suite/run.py", ["README.md", "results.json", "experiments.md", "auroc.png", "loso.md"]),
         ("onnx/bench.py", ["README.md", "results.json", "throughput.png"]),
         ("suite/drift.py", ["drift.md", "drift.json"]),
         ("scan/bench.py", []),

@@ -147,6 +147,77 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
     return out
 
 
+#: The probe ``pca128``: the image view's PCA at twice its resolution (<= 128 px).
+PROBE_PCA_SIDE, PROBE_PCA_COMPONENTS = 128, 50
+
+
+def view_dump(detector, train_paths, val_paths, test) -> dict:
+    """The default model's candidate views of the held-out normals, of the same normals
+    with a synthetic defect pasted in, and of the test images (with labels), plus two
+    probes: ``pca128`` (squared residual of a PCA of the training normals pooled to at
+    most 128 px) and ``grey`` (|z| of the mean grey level against the training normals).
+    pipelines/suite/loso.py chooses fusion rules from these, leave-one-set-out.
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.decomposition import PCA
+
+    from anomalyvae.imaging.synthetic_defects import paste_defects
+
+    spec = detector.preprocessing_
+    pool = max(1, int(np.ceil(max(spec.height, spec.width) / PROBE_PCA_SIDE)))
+
+    def pooled(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        return (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy()
+
+    def pooled_files(paths) -> tuple[np.ndarray, np.ndarray]:
+        parts, greys = [], []
+        for start in range(0, len(paths), 32):
+            images = detector.preprocess(paths[start : start + 32])
+            parts.append(pooled(images))
+            greys.append(images.reshape(len(images), -1).mean(1))
+        return np.concatenate(parts), np.concatenate(greys)
+
+    train_pooled, train_grey = pooled_files(train_paths)
+    pca = PCA(min(PROBE_PCA_COMPONENTS, len(train_pooled) - 1), random_state=0)
+    pca.fit(train_pooled)
+    grey_mean, grey_std = float(train_grey.mean()), float(train_grey.std()) + 1e-12
+
+    def probes_of(flat: np.ndarray, grey: np.ndarray) -> dict[str, np.ndarray]:
+        residual = flat - pca.inverse_transform(pca.transform(flat))
+        return {"pca128": (residual**2).mean(1), "grey": np.abs(grey - grey_mean) / grey_std}
+
+    val_images = detector.preprocess(val_paths)
+    synthetic = paste_defects(val_images, seed=0).images
+    groups = {}
+    for group, views, flat, grey in (
+        (
+            "val",
+            detector.view_scores(val_images),
+            pooled(val_images),
+            val_images.reshape(len(val_images), -1).mean(1),
+        ),
+        (
+            "synthetic",
+            detector.view_scores(synthetic),
+            pooled(synthetic),
+            synthetic.reshape(len(synthetic), -1).mean(1),
+        ),
+    ):
+        groups[group] = {**views, **probes_of(flat, grey)}
+    test_paths = [s.path for s in test]
+    test_flat, test_grey = pooled_files(test_paths)
+    groups["test"] = {
+        **detector.view_scores(test_paths),
+        **probes_of(test_flat, test_grey),
+        "label": np.array([s.label for s in test], dtype=float),
+    }
+    return {
+        g: {k: np.asarray(v, dtype=float).tolist() for k, v in d.items()} for g, d in groups.items()
+    }
+
+
 #: Probes: scores the product does not offer, measured on the same trained model and
 #: split so that the experiment log shows what they would give on every set.
 PROBE_BANK = 20_000
@@ -348,7 +419,13 @@ def run_set(
     )
     best_name = max(alt, key=alt.get)
     maps = map_variants(detector, [train[i] for i in val_index], test)
+    print(f"[{name}] views for leave-one-set-out", flush=True)
+    dump = view_dump(detector, [train[i] for i in train_index], [train[i] for i in val_index], test)
+    (work / name / "views.json").write_text(json.dumps(dump))
+    grey_auroc = float(roc_auc_score(labels, dump["test"]["grey"]))
     return {
+        "grey_floor": {"image_auroc": grey_auroc},
+        "views_file": str(work / name / "views.json"),
         "source": shown(source),
         "n_train_normals": len(train),
         "n_test": len(test),
@@ -359,8 +436,11 @@ def run_set(
         "probes": probed,
         "map_variants": maps,
         "best_alternative": {"name": best_name, "image_auroc": alt[best_name]},
-        "margin_over_floor": defaults["image_auroc"] - floor["image_auroc"],
-        "meets_rule": bool(defaults["image_auroc"] >= floor["image_auroc"] + MARGIN),
+        # the floor is the better of the two label-free baselines
+        "margin_over_floor": defaults["image_auroc"] - max(floor["image_auroc"], grey_auroc),
+        "meets_rule": bool(
+            defaults["image_auroc"] >= max(floor["image_auroc"], grey_auroc) + MARGIN
+        ),
     }
 
 
@@ -417,13 +497,14 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         + ".",
         f"Defaults: `anomalyvae train SOURCE -o model.pt --time-budget {budget:g}` then "
         "`anomalyvae evaluate`, the same command on every set. Floor: PCA with "
-        f"{PCA_COMPONENTS} components at {PCA_SIZE}x{PCA_SIZE}. Rule: defaults >= floor + "
+        f"{PCA_COMPONENTS} components at {PCA_SIZE}x{PCA_SIZE}, or the |z| of the mean grey "
+        "level against the training normals, whichever is better. Rule: defaults >= floor + "
         f"{MARGIN:.2f} image AUROC on every set.",
         "",
         "| set | model | image AUROC | pixel AUROC | AUPRO | sens @ 95 % spec "
-        "| normals over threshold | train s | PCA-50 image / pixel / AUPRO | margin | rule "
-        "| best alternative |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| normals over threshold | train s | PCA-50 image / pixel / AUPRO | mean grey |z| "
+        "| margin | rule | best alternative |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         r = sets[name]
@@ -434,7 +515,8 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
             f"{cell(d, 'aupro')} | {cell(d, 'sens_at_95_spec')} | "
             f"{d['normals_flagged']:.1%} of test normals ({d['n_calibration_normals']} "
             f"calibration normals) | {d['train_seconds']:.0f} | {cell(f, 'image_auroc')} / "
-            f"{cell(f, 'pixel_auroc')} / {cell(f, 'aupro')} | {r['margin_over_floor']:+.3f} | "
+            f"{cell(f, 'pixel_auroc')} / {cell(f, 'aupro')} | "
+            f"{cell(r.get('grey_floor', {}), 'image_auroc')} | {r['margin_over_floor']:+.3f} | "
             f"{'met' if r['meets_rule'] else '**not met**'} | "
             f"{r['best_alternative']['name']} {r['best_alternative']['image_auroc']:.3f} |"
         )
@@ -792,6 +874,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or DEFAULT_OUT
         results = json.loads((out / "results.json").read_text())
         write_report(results, out, results["time_budget_s"], results.get("seconds", 0.0), False)
+        import loso
+
+        if len(loso.load_dumps(out)) >= 2:
+            loso.main(["--out", str(out)])
         return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="anomalyvae-suite-") as tmp:
@@ -836,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
                 "code": results["code"],
             }
             results["sets"][name]["seconds"] = round(time.monotonic() - set_started, 1)
+            views = Path(results["sets"][name].pop("views_file"))
+            (out / "views").mkdir(parents=True, exist_ok=True)
+            (out / "views" / f"{name}.json").write_text(views.read_text())
             print(json.dumps({name: results["sets"][name]["defaults"]}, default=float), flush=True)
         results["sets"] = dict(sorted(results["sets"].items()))
         if not args.smoke:
@@ -844,6 +933,10 @@ def main(argv: list[str] | None = None) -> int:
         results["sets_run"] = list(sets)
         write_report(results, out, budget, results["seconds"], args.smoke)
         print(f"wrote {out / 'README.md'}")
+        import loso
+
+        if len(loso.load_dumps(out)) >= 2:
+            loso.main(["--out", str(out)])
     return 0
 
 
