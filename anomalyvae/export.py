@@ -42,6 +42,7 @@ from anomalyvae.inference.contract import (
     signature,
     signing_key,
 )
+from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
 
@@ -96,26 +97,12 @@ class ExportResult(NamedTuple):
     parity: ParityReport | None
 
 
-def model_family(detector: VAEAnomalyDetector) -> str:
-    """Which model family the detector holds: "pixel" or "feature"."""
-    return str(getattr(detector.model_, "family", "pixel"))
-
-
 def tiling_metadata(detector: VAEAnomalyDetector) -> dict[str, Any]:
     """How the graph covers its input with backbone tiles (informational: it is inside).
 
     ``n_tiles`` 1 means the backbone sees the whole input at once.
     """
-    layout = getattr(detector.model_.config, "layout", None)
-    if layout is None:  # the pixel family: one pass over the whole input
-        return {"n_tiles": 1, "inside_graph": True}
-    return {
-        **layout.to_dict(),
-        "inside_graph": True,
-        "blend": "per-tile feature maps (stride 8) weighted by ramps across each overlap "
-        "(a quarter of the overlap at weight 1e-3, then linear to 1 over half of it), "
-        "summed and divided by the summed weights",
-    }
+    return detector.family().tiling(detector.model_)
 
 
 def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
@@ -143,7 +130,7 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "threshold": repr(float(detector.threshold_)),
         "pixel_threshold": repr(float(detector.pixel_threshold_)),
         "calibration": json.dumps(calibration),
-        "model_family": model_family(detector),
+        "model_family": detector.family_,
         "tiling": json.dumps(tiling_metadata(detector)),
         "normal_intensity": json.dumps(getattr(detector, "normal_intensity_", None)),
         "self_check": json.dumps(getattr(detector, "self_check_", None)),
@@ -197,10 +184,10 @@ def export_onnx(
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
     detector.check_fitted()
-    if precision != "fp32" and model_family(detector) != "pixel":
+    if precision not in detector.family().export_precisions:
         raise ExportError(
-            f"{precision} export is implemented for the pixel model only; export the "
-            "feature model in fp32 (its backbone already runs at about model-only speed)"
+            f"{precision} export is not implemented for the {detector.family_} model; "
+            f"it exports in {', '.join(detector.family().export_precisions)}"
         )
     if getattr(detector, "threshold_", None) is None:
         raise ExportError("the detector has no threshold; calibrate it before export")
@@ -353,7 +340,7 @@ def check_parity(
     score_diff = np.abs(onnx_out["score"] - ref["score"])
     # A fused score (and any feature-model score) is a z-score: near 0 for typical
     # normals, so a difference is judged relative to one unit (one scaled MAD).
-    z_like = model_family(detector) == "feature" or detector.scoring_.score_kind == "fused"
+    z_like = detector.family().z_scored(detector.scoring_)
     unit = 1.0 if z_like else 1e-6
     # A score within rounding of the threshold may fall either side; judge the others.
     threshold = float(detector.threshold_)
@@ -437,8 +424,8 @@ def export_int8(
     family = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}.get(
         METADATA_PREFIX + "model_family", "pixel"
     )
-    if family != "pixel":
-        raise ExportError("int8 export is implemented for the pixel model only")
+    if "int8" not in get_family(family).export_precisions:
+        raise ExportError(f"int8 export is not implemented for the {family} model")
     fp32_path, path = Path(fp32_path), Path(path)
     with tempfile.TemporaryDirectory() as tmpdir:
         prepared = Path(tmpdir) / "prepared.onnx"

@@ -32,7 +32,8 @@ from anomalyvae.imaging.medical import intensity_range
 
 def pixel_model(detector: VAEAnomalyDetector) -> Any:
     """The detector's pixel VAE, or a clear error: the generative uses need pixels."""
-    if getattr(detector.model_, "family", "pixel") != "pixel":
+    detector.check_fitted()
+    if not detector.family().generative:
         raise ValueError(
             "sampling, denoising, inpainting and embeddings need a pixel model; this "
             "checkpoint holds the feature model. Train one with `anomalyvae train DATA "

@@ -199,18 +199,25 @@ def test_a_pixel_checkpoint_saved_before_fusion_scores_as_it_did(trained, synthe
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("auto", "feature"), "fused"),
-        (("auto", "pixel", True, "ssim", 32), "fused"),  # thumbnails: the whole scene
-        (("auto", "pixel", True, "nll", 32), "topk_mean"),
-        (("auto", "pixel", True, "ssim", 64), "topk_mean"),  # larger: defects are local
-        (("auto", "pixel", False, "ssim", 32), "topk_mean"),  # global view needs z-maps
-        (("max", "pixel", True, "ssim", 32), "max"),
+        (("auto", True, "ssim", 32), "fused"),  # thumbnails: the whole scene
+        (("auto", True, "nll", 32), "topk_mean"),
+        (("auto", True, "ssim", 64), "topk_mean"),  # larger: defects are local
+        (("auto", False, "ssim", 32), "topk_mean"),  # global view needs z-maps
+        (("max", True, "ssim", 32), "max"),
     ],
 )
 def test_auto_score_kind(args, expected):
-    from anomalyvae.detector import resolve_score_kind
+    from anomalyvae.models.families.pixel import pixel_score_kind
 
-    assert resolve_score_kind(*args) == expected
+    assert pixel_score_kind(*args) == expected
+
+
+def test_feature_family_resolves_auto_to_the_fused_score():
+    from anomalyvae.imaging.io import Preprocessing
+    from anomalyvae.models.families import get_family
+
+    scoring = get_family("feature").resolve_scoring(VAEAnomalyDetector(), Preprocessing(3, 96, 96))
+    assert (scoring.score_kind, scoring.map_kind, scoring.standardize) == ("fused", "elbo", False)
 
 
 def test_pixel_fusion_constants_do_not_depend_on_the_score_kind(trained):

@@ -217,7 +217,7 @@ def test_feature_model_exports_one_graph_with_parity(tmp_path):
     assert meta["model_family"] == "feature" and meta["score_kind"] == "fused"
     onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ExportError, match="pixel model only"):
+    with pytest.raises(ExportError, match="not implemented for the feature model"):
         export_onnx(detector, tmp_path / "feature.fp16.onnx", precision="fp16")
 
 

@@ -1,7 +1,8 @@
 """Tiles: how a large or elongated model input is covered by overlapping tiles.
 
 The feature model keeps each image's aspect ratio and works at up to 512 px on the short
-side (:data:`anomalyvae.detector.FEATURE_MAX_SIZE`), so its input can be 512 x 1536. Its
+side (:data:`anomalyvae.models.families.feature.FEATURE_MAX_SIZE`), so its input can be
+512 x 1536. Its
 backbone then runs tile by tile (:class:`TileLayout`): every tile has the same fixed size,
 neighbouring tiles overlap, and the tiles' feature maps are blended back into one feature
 map of the whole input with linear ramps across each overlap, so no seam shows in the

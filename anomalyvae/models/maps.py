@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from anomalyvae.models.feature_vae import FeatureVAE, fuse_views, knn_view, robust_z_constants
+from anomalyvae.models.feature_vae import (
+    IMAGE_SIGMA,
+    FeatureVAE,
+    fuse_views,
+    knn_view,
+    robust_z_constants,
+)
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
 MAP_KINDS: tuple[str, ...] = ("recon", "ssim", "nll", "elbo", "elbo_grad")
@@ -347,6 +353,28 @@ def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tens
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
+def reduce_valid(
+    anomaly_map: Tensor, valid: Tensor, config: ScoringConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(top-k mean, max, mean) of each (1, h, w) map over its valid pixels, each (n,).
+
+    ``valid`` is (n, h, w) bool. The top-k share counts the valid pixels only
+    (:func:`topk_count`), so a fully valid image reduces exactly as :func:`reduce_map`
+    does. Torch only (a per-image loop): masked scoring inpaints first, which needs the
+    decoder's gradient, so it never exports.
+    """
+    flat, keep = anomaly_map.flatten(1), valid.flatten(1)
+    local, largest, mean = [], [], []
+    for values, mask in zip(flat, keep, strict=True):
+        kept = values[mask]
+        if kept.numel() == 0:
+            raise ValueError("valid_mask leaves an image with no valid pixels to score")
+        local.append(kept.topk(topk_count(config, int(kept.numel()))).values.mean())
+        largest.append(kept.max())
+        mean.append(kept.mean())
+    return torch.stack(local), torch.stack(largest), torch.stack(mean)
+
+
 class ScoreResult(NamedTuple):
     """Scores of a batch: ``anomaly_map`` (n, 1, h, w), ``score`` (n,), ``elbo`` (n,).
 
@@ -385,6 +413,23 @@ def check_scoring(family: str, config: ScoringConfig) -> None:
         )
 
 
+def image_view(model: FeatureVAE, x: Tensor) -> Tensor:
+    """The feature model's ``image`` view (n,): its pixel-space PCA residual, reduced.
+
+    "topk": the residual map smoothed at ``IMAGE_SIGMA`` px, top-k mean (the product's
+    share and footprint floor, :func:`topk_count`); "mean" (older models): its mean.
+    """
+    if not model.config.image_components:
+        return x.new_zeros(x.shape[0])
+    if model.config.image_reduce == "mean":
+        return model.image_residual(x)
+    smoothed = gaussian_blur(model.image_residual_map(x), IMAGE_SIGMA)
+    k = topk_count(
+        ScoringConfig(smoothing_sigma=IMAGE_SIGMA), int(smoothed.shape[-2] * smoothed.shape[-1])
+    )
+    return smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
+
+
 def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
     """Map, image score and views of the feature family (the graph export traces this).
 
@@ -420,7 +465,7 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
             local,
             elbo,
             model.global_distance(raw),
-            model.image_residual(x),
+            image_view(model, x),
             knn,
         ],
         dim=1,
@@ -447,24 +492,31 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
 
 
 def score_batch(
-    model: nn.Module, x: Tensor, config: ScoringConfig, stats: MapStats | None = None
+    model: nn.Module,
+    x: Tensor,
+    config: ScoringConfig,
+    stats: MapStats | None = None,
+    valid: Tensor | None = None,
 ) -> ScoreResult:
     """Anomaly maps and image scores of a batch; the model must be in eval mode.
 
     ``stats`` is required when ``config.standardize``; pass ``config`` with
     ``standardize=False`` to get the raw smoothed maps that :func:`fit_map_stats` takes.
-    Either model family: this is the one scoring recipe the detector, the exported
-    graph and the pipelines share.
+    ``valid`` (n, h, w) bool, pixel model only: every view, and so every score kind,
+    reads the valid pixels only, and invalid pixels map to 0. Either model family: this
+    is the one scoring recipe the detector, the exported graph and the pipelines share.
     """
     check_family(model, config)
+    if valid is not None and isinstance(model, FeatureVAE):
+        raise ValueError("scoring with a valid mask needs the pixel model")
     with torch.no_grad():
         if isinstance(model, FeatureVAE):
             return feature_scores(model, x, config)
         if config.map_kind != "elbo_grad":
-            return pixel_scores(model, x, config, stats)
+            return pixel_scores(model, x, config, stats, valid=valid)
     raw, output = elbo_grad_map(model, x)  # needs the input gradient: torch only
     with torch.no_grad():
-        return pixel_scores(model, x, config, stats, output, raw)
+        return pixel_scores(model, x, config, stats, output, raw, valid)
 
 
 def pixel_scores(
@@ -474,6 +526,7 @@ def pixel_scores(
     stats: MapStats | None = None,
     output: VAEOutput | None = None,
     raw: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> ScoreResult:
     """The pixel family's recipe: map, smoothing, standardization, image score.
 
@@ -481,7 +534,9 @@ def pixel_scores(
     ``output`` and ``raw`` pass in a forward pass and map computed elsewhere (the
     gradient map). Views (n, 2), ``PIXEL_VIEW_NAMES`` order, whatever the score kind:
     the local view (the top-k mean of the map) and the global view (the mean of the
-    whole map); "fused" is their mean z-score against held-out normals.
+    whole map); "fused" is their mean z-score against held-out normals. With ``valid``
+    (n, h, w) bool, the views and the max read the valid pixels only (:func:`reduce_valid`),
+    so a masked image is scored the way the threshold was calibrated, whatever the kind.
     """
     floor = model.config.logvar_min
     if output is None or raw is None:
@@ -492,15 +547,24 @@ def pixel_scores(
         stats = check_stats(stats, config)
         smoothed = standardize_map(smoothed, stats)
     elbo = image_elbo(x, output, floor)
-    local = reduce_map(smoothed, elbo, dataclasses.replace(config, score_kind="topk_mean"))
-    views = torch.stack([local, smoothed.flatten(1).mean(1)], dim=1)
+    if valid is None:
+        local = reduce_map(smoothed, elbo, dataclasses.replace(config, score_kind="topk_mean"))
+        views = torch.stack([local, smoothed.flatten(1).mean(1)], dim=1)
+        largest = None  # traced graphs hold only what the score kind reads
+    else:
+        valid = valid.to(device=smoothed.device, dtype=torch.bool)
+        smoothed = torch.where(valid[:, None], smoothed, torch.zeros_like(smoothed))
+        local, largest, mean = reduce_valid(smoothed, valid, config)
+        views = torch.stack([local, mean], dim=1)
     if config.score_kind == "fused":
         center, scale = pixel_view_constants(stats)
         score = fuse_views(views, center.to(views), scale.to(views), (0, 1))
     elif config.score_kind == "global":
         score = views[:, 1]
-    elif config.score_kind in ("max", "elbo"):
-        score = reduce_map(smoothed, elbo, config)
+    elif config.score_kind == "max":
+        score = reduce_map(smoothed, elbo, config) if largest is None else largest
+    elif config.score_kind == "elbo":
+        score = elbo
     else:
         score = local
     return ScoreResult(smoothed, score, elbo, views)

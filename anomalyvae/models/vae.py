@@ -110,6 +110,9 @@ class ConvVAE(nn.Module):
     mean, so the output is deterministic.
     """
 
+    #: The model family's registered name (:mod:`anomalyvae.models.families`).
+    family = "pixel"
+
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         self.config = config

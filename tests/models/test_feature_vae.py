@@ -422,3 +422,31 @@ def test_tiled_model_exports_one_graph_with_its_tiles_in_the_metadata(tiled_dete
     result = runtime.predict_arrays(images)
     assert result.anomaly_map.shape == (12, 1, 64, 192)
     np.testing.assert_allclose(result.score, detector.anomaly_score(normals), rtol=1e-3, atol=1e-3)
+
+
+def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_keep_the_mean():
+    from anomalyvae.models.feature_vae import IMAGE_SIGMA, fit_image_subspace
+    from anomalyvae.models.maps import ScoringConfig, gaussian_blur, image_view, topk_count
+
+    rng = np.random.default_rng(0)
+    normals = (0.5 + 0.05 * rng.standard_normal((20, 1, 64, 64))).astype(np.float32)
+    odd = normals[:1].copy()
+    odd[:, :, 8:16, 8:16] = 1.0  # a local defect: 1.6 % of the image
+    x = torch.from_numpy(np.concatenate([normals[:4], odd]))
+    views = {}
+    for reduce in ("topk", "mean"):
+        config = FeatureVAEConfig(height=64, width=64, image_components=4, image_reduce=reduce)
+        model = FeatureVAE(config, pretrained=False).eval()
+        mean, basis = fit_image_subspace(normals, config)
+        model.image_mean.copy_(mean)
+        model.image_basis.copy_(basis)
+        views[reduce] = image_view(model, x).numpy()
+    residual = gaussian_blur(model.image_residual_map(x), IMAGE_SIGMA).flatten(1).numpy()
+    k = topk_count(ScoringConfig(smoothing_sigma=IMAGE_SIGMA), residual.shape[1])
+    np.testing.assert_allclose(views["topk"], np.sort(residual, 1)[:, -k:].mean(1), rtol=1e-5)
+    np.testing.assert_allclose(views["mean"], model.image_residual(x).numpy(), rtol=1e-6)
+    # the top-k stands the local defect further above the normals than the mean does
+    assert views["topk"][4] / views["topk"][:4].max() > views["mean"][4] / views["mean"][:4].max()
+    # a model saved before the top-k view (no image_reduce in its config) keeps the mean
+    saved = {k: v for k, v in FeatureVAEConfig().to_dict().items() if k != "image_reduce"}
+    assert FeatureVAEConfig.from_dict(saved).image_reduce == "mean"

