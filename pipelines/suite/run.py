@@ -151,12 +151,14 @@ def fusion_variants(views: dict, val_views: dict) -> dict[str, np.ndarray]:
 PROBE_PCA_SIDE, PROBE_PCA_COMPONENTS = 128, 50
 
 
-def view_dump(detector, train_paths, val_paths, test) -> dict:
+def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) -> dict:
     """The default model's candidate views of the held-out normals, of the same normals
     with a synthetic defect pasted in, and of the test images (with labels), plus two
     probes: ``pca128`` (squared residual of a PCA of the training normals pooled to at
-    most 128 px) and ``grey`` (|z| of the mean grey level against the training normals).
+    most 128 px), ``pca128_topk`` (the same residual as a map, smoothed at 2 px, top-k
+    mean) and ``grey`` (|z| of the mean grey level against the training normals).
     pipelines/suite/loso.py chooses fusion rules from these, leave-one-set-out.
+    ``model_views=False`` computes the probes only (``--probes-only``).
     """
     import torch
     import torch.nn.functional as F
@@ -184,23 +186,39 @@ def view_dump(detector, train_paths, val_paths, test) -> dict:
     pca.fit(train_pooled)
     grey_mean, grey_std = float(train_grey.mean()), float(train_grey.std()) + 1e-12
 
+    from anomalyvae.models.maps import ScoringConfig, gaussian_blur, topk_count
+
+    height, width = spec.height // pool, spec.width // pool  # avg_pool2d floors
+
     def probes_of(flat: np.ndarray, grey: np.ndarray) -> dict[str, np.ndarray]:
         residual = flat - pca.inverse_transform(pca.transform(flat))
-        return {"pca128": (residual**2).mean(1), "grey": np.abs(grey - grey_mean) / grey_std}
+        squared = (residual**2).reshape(len(flat), spec.channels, height, width).mean(1)
+        smoothed = gaussian_blur(torch.from_numpy(squared[:, None].astype(np.float32)), 2.0)
+        values = np.sort(smoothed.flatten(1).numpy(), axis=1)
+        k = topk_count(ScoringConfig(), values.shape[1])
+        return {
+            "pca128": (residual**2).mean(1),
+            "pca128_topk": values[:, -k:].mean(1),
+            "grey": np.abs(grey - grey_mean) / grey_std,
+        }
 
     val_images = detector.preprocess(val_paths)
     synthetic = paste_defects(val_images, seed=0).images
+
+    def views_of(images) -> dict:
+        return detector.view_scores(images) if model_views else {}
+
     groups = {}
     for group, views, flat, grey in (
         (
             "val",
-            detector.view_scores(val_images),
+            views_of(val_images),
             pooled(val_images),
             val_images.reshape(len(val_images), -1).mean(1),
         ),
         (
             "synthetic",
-            detector.view_scores(synthetic),
+            views_of(synthetic),
             pooled(synthetic),
             synthetic.reshape(len(synthetic), -1).mean(1),
         ),
@@ -209,7 +227,7 @@ def view_dump(detector, train_paths, val_paths, test) -> dict:
     test_paths = [s.path for s in test]
     test_flat, test_grey = pooled_files(test_paths)
     groups["test"] = {
-        **detector.view_scores(test_paths),
+        **views_of(test_paths),
         **probes_of(test_flat, test_grey),
         "label": np.array([s.label for s in test], dtype=float),
     }
@@ -846,6 +864,34 @@ def smoke_sets(root: Path) -> dict[str, Path]:
     return sets
 
 
+def refresh_probes(args: argparse.Namespace) -> int:
+    """Recompute the probes of each set's trained model (``--work``) into views/*.json."""
+    out = args.out or DEFAULT_OUT
+    sets = discover_sets(args.data_root)
+    for name, source in sets.items():
+        if args.sets and name not in args.sets:
+            continue
+        model, dump_path = args.work / name / "model.pt", out / "views" / f"{name}.json"
+        if not model.is_file() or not dump_path.is_file():
+            continue
+        detector = VAEAnomalyDetector.load(model, progress=False)
+        train = [s.path for s in discover(source, "train") if s.label == 0]
+        val_index, train_index = detector.split_indices(len(train))
+        probes = view_dump(
+            detector,
+            [train[i] for i in train_index],
+            [train[i] for i in val_index],
+            discover(source, "test"),
+            model_views=False,
+        )
+        dump = json.loads(dump_path.read_text())
+        for group in dump:
+            dump[group].update(probes[group])
+        dump_path.write_text(json.dumps(dump))
+        print(f"[{name}] probes refreshed", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
@@ -867,7 +913,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train-args", default="", help="a variant's extra `anomalyvae train` options"
     )
+    parser.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="recompute the probe views of the models under --work into views/*.json",
+    )
     args = parser.parse_args(argv)
+    if args.probes_only:
+        return refresh_probes(args)
     if args.variant and not args.sets:
         parser.error("--variant needs --sets (the sets the variant is tried on)")
     if args.report_only:
