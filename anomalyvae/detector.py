@@ -351,7 +351,10 @@ class VAEAnomalyDetector:
         Columns in the family's ``view_names`` order (higher = more anomalous).
         """
         self.check_fitted()
-        views = self._score_all(images, self.family().view_scoring(self.scoring_))[2]
+        family = self.family()
+        if not family.view_names:  # a single-view family
+            return np.zeros((len(images), 0))
+        views = self._score_all(images, family.view_scoring(self.scoring_))[2]
         if views is None:
             raise ValueError(f"the {self.family_} model's scoring returned no views")
         return views

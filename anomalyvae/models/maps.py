@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -388,6 +389,32 @@ class ScoreResult(NamedTuple):
     views: Tensor | None = None
 
 
+#: A scoring recipe: (model, x, config, stats, valid) -> ScoreResult, in no_grad.
+Scorer = Callable[[nn.Module, Tensor, ScoringConfig, MapStats | None, Tensor | None], ScoreResult]
+#: Recipes of model classes that families registered (see :func:`register_scorer`); the
+#: built-in pixel and feature recipes below serve their own classes.
+_SCORERS: dict[type, Scorer] = {}
+
+
+def register_scorer(model_class: type, scorer: Scorer | None) -> None:
+    """Score ``model_class`` with ``scorer`` in :func:`score_batch` and the graph.
+
+    :func:`anomalyvae.models.families.register_family` calls it; None forgets it.
+    """
+    if scorer is None:
+        _SCORERS.pop(model_class, None)
+    else:
+        _SCORERS[model_class] = scorer
+
+
+def registered_scorer(model: nn.Module) -> Scorer | None:
+    """The recipe registered for ``model``'s class (or a base class), or None."""
+    for cls in type(model).__mro__:
+        if cls in _SCORERS:
+            return _SCORERS[cls]
+    return None
+
+
 def check_family(model: nn.Module, config: ScoringConfig) -> None:
     """A clear error when ``config`` asks a model family for a score it does not have."""
     check_scoring(getattr(model, "family", "pixel"), config)
@@ -507,6 +534,10 @@ def score_batch(
     is the one scoring recipe the detector, the exported graph and the pipelines share.
     """
     check_family(model, config)
+    scorer = registered_scorer(model)
+    if scorer is not None:
+        with torch.no_grad():
+            return scorer(model, x, config, stats, valid)
     if valid is not None and isinstance(model, FeatureVAE):
         raise ValueError("scoring with a valid mask needs the pixel model")
     with torch.no_grad():
@@ -591,7 +622,10 @@ class ScoringGraph(nn.Module):
         self.stats = check_stats(stats, config) if config.standardize else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if isinstance(self.model, FeatureVAE):
+        scorer = registered_scorer(self.model)
+        if scorer is not None:
+            result = scorer(self.model, x, self.config, self.stats, None)
+        elif isinstance(self.model, FeatureVAE):
             result = feature_scores(self.model, x, self.config)
         else:
             result = pixel_scores(self.model, x, self.config, self.stats)

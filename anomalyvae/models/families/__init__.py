@@ -12,6 +12,7 @@ from torch import nn
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
+from anomalyvae.models.maps import register_scorer
 
 __all__ = [
     "FEATURE_MIN_SIDE",
@@ -22,6 +23,7 @@ __all__ = [
     "get_family",
     "register_family",
     "resolve_family",
+    "unregister_family",
 ]
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -35,8 +37,19 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Make ``family`` available by its name (``--model NAME``, checkpoints, ONNX)."""
     if not getattr(family, "name", "") or family.name == "auto":
         raise ValueError(f"a model family needs a name other than 'auto', got {family.name!r}")
+    if family.model_class is not None:
+        register_scorer(family.model_class, family.score)
     _FAMILIES[family.name] = family
     return family
+
+
+def unregister_family(name: str) -> None:
+    """Forget the family called ``name`` (its checkpoints no longer load)."""
+    if name in ("pixel", "feature"):
+        raise ValueError(f"the built-in {name!r} family cannot be unregistered")
+    family = _FAMILIES.pop(name, None)
+    if family is not None and family.model_class is not None:
+        register_scorer(family.model_class, None)
 
 
 def family_names() -> tuple[str, ...]:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
-from torch import nn
+from torch import Tensor, nn
 
 from anomalyvae.imaging.io import Preprocessing
-from anomalyvae.models.maps import ScoringConfig
+from anomalyvae.models.maps import MapStats, ScoreResult, ScoringConfig
 
 if TYPE_CHECKING:
     from anomalyvae.detector import VAEAnomalyDetector
@@ -51,12 +51,32 @@ class ModelFamily(abc.ABC):
         and scoring with a ``valid_mask``, which inpaints the invalid pixels).
     export_precisions : tuple of str
         The ONNX precisions the graph exports in ("fp32", "fp16", "int8").
+    model_class : type or None
+        The family's model class, when its scores come from :meth:`score` (registered
+        with the recipe, :func:`anomalyvae.models.maps.register_scorer`). None: the
+        built-in recipe of :mod:`anomalyvae.models.maps` scores it (pixel, feature).
     """
 
     name: ClassVar[str]
     view_names: ClassVar[tuple[str, ...]]
     generative: ClassVar[bool] = False
     export_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    model_class: ClassVar[type | None] = None
+
+    def score(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        config: ScoringConfig,
+        stats: MapStats | None,
+        valid: Tensor | None,
+    ) -> ScoreResult:
+        """Maps, scores and views of a batch (called in no_grad; traced for ONNX).
+
+        Only families with a ``model_class`` are asked; the built-in ones are scored
+        by :func:`anomalyvae.models.maps.score_batch`'s own recipe.
+        """
+        raise NotImplementedError(f"the {self.name} family scores with the built-in recipe")
 
     def input_sizing(self) -> dict[str, Any] | None:
         """How the model input is sized from training files (None: the generic way).
