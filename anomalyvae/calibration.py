@@ -16,6 +16,11 @@ from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 CALIBRATION_METHODS: tuple[str, ...] = ("normal_quantile", "f1", "youden")
+#: How the normal quantile treats its top: "conformal" (the order statistic, even when
+#: that is the largest normal) or "robust" (when the conformal rank is the largest
+#: normal, the larger of the second largest and a Gaussian tail fitted to the median
+#: and MAD, capped at the largest: one outlying normal cannot set the threshold).
+TAILS: tuple[str, ...] = ("conformal", "robust")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class Threshold:
     min_achievable_fpr : float or None
         ``1 / (n_normal + 1)``: the smallest false-positive rate that n normals can
         promise ("normal_quantile" only; None in older models).
+    tail : str or None
+        "conformal" or "robust" (:data:`TAILS`; "normal_quantile" only; None in older
+        models, which used "conformal").
     """
 
     value: float
@@ -49,6 +57,7 @@ class Threshold:
     n_normal: int
     n_anomalous: int
     min_achievable_fpr: float | None = None
+    tail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +76,9 @@ def _check_scores(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64
     return array
 
 
-def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Threshold:
+def threshold_from_normals(
+    scores: ArrayLike, target_fpr: float = 0.01, tail: str = "conformal"
+) -> Threshold:
     """Conformal threshold from held-out normal scores for a target false-positive rate.
 
     The threshold is the ``ceil((n + 1) * (1 - target_fpr))``-th smallest of the n
@@ -77,23 +88,45 @@ def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Thres
     can be promised is ``1 / (n + 1)``: when ``target_fpr`` is finer than that, the
     largest normal score is used, ``min_achievable_fpr`` says what is really promised,
     and a warning says how many normals the target needs.
+
+    ``tail="robust"``: when the conformal rank falls on the largest normal (fewer than
+    about ``2 / target_fpr`` normals), the threshold is the larger of the second largest
+    normal and ``median + z(1 - target_fpr) * 1.4826 * MAD`` (a Gaussian tail fitted
+    robustly), capped at the largest. One normal far out (a mislabelled image, a
+    heavy-tailed score) then cannot set the threshold, and moving it further out does
+    not move the threshold at all; the price is that the promise is the second-largest
+    order statistic's, about ``2 / (n + 1)`` (``expected_fpr`` says what the normals saw).
     """
     if not 0 < target_fpr < 1:
         raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     normal = np.sort(_check_scores(scores, "normal scores"))
     n = normal.size
     rank = int(np.ceil((n + 1) * (1.0 - target_fpr)))  # 1-based order statistic
     if rank > n:
+        using = (
+            "Using the larger of the second-largest normal score and a robust Gaussian tail"
+            if tail == "robust"
+            else "Using the largest normal score"
+        )
         warnings.warn(
             f"{n} calibration normals cannot promise a false-positive rate of "
             f"{target_fpr:g}: the smallest they can is 1/(n+1) = {1 / (n + 1):.3g}, and "
             f"{target_fpr:g} needs at least {int(np.ceil(1 / target_fpr)) - 1} normals. "
-            "Using the largest normal score; hold out more normal images.",
+            f"{using}; hold out more normal images.",
             UserWarning,
             stacklevel=2,
         )
         rank = n
     value = float(normal[rank - 1])
+    if tail == "robust" and rank == n and n >= 3:
+        from scipy.stats import norm
+
+        center = float(np.median(normal))
+        spread = 1.4826 * float(np.median(np.abs(normal - center)))
+        gaussian = center + float(norm.ppf(1.0 - target_fpr)) * spread
+        value = min(float(normal[-1]), max(float(normal[-2]), gaussian))
     return Threshold(
         value,
         "normal_quantile",
@@ -103,6 +136,7 @@ def threshold_from_normals(scores: ArrayLike, target_fpr: float = 0.01) -> Thres
         int(n),
         0,
         1.0 / (n + 1),
+        tail,
     )
 
 

@@ -49,10 +49,35 @@ def test_conformal_threshold_keeps_its_promise_with_few_normals():
     assert 0.06 < np.mean(rates) <= 0.1
 
 
+@pytest.mark.parametrize("outlier", [5.0, 50.0, 5e6])
+def test_one_outlying_normal_does_not_set_the_robust_threshold(outlier):
+    rng = np.random.default_rng(0)
+    normals = rng.normal(size=40)
+    with pytest.warns(UserWarning, match="second-largest normal score and a robust"):
+        robust = threshold_from_normals([*normals, outlier], 0.01, tail="robust")
+    with pytest.warns(UserWarning, match="Using the largest normal score"):
+        conformal = threshold_from_normals([*normals, outlier], 0.01)
+    assert conformal.value == outlier and robust.tail == "robust"
+    # never past the next normal or the Gaussian tail of the rest, whatever the outlier
+    gaussian = np.median(normals) + 2.3263 * 1.4826 * np.median(
+        np.abs(normals - np.median(normals))
+    )
+    assert robust.value <= max(normals.max(), gaussian) + 0.2
+    assert robust.value >= normals.max()  # and never below the second largest
+    # with enough normals the conformal rank is below the maximum: both tails agree
+    many = rng.normal(size=500)
+    assert (
+        threshold_from_normals(many, 0.01, "robust").value
+        == threshold_from_normals(many, 0.01).value
+    )
+
+
 def test_old_thresholds_without_the_floor_still_load():
     data = threshold_from_normals(np.arange(200.0), 0.01).to_dict()
     data.pop("min_achievable_fpr")
-    assert Threshold.from_dict(data).min_achievable_fpr is None
+    data.pop("tail")
+    loaded = Threshold.from_dict(data)
+    assert loaded.min_achievable_fpr is None and loaded.tail is None
 
 
 @pytest.mark.parametrize(

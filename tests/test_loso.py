@@ -28,6 +28,7 @@ def _dump(rng, good: str, n: int = 40) -> dict:
     synthetic = {name: rng.standard_normal(n) + (3.0 if name == good else 0.0) for name in names}
     val = {name: rng.standard_normal(n) for name in names}
     test["fused"] = np.mean([test[v] for v in ("knn", "global", "image")], axis=0)
+    val["fused"] = np.mean([val[v] for v in ("knn", "global", "image")], axis=0)
     test["label"] = label
     return {"val": val, "synthetic": synthetic, "test": test}
 
@@ -46,6 +47,9 @@ def test_a_rule_is_scored_on_the_set_it_was_not_chosen_on():
     # a fixed fusion drowns the one working view (diluted by two that see nothing)
     fixed = result["in_sample"]["fixed (as trained)"]
     assert fixed["set2"] < 0.75  # elbo is not among the fixed views
+    point = result["folds"]["set0"]["operating_point"]
+    assert point["n_calibration_normals"] == 40 and point["n_test_normals"] == 40
+    assert point["robust"]["recall"] >= point["conformal"]["recall"]  # never above the max
 
 
 def test_the_fold_uses_only_the_other_sets(monkeypatch):
