@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from anomalyvae import __version__
+from anomalyvae.version import __version__
 
 # Errors a user can cause and fix; they become one clean "Error:" line (exit 1).
 # Imported lazily from their modules, so `anomalyvae --help` stays fast.

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
-from anomalyvae.imaging.io import Preprocessing, preprocess, read_images
+from anomalyvae.imaging.batch import read_images
+from anomalyvae.imaging.io import Preprocessing, preprocess
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
 from anomalyvae.models.families import (

@@ -24,7 +24,6 @@ from numpy.typing import NDArray
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from anomalyvae import __version__
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.io import atomic_write_bytes
 from anomalyvae.inference.contract import (
@@ -45,6 +44,7 @@ from anomalyvae.inference.contract import (
 from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
+from anomalyvae.version import __version__
 
 #: Largest absolute difference allowed between torch and ONNX Runtime, relative to the
 #: spread of the compared values (max(|a|) + 1e-6).
@@ -499,7 +499,7 @@ def export_all(
     parity check and int8 calibration; without them a seeded random batch is compared.
     """
     from anomalyvae.data import discover
-    from anomalyvae.imaging.io import read_images
+    from anomalyvae.imaging.batch import read_images
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_

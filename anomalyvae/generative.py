@@ -225,7 +225,8 @@ def embed_folder(
     """
     from tqdm.auto import tqdm
 
-    from anomalyvae.imaging.io import find_images, load_image, read_images
+    from anomalyvae.imaging.batch import read_images
+    from anomalyvae.imaging.io import find_images, load_image
     from anomalyvae.models.generate import Embedding, embed
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)

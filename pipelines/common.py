@@ -31,7 +31,7 @@ from anomalyvae.calibration import threshold_from_normals  # noqa: E402
 from anomalyvae.data import Sample, synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.evaluation import masks_for  # noqa: E402
-from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.maps import (  # noqa: E402
     MAP_KINDS,

@@ -1,4 +1,4 @@
 """Torch-free imaging: decoding (8/16-bit, grey/RGB, DICOM/NIfTI), preprocessing, atomic writes.
 
-Nothing in this package imports torch (``tests/imaging/test_torch_free.py`` checks it).
+Nothing in this package imports torch (``tests/test_torch_free.py`` checks it).
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -593,57 +592,6 @@ def resize_mask(mask: NDArray[np.bool_], size: tuple[int, int]) -> NDArray[np.bo
         return mask
     area = resize(mask.astype(np.float32)[:, :, None], size[0], size[1], "area")
     return area[:, :, 0] >= 0.5
-
-
-def read_images(
-    paths: Sequence[str | os.PathLike[str]],
-    spec: Preprocessing,
-    on_error: str = "warn",
-    volumes: str = "slices",
-) -> tuple[NDArray[np.float32], list[Path], list[ImageReadError]]:
-    """Load many files to one (n, c, h, w) array; unreadable files are reported, not fatal.
-
-    Parameters
-    ----------
-    on_error : {"warn", "raise", "ignore"}
-        "warn" skips an unreadable file with a warning naming it; "raise" stops.
-    volumes : {"slices", "error"}
-        A NIfTI volume contributes its non-background slices ("slices", for training
-        on volumes) or is an error like any non-2-D file ("error").
-
-    Returns
-    -------
-    images : ndarray of shape (n_ok, c, h, w)
-    kept : list of Path, the file of each image (a volume's path once per slice)
-    errors : list of ImageReadError, one per skipped file
-    """
-    if on_error not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_error must be 'warn', 'raise' or 'ignore', got {on_error!r}")
-    if volumes not in ("slices", "error"):
-        raise ValueError(f"volumes must be 'slices' or 'error', got {volumes!r}")
-    images: list[NDArray[np.float32]] = []
-    kept: list[Path] = []
-    errors: list[ImageReadError] = []
-    for path in paths:
-        try:
-            if volumes == "slices" and is_nifti(path):
-                from anomalyvae.imaging.volumes import volume_slices
-
-                stack = volume_slices(path, spec, skip_background=True)
-            else:
-                stack = load_image(path, spec)[None]
-        except ImageReadError as error:
-            if on_error == "raise":
-                raise
-            if on_error == "warn":
-                warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
-            errors.append(error)
-            continue
-        images.extend(stack)
-        kept.extend([Path(path)] * len(stack))
-    if not images:
-        return np.empty((0, spec.channels, spec.height, spec.width), np.float32), kept, errors
-    return np.stack(images), kept, errors
 
 
 # Pillow refuses truncated files by default; keep it that way explicitly, so a

@@ -1,5 +1,5 @@
 """Torch-free inference: the ONNX contract, ONNX Runtime detector, folder scans, QA report.
 
-Nothing in this package imports torch (``tests/inference/test_torch_free.py`` checks it),
+Nothing in this package imports torch (``tests/test_torch_free.py`` checks it),
 so an inspection line needs only numpy, onnxruntime and the imaging wing.
 """

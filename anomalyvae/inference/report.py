@@ -18,6 +18,7 @@ import pandas as pd
 from jinja2 import Environment
 
 from anomalyvae.imaging.io import atomic_write_text
+from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -181,8 +182,6 @@ def write_report(
 
     Heatmaps are taken from ``output_dir/heatmaps`` where the scan wrote them.
     """
-    from anomalyvae import __version__
-
     path = Path(path)
     output_dir = Path(output_dir) if output_dir is not None else path.parent
     ok = table[table["error"] == ""]

@@ -15,9 +15,9 @@ import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from anomalyvae import __version__
 from anomalyvae.imaging.io import atomic_path
 from anomalyvae.models.vae import ConvVAE, VAEConfig, vae_loss
+from anomalyvae.version import __version__
 
 CHECKPOINT_FORMAT = "anomalyvae-checkpoint"
 CHECKPOINT_VERSION = 1

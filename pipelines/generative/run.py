@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.generative import grid  # noqa: E402
-from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.models.generate import denoise, inpaint, interpolate, sample  # noqa: E402
 from anomalyvae.models.maps import ssim_map  # noqa: E402
 

@@ -37,7 +37,7 @@ from common import (  # noqa: E402
 
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
 from anomalyvae.models.maps import ScoringConfig, gaussian_blur  # noqa: E402
 

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_all, torch_outputs, variant_path  # noqa: E402
-from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.models.maps import ScoringGraph  # noqa: E402
 

@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score as auroc  # noqa: E402
 from anomalyvae.calibration import threshold_from_labels  # noqa: E402
 from anomalyvae.data import make_synthetic_dataset, mvtec_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.imaging.io import read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.metrics import (  # noqa: E402
     evaluation_table,
     sensitivity_at_specificity,

@@ -42,7 +42,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.evaluation import masks_for  # noqa: E402
-from anomalyvae.imaging.io import Preprocessing, read_images  # noqa: E402
+from anomalyvae.imaging.batch import read_images  # noqa: E402
+from anomalyvae.imaging.io import Preprocessing  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.feature_vae import robust_z_constants  # noqa: E402
 
@@ -306,7 +307,7 @@ def probes(detector, train_paths, val_paths, test, views, val_views) -> dict[str
     """
     import torch
 
-    from anomalyvae.imaging.io import read_images
+    from anomalyvae.imaging.batch import read_images
 
     labels = np.array([s.label for s in test])
     spec = detector.preprocessing_

@@ -8,7 +8,7 @@ from PIL import Image
 
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
-from anomalyvae.imaging.io import read_images
+from anomalyvae.imaging.batch import read_images
 from anomalyvae.models.generate import MAX_SAMPLES, denoise, embed, inpaint, interpolate, sample
 
 
