@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
+from anomalyvae.models.smoothing import gaussian_blur, topk_size
 from anomalyvae.models.vae import LOG_2PI
 
 #: The candidate image scores of the feature family, in the order of ``views`` tensors.
@@ -73,6 +74,8 @@ IMAGE_REDUCTIONS: tuple[str, ...] = ("mean", "topk")
 #: Smoothing (px, at the pooled resolution) of the ``image`` view's residual map: the
 #: product's map smoothing, so one footprint of the top-k is one blob.
 IMAGE_SIGMA = 2.0
+#: Share of the ``image`` view's residual map its top-k mean averages (the product's).
+IMAGE_TOP_FRACTION = 0.01
 #: How :func:`fuse_views` combines the z-scores: "mean" (the default) or "max".
 FUSION_RULES: tuple[str, ...] = ("mean", "max")
 #: What the anomaly map is: "mean-z" (the default), the mean of each location's robust
@@ -407,6 +410,21 @@ class FeatureVAE(nn.Module):
         if not self.config.image_components:
             return x.new_zeros(x.shape[0])
         return self.image_residual_map(x).flatten(1).mean(1)
+
+    def image_view(self, x: Tensor) -> Tensor:
+        """The ``image`` view (n,): the pixel-space PCA residual, reduced.
+
+        "topk": the residual map smoothed at ``IMAGE_SIGMA`` px, top-k mean (1 %, at
+        least one smoothing footprint); "mean" (older models): its mean.
+        """
+        if not self.config.image_components:
+            return x.new_zeros(x.shape[0])
+        if self.config.image_reduce == "mean":
+            return self.image_residual(x)
+        smoothed = gaussian_blur(self.image_residual_map(x), IMAGE_SIGMA)
+        n_pixels = int(smoothed.shape[-2]) * int(smoothed.shape[-1])  # fixed per model
+        k = topk_size(IMAGE_TOP_FRACTION, IMAGE_SIGMA, n_pixels)
+        return smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
 
     def knn_distance(self, features: Tensor) -> Tensor:
         """The ``knn`` view (n,) of standardized features (n, c, h, w).

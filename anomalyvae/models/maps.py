@@ -7,7 +7,6 @@ from MONAI, so that the whole scoring graph exports to ONNX as standard Conv ops
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -19,11 +18,14 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from anomalyvae.models.feature_vae import (
-    IMAGE_SIGMA,
     FeatureVAE,
     fuse_views,
     knn_view,
     robust_z_constants,
+)
+from anomalyvae.models.smoothing import (
+    gaussian_blur,
+    topk_size,
 )
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEOutput, gaussian_nll, kl_divergence
 
@@ -118,30 +120,6 @@ def default_map_kind(height: int, width: int) -> str:
     variance the decoder expects there. Measured in reports/pneumonia and reports/mtd.
     """
     return "ssim" if min(height, width) <= SMALL_IMAGE_SIDE else "nll"
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> Tensor:
-    """Normalised 1-D Gaussian kernel of radius ceil(truncate * sigma)."""
-    radius = max(1, int(math.ceil(truncate * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (n, c, h, w) with reflect padding (no dark border)."""
-    if sigma <= 0:
-        return x
-    kernel = gaussian_kernel1d(sigma).to(x)
-    radius = kernel.numel() // 2
-    if radius >= min(x.shape[-2:]):
-        raise ValueError(f"smoothing_sigma {sigma} is too large for a {tuple(x.shape[-2:])} map")
-    c = int(x.shape[1])  # a constant for ONNX tracing: the kernel shape must be static
-    horizontal = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    vertical = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, horizontal, groups=c)
-    return F.conv2d(x, vertical, groups=c)
 
 
 def ssim_map(x: Tensor, y: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
@@ -321,13 +299,6 @@ def pixel_view_constants(stats: MapStats | None) -> tuple[Tensor, Tensor]:
     return stats.view_center, stats.view_scale
 
 
-def smoothing_footprint(sigma: float, truncate: float = 3.0) -> int:
-    """Pixels within the smoothing kernel's radius (``truncate`` sigmas): one blob's area."""
-    if sigma <= 0:
-        return 1
-    return int(math.ceil(math.pi * (truncate * sigma) ** 2))
-
-
 def topk_count(config: ScoringConfig, n_pixels: int) -> int:
     """How many of ``n_pixels`` map values "topk_mean" averages.
 
@@ -336,10 +307,7 @@ def topk_count(config: ScoringConfig, n_pixels: int) -> int:
     so their mean is just a noisier maximum. This matters only for small inputs (at
     sigma 2, 114 pixels: 11 % of a 32 x 32 map, less than 1 % of 128 x 128).
     """
-    k = max(
-        int(round(config.topk_fraction * n_pixels)), smoothing_footprint(config.smoothing_sigma)
-    )
-    return max(1, min(n_pixels, k))
+    return topk_size(config.topk_fraction, config.smoothing_sigma, n_pixels)
 
 
 def reduce_map(anomaly_map: Tensor, elbo: Tensor, config: ScoringConfig) -> Tensor:
@@ -440,23 +408,6 @@ def check_scoring(family: str, config: ScoringConfig) -> None:
         )
 
 
-def image_view(model: FeatureVAE, x: Tensor) -> Tensor:
-    """The feature model's ``image`` view (n,): its pixel-space PCA residual, reduced.
-
-    "topk": the residual map smoothed at ``IMAGE_SIGMA`` px, top-k mean (the product's
-    share and footprint floor, :func:`topk_count`); "mean" (older models): its mean.
-    """
-    if not model.config.image_components:
-        return x.new_zeros(x.shape[0])
-    if model.config.image_reduce == "mean":
-        return model.image_residual(x)
-    smoothed = gaussian_blur(model.image_residual_map(x), IMAGE_SIGMA)
-    k = topk_count(
-        ScoringConfig(smoothing_sigma=IMAGE_SIGMA), int(smoothed.shape[-2] * smoothed.shape[-1])
-    )
-    return smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
-
-
 def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
     """Map, image score and views of the feature family (the graph export traces this).
 
@@ -492,7 +443,7 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
             local,
             elbo,
             model.global_distance(raw),
-            image_view(model, x),
+            model.image_view(x),
             knn,
         ],
         dim=1,

@@ -426,7 +426,7 @@ def test_tiled_model_exports_one_graph_with_its_tiles_in_the_metadata(tiled_dete
 
 def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_keep_the_mean():
     from anomalyvae.models.feature_vae import IMAGE_SIGMA, fit_image_subspace
-    from anomalyvae.models.maps import ScoringConfig, gaussian_blur, image_view, topk_count
+    from anomalyvae.models.maps import ScoringConfig, gaussian_blur, topk_count
 
     rng = np.random.default_rng(0)
     normals = (0.5 + 0.05 * rng.standard_normal((20, 1, 64, 64))).astype(np.float32)
@@ -440,7 +440,7 @@ def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_kee
         mean, basis = fit_image_subspace(normals, config)
         model.image_mean.copy_(mean)
         model.image_basis.copy_(basis)
-        views[reduce] = image_view(model, x).numpy()
+        views[reduce] = model.image_view(x).numpy()
     residual = gaussian_blur(model.image_residual_map(x), IMAGE_SIGMA).flatten(1).numpy()
     k = topk_count(ScoringConfig(smoothing_sigma=IMAGE_SIGMA), residual.shape[1])
     np.testing.assert_allclose(views["topk"], np.sort(residual, 1)[:, -k:].mean(1), rtol=1e-5)

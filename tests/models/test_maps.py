@@ -87,7 +87,8 @@ def test_reduce_map(kind, expected):
 
 
 def test_topk_never_averages_less_than_one_smoothing_footprint():
-    from anomalyvae.models.maps import smoothing_footprint, topk_count
+    from anomalyvae.models.maps import topk_count
+    from anomalyvae.models.smoothing import smoothing_footprint
 
     assert smoothing_footprint(0.0) == 1 and smoothing_footprint(2.0) == 114  # ceil(36 pi)
     config = ScoringConfig(topk_fraction=0.01, smoothing_sigma=2.0)
