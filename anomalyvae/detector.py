@@ -265,14 +265,19 @@ class VAEAnomalyDetector:
             "n_skipped": int(n_skipped),
             "file_list_hash": file_list_hash(names) if names else "",
         }
-        self._take_training(
-            family.train(self, images[train_index], images[val_index], train_config, resume)
-        )
+        trained = family.train(self, images[train_index], images[val_index], train_config, resume)
+        self._take_training(trained)
         if self.scoring_.standardize:
             self.fit_map_stats(images[train_index])
+        # the training normals' cross-fitted views (when the family gives them) join the
+        # held-out normals: every normal sets the constants and calibrates the threshold
+        cross_fitted = trained.train_views
         if family.needs_fusion(self.scoring_):
-            self.fit_fusion(images[val_index])
-        self.calibrate(images[val_index])
+            self.fit_fusion(images[val_index], extra_views=cross_fitted)
+        extra = None
+        if cross_fitted is not None and self.scoring_.score_kind == "fused":
+            extra = family.fuse(self, cross_fitted)
+        self.calibrate(images[val_index], extra_normal_scores=extra)
         # what the scan's drift alarm compares each batch with (inference/drift.py)
         self.normal_intensity_ = intensity_summary(
             images[val_index].reshape(len(val_index), -1).mean(axis=1)
@@ -333,7 +338,9 @@ class VAEAnomalyDetector:
             "world_size": result.world_size,
         }
 
-    def fit_fusion(self, X: ImagesLike) -> VAEAnomalyDetector:
+    def fit_fusion(
+        self, X: ImagesLike, extra_views: NDArray[np.float64] | None = None
+    ) -> VAEAnomalyDetector:
         """Fit how the model's maps and views become z-scores, from normal images.
 
         Each view's centre and scale come from :func:`robust_z_constants` (and, for the
@@ -341,9 +348,12 @@ class VAEAnomalyDetector:
         held-out normals; the fused score then combines the z-scores
         (:func:`anomalyvae.models.feature_vae.fuse_views`). The pixel model's views
         read the standardized map: fit its statistics first (:meth:`fit_map_stats`).
+        ``extra_views`` (m, k), in the family's ``view_names`` order, NaN where missing:
+        more normals' views the constants are fitted on too (``fit`` passes the
+        training normals' cross-fitted views).
         """
         self.check_fitted()
-        self.family().fit_fusion(self, self._load(X))
+        self.family().fit_fusion(self, self._load(X), extra_views)
         return self
 
     def view_matrix(self, images: NDArray[np.float32]) -> NDArray[np.float64]:
@@ -457,6 +467,7 @@ class VAEAnomalyDetector:
         y: NDArray[np.integer] | None = None,
         masks: NDArray[np.bool_] | None = None,
         method: str = "normal_quantile",
+        extra_normal_scores: NDArray[np.float64] | None = None,
     ) -> VAEAnomalyDetector:
         """Set ``threshold_`` and ``pixel_threshold_`` from calibration images.
 
@@ -469,6 +480,10 @@ class VAEAnomalyDetector:
             Pixel ground truth at model resolution for a labelled pixel threshold.
         method : {"normal_quantile", "f1", "youden"}
             "normal_quantile" uses only the normal images at ``target_fpr``.
+        extra_normal_scores : ndarray of shape (m,), optional
+            Image scores of more normals, scored elsewhere ("normal_quantile" only): ``fit``
+            passes the training normals' cross-fitted scores, so that every normal
+            calibrates the threshold. Non-finite entries are dropped.
         """
         self.check_fitted()
         if method not in cal.CALIBRATION_METHODS:
@@ -482,7 +497,11 @@ class VAEAnomalyDetector:
         if method == "normal_quantile":
             if not normal.any():
                 raise ValueError("calibration needs normal images (label 0)")
-            self.calibration_ = cal.threshold_from_normals(scores[normal], self.target_fpr)
+            normal_scores = scores[normal]
+            if extra_normal_scores is not None:
+                extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
+                normal_scores = np.concatenate([normal_scores, extra[np.isfinite(extra)]])
+            self.calibration_ = cal.threshold_from_normals(normal_scores, self.target_fpr)
         else:
             self.calibration_ = cal.threshold_from_labels(scores, labels, method)
         if masks is not None and method != "normal_quantile":

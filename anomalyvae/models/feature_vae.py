@@ -391,16 +391,20 @@ class FeatureVAE(nn.Module):
         """Negative ELBO per location in nats above the decoder's floor, (n, 1, h, w)."""
         return location_loss(output, 1.0, self.config.logvar_min)
 
-    def image_residual_map(self, x: Tensor) -> Tensor:
+    def image_residual_map(
+        self, x: Tensor, subspace: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Squared residual of the pooled input off the normal subspace, (n, 1, h', w').
 
         ``x`` is the model input (n, c, h, w) in [0, 1], before any normalization; the
-        map is at the pooled resolution, averaged over channels.
+        map is at the pooled resolution, averaged over channels. ``subspace`` (mean,
+        basis) replaces the model's own (cross-fitting).
         """
+        mean, basis = subspace if subspace is not None else (self.image_mean, self.image_basis)
         pool = self.config.image_pool
         pooled = F.avg_pool2d(x, pool) if pool > 1 else x
-        centred = pooled.flatten(1) - self.image_mean
-        residual = centred - (centred @ self.image_basis.T) @ self.image_basis
+        centred = pooled.flatten(1) - mean
+        residual = centred - (centred @ basis.T) @ basis
         height, width = int(pooled.shape[-2]), int(pooled.shape[-1])  # fixed per model
         squared = (residual**2).unflatten(1, (int(pooled.shape[1]), height, width))
         return squared.mean(dim=1, keepdim=True)
@@ -411,17 +415,19 @@ class FeatureVAE(nn.Module):
             return x.new_zeros(x.shape[0])
         return self.image_residual_map(x).flatten(1).mean(1)
 
-    def image_view(self, x: Tensor) -> Tensor:
+    def image_view(self, x: Tensor, subspace: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The ``image`` view (n,): the pixel-space PCA residual, reduced.
 
         "topk": the residual map smoothed at ``IMAGE_SIGMA`` px, top-k mean (1 %, at
-        least one smoothing footprint); "mean" (older models): its mean.
+        least one smoothing footprint); "mean" (older models): its mean. ``subspace``
+        as in :meth:`image_residual_map`.
         """
         if not self.config.image_components:
             return x.new_zeros(x.shape[0])
+        residual = self.image_residual_map(x, subspace)
         if self.config.image_reduce == "mean":
-            return self.image_residual(x)
-        smoothed = gaussian_blur(self.image_residual_map(x), IMAGE_SIGMA)
+            return residual.flatten(1).mean(1)
+        smoothed = gaussian_blur(residual, IMAGE_SIGMA)
         n_pixels = int(smoothed.shape[-2]) * int(smoothed.shape[-1])  # fixed per model
         k = topk_size(IMAGE_TOP_FRACTION, IMAGE_SIGMA, n_pixels)
         return smoothed.flatten(1).topk(k, dim=1).values.mean(dim=1)
@@ -564,10 +570,11 @@ def robust_z_constants(
 
     The MAD is multiplied by 1.4826 (consistent with the standard deviation for normal
     data) and floored at 1e-6 of the centre, so a constant view cannot divide by zero.
+    NaN entries (a view some normals lack) are left out of their column.
     """
     views = np.asarray(views, dtype=np.float64)
-    center = np.median(views, axis=0)
-    scale = 1.4826 * np.median(np.abs(views - center), axis=0)
+    center = np.nanmedian(views, axis=0)
+    scale = 1.4826 * np.nanmedian(np.abs(views - center), axis=0)
     return center, np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
 
 
@@ -605,6 +612,8 @@ class FeatureTrainResult(NamedTuple):
     best_epoch: int
     stopped_reason: str
     elapsed_s: float
+    #: the training normals' cross-fitted views (:func:`cross_fitted_views`), or None
+    train_views: NDArray[np.float64] | None = None
 
 
 def extract_features(
@@ -661,7 +670,14 @@ def fit_image_subspace(
 def greedy_coreset(
     vectors: Tensor, size: int, seed: int = 0, pool: int = 80000, dim: int = 32
 ) -> Tensor:
-    """``size`` rows of ``vectors`` (n, c) that cover them: greedy k-center selection.
+    """``size`` rows of ``vectors`` (n, c) that cover them (:func:`coreset_indices`)."""
+    return vectors[coreset_indices(vectors, size, seed, pool, dim)].clone()
+
+
+def coreset_indices(
+    vectors: Tensor, size: int, seed: int = 0, pool: int = 80000, dim: int = 32
+) -> Tensor:
+    """Rows of ``vectors`` (n, c) that cover them: greedy k-center selection.
 
     Each step adds the vector farthest from those chosen so far (Sener & Savarese 2018;
     PatchCore's memory bank), so rare normal patterns are kept, where a random sample
@@ -671,19 +687,82 @@ def greedy_coreset(
     rows of the result are the coreset of size ``k``.
     """
     generator = torch.Generator().manual_seed(seed)
+    candidates = torch.arange(len(vectors))
     if len(vectors) > pool:
-        vectors = vectors[torch.randperm(len(vectors), generator=generator)[:pool]]
-    if size >= len(vectors):
-        return vectors.clone()
+        candidates = torch.randperm(len(vectors), generator=generator)[:pool]
+    if size >= len(candidates):
+        return candidates
     projection = torch.randn(vectors.shape[1], dim, generator=generator) / math.sqrt(dim)
-    z = vectors @ projection
+    z = vectors[candidates] @ projection
     chosen = [0]
     nearest = ((z - z[0]) ** 2).sum(1)
     for _ in range(size - 1):
         index = int(nearest.argmax())
         chosen.append(index)
         nearest = torch.minimum(nearest, ((z - z[index]) ** 2).sum(1))
-    return vectors[torch.tensor(chosen)].clone()
+    return candidates[torch.tensor(chosen)]
+
+
+#: Folds in which the global and image views of the training normals are cross-fitted.
+CROSS_FIT_FOLDS = 5
+
+
+def cross_fitted_views(
+    model: FeatureVAE,
+    train_images: NDArray[np.float32],
+    train_raw: Tensor,
+    bank_owner: Tensor | None,
+    seed: int = 0,
+) -> NDArray[np.float64] | None:
+    """Views (n, 5) of the training normals, each as if that image were not trained on.
+
+    So that every normal, not only the held-out ones, can set the fusion constants and
+    calibrate the threshold. ``knn``: each location's nearest bank vector among those
+    taken from *other* images (``bank_owner`` gives each bank row's image). ``global``
+    and ``image``: fitted on the other ``CROSS_FIT_FOLDS - 1`` folds. ``local`` and
+    ``elbo`` need the VAE retrained without the image: NaN (not fused). None with fewer
+    than 4 images (a fold would leave too few to fit on).
+    """
+    n = len(train_images)
+    if n < 4:
+        return None
+    views = np.full((n, len(VIEW_NAMES)), np.nan)
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CROSS_FIT_FOLDS, n))
+    pooled = train_raw.mean(dim=(2, 3)).double().numpy()
+    column = {name: VIEW_NAMES.index(name) for name in VIEW_NAMES}
+    with torch.no_grad():
+        for fold in folds:
+            others = np.setdiff1d(np.arange(n), fold)
+            mean, precision = fit_global_gaussian(pooled[others])
+            centred = torch.from_numpy(pooled[fold]).float() - mean
+            views[fold, column["global"]] = ((centred @ precision) * centred).sum(1).numpy()
+            if model.config.image_components:
+                subspace = fit_image_subspace(train_images[others], model.config)
+                x = torch.from_numpy(np.ascontiguousarray(train_images[fold]))
+                views[fold, column["image"]] = model.image_view(x, subspace).numpy()
+        if model.config.bank_size and bank_owner is not None:
+            for i in range(n):
+                distances = knn_without(
+                    model, model.standardize(train_raw[i : i + 1]), bank_owner != i
+                )
+                views[i, column["knn"]] = float(knn_view(distances)[0])
+    return views
+
+
+def knn_without(model: FeatureVAE, features: Tensor, keep: Tensor) -> Tensor:
+    """:meth:`FeatureVAE.knn_locations` against the bank rows where ``keep`` is True."""
+    bank = model.bank[keep]
+    height, width = int(features.shape[-2]), int(features.shape[-1])
+    queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
+    chunk = max(1, min(len(bank), KNN_BLOCK // max(1, int(queries.shape[1]))))
+    nearest = None
+    for start in range(0, len(bank), chunk):
+        part = bank[start : start + chunk]
+        partial = torch.matmul(queries, part.T * -2.0) + (part**2).sum(-1)
+        best = partial.min(dim=-1).values
+        nearest = best if nearest is None else torch.minimum(nearest, best)
+    distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
+    return distance.unflatten(1, (height, width))
 
 
 #: A full scoring pass over the backbone alone (VAE, upsampling, blur, views): measured
@@ -742,8 +821,12 @@ def train_feature_vae(
         return standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1], 1, 1).contiguous()
 
     train_x, val_x = vectors(train_raw), vectors(val_raw)
+    bank_owner = None
     if config.bank_size:
-        bank = greedy_coreset(train_x.flatten(1), config.bank_size, seed)
+        chosen = coreset_indices(train_x.flatten(1), config.bank_size, seed)
+        bank = train_x.flatten(1)[chosen].clone()
+        # each bank row's image: train_x holds each image's locations in turn
+        bank_owner = chosen // (train_raw.shape[-2] * train_raw.shape[-1])
         if len(bank) < config.bank_size:  # fewer training locations than the bank holds
             config = dataclasses.replace(config, bank_size=len(bank))
             model.config = config
@@ -755,6 +838,7 @@ def train_feature_vae(
                 model.knn_distance(sample)
             per_image = (time.monotonic() - knn_started) / len(sample)
             time_budget_s -= reserve_passes * len(val_images) * per_image
+    train_views = cross_fitted_views(model, train_images, train_raw, bank_owner, seed)
     if len(val_x) > 131072:  # a fixed, seeded sample keeps validation cheap
         keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))
         val_x = val_x[keep[:131072]]
@@ -807,5 +891,10 @@ def train_feature_vae(
     bar.close()
     model.load_state_dict(best_state)
     return FeatureTrainResult(
-        model.eval(), history, best_epoch, stopped_reason, time.monotonic() - started
+        model.eval(),
+        history,
+        best_epoch,
+        stopped_reason,
+        time.monotonic() - started,
+        train_views,
     )

@@ -79,7 +79,7 @@ class MeanImageFamily(ModelFamily):
     def needs_fusion(self, scoring: ScoringConfig) -> bool:
         return False
 
-    def fit_fusion(self, detector, images) -> None:
+    def fit_fusion(self, detector, images, extra_views=None) -> None:
         raise ValueError("the toy family has one view: nothing to fuse")
 
     def fuse(self, detector, views):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -450,3 +453,32 @@ def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_kee
     # a model saved before the top-k view (no image_reduce in its config) keeps the mean
     saved = {k: v for k, v in FeatureVAEConfig().to_dict().items() if k != "image_reduce"}
     assert FeatureVAEConfig.from_dict(saved).image_reduce == "mean"
+
+
+def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, feature_root):
+    """The training normals get views as if held out, and join the calibration."""
+    from anomalyvae.models.feature_vae import cross_fitted_views, extract_features
+
+    detector, _ = feature_detector
+    n_val = len(detector.validation_files_)
+    assert detector.calibration_.n_normal == detector.data_summary_["n_train"] + n_val
+    model = detector.model_
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:12]
+    images = detector.preprocess(paths)
+    raw = extract_features(model, images)
+    locations = raw.shape[-2] * raw.shape[-1]
+    # a bank made of these images' own locations: in-sample every distance is 0, so the
+    # knn view is 0; left out of its own image's rows it is not
+    standardized = model.standardize(raw)
+    model_copy = copy.deepcopy(model)
+    model_copy.bank = standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).clone()
+    model_copy.config = dataclasses.replace(model.config, bank_size=len(model_copy.bank))
+    owner = torch.arange(len(images)).repeat_interleave(locations)
+    views = cross_fitted_views(model_copy, images, raw, owner)
+    in_sample = model_copy.knn_distance(standardized)
+    knn = VIEW_NAMES.index("knn")
+    assert in_sample.max() < 0.05  # 0 up to the rounding of |q|^2 + |b|^2 - 2 q.b
+    assert views[:, knn].min() > 5 * float(in_sample.max())
+    assert np.isnan(views[:, VIEW_NAMES.index("elbo")]).all()  # needs the VAE refitted
+    assert np.isfinite(views[:, [VIEW_NAMES.index("global"), VIEW_NAMES.index("image")]]).all()
+    assert cross_fitted_views(model_copy, images[:3], raw[:3], owner[: 3 * locations]) is None

@@ -35,6 +35,10 @@ class Trained(NamedTuple):
     stopped_reason: str
     elapsed_s: float
     world_size: int
+    #: views (n_train, k) of the training normals as if each were held out
+    #: (cross-fitted), so that they too set the fusion constants and calibrate; None
+    #: when the family cannot give them
+    train_views: NDArray[np.float64] | None = None
 
 
 class ModelFamily(abc.ABC):
@@ -113,8 +117,17 @@ class ModelFamily(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def fit_fusion(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> None:
-        """Fit how the views become z-scores, from normal model-ready images."""
+    def fit_fusion(
+        self,
+        detector: VAEAnomalyDetector,
+        images: NDArray[np.float32],
+        extra_views: NDArray[np.float64] | None = None,
+    ) -> None:
+        """Fit how the views become z-scores, from normal model-ready images.
+
+        ``extra_views`` (m, k): views of more normals (cross-fitted training normals;
+        NaN where a view is missing) that the constants are fitted on too.
+        """
 
     def view_scoring(self, scoring: ScoringConfig) -> ScoringConfig:
         """The scoring under which the views are read (they never need fusion constants)."""

@@ -106,6 +106,7 @@ class FeatureFamily(ModelFamily):
             result.stopped_reason,
             result.elapsed_s,
             1,
+            result.train_views,
         )
 
     def model_from_state(self, config: dict[str, Any], state: dict[str, Any]) -> FeatureVAE:
@@ -121,11 +122,19 @@ class FeatureFamily(ModelFamily):
         model.load_state_dict(state)
         return model
 
-    def fit_fusion(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> None:
+    def fit_fusion(
+        self,
+        detector: VAEAnomalyDetector,
+        images: NDArray[np.float32],
+        extra_views: NDArray[np.float64] | None = None,
+    ) -> None:
         model = detector.model_
         # the map first: the local view is read off it
         fit_map_constants(model, images, detector.batch_size, resolve_device(detector.device))
-        center, scale = robust_z_constants(detector.view_matrix(images))
+        views = detector.view_matrix(images)
+        if extra_views is not None:  # cross-fitted training normals (NaN: view missing)
+            views = np.concatenate([views, extra_views])
+        center, scale = robust_z_constants(views)
         model.view_center.copy_(torch.from_numpy(center).float())
         model.view_scale.copy_(torch.from_numpy(scale).float())
 

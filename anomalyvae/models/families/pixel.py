@@ -113,7 +113,13 @@ class PixelFamily(ModelFamily):
         # the views read the standardized map: no fusion without it
         return scoring.standardize
 
-    def fit_fusion(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> None:
+    def fit_fusion(
+        self,
+        detector: VAEAnomalyDetector,
+        images: NDArray[np.float32],
+        extra_views: NDArray[np.float64] | None = None,
+    ) -> None:
+        # the pixel VAE gives no cross-fitted views: extra_views is always None here
         stats = getattr(detector, "map_stats_", None)
         if not detector.scoring_.standardize or stats is None:
             raise ValueError(
