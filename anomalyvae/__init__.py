@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from anomalyvae import clock as _clock  # noqa: F401 - starts the command clock
 from anomalyvae.version import __version__
 
 __all__ = ["__version__", "VAEAnomalyDetector"]

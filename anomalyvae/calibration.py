@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from anomalyvae.errors import InvalidValueError
+
 CALIBRATION_METHODS: tuple[str, ...] = ("normal_quantile", "f1", "youden")
 #: How the normal quantile treats its top: "conformal" (the order statistic, even when
 #: that is the largest normal) or "robust" (when the conformal rank is the largest
@@ -70,9 +72,9 @@ class Threshold:
 def _check_scores(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64]:
     array = np.asarray(scores, dtype=np.float64).ravel()
     if array.size == 0:
-        raise ValueError(f"{name} is empty; calibration needs at least one score")
+        raise InvalidValueError(f"{name} is empty; calibration needs at least one score")
     if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InvalidValueError(f"{name} contains NaN or infinite values")
     return array
 
 
@@ -98,9 +100,9 @@ def threshold_from_normals(
     order statistic's, about ``2 / (n + 1)`` (``expected_fpr`` says what the normals saw).
     """
     if not 0 < target_fpr < 1:
-        raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+        raise InvalidValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
     if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+        raise InvalidValueError(f"tail must be one of {TAILS}, got {tail!r}")
     normal = np.sort(_check_scores(scores, "normal scores"))
     n = normal.size
     rank = int(np.ceil((n + 1) * (1.0 - target_fpr)))  # 1-based order statistic
@@ -150,9 +152,9 @@ def threshold_from_labels(scores: ArrayLike, labels: ArrayLike, method: str = "f
     values = _check_scores(scores)
     y = np.asarray(labels).ravel().astype(int)
     if y.shape != values.shape:
-        raise ValueError(f"scores and labels differ in length: {values.size} vs {y.size}")
+        raise InvalidValueError(f"scores and labels differ in length: {values.size} vs {y.size}")
     if set(np.unique(y)) != {0, 1}:
-        raise ValueError("labels must contain both 0 (normal) and 1 (anomalous)")
+        raise InvalidValueError("labels must contain both 0 (normal) and 1 (anomalous)")
     if method == "f1":
         precision, recall, cuts = precision_recall_curve(y, values)
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
@@ -161,7 +163,7 @@ def threshold_from_labels(scores: ArrayLike, labels: ArrayLike, method: str = "f
         fpr, tpr, cuts = roc_curve(y, values)
         cut = float(cuts[int(np.argmax(tpr - fpr))])
     else:
-        raise ValueError(f"method must be 'f1' or 'youden', got {method!r}")
+        raise InvalidValueError(f"method must be 'f1' or 'youden', got {method!r}")
     below = values[values < cut]
     value = 0.5 * (cut + float(below.max())) if below.size else float(np.nextafter(cut, -np.inf))
     return Threshold(
@@ -198,7 +200,7 @@ def pixel_threshold_from_labels(
     values = np.asarray(maps, dtype=np.float32).ravel()
     truth = np.asarray(masks, dtype=bool).ravel()
     if values.shape != truth.shape:
-        raise ValueError(f"maps and masks differ in size: {values.size} vs {truth.size}")
+        raise InvalidValueError(f"maps and masks differ in size: {values.size} vs {truth.size}")
     if values.size > max_pixels:
         index = np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)
         values, truth = values[index], truth[index]
@@ -218,5 +220,5 @@ def normalize(scores: ArrayLike, threshold: float) -> NDArray[np.float64]:
     except a negative ELBO below zero nats (then subtract a reference first).
     """
     if threshold <= 0:
-        raise ValueError(f"threshold must be > 0 to normalize scores, got {threshold}")
+        raise InvalidValueError(f"threshold must be > 0 to normalize scores, got {threshold}")
     return np.asarray(scores, dtype=np.float64) / threshold

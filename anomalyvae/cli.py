@@ -3,63 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
+from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.version import __version__
-
-# Errors a user can cause and fix; they become one clean "Error:" line (exit 1).
-# Imported lazily from their modules, so `anomalyvae --help` stays fast.
-_USER_ERRORS = (
-    "anomalyvae.data.DatasetError",
-    "anomalyvae.imaging.io.ImageReadError",
-    "anomalyvae.imaging.io.MaskError",
-    "anomalyvae.models.train.CheckpointError",
-    "anomalyvae.detector.NotFittedError",
-    "anomalyvae.inference.runtime.OnnxModelError",
-    "anomalyvae.inference.runtime.OnnxInputError",
-    "anomalyvae.export.ExportError",
-    "anomalyvae.inference.ray_engine.RayEngineError",
-)
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = []
-    for dotted in _USER_ERRORS:
-        module, name = dotted.rsplit(".", 1)
-        if module in sys.modules:  # a module never imported cannot have raised
-            types.append(getattr(sys.modules[module], name))
-    return tuple(types)
-
-
-_PACKAGE = str(Path(__file__).resolve().parent)
-#: When this command started (near enough: the interpreter's own start-up is a few tens of
-#: milliseconds): ``train --time-budget`` counts from here, imports included.
-_STARTED = time.monotonic()
-#: Share of ``--time-budget`` kept for writing the final checkpoint and exiting (at most
-#: ``_FINAL_MARGIN_MAX_S``), so that the command, not only the fit, ends within it.
-_FINAL_MARGIN = 0.01
-_FINAL_MARGIN_MAX_S = 5.0
-
-
-def _raised_by_us(error: BaseException) -> bool:
-    """Whether ``error`` was raised by anomalyvae's own code (a checked mistake).
-
-    A ``ValueError`` raised inside numpy, torch or another library is a bug of ours
-    that reached it, not a user mistake: it keeps its traceback.
-    """
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(
-        _PACKAGE
-    )
 
 
 def _os_error_message(error: OSError) -> str:
@@ -80,9 +32,7 @@ class _Group(click.Group):
         except OSError as error:  # disk full, read-only folder, missing file
             raise click.ClickException(_os_error_message(error)) from error
         except Exception as error:
-            if isinstance(error, _user_error_types()) or (
-                isinstance(error, ValueError) and _raised_by_us(error)
-            ):
+            if isinstance(error, AnomalyVAEError):  # a mistake the message says how to fix
                 raise click.ClickException(str(error)) from error
             click.echo(
                 "anomalyvae hit an unexpected error (a bug, not your mistake); please "
@@ -98,13 +48,13 @@ _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _check_threshold(value: float | None) -> float | None:
-    """Reject thresholds that would silently flag everything or nothing."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(
-            f"must be a positive finite number, got {value}: scores are non-negative, so "
-            "0 or less flags every image and NaN or infinity none"
-        )
-    return value
+    """The library's one threshold check, as click's usage error (exit 2)."""
+    from anomalyvae.inference.contract import check_threshold
+
+    try:
+        return check_threshold(value)
+    except AnomalyVAEError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 _threshold_option = click.option(
@@ -155,19 +105,6 @@ def _labelled_data_options(func: Any) -> Any:
         show_default=True,
         help="Subfolder of an MVTec-style DATA to use (e.g. test or val).",
     )(func)
-
-
-def command_budget(budget_s: float | None, now: float | None = None) -> float | None:
-    """The fit's share of a ``--time-budget`` that the whole command must keep.
-
-    Takes off what the command spent before the fit (imports, argument checks) and keeps
-    1 % (at most 5 s) for the final save and exit; never less than one second.
-    """
-    if budget_s is None:
-        return None
-    spent = (time.monotonic() if now is None else now) - _STARTED
-    margin = min(_FINAL_MARGIN * budget_s, _FINAL_MARGIN_MAX_S)
-    return max(1.0, budget_s - spent - margin)
 
 
 @main.command(context_settings=CONTEXT)
@@ -340,49 +277,16 @@ def train(
       torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m anomalyvae train /shared/data -o /shared/model.pt
     """
-    from anomalyvae.evaluation import train_on
-    from anomalyvae.models.train import is_main_process
+    from anomalyvae.evaluation import train_on, training_report
 
     if window is not None:
         params.update(window_center=window[0], window_width=window[1])
     params.update(percentile_low=percentiles[0], percentile_high=percentiles[1])
-    params["time_budget_s"] = command_budget(params.get("time_budget_s"))
     detector = train_on(
         data, output, channels=int(channels) if channels else None, progress=not silent, **params
     )
-    if not is_main_process():
-        return  # under torchrun, rank 0 reports and writes
-    summary = detector.training_summary_
-    click.echo(
-        f"Trained on {detector.data_summary_['n_train']} images "
-        f"({detector.data_summary_['n_val']} held out) for {summary['epochs_run']} epochs "
-        f"in {summary['elapsed_s']:.0f} s (best epoch {summary['best_epoch']}, "
-        f"stopped: {summary['stopped_reason']})."
-    )
-    layout = getattr(detector.model_.config, "layout", None)
-    tiles = f", backbone in {layout.n_tiles} tiles" if layout is not None and layout.tiled else ""
-    click.echo(
-        f"Model: {detector.family_} ({detector.preprocessing_.height}x"
-        f"{detector.preprocessing_.width}{tiles}, score {detector.scoring_.score_kind})."
-    )
-    click.echo(
-        f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}. Saved {output}"
-    )
-    calibration = detector.calibration_
-    if calibration.min_achievable_fpr and calibration.min_achievable_fpr > detector.target_fpr:
-        click.echo(
-            f"Warning: {calibration.n_normal} held-out normals cannot promise a false-positive "
-            f"rate below {calibration.min_achievable_fpr:.1%} (1/(n+1)); expect about that "
-            "rate of normal images flagged, or train on more normal images."
-        )
-    check = getattr(detector, "self_check_", {}) or {}
-    if check.get("detection_rate") is not None:
-        kinds = ", ".join(f"{k} {v:.0%}" for k, v in check["by_kind"].items())
-        click.echo(
-            f"Self-check: {check['detection_rate']:.0%} of synthetic defects pasted into the "
-            f"{check['n_images']} held-out normals are detected at this threshold ({kinds}); "
-            "an estimate from made-up defects, not a test on real ones."
-        )
+    for line in training_report(detector, output):  # none under torchrun but on rank 0
+        click.echo(line)
 
 
 @main.command(context_settings=CONTEXT)
@@ -552,28 +456,10 @@ def export(
     Example:
       anomalyvae export model.pt -o model.onnx --images data/train/good --int8
     """
-    from anomalyvae.export import export_all
+    from anomalyvae.export import describe_export, export_all
 
     for result in export_all(checkpoint, output, images, fp16, int8, max_images):
-        parity = result.parity
-        adjustment = result.metadata.get("anomalyvae.threshold_adjustment")
-        detail = (
-            "no parity check"
-            if parity is None
-            else (
-                f"parity on {parity.n_images} images: max |map diff| "
-                f"{parity.max_abs_map_diff:.2e}, max |score diff| {parity.max_abs_score_diff:.2e} "
-                f"(relative {parity.max_rel_score_diff:.2e}), verdicts agree: "
-                f"{parity.verdicts_agree}"
-            )
-        )
-        if adjustment:
-            info = json.loads(adjustment)
-            detail = (
-                f"threshold carried over from float32 by the median int8/float32 "
-                f"score ratio {info['ratio']:.3f} on {info['n_images']} normal images"
-            )
-        click.echo(f"Wrote {result.path} and {result.sidecar.name} ({detail})")
+        click.echo(describe_export(result))
 
 
 @main.command(context_settings=CONTEXT)

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -37,7 +38,7 @@ class Sample(NamedTuple):
     mask_path: Path | None = None
 
 
-class DatasetError(ValueError):
+class DatasetError(AnomalyVAEError, ValueError):
     """A dataset folder or split file is missing, empty or malformed."""
 
 
@@ -285,7 +286,7 @@ def _defect(
         mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         value = rng.uniform(0.85, 1.0)
     else:
-        raise ValueError(f"defect kind must be scratch, blob or spot, got {kind!r}")
+        raise InvalidValueError(f"defect kind must be scratch, blob or spot, got {kind!r}")
     out = image.copy()
     out[mask] = 0.3 * out[mask] + 0.7 * value
     return out, mask
@@ -308,7 +309,7 @@ def make_synthetic_dataset(
     with kinds scratch, blob and spot. Returns ``root``.
     """
     if min(n_train, n_test_good, n_test_defect) < 0 or size < 16:
-        raise ValueError("counts must be >= 0 and size >= 16")
+        raise InvalidValueError("counts must be >= 0 and size >= 16")
     root = Path(root)
     rng = np.random.default_rng(seed)
 

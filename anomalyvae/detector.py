@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from anomalyvae import calibration as cal
 from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.io import Preprocessing, preprocess
 from anomalyvae.imaging.synthetic_defects import paste_defects
@@ -47,7 +48,7 @@ ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 __all__ = ["FEATURE_MIN_SIDE", "NotFittedError", "VAEAnomalyDetector", "resolve_family"]
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(AnomalyVAEError, RuntimeError):
     """The detector was used before ``fit`` or ``load``."""
 
 
@@ -221,11 +222,13 @@ class VAEAnomalyDetector:
         """
         started = time.monotonic()  # the time budget covers the whole fit
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise InvalidValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.model not in family_names():
-            raise ValueError(f"model must be one of {family_names()}, got {self.model!r}")
+            raise InvalidValueError(f"model must be one of {family_names()}, got {self.model!r}")
         if self.tile_size < 64 or self.tile_size % 16:  # before the (long) data loading
-            raise ValueError(f"tile_size must be a multiple of 16, >= 64; got {self.tile_size}")
+            raise InvalidValueError(
+                f"tile_size must be a multiple of 16, >= 64; got {self.tile_size}"
+            )
         if self.map_kind != "auto":  # validate before the (long) data loading
             ScoringConfig(
                 self.map_kind,
@@ -367,7 +370,7 @@ class VAEAnomalyDetector:
             return np.zeros((len(images), 0))
         views = self._score_all(images, family.view_scoring(self.scoring_))[2]
         if views is None:
-            raise ValueError(f"the {self.family_} model's scoring returned no views")
+            raise InvalidValueError(f"the {self.family_} model's scoring returned no views")
         return views
 
     def view_scores(self, X: ImagesLike) -> dict[str, NDArray[np.float64]]:
@@ -415,7 +418,9 @@ class VAEAnomalyDetector:
             images = _as_nchw(X)
             spec = Preprocessing(images.shape[1], images.shape[2], images.shape[3])
             if self.channels is not None and self.channels != spec.channels:
-                raise ValueError(f"channels={self.channels} but X has {spec.channels} channels")
+                raise InvalidValueError(
+                    f"channels={self.channels} but X has {spec.channels} channels"
+                )
             self.preprocessing_ = spec
             if self.image_size is not None:
                 target = _size_pair(self.image_size)
@@ -487,16 +492,18 @@ class VAEAnomalyDetector:
         """
         self.check_fitted()
         if method not in cal.CALIBRATION_METHODS:
-            raise ValueError(f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}")
+            raise InvalidValueError(
+                f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}"
+            )
         # without labels, a folder of normal volumes calibrates on their slices
         maps, scores = self._score(X, volumes="slices" if y is None else "error")
         labels = np.zeros(len(scores), dtype=int) if y is None else np.asarray(y).astype(int)
         if labels.shape != scores.shape:
-            raise ValueError(f"y has {labels.size} labels for {scores.size} images")
+            raise InvalidValueError(f"y has {labels.size} labels for {scores.size} images")
         normal = labels == 0
         if method == "normal_quantile":
             if not normal.any():
-                raise ValueError("calibration needs normal images (label 0)")
+                raise InvalidValueError("calibration needs normal images (label 0)")
             normal_scores = scores[normal]
             if extra_normal_scores is not None:
                 extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
@@ -529,7 +536,7 @@ class VAEAnomalyDetector:
         if images.shape[1:] == (spec.channels, spec.height, spec.width):
             return images
         if images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
+            raise InvalidValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
         return np.stack([preprocess(image.transpose(1, 2, 0), spec) for image in images])
 
     def preprocess(self, X: ImagesLike) -> NDArray[np.float32]:
@@ -601,7 +608,7 @@ class VAEAnomalyDetector:
             if result.views is not None:
                 views.append(result.views.cpu().numpy())
         if not maps:
-            raise ValueError("no images to score")
+            raise InvalidValueError("no images to score")
         return (
             np.concatenate(maps),
             np.concatenate(scores).astype(np.float64),
@@ -615,7 +622,7 @@ class VAEAnomalyDetector:
         from anomalyvae.models.generate import inpaint
 
         if not self.family().generative:
-            raise ValueError(
+            raise InvalidValueError(
                 "scoring with valid_mask inpaints the invalid pixels, which needs the pixel "
                 f"model (model='pixel'), one that decodes pixels; this is the {self.family_} "
                 "model"
@@ -624,12 +631,12 @@ class VAEAnomalyDetector:
         if valid.ndim == 2:
             valid = np.broadcast_to(valid, (len(images), *valid.shape))
         if valid.shape != (len(images), *images.shape[2:]):
-            raise ValueError(
+            raise InvalidValueError(
                 f"valid_mask must be (h, w) or (n, h, w) at model resolution "
                 f"{images.shape[2]}x{images.shape[3]}, got {valid.shape}"
             )
         if not valid.reshape(len(valid), -1).any(axis=1).all():
-            raise ValueError("valid_mask leaves an image with no valid pixels to score")
+            raise InvalidValueError("valid_mask leaves an image with no valid pixels to score")
         filled = images.copy()
         partial = ~valid.reshape(len(valid), -1).all(axis=1)
         if partial.any():
@@ -819,15 +826,17 @@ def _as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
     if X.ndim == 3:
         X = X[:, None]
     if X.ndim != 4:
-        raise ValueError(f"images must have shape (n, c, h, w) or (n, h, w), got {X.shape}")
+        raise InvalidValueError(f"images must have shape (n, c, h, w) or (n, h, w), got {X.shape}")
     if not np.issubdtype(X.dtype, np.floating):
-        raise ValueError(
+        raise InvalidValueError(
             f"image arrays must be float in [0, 1], got dtype {X.dtype}; divide integer "
             "images by their maximum (255 or 65535) first"
         )
     X = X.astype(np.float32, copy=False)
     if not np.isfinite(X).all():
-        raise ValueError("images contain NaN or infinite values")
+        raise InvalidValueError("images contain NaN or infinite values")
     if X.size and (X.min() < -1e-6 or X.max() > 1 + 1e-6):
-        raise ValueError(f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]")
+        raise InvalidValueError(
+            f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
+        )
     return np.ascontiguousarray(X)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from anomalyvae.calibration import normalize
+from anomalyvae.clock import command_budget
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.io import (
@@ -45,11 +46,53 @@ def train_on(
     """Train a detector on the normal images of ``source`` and save it to ``output``.
 
     ``source`` is a folder of normal images, an MVTec-style root (its ``train/good``),
-    or a JSON split file (its ``train_good``). ``params`` go to VAEAnomalyDetector.
+    or a JSON split file (its ``train_good``). ``params`` go to VAEAnomalyDetector;
+    its ``time_budget_s`` covers the whole process (:func:`anomalyvae.clock.command_budget`):
+    what was spent before the fit comes off, and a margin stays for the final save.
     """
+    params["time_budget_s"] = command_budget(params.get("time_budget_s"))
     samples = discover(source, "train")
     detector = VAEAnomalyDetector(checkpoint_path=output, **params)
     return detector.fit([s.path for s in samples if s.label == 0], resume=resume)
+
+
+def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]) -> list[str]:
+    """What ``train`` says when it ends: data, model, threshold and what it can promise.
+
+    Empty on every process but the first under ``torchrun`` (rank 0 reports and writes).
+    """
+    from anomalyvae.models.train import is_main_process
+
+    if not is_main_process():
+        return []
+    summary, data = detector.training_summary_, detector.data_summary_
+    tiles = detector.family().tiling(detector.model_).get("n_tiles", 1)
+    calibration = detector.calibration_
+    lines = [
+        f"Trained on {data['n_train']} images ({data['n_val']} held out) for "
+        f"{summary['epochs_run']} epochs in {summary['elapsed_s']:.0f} s (best epoch "
+        f"{summary['best_epoch']}, stopped: {summary['stopped_reason']}).",
+        f"Model: {detector.family_} ({detector.preprocessing_.height}x"
+        f"{detector.preprocessing_.width}{f', backbone in {tiles} tiles' if tiles > 1 else ''}"
+        f", score {detector.scoring_.score_kind}).",
+        f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}, from "
+        f"{calibration.n_normal} normals. Saved {output}",
+    ]
+    if calibration.min_achievable_fpr and calibration.min_achievable_fpr > detector.target_fpr:
+        lines.append(
+            f"Warning: {calibration.n_normal} calibration normals cannot promise a "
+            f"false-positive rate below {calibration.min_achievable_fpr:.1%} (1/(n+1)); expect "
+            "about that rate of normal images flagged, or train on more normal images."
+        )
+    check = getattr(detector, "self_check_", {}) or {}
+    if check.get("detection_rate") is not None:
+        kinds = ", ".join(f"{k} {v:.0%}" for k, v in check["by_kind"].items())
+        lines.append(
+            f"Self-check: {check['detection_rate']:.0%} of synthetic defects pasted into the "
+            f"{check['n_images']} held-out normals are detected at this threshold ({kinds}); "
+            "an estimate from made-up defects, not a test on real ones."
+        )
+    return lines
 
 
 def calibrate_on(

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 from torch import Tensor, nn
 
 from anomalyvae.detector import VAEAnomalyDetector
+from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.io import atomic_write_bytes
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
@@ -51,7 +52,7 @@ from anomalyvae.version import __version__
 PARITY_TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(AnomalyVAEError, RuntimeError):
     """Export failed, or the exported graph disagrees with torch beyond tolerance."""
 
 
@@ -95,6 +96,28 @@ class ExportResult(NamedTuple):
     sidecar: Path
     metadata: dict[str, str]
     parity: ParityReport | None
+
+
+def describe_export(result: ExportResult) -> str:
+    """One line on what an export wrote and how it was checked (the CLI prints it)."""
+    parity = result.parity
+    adjustment = result.metadata.get(METADATA_PREFIX + "threshold_adjustment")
+    if adjustment:
+        info = json.loads(adjustment)
+        detail = (
+            f"threshold carried over from float32 by the median int8/float32 "
+            f"score ratio {info['ratio']:.3f} on {info['n_images']} normal images"
+        )
+    elif parity is None:
+        detail = "no parity check"
+    else:
+        detail = (
+            f"parity on {parity.n_images} images: max |map diff| "
+            f"{parity.max_abs_map_diff:.2e}, max |score diff| {parity.max_abs_score_diff:.2e} "
+            f"(relative {parity.max_rel_score_diff:.2e}), verdicts agree: "
+            f"{parity.verdicts_agree}"
+        )
+    return f"Wrote {result.path} and {result.sidecar.name} ({detail})"
 
 
 def tiling_metadata(detector: VAEAnomalyDetector) -> dict[str, Any]:

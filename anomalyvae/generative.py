@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from anomalyvae.detector import VAEAnomalyDetector
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import (
     DecodedImage,
     Preprocessing,
@@ -34,7 +35,7 @@ def pixel_model(detector: VAEAnomalyDetector) -> Any:
     """The detector's pixel VAE, or a clear error: the generative uses need pixels."""
     detector.check_fitted()
     if not detector.family().generative:
-        raise ValueError(
+        raise InvalidValueError(
             "sampling, denoising, inpainting and embeddings need a pixel model; this "
             "checkpoint holds the feature model. Train one with `anomalyvae train DATA "
             "-o pixel.pt --model pixel`"
@@ -249,7 +250,7 @@ def embed_folder(
             mu.append(part.mu)
             logvar.append(part.logvar)
     if not kept:
-        raise ValueError(f"no readable images under '{folder}'")
+        raise InvalidValueError(f"no readable images under '{folder}'")
     codes = Embedding(np.concatenate(mu), np.concatenate(logvar))
     groups = [
         p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "."

@@ -13,6 +13,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from anomalyvae.errors import InvalidValueError
+
 
 def image_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float | None = None) -> dict:
     """Image AUROC, AUPR and, given a threshold, F1 / precision / recall / FPR.
@@ -22,7 +24,7 @@ def image_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float | None 
     y = np.asarray(labels).astype(int).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
-        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+        raise InvalidValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
     both = len(np.unique(y)) == 2
     result = {
         "n_images": int(y.size),
@@ -81,7 +83,7 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike, max_negatives: int | None = N
     truth = np.asarray(masks, dtype=bool).ravel()
     values = np.asarray(maps, dtype=np.float32).ravel()
     if truth.shape != values.shape:
-        raise ValueError(f"masks and maps differ in size: {truth.size} vs {values.size}")
+        raise InvalidValueError(f"masks and maps differ in size: {truth.size} vs {values.size}")
     if truth.all() or not truth.any():
         return float("nan")
     keep = _negative_sample(truth, max_negatives)
@@ -103,11 +105,11 @@ def aupro(
     ``max_negatives`` samples that many defect-free pixels (seeded) for the FPR axis.
     """
     if not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise InvalidValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     truth = np.asarray(masks, dtype=bool)
     values = np.asarray(maps, dtype=np.float32)
     if truth.shape != values.shape:
-        raise ValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
+        raise InvalidValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
     if truth.ndim == 2:
         truth, values = truth[None], values[None]
     weights = np.zeros(truth.shape, dtype=np.float64)

@@ -75,7 +75,9 @@ def test_no_import_circle():
             visit(module, [module])
 
 
-#: What each layer may import from the package (besides itself and anomalyvae.version).
+#: Leaves every layer may import: the version, the error base classes, the command clock.
+LEAVES = ("anomalyvae.version", "anomalyvae.errors", "anomalyvae.clock")
+#: What each layer may import from the package (besides itself and the leaves).
 ALLOWED = {
     "anomalyvae.imaging": ("anomalyvae.imaging",),
     "anomalyvae.inference": ("anomalyvae.imaging", "anomalyvae.inference"),
@@ -87,7 +89,7 @@ ALLOWED = {
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_imports_flow_one_way(layer):
-    allowed = (*ALLOWED[layer], "anomalyvae.version")
+    allowed = (*ALLOWED[layer], *LEAVES)
     for module in IMPORTS:
         if module != layer and not module.startswith(layer + "."):
             continue
@@ -101,6 +103,11 @@ def test_nothing_imports_the_cli_and_scan_does_not_import_ray():
             continue
         assert "anomalyvae.cli" not in _targets(module), module
     assert "anomalyvae.inference.ray_engine" not in _targets("anomalyvae.inference.scan")
+
+
+def test_leaves_import_nothing_of_the_package():
+    for leaf in LEAVES:
+        assert not _targets(leaf), leaf
 
 
 def test_no_module_imports_another_modules_private_names():

@@ -84,8 +84,10 @@ def test_onnx_reproduces_torch_scores_and_verdicts(trained, exported, test_paths
 def test_threshold_is_an_overridable_input(exported, test_paths):
     runtime = OnnxDetector(exported[0], device="cpu")
     default = runtime.predict_files(test_paths)
-    low = runtime.predict_files(test_paths, threshold=float(default.score.min()) - 1)
-    assert low.is_anomaly.all()
+    # a threshold must stay positive (it divides the normalized score): the lowest one
+    low = runtime.predict_files(test_paths, threshold=1e-6)
+    np.testing.assert_array_equal(low.is_anomaly, default.score > 1e-6)
+    assert low.is_anomaly.sum() > default.is_anomaly.sum()
     np.testing.assert_allclose(low.score, default.score)
 
 
@@ -275,3 +277,11 @@ def test_signed_models_are_checked_when_a_key_is_configured(trained, tmp_path, m
     monkeypatch.delenv(KEY_ENV)
     read_metadata(tmp_path / "tampered.onnx")  # without a key only the hash is checked
     assert props["anomalyvae.signature"] != signature(props["anomalyvae.content_hash"], b"x" * 20)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), float("inf")])
+def test_the_runtime_refuses_a_threshold_that_flags_all_or_nothing(onnx_model, threshold):
+    runtime = OnnxDetector(onnx_model, device="cpu")
+    images = np.zeros((1, *runtime.input_shape), np.float32)
+    with pytest.raises(ValueError, match="positive finite"):
+        runtime.predict_arrays(images, threshold)

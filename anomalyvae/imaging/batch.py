@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import volume_slices
@@ -43,9 +44,9 @@ def read_images(
     errors : list of ImageReadError, one per skipped file
     """
     if on_error not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_error must be 'warn', 'raise' or 'ignore', got {on_error!r}")
+        raise InvalidValueError(f"on_error must be 'warn', 'raise' or 'ignore', got {on_error!r}")
     if volumes not in ("slices", "error"):
-        raise ValueError(f"volumes must be 'slices' or 'error', got {volumes!r}")
+        raise InvalidValueError(f"volumes must be 'slices' or 'error', got {volumes!r}")
     images: list[NDArray[np.float32]] = []
     kept: list[Path] = []
     errors: list[ImageReadError] = []

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
@@ -43,7 +44,7 @@ _PIL_RESAMPLE = {
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(AnomalyVAEError, ValueError):
     """An image file could not be decoded; the message names the file and a fix."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str, fix: str = "") -> None:
@@ -53,7 +54,7 @@ class ImageReadError(ValueError):
         super().__init__(f"cannot read image '{self.path}': {reason} ({self.fix})")
 
 
-class MaskError(ValueError):
+class MaskError(AnomalyVAEError, ValueError):
     """A mask is missing, unreadable or does not match its image."""
 
 
@@ -119,21 +120,23 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+            raise InvalidValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.height < 8 or self.width < 8:
-            raise ValueError(f"image size must be at least 8x8, got {self.height}x{self.width}")
+            raise InvalidValueError(
+                f"image size must be at least 8x8, got {self.height}x{self.width}"
+            )
         if self.resize not in RESIZE_METHODS:
-            raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
+            raise InvalidValueError(f"resize must be one of {RESIZE_METHODS}, got {self.resize!r}")
         if self.scaling != "dtype_max":
-            raise ValueError(f"scaling must be 'dtype_max', got {self.scaling!r}")
+            raise InvalidValueError(f"scaling must be 'dtype_max', got {self.scaling!r}")
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
+            raise InvalidValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
             )
         if self.normalization == "window" and (
             self.window_center is None or not (self.window_width or 0) > 0
         ):
-            raise ValueError(
+            raise InvalidValueError(
                 "normalization 'window' needs window_center and a positive window_width"
             )
 
@@ -376,7 +379,7 @@ def write_png(path: str | os.PathLike[str], pixels: NDArray[np.floating], bit_de
 
     height, width, channels = pixels.shape
     if channels not in (1, 3):
-        raise ValueError(f"write_png takes 1 or 3 channels, got {channels}")
+        raise InvalidValueError(f"write_png takes 1 or 3 channels, got {channels}")
     wide = bit_depth > 8
     top = 65535 if wide else 255
     values = np.clip(np.round(np.asarray(pixels, np.float64) * top), 0, top)
@@ -480,13 +483,13 @@ def _decode(image: Image.Image) -> DecodedImage:
     if raw_values is not None and raw_values.ndim == 2:
         raw_values = raw_values[:, :, None]
     if not np.isfinite(pixels).all():
-        raise ValueError("image contains NaN or infinite values")
+        raise InvalidValueError("image contains NaN or infinite values")
     return DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), bit_depth, mode, raw_values)
 
 
 def _min_max(values: NDArray[np.float64]) -> NDArray[np.float32]:
     if not np.isfinite(values).all():
-        raise ValueError("image contains NaN or infinite values")
+        raise InvalidValueError("image contains NaN or infinite values")
     low, high = float(values.min()), float(values.max())
     scale = high - low if high > low else 1.0
     return ((values - low) / scale).astype(np.float32)
@@ -511,7 +514,7 @@ def to_channels(pixels: NDArray[np.float32], channels: int) -> NDArray[np.float3
         return (pixels[:, :, :3] @ _LUMA)[:, :, None].astype(np.float32)
     if channels == 3:
         return np.repeat(pixels[:, :, :1], 3, axis=2)
-    raise ValueError(f"channels must be 1 or 3, got {channels}")
+    raise InvalidValueError(f"channels must be 1 or 3, got {channels}")
 
 
 def resize(
@@ -521,7 +524,7 @@ def resize(
     if pixels.shape[0] == height and pixels.shape[1] == width:
         return pixels
     if method not in _PIL_RESAMPLE:
-        raise ValueError(f"resize method must be one of {RESIZE_METHODS}, got {method!r}")
+        raise InvalidValueError(f"resize method must be one of {RESIZE_METHODS}, got {method!r}")
     planes = [
         np.asarray(
             Image.fromarray(np.ascontiguousarray(pixels[:, :, k]), mode="F").resize(

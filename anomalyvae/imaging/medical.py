@@ -16,11 +16,13 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
+
 NORMALIZATIONS = ("none", "minmax", "percentile", "window")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class MedicalReadError(ValueError):
+class MedicalReadError(AnomalyVAEError, ValueError):
     """A DICOM or NIfTI file cannot be used; ``reason`` says why, ``fix`` what to do."""
 
     def __init__(self, reason: str, fix: str) -> None:
@@ -164,15 +166,19 @@ def intensity_range(
         low, high = float(values.min()), float(values.max())
     elif method == "percentile":
         if not 0 <= percentile_low < percentile_high <= 100:
-            raise ValueError(
+            raise InvalidValueError(
                 "percentiles must satisfy 0 <= low < high <= 100, got "
                 f"{percentile_low}, {percentile_high}"
             )
         low, high = (float(v) for v in np.percentile(values, [percentile_low, percentile_high]))
     elif method == "window":
         if window_center is None or window_width is None or window_width <= 0:
-            raise ValueError("window normalization needs window_center and a positive window_width")
+            raise InvalidValueError(
+                "window normalization needs window_center and a positive window_width"
+            )
         low, high = window_center - window_width / 2, window_center + window_width / 2
     else:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS[1:]}, got {method!r}")
+        raise InvalidValueError(
+            f"normalization must be one of {NORMALIZATIONS[1:]}, got {method!r}"
+        )
     return low, high

@@ -19,6 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from anomalyvae.errors import InvalidValueError
+
 DEFECT_KINDS: tuple[str, ...] = ("patch", "shift", "noise")
 
 
@@ -53,7 +55,7 @@ def paste_defects(
 ) -> SyntheticDefects:
     """One synthetic defect per image, kinds in turn; images are (n, c, h, w) in [0, 1]."""
     if images.ndim != 4 or len(images) < 2:
-        raise ValueError(f"need at least 2 images of shape (n, c, h, w), got {images.shape}")
+        raise InvalidValueError(f"need at least 2 images of shape (n, c, h, w), got {images.shape}")
     rng = np.random.default_rng(seed)
     n, _, height, width = images.shape
     out = images.copy()

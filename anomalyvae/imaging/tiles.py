@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import resize
 
 #: Tile offsets are multiples of this (the backbone's coarsest feature stride), so tile
@@ -37,11 +38,11 @@ def tile_offsets(size: int, tile: int, overlap: int, align: int = TILE_ALIGN) ->
     (less only by the rounding to ``align``) and the last tile ends at ``size``.
     """
     if tile < 1 or overlap < 0 or overlap >= tile:
-        raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got {tile} and {overlap}")
+        raise InvalidValueError(f"need tile >= 1 and 0 <= overlap < tile, got {tile} and {overlap}")
     if size <= tile:
         return [0]
     if (size - tile) % align:
-        raise ValueError(
+        raise InvalidValueError(
             f"a tiled side must exceed the tile by a multiple of {align} px, got {size} and {tile}"
         )
     n = math.ceil((size - tile) / (tile - overlap)) + 1

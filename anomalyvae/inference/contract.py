@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 from pathlib import Path
 
 import onnx
+
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 
 #: Prefix of every ``metadata_props`` key the product writes.
 METADATA_PREFIX = "anomalyvae."
@@ -37,7 +40,7 @@ SIGNATURE_KEY = METADATA_PREFIX + "signature"
 KEY_ENV, KEY_FILE_ENV = "ANOMALYVAE_SIGNING_KEY", "ANOMALYVAE_SIGNING_KEY_FILE"
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(AnomalyVAEError, ValueError):
     """A signing key was configured but cannot be read."""
 
 
@@ -89,3 +92,25 @@ def signature(digest: str, key: bytes) -> str:
 def signature_matches(digest: str, stored: str | None, key: bytes) -> bool:
     """Whether ``stored`` is the signature of ``digest`` under ``key`` (constant time)."""
     return stored is not None and hmac.compare_digest(signature(digest, key), stored)
+
+
+def check_threshold(value: float | None) -> float | None:
+    """An override of the calibrated threshold, or a clear error (None: keep the model's).
+
+    The one check for the CLI's ``--threshold``, ``ScanConfig`` and
+    :class:`~anomalyvae.inference.runtime.OnnxDetector`: a threshold must be a positive
+    finite number, since 0 or less flags every image, and NaN or infinity none.
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidValueError(f"threshold must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise InvalidValueError(
+            f"threshold must be a positive finite number, got {value}: 0 or less flags "
+            "every image, and NaN or infinity none (leave it out to use the model's "
+            "calibrated threshold)"
+        )
+    return number

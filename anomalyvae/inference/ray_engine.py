@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.inference.runtime import OnnxDetector
 from anomalyvae.inference.scan import (
@@ -52,7 +53,7 @@ FILES_PER_BLOCK = 64
 DECODE_TASK_MEMORY = 256 * 2**20
 
 
-class RayEngineError(RuntimeError):
+class RayEngineError(AnomalyVAEError, RuntimeError):
     """Ray is missing, the cluster cannot be reached, or the Ray pipeline failed."""
 
 

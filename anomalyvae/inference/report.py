@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import atomic_write_text
 from anomalyvae.version import __version__
 
@@ -90,7 +91,8 @@ def calibration_note(model: dict[str, Any]) -> str:
         return f"Threshold from a labelled set ({image.get('method', 'unknown')})." if image else ""
     n, target = image.get("n_normal"), image.get("target_fpr")
     note = (
-        f"Threshold calibrated on {n} held-out normal images for a {target:.1%} false-positive rate"
+        f"Threshold calibrated on {n} normal images (held out, or cross-fitted: scored by "
+        f"models that did not train on them) for a {target:.1%} false-positive rate"
     )
     floor = image.get("min_achievable_fpr")
     if floor and target and floor > target:
@@ -257,12 +259,12 @@ def report_from_results(
     try:
         table = pd.read_parquet(results)
     except Exception as error:
-        raise ValueError(
+        raise InvalidValueError(
             f"'{results}' is not a readable Parquet results table ({error})"
         ) from error
     missing = {"relative_path", "score", "error", "threshold", "is_anomaly"} - set(table.columns)
     if missing:
-        raise ValueError(
+        raise InvalidValueError(
             f"'{results}' is not an anomalyvae results table; missing {sorted(missing)}"
         )
     summary_path = results.with_name("summary.json")

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
@@ -30,17 +31,18 @@ from anomalyvae.inference.contract import (
     SIGNATURE_KEY,
     SUPPORTED_FORMAT_VERSIONS,
     THRESHOLD_NAME,
+    check_threshold,
     content_hash,
     signature_matches,
     signing_key,
 )
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(AnomalyVAEError, ValueError):
     """The file is not an anomalyvae ONNX model, or it was altered after export."""
 
 
-class OnnxInputError(ValueError):
+class OnnxInputError(AnomalyVAEError, ValueError):
     """An input batch does not match what the model expects."""
 
 
@@ -119,7 +121,7 @@ def choose_providers(device: str = "auto", strict: bool = False) -> list[str]:
     """
     available = ort.get_available_providers()
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise InvalidValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
@@ -175,7 +177,7 @@ class OnnxDetector:
         verify: bool = True,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         self.metadata = read_metadata(self.path, verify=verify)
         self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
@@ -244,6 +246,7 @@ class OnnxDetector:
     ) -> OnnxResult:
         """Score model-ready images (n, c, h, w); higher scores = more anomalous."""
         images = self.check_batch(images)
+        threshold = check_threshold(threshold)
         feeds_threshold = np.array(
             self.threshold if threshold is None else threshold, dtype=np.float32
         )

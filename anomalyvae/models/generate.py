@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.vae import ConvVAE, gaussian_nll
 
 MAX_SAMPLES = 10_000
@@ -24,13 +25,13 @@ def _check_images(model: ConvVAE, images: NDArray[np.float32], name: str = "imag
     config = model.config
     expected = (config.in_channels, config.height, config.width)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(
+        raise InvalidValueError(
             f"{name} must have shape (n, {expected[0]}, {expected[1]}, {expected[2]}) for this "
             f"model, got {images.shape}; the checkpoint was trained at that size and channel "
             "count"
         )
     if not np.isfinite(images).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
+        raise InvalidValueError(f"{name} contain NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
 
 
@@ -47,9 +48,9 @@ def sample(
     "normal" looks like); above 1, more varied and less plausible ones.
     """
     if not 1 <= n <= MAX_SAMPLES:
-        raise ValueError(f"n must be between 1 and {MAX_SAMPLES}, got {n}")
+        raise InvalidValueError(f"n must be between 1 and {MAX_SAMPLES}, got {n}")
     if not 0 < temperature <= 5:
-        raise ValueError(f"temperature must be in (0, 5], got {temperature}")
+        raise InvalidValueError(f"temperature must be in (0, 5], got {temperature}")
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.config.latent_dim, generator=generator) * temperature
     model.eval()
@@ -86,7 +87,7 @@ def interpolate(
 ) -> NDArray[np.float32]:
     """Decode ``steps`` points on the line between two images' latent means, (steps, c, h, w)."""
     if not 2 <= steps <= 256:
-        raise ValueError(f"steps must be between 2 and 256, got {steps}")
+        raise InvalidValueError(f"steps must be between 2 and 256, got {steps}")
     codes = embed(model, np.stack([first, second])).mu
     weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
     z = torch.from_numpy((1 - weights) * codes[0] + weights * codes[1])
@@ -108,7 +109,7 @@ def denoise(
     z ~ q(z|x) instead (Monte-Carlo), which smooths the result further.
     """
     if not 0 <= n_samples <= 1000:
-        raise ValueError(f"n_samples must be between 0 and 1000, got {n_samples}")
+        raise InvalidValueError(f"n_samples must be between 0 and 1000, got {n_samples}")
     x = _check_images(model, images)
     generator = torch.Generator().manual_seed(seed)
     model.eval()
@@ -134,14 +135,14 @@ def _check_mask(images: NDArray[np.float32], missing: NDArray[np.bool_]) -> Tens
     if missing.ndim == 2:
         missing = np.broadcast_to(missing, (images.shape[0], *missing.shape))
     if missing.shape != (images.shape[0], images.shape[2], images.shape[3]):
-        raise ValueError(
+        raise InvalidValueError(
             f"mask must be (h, w) or (n, h, w) matching the images' {images.shape[2]}x"
             f"{images.shape[3]}, got {missing.shape}"
         )
     if not missing.any():
-        raise ValueError("the mask marks no missing pixels; nothing to inpaint")
+        raise InvalidValueError("the mask marks no missing pixels; nothing to inpaint")
     if missing.reshape(len(missing), -1).all(axis=1).any():
-        raise ValueError("the mask marks every pixel of an image missing; nothing is known")
+        raise InvalidValueError("the mask marks every pixel of an image missing; nothing is known")
     return torch.from_numpy(np.array(missing, dtype=bool))[:, None].float()  # a writable copy
 
 
@@ -168,9 +169,9 @@ def inpaint(
         decode (a MAP estimate of z given the known pixels).
     """
     if method not in INPAINT_METHODS:
-        raise ValueError(f"method must be one of {INPAINT_METHODS}, got {method!r}")
+        raise InvalidValueError(f"method must be one of {INPAINT_METHODS}, got {method!r}")
     if not 1 <= iterations <= 10_000:
-        raise ValueError(f"iterations must be between 1 and 10000, got {iterations}")
+        raise InvalidValueError(f"iterations must be between 1 and 10000, got {iterations}")
     x = _check_images(model, images)
     hole = _check_mask(images, missing).to(x)
     known = 1.0 - hole

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.feature_vae import (
     FeatureVAE,
     fuse_views,
@@ -92,15 +93,17 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         if self.map_kind not in MAP_KINDS:
-            raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {self.map_kind!r}")
+            raise InvalidValueError(f"map_kind must be one of {MAP_KINDS}, got {self.map_kind!r}")
         if self.score_kind not in SCORE_KINDS:
-            raise ValueError(f"score_kind must be one of {SCORE_KINDS}, got {self.score_kind!r}")
+            raise InvalidValueError(
+                f"score_kind must be one of {SCORE_KINDS}, got {self.score_kind!r}"
+            )
         if self.smoothing_sigma < 0:
-            raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
+            raise InvalidValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
         if not 0 < self.topk_fraction <= 1:
-            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+            raise InvalidValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if self.ssim_sigma <= 0:
-            raise ValueError(f"ssim_sigma must be > 0, got {self.ssim_sigma}")
+            raise InvalidValueError(f"ssim_sigma must be > 0, got {self.ssim_sigma}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,7 +177,7 @@ def map_from_output(
     if kind == "elbo":
         kl = kl_divergence(output.mu, output.logvar)
         return nll + (kl / (x.shape[-2] * x.shape[-1])).view(-1, 1, 1, 1)
-    raise ValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+    raise InvalidValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
 
 
 def image_elbo(x: Tensor, output: VAEOutput, logvar_min: float) -> Tensor:
@@ -245,7 +248,7 @@ STD_FLOOR = 0.05
 def fit_map_stats(maps: Tensor, config: ScoringConfig) -> MapStats:
     """Per-pixel mean and (floored) std of smoothed, unstandardized maps (n, 1, h, w)."""
     if maps.ndim != 4 or len(maps) < 2:
-        raise ValueError(f"need maps of shape (n >= 2, 1, h, w), got {tuple(maps.shape)}")
+        raise InvalidValueError(f"need maps of shape (n >= 2, 1, h, w), got {tuple(maps.shape)}")
     maps = maps.double()
     mean = maps.mean(0, keepdim=True)
     std = maps.std(0, keepdim=True)
@@ -263,18 +266,18 @@ def fit_map_stats(maps: Tensor, config: ScoringConfig) -> MapStats:
 def check_stats(stats: MapStats | None, config: ScoringConfig) -> MapStats:
     """The statistics a standardized ``config`` needs, or a clear error."""
     if stats is None:
-        raise ValueError(
+        raise InvalidValueError(
             "this scoring standardizes the map but no normal-map statistics were fitted; "
             "call detector.fit_map_stats(normal_images) (fit() does it)"
         )
     if stats.map_kind != config.map_kind or stats.smoothing_sigma != config.smoothing_sigma:
-        raise ValueError(
+        raise InvalidValueError(
             f"the normal-map statistics describe {stats.map_kind!r} maps smoothed with "
             f"sigma {stats.smoothing_sigma}, not {config.map_kind!r} with sigma "
             f"{config.smoothing_sigma}; call detector.fit_map_stats(normal_images) again"
         )
     if config.map_kind == "ssim" and stats.ssim_sigma != config.ssim_sigma:
-        raise ValueError(
+        raise InvalidValueError(
             f"the normal-map statistics describe SSIM maps with a {stats.ssim_sigma} px "
             f"window, not {config.ssim_sigma} px; call detector.fit_map_stats(normal_images) "
             "again"
@@ -292,7 +295,7 @@ def standardize_map(smoothed: Tensor, stats: MapStats) -> Tensor:
 def pixel_view_constants(stats: MapStats | None) -> tuple[Tensor, Tensor]:
     """The fused score's (centre, scale) of the pixel views, or a clear error."""
     if stats is None or stats.view_center is None or stats.view_scale is None:
-        raise ValueError(
+        raise InvalidValueError(
             "the fused score needs the views' constants from held-out normals; call "
             "detector.fit_fusion(normal_images) (fit() does it)"
         )
@@ -337,7 +340,7 @@ def reduce_valid(
     for values, mask in zip(flat, keep, strict=True):
         kept = values[mask]
         if kept.numel() == 0:
-            raise ValueError("valid_mask leaves an image with no valid pixels to score")
+            raise InvalidValueError("valid_mask leaves an image with no valid pixels to score")
         local.append(kept.topk(topk_count(config, int(kept.numel()))).values.mean())
         largest.append(kept.max())
         mean.append(kept.mean())
@@ -391,17 +394,17 @@ def check_family(model: nn.Module, config: ScoringConfig) -> None:
 def check_scoring(family: str, config: ScoringConfig) -> None:
     """A clear error when ``config`` asks ``family`` for a score it does not have."""
     if family == "pixel" and config.score_kind in FEATURE_ONLY_SCORE_KINDS:
-        raise ValueError(
+        raise InvalidValueError(
             f"score kind {config.score_kind!r} needs the feature model (--model feature); "
             f"the pixel model scores with one of {PIXEL_SCORE_KINDS}"
         )
     if family == "pixel" and config.score_kind in ("global", "fused") and not config.standardize:
-        raise ValueError(
+        raise InvalidValueError(
             f"the pixel model's {config.score_kind!r} score reads the standardized map "
             "(standardize on); without it use 'topk_mean', 'max' or 'elbo'"
         )
     if family == "feature" and (config.map_kind != "elbo" or config.standardize):
-        raise ValueError(
+        raise InvalidValueError(
             "the feature model's map is the per-location negative ELBO (map_kind 'elbo'), "
             f"position-independent (standardize off); got map_kind {config.map_kind!r}, "
             f"standardize {config.standardize}"
@@ -490,7 +493,7 @@ def score_batch(
         with torch.no_grad():
             return scorer(model, x, config, stats, valid)
     if valid is not None and isinstance(model, FeatureVAE):
-        raise ValueError("scoring with a valid mask needs the pixel model")
+        raise InvalidValueError("scoring with a valid mask needs the pixel model")
     with torch.no_grad():
         if isinstance(model, FeatureVAE):
             return feature_scores(model, x, config)
@@ -564,7 +567,7 @@ class ScoringGraph(nn.Module):
         super().__init__()
         check_family(model, config)
         if config.map_kind not in EXPORTABLE_MAP_KINDS:
-            raise ValueError(
+            raise InvalidValueError(
                 f"map kind {config.map_kind!r} needs an input gradient and cannot be part "
                 f"of a forward-only graph; use one of {EXPORTABLE_MAP_KINDS}"
             )

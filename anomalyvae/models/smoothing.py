@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomalyvae.errors import InvalidValueError
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> Tensor:
     """Normalised 1-D Gaussian kernel of radius ceil(truncate * sigma)."""
@@ -30,7 +32,9 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     kernel = gaussian_kernel1d(sigma).to(x)
     radius = kernel.numel() // 2
     if radius >= min(x.shape[-2:]):
-        raise ValueError(f"smoothing_sigma {sigma} is too large for a {tuple(x.shape[-2:])} map")
+        raise InvalidValueError(
+            f"smoothing_sigma {sigma} is too large for a {tuple(x.shape[-2:])} map"
+        )
     c = int(x.shape[1])  # a constant for ONNX tracing: the kernel shape must be static
     horizontal = kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1)

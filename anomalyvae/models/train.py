@@ -15,6 +15,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.io import atomic_path
 from anomalyvae.models.vae import ConvVAE, VAEConfig, vae_loss
 from anomalyvae.version import __version__
@@ -23,7 +24,7 @@ CHECKPOINT_FORMAT = "anomalyvae-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AnomalyVAEError, ValueError):
     """A checkpoint is missing, corrupt, foreign or from an incompatible version."""
 
 
@@ -66,17 +67,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise InvalidValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InvalidValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise InvalidValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
+            raise InvalidValueError(f"patience must be >= 1, got {self.patience}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+            raise InvalidValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
         if self.nproc < 1:
-            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+            raise InvalidValueError(f"nproc must be >= 1, got {self.nproc}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +88,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use 'cpu'")
+        raise InvalidValueError(
+            "device 'cuda' was requested but torch sees no CUDA device; use 'cpu'"
+        )
     return torch.device(device)
 
 
@@ -347,9 +350,9 @@ def train_vae(
         Returns entries (preprocessing, scoring, data summary) stored in each checkpoint.
     """
     if len(train_images) == 0:
-        raise ValueError("no training images: the training set is empty")
+        raise InvalidValueError("no training images: the training set is empty")
     if len(val_images) == 0:
-        raise ValueError("no validation images: hold out at least one normal image")
+        raise InvalidValueError("no validation images: hold out at least one normal image")
     device = resolve_device(train_config.device)
     if train_config.nproc > 1 and _process_group() is None and "WORLD_SIZE" not in os.environ:
         return _train_spawned(

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from anomalyvae.errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -43,24 +45,24 @@ class VAEConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+            raise InvalidValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not self.channels or min(self.channels) < 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"channels must be a non-empty sequence of positive ints, got {self.channels}"
             )
         stride = 2 ** len(self.channels)
         if self.height % stride or self.width % stride:
-            raise ValueError(
+            raise InvalidValueError(
                 f"image size {self.height}x{self.width} must be divisible by {stride} "
                 f"(2 ** number of stages, {len(self.channels)}); resize the input or "
                 "use fewer stages"
             )
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+            raise InvalidValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise InvalidValueError(f"beta must be >= 0, got {self.beta}")
         if not self.logvar_min < self.logvar_max:
-            raise ValueError("logvar_min must be smaller than logvar_max")
+            raise InvalidValueError("logvar_min must be smaller than logvar_max")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -72,7 +74,7 @@ class VAEConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
+            raise InvalidValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
         return cls(**data)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
@@ -36,7 +37,9 @@ FEATURE_MIN_SIDE = 96
 def register_family(family: ModelFamily) -> ModelFamily:
     """Make ``family`` available by its name (``--model NAME``, checkpoints, ONNX)."""
     if not getattr(family, "name", "") or family.name == "auto":
-        raise ValueError(f"a model family needs a name other than 'auto', got {family.name!r}")
+        raise InvalidValueError(
+            f"a model family needs a name other than 'auto', got {family.name!r}"
+        )
     if family.model_class is not None:
         register_scorer(family.model_class, family.score)
     _FAMILIES[family.name] = family
@@ -46,7 +49,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 def unregister_family(name: str) -> None:
     """Forget the family called ``name`` (its checkpoints no longer load)."""
     if name in ("pixel", "feature"):
-        raise ValueError(f"the built-in {name!r} family cannot be unregistered")
+        raise InvalidValueError(f"the built-in {name!r} family cannot be unregistered")
     family = _FAMILIES.pop(name, None)
     if family is not None and family.model_class is not None:
         register_scorer(family.model_class, None)
@@ -62,7 +65,7 @@ def get_family(name: str) -> ModelFamily:
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidValueError(
             f"unknown model family {name!r}; registered: {', '.join(_FAMILIES)}"
         ) from None
 
@@ -83,7 +86,7 @@ def resolve_family(family: str, height: int, width: int) -> str:
     64 px), and at 28 px it has 4 x 4.
     """
     if family not in family_names():
-        raise ValueError(f"model must be one of {family_names()}, got {family!r}")
+        raise InvalidValueError(f"model must be one of {family_names()}, got {family!r}")
     if family != "auto":
         return family
     return "feature" if min(height, width) >= FEATURE_MIN_SIDE else "pixel"

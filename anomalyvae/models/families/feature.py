@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_vae import (
@@ -73,7 +74,7 @@ class FeatureFamily(ModelFamily):
         resume: bool,
     ) -> Trained:
         if train_config.nproc > 1:
-            raise ValueError(
+            raise InvalidValueError(
                 "the feature model trains in one process (its backbone is frozen and its "
                 "training takes minutes); use nproc=1, or model='pixel' for DDP"
             )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_vae import fuse_views
@@ -122,7 +123,7 @@ class PixelFamily(ModelFamily):
         # the pixel VAE gives no cross-fitted views: extra_views is always None here
         stats = getattr(detector, "map_stats_", None)
         if not detector.scoring_.standardize or stats is None:
-            raise ValueError(
+            raise InvalidValueError(
                 "the pixel model's views read the standardized map: score with "
                 "standardize on and call detector.fit_map_stats(normal_images) first"
             )
