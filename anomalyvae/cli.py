@@ -485,8 +485,8 @@ def predict(
       anomalyvae predict model.onnx part_001.png part_002.png
       anomalyvae predict model.onnx incoming/ --json
     """
+    from anomalyvae.inference.decoding import discover
     from anomalyvae.inference.runtime import OnnxDetector
-    from anomalyvae.inference.scan import discover
 
     files = [p for image in images for p in (discover(image) if image.is_dir() else [image])]
     rows = OnnxDetector(model, device=device).predict_rows(files, threshold)

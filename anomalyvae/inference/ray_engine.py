@@ -34,15 +34,10 @@ import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.inference.decoding import Decoded, decode_file
+from anomalyvae.inference.records import COLUMNS, Job
 from anomalyvae.inference.runtime import OnnxDetector
-from anomalyvae.inference.scan import (
-    COLUMNS,
-    BatchScorer,
-    Decoded,
-    Job,
-    ScanConfig,
-    decode_file,
-)
+from anomalyvae.inference.scan import BatchScorer, ScanConfig
 
 #: Ray reports usage statistics to its developers unless told not to.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -49,9 +49,10 @@ from common import (  # noqa: E402
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
+from anomalyvae.inference.decoding import decode_file, discover  # noqa: E402
 from anomalyvae.inference.ray_engine import connect, scan_on_ray  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.inference.scan import ScanConfig, decode_file, discover, scan  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
 from anomalyvae.models.train import TrainConfig, train_vae  # noqa: E402
 from anomalyvae.models.vae import VAEConfig  # noqa: E402
 
@@ -89,7 +90,7 @@ def stage_rates(model: Path, folder: Path, batch_size: int) -> dict:
 
 def driver_rate(work: Path, n_rows: int = 100_000) -> float:
     """Result rows/s the driver can write as Parquet parts (the one serial step)."""
-    from anomalyvae.inference.scan import COLUMNS, PartWriter
+    from anomalyvae.inference.records import COLUMNS, PartWriter
 
     parts = work / "driver-parts"
     parts.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,9 @@ from common import machine, smoke_model, synthetic_folder  # noqa: E402
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
+from anomalyvae.inference.decoding import discover  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.inference.scan import ScanConfig, discover, scan  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
 
 RSS_SCRIPT = """
 import resource, sys, json

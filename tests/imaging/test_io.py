@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.io import (
     ImageReadError,
     MaskError,
@@ -12,7 +13,6 @@ from anomalyvae.imaging.io import (
     load_image,
     preprocess,
     read_image,
-    read_images,
     read_mask,
     to_channels,
 )
@@ -189,7 +189,7 @@ def test_huge_images_are_decoded_reduced_with_their_own_size_kept(tmp_path, mode
 
 def test_one_walker_for_training_and_scans(tmp_path):
     from anomalyvae.imaging.io import find_images, walk_images
-    from anomalyvae.inference.scan import discover
+    from anomalyvae.inference.decoding import discover
 
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)

@@ -24,7 +24,8 @@ from anomalyvae.inference.ray_engine import (  # noqa: E402
     connect,
     scan_on_ray,
 )
-from anomalyvae.inference.scan import COLUMNS, ScanConfig, scan  # noqa: E402
+from anomalyvae.inference.records import COLUMNS  # noqa: E402
+from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomalyvae.cli import main
+from anomalyvae.inference.decoding import discover
+from anomalyvae.inference.records import COLUMNS, ScanOutputError
 from anomalyvae.inference.report import report_from_results
-from anomalyvae.inference.scan import COLUMNS, ScanConfig, ScanOutputError, discover, scan
+from anomalyvae.inference.scan import ScanConfig, scan
 
 
 def _png(path: Path, size=(32, 32), value=None, mode="L", seed=0):

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomalyvae.cli import main
-from anomalyvae.inference.scan import ScanConfig, ScanOutputError, _heatmap_name, scan
+from anomalyvae.inference.heatmaps import heatmap_name
+from anomalyvae.inference.records import ScanOutputError
+from anomalyvae.inference.scan import ScanConfig, scan
 
 
 def _defects_and_goods(root: Path, dest: Path, n: int = 6) -> tuple[list[Path], list[Path]]:
@@ -104,7 +106,7 @@ def test_very_long_names_are_scanned_with_a_shortened_heatmap(onnx_model, synthe
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert result.n_errors == 0 and table.loc[0, "relative_path"] == name
     assert (tmp_path / "out" / table.loc[0, "heatmap"]).is_file()
-    assert len(_heatmap_name(name).encode()) < 255
+    assert len(heatmap_name(name).encode()) < 255
     assert not list((tmp_path / "out").rglob(".*tmp*"))
 
 
@@ -154,7 +156,7 @@ def test_an_empty_folder_is_an_error_and_writes_nothing(onnx_model, tmp_path):
 
 
 def test_a_second_scan_into_a_locked_output_is_refused(onnx_model, synthetic_root, tmp_path):
-    from anomalyvae.inference.scan import LOCK, ScanLockedError, output_lock
+    from anomalyvae.inference.records import LOCK, ScanLockedError, output_lock
 
     _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=2)
     for path in goods:

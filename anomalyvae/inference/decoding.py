@@ -1,0 +1,141 @@
+"""A scan's input side: which files, and each decoded on a worker (errors become rows).
+
+Workers never open a special file (FIFO, socket, device); every file gets a content
+fingerprint, part of the resume key. No torch on this path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from stat import S_ISFIFO, S_ISREG
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from anomalyvae.imaging.io import (
+    IMAGE_EXTENSIONS,
+    MEDICAL_EXTENSIONS,
+    ImageReadError,
+    Preprocessing,
+    intensities,
+    preprocess,
+    read_image,
+    walk_images,
+)
+from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.volumes import (
+    read_volume,
+    volume_slices,
+)
+
+EXTRA_EXTENSIONS = (".gif", ".webp")
+
+
+def discover(
+    root: str | os.PathLike[str],
+    extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS + MEDICAL_EXTENSIONS,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    skip: Sequence[str | os.PathLike[str]] = (),
+) -> list[Path]:
+    """Image files under ``root`` for a scan: the product's one folder walker.
+
+    See :func:`anomalyvae.imaging.io.walk_images` (symlinked folders entered once, hidden
+    names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered); this
+    adds the extensions a scan also reads (GIF, WebP).
+    """
+    return walk_images(root, extensions, include, exclude, skip)
+
+
+class Decoded(NamedTuple):
+    """A worker's result for one file: the model input or an error, and file facts."""
+
+    index: int
+    pixels: NDArray[np.float32] | None
+    info: dict[str, Any]
+
+
+def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
+    """Decode and preprocess one file for row ``index``; a failure becomes an error row."""
+    info: dict[str, Any] = {
+        "width": None,
+        "height": None,
+        "channels": None,
+        "bit_depth": None,
+        "error": "",
+    }
+    try:
+        stat = path.stat()
+        if not S_ISREG(stat.st_mode):  # never open a FIFO, socket or device: it can block
+            kind = "a FIFO" if S_ISFIFO(stat.st_mode) else "not a regular file"
+            info["error"] = f"{kind}, so it was not read (scan regular image files only)"
+            return Decoded(index, None, info)
+        info["fingerprint"] = file_fingerprint(path, stat)  # the resume key's content part
+        if is_nifti(path):
+            return _decode_volume(index, path, spec, info)
+        decoded = read_image(path, max(spec.height, spec.width))
+        info.update(
+            width=decoded.width,
+            height=decoded.height,
+            channels=decoded.channels,
+            bit_depth=decoded.bit_depth,
+        )
+        return Decoded(index, preprocess(intensities(decoded, spec), spec), info)
+    except ImageReadError as error:
+        info["error"] = f"{error.reason} ({error.fix})"
+    except Exception as error:  # a decoder bug must not stop a 100,000-file scan
+        info["error"] = f"unexpected {type(error).__name__}: {error}"
+    return Decoded(index, None, info)
+
+
+def _decode_volume(index: int, path: Path, spec: Preprocessing, info: dict[str, Any]) -> Decoded:
+    """All slices of a NIfTI volume as a (slices, c, h, w) stack, normalized per volume."""
+    volume = read_volume(path)
+    stack = volume_slices(path, spec, volume=volume)
+    shape = volume.data.shape
+    info.update(
+        width=int(shape[2]), height=int(shape[1]), channels=1, bit_depth=32, slices=int(len(stack))
+    )
+    return Decoded(index, stack, info)
+
+
+def decode_stream(
+    executor: Executor, paths: Sequence[Path], spec: Preprocessing, in_flight: int
+) -> Iterator[Decoded]:
+    """Decode in order with at most ``in_flight`` files pending (bounded memory)."""
+    pending: deque[Future[Decoded]] = deque()
+    for index, path in enumerate(paths):
+        pending.append(executor.submit(decode_file, index, path, spec))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+#: Bytes read from each end of a file for its fingerprint.
+FINGERPRINT_BYTES = 65536
+
+
+def file_fingerprint(path: Path, stat: os.stat_result | None = None) -> str:
+    """A short SHA-256 of a regular file's size, first and last 64 KiB ("" otherwise).
+
+    Part of the resume key with the name, size and mtime: a file replaced by another of
+    the same name, size and mtime (``touch -r``) is scored again. Special files (FIFO,
+    socket, device) are never opened: reading one could block forever.
+    """
+    stat = stat or path.stat()
+    if not S_ISREG(stat.st_mode):
+        return ""
+    digest = hashlib.sha256(str(stat.st_size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BYTES))
+        if stat.st_size > 2 * FINGERPRINT_BYTES:
+            handle.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]

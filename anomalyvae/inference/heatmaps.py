@@ -1,0 +1,101 @@
+"""Heatmaps of a scan: the map drawn over the image, with the pixel-threshold contour.
+
+Saved atomically, under a name that the file system accepts. No torch on this path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from anomalyvae.imaging.io import (
+    ImageReadError,
+    atomic_write_bytes,
+    read_image,
+)
+from anomalyvae.imaging.tiles import map_to_size
+
+
+def heatmap_overlay(
+    pixels: NDArray[np.float32],
+    anomaly_map: NDArray[np.float32],
+    pixel_threshold: float,
+    vmax: float,
+) -> Image.Image:
+    """Overlay the map in colour on the image, with the pixel-threshold contour.
+
+    The result has the image's own resolution.
+    """
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    height, width = pixels.shape[:2]
+    grey = pixels.mean(axis=2) if pixels.shape[2] > 1 else pixels[:, :, 0]
+    big = map_to_size(anomaly_map, height, width)
+    level = np.clip(big / max(vmax, 1e-12), 0, 1)
+    colour = colormaps["inferno"](level)[:, :, :3]
+    alpha = 0.55 * level[:, :, None]
+    base = np.repeat(grey[:, :, None], 3, axis=2)
+    out = (1 - alpha) * base + alpha * colour
+    over = big > pixel_threshold
+    edge = over & ~ndimage.binary_erosion(over, iterations=max(1, min(height, width) // 200))
+    out[edge] = (0.0, 1.0, 1.0)
+    return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8))
+
+
+def save_heatmap(
+    path: Path,
+    out_path: Path,
+    anomaly_map: NDArray[np.float32],
+    pixel_threshold: float,
+    vmax: float,
+    pixels: NDArray[np.float32] | None = None,
+) -> None:
+    """Draw ``anomaly_map`` over the image of ``path`` (or ``pixels``) into ``out_path``."""
+    import io as _io
+
+    if pixels is None:
+        try:  # a heatmap needs no more than about 1,000 px: huge files are decoded reduced
+            pixels = read_image(path, 512).pixels
+        except ImageReadError:
+            # the file changed or vanished after it was scored: the map is still drawn,
+            # on a blank background, rather than the scan stopping for a picture
+            pixels = np.zeros((*anomaly_map.shape, 1), np.float32)
+    source = pixels
+    image = heatmap_overlay(source, anomaly_map, pixel_threshold, vmax)
+    buffer = _io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(out_path, buffer.getvalue())
+
+
+#: Longest file-name component (bytes) the scan writes: file systems allow 255, and
+#: the atomic writer adds a temporary prefix and suffix.
+MAX_NAME_BYTES = 180
+
+
+def heatmap_name(relative: str) -> str:
+    """The heatmap's path under heatmaps/: the file's own path plus ".heatmap.png".
+
+    The full name is kept (a.png and a.jpg must not collide); a name too long for the
+    file system keeps its start and gets a hash of the whole instead of the rest.
+    """
+    parts = (relative.replace("\\", "_") + ".heatmap.png").split("/")
+    name = parts[-1]
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        stem = name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
+        name = f"{stem}~{digest}.heatmap.png"
+    return "/".join([*parts[:-1], name])
+
+
+def save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:
+    """Write one map as ``anomaly_map`` in a compressed .npz, atomically."""
+    import io as _io
+
+    buffer = _io.BytesIO()
+    np.savez_compressed(buffer, anomaly_map=anomaly_map)
+    atomic_write_bytes(path, buffer.getvalue())

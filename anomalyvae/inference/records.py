@@ -1,0 +1,283 @@
+"""A scan's record: result rows in atomic Parquet parts, and the rules around them.
+
+The resume rule, the output folder's lock and its claim to one input folder, and
+spreadsheet-safe tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+
+from anomalyvae.errors import AnomalyVAEError
+from anomalyvae.imaging.io import (
+    atomic_path,
+    atomic_write_bytes,
+    display_path,
+)
+from anomalyvae.inference.decoding import file_fingerprint
+
+COLUMNS = (
+    "path",
+    "relative_path",
+    "source",
+    "slice",
+    "fingerprint",
+    "file_size",
+    "mtime",
+    "width",
+    "height",
+    "channels",
+    "bit_depth",
+    "score",
+    "normalized_score",
+    "is_anomaly",
+    "threshold",
+    "peak_x",
+    "peak_y",
+    "anomalous_area",
+    "mean_intensity",
+    "heatmap",
+    "error",
+    "model_hash",
+)
+
+
+DTYPES = {
+    "path": "string",
+    "relative_path": "string",
+    "source": "string",
+    "slice": "Int64",
+    "fingerprint": "string",
+    "file_size": "int64",
+    "mtime": "float64",
+    "width": "Int64",
+    "height": "Int64",
+    "channels": "Int64",
+    "bit_depth": "Int64",
+    "score": "float64",
+    "normalized_score": "float64",
+    "is_anomaly": "bool",
+    "threshold": "float64",
+    "peak_x": "float64",
+    "peak_y": "float64",
+    "anomalous_area": "float64",
+    "mean_intensity": "float64",
+    "heatmap": "string",
+    "error": "string",
+    "model_hash": "string",
+}
+
+
+def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The results schema with fixed dtypes, also for an empty table."""
+    return frame.reindex(columns=list(COLUMNS)).astype(DTYPES)
+
+
+def atomic_frame(frame: pd.DataFrame, path: Path, kind: str) -> None:
+    """Write ``frame`` to ``path`` atomically: "parquet", or spreadsheet-safe "csv"."""
+    with atomic_path(path) as tmp:
+        if kind == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            spreadsheet_safe(frame).to_csv(tmp, index=False)
+
+
+#: A cell starting with one of these is a formula to Excel, LibreOffice and Sheets.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula, prefixed with a quote.
+
+    File names come from whoever wrote the folder: ``=HYPERLINK(...)`` must reach a
+    QA engineer's spreadsheet as text (OWASP's CSV-injection rule). Parquet keeps the
+    exact names.
+    """
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype in ("string", object):
+            values = out[column].astype("string")
+            risky = values.str.startswith(FORMULA_STARTS).fillna(False)
+            out[column] = values.where(~risky, "'" + values)
+    return out
+
+
+def read_parts(parts_dir: Path) -> pd.DataFrame:
+    """Every row the part files hold, the latest row of a file winning."""
+    frames = []
+    for part in sorted(parts_dir.glob("part-*.parquet")):
+        try:
+            frames.append(pd.read_parquet(part))
+        except Exception:  # a part is renamed into place whole; anything else is foreign
+            continue
+    if not frames:
+        return typed_frame(pd.DataFrame(columns=list(COLUMNS)))
+    # Later parts win: a file rescored after a change replaces its earlier row.
+    merged = typed_frame(pd.concat(frames, ignore_index=True))
+    return merged.drop_duplicates(subset="relative_path", keep="last")
+
+
+class Job(NamedTuple):
+    """One file still to scan: its position in the to-do list, path and identity."""
+
+    index: int
+    path: Path
+    relative: str
+    size: int
+    mtime: float
+    fingerprint: str = ""
+
+
+class PartWriter:
+    """Collects result rows and writes them as numbered Parquet parts, each atomically."""
+
+    def __init__(self, parts_dir: Path, chunk_rows: int) -> None:
+        self.parts_dir = parts_dir
+        self.chunk_rows = chunk_rows
+        self.rows: list[dict[str, Any]] = []
+        self.next_part = 1 + max(
+            (int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")), default=-1
+        )
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            atomic_frame(
+                typed_frame(pd.DataFrame(self.rows, columns=list(COLUMNS))),
+                self.parts_dir / f"part-{self.next_part:06d}.parquet",
+                "parquet",
+            )
+            self.next_part += 1
+            self.rows = []
+
+
+def todo_jobs(
+    folder: Path, paths: Sequence[Path], parts_dir: Path, model_hash: str, threshold: float
+) -> list[Job]:
+    """The files not yet scored by this model at this threshold (the resume rule)."""
+    done = read_parts(parts_dir)
+    done_keys: dict[tuple[str, int, float], str] = {}
+    if len(done):
+        ok = done[
+            (done["error"] == "")
+            & (done["model_hash"] == model_hash)
+            & (done["threshold"] == threshold)
+        ]
+        done_keys = {
+            (source, size, mtime): fingerprint
+            for source, size, mtime, fingerprint in zip(
+                ok["source"], ok["file_size"], ok["mtime"], ok["fingerprint"], strict=True
+            )
+        }
+    todo: list[Job] = []
+    for path in paths:
+        relative = display_path(path.relative_to(folder))
+        try:
+            stat = path.stat()
+            size, mtime = int(stat.st_size), float(stat.st_mtime)
+            stored = done_keys.get((relative, size, mtime))
+            # Only a file that looks done is read here, to compare contents; a new file is
+            # fingerprinted by the decoder, which reads it anyway (decode_file).
+            fingerprint = file_fingerprint(path, stat) if stored is not None else ""
+        except OSError:
+            size, mtime, stored, fingerprint = -1, float("nan"), None, ""
+        if stored is None or fingerprint != stored:
+            todo.append(Job(len(todo), path, relative, size, mtime, fingerprint))
+    return todo
+
+
+class ScanOutputError(AnomalyVAEError, ValueError):
+    """The scan cannot run: no images, or an output folder of another input folder."""
+
+
+class ScanLockedError(ScanOutputError):
+    """Another scan is writing to the same output folder."""
+
+
+LOCK = ".scan.lock"
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """One scan at a time per output folder: a lock file holding the owner's PID.
+
+    Two scans writing one folder would lose rows. A lock left by a process that no
+    longer runs (killed with -9) is taken over, so a resume is never blocked.
+    """
+    path = output / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and pid_alive(owner):
+                raise ScanLockedError(
+                    f"another scan (process {owner}) is writing to '{output}'; wait for it "
+                    "to finish, or write to another output folder with -o"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (the lock holder of an output folder)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+MANIFEST = "scan.json"
+
+
+def claim_output(output: Path, folder: Path, extend: bool = False) -> None:
+    """Record which input folder ``output`` holds, or refuse a second one.
+
+    An output folder never mixes two inputs silently: files of the same names in
+    another folder would otherwise pass as "already done".
+    """
+    root = os.path.realpath(folder)
+    manifest = output / MANIFEST
+    roots: list[str] = []
+    if manifest.is_file():
+        try:
+            roots = list(json.loads(manifest.read_text()).get("input_roots", []))
+        except (OSError, ValueError, AttributeError):
+            roots = []
+    elif (output / "parts").is_dir() and any((output / "parts").glob("part-*.parquet")):
+        roots = []  # a scan from before the manifest: adopt it
+    if roots and root not in roots:
+        if not extend:
+            raise ScanOutputError(
+                f"'{output}' holds a scan of '{roots[0]}', not of '{root}'; write to another "
+                "output folder with -o, or pass --extend to add this folder's files to it"
+            )
+    if root not in roots:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(manifest, json.dumps({"input_roots": [*roots, root]}).encode())

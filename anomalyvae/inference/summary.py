@@ -1,0 +1,92 @@
+"""A scan's summary.json: counts, score quantiles, warnings and the drift alarm."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from anomalyvae.inference.drift import drift_report
+
+if TYPE_CHECKING:
+    from anomalyvae.inference.scan import ScanConfig
+
+
+def channel_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
+    """Plain words when files carry other channels than the model was trained on."""
+    model_channels = int((metadata.get("preprocessing") or {}).get("channels", 0) or 0)
+    channels = ok["channels"].astype("float64")
+    out = []
+    colour_into_grey = int((channels == 3).sum()) if model_channels == 1 else 0
+    grey_into_colour = int((channels == 1).sum()) if model_channels == 3 else 0
+    if colour_into_grey:
+        out.append(
+            f"{colour_into_grey} colour images were turned into grey (luma) for this grey "
+            "model: a defect that changes only the colour, not the brightness, is invisible "
+            "to it. Train on colour images if colour matters."
+        )
+    if grey_into_colour:
+        out.append(
+            f"{grey_into_colour} grey images were scored by a colour model (the grey value "
+            "copied to R, G and B); the model never saw grey parts in training."
+        )
+    return out
+
+
+def target_fpr_of(metadata: dict[str, Any]) -> float | None:
+    """The false-positive rate the model's threshold was set for (normal-only calibration)."""
+    image = (metadata.get("calibration") or {}).get("image") or {}
+    if image.get("method") != "normal_quantile":
+        return None  # a labelled threshold promises no normal flag rate
+    value = image.get("target_fpr")
+    if not value:
+        return None
+    # with few normals the threshold cannot promise less than 1/(n+1)
+    return max(float(value), float(image.get("min_achievable_fpr") or 0.0))
+
+
+def summarize(
+    table: pd.DataFrame,
+    metadata: dict[str, Any],
+    n_scored_now: int,
+    seconds: float,
+    config: ScanConfig,
+) -> dict[str, Any]:
+    """Counts, anomaly rate, score quantiles, errors, throughput and the model card."""
+    ok = table[table["error"] == ""]
+    scores = ok["score"].to_numpy(dtype=float)
+    quantiles = (
+        {
+            f"q{int(q * 100):02d}": float(np.quantile(scores, q))
+            for q in (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+        }
+        if len(scores)
+        else {}
+    )
+    return {
+        "n_files": int(len(table)),
+        "n_scored": int(len(ok)),
+        "n_errors": int(len(table) - len(ok)),
+        "n_anomalies": int(ok["is_anomaly"].sum()),
+        "anomaly_rate": float(ok["is_anomaly"].mean()) if len(ok) else 0.0,
+        "score_quantiles": quantiles,
+        "errors": table.loc[table["error"] != "", ["relative_path", "error"]]
+        .head(1000)
+        .to_dict(orient="records"),
+        "throughput": {
+            "files_this_run": n_scored_now,
+            "seconds_this_run": seconds,
+            "images_per_second": n_scored_now / seconds if seconds > 0 else 0.0,
+        },
+        "drift": drift_report(
+            ok["is_anomaly"].to_numpy(dtype=bool),
+            ok["mean_intensity"].to_numpy(dtype=float),
+            target_fpr_of(metadata),
+            metadata.get("normal_intensity"),
+            channel_warnings(ok, metadata),
+        ),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "model": metadata,
+    }
