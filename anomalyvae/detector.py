@@ -24,6 +24,7 @@ from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.io import Preprocessing, preprocess
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
+from anomalyvae.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from anomalyvae.models.families import (
     FEATURE_MIN_SIDE,
     ModelFamily,
@@ -33,15 +34,7 @@ from anomalyvae.models.families import (
     resolve_family,
 )
 from anomalyvae.models.maps import MapStats, ScoringConfig, fit_map_stats, score_batch
-from anomalyvae.models.train import (
-    CheckpointError,
-    TrainConfig,
-    checkpoint_header,
-    is_main_process,
-    load_checkpoint,
-    resolve_device,
-    save_checkpoint,
-)
+from anomalyvae.models.train import TrainConfig, is_main_process, resolve_device
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
@@ -330,9 +323,10 @@ class VAEAnomalyDetector:
         return get_family(self.family_)
 
     def _take_training(self, result: Trained) -> None:
-        """Keep a training result: model, history and summary."""
+        """Keep a training result: model, history, summary and how it could go on."""
         self.model_ = result.model
         self.history_ = result.history
+        self.resume_state_ = result.resume_state
         self.training_summary_ = {
             "best_epoch": result.best_epoch,
             "stopped_reason": result.stopped_reason,
@@ -703,38 +697,28 @@ class VAEAnomalyDetector:
         """Write the detector (weights, configs, calibration) atomically to ``path``."""
         self.check_fitted()
         path = Path(path)
-        state: dict[str, Any] = {}
         # Resume state (optimizer, last weights, RNG) stays only while training could go
         # on: unfinished, or cut by the epoch or time limit. A converged model drops it.
-        stopped = getattr(self, "training_summary_", {}).get("stopped_reason")
-        if path.exists() and stopped in ("in_progress", "max_epochs", "time_budget"):
-            try:  # keep the resume state that training wrote into the same file
-                previous = load_checkpoint(path)
-                state["resume"] = previous.get("resume")
-                state["train_config"] = previous.get("train_config")
-            except CheckpointError:
-                pass
-        state.update(
-            {
-                **checkpoint_header(self.family_),
-                "model_config": self.model_.config.to_dict(),
-                "model_state": {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-                "training": {
-                    **getattr(self, "training_summary_", {}),
-                    "history": list(getattr(self, "history_", [])),
-                },
-                "calibration": self.calibration_state(),
-                "map_stats": (
-                    self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None
-                ),
-                "params": _plain(self.get_params()),
-                "normal_intensity": getattr(self, "normal_intensity_", None),
-                "self_check": getattr(self, "self_check_", None),
-                **self.checkpoint_extra(),
-            }
+        summary = dict(getattr(self, "training_summary_", {}))
+        resume = getattr(self, "resume_state_", None)
+        if summary.get("stopped_reason") not in ("in_progress", "max_epochs", "time_budget"):
+            resume = None
+        history = list(getattr(self, "history_", []))
+        summary.setdefault("best_val_elbo", _best_val(history))
+        write_checkpoint(
+            path,
+            self.family_,
+            self.model_.config.to_dict(),
+            {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
+            {**summary, "history": history},
+            **(resume or {}),
+            calibration=self.calibration_state(),
+            map_stats=self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None,
+            params=_plain(self.get_params()),
+            normal_intensity=getattr(self, "normal_intensity_", None),
+            self_check=getattr(self, "self_check_", None),
+            **self.checkpoint_extra(),
         )
-        state["training"].setdefault("best_val_elbo", _best_val(state["training"]["history"]))
-        save_checkpoint(state, path)
         return path
 
     def calibration_state(self) -> dict[str, Any] | None:
@@ -748,13 +732,13 @@ class VAEAnomalyDetector:
         cls, path: str | os.PathLike[str], device: str = "cpu", progress: bool = True
     ) -> VAEAnomalyDetector:
         """Load a detector written by :meth:`save` or by training (no code is executed)."""
-        state = load_checkpoint(path)
+        state = read_checkpoint(path)
         try:
-            params = dict(state.get("params") or {})
+            params = dict(state["params"])
             params.update(device=device, progress=progress, checkpoint_path=None)
             params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
             detector = cls(**params)
-            family = state.get("model_family", "pixel")  # older checkpoints: pixel
+            family = state["model_family"]
             model = get_family(family).model_from_state(
                 state["model_config"], dict(state["model_state"])
             )
@@ -764,7 +748,12 @@ class VAEAnomalyDetector:
             detector.scoring_ = ScoringConfig.from_dict(state["scoring"])
             if state.get("map_stats"):
                 detector.map_stats_ = MapStats.from_dict(state["map_stats"])
-            detector.data_summary_ = dict(state.get("data") or {})
+            detector.data_summary_ = state["data"]
+            if state.get("resume"):  # training can go on from this file
+                detector.resume_state_ = {
+                    "train_config": state.get("train_config"),
+                    "resume": state["resume"],
+                }
             if state.get("self_check"):
                 detector.self_check_ = dict(state["self_check"])
             if state.get("normal_intensity"):

@@ -9,7 +9,7 @@ from PIL import Image
 from anomalyvae.data import DatasetError, mvtec_samples
 from anomalyvae.detector import NotFittedError, VAEAnomalyDetector
 from anomalyvae.metrics import image_metrics
-from anomalyvae.models.train import CheckpointError
+from anomalyvae.models.checkpoint import CheckpointError
 
 
 def test_detector_ranks_synthetic_defects_above_normals(trained, synthetic_root):

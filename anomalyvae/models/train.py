@@ -15,17 +15,9 @@ import torch
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from anomalyvae.errors import AnomalyVAEError, InvalidValueError
-from anomalyvae.imaging.io import atomic_path
+from anomalyvae.errors import InvalidValueError
+from anomalyvae.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from anomalyvae.models.vae import ConvVAE, VAEConfig, vae_loss
-from anomalyvae.version import __version__
-
-CHECKPOINT_FORMAT = "anomalyvae-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(AnomalyVAEError, ValueError):
-    """A checkpoint is missing, corrupt, foreign or from an incompatible version."""
 
 
 @dataclass(frozen=True)
@@ -103,83 +95,9 @@ class TrainResult(NamedTuple):
     stopped_reason: str
     elapsed_s: float
     world_size: int = 1
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a checkpoint atomically: temp file in the same folder, fsync, rename."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint without executing code (``weights_only=True``) and check its format."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a bad file
-        if path.suffix.lower() == ".onnx" or _looks_like_onnx(path):
-            raise CheckpointError(
-                f"'{path}' is an exported ONNX model; this command needs the training "
-                "checkpoint (.pt) that `anomalyvae train` wrote. ONNX models are for "
-                "`anomalyvae scan` and `anomalyvae predict`"
-            ) from None
-        # torch's own message suggests weights_only=False, which would run code from the
-        # file: never pass that advice on
-        raise CheckpointError(
-            f"'{path}' is not a readable anomalyvae checkpoint ({type(error).__name__}); "
-            "retrain, or point to the .pt file `anomalyvae train` wrote. Checkpoints are "
-            "loaded without running code, so a file that needs more is refused"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"'{path}' is not an anomalyvae checkpoint (no '{CHECKPOINT_FORMAT}' marker)"
-        )
-    if int(state.get("format_version", -1)) > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"'{path}' has checkpoint format {state['format_version']}, newer than this "
-            f"anomalyvae ({__version__}) reads; upgrade anomalyvae"
-        )
-    return state
-
-
-def _looks_like_onnx(path: Path) -> bool:
-    """An ONNX file is a protobuf that names its producer near the start."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(256)
-    except OSError:
-        return False
-    return not head.startswith(b"PK") and (b"anomalyvae" in head or b"pytorch" in head)
-
-
-def checkpoint_header(model_family: str = "pixel") -> dict[str, Any]:
-    """The entries every checkpoint starts with, training's and the detector's alike.
-
-    They are the format marker and version, the model family and the library versions.
-    The rest of the schema: ``model_config``, ``model_state`` and ``training`` always;
-    ``resume`` and ``train_config`` while training can go on; ``preprocessing``,
-    ``scoring``, ``data``, ``calibration``, ``map_stats``, ``params``,
-    ``normal_intensity`` and ``self_check`` once the detector is fitted. Every value is
-    a tensor or a plain Python type, so it loads with ``weights_only=True``.
-    """
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "model_family": model_family,
-        "versions": versions(),
-    }
-
-
-def versions() -> dict[str, str]:
-    """Versions recorded in every checkpoint."""
-    return {
-        "anomalyvae": __version__,
-        "torch": str(torch.__version__),
-        "numpy": str(np.__version__),
-        "python": sys.version.split()[0],
-    }
+    #: ``train_config`` and ``resume`` (last weights, optimizer, RNG, counters) of the
+    #: last epoch, for a checkpoint from which training can go on; None when no epoch ran
+    resume_state: dict[str, Any] | None = None
 
 
 def _evaluate(
@@ -304,7 +222,7 @@ def _train_spawned(
             nprocs=train_config.nproc,
             join=True,
         )
-        saved = load_checkpoint(checkpoint_path)
+        saved = read_checkpoint(checkpoint_path)
     except mp.ProcessRaisedException as error:
         last = str(error).strip().splitlines()[-1]
         raise RuntimeError(f"distributed training failed in a worker process: {last}") from error
@@ -323,6 +241,9 @@ def _train_spawned(
         str(training["stopped_reason"]),
         history[-1]["elapsed_s"] if history else 0.0,
         int(training.get("world_size", train_config.nproc)),
+        {"train_config": saved["train_config"], "resume": saved["resume"]}
+        if saved.get("resume")
+        else None,
     )
 
 
@@ -397,12 +318,13 @@ def train_vae(
     val_x = torch.from_numpy(np.ascontiguousarray(val_images))
 
     start_epoch, best_val, best_epoch, stale, elapsed_before = 1, float("inf"), 0, 0, 0.0
+    resume_state: dict[str, Any] | None = None  # how the last epoch could go on
     history: list[dict[str, float]] = []
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if resume:
         if checkpoint_path is None or not Path(checkpoint_path).exists():
             raise CheckpointError(f"cannot resume: checkpoint '{checkpoint_path}' does not exist")
-        saved = load_checkpoint(checkpoint_path)
+        saved = read_checkpoint(checkpoint_path)
         if saved["model_config"] != model_config.to_dict():
             raise CheckpointError(
                 f"cannot resume from '{checkpoint_path}': it was trained with a different "
@@ -504,38 +426,44 @@ def train_vae(
             stopped_reason = "early_stopping"
         elif out_of_time:
             stopped_reason = "time_budget"
+        resume_state = {
+            "train_config": train_config.to_dict(),
+            "resume": {
+                "model_state": {
+                    k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()
+                },
+                "optimizer_state": optimizer.state_dict(),
+                "generator_state": generator.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "epoch": epoch,
+                "epochs_without_improvement": stale,
+                "elapsed_s": elapsed,
+            },
+        }
         if checkpoint_path is not None and rank == 0:
-            state = {
-                **checkpoint_header("pixel"),
-                "model_config": model_config.to_dict(),
-                "train_config": train_config.to_dict(),
-                "model_state": best_state,
-                "training": {
-                    "history": history,
-                    "best_epoch": best_epoch,
-                    "best_val_elbo": best_val,
-                    "epochs_run": epoch,
-                    "stopped_reason": stopped_reason
-                    if stopped_reason != "max_epochs" or epoch == train_config.epochs
-                    else "in_progress",
-                    "n_train": len(train_images),
-                    "n_val": len(val_images),
-                },
-                "resume": {
-                    "model_state": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
-                    "optimizer_state": optimizer.state_dict(),
-                    "generator_state": generator.get_state(),
-                    "torch_rng_state": torch.get_rng_state(),
-                    "epoch": epoch,
-                    "epochs_without_improvement": stale,
-                    "elapsed_s": elapsed,
-                },
-                "calibration": None,
+            training = {
+                "history": history,
+                "best_epoch": best_epoch,
+                "best_val_elbo": best_val,
+                "epochs_run": epoch,
+                "stopped_reason": stopped_reason
+                if stopped_reason != "max_epochs" or epoch == train_config.epochs
+                else "in_progress",
+                "n_train": len(train_images),
+                "n_val": len(val_images),
+                "world_size": world,
             }
-            state["training"]["world_size"] = world
-            if checkpoint_extra is not None:
-                state.update(checkpoint_extra())
-            save_checkpoint(state, checkpoint_path)
+            extra = checkpoint_extra() if checkpoint_extra is not None else {}
+            write_checkpoint(
+                checkpoint_path,
+                "pixel",
+                model_config.to_dict(),
+                best_state,
+                training,
+                **resume_state,
+                calibration=None,
+                **extra,
+            )
         if stopped_reason in ("early_stopping", "time_budget"):
             break
     bar.close()
@@ -544,4 +472,4 @@ def train_vae(
     model.load_state_dict(best_state)
     model.eval()
     total = history[-1]["elapsed_s"] if history else 0.0
-    return TrainResult(model, history, best_epoch, stopped_reason, total, world)
+    return TrainResult(model, history, best_epoch, stopped_reason, total, world, resume_state)

@@ -16,7 +16,8 @@ from conftest import TINY
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.models.train import TrainConfig, load_checkpoint, train_vae
+from anomalyvae.models.checkpoint import load_checkpoint
+from anomalyvae.models.train import TrainConfig, train_vae
 from anomalyvae.models.vae import VAEConfig
 
 pytestmark = pytest.mark.skipif(

@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from anomalyvae.models.train import (
-    CheckpointError,
-    TrainConfig,
-    load_checkpoint,
-    save_checkpoint,
-    train_vae,
-)
+from anomalyvae.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from anomalyvae.models.train import TrainConfig, train_vae
 from anomalyvae.models.vae import VAEConfig
 
 CONFIG = VAEConfig(height=16, width=16, channels=(8, 16), latent_dim=4)

@@ -39,6 +39,9 @@ class Trained(NamedTuple):
     #: (cross-fitted), so that they too set the fusion constants and calibrate; None
     #: when the family cannot give them
     train_views: NDArray[np.float64] | None = None
+    #: ``train_config`` and ``resume`` of the last epoch, for a checkpoint from which
+    #: training can go on (the pixel VAE's ``--resume``); None when it cannot
+    resume_state: dict[str, Any] | None = None
 
 
 class ModelFamily(abc.ABC):

@@ -103,6 +103,8 @@ class PixelFamily(ModelFamily):
             result.stopped_reason,
             result.elapsed_s,
             result.world_size,
+            None,
+            result.resume_state,
         )
 
     def model_from_state(self, config: dict[str, Any], state: dict[str, Any]) -> ConvVAE:
