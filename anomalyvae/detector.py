@@ -110,6 +110,10 @@ class VAEAnomalyDetector:
         Image scores above it are anomalous.
     calibration_ : Threshold
         How ``threshold_`` was chosen.
+    calibration_scores_ : ndarray of shape (n_normal,) or None
+        The normal scores the threshold was read from, sorted (held-out normals and,
+        for the feature model, the training normals' cross-fitted scores); None for a
+        threshold from a labelled set or an older checkpoint.
     pixel_threshold_ : float
         Map values above it are anomalous pixels.
     offset_ : float
@@ -503,8 +507,12 @@ class VAEAnomalyDetector:
                 extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
                 normal_scores = np.concatenate([normal_scores, extra[np.isfinite(extra)]])
             self.calibration_ = cal.threshold_from_normals(normal_scores, self.target_fpr)
+            # kept (and saved): the threshold can be re-read at another rate, or with
+            # another tail, without scoring the normals again
+            self.calibration_scores_ = np.sort(normal_scores)
         else:
             self.calibration_ = cal.threshold_from_labels(scores, labels, method)
+            self.calibration_scores_ = None
         if masks is not None and method != "normal_quantile":
             self.pixel_calibration_ = cal.pixel_threshold_from_labels(maps, masks, method)
         else:
@@ -713,6 +721,11 @@ class VAEAnomalyDetector:
             {**summary, "history": history},
             **(resume or {}),
             calibration=self.calibration_state(),
+            calibration_scores=(
+                torch.from_numpy(np.asarray(self.calibration_scores_, dtype=np.float64))
+                if getattr(self, "calibration_scores_", None) is not None
+                else None
+            ),
             map_stats=self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None,
             params=_plain(self.get_params()),
             normal_intensity=getattr(self, "normal_intensity_", None),
@@ -773,6 +786,8 @@ class VAEAnomalyDetector:
             detector.threshold_ = detector.calibration_.value
             detector.pixel_threshold_ = detector.pixel_calibration_.value
             detector.offset_ = -detector.threshold_
+            scores = state.get("calibration_scores")
+            detector.calibration_scores_ = None if scores is None else scores.numpy()
         elif state.get("training", {}).get("stopped_reason") == "in_progress":
             warnings.warn(
                 f"checkpoint '{path}' is from an unfinished training run and has no "

@@ -150,9 +150,13 @@ def make_rules() -> dict[str, Rule]:
 
 
 def operating_point(data: dict, rule: Rule, target_fpr: float = 0.01) -> dict:
-    """Each calibration tail's threshold from the held-out normals' scores of ``rule``:
-    the test normals' FPR and the test anomalies' recall at it, and the sensitivity at
-    95 % specificity (threshold-free)."""
+    """Each calibration tail's threshold, the test normals' FPR and the anomalies'
+    recall at it, and the sensitivity at 95 % specificity (threshold-free).
+
+    For the product's default score the threshold is read from the normal scores the
+    model itself calibrated on (held-out and cross-fitted: ``calibration``); for another
+    rule, from its scores of the held-out normals.
+    """
     import warnings
 
     from anomalyvae.calibration import TAILS, threshold_from_normals
@@ -160,6 +164,8 @@ def operating_point(data: dict, rule: Rule, target_fpr: float = 0.01) -> dict:
 
     labels = np.asarray(data["test"]["label"])
     test, val = rule(data, "test"), rule(data, "val")
+    if rule.__name__ == "fixed" and "calibration" in data:
+        val = np.asarray(data["calibration"]["fused"])
     out = {
         "n_calibration_normals": int(len(val)),
         "n_test_normals": int((labels == 0).sum()),
@@ -209,7 +215,10 @@ def loso(dumps: dict[str, dict], floors: dict[str, float]) -> dict:
             "margin": auroc[chosen][held] - floors[held],
             "operating_point": operating_point(dumps[held], rules[chosen]),
         }
-    return {"in_sample": auroc, "folds": folds, "floors": floors}
+    defaults = {
+        name: operating_point(data, rules["fixed (as trained)"]) for name, data in dumps.items()
+    }
+    return {"in_sample": auroc, "folds": folds, "floors": floors, "defaults": defaults}
 
 
 def write(result: dict, out: Path) -> None:
@@ -256,6 +265,24 @@ def write(result: dict, out: Path) -> None:
         )
     lines += [
         "",
+        "## The product's own threshold (default score, target 1 %)",
+        "",
+        "Read from the normal scores the trained model calibrated on (held-out normals, "
+        "and for the feature model the training normals' cross-fitted scores).",
+        "",
+        "| set | calibration normals | test normals | conformal: test-normal FPR | recall "
+        "| robust: test-normal FPR | recall | sens @ 95 % spec |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, op in result.get("defaults", {}).items():
+        lines.append(
+            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | "
+            f"{op['conformal']['test_normal_fpr']:.1%} | {op['conformal']['recall']:.1%} | "
+            f"{op['robust']['test_normal_fpr']:.1%} | {op['robust']['recall']:.1%} | "
+            f"{op['sens_at_95_spec']:.3f} |"
+        )
+    lines += [
+        "",
         "## Every rule on every set (in-sample: image AUROC with the set's own labels)",
         "",
         "| rule | " + " | ".join(sets) + " | mean margin | worst margin |",
@@ -291,7 +318,8 @@ def load_dumps(out: Path) -> dict[str, dict]:
         data = json.loads(path.read_text())
         dumps[path.stem] = {
             group: {k: np.asarray(v, dtype=float) for k, v in data[group].items()}
-            for group in ("val", "synthetic", "test")
+            for group in ("val", "synthetic", "test", "calibration")
+            if group in data
         }
     return dumps
 

@@ -227,6 +227,9 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
         groups[group] = {**views, **probes_of(flat, grey)}
     test_paths = [s.path for s in test]
     test_flat, test_grey = pooled_files(test_paths)
+    scores = getattr(detector, "calibration_scores_", None)
+    if model_views and scores is not None:  # what the product's threshold was read from
+        groups["calibration"] = {"fused": np.asarray(scores)}
     groups["test"] = {
         **views_of(test_paths),
         **probes_of(test_flat, test_grey),
@@ -365,18 +368,27 @@ def probes(detector, train_paths, val_paths, test, views, val_views) -> dict[str
 
 
 def alternatives(
-    detector: VAEAnomalyDetector, test, val_paths: list[Path], train_paths: list[Path]
+    detector: VAEAnomalyDetector,
+    test,
+    val_paths: list[Path],
+    train_paths: list[Path],
+    dump: dict,
+    lean: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Image AUROC of the product's other candidate scores on the same trained model,
-    and of the probes (scores the product does not offer; feature model only)."""
+    and of the probes (scores the product does not offer; feature model only, not with
+    ``lean``). The feature model's views come from the leave-one-set-out ``dump``."""
     labels = np.array([s.label for s in test])
     paths = [s.path for s in test]
     if detector.family_ == "feature":
-        views = detector.view_scores(paths)
-        val_views = detector.view_scores(val_paths)
+        names = (*detector.family().view_names, "fused")
+        views = {n: np.asarray(dump["test"][n]) for n in names}
+        val_views = {n: np.asarray(dump["val"][n]) for n in names}
         out = {f"feature/{name}": float(roc_auc_score(labels, v)) for name, v in views.items()}
         fused = fusion_variants(views, val_views)
         out.update({f"fusion/{k}": float(roc_auc_score(labels, v)) for k, v in fused.items()})
+        if lean:
+            return out, {}
         return out, probes(detector, train_paths, val_paths, test, views, val_views)
     import dataclasses
 
@@ -394,7 +406,13 @@ def alternatives(
 
 
 def run_set(
-    name: str, source: Path, work: Path, budget: float, smoke: bool, extra: tuple[str, ...] = ()
+    name: str,
+    source: Path,
+    work: Path,
+    budget: float,
+    smoke: bool,
+    extra: tuple[str, ...] = (),
+    lean: bool = False,
 ) -> dict:
     print(f"[{name}] training the defaults (budget {budget:g} s)", flush=True)
     model = work / name / "model.pt"
@@ -433,14 +451,19 @@ def run_set(
     train = [s.path for s in discover(source, "train") if s.label == 0]
     floor = pca_floor(source, train, detector, test)
     val_index, train_index = detector.split_indices(len(train))  # training's own split
-    alt, probed = alternatives(
-        detector, test, [train[i] for i in val_index], [train[i] for i in train_index]
-    )
-    best_name = max(alt, key=alt.get)
-    maps = map_variants(detector, [train[i] for i in val_index], test)
     print(f"[{name}] views for leave-one-set-out", flush=True)
     dump = view_dump(detector, [train[i] for i in train_index], [train[i] for i in val_index], test)
     (work / name / "views.json").write_text(json.dumps(dump))
+    alt, probed = alternatives(
+        detector,
+        test,
+        [train[i] for i in val_index],
+        [train[i] for i in train_index],
+        dump,
+        lean,
+    )
+    best_name = max(alt, key=alt.get)
+    maps = {} if lean else map_variants(detector, [train[i] for i in val_index], test)
     grey_auroc = float(roc_auc_score(labels, dump["test"]["grey"]))
     return {
         "grey_floor": {"image_auroc": grey_auroc},
@@ -915,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
         "--train-args", default="", help="a variant's extra `anomalyvae train` options"
     )
     parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="skip the slow probes and candidate-map tables (the experiment log's extras)",
+    )
+    parser.add_argument(
         "--probes-only",
         action="store_true",
         help="recompute the probe views of the models under --work into views/*.json",
@@ -972,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
             set_started = time.monotonic()
             # each set keeps the code it ran with: `--sets` reruns mix runs in one table
             results["sets"][name] = {
-                **run_set(name, source, runs, budget, args.smoke),
+                **run_set(name, source, runs, budget, args.smoke, lean=args.lean),
                 "code": results["code"],
             }
             results["sets"][name]["seconds"] = round(time.monotonic() - set_started, 1)
