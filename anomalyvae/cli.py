@@ -231,6 +231,25 @@ def _labelled_data_options(func: Any) -> Any:
     "topk_mean.",
 )
 @click.option(
+    "--fusion",
+    type=click.Choice(
+        [
+            "auto",
+            "mean",
+            "max",
+            "synthetic-best",
+            "synthetic-top2",
+            "synthetic-top3",
+            "synthetic-weighted",
+        ]
+    ),
+    default="auto",
+    show_default=True,
+    help="Feature model: how the fused score combines its views. mean/max of a fixed set, "
+    "or synthetic-*: weigh every view by how well it separates synthetic defects from "
+    "held-out normals (no labels). auto: the rule chosen leave-one-set-out.",
+)
+@click.option(
     "--target-fpr",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.01,

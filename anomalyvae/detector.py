@@ -84,6 +84,13 @@ class VAEAnomalyDetector:
         for the pixel model and "fused" for the feature model. ``standardize`` (default
         on, pixel model only) scores each pixel against the training normals'
         statistics at that pixel; the feature model is position-independent.
+    fusion : str
+        How the feature model's fused score combines its views' z-scores: "mean" or
+        "max" of a fixed set, or an adaptive rule that weighs every view by how well it
+        separates synthetic defects from the held-out normals
+        (:data:`anomalyvae.models.feature_vae.ADAPTIVE_FUSIONS`). "auto" (default) is
+        the rule leave-one-set-out chose
+        (:data:`anomalyvae.models.families.feature.DEFAULT_FUSION`).
     target_fpr : float
         False-positive rate the image threshold aims at on held-out normals.
     pixel_target_fpr : float
@@ -149,6 +156,7 @@ class VAEAnomalyDetector:
         tile_size: int = 512,
         map_kind: str = "auto",
         score_kind: str = "auto",
+        fusion: str = "auto",
         smoothing_sigma: float = 2.0,
         topk_fraction: float = 0.01,
         standardize: bool = True,
@@ -181,6 +189,7 @@ class VAEAnomalyDetector:
         self.tile_size = tile_size
         self.map_kind = map_kind
         self.score_kind = score_kind
+        self.fusion = fusion
         self.smoothing_sigma = smoothing_sigma
         self.topk_fraction = topk_fraction
         self.standardize = standardize
@@ -730,6 +739,7 @@ class VAEAnomalyDetector:
             params=_plain(self.get_params()),
             normal_intensity=getattr(self, "normal_intensity_", None),
             self_check=getattr(self, "self_check_", None),
+            view_separation=getattr(self, "view_separation_", None),
             **self.checkpoint_extra(),
         )
         return path
@@ -769,6 +779,8 @@ class VAEAnomalyDetector:
                 }
             if state.get("self_check"):
                 detector.self_check_ = dict(state["self_check"])
+            if state.get("view_separation"):
+                detector.view_separation_ = dict(state["view_separation"])
             if state.get("normal_intensity"):
                 detector.normal_intensity_ = dict(state["normal_intensity"])
             training = dict(state.get("training") or {})

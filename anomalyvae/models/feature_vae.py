@@ -79,6 +79,17 @@ IMAGE_SIGMA = 2.0
 IMAGE_TOP_FRACTION = 0.01
 #: How :func:`fuse_views` combines the z-scores: "mean" (the default) or "max".
 FUSION_RULES: tuple[str, ...] = ("mean", "max")
+#: Fusion rules that adapt to each data set without labels: every view's z-score is
+#: weighted by how well that view separates synthetic defects pasted into the held-out
+#: normals from the same normals (its AUROC there, :func:`view_weights`). "best": the
+#: one best view; "top2"/"top3": the mean of the two or three best; "weighted": weights
+#: in proportion to AUROC - 0.5. Chosen by leave-one-set-out (reports/suite/loso.md).
+ADAPTIVE_FUSIONS: tuple[str, ...] = (
+    "synthetic-best",
+    "synthetic-top2",
+    "synthetic-top3",
+    "synthetic-weighted",
+)
 #: What the anomaly map is: "mean-z" (the default), the mean of each location's robust
 #: z-scores of the VAE's negative ELBO and of the memory-bank distance; "elbo", the
 #: negative ELBO alone in nats (models saved before the bank's map). On both suite sets
@@ -133,7 +144,7 @@ class FeatureVAEConfig:
     bank_size : int
         Normal feature vectors kept for the ``knn`` view (a coreset of the training
         locations); 0 turns the view off (models saved before it existed load that way).
-    fusion : {"mean", "max"}
+    fusion : {"mean", "max"} or one of ADAPTIVE_FUSIONS
         How the fused score combines the views' z-scores (:func:`fuse_views`); models
         saved before the ``knn`` view load with "max", the rule they were calibrated with.
     map_rule : {"mean-z", "elbo"}
@@ -191,8 +202,10 @@ class FeatureVAEConfig:
             )
         if self.bank_size < 0:
             raise InvalidValueError(f"bank_size must be >= 0, got {self.bank_size}")
-        if self.fusion not in FUSION_RULES:
-            raise InvalidValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if self.fusion not in FUSION_RULES + ADAPTIVE_FUSIONS:
+            raise InvalidValueError(
+                f"fusion must be one of {FUSION_RULES + ADAPTIVE_FUSIONS}, got {self.fusion!r}"
+            )
         if self.map_rule not in MAP_RULES:
             raise InvalidValueError(f"map_rule must be one of {MAP_RULES}, got {self.map_rule!r}")
         if self.map_rule == "mean-z" and not self.bank_size:
@@ -308,6 +321,8 @@ class FeatureVAE(nn.Module):
         self.register_buffer("global_precision", torch.eye(c))
         self.register_buffer("view_center", torch.zeros(len(VIEW_NAMES)))
         self.register_buffer("view_scale", torch.ones(len(VIEW_NAMES)))
+        # the adaptive fusions' weights of the views' z-scores (view_weights)
+        self.register_buffer("view_weight", torch.zeros(len(VIEW_NAMES)))
         if config.image_components:
             self.register_buffer("image_mean", torch.zeros(config.image_dim))
             self.register_buffer(
@@ -579,12 +594,38 @@ def robust_z_constants(
     return center, np.maximum(scale, 1e-6 * np.maximum(np.abs(center), 1.0))
 
 
+def view_weights(separation: NDArray[np.floating], rule: str) -> NDArray[np.float64]:
+    """Weights (k,) of the views' z-scores for an adaptive fusion, summing to 1.
+
+    ``separation`` is each view's AUROC of synthetic defects against held-out normals
+    (no real label). "synthetic-best": one-hot on the best view (the first of a tie);
+    "synthetic-top2"/"-top3": equal weights on the two or three best;
+    "synthetic-weighted": in proportion to ``max(AUROC - 0.5, 0)`` (equal weights when
+    no view separates at all).
+    """
+    separation = np.nan_to_num(np.asarray(separation, dtype=np.float64), nan=0.5)
+    weights = np.zeros(len(separation))
+    if rule == "synthetic-best":
+        weights[int(np.argmax(separation))] = 1.0
+    elif rule in ("synthetic-top2", "synthetic-top3"):
+        top = int(rule[-1])
+        weights[np.argsort(-separation, kind="stable")[:top]] = 1.0
+    elif rule == "synthetic-weighted":
+        weights = np.maximum(separation - 0.5, 0.0)
+        if weights.sum() <= 0:
+            weights = np.ones(len(separation))
+    else:
+        raise InvalidValueError(f"adaptive fusion must be one of {ADAPTIVE_FUSIONS}, got {rule!r}")
+    return weights / weights.sum()
+
+
 def fuse_views(
     views: Tensor,
     center: Tensor,
     scale: Tensor,
     index: tuple[int, ...] = FUSED_INDEX,
     rule: str = "mean",
+    weights: Tensor | None = None,
 ) -> Tensor:
     """The fused image score (n,): the mean (or the largest) z-score of the fused views.
 
@@ -593,8 +634,15 @@ def fuse_views(
     lets evidence that several views see add up; "max" is a monotone function of the
     smallest p-value (min-p with a Bonferroni factor: Tippett 1931), so one strong view
     is enough. Measured on the suite's sets, the mean ranked images better
-    (reports/suite/experiments.md).
+    (reports/suite/experiments.md). An adaptive rule (:data:`ADAPTIVE_FUSIONS`) sums
+    every view's z-score times ``weights`` (:func:`view_weights`), constants in the graph.
     """
+    if rule in ADAPTIVE_FUSIONS:
+        if weights is None:
+            raise InvalidValueError(f"the {rule!r} fusion needs its view weights")
+        z = (views - center) / scale
+        keep = [i for i, w in enumerate(weights.tolist()) if w > 0]  # constants when traced
+        return (z[:, keep] * weights[keep]).sum(dim=1)
     if rule not in FUSION_RULES:
         raise InvalidValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
     index = list(index)  # constants in the traced graph

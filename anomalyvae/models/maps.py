@@ -458,6 +458,7 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
             model.view_scale,
             model.config.fused_index,
             model.config.fusion,
+            model.view_weight,
         )
     elif config.score_kind == "elbo":
         score = elbo

@@ -32,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from anomalyvae.models.feature_vae import robust_z_constants  # noqa: E402
+from anomalyvae.models.feature_vae import (  # noqa: E402
+    ADAPTIVE_FUSIONS,
+    robust_z_constants,
+    view_weights,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "reports" / "suite"
@@ -114,22 +118,13 @@ def make_rules() -> dict[str, Rule]:
 
         return rule
 
-    def adaptive(kind: str, tag: str, top: int = 2) -> Rule:
+    def adaptive(fusion: str, tag: str) -> Rule:
+        # the product's own weights (anomalyvae.models.feature_vae.view_weights)
         def rule(data: dict, group: str = "test") -> np.ndarray:
             names = available(data, tag)
             sep = synthetic_separation(data, names)
             z = zs(data, names, group)
-            if kind == "best":
-                return z[max(names, key=sep.get)]
-            if kind == "top":
-                chosen = sorted(names, key=sep.get, reverse=True)[:top]
-                return np.mean([z[n] for n in chosen], axis=0)
-            weights = np.array([max(sep[n] - 0.5, 0.0) for n in names])
-            if weights.sum() <= 0:
-                weights = np.ones(len(names))
-            if kind == "weighted-sq":
-                weights = weights**2
-            weights = weights / weights.sum()
+            weights = view_weights(np.array([sep[n] for n in names]), fusion)
             return np.tensordot(weights, np.stack([z[n] for n in names]), axes=1)
 
         return rule
@@ -141,11 +136,8 @@ def make_rules() -> dict[str, Rule]:
     for tag in VIEW_SETS:
         rules[f"mean-z({tag})"] = combine("mean", tag)
         rules[f"max-z({tag})"] = combine("max", tag)
-        rules[f"synthetic-best({tag})"] = adaptive("best", tag)
-        rules[f"synthetic-top2({tag})"] = adaptive("top", tag, 2)
-        rules[f"synthetic-top3({tag})"] = adaptive("top", tag, 3)
-        rules[f"synthetic-weighted({tag})"] = adaptive("weighted", tag)
-        rules[f"synthetic-weighted-sq({tag})"] = adaptive("weighted-sq", tag)
+        for fusion in ADAPTIVE_FUSIONS:
+            rules[f"{fusion}({tag})"] = adaptive(fusion, tag)
     return rules
 
 

@@ -482,3 +482,43 @@ def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, fe
     assert np.isnan(views[:, VIEW_NAMES.index("elbo")]).all()  # needs the VAE refitted
     assert np.isfinite(views[:, [VIEW_NAMES.index("global"), VIEW_NAMES.index("image")]]).all()
     assert cross_fitted_views(model_copy, images[:3], raw[:3], owner[: 3 * locations]) is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("synthetic-best", [0, 0, 1, 0, 0]),
+        ("synthetic-top2", [0, 0.5, 0.5, 0, 0]),
+        ("synthetic-top3", [1 / 3, 1 / 3, 1 / 3, 0, 0]),
+        ("synthetic-weighted", [0.1 / 0.8, 0.3 / 0.8, 0.4 / 0.8, 0, 0]),
+    ],
+)
+def test_adaptive_fusion_weighs_the_views_that_see_synthetic_defects(rule, expected):
+    from anomalyvae.models.feature_vae import view_weights
+
+    separation = [0.6, 0.8, 0.9, 0.5, 0.3]  # AUROC of synthetic defects per view
+    np.testing.assert_allclose(view_weights(separation, rule), expected)
+    assert view_weights([0.5, 0.4], "synthetic-weighted").tolist() == [0.5, 0.5]  # no signal
+
+
+def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, tmp_path):
+    from anomalyvae.export import export_onnx
+    from anomalyvae.inference.runtime import OnnxDetector
+
+    paths = [s.path for s in mvtec_samples(feature_root, "train")]
+    detector = VAEAnomalyDetector(
+        model="feature", fusion="synthetic-top2", **{**FEATURE_TINY, "epochs": 2}
+    ).fit(paths)
+    weights = detector.model_.view_weight.numpy()
+    assert weights.sum() == pytest.approx(1.0) and (weights > 0).sum() == 2
+    best_two = sorted(detector.view_separation_, key=detector.view_separation_.get)[-2:]
+    assert {VIEW_NAMES[i] for i in np.flatnonzero(weights)} == set(best_two)
+    test = [s.path for s in mvtec_samples(feature_root, "test")]
+    views = detector.view_scores(test)
+    center, scale = detector.model_.view_center.numpy(), detector.model_.view_scale.numpy()
+    z = np.stack([(views[n] - center[i]) / scale[i] for i, n in enumerate(VIEW_NAMES)], axis=1)
+    np.testing.assert_allclose(detector.anomaly_score(test), z @ weights, rtol=1e-4, atol=1e-4)
+    result = export_onnx(detector, tmp_path / "adaptive.onnx", detector.preprocess(test))
+    assert result.parity.verdicts_agree
+    onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
+    np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)

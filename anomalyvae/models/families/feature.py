@@ -10,8 +10,10 @@ from numpy.typing import NDArray
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_vae import (
+    ADAPTIVE_FUSIONS,
     VIEW_NAMES,
     FeatureVAE,
     FeatureVAEConfig,
@@ -19,6 +21,7 @@ from anomalyvae.models.feature_vae import (
     fuse_views,
     robust_z_constants,
     train_feature_vae,
+    view_weights,
 )
 from anomalyvae.models.maps import ScoringConfig, check_scoring
 from anomalyvae.models.train import resolve_device
@@ -34,9 +37,13 @@ if TYPE_CHECKING:
 #: (:mod:`anomalyvae.imaging.tiles`).
 FEATURE_MAX_SIZE = 512
 #: Scoring passes over the held-out normals that ``fit`` makes after training the feature
-#: model (the map's and the views' fusion constants, calibration, the self-check's clean
-#: and defect images); its time budget keeps room for them.
-FIT_SCORING_PASSES = 5
+#: model (the map's and the views' fusion constants, an adaptive fusion's synthetic
+#: defects, calibration, the self-check's clean and defect images); its time budget
+#: keeps room for them.
+FIT_SCORING_PASSES = 6
+#: The fusion "auto" resolves to (``VAEAnomalyDetector(fusion=...)``): the rule
+#: chosen by leave-one-set-out over every real set (reports/suite/loso.md).
+DEFAULT_FUSION = "mean"
 
 
 class FeatureFamily(ModelFamily):
@@ -86,6 +93,7 @@ class FeatureFamily(ModelFamily):
             beta=detector.beta,
             tile_side=detector.tile_size,
             tile_overlap=detector.tile_size // 4,
+            fusion=DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion,
         )
         result = train_feature_vae(
             config,
@@ -114,6 +122,8 @@ class FeatureFamily(ModelFamily):
         # the backbone's weights are in the checkpoint: no wheel needed to load
         model = FeatureVAE(FeatureVAEConfig.from_dict(config), False)
         state = dict(state)
+        if "view_weight" not in state:  # saved before the adaptive fusions: unused
+            state["view_weight"] = torch.zeros(len(VIEW_NAMES))
         if state["view_center"].numel() < len(VIEW_NAMES):
             # saved before the image view existed: its fusion constants are neutral and
             # unused (the config has image_components=0, so it fuses two views)
@@ -138,6 +148,30 @@ class FeatureFamily(ModelFamily):
         center, scale = robust_z_constants(views)
         model.view_center.copy_(torch.from_numpy(center).float())
         model.view_scale.copy_(torch.from_numpy(scale).float())
+        if model.config.fusion in ADAPTIVE_FUSIONS:
+            model.view_weight.copy_(torch.from_numpy(self.adaptive_weights(detector, images)))
+
+    def adaptive_weights(
+        self, detector: VAEAnomalyDetector, images: NDArray[np.float32]
+    ) -> NDArray[np.float32]:
+        """The adaptive fusion's view weights from normal model-ready images, no labels.
+
+        One synthetic defect is pasted into each image
+        (:func:`anomalyvae.imaging.synthetic_defects.paste_defects`, seeded); each view's
+        AUROC of the pasted images against the clean ones weighs it (:func:`view_weights`).
+        """
+        from sklearn.metrics import roc_auc_score
+
+        clean = detector.view_matrix(images)
+        if len(images) < 2:  # nothing to paste into: equal weights
+            return np.full(clean.shape[1], 1.0 / clean.shape[1], dtype=np.float32)
+        pasted = detector.view_matrix(paste_defects(images, seed=detector.seed).images)
+        labels = np.r_[np.zeros(len(clean)), np.ones(len(pasted))]
+        separation = np.array(
+            [roc_auc_score(labels, np.r_[clean[:, i], pasted[:, i]]) for i in range(clean.shape[1])]
+        )
+        detector.view_separation_ = dict(zip(self.view_names, separation.tolist(), strict=True))
+        return view_weights(separation, detector.model_.config.fusion).astype(np.float32)
 
     def fuse(
         self, detector: VAEAnomalyDetector, views: NDArray[np.float64]
@@ -149,6 +183,7 @@ class FeatureFamily(ModelFamily):
             model.view_scale.cpu(),
             model.config.fused_index,
             model.config.fusion,
+            model.view_weight.cpu(),
         )
         return fused.numpy().astype(np.float64)
 
