@@ -119,8 +119,11 @@ def make_rules() -> dict[str, Rule]:
         return rule
 
     def adaptive(fusion: str, tag: str) -> Rule:
-        # the product's own weights (anomalyvae.models.feature_vae.view_weights)
+        # the product's own weights (anomalyvae.models.feature_vae.view_weights); the
+        # adaptive fusions are the feature model's: a pixel model keeps its fused score
         def rule(data: dict, group: str = "test") -> np.ndarray:
+            if "knn" not in data["test"]:
+                return fixed(data, group)
             names = available(data, tag)
             sep = synthetic_separation(data, names)
             z = zs(data, names, group)
