@@ -57,6 +57,17 @@ def _check_threshold(value: float | None) -> float | None:
         raise click.BadParameter(str(error)) from None
 
 
+def _check_heatmaps(value: str) -> str:
+    """The library's heatmap-mode check, as click's usage error (exit 2)."""
+    from anomalyvae.inference.scan import top_n
+
+    try:
+        top_n(value)
+    except AnomalyVAEError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
 _threshold_option = click.option(
     "--threshold",
     type=float,
@@ -552,6 +563,7 @@ def predict(
     "--heatmaps",
     default="anomalies",
     show_default=True,
+    callback=lambda ctx, param, value: _check_heatmaps(value),
     help="anomalies, all, none, or top-N (the N highest scores).",
 )
 @click.option("--save-maps", is_flag=True, help="Also write raw maps as .npz.")

@@ -7,8 +7,10 @@ through 8 bits, and the bit depth is reported so it can be written into the mode
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -277,6 +279,7 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
         When the file is missing, unreadable, truncated, too large or not an image.
     """
     path = Path(path)
+    check_regular_file(path)  # never open a FIFO or device: reading it could block
     if is_nifti(path) or is_dicom(path):
         return _read_medical(path)
     try:
@@ -322,6 +325,34 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
         raise ImageReadError(path, "not a recognised image format") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
+
+
+def check_regular_file(path: Path) -> None:
+    """An :class:`ImageReadError` unless ``path`` is a regular file (links followed).
+
+    A FIFO, socket or device is refused before it is opened (opening or reading one can
+    block forever), and a link to nothing is called a broken link, not a missing file.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as error:
+        if path.is_symlink():
+            raise ImageReadError(
+                path, "broken link (it points to nothing)", "fix or remove the link"
+            ) from error
+        raise ImageReadError(path, "file not found", "check the path") from error
+    except OSError as error:  # a link loop, a name too long
+        reason = "link loop" if error.errno == errno.ELOOP else (error.strerror or str(error))
+        raise ImageReadError(path, reason, "fix or remove the link or file") from error
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a folder"
+            if stat.S_ISDIR(mode)
+            else ("not a regular file")
+        )
+        raise ImageReadError(path, f"{kind}, so it was not read", "score regular image files only")
 
 
 #: Pillow decodes 16 bits per colour channel (48-bit RGB and 64-bit RGBA PNG or TIFF) to

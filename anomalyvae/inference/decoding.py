@@ -23,6 +23,7 @@ from anomalyvae.imaging.io import (
     MEDICAL_EXTENSIONS,
     ImageReadError,
     Preprocessing,
+    check_regular_file,
     intensities,
     preprocess,
     read_image,
@@ -71,7 +72,11 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
         "error": "",
     }
     try:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:
+            check_regular_file(path)  # names a broken link, a link loop, a missing file
+            raise
         if not S_ISREG(stat.st_mode):  # never open a FIFO, socket or device: it can block
             kind = "a FIFO" if S_ISFIFO(stat.st_mode) else "not a regular file"
             info["error"] = f"{kind}, so it was not read (scan regular image files only)"

@@ -77,19 +77,25 @@ def save_heatmap(
 MAX_NAME_BYTES = 180
 
 
-def heatmap_name(relative: str) -> str:
-    """The heatmap's path under heatmaps/: the file's own path plus ".heatmap.png".
+def output_name(relative: str, suffix: str) -> str:
+    """A file's path under an output folder: its own relative path plus ``suffix``.
 
     The full name is kept (a.png and a.jpg must not collide); a name too long for the
-    file system keeps its start and gets a hash of the whole instead of the rest.
+    file system keeps its start and gets a hash of the whole instead of the rest, so a
+    241-byte file name still gets its heatmap and map instead of stopping the scan.
     """
-    parts = (relative.replace("\\", "_") + ".heatmap.png").split("/")
+    parts = (relative.replace("\\", "_") + suffix).split("/")
     name = parts[-1]
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         digest = hashlib.sha256(relative.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         stem = name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
-        name = f"{stem}~{digest}.heatmap.png"
+        name = f"{stem}~{digest}{suffix}"
     return "/".join([*parts[:-1], name])
+
+
+def heatmap_name(relative: str) -> str:
+    """The heatmap's path under heatmaps/: the file's path plus ".heatmap.png"."""
+    return output_name(relative, ".heatmap.png")
 
 
 def save_map(path: Path, anomaly_map: NDArray[np.float32]) -> None:

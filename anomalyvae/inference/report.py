@@ -18,7 +18,7 @@ import pandas as pd
 from jinja2 import Environment
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import atomic_write_text
+from anomalyvae.imaging.io import ImageReadError, atomic_write_text, read_image
 from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>
@@ -132,13 +132,25 @@ def _histogram(scores: np.ndarray, threshold: float) -> str:
 
 
 def _thumbnail(path: Path, size: int = 320) -> str:
+    """A PNG thumbnail as base64, or "" when the heatmap cannot be read.
+
+    Decoded by the product's reader (reduced for huge files, refused past its pixel
+    limit), so an oversized or broken heatmap leaves a gap in the gallery, never a
+    traceback instead of the report.
+    """
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+    try:
+        decoded = read_image(path, size)
+    except ImageReadError:
+        return ""
+    pixels = decoded.pixels
+    if pixels.shape[2] < 3:  # grey (or grey + alpha)
+        pixels = np.repeat(pixels[:, :, :1], 3, axis=2)
+    image = Image.fromarray((np.clip(pixels[:, :, :3], 0, 1) * 255).astype(np.uint8))
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 

@@ -39,7 +39,7 @@ from anomalyvae.imaging.volumes import (
 )
 from anomalyvae.inference.contract import check_threshold
 from anomalyvae.inference.decoding import Decoded, decode_stream, discover
-from anomalyvae.inference.heatmaps import heatmap_name, save_heatmap, save_map
+from anomalyvae.inference.heatmaps import heatmap_name, output_name, save_heatmap, save_map
 from anomalyvae.inference.records import (
     Job,
     PartWriter,
@@ -261,7 +261,7 @@ class BatchScorer:
             row["heatmap"] = name.as_posix()
         if self.config.save_maps:  # at the file's own resolution
             save_map(
-                self.output / "maps" / (job.relative + ".npz"),
+                self.output / "maps" / output_name(job.relative, ".npz"),
                 map_to_size(anomaly_map, int(item.info["height"]), int(item.info["width"])),
             )
         return row
@@ -287,7 +287,7 @@ class BatchScorer:
         if self.config.save_maps:
             write_volume_map(
                 job.path,
-                self.output / "maps" / (job.relative + ".map.nii.gz"),
+                self.output / "maps" / output_name(job.relative, ".map.nii.gz"),
                 result.anomaly_map[start : start + n, 0],
             )
         if self._wants_heatmap(volume["is_anomaly"]):

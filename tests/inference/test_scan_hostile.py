@@ -170,3 +170,69 @@ def test_a_second_scan_into_a_locked_output_is_refused(onnx_model, synthetic_roo
         (out / LOCK).write_text("999999999")  # a killed scan's stale lock
         assert scan(onnx_model, tmp_path / "in", out, progress=False).n_files == len(goods)
     assert not (out / LOCK).exists()
+
+
+def test_predict_refuses_a_fifo_instead_of_hanging(onnx_model, synthetic_root, tmp_path, alarm):
+    from anomalyvae.inference.runtime import OnnxDetector
+
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))[0]
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    rows = OnnxDetector(onnx_model, device="cpu").predict_rows([fifo, good])
+    assert "a FIFO" in rows[0]["error"] and rows[1]["error"] == ""
+    result = CliRunner().invoke(main, ["predict", str(onnx_model), str(fifo)])
+    assert "a FIFO" in result.output
+
+
+def test_a_broken_link_is_called_a_broken_link(onnx_model, synthetic_root, tmp_path):
+    from anomalyvae.imaging.io import ImageReadError, read_image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sorted((synthetic_root / "test" / "good").glob("*.png"))[0], folder / "ok.png")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    with pytest.raises(ImageReadError, match="broken link"):
+        read_image(folder / "dangling.png")
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    assert "broken link" in table.loc["dangling.png", "error"]
+    assert "unexpected" not in table.loc["loop.png", "error"]
+    assert table.loc["ok.png", "error"] == ""
+
+
+def test_a_malformed_heatmap_mode_is_a_usage_error(onnx_model, synthetic_root, tmp_path):
+    args = ["scan", str(onnx_model), str(synthetic_root / "test"), "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "--heatmaps", "top-0"])
+    assert result.exit_code == 2 and "top-N" in result.output
+
+
+def test_a_name_too_long_for_its_map_file_still_gets_scored(onnx_model, synthetic_root, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_name = "x" * 237 + ".png"  # 241 bytes: a map file name with ".npz" would not fit
+    shutil.copy(sorted((synthetic_root / "test" / "good").glob("*.png"))[0], folder / long_name)
+    result = scan(
+        onnx_model, folder, tmp_path / "out", ScanConfig(save_maps=True, heatmaps="all"), False
+    )
+    assert result.n_errors == 0 and result.n_scored_now == 1
+    maps = list((tmp_path / "out" / "maps").glob("*.npz"))
+    assert len(maps) == 1 and len(maps[0].name.encode()) < 255
+
+
+def test_the_report_survives_a_heatmap_over_the_pixel_limit(
+    onnx_model, synthetic_root, tmp_path, monkeypatch
+):
+    import PIL.Image
+
+    import anomalyvae.imaging.io as io
+
+    scan(onnx_model, synthetic_root / "test", tmp_path / "out", ScanConfig(heatmaps="all"), False)
+    heatmap = sorted((tmp_path / "out" / "heatmaps").rglob("*.png"))[0]
+    Image.new("RGB", (200, 200)).save(heatmap)
+    # a limit of 10,000 px makes the 40,000 px heatmap a decompression bomb to Pillow
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setattr(io, "MAX_PIXELS", 10_000)
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "out" / "results.parquet")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "report.html").stat().st_size > 0
