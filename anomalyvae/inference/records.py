@@ -210,30 +210,79 @@ LOCK = ".scan.lock"
 
 @contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """One scan at a time per output folder: a lock file holding the owner's PID.
+    """One scan at a time per output folder: a lock the operating system holds.
 
-    Two scans writing one folder would lose rows. A lock left by a process that no
-    longer runs (killed with -9) is taken over, so a resume is never blocked.
+    Two scans writing one folder would lose rows. On POSIX the lock is ``flock`` on
+    ``.scan.lock``: the kernel releases it when its process ends, even by kill -9, so a
+    resume is never blocked and no stale lock is ever judged (or deleted) by a reader;
+    the file holds the owner's PID for the message only, and its owner removes it. Elsewhere, a lock file created
+    exclusively with the PID already in it (:func:`_exclusive_lock`).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        with _exclusive_lock(output):
+            yield
+        return
+    path = output / LOCK
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ScanLockedError(
+                f"another scan (process {owner}) is writing to '{output}'; wait for it "
+                "to finish, or write to another output folder with -o"
+            ) from None
+        try:  # the file may have been replaced between open and flock: lock the current one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        # removed while still locked, then released: a process that opened the old file
+        # and locks it afterwards finds the path gone (or another file) and retries
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def _exclusive_lock(output: Path) -> Iterator[None]:
+    """The lock without ``flock``: a file created exclusively, holding the owner's PID.
+
+    The PID is written to a private file first and linked into place, so the lock is
+    never seen empty; a lock whose process no longer runs is taken over.
     """
     path = output / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    mine = output / f"{LOCK}.{os.getpid()}"
+    mine.write_text(str(os.getpid()))
+    try:
+        for _ in range(3):
             try:
-                owner = int(path.read_text().strip() or "0")
-            except (OSError, ValueError):
-                owner = 0
-            if owner and pid_alive(owner):
-                raise ScanLockedError(
-                    f"another scan (process {owner}) is writing to '{output}'; wait for it "
-                    "to finish, or write to another output folder with -o"
-                ) from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        break
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                try:
+                    owner = int(path.read_text().strip())
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and pid_alive(owner):
+                    raise ScanLockedError(
+                        f"another scan (process {owner}) is writing to '{output}'; wait for "
+                        "it to finish, or write to another output folder with -o"
+                    ) from None
+                path.unlink(missing_ok=True)  # stale: its process is gone
+        else:
+            raise ScanLockedError(f"could not take the lock of '{output}'; try again")
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         yield
     finally:

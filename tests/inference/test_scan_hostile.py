@@ -163,13 +163,13 @@ def test_a_second_scan_into_a_locked_output_is_refused(onnx_model, synthetic_roo
         shutil.copy(path, tmp_path / "in" / path.name)
     out = tmp_path / "out"
     out.mkdir()
-    with output_lock(out):  # as if another scan were running in this process
-        (out / LOCK).write_text(str(os.getppid()))  # ... in a live process
-        with pytest.raises(ScanLockedError, match=f"process {os.getppid()}"):
+    with output_lock(out):  # as if another scan were running
+        assert (out / LOCK).read_text() == str(os.getpid())
+        with pytest.raises(ScanLockedError, match=f"process {os.getpid()}"):
             scan(onnx_model, tmp_path / "in", out, progress=False)
-        (out / LOCK).write_text("999999999")  # a killed scan's stale lock
-        assert scan(onnx_model, tmp_path / "in", out, progress=False).n_files == len(goods)
-    assert not (out / LOCK).exists()
+    (out / LOCK).write_text("999999999")  # the file a killed scan left: no lock is held
+    assert scan(onnx_model, tmp_path / "in", out, progress=False).n_files == len(goods)
+    assert not (out / LOCK).exists()  # the scan let go of it
 
 
 def test_predict_refuses_a_fifo_instead_of_hanging(onnx_model, synthetic_root, tmp_path, alarm):
@@ -236,3 +236,44 @@ def test_the_report_survives_a_heatmap_over_the_pixel_limit(
     result = CliRunner().invoke(main, ["report", str(tmp_path / "out" / "results.parquet")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
+
+
+def _contend(start, out: str, log: str, attempts: int = 150) -> None:
+    """Take and release one output's lock as fast as possible, logging each hold."""
+    import time
+
+    from anomalyvae.inference.records import ScanLockedError, output_lock
+
+    spans = []
+    start.wait()
+    for _ in range(attempts):
+        try:
+            with output_lock(Path(out)):
+                begin = time.monotonic()  # CLOCK_MONOTONIC: one clock for all processes
+                time.sleep(0.002)
+                spans.append(f"{begin} {time.monotonic()}\n")
+        except ScanLockedError:
+            time.sleep(0.0005)
+    with open(log, "a") as handle:
+        handle.writelines(spans)
+
+
+def test_scans_started_at_the_same_moment_never_share_an_output(tmp_path):
+    """Real processes race for one output's lock (an empty lock file once read as PID 0,
+    stale, and deleted under its owner: 7 double holds in 100 trials)."""
+    import multiprocessing
+
+    out, log = tmp_path / "out", tmp_path / "held.log"
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    workers = [context.Process(target=_contend, args=(start, str(out), str(log))) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    for worker in workers:
+        worker.join(120)
+    spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert len(spans) > 50  # the lock changed hands many times
+    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
+        assert begin >= end, "two processes held one output's lock at once"
