@@ -669,6 +669,8 @@ def scan(
     )
     for warning in result.summary.get("drift", {}).get("warnings", []):
         click.echo(f"Drift alarm: {warning}", err=True)
+    for earlier in result.summary.get("skipped_scan_outputs", []):
+        click.echo(f"Skipped '{earlier}': an earlier scan's output, not input", err=True)
     if strict and result.n_errors:
         sys.exit(EXIT_UNREADABLE)
     if fail_on_anomaly and result.n_anomalies:

@@ -197,6 +197,8 @@ def walk_images(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     skip: Sequence[str | os.PathLike[str]] = (),
+    skip_marked: str | None = None,
+    skipped: list[Path] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` in walk order (sorted within each folder): the one walker.
 
@@ -205,7 +207,9 @@ def walk_images(
     so a symlink loop or two links to one folder cannot repeat a file; folders in
     ``skip`` are never entered. ``include``/``exclude`` are ``fnmatch`` globs on the
     path relative to ``root``. With ".dcm" among the extensions, extensionless regular
-    files with the DICOM preamble are found too.
+    files with the DICOM preamble are found too. A folder below ``root`` that holds a
+    file named ``skip_marked`` (a scan's own output, marked by its manifest) is not
+    entered either; each such folder is appended to ``skipped`` when given.
     """
     root = Path(root)
     if not root.is_dir():
@@ -219,6 +223,11 @@ def walk_images(
             dirnames[:] = []
             continue
         seen.add(real)
+        if skip_marked and real != os.path.realpath(root) and skip_marked in filenames:
+            dirnames[:] = []
+            if skipped is not None:
+                skipped.append(Path(dirpath))
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name

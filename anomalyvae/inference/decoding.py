@@ -44,14 +44,17 @@ def discover(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     skip: Sequence[str | os.PathLike[str]] = (),
+    skip_marked: str | None = None,
+    skipped: list[Path] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` for a scan: the product's one folder walker.
 
     See :func:`anomalyvae.imaging.io.walk_images` (symlinked folders entered once, hidden
-    names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered); this
-    adds the extensions a scan also reads (GIF, WebP).
+    names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered, folders
+    holding a ``skip_marked`` file never entered and listed in ``skipped``); this adds
+    the extensions a scan also reads (GIF, WebP).
     """
-    return walk_images(root, extensions, include, exclude, skip)
+    return walk_images(root, extensions, include, exclude, skip, skip_marked, skipped)
 
 
 class Decoded(NamedTuple):

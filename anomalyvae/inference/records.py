@@ -215,8 +215,9 @@ def output_lock(output: Path) -> Iterator[None]:
     Two scans writing one folder would lose rows. On POSIX the lock is ``flock`` on
     ``.scan.lock``: the kernel releases it when its process ends, even by kill -9, so a
     resume is never blocked and no stale lock is ever judged (or deleted) by a reader;
-    the file holds the owner's PID for the message only, and its owner removes it. Elsewhere, a lock file created
-    exclusively with the PID already in it (:func:`_exclusive_lock`).
+    the file holds the owner's PID for the message only, and its owner removes it.
+    Elsewhere, a lock file created exclusively with the PID already in it
+    (:func:`_exclusive_lock`).
     """
     try:
         import fcntl

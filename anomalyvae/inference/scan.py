@@ -41,6 +41,7 @@ from anomalyvae.inference.contract import check_threshold
 from anomalyvae.inference.decoding import Decoded, decode_stream, discover
 from anomalyvae.inference.heatmaps import heatmap_name, output_name, save_heatmap, save_map
 from anomalyvae.inference.records import (
+    MANIFEST,
     Job,
     PartWriter,
     ScanOutputError,
@@ -400,7 +401,16 @@ def _scan_unlocked(
         )
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
-    paths = discover(folder, include=config.include, exclude=config.exclude, skip=[output])
+    # an earlier scan's output inside the input (marked by its manifest) is not input
+    earlier_outputs: list[Path] = []
+    paths = discover(
+        folder,
+        include=config.include,
+        exclude=config.exclude,
+        skip=[output],
+        skip_marked=MANIFEST,
+        skipped=earlier_outputs,
+    )
     if not paths:
         raise ScanOutputError(
             f"no image files under '{folder}' (looked for {', '.join(IMAGE_EXTENSIONS)}, "
@@ -442,6 +452,7 @@ def _scan_unlocked(
     atomic_frame(table, output / "results.parquet", "parquet")
     atomic_frame(table, output / "results.csv", "csv")
     summary = summarize(table, detector.metadata, len(todo), scan_seconds, config)
+    summary["skipped_scan_outputs"] = [display_path(p.relative_to(folder)) for p in earlier_outputs]
     summary["engine"] = engine_info
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
 

@@ -277,3 +277,20 @@ def test_scans_started_at_the_same_moment_never_share_an_output(tmp_path):
     assert len(spans) > 50  # the lock changed hands many times
     for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
         assert begin >= end, "two processes held one output's lock at once"
+
+
+def test_an_earlier_scans_output_inside_the_input_is_not_scanned(
+    onnx_model, synthetic_root, tmp_path
+):
+    import json
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    goods = sorted((synthetic_root / "test" / "good").glob("*.png"))[:3]
+    for path in goods:
+        shutil.copy(path, folder / path.name)
+    scan(onnx_model, folder, folder / "out", ScanConfig(heatmaps="all"), progress=False)
+    second = scan(onnx_model, folder, folder / "deep" / "out2", ScanConfig(), progress=False)
+    assert second.n_files == len(goods)  # not the first scan's heatmaps too
+    summary = json.loads((folder / "deep" / "out2" / "summary.json").read_text())
+    assert summary["skipped_scan_outputs"] == ["out"]
