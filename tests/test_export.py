@@ -285,3 +285,37 @@ def test_the_runtime_refuses_a_threshold_that_flags_all_or_nothing(onnx_model, t
     images = np.zeros((1, *runtime.input_shape), np.float32)
     with pytest.raises(ValueError, match="positive finite"):
         runtime.predict_arrays(images, threshold)
+
+
+def test_a_failed_parity_check_leaves_no_model_behind(trained, tmp_path, monkeypatch):
+    import anomalyvae.export as export
+
+    detector, _ = trained
+    images = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    real = export.torch_outputs
+
+    def drifted(*args, **kwargs):  # as if ONNX Runtime disagreed with torch
+        out = real(*args, **kwargs)
+        return {**out, "score": out["score"] + 0.5 * abs(detector.threshold_)}
+
+    monkeypatch.setattr(export, "torch_outputs", drifted)
+    with pytest.raises(ExportError, match="nothing was written"):
+        export_onnx(detector, tmp_path / "model.onnx", images)
+    assert list(tmp_path.iterdir()) == []  # no model, no sidecar, no staging file
+
+
+def test_parity_is_judged_in_the_scores_own_scale(trained, tmp_path, monkeypatch):
+    """A difference of 4e-4 of a threshold of 41 passes; it failed as an absolute 0.016."""
+    import anomalyvae.export as export
+
+    detector, _ = trained
+    images = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    real = export.torch_outputs
+
+    def rounded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "score": out["score"] + 4e-4 * abs(detector.threshold_)}
+
+    monkeypatch.setattr(export, "torch_outputs", rounded)
+    result = export_onnx(detector, tmp_path / "model.onnx", images)
+    assert 3e-4 < result.parity.max_rel_score_diff < 1e-3 and result.path.is_file()

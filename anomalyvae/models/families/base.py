@@ -142,10 +142,6 @@ class ModelFamily(abc.ABC):
     ) -> NDArray[np.float64] | None:
         """The fused score of (n, k) views, as the graph computes it (None: not fitted)."""
 
-    def z_scored(self, scoring: ScoringConfig) -> bool:
-        """Whether image scores are z-scores (near 0 for typical normals)."""
-        return scoring.score_kind == "fused"
-
     def tiling(self, model: nn.Module) -> dict[str, Any]:
         """How the graph covers its input (ONNX metadata); one pass by default."""
         return {"n_tiles": 1, "inside_graph": True}

@@ -187,9 +187,6 @@ class FeatureFamily(ModelFamily):
         )
         return fused.numpy().astype(np.float64)
 
-    def z_scored(self, scoring: ScoringConfig) -> bool:
-        return True  # every feature-model score is read against z-scored constants
-
     def tiling(self, model: torch.nn.Module) -> dict[str, Any]:
         return {
             **model.config.layout.to_dict(),
