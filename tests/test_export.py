@@ -275,7 +275,11 @@ def test_signed_models_are_checked_when_a_key_is_configured(trained, tmp_path, m
     with pytest.raises(OnnxModelError, match="not signed with the configured key"):
         read_metadata(tmp_path / "tampered.onnx")
     monkeypatch.delenv(KEY_ENV)
-    read_metadata(tmp_path / "tampered.onnx")  # without a key only the hash is checked
+    # without a key the hash passes, but the threshold disagrees with its calibration
+    with pytest.raises(OnnxModelError, match="disagrees with its calibration block"):
+        read_metadata(tmp_path / "tampered.onnx")
+    assert read_metadata(tmp_path / "tampered.onnx", verify=False)["threshold"] == 1e9
+    assert OnnxDetector(signed, verify=False).signed and not OnnxDetector(unsigned).signed
     assert props["anomalyvae.signature"] != signature(props["anomalyvae.content_hash"], b"x" * 20)
 
 

@@ -85,7 +85,17 @@ TEMPLATE = """<!doctype html>
 
 
 def calibration_note(model: dict[str, Any]) -> str:
-    """One sentence on what the threshold promises, and its limit with few normals."""
+    """What the threshold promises, its limit with few normals, and whether it is signed."""
+    note = _threshold_note(model)
+    if "signature" not in model:
+        note += (
+            " The model file is not signed: its hash shows accidental damage, not a "
+            "deliberate edit (export and scan with ANOMALYVAE_SIGNING_KEY set to sign it)."
+        )
+    return note.strip()
+
+
+def _threshold_note(model: dict[str, Any]) -> str:
     image = (model.get("calibration") or {}).get("image") or {}
     if image.get("method") != "normal_quantile":
         return f"Threshold from a labelled set ({image.get('method', 'unknown')})." if image else ""

@@ -7,6 +7,7 @@ needs no PyTorch (a test checks that ``torch`` stays out of ``sys.modules``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -110,7 +111,33 @@ def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str
                 out[key[len(METADATA_PREFIX) :]] = json.loads(value)
             except json.JSONDecodeError:
                 out[key[len(METADATA_PREFIX) :]] = value
+    if verify:
+        check_calibration_agrees(path, out)
     return out
+
+
+def check_calibration_agrees(path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
+    """An :class:`OnnxModelError` when the threshold disagrees with the calibration block.
+
+    The content hash only says the file is as its last writer left it: without a signing
+    key, a threshold edited with the hash recomputed passes it. The calibration block
+    records the value calibration chose (an int8 variant scales it by its recorded
+    ratio); a threshold that is neither was edited by hand.
+    """
+    calibration = (metadata.get("calibration") or {}).get("image") or {}
+    if "value" not in calibration or "threshold" not in metadata:
+        return
+    expected = float(calibration["value"])
+    adjustment = metadata.get("threshold_adjustment")
+    if isinstance(adjustment, dict) and "ratio" in adjustment:
+        expected *= float(adjustment["ratio"])
+    threshold = float(metadata["threshold"])
+    if not math.isclose(threshold, expected, rel_tol=1e-6, abs_tol=1e-12):
+        raise OnnxModelError(
+            f"'{path}' was altered after export: its threshold {threshold:g} disagrees with "
+            f"its calibration block ({expected:g}); re-export it, recalibrate with "
+            "`anomalyvae calibrate`, or pass --threshold to override it at run time"
+        )
 
 
 def choose_providers(device: str = "auto", strict: bool = False) -> list[str]:
@@ -184,6 +211,9 @@ class OnnxDetector:
         self.threshold = float(self.metadata["threshold"])
         self.pixel_threshold = float(self.metadata["pixel_threshold"])
         self.model_hash = str(self.metadata.get("content_hash", ""))
+        #: whether the file carries a signature (without one, anyone can edit a threshold
+        #: and recompute the hash; the calibration-block check catches only crude edits)
+        self.signed = "signature" in self.metadata
         self.batch_size = batch_size
         options = ort.SessionOptions()
         if intra_op_threads:

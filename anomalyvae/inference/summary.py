@@ -88,5 +88,7 @@ def summarize(
             channel_warnings(ok, metadata),
         ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        # unsigned: anyone could have edited the threshold and recomputed the hash
+        "model_signed": "signature" in metadata,
         "model": metadata,
     }
