@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,19 +137,26 @@ class Job(NamedTuple):
 
 
 class PartWriter:
-    """Collects result rows and writes them as numbered Parquet parts, each atomically."""
+    """Collects result rows and writes them as numbered Parquet parts, each atomically.
 
-    def __init__(self, parts_dir: Path, chunk_rows: int) -> None:
+    A part is written every ``chunk_rows`` rows or every ``flush_s`` seconds, whichever
+    comes first, so a kill loses at most that much work even on a slow model.
+    """
+
+    def __init__(self, parts_dir: Path, chunk_rows: int, flush_s: float = 30.0) -> None:
         self.parts_dir = parts_dir
         self.chunk_rows = chunk_rows
+        self.flush_s = flush_s
         self.rows: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
         self.next_part = 1 + max(
             (int(p.stem.split("-")[1]) for p in parts_dir.glob("part-*.parquet")), default=-1
         )
 
     def add(self, rows: Sequence[dict[str, Any]]) -> None:
         self.rows.extend(rows)
-        if len(self.rows) >= self.chunk_rows:
+        due = time.monotonic() - self.last_flush >= self.flush_s
+        if len(self.rows) >= self.chunk_rows or (self.rows and due):
             self.flush()
 
     def flush(self) -> None:
@@ -160,6 +168,7 @@ class PartWriter:
             )
             self.next_part += 1
             self.rows = []
+        self.last_flush = time.monotonic()
 
 
 def todo_jobs(

@@ -90,6 +90,9 @@ class ScanConfig:
         Override the model's calibrated threshold.
     chunk_rows : int
         Rows per Parquet part file: what a kill can lose at most (it is redone).
+    flush_s : float
+        A part file is also written when this many seconds passed since the last one,
+        so a kill loses at most that much time on a slow model.
     device : {"auto", "cuda", "cpu"}
     report_top : int
         Gallery size of the HTML report.
@@ -118,6 +121,7 @@ class ScanConfig:
     save_maps: bool = False
     threshold: float | None = None
     chunk_rows: int = 512
+    flush_s: float = 30.0
     device: str = "auto"
     report_top: int = 24
     engine: str = "local"
@@ -421,7 +425,7 @@ def _scan_unlocked(
     parts_dir.mkdir(parents=True, exist_ok=True)
     todo = todo_jobs(folder, paths, parts_dir, detector.model_hash, threshold)
     n_done = len(paths) - len(todo)
-    writer = PartWriter(parts_dir, config.chunk_rows)
+    writer = PartWriter(parts_dir, config.chunk_rows, config.flush_s)
     scorer = BatchScorer(detector, output, config, threshold)
     bar = tqdm(
         total=len(todo),
@@ -437,8 +441,8 @@ def _scan_unlocked(
             engine_info = engine(model, scorer, todo, writer, bar)
         else:
             engine_info = _scan_local(scorer, todo, writer, bar)
-        writer.flush()
     finally:
+        writer.flush()  # rows already scored are kept, on Ctrl-C too
         bar.close()
     scan_seconds = time.monotonic() - scan_started
 

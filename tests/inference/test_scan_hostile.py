@@ -294,3 +294,40 @@ def test_an_earlier_scans_output_inside_the_input_is_not_scanned(
     assert second.n_files == len(goods)  # not the first scan's heatmaps too
     summary = json.loads((folder / "deep" / "out2" / "summary.json").read_text())
     assert summary["skipped_scan_outputs"] == ["out"]
+
+
+def test_parts_are_written_by_time_too(onnx_model, synthetic_root, tmp_path):
+    from anomalyvae.inference.decoding import decode_file
+    from anomalyvae.inference.records import read_parts
+
+    on_disk = []
+
+    def slow(model, scorer, todo, writer, bar):
+        batch = [(decode_file(j.index, j.path, scorer.detector.preprocessing), j) for j in todo[:3]]
+        writer.add(scorer.rows(batch))
+        on_disk.append(len(read_parts(tmp_path / "out" / "parts")))  # before the scan ends
+        return {"engine": "test"}
+
+    config = ScanConfig(chunk_rows=10_000, flush_s=0.0)
+    scan(onnx_model, synthetic_root / "test", tmp_path / "out", config, False, engine=slow)
+    assert on_disk == [3]  # 3 rows < chunk_rows, written because they were due
+
+
+def test_ctrl_c_keeps_the_rows_already_scored(onnx_model, synthetic_root, tmp_path):
+    from anomalyvae.inference.decoding import decode_file
+    from anomalyvae.inference.records import read_parts
+
+    def interrupted(model, scorer, todo, writer, bar):
+        batch = [(decode_file(j.index, j.path, scorer.detector.preprocessing), j) for j in todo[:3]]
+        writer.add(scorer.rows(batch))  # 3 rows scored, below chunk_rows ...
+        raise KeyboardInterrupt  # ... then Ctrl-C
+
+    with pytest.raises(KeyboardInterrupt):
+        scan(
+            onnx_model,
+            synthetic_root / "test",
+            tmp_path / "out",
+            progress=False,
+            engine=interrupted,
+        )
+    assert len(read_parts(tmp_path / "out" / "parts")) == 3
