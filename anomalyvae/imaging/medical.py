@@ -96,15 +96,44 @@ def read_dicom(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], int]:
     return values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
 
 
+#: Largest slice a NIfTI volume may have, in pixels: the limit every 2-D image has
+#: (Pillow's decompression-bomb limit), so a volume is no way around it.
+MAX_SLICE_PIXELS = 89_478_485
+#: Largest volume, in voxels (1 GiB as float32), checked on the header before the
+#: voxels are read.
+MAX_VOXELS = 1 << 28
+
+
 def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
     """A 2-D or 3-D NIfTI image as (slices, h, w) along ``axis`` (2 = axial in RAS order).
 
-    4-D images are refused: choose a time point or channel first.
+    4-D images are refused: choose a time point or channel first. The header's shape is
+    checked against ``MAX_SLICE_PIXELS`` and ``MAX_VOXELS`` before any voxel is read.
     """
     import nibabel
 
     try:
         image = nibabel.load(str(path))
+    except Exception as error:
+        raise MedicalReadError(
+            f"not a readable NIfTI file ({error})", "check the file is complete"
+        ) from error
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) in (2, 3):
+        plane = [n for i, n in enumerate(shape) if i != axis] if len(shape) == 3 else shape
+        if int(np.prod(plane)) > MAX_SLICE_PIXELS:
+            raise MedicalReadError(
+                f"NIfTI slices are too large ({plane[1]} x {plane[0]} pixels; the limit is "
+                f"{MAX_SLICE_PIXELS:,} pixels, as for any image)",
+                "crop or downsample the volume before scoring",
+            )
+        if int(np.prod(shape)) > MAX_VOXELS:
+            raise MedicalReadError(
+                f"NIfTI volume is too large ({' x '.join(map(str, shape))} voxels; the limit "
+                f"is {MAX_VOXELS:,})",
+                "split it into smaller volumes before scoring",
+            )
+    try:
         data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
     except Exception as error:
         raise MedicalReadError(

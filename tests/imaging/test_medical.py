@@ -261,3 +261,20 @@ def test_evaluation_of_volumes_with_masks_and_mismatched_pairs(trained, tmp_path
     assert evaluation.masks is not None and evaluation.masks.shape == (12, 32, 32)
     assert evaluation.masks[[i for i, p in enumerate(rows.index) if p.endswith("=0002")]].any()
     assert "pixel_auroc" in evaluation.table.columns
+
+
+def test_a_nifti_slice_over_the_pixel_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import nibabel
+
+    import anomalyvae.imaging.medical as medical
+    from anomalyvae.imaging.io import ImageReadError, read_image
+
+    path = tmp_path / "big.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((30, 40, 3), np.float32), np.eye(4)), str(path))
+    monkeypatch.setattr(medical, "MAX_SLICE_PIXELS", 1000)  # a 30 x 40 slice is 1,200
+    with pytest.raises(ImageReadError, match="slices are too large"):
+        read_image(path)
+    monkeypatch.setattr(medical, "MAX_SLICE_PIXELS", 10_000)
+    monkeypatch.setattr(medical, "MAX_VOXELS", 3000)  # 3,600 voxels
+    with pytest.raises(ImageReadError, match="volume is too large"):
+        read_image(path)
