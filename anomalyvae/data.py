@@ -327,3 +327,32 @@ def make_synthetic_dataset(
         save(image, root / "test" / kind / f"{i:04d}.png")
         save(mask.astype(np.float32), root / "ground_truth" / kind / f"{i:04d}_mask.png")
     return root
+
+
+def size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``image_size`` as (height, width): an int is a square."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
+    """An array of images as float32 (n, c, h, w) in [0, 1], or a clear error."""
+    if X.ndim == 3:
+        X = X[:, None]
+    if X.ndim != 4:
+        raise InvalidValueError(f"images must have shape (n, c, h, w) or (n, h, w), got {X.shape}")
+    if not np.issubdtype(X.dtype, np.floating):
+        raise InvalidValueError(
+            f"image arrays must be float in [0, 1], got dtype {X.dtype}; divide integer "
+            "images by their maximum (255 or 65535) first"
+        )
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        raise InvalidValueError("images contain NaN or infinite values")
+    if X.size and (X.min() < -1e-6 or X.max() > 1 + 1e-6):
+        raise InvalidValueError(
+            f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
+        )
+    return np.ascontiguousarray(X)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,16 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from anomalyvae import calibration as cal
-from anomalyvae.data import DatasetError, file_list_hash, infer_preprocessing
+from anomalyvae.data import (
+    DatasetError,
+    as_nchw,
+    file_list_hash,
+    infer_preprocessing,
+    size_pair,
+)
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.io import Preprocessing, preprocess
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
-from anomalyvae.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from anomalyvae.models.batches import score_images
 from anomalyvae.models.families import (
     FEATURE_MIN_SIDE,
     ModelFamily,
@@ -33,8 +36,9 @@ from anomalyvae.models.families import (
     get_family,
     resolve_family,
 )
-from anomalyvae.models.maps import MapStats, ScoringConfig, fit_map_stats, score_batch
+from anomalyvae.models.maps import ScoringConfig, fit_map_stats
 from anomalyvae.models.train import TrainConfig, is_main_process, resolve_device
+from anomalyvae.persistence import read_detector, write_detector
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
@@ -422,7 +426,7 @@ class VAEAnomalyDetector:
 
     def _training_images(self, X: ImagesLike) -> tuple[NDArray[np.float32], list[str], int]:
         if isinstance(X, np.ndarray):
-            images = _as_nchw(X)
+            images = as_nchw(X)
             spec = Preprocessing(images.shape[1], images.shape[2], images.shape[3])
             if self.channels is not None and self.channels != spec.channels:
                 raise InvalidValueError(
@@ -430,7 +434,7 @@ class VAEAnomalyDetector:
                 )
             self.preprocessing_ = spec
             if self.image_size is not None:
-                target = _size_pair(self.image_size)
+                target = size_pair(self.image_size)
                 self.preprocessing_ = Preprocessing(spec.channels, *target)
                 images = self._to_model_input(images)
             return images, [], 0
@@ -563,7 +567,7 @@ class VAEAnomalyDetector:
         the files given, and a volume is a clear error instead.
         """
         if isinstance(X, np.ndarray):
-            return self._to_model_input(_as_nchw(X))
+            return self._to_model_input(as_nchw(X))
         images, _, _ = read_images(
             [Path(p) for p in X], self.preprocessing_, on_error="raise", volumes=volumes
         )
@@ -595,35 +599,15 @@ class VAEAnomalyDetector:
 
         ``valid`` (n, h, w) bool restricts every view to the valid pixels (pixel model).
         """
-        device = resolve_device(self.device)
-        self.model_.to(device).eval()
-        stats = getattr(self, "map_stats_", None)
-        maps, scores, views = [], [], []
-        starts = range(0, len(images), self.batch_size)
-        bar = tqdm(
-            starts,
-            desc="scoring",
-            unit="batch",
-            disable=not self.progress or len(starts) < 4,
-            file=sys.stderr,
-            leave=False,
-        )
-        for start in bar:
-            x = torch.from_numpy(images[start : start + self.batch_size]).to(device)
-            mask = None
-            if valid is not None:
-                mask = torch.from_numpy(np.ascontiguousarray(valid[start : start + len(x)]))
-            result = score_batch(self.model_, x, scoring, stats, mask)
-            maps.append(result.anomaly_map[:, 0].cpu().numpy())
-            scores.append(result.score.cpu().numpy())
-            if result.views is not None:
-                views.append(result.views.cpu().numpy())
-        if not maps:
-            raise InvalidValueError("no images to score")
-        return (
-            np.concatenate(maps),
-            np.concatenate(scores).astype(np.float64),
-            np.concatenate(views).astype(np.float64) if views else None,
+        return score_images(
+            self.model_,
+            images,
+            scoring,
+            getattr(self, "map_stats_", None),
+            self.batch_size,
+            resolve_device(self.device),
+            self.progress,
+            valid,
         )
 
     def _score_partial(
@@ -713,36 +697,7 @@ class VAEAnomalyDetector:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the detector (weights, configs, calibration) atomically to ``path``."""
         self.check_fitted()
-        path = Path(path)
-        # Resume state (optimizer, last weights, RNG) stays only while training could go
-        # on: unfinished, or cut by the epoch or time limit. A converged model drops it.
-        summary = dict(getattr(self, "training_summary_", {}))
-        resume = getattr(self, "resume_state_", None)
-        if summary.get("stopped_reason") not in ("in_progress", "max_epochs", "time_budget"):
-            resume = None
-        history = list(getattr(self, "history_", []))
-        summary.setdefault("best_val_elbo", _best_val(history))
-        write_checkpoint(
-            path,
-            self.family_,
-            self.model_.config.to_dict(),
-            {k: v.detach().cpu() for k, v in self.model_.state_dict().items()},
-            {**summary, "history": history},
-            **(resume or {}),
-            calibration=self.calibration_state(),
-            calibration_scores=(
-                torch.from_numpy(np.asarray(self.calibration_scores_, dtype=np.float64))
-                if getattr(self, "calibration_scores_", None) is not None
-                else None
-            ),
-            map_stats=self.map_stats_.to_dict() if getattr(self, "map_stats_", None) else None,
-            params=_plain(self.get_params()),
-            normal_intensity=getattr(self, "normal_intensity_", None),
-            self_check=getattr(self, "self_check_", None),
-            view_separation=getattr(self, "view_separation_", None),
-            **self.checkpoint_extra(),
-        )
-        return path
+        return write_detector(self, Path(path))
 
     def calibration_state(self) -> dict[str, Any] | None:
         """How the image and pixel thresholds were chosen, as plain dicts (or None)."""
@@ -755,104 +710,9 @@ class VAEAnomalyDetector:
         cls, path: str | os.PathLike[str], device: str = "cpu", progress: bool = True
     ) -> VAEAnomalyDetector:
         """Load a detector written by :meth:`save` or by training (no code is executed)."""
-        state = read_checkpoint(path)
-        try:
-            params = dict(state["params"])
-            params.update(device=device, progress=progress, checkpoint_path=None)
-            params["hidden_channels"] = tuple(params.get("hidden_channels", (32, 64, 128, 256)))
-            detector = cls(**params)
-            family = state["model_family"]
-            model = get_family(family).model_from_state(
-                state["model_config"], dict(state["model_state"])
-            )
-            detector.family_ = family
-            detector.model_ = model.eval()
-            detector.preprocessing_ = Preprocessing.from_dict(state["preprocessing"])
-            detector.scoring_ = ScoringConfig.from_dict(state["scoring"])
-            if state.get("map_stats"):
-                detector.map_stats_ = MapStats.from_dict(state["map_stats"])
-            detector.data_summary_ = state["data"]
-            if state.get("resume"):  # training can go on from this file
-                detector.resume_state_ = {
-                    "train_config": state.get("train_config"),
-                    "resume": state["resume"],
-                }
-            if state.get("self_check"):
-                detector.self_check_ = dict(state["self_check"])
-            if state.get("view_separation"):
-                detector.view_separation_ = dict(state["view_separation"])
-            if state.get("normal_intensity"):
-                detector.normal_intensity_ = dict(state["normal_intensity"])
-            training = dict(state.get("training") or {})
-            detector.history_ = list(training.pop("history", []))
-            detector.training_summary_ = training
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(
-                f"checkpoint '{path}' is incomplete or does not match this anomalyvae "
-                f"version ({type(error).__name__}: {error})"
-            ) from error
-        calibration = state.get("calibration")
-        if calibration:
-            detector.calibration_ = cal.Threshold.from_dict(calibration["image"])
-            detector.pixel_calibration_ = cal.Threshold.from_dict(calibration["pixel"])
-            detector.threshold_ = detector.calibration_.value
-            detector.pixel_threshold_ = detector.pixel_calibration_.value
-            detector.offset_ = -detector.threshold_
-            scores = state.get("calibration_scores")
-            detector.calibration_scores_ = None if scores is None else scores.numpy()
-        elif state.get("training", {}).get("stopped_reason") == "in_progress":
-            warnings.warn(
-                f"checkpoint '{path}' is from an unfinished training run and has no "
-                "threshold; call calibrate() or finish training with resume",
-                UserWarning,
-                stacklevel=2,
-            )
-        return detector
+        return read_detector(cls, Path(path), device, progress)
 
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments, as scikit-learn's ``get_params``."""
         names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
         return {name: getattr(self, name) for name in names}
-
-
-def _plain(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as types ``torch.load(weights_only=True)`` accepts."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if isinstance(value, tuple):
-            value = list(value)
-        out[key] = value
-    return out
-
-
-def _best_val(history: list[dict[str, float]]) -> float:
-    return min((h["val_elbo"] for h in history), default=float("nan"))
-
-
-def _size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
-
-
-def _as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
-    if X.ndim == 3:
-        X = X[:, None]
-    if X.ndim != 4:
-        raise InvalidValueError(f"images must have shape (n, c, h, w) or (n, h, w), got {X.shape}")
-    if not np.issubdtype(X.dtype, np.floating):
-        raise InvalidValueError(
-            f"image arrays must be float in [0, 1], got dtype {X.dtype}; divide integer "
-            "images by their maximum (255 or 65535) first"
-        )
-    X = X.astype(np.float32, copy=False)
-    if not np.isfinite(X).all():
-        raise InvalidValueError("images contain NaN or infinite values")
-    if X.size and (X.min() < -1e-6 or X.max() > 1 + 1e-6):
-        raise InvalidValueError(
-            f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
-        )
-    return np.ascontiguousarray(X)

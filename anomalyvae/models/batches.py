@@ -1,0 +1,63 @@
+"""Score many model-ready images in batches: the one loop over :func:`score_batch`.
+
+The detector's scoring, fitting of constants and calibration all go through here, so
+batch size, device and progress are handled once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+from tqdm.auto import tqdm
+
+from anomalyvae.errors import InvalidValueError
+from anomalyvae.models.maps import MapStats, ScoringConfig, score_batch
+
+
+def score_images(
+    model: nn.Module,
+    images: NDArray[np.float32],
+    scoring: ScoringConfig,
+    stats: MapStats | None,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
+    valid: NDArray[np.bool_] | None = None,
+) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64] | None]:
+    """Maps (n, h, w), scores (n,) and views (n, k) of images (n, c, h, w).
+
+    Higher = more anomalous. ``valid`` (n, h, w) bool restricts every view to the valid
+    pixels (pixel model). Views are None when the model gives none.
+    """
+    model.to(device).eval()
+    maps, scores, views = [], [], []
+    starts = range(0, len(images), batch_size)
+    bar = tqdm(
+        starts,
+        desc="scoring",
+        unit="batch",
+        disable=not progress or len(starts) < 4,
+        file=sys.stderr,
+        leave=False,
+    )
+    for start in bar:
+        x = torch.from_numpy(images[start : start + batch_size]).to(device)
+        mask = None
+        if valid is not None:
+            mask = torch.from_numpy(np.ascontiguousarray(valid[start : start + len(x)]))
+        result = score_batch(model, x, scoring, stats, mask)
+        maps.append(result.anomaly_map[:, 0].cpu().numpy())
+        scores.append(result.score.cpu().numpy())
+        if result.views is not None:
+            views.append(result.views.cpu().numpy())
+    if not maps:
+        raise InvalidValueError("no images to score")
+    return (
+        np.concatenate(maps),
+        np.concatenate(scores).astype(np.float64),
+        np.concatenate(views).astype(np.float64) if views else None,
+    )
