@@ -21,6 +21,7 @@ from anomalyvae.imaging.io import (
     Preprocessing,
     find_images,
     is_grayscale,
+    preprocess,
     read_image,
 )
 from anomalyvae.imaging.medical import is_nifti
@@ -356,3 +357,29 @@ def as_nchw(X: NDArray[np.floating]) -> NDArray[np.float32]:
             f"image values must be in [0, 1], got [{X.min():.3g}, {X.max():.3g}]"
         )
     return np.ascontiguousarray(X)
+
+
+def to_model_input(images: NDArray[np.float32], spec: Preprocessing) -> NDArray[np.float32]:
+    """Images (n, c, h, w) in [0, 1] resized and converted to ``spec``'s model input."""
+    if images.shape[1:] == (spec.channels, spec.height, spec.width):
+        return images
+    if images.shape[1] not in (1, 3):
+        raise InvalidValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
+    return np.stack([preprocess(image.transpose(1, 2, 0), spec) for image in images])
+
+
+def array_input(
+    X: NDArray[np.floating], channels: int | None, image_size: int | tuple[int, int] | None
+) -> tuple[Preprocessing, NDArray[np.float32]]:
+    """The model input an array of training images defines, and the images as that input.
+
+    The array's own size, or ``image_size`` when given; ``channels`` must match it.
+    """
+    images = as_nchw(X)
+    spec = Preprocessing(images.shape[1], images.shape[2], images.shape[3])
+    if channels is not None and channels != spec.channels:
+        raise InvalidValueError(f"channels={channels} but X has {spec.channels} channels")
+    if image_size is not None:
+        spec = Preprocessing(spec.channels, *size_pair(image_size))
+        images = to_model_input(images, spec)
+    return spec, images

@@ -17,14 +17,14 @@ from numpy.typing import NDArray
 from anomalyvae import calibration as cal
 from anomalyvae.data import (
     DatasetError,
+    array_input,
     as_nchw,
     file_list_hash,
     infer_preprocessing,
-    size_pair,
+    to_model_input,
 )
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
-from anomalyvae.imaging.io import Preprocessing, preprocess
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
 from anomalyvae.models.batches import score_images
@@ -425,18 +425,9 @@ class VAEAnomalyDetector:
         return np.sort(order[:n_val]), np.sort(order[n_val:])
 
     def _training_images(self, X: ImagesLike) -> tuple[NDArray[np.float32], list[str], int]:
+        """The training images, their file names and the number skipped; sets the input."""
         if isinstance(X, np.ndarray):
-            images = as_nchw(X)
-            spec = Preprocessing(images.shape[1], images.shape[2], images.shape[3])
-            if self.channels is not None and self.channels != spec.channels:
-                raise InvalidValueError(
-                    f"channels={self.channels} but X has {spec.channels} channels"
-                )
-            self.preprocessing_ = spec
-            if self.image_size is not None:
-                target = size_pair(self.image_size)
-                self.preprocessing_ = Preprocessing(spec.channels, *target)
-                images = self._to_model_input(images)
+            self.preprocessing_, images = array_input(X, self.channels, self.image_size)
             return images, [], 0
         paths = [Path(p) for p in X]
         if not paths:
@@ -547,12 +538,7 @@ class VAEAnomalyDetector:
             )
 
     def _to_model_input(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
-        spec = self.preprocessing_
-        if images.shape[1:] == (spec.channels, spec.height, spec.width):
-            return images
-        if images.shape[1] not in (1, 3):
-            raise InvalidValueError(f"images must have 1 or 3 channels, got {images.shape[1]}")
-        return np.stack([preprocess(image.transpose(1, 2, 0), spec) for image in images])
+        return to_model_input(images, self.preprocessing_)
 
     def preprocess(self, X: ImagesLike) -> NDArray[np.float32]:
         """Model-ready images (n, c, h, w), float32 in [0, 1], exactly as scoring sees them."""
