@@ -246,18 +246,10 @@ def write(result: dict, out: Path) -> None:
         "about 200), `robust` the larger of the second largest and a Gaussian tail from "
         "the median and MAD, capped at the largest (`anomalyvae.calibration.TAILS`).",
         "",
-        "| left out | calibration normals | test normals | conformal: test-normal FPR "
-        "| recall | robust: test-normal FPR | recall | sens @ 95 % spec |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, fold in result["folds"].items():
-        op = fold["operating_point"]
-        lines.append(
-            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | "
-            f"{op['conformal']['test_normal_fpr']:.1%} | {op['conformal']['recall']:.1%} | "
-            f"{op['robust']['test_normal_fpr']:.1%} | {op['robust']['recall']:.1%} | "
-            f"{op['sens_at_95_spec']:.3f} |"
-        )
+    lines += operating_table(
+        "left out", {n: f["operating_point"] for n, f in result["folds"].items()}
+    )
     lines += [
         "",
         "## The product's own threshold (default score, target 1 %)",
@@ -265,17 +257,8 @@ def write(result: dict, out: Path) -> None:
         "Read from the normal scores the trained model calibrated on (held-out normals, "
         "and for the feature model the training normals' cross-fitted scores).",
         "",
-        "| set | calibration normals | test normals | conformal: test-normal FPR | recall "
-        "| robust: test-normal FPR | recall | sens @ 95 % spec |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, op in result.get("defaults", {}).items():
-        lines.append(
-            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | "
-            f"{op['conformal']['test_normal_fpr']:.1%} | {op['conformal']['recall']:.1%} | "
-            f"{op['robust']['test_normal_fpr']:.1%} | {op['robust']['recall']:.1%} | "
-            f"{op['sens_at_95_spec']:.3f} |"
-        )
+    lines += operating_table("set", result.get("defaults", {}))
     lines += [
         "",
         "## Every rule on every set (in-sample: image AUROC with the set's own labels)",
@@ -305,6 +288,23 @@ def write(result: dict, out: Path) -> None:
         "into the held-out normals against those normals.",
     ]
     (out / "loso.md").write_text("\n".join(lines) + "\n")
+
+
+def operating_table(first: str, points: dict[str, dict]) -> list[str]:
+    """Rows of test-normal FPR and recall under each calibration tail, one set a row."""
+    lines = [
+        f"| {first} | calibration normals | test normals | conformal: test-normal FPR "
+        "| recall | robust: test-normal FPR | recall | sens @ 95 % spec |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, op in points.items():
+        lines.append(
+            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | "
+            f"{op['conformal']['test_normal_fpr']:.1%} | {op['conformal']['recall']:.1%} | "
+            f"{op['robust']['test_normal_fpr']:.1%} | {op['robust']['recall']:.1%} | "
+            f"{op['sens_at_95_spec']:.3f} |"
+        )
+    return lines
 
 
 def load_dumps(out: Path) -> dict[str, dict]:
