@@ -19,6 +19,9 @@ from anomalyvae.imaging.io import (
 )
 from anomalyvae.imaging.tiles import map_to_size
 
+#: Longest side of a drawn heatmap, in px (about 50 MB of float64 to draw at most).
+MAX_HEATMAP_SIDE = 2048
+
 
 def heatmap_overlay(
     pixels: NDArray[np.float32],
@@ -28,11 +31,16 @@ def heatmap_overlay(
 ) -> Image.Image:
     """Overlay the map in colour on the image, with the pixel-threshold contour.
 
-    The result has the image's own resolution.
+    The result has the image's own resolution, up to ``MAX_HEATMAP_SIDE`` px on the long
+    side: a larger image (a huge volume slice) is subsampled first, so drawing a heatmap
+    never needs more memory than one of that size.
     """
     from matplotlib import colormaps
     from scipy import ndimage
 
+    step = -(-max(pixels.shape[:2]) // MAX_HEATMAP_SIDE)  # ceil
+    if step > 1:
+        pixels = pixels[::step, ::step]
     height, width = pixels.shape[:2]
     grey = pixels.mean(axis=2) if pixels.shape[2] > 1 else pixels[:, :, 0]
     big = map_to_size(anomaly_map, height, width)

@@ -331,3 +331,13 @@ def test_ctrl_c_keeps_the_rows_already_scored(onnx_model, synthetic_root, tmp_pa
             engine=interrupted,
         )
     assert len(read_parts(tmp_path / "out" / "parts")) == 3
+
+
+def test_a_heatmap_of_a_huge_image_is_drawn_at_a_bounded_size():
+    import numpy as np
+
+    from anomalyvae.inference.heatmaps import MAX_HEATMAP_SIDE, heatmap_overlay
+
+    pixels = np.zeros((3 * MAX_HEATMAP_SIDE, 5, 1), np.float32)  # a tall, thin slice
+    image = heatmap_overlay(pixels, np.ones((8, 8), np.float32), 0.5, 1.0)
+    assert max(image.size) <= MAX_HEATMAP_SIDE
