@@ -134,7 +134,7 @@ def make_rules() -> dict[str, Rule]:
 
     rules: dict[str, Rule] = {
         "fixed (as trained)": fixed,
-        "fixed, top-k image view (product default)": fixed_new,
+        "fixed views, constants from held-out normals only": fixed_new,
     }
     for tag in VIEW_SETS:
         rules[f"mean-z({tag})"] = combine("mean", tag)
@@ -213,7 +213,42 @@ def loso(dumps: dict[str, dict], floors: dict[str, float]) -> dict:
     defaults = {
         name: operating_point(data, rules["fixed (as trained)"]) for name, data in dumps.items()
     }
-    return {"in_sample": auroc, "folds": folds, "floors": floors, "defaults": defaults}
+    return {
+        "in_sample": auroc,
+        "folds": folds,
+        "floors": floors,
+        "defaults": defaults,
+        "decision": decide(folds, auroc),
+    }
+
+
+#: The rule the product's models were trained with (its fused score, as trained).
+CURRENT = "fixed (as trained)"
+
+
+def decide(folds: dict, auroc: dict) -> dict:
+    """The rule fixed in code that turns the folds into a default.
+
+    A new default needs two things: the same rule chosen in a majority of the folds (a
+    choice that changes with the set left out does not generalize), and a held-out
+    score (each fold's left-out set) at least as good on average as the current
+    default's on the same sets. Otherwise the current default stays.
+    """
+    counts: dict[str, int] = {}
+    for fold in folds.values():
+        counts[fold["chosen"]] = counts.get(fold["chosen"], 0) + 1
+    top = max(counts, key=counts.get)
+    held_out = float(np.mean([f["image_auroc"] for f in folds.values()]))
+    current = float(np.mean([auroc[CURRENT][name] for name in folds]))
+    majority = counts[top] > len(folds) / 2
+    keep = top == CURRENT or not majority or held_out < current
+    return {
+        "chosen_per_fold": counts,
+        "held_out_mean_auroc": held_out,
+        "current_mean_auroc": current,
+        "default": CURRENT if keep else top,
+        "changed": not keep,
+    }
 
 
 def write(result: dict, out: Path) -> None:
@@ -237,6 +272,21 @@ def write(result: dict, out: Path) -> None:
             f"| {name} | {fold['chosen']} | {fold['train_margin']:+.3f} | "
             f"{fold['image_auroc']:.3f} | {fold['floor']:.3f} | {fold['margin']:+.3f} |"
         )
+    decision = result["decision"]
+    lines += [
+        "",
+        "Decision (`decide` in this script: a new default needs the same rule in a majority "
+        "of folds and a held-out mean at least the current default's): chosen per fold "
+        + ", ".join(f"{k} x{v}" for k, v in decision["chosen_per_fold"].items())
+        + f"; held-out mean image AUROC {decision['held_out_mean_auroc']:.3f} against "
+        f"{decision['current_mean_auroc']:.3f} for the current default on the same sets. "
+        + (
+            f"**The default becomes {decision['default']}.**"
+            if decision["changed"]
+            else f"**The default stays {decision['default']}**; the other rules stay "
+            "options (`--fusion`), with their numbers below."
+        ),
+    ]
     lines += [
         "",
         "## The threshold of each fold's rule (target false-positive rate 1 %)",
@@ -282,7 +332,10 @@ def write(result: dict, out: Path) -> None:
         "training normals on the model input pooled to at most 128 px; `pca128_topk`, the "
         "same residual as a map smoothed at 2 px, top-k mean: the image view as models "
         "trained from this commit on compute it (`views*` uses it in place of `image`; "
-        "'fixed, top-k image view' is the product's fused score of such a model); and "
+        "'fixed views, constants from held-out normals only' is the product's fused score "
+        "with the image view so computed, its z-score constants from the held-out normals "
+        "alone, like every rule but 'fixed (as trained)', whose constants include the "
+        "cross-fitted training normals); and "
         "`grey`, the |z| of the mean grey level against the training normals. "
         "Synthetic-* rules weigh or pick views by their AUROC of synthetic defects pasted "
         "into the held-out normals against those normals.",

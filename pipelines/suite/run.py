@@ -577,6 +577,10 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         "The best alternative is chosen per set with the test labels: an upper bound no "
         "label-free rule can promise, shown so that the gap to the defaults is visible.",
         "",
+        "Leave-one-set-out (each fusion rule chosen on the other sets, scored on the one "
+        "left out; the operating point at the product's own threshold on every set): "
+        "[loso.md](loso.md).",
+        "",
         "The experiment log (every variant tried, kept or dropped): "
         "[experiments.md](experiments.md). The drift alarm on each set's normal test "
         "images (`python pipelines/suite/drift.py`): [drift.md](drift.md).",
