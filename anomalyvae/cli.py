@@ -548,7 +548,13 @@ def predict(
 )
 @click.option("--include", multiple=True, help="Glob on the relative path to scan (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on the relative path to skip (repeatable).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per ONNX Runtime run [default: from the model's input size, about two "
+    "256 x 256 images' worth of pixels, which keeps a scan near 1 GB].",
+)
 @click.option(
     "--workers", type=click.IntRange(1), default=2, show_default=True, help="Decoding workers."
 )
@@ -607,7 +613,7 @@ def scan(
     output: Path,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
-    batch_size: int,
+    batch_size: int | None,
     workers: int,
     executor: str,
     heatmaps: str,

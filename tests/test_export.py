@@ -323,3 +323,15 @@ def test_parity_is_judged_in_the_scores_own_scale(trained, tmp_path, monkeypatch
     monkeypatch.setattr(export, "torch_outputs", rounded)
     result = export_onnx(detector, tmp_path / "model.onnx", images)
     assert 3e-4 < result.parity.max_rel_score_diff < 1e-3 and result.path.is_file()
+
+
+def test_the_runtime_sizes_its_batches_from_the_input(onnx_model):
+    from anomalyvae.inference.runtime import BATCH_PIXELS, MAX_AUTO_BATCH, auto_batch_size
+
+    assert auto_batch_size(256, 256) == 2 and auto_batch_size(1216, 480) == 1
+    assert auto_batch_size(28, 28) == MAX_AUTO_BATCH  # thumbnails: many per run
+    assert auto_batch_size(4000, 4000) == 1  # never zero
+    runtime = OnnxDetector(onnx_model, device="cpu")
+    h, w = runtime.input_shape[1:]
+    assert runtime.batch_size == min(MAX_AUTO_BATCH, BATCH_PIXELS // (h * w))
+    assert OnnxDetector(onnx_model, device="cpu", batch_size=3).batch_size == 3

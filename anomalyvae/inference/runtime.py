@@ -140,6 +140,22 @@ def check_calibration_agrees(path: str | os.PathLike[str], metadata: dict[str, A
         )
 
 
+#: Model-input pixels per ONNX Runtime run when the batch size is left to the product
+#: (two 256 x 256 images). The feature model's graph holds about 1.0 to 1.7 KB per
+#: input pixel and image in flight: a 480 x 1216 scan peaked at 11.1 GB with 32 images a
+#: run, 2.7 GB with 4 and 0.93 GB with 1 (and was fastest with 1); a 224 x 224 scan at
+#: 3.1 GB with 32, 0.99 GB with 8 and 0.48 GB with 2, again fastest with 2
+#: (reports/scan, 2-core CPU). Larger batches buy nothing on CPU for these inputs.
+BATCH_PIXELS = 1 << 17
+#: The most images per run however small the input (thumbnails).
+MAX_AUTO_BATCH = 32
+
+
+def auto_batch_size(height: int, width: int) -> int:
+    """Images per run for an input of ``height`` x ``width``: ``BATCH_PIXELS`` of them."""
+    return max(1, min(MAX_AUTO_BATCH, BATCH_PIXELS // max(1, height * width)))
+
+
 def choose_providers(device: str = "auto", strict: bool = False) -> list[str]:
     """Execution providers for ``device`` ("auto", "cuda" or "cpu").
 
@@ -177,8 +193,9 @@ class OnnxDetector:
         Raise instead of warning when CUDA was asked for and is not used.
     intra_op_threads, inter_op_threads : int, optional
         ONNX Runtime thread pools (0 or None = its default, all cores).
-    batch_size : int
-        Images per ``session.run``.
+    batch_size : int, optional
+        Images per ``session.run``; None (default) takes ``BATCH_PIXELS`` of model input
+        (:func:`auto_batch_size`), so memory does not grow with the input size.
     verify : bool
         Check the content hash (refuses altered files).
 
@@ -200,10 +217,10 @@ class OnnxDetector:
         strict: bool = False,
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         verify: bool = True,
     ) -> None:
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         self.metadata = read_metadata(self.path, verify=verify)
@@ -214,6 +231,8 @@ class OnnxDetector:
         #: whether the file carries a signature (without one, anyone can edit a threshold
         #: and recompute the hash; the calibration-block check catches only crude edits)
         self.signed = "signature" in self.metadata
+        if batch_size is None:  # memory bounded by the input size (auto_batch_size)
+            batch_size = auto_batch_size(self.preprocessing.height, self.preprocessing.width)
         self.batch_size = batch_size
         options = ort.SessionOptions()
         if intra_op_threads:

@@ -9,6 +9,7 @@ rows with an ``error``; the scan goes on. No torch on this path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -76,8 +77,10 @@ class ScanConfig:
         Glob patterns on the path relative to the folder (``fnmatch``; ``*`` spans
         folders). A file is scanned when it matches some include (or none are given)
         and no exclude.
-    batch_size : int
-        Images per ONNX Runtime call.
+    batch_size : int or None
+        Images per ONNX Runtime call; None (default) sizes it from the model input
+        (:func:`anomalyvae.inference.runtime.auto_batch_size`: two 256 x 256 images'
+        worth of pixels), which keeps a scan near 1 GB whatever the input size.
     workers : int
         Decoding workers.
     executor : {"thread", "process"}
@@ -114,7 +117,7 @@ class ScanConfig:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    batch_size: int = 16
+    batch_size: int | None = None
     workers: int = 2
     executor: str = "thread"
     heatmaps: str = "anomalies"
@@ -130,7 +133,7 @@ class ScanConfig:
     extend: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise InvalidValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise InvalidValueError(f"workers must be >= 1, got {self.workers}")
@@ -404,6 +407,7 @@ def _scan_unlocked(
             "(e.g. anomalyvae.inference.ray_engine.scan_on_ray)"
         )
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
+    config = dataclasses.replace(config, batch_size=detector.batch_size)  # auto resolved
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
     # an earlier scan's output inside the input (marked by its manifest) is not input
     earlier_outputs: list[Path] = []
