@@ -42,6 +42,7 @@ from anomalyvae.inference.contract import (
     signature,
     signing_key,
 )
+from anomalyvae.inference.runtime import auto_batch_size
 from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
@@ -335,6 +336,14 @@ def _stamp(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
 PARITY_BATCH = 16
 
 
+def parity_batch(images: NDArray[np.float32]) -> int:
+    """Images per run in parity checks: at most ``PARITY_BATCH``, fewer for large inputs.
+
+    :func:`anomalyvae.inference.runtime.auto_batch_size`, so an export stays near 2 GB.
+    """
+    return min(PARITY_BATCH, auto_batch_size(int(images.shape[-2]), int(images.shape[-1])))
+
+
 def torch_outputs(
     detector: VAEAnomalyDetector, images: NDArray[np.float32], threshold: float | None = None
 ) -> dict[str, NDArray[Any]]:
@@ -349,8 +358,9 @@ def torch_outputs(
     value = torch.tensor(float(detector.threshold_ if threshold is None else threshold))
     parts: list[list[NDArray[Any]]] = [[] for _ in OUTPUT_NAMES]
     with torch.no_grad():  # in batches: a graph's memory grows with its batch
-        for start in range(0, len(images), PARITY_BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + PARITY_BATCH]))
+        step = parity_batch(images)
+        for start in range(0, len(images), step):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + step]))
             for part, out in zip(parts, graph(batch, value), strict=True):
                 part.append(out.numpy())
     return {name: np.concatenate(part) for name, part in zip(OUTPUT_NAMES, parts, strict=True)}
@@ -374,9 +384,10 @@ def check_parity(
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the threshold input's default is by design
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    step = parity_batch(images)
     runs = [
-        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + PARITY_BATCH]})
-        for start in range(0, len(images), PARITY_BATCH)
+        session.run(list(OUTPUT_NAMES), {INPUT_NAME: images[start : start + step]})
+        for start in range(0, len(images), step)
     ]
     onnx_out = {
         name: np.concatenate([run[k] for run in runs]) for k, name in enumerate(OUTPUT_NAMES)
