@@ -27,6 +27,7 @@ from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.inference.drift import intensity_summary
+from anomalyvae.inference.runtime import auto_batch_size
 from anomalyvae.models.batches import score_images
 from anomalyvae.models.families import (
     FEATURE_MIN_SIDE,
@@ -590,7 +591,8 @@ class VAEAnomalyDetector:
             images,
             scoring,
             getattr(self, "map_stats_", None),
-            self.batch_size,
+            # the training batch, or fewer for large inputs: memory bounded by the input
+            min(self.batch_size, auto_batch_size(images.shape[-2], images.shape[-1])),
             resolve_device(self.device),
             self.progress,
             valid,
