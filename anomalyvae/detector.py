@@ -26,8 +26,8 @@ from anomalyvae.data import (
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.synthetic_defects import paste_defects
+from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.drift import intensity_summary
-from anomalyvae.inference.runtime import auto_batch_size
 from anomalyvae.models.batches import score_images
 from anomalyvae.models.families import (
     FEATURE_MIN_SIDE,

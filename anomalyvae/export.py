@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.io import atomic_write_bytes
+from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
     FORMAT_NAME,
@@ -42,7 +43,6 @@ from anomalyvae.inference.contract import (
     signature,
     signing_key,
 )
-from anomalyvae.inference.runtime import auto_batch_size
 from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters

@@ -326,7 +326,7 @@ def test_parity_is_judged_in_the_scores_own_scale(trained, tmp_path, monkeypatch
 
 
 def test_the_runtime_sizes_its_batches_from_the_input(onnx_model):
-    from anomalyvae.inference.runtime import BATCH_PIXELS, MAX_AUTO_BATCH, auto_batch_size
+    from anomalyvae.imaging.tiles import BATCH_PIXELS, MAX_AUTO_BATCH, auto_batch_size
 
     assert auto_batch_size(256, 256) == 2 and auto_batch_size(1216, 480) == 1
     assert auto_batch_size(28, 28) == MAX_AUTO_BATCH  # thumbnails: many per run

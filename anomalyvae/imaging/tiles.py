@@ -150,3 +150,19 @@ def map_to_size(anomaly_map: NDArray[np.floating], height: int, width: int) -> N
     unit = (source - low) / span  # io.resize clips to [0, 1]: resize in unit range
     resized = resize(unit[:, :, None], height, width, "bilinear")[:, :, 0]
     return (resized * span + low).astype(np.float32)
+
+
+#: Model-input pixels per run (ONNX Runtime or torch) when the batch size is left to the product
+#: (two 256 x 256 images). The feature model's graph holds about 1.0 to 1.7 KB per
+#: input pixel and image in flight: a 480 x 1216 scan peaked at 11.1 GB with 32 images a
+#: run, 2.7 GB with 4 and 0.93 GB with 1 (and was fastest with 1); a 224 x 224 scan at
+#: 3.1 GB with 32, 0.99 GB with 8 and 0.48 GB with 2, again fastest with 2
+#: (reports/scan, 2-core CPU). Larger batches buy nothing on CPU for these inputs.
+BATCH_PIXELS = 1 << 17
+#: The most images per run however small the input (thumbnails).
+MAX_AUTO_BATCH = 32
+
+
+def auto_batch_size(height: int, width: int) -> int:
+    """Images per run for an input of ``height`` x ``width``: ``BATCH_PIXELS`` of them."""
+    return max(1, min(MAX_AUTO_BATCH, BATCH_PIXELS // max(1, height * width)))

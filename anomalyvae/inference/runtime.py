@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
+from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,
     FORMAT_NAME,
@@ -138,22 +139,6 @@ def check_calibration_agrees(path: str | os.PathLike[str], metadata: dict[str, A
             f"its calibration block ({expected:g}); re-export it, recalibrate with "
             "`anomalyvae calibrate`, or pass --threshold to override it at run time"
         )
-
-
-#: Model-input pixels per ONNX Runtime run when the batch size is left to the product
-#: (two 256 x 256 images). The feature model's graph holds about 1.0 to 1.7 KB per
-#: input pixel and image in flight: a 480 x 1216 scan peaked at 11.1 GB with 32 images a
-#: run, 2.7 GB with 4 and 0.93 GB with 1 (and was fastest with 1); a 224 x 224 scan at
-#: 3.1 GB with 32, 0.99 GB with 8 and 0.48 GB with 2, again fastest with 2
-#: (reports/scan, 2-core CPU). Larger batches buy nothing on CPU for these inputs.
-BATCH_PIXELS = 1 << 17
-#: The most images per run however small the input (thumbnails).
-MAX_AUTO_BATCH = 32
-
-
-def auto_batch_size(height: int, width: int) -> int:
-    """Images per run for an input of ``height`` x ``width``: ``BATCH_PIXELS`` of them."""
-    return max(1, min(MAX_AUTO_BATCH, BATCH_PIXELS // max(1, height * width)))
 
 
 def choose_providers(device: str = "auto", strict: bool = False) -> list[str]:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
+from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, auto_batch_size, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.smoothing import gaussian_blur, topk_size
 from anomalyvae.models.vae import LOG_2PI
@@ -847,8 +847,10 @@ def train_feature_vae(
     torch.manual_seed(seed)
     model = FeatureVAE(config)
     extract_started = time.monotonic()
-    train_raw = extract_features(model, train_images, progress=progress)
-    val_raw = extract_features(model, val_images, progress=progress)
+    # backbone batches sized from the input, so memory does not grow with it
+    step = min(16, auto_batch_size(train_images.shape[-2], train_images.shape[-1]))
+    train_raw = extract_features(model, train_images, step, progress=progress)
+    val_raw = extract_features(model, val_images, step, progress=progress)
     if time_budget_s is not None and reserve_passes > 0:
         per_image = (time.monotonic() - extract_started) / (len(train_images) + len(val_images))
         # a scoring pass adds the VAE, the upsampled map and its blur to the backbone

@@ -11,6 +11,7 @@ from numpy.typing import NDArray
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
+from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_vae import (
     ADAPTIVE_FUSIONS,
@@ -141,7 +142,8 @@ class FeatureFamily(ModelFamily):
     ) -> None:
         model = detector.model_
         # the map first: the local view is read off it
-        fit_map_constants(model, images, detector.batch_size, resolve_device(detector.device))
+        batch = min(detector.batch_size, auto_batch_size(images.shape[-2], images.shape[-1]))
+        fit_map_constants(model, images, batch, resolve_device(detector.device))
         views = detector.view_matrix(images)
         if extra_views is not None:  # cross-fitted training normals (NaN: view missing)
             views = np.concatenate([views, extra_views])
