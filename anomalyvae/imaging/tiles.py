@@ -157,7 +157,8 @@ def map_to_size(anomaly_map: NDArray[np.floating], height: int, width: int) -> N
 #: input pixel and image in flight: a 480 x 1216 scan peaked at 11.1 GB with 32 images a
 #: run, 2.7 GB with 4 and 0.93 GB with 1 (and was fastest with 1); a 224 x 224 scan at
 #: 3.1 GB with 32, 0.99 GB with 8 and 0.48 GB with 2, again fastest with 2
-#: (reports/scan, 2-core CPU). Larger batches buy nothing on CPU for these inputs.
+#: (anomalyvae scan under /usr/bin/time on a 2-core CPU; reports/scan is not yet
+#: regenerated with it). Larger batches buy nothing on CPU for these inputs.
 BATCH_PIXELS = 1 << 17
 #: The most images per run however small the input (thumbnails).
 MAX_AUTO_BATCH = 32
