@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--mtd", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scan")
     parser.add_argument("--n-synthetic", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="[default: the product's, from the input size]"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic model and folders")
     args = parser.parse_args()
@@ -100,6 +102,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
     model = export_onnx(detector, work / "model.onnx").path
+    if args.batch_size is None:  # the product's default: sized from the model input
+        args.batch_size = OnnxDetector(model, device="cpu").batch_size
 
     results = {
         "machine": machine(),
