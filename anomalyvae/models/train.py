@@ -178,6 +178,9 @@ def _spawned_worker(
             checkpoint_extra=(lambda: dict(extra)) if extra else None,
             **settings,
         )
+        # leave together: a rank that tears its group down while another still talks
+        # to it can abort in the communication library's threads at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
