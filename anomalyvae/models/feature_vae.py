@@ -464,18 +464,7 @@ class FeatureVAE(nn.Module):
         so that one image's distance block stays near ``KNN_BLOCK`` values, whatever the
         input size (static slices: exports as is).
         """
-        height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
-        queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
-        locations = int(queries.shape[1])
-        chunk = max(1, min(self.config.bank_size, KNN_BLOCK // max(1, locations)))
-        nearest = None
-        for start in range(0, self.config.bank_size, chunk):
-            bank = self.bank[start : start + chunk]
-            partial = torch.matmul(queries, bank.T * -2.0) + (bank**2).sum(-1)
-            best = partial.min(dim=-1).values
-            nearest = best if nearest is None else torch.minimum(nearest, best)
-        distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
-        return distance.unflatten(1, (height, width))  # the batch stays dynamic
+        return nearest_distance(features, self.bank, self.config.bank_size)
 
     def location_map(self, elbo: Tensor, distances: Tensor) -> Tensor:
         """The anomaly map on the feature grid, (n, 1, h, w), by ``config.map_rule``.
@@ -791,27 +780,31 @@ def cross_fitted_views(
                 views[fold, column["image"]] = model.image_view(x, subspace).numpy()
         if model.config.bank_size and bank_owner is not None:
             for i in range(n):
-                distances = knn_without(
-                    model, model.standardize(train_raw[i : i + 1]), bank_owner != i
-                )
+                others = model.bank[bank_owner != i]  # bank rows from other images
+                distances = nearest_distance(model.standardize(train_raw[i : i + 1]), others)
                 views[i, column["knn"]] = float(knn_view(distances)[0])
     return views
 
 
-def knn_without(model: FeatureVAE, features: Tensor, keep: Tensor) -> Tensor:
-    """:meth:`FeatureVAE.knn_locations` against the bank rows where ``keep`` is True."""
-    bank = model.bank[keep]
-    height, width = int(features.shape[-2]), int(features.shape[-1])
+def nearest_distance(features: Tensor, bank: Tensor, size: int | None = None) -> Tensor:
+    """Each location's Euclidean distance to its nearest of the first ``size`` bank rows.
+
+    ``features`` (n, c, h, w), ``bank`` (b, c); (n, h, w) out. ``|q - b|^2 = |q|^2 +
+    (|b|^2 - 2 q.b)``, minimized in chunks sized so that one image's distance block stays
+    near ``KNN_BLOCK`` values whatever the input size (static slices: exports as is).
+    """
+    size = len(bank) if size is None else size
+    height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
     queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
-    chunk = max(1, min(len(bank), KNN_BLOCK // max(1, int(queries.shape[1]))))
+    chunk = max(1, min(size, KNN_BLOCK // max(1, int(queries.shape[1]))))
     nearest = None
-    for start in range(0, len(bank), chunk):
+    for start in range(0, size, chunk):
         part = bank[start : start + chunk]
         partial = torch.matmul(queries, part.T * -2.0) + (part**2).sum(-1)
         best = partial.min(dim=-1).values
         nearest = best if nearest is None else torch.minimum(nearest, best)
     distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
-    return distance.unflatten(1, (height, width))
+    return distance.unflatten(1, (height, width))  # the batch stays dynamic
 
 
 #: A full scoring pass over the backbone alone (VAE, upsampling, blur, views): measured
