@@ -2,6 +2,9 @@
 
     python pipelines/suite/run.py                 # every set under ../shared/datasets
     python pipelines/suite/run.py --smoke         # two tiny synthetic sets, one round (CI)
+    python pipelines/suite/run.py --lean          # without the slow probe and map tables
+    python pipelines/suite/run.py --probes-only --work DIR
+                                                  # recompute the probes of trained models
     python pipelines/suite/run.py --variant NAME --train-args "--model feature" --sets X
                                                   # a variant, logged in variants.jsonl
 
