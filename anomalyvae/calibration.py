@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -60,6 +60,13 @@ class Threshold:
     n_anomalous: int
     min_achievable_fpr: float | None = None
     tail: str | None = None
+
+    def describe(self) -> str:
+        """One line for people: the value, how it was chosen and on how many images."""
+        return (
+            f"Threshold {self.value:.6g} ({self.method}; {self.n_normal} normal, "
+            f"{self.n_anomalous} anomalous images; FPR on them {self.expected_fpr:.3f})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +212,60 @@ def pixel_threshold_from_labels(
         index = np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)
         values, truth = values[index], truth[index]
     return threshold_from_labels(values, truth.astype(int), method)
+
+
+class Calibration(NamedTuple):
+    """What :func:`calibrate` decides: both thresholds and the normal scores behind one."""
+
+    image: Threshold
+    pixel: Threshold
+    #: the normal scores the image threshold was read from, sorted; None when labelled
+    normal_scores: NDArray[np.float64] | None
+
+
+def calibrate(
+    scores: ArrayLike,
+    maps: ArrayLike,
+    labels: ArrayLike | None = None,
+    masks: ArrayLike | None = None,
+    method: str = "normal_quantile",
+    target_fpr: float = 0.01,
+    pixel_target_fpr: float = 0.005,
+    extra_normal_scores: ArrayLike | None = None,
+) -> Calibration:
+    """The image and pixel thresholds of scored calibration images.
+
+    ``scores`` (n,) and ``maps`` (n, ...) of the images; ``labels`` (n,), 1 = anomalous,
+    None = all normal. "normal_quantile" reads the image threshold off the normal scores
+    (with ``extra_normal_scores``, normals scored elsewhere; non-finite ones dropped) at
+    ``target_fpr``; "f1" and "youden" need both classes. The pixel threshold comes from
+    ``masks`` (n, ...) with a labelled method, else from the normal maps' pixels.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise InvalidValueError(f"method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    scores = np.asarray(scores, dtype=np.float64)
+    maps = np.asarray(maps)
+    labels = np.zeros(len(scores), dtype=int) if labels is None else np.asarray(labels).astype(int)
+    if labels.shape != scores.shape:
+        raise InvalidValueError(f"y has {labels.size} labels for {scores.size} images")
+    normal = labels == 0
+    kept: NDArray[np.float64] | None = None
+    if method == "normal_quantile":
+        if not normal.any():
+            raise InvalidValueError("calibration needs normal images (label 0)")
+        kept = scores[normal]
+        if extra_normal_scores is not None:
+            extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
+            kept = np.concatenate([kept, extra[np.isfinite(extra)]])
+        image = threshold_from_normals(kept, target_fpr)
+        kept = np.sort(kept)
+    else:
+        image = threshold_from_labels(scores, labels, method)
+    if masks is not None and method != "normal_quantile":
+        pixel = pixel_threshold_from_labels(maps, masks, method)
+    else:
+        pixel = pixel_threshold_from_normals(maps[normal], pixel_target_fpr)
+    return Calibration(image, pixel, kept)
 
 
 def _subsample(values: NDArray[np.float32], max_pixels: int, seed: int) -> NDArray[np.float32]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,15 @@ _CHECKPOINT = click.Path(exists=True, dir_okay=False, path_type=Path)  # also MO
 _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """The library's checks of a setting, as click's usage error (exit 2)."""
+    try:
+        yield
+    except AnomalyVAEError as error:
+        raise click.UsageError(str(error)) from None
+
+
 def _check_threshold(value: float | None) -> float | None:
     """The library's one threshold check, as click's usage error (exit 2)."""
     from anomalyvae.inference.contract import check_threshold
@@ -55,6 +66,15 @@ def _check_threshold(value: float | None) -> float | None:
         return check_threshold(value)
     except AnomalyVAEError as error:
         raise click.BadParameter(str(error)) from None
+
+
+def _check_family(value: str) -> str:
+    """A registered model family's name (or "auto"), else click's usage error (exit 2)."""
+    from anomalyvae.models.families import family_names
+
+    if value not in family_names():
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(family_names())}")
+    return value
 
 
 def _check_heatmaps(value: str) -> str:
@@ -166,12 +186,12 @@ def _labelled_data_options(func: Any) -> Any:
 )
 @click.option(
     "--model",
-    type=click.Choice(["auto", "pixel", "feature"]),
     default="auto",
     show_default=True,
-    help="feature: a VAE over frozen ImageNet features (position-independent); pixel: a "
-    "VAE on the pixels (also for sample/denoise/inpaint/embed); auto: feature for inputs "
-    "of at least 96 px, else pixel.",
+    callback=lambda ctx, param, value: _check_family(value),
+    help="A registered model family. feature: a VAE over frozen ImageNet features "
+    "(position-independent); pixel: a VAE on the pixels (also for sample/denoise/"
+    "inpaint/embed); auto: feature for inputs of at least 96 px, else pixel.",
 )
 @click.option(
     "--latent-dim",
@@ -367,11 +387,7 @@ def calibrate(
     detector = calibrate_on(
         checkpoint, data, output, method, target_fpr, mask_threshold, subset, progress=not silent
     )
-    c = detector.calibration_
-    click.echo(
-        f"Threshold {c.value:.6g} ({c.method}; {c.n_normal} normal, {c.n_anomalous} "
-        f"anomalous images; FPR on them {c.expected_fpr:.3f}). Saved {output or checkpoint}"
-    )
+    click.echo(f"{detector.calibration_.describe()}. Saved {output or checkpoint}")
 
 
 @main.command(context_settings=CONTEXT)
@@ -398,10 +414,10 @@ def evaluate(
     Example:
       anomalyvae evaluate model.pt data/mvtec_like -o results/
     """
-    from anomalyvae.evaluation import evaluate_on
+    from anomalyvae.evaluation import evaluate_on, format_metrics
 
     result = evaluate_on(checkpoint, data, output, mask_threshold, subset, progress=not silent)
-    click.echo(_format_table(result.table))
+    click.echo(format_metrics(result.table))
     click.echo(f"Wrote {', '.join(str(p) for p in result.files.values())}")
 
 
@@ -425,22 +441,12 @@ def demo(output: Path, epochs: int, seed: int, silent: bool) -> None:
     Example:
       anomalyvae demo -o demo-output
     """
-    from anomalyvae.evaluation import run_demo
+    from anomalyvae.evaluation import describe_demo, format_metrics, run_demo
 
     click.echo(f"Synthesizing data, training and evaluating into {output}/ ...", err=True)
     result = run_demo(output, epochs=epochs, seed=seed, progress=not silent)
-    click.echo(_format_table(result.evaluation.table))
-    overall = result.evaluation.table.loc["overall"]
-    click.echo(
-        f"\nImage AUROC {overall['image_auroc']:.3f}, pixel AUROC "
-        f"{overall.get('pixel_auroc', float('nan')):.3f}, AUPRO "
-        f"{overall.get('aupro', float('nan')):.3f}; trained in {result.train_seconds:.0f} s, "
-        f"total {result.total_seconds:.0f} s.\n"
-        f"Data: {result.data_dir}\nModel: {result.checkpoint}\n"
-        f"Metrics: {result.evaluation.files['metrics_csv']}, "
-        f"{result.evaluation.files['metrics_json']}\n"
-        f"Per-image scores: {result.evaluation.files['scores_csv']}"
-    )
+    click.echo(format_metrics(result.evaluation.table))
+    click.echo(describe_demo(result))
 
 
 @main.command(context_settings=CONTEXT)
@@ -515,23 +521,14 @@ def predict(
       anomalyvae predict model.onnx part_001.png part_002.png
       anomalyvae predict model.onnx incoming/ --json
     """
-    from anomalyvae.inference.decoding import discover
-    from anomalyvae.inference.runtime import OnnxDetector
+    from anomalyvae.inference.decoding import expand_inputs
+    from anomalyvae.inference.runtime import OnnxDetector, format_prediction
 
-    files = [p for image in images for p in (discover(image) if image.is_dir() else [image])]
-    rows = OnnxDetector(model, device=device).predict_rows(files, threshold)
+    rows = OnnxDetector(model, device=device).predict_rows(expand_inputs(images), threshold)
     if not as_json:
         click.echo("path\tscore\tnormalized_score\tverdict")
     for row in rows:
-        if as_json:
-            click.echo(json.dumps(row))
-        elif row["error"]:
-            click.echo(f"{row['path']}\t\t\tERROR: {row['error']}")
-        else:
-            verdict = "ANOMALY" if row["is_anomaly"] else "ok"
-            click.echo(
-                f"{row['path']}\t{row['score']:.6g}\t{row['normalized_score']:.4f}\t{verdict}"
-            )
+        click.echo(json.dumps(row) if as_json else format_prediction(row))
     if any(row["error"] for row in rows):
         sys.exit(1)
 
@@ -640,47 +637,31 @@ def scan(
       anomalyvae scan model.onnx /data/line3/2026-11-25 -o scans/line3 --heatmaps top-50
       anomalyvae scan model.onnx /shared/archive -o /shared/scans/a --engine ray --address auto
     """
-    from anomalyvae.inference.scan import EXIT_ANOMALIES, EXIT_UNREADABLE, ScanConfig
-    from anomalyvae.inference.scan import scan as run_scan
+    from anomalyvae.inference.engines import run_scan
+    from anomalyvae.inference.scan import ScanConfig
 
-    config = ScanConfig(
-        include=include,
-        exclude=exclude,
-        batch_size=batch_size,
-        workers=workers,
-        executor=executor,
-        heatmaps=heatmaps,
-        save_maps=save_maps,
-        threshold=threshold,
-        device=device,
-        engine=engine,
-        address=address,
-        ray_workers=ray_workers,
-        extend=extend,
-    )
-    if address and engine != "ray":
-        raise click.UsageError("--address needs --engine ray")
-    runner = None
-    if engine == "ray":
-        from anomalyvae.inference.ray_engine import check_ray, scan_on_ray
-
-        check_ray(address)  # before any work: a clear error for a bad address
-        runner = scan_on_ray
-    result = run_scan(model, folder, output, config, progress=not silent, engine=runner)
-    click.echo(
-        f"{result.n_files} files: {result.n_anomalies} anomalies, {result.n_errors} "
-        f"unreadable ({result.n_scored_now} scored now, {result.n_skipped_done} already done) "
-        f"in {result.seconds:.1f} s.\nReport: {output / 'report.html'}\n"
-        f"Table: {output / 'results.parquet'}"
-    )
-    for warning in result.summary.get("drift", {}).get("warnings", []):
-        click.echo(f"Drift alarm: {warning}", err=True)
-    for earlier in result.summary.get("skipped_scan_outputs", []):
-        click.echo(f"Skipped '{earlier}': an earlier scan's output, not input", err=True)
-    if strict and result.n_errors:
-        sys.exit(EXIT_UNREADABLE)
-    if fail_on_anomaly and result.n_anomalies:
-        sys.exit(EXIT_ANOMALIES)
+    with _usage_errors():  # a setting that cannot work is a command-line mistake (exit 2)
+        config = ScanConfig(
+            include=include,
+            exclude=exclude,
+            batch_size=batch_size,
+            workers=workers,
+            executor=executor,
+            heatmaps=heatmaps,
+            save_maps=save_maps,
+            threshold=threshold,
+            device=device,
+            engine=engine,
+            address=address,
+            ray_workers=ray_workers,
+            extend=extend,
+        )
+    result = run_scan(model, folder, output, config, progress=not silent)
+    lines, warnings_ = result.describe()
+    click.echo("\n".join(lines))
+    for line in warnings_:
+        click.echo(line, err=True)
+    sys.exit(result.exit_code(strict, fail_on_anomaly))
 
 
 @main.command(context_settings=CONTEXT)
@@ -906,25 +887,6 @@ def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -
 
     for path, value, normalized, is_anomaly in score_files(checkpoint, list(images), valid_mask):
         click.echo(f"{path}\t{value:.6g}\t{normalized:.4f}\t{'ANOMALY' if is_anomaly else 'ok'}")
-
-
-def _format_table(table: Any) -> str:
-    columns = [
-        c
-        for c in (
-            "n_images",
-            "image_auroc",
-            "image_aupr",
-            "f1",
-            "precision",
-            "recall",
-            "fpr",
-            "pixel_auroc",
-            "aupro",
-        )
-        if c in table.columns
-    ]
-    return table[columns].to_string(float_format=lambda v: f"{v:.3f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
+from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -247,6 +249,56 @@ def infer_preprocessing(
     else:
         height, width = image_size
     return Preprocessing(channels=channels, height=height, width=width)
+
+
+def infer_model_input(
+    paths: Sequence[str | os.PathLike[str]],
+    model: str,
+    channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> Preprocessing:
+    """The model input for training files and a model family name (or "auto").
+
+    A family may size its input its own way (the feature model: up to 512 px, aspect
+    kept, :meth:`~anomalyvae.models.families.base.ModelFamily.input_sizing`); it does
+    when the input so sized resolves to it. Otherwise :func:`infer_preprocessing`'s
+    defaults hold.
+    """
+    from anomalyvae.models.families import family_names, get_family, resolve_family
+
+    inferred = infer_preprocessing(paths, channels, image_size)
+    candidates = family_names()[1:] if model == "auto" else (model,)
+    for name in candidates:
+        sizing = get_family(name).input_sizing()
+        if sizing is None:
+            continue
+        sized = infer_preprocessing(paths, channels, image_size, **sizing)
+        if resolve_family(model, sized.height, sized.width) == name:
+            return sized
+    return inferred
+
+
+def training_images(
+    paths: Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
+) -> tuple[Preprocessing, NDArray[np.float32], list[str], int]:
+    """Training files read as model input: the input chosen, images, names kept, skipped.
+
+    ``params`` are the detector's (``model``, ``channels``, ``image_size`` and the
+    intensity normalization's). Unreadable files are skipped with a warning naming them.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DatasetError("no training images given")
+    inferred = infer_model_input(paths, params["model"], params["channels"], params["image_size"])
+    spec = dataclasses.replace(
+        inferred,
+        **{k: params[k] for k in ("normalization", "window_center", "window_width")},
+        **{k: params[k] for k in ("percentile_low", "percentile_high")},
+    )
+    images, kept, errors = read_images(paths, spec, on_error="warn")
+    if not kept:
+        raise DatasetError(f"none of the {len(paths)} training files could be read")
+    return spec, images, [p.as_posix() for p in kept], len(errors)
 
 
 # --------------------------------------------------------------------------- synthetic

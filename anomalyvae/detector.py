@@ -20,20 +20,19 @@ from anomalyvae.data import (
     array_input,
     as_nchw,
     file_list_hash,
-    infer_preprocessing,
     to_model_input,
+    training_images,
 )
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
-from anomalyvae.imaging.synthetic_defects import paste_defects
+from anomalyvae.imaging.synthetic_defects import self_check as synthetic_self_check
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.drift import intensity_summary
-from anomalyvae.models.batches import score_images
+from anomalyvae.models.batches import fill_invalid, score_images
 from anomalyvae.models.families import (
     FEATURE_MIN_SIDE,
     ModelFamily,
-    Trained,
-    family_names,
+    check_request,
     get_family,
     resolve_family,
 )
@@ -82,12 +81,9 @@ class VAEAnomalyDetector:
         blended into one feature map (:mod:`anomalyvae.imaging.tiles`). Smaller tiles
         bound memory further; a multiple of 16.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
-        Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`. ``map_kind="auto"``
-        (default) takes SSIM for inputs of at most 32 px and NLL above
-        (:func:`anomalyvae.models.maps.default_map_kind`) for the pixel model, the
-        per-location ELBO for the feature model; ``score_kind="auto"`` is "topk_mean"
-        for the pixel model and "fused" for the feature model. ``standardize`` (default
-        on, pixel model only) scores each pixel against the training normals'
+        Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`; "auto" kinds are the
+        family's defaults (``resolve_scoring`` in :mod:`anomalyvae.models.families`).
+        ``standardize`` (pixel model) scores each pixel against the training normals'
         statistics at that pixel; the feature model is position-independent.
     fusion : str
         How the feature model's fused score combines its views' z-scores: "mean" or
@@ -234,31 +230,13 @@ class VAEAnomalyDetector:
         started = time.monotonic()  # the time budget covers the whole fit
         if not 0 < self.val_fraction < 1:
             raise InvalidValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.model not in family_names():
-            raise InvalidValueError(f"model must be one of {family_names()}, got {self.model!r}")
-        if self.tile_size < 64 or self.tile_size % 16:  # before the (long) data loading
-            raise InvalidValueError(
-                f"tile_size must be a multiple of 16, >= 64; got {self.tile_size}"
-            )
-        if self.map_kind != "auto":  # validate before the (long) data loading
-            ScoringConfig(
-                self.map_kind,
-                "topk_mean" if self.score_kind == "auto" else self.score_kind,
-                self.smoothing_sigma,
-                self.topk_fraction,
-            )
-        train_config = TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            patience=self.patience,
-            time_budget_s=self.time_budget_s,
-            augment=self.augment,
-            seed=self.seed,
-            device=self.device,
-            nproc=self.nproc,
-        )
-        images, names, n_skipped = self._training_images(X)
+        check_request(self.get_params())  # before the (long) data loading
+        train_config = TrainConfig.from_params(self.get_params())
+        if isinstance(X, np.ndarray):
+            self.preprocessing_, images = array_input(X, self.channels, self.image_size)
+            names, n_skipped = [], 0
+        else:
+            self.preprocessing_, images, names, n_skipped = training_images(X, self.get_params())
         if self.time_budget_s is not None:  # what loading took is no longer the training's
             budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
             train_config = dataclasses.replace(train_config, time_budget_s=budget)
@@ -280,7 +258,9 @@ class VAEAnomalyDetector:
             "file_list_hash": file_list_hash(names) if names else "",
         }
         trained = family.train(self, images[train_index], images[val_index], train_config, resume)
-        self._take_training(trained)
+        self.model_, self.history_ = trained.model, trained.history
+        self.resume_state_ = trained.resume_state  # how training could go on
+        self.training_summary_ = trained.summary()
         if self.scoring_.standardize:
             self.fit_map_stats(images[train_index])
         # the training normals' cross-fitted views (when the family gives them) join the
@@ -317,20 +297,12 @@ class VAEAnomalyDetector:
             ``normal_flag_rate`` (the same images without defects).
         """
         threshold = self.decision_threshold()
-        images = self._load(X)
-        if len(images) < 2:
-            return {"detection_rate": None, "n_images": int(len(images))}
-        defects = paste_defects(images, seed=seed)
-        _, scores = self._score_arrays(defects.images, self.scoring_)
-        _, clean = self._score_arrays(images, self.scoring_)
-        flagged = scores > threshold
-        kinds = np.array(defects.kinds)
-        return {
-            "detection_rate": float(flagged.mean()),
-            "by_kind": {k: float(flagged[kinds == k].mean()) for k in sorted(set(defects.kinds))},
-            "n_images": int(len(images)),
-            "normal_flag_rate": float((clean > threshold).mean()),
-        }
+        return synthetic_self_check(
+            self._load(X),
+            lambda images: self._score_arrays(images, self.scoring_)[1],
+            threshold,
+            seed,
+        )
 
     def family(self) -> ModelFamily:
         """The fitted model's family object (:mod:`anomalyvae.models.families`)."""
@@ -339,19 +311,6 @@ class VAEAnomalyDetector:
                 "this VAEAnomalyDetector is not fitted yet; call fit() or load() first"
             )
         return get_family(self.family_)
-
-    def _take_training(self, result: Trained) -> None:
-        """Keep a training result: model, history, summary and how it could go on."""
-        self.model_ = result.model
-        self.history_ = result.history
-        self.resume_state_ = result.resume_state
-        self.training_summary_ = {
-            "best_epoch": result.best_epoch,
-            "stopped_reason": result.stopped_reason,
-            "elapsed_s": result.elapsed_s,
-            "epochs_run": len(result.history),
-            "world_size": result.world_size,
-        }
 
     def fit_fusion(
         self, X: ImagesLike, extra_views: NDArray[np.float64] | None = None
@@ -425,39 +384,6 @@ class VAEAnomalyDetector:
         n_val = min(n_images - 1, max(1, int(round(self.val_fraction * n_images))))
         return np.sort(order[:n_val]), np.sort(order[n_val:])
 
-    def _training_images(self, X: ImagesLike) -> tuple[NDArray[np.float32], list[str], int]:
-        """The training images, their file names and the number skipped; sets the input."""
-        if isinstance(X, np.ndarray):
-            self.preprocessing_, images = array_input(X, self.channels, self.image_size)
-            return images, [], 0
-        paths = [Path(p) for p in X]
-        if not paths:
-            raise DatasetError("no training images given")
-        inferred = infer_preprocessing(paths, self.channels, self.image_size)
-        # a family may size its input its own way (the feature model: up to 512 px, aspect
-        # kept); it does when the input so sized resolves to it
-        candidates = family_names()[1:] if self.model == "auto" else (self.model,)
-        for name in candidates:
-            sizing = get_family(name).input_sizing()
-            if sizing is None:
-                continue
-            sized = infer_preprocessing(paths, self.channels, self.image_size, **sizing)
-            if resolve_family(self.model, sized.height, sized.width) == name:
-                inferred = sized
-                break
-        self.preprocessing_ = dataclasses.replace(
-            inferred,
-            normalization=self.normalization,
-            window_center=self.window_center,
-            window_width=self.window_width,
-            percentile_low=self.percentile_low,
-            percentile_high=self.percentile_high,
-        )
-        images, kept, errors = read_images(paths, self.preprocessing_, on_error="warn")
-        if not kept:
-            raise DatasetError(f"none of the {len(paths)} training files could be read")
-        return images, [p.as_posix() for p in kept], len(errors)
-
     def checkpoint_extra(self) -> dict[str, Any]:
         """What every checkpoint of this detector carries beside the model.
 
@@ -494,36 +420,26 @@ class VAEAnomalyDetector:
             calibrates the threshold. Non-finite entries are dropped.
         """
         self.check_fitted()
-        if method not in cal.CALIBRATION_METHODS:
+        if method not in cal.CALIBRATION_METHODS:  # before the scoring
             raise InvalidValueError(
                 f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}"
             )
         # without labels, a folder of normal volumes calibrates on their slices
         maps, scores = self._score(X, volumes="slices" if y is None else "error")
-        labels = np.zeros(len(scores), dtype=int) if y is None else np.asarray(y).astype(int)
-        if labels.shape != scores.shape:
-            raise InvalidValueError(f"y has {labels.size} labels for {scores.size} images")
-        normal = labels == 0
-        if method == "normal_quantile":
-            if not normal.any():
-                raise InvalidValueError("calibration needs normal images (label 0)")
-            normal_scores = scores[normal]
-            if extra_normal_scores is not None:
-                extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
-                normal_scores = np.concatenate([normal_scores, extra[np.isfinite(extra)]])
-            self.calibration_ = cal.threshold_from_normals(normal_scores, self.target_fpr)
-            # kept (and saved): the threshold can be re-read at another rate, or with
-            # another tail, without scoring the normals again
-            self.calibration_scores_ = np.sort(normal_scores)
-        else:
-            self.calibration_ = cal.threshold_from_labels(scores, labels, method)
-            self.calibration_scores_ = None
-        if masks is not None and method != "normal_quantile":
-            self.pixel_calibration_ = cal.pixel_threshold_from_labels(maps, masks, method)
-        else:
-            self.pixel_calibration_ = cal.pixel_threshold_from_normals(
-                maps[normal], self.pixel_target_fpr
-            )
+        found = cal.calibrate(
+            scores,
+            maps,
+            y,
+            masks,
+            method,
+            self.target_fpr,
+            self.pixel_target_fpr,
+            extra_normal_scores,
+        )
+        self.calibration_, self.pixel_calibration_ = found.image, found.pixel
+        # kept (and saved): the threshold can be re-read at another rate, or with
+        # another tail, without scoring the normals again
+        self.calibration_scores_ = found.normal_scores
         self.threshold_ = self.calibration_.value
         self.pixel_threshold_ = self.pixel_calibration_.value
         self.offset_ = -self.threshold_
@@ -538,9 +454,6 @@ class VAEAnomalyDetector:
                 "this VAEAnomalyDetector is not fitted yet; call fit() or load() first"
             )
 
-    def _to_model_input(self, images: NDArray[np.float32]) -> NDArray[np.float32]:
-        return to_model_input(images, self.preprocessing_)
-
     def preprocess(self, X: ImagesLike) -> NDArray[np.float32]:
         """Model-ready images (n, c, h, w), float32 in [0, 1], exactly as scoring sees them."""
         self.check_fitted()
@@ -554,7 +467,7 @@ class VAEAnomalyDetector:
         the files given, and a volume is a clear error instead.
         """
         if isinstance(X, np.ndarray):
-            return self._to_model_input(as_nchw(X))
+            return to_model_input(as_nchw(X), self.preprocessing_)
         images, _, _ = read_images(
             [Path(p) for p in X], self.preprocessing_, on_error="raise", volumes=volumes
         )
@@ -602,30 +515,7 @@ class VAEAnomalyDetector:
         self, images: NDArray[np.float32], valid_mask: NDArray[np.bool_]
     ) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
         """Score images with invalid pixels: inpaint them, then score the valid ones only."""
-        from anomalyvae.models.generate import inpaint
-
-        if not self.family().generative:
-            raise InvalidValueError(
-                "scoring with valid_mask inpaints the invalid pixels, which needs the pixel "
-                f"model (model='pixel'), one that decodes pixels; this is the {self.family_} "
-                "model"
-            )
-        valid = np.asarray(valid_mask, dtype=bool)
-        if valid.ndim == 2:
-            valid = np.broadcast_to(valid, (len(images), *valid.shape))
-        if valid.shape != (len(images), *images.shape[2:]):
-            raise InvalidValueError(
-                f"valid_mask must be (h, w) or (n, h, w) at model resolution "
-                f"{images.shape[2]}x{images.shape[3]}, got {valid.shape}"
-            )
-        if not valid.reshape(len(valid), -1).any(axis=1).all():
-            raise InvalidValueError("valid_mask leaves an image with no valid pixels to score")
-        filled = images.copy()
-        partial = ~valid.reshape(len(valid), -1).all(axis=1)
-        if partial.any():
-            filled[partial] = inpaint(
-                self.model_, images[partial], ~valid[partial], method="clamp", iterations=20
-            )
+        filled, valid = fill_invalid(self.model_, images, valid_mask)
         # the recipe reads the valid pixels only, for every score kind (maps.reduce_valid)
         maps, scores, _ = self._score_all(filled, self.scoring_, valid)
         return maps, scores

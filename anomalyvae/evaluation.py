@@ -299,6 +299,41 @@ class DemoResult(NamedTuple):
     total_seconds: float
 
 
+def describe_demo(result: DemoResult) -> str:
+    """What ``anomalyvae demo`` prints after its metrics table: the headline and files."""
+    overall = result.evaluation.table.loc["overall"]
+    files = result.evaluation.files
+    return (
+        f"\nImage AUROC {overall['image_auroc']:.3f}, pixel AUROC "
+        f"{overall.get('pixel_auroc', float('nan')):.3f}, AUPRO "
+        f"{overall.get('aupro', float('nan')):.3f}; trained in {result.train_seconds:.0f} s, "
+        f"total {result.total_seconds:.0f} s.\n"
+        f"Data: {result.data_dir}\nModel: {result.checkpoint}\n"
+        f"Metrics: {files['metrics_csv']}, {files['metrics_json']}\n"
+        f"Per-image scores: {files['scores_csv']}"
+    )
+
+
+#: The metrics columns a printed table shows, in order (those present).
+PRINTED_METRICS = (
+    "n_images",
+    "image_auroc",
+    "image_aupr",
+    "f1",
+    "precision",
+    "recall",
+    "fpr",
+    "pixel_auroc",
+    "aupro",
+)
+
+
+def format_metrics(table: pd.DataFrame) -> str:
+    """A metrics table (rows per defect type) as aligned text with 3 decimals."""
+    columns = [c for c in PRINTED_METRICS if c in table.columns]
+    return table[columns].to_string(float_format=lambda v: f"{v:.3f}")
+
+
 def run_demo(
     output_dir: str | os.PathLike[str],
     size: int = 64,

@@ -34,8 +34,6 @@ from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.maps import (  # noqa: E402
-    MAP_KINDS,
-    SCORE_KINDS,
     ScoringConfig,
     gaussian_blur,
     topk_count,
@@ -109,9 +107,9 @@ def pixel_checkpoint(path: Path, data: Path = MTD_SPLIT, budget: float = 900.0) 
         path.parent.mkdir(parents=True, exist_ok=True)
         args = ["train", str(data), "-o", str(path), "--model", "pixel"]
         cli(*args, "--time-budget", f"{budget:g}", "--silent")
-    family = VAEAnomalyDetector.load(path, progress=False).family_
-    if family != "pixel":
-        raise SystemExit(f"{path} holds a {family} model; this benchmark needs --model pixel")
+    family = VAEAnomalyDetector.load(path, progress=False).family()
+    if not family.generative:  # these benchmarks decode pixels
+        raise SystemExit(f"{path} holds a {family.name} model; this benchmark needs --model pixel")
     return path
 
 
@@ -193,13 +191,14 @@ def scoring_variants(detector: VAEAnomalyDetector, train_images, holdout_images=
     """
     original = detector.scoring_
     original_stats = getattr(detector, "map_stats_", None)
+    family = detector.family()
     try:
-        if detector.family_ == "feature":
-            for score_kind in SCORE_KINDS:
+        if own_map_family(detector):  # one map of its own: its score kinds
+            for score_kind in family.score_kinds:
                 detector.scoring_ = dataclasses.replace(original, score_kind=score_kind)
-                yield variant_name(detector.scoring_, "feature")
+                yield variant_name(detector.scoring_, family.name)
             return
-        for map_kind in MAP_KINDS:
+        for map_kind in family.map_kinds:
             for standardize in (False, True):
                 base = dataclasses.replace(
                     original, map_kind=map_kind, score_kind="topk_mean", standardize=standardize
@@ -228,16 +227,25 @@ def map_label(detector: VAEAnomalyDetector) -> str:
     The feature model's map follows its ``map_rule`` ("mean-z": the mean z-score of the
     location ELBO and bank distance), not the scoring's ``map_kind``.
     """
-    if detector.family_ == "feature":
-        rule = getattr(detector.model_.config, "map_rule", "elbo")
-        return "mean-z(elbo, knn)" if rule == "mean-z" else "elbo"
-    return f"{'z-' if detector.scoring_.standardize else ''}{detector.scoring_.map_kind}"
+    return detector.family().describe_map(detector.model_, detector.scoring_)
 
 
-def variant_name(scoring: ScoringConfig, family: str = "pixel") -> str:
-    """The name :func:`scoring_variants` gives ``scoring`` (of a ``family`` model)."""
-    if family == "feature":
-        return f"feature/{scoring.score_kind}"
+def own_map_family(detector: VAEAnomalyDetector) -> str | None:
+    """The family's name when it scores one map of its own (no per-pixel statistics),
+    None for a family whose variants are map x score kinds: :func:`variant_name`'s
+    ``family``."""
+    family = detector.family()
+    return None if family.per_pixel_stats else family.name
+
+
+def variant_name(scoring: ScoringConfig, family: str | None = None) -> str:
+    """The name :func:`scoring_variants` gives ``scoring``.
+
+    ``family``: the name of a family with one map of its own (the feature model), whose
+    variants are its score kinds; None for the pixel model's map x score variants.
+    """
+    if family is not None:
+        return f"{family}/{scoring.score_kind}"
     if scoring.score_kind == "elbo":
         return "elbo (image)"
     return f"{'z-' if scoring.standardize else ''}{scoring.map_kind}/{scoring.score_kind}"
@@ -256,7 +264,7 @@ def score_every_kind(
     fusion constants (its "global" and "fused" variants).
     """
     results = []
-    holdout = detector.preprocess(val_files) if detector.family_ == "pixel" else None
+    holdout = detector.preprocess(val_files) if detector.family().per_pixel_stats else None
     for name in scoring_variants(detector, train_images, holdout):
         val_scores = detector.anomaly_score(val_files)
         threshold = threshold_from_normals(val_scores, target_fpr).value

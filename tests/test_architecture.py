@@ -115,3 +115,17 @@ def test_no_module_imports_another_modules_private_names():
         for target, names in imports:
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             assert not private, f"{module} imports {private} from {target}"
+
+
+def test_nothing_outside_models_branches_on_the_family_name():
+    """Outside models/, code asks the family object what it can do; it never compares
+    the family's name (``family_ == "feature"``)."""
+    import re
+
+    pattern = re.compile(r"family_?\s*[!=]=|[!=]=\s*(detector\.)?family_?\b")
+    roots = [PACKAGE, PACKAGE.parent / "pipelines"]
+    for path in sorted(p for root in roots for p in root.rglob("*.py")):
+        if PACKAGE / "models" in path.parents:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not pattern.search(line), f"{path.name}:{number}: {line.strip()}"

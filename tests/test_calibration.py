@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anomalyvae import calibration as cal
 from anomalyvae.calibration import (
     Threshold,
     normalize,
@@ -129,3 +130,28 @@ def test_normalize_and_round_trip():
         normalize([1.0], 0.0)
     threshold = Threshold(1.0, "f1", None, 0.0, 1.0, 3, 3)
     assert Threshold.from_dict(threshold.to_dict()) == threshold
+
+
+def test_calibrate_adds_extra_normals_and_sorts_what_it_read():
+    rng = np.random.default_rng(0)
+    scores, maps = rng.normal(size=20), rng.random((20, 4, 4))
+    extra = np.r_[rng.normal(size=80), np.nan, np.inf]
+    found = cal.calibrate(scores, maps, target_fpr=0.05, extra_normal_scores=extra)
+    assert found.image.n_normal == 100  # the non-finite extra scores are dropped
+    assert np.all(np.diff(found.normal_scores) >= 0) and len(found.normal_scores) == 100
+    assert found.pixel.value == cal.pixel_threshold_from_normals(maps, 0.005).value
+
+
+def test_calibrate_with_labels_and_masks():
+    scores = np.r_[np.zeros(10), np.ones(10)]
+    maps = np.zeros((20, 4, 4))
+    masks = np.zeros((20, 4, 4), dtype=bool)
+    maps[10:, :2], masks[10:, :2] = 1.0, True
+    found = cal.calibrate(scores, maps, np.r_[np.zeros(10), np.ones(10)], masks, "f1")
+    assert found.normal_scores is None and 0 <= found.image.value < 1
+    assert found.image.method == "f1" and found.pixel.method == "f1"
+    assert "Threshold" in found.image.describe() and "10 anomalous" in found.image.describe()
+    with pytest.raises(ValueError, match="labels for"):
+        cal.calibrate(scores, maps, np.zeros(3))
+    with pytest.raises(ValueError, match="method must be"):
+        cal.calibrate(scores, maps, method="nope")

@@ -116,9 +116,17 @@ def test_errors_are_one_clean_line(runner, tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
-def test_usage_error_exit_code(runner):
+def test_usage_error_exit_code(runner, tmp_path):
     assert runner.invoke(main, ["train"]).exit_code == 2
     assert runner.invoke(main, ["nope"]).exit_code == 2
+    # an unknown family, and settings the library rejects, are command-line mistakes
+    result = runner.invoke(main, ["train", str(tmp_path), "--model", "nope"])
+    assert result.exit_code == 2 and "'nope' is not one of auto, pixel, feature" in result.output
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    args = ["scan", str(model), str(tmp_path), "-o", str(tmp_path / "o"), "--address", "auto"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and "Ray engine" in result.output
 
 
 def test_a_bug_keeps_its_traceback_and_a_mistake_does_not(monkeypatch, tmp_path):

@@ -13,7 +13,8 @@ numpy and scipy only (the torch-free wing).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -81,3 +82,35 @@ def paste_defects(
         masks[i] = mask
         kinds.append(kind)
     return SyntheticDefects(out.astype(np.float32), masks, kinds)
+
+
+def self_check(
+    images: NDArray[np.float32],
+    score: Callable[[NDArray[np.float32]], NDArray[np.float64]],
+    threshold: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Estimated detection rate: one synthetic defect pasted into each normal, scored.
+
+    ``score`` maps images (n, c, h, w) to image scores (n,); the share of defect images
+    above ``threshold`` estimates how many defects of that size and contrast a model
+    would catch: an estimate from made-up defects, not a measurement on real ones.
+
+    Returns
+    -------
+    dict
+        ``detection_rate``, ``by_kind`` (rate per defect kind), ``n_images`` and
+        ``normal_flag_rate`` (the same images without defects).
+    """
+    if len(images) < 2:
+        return {"detection_rate": None, "n_images": int(len(images))}
+    defects = paste_defects(images, seed=seed)
+    flagged = np.asarray(score(defects.images)) > threshold
+    clean = np.asarray(score(images))
+    kinds = np.array(defects.kinds)
+    return {
+        "detection_rate": float(flagged.mean()),
+        "by_kind": {k: float(flagged[kinds == k].mean()) for k in sorted(set(defects.kinds))},
+        "n_images": int(len(images)),
+        "normal_flag_rate": float((clean > threshold).mean()),
+    }

@@ -57,6 +57,14 @@ def discover(
     return walk_images(root, extensions, include, exclude, skip, skip_marked, skipped)
 
 
+def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, folders replaced by the images :func:`discover` finds in them."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out.extend(discover(path) if path.is_dir() else [path])
+    return out
+
+
 class Decoded(NamedTuple):
     """A worker's result for one file: the model input or an error, and file facts."""
 

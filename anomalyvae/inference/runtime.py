@@ -39,6 +39,21 @@ from anomalyvae.inference.contract import (
     signing_key,
 )
 
+#: Files ``predict_rows`` reads and scores at a time (memory flat in the file count).
+PREDICT_BLOCK = 64
+
+
+def format_prediction(row: dict[str, Any]) -> str:
+    """One ``predict_rows`` row as the tab-separated line ``anomalyvae predict`` prints.
+
+    path, score, normalized score and verdict ("ANOMALY" or "ok"), or the path and the
+    file's error.
+    """
+    if row["error"]:
+        return f"{row['path']}\t\t\tERROR: {row['error']}"
+    verdict = "ANOMALY" if row["is_anomaly"] else "ok"
+    return f"{row['path']}\t{row['score']:.6g}\t{row['normalized_score']:.4f}\t{verdict}"
+
 
 class OnnxModelError(AnomalyVAEError, ValueError):
     """The file is not an anomalyvae ONNX model, or it was altered after export."""
@@ -322,16 +337,20 @@ class OnnxDetector:
         stopping the others; higher scores are more anomalous.
         """
         rows: list[dict[str, Any]] = []
-        good: list[tuple[int, NDArray[np.float32]]] = []
-        for path in paths:
-            row = {"path": str(path), "score": float("nan"), "normalized_score": float("nan")}
-            row.update(is_anomaly=None, error="")
-            try:
-                good.append((len(rows), load_image(path, self.preprocessing)))
-            except ImageReadError as error:
-                row["error"] = str(error)
-            rows.append(row)
-        if good:
+        paths = list(paths)
+        # files are read and scored a block at a time: memory stays flat with their count
+        for start in range(0, len(paths), PREDICT_BLOCK):
+            good: list[tuple[int, NDArray[np.float32]]] = []
+            for path in paths[start : start + PREDICT_BLOCK]:
+                row = {"path": str(path), "score": float("nan"), "normalized_score": float("nan")}
+                row.update(is_anomaly=None, error="")
+                try:
+                    good.append((len(rows), load_image(path, self.preprocessing)))
+                except ImageReadError as error:
+                    row["error"] = str(error)
+                rows.append(row)
+            if not good:
+                continue
             result = self.predict_arrays(np.stack([x for _, x in good]), threshold)
             for k, (i, _) in enumerate(good):
                 rows[i].update(

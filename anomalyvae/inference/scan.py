@@ -145,6 +145,8 @@ class ScanConfig:
             raise InvalidValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.engine not in ("local", "ray"):
             raise InvalidValueError(f"engine must be 'local' or 'ray', got {self.engine!r}")
+        if self.address and self.engine != "ray":
+            raise InvalidValueError("an address needs the Ray engine (--engine ray)")
         if self.ray_workers is not None and self.ray_workers < 1:
             raise InvalidValueError(f"ray_workers must be >= 1, got {self.ray_workers}")
         check_threshold(self.threshold)
@@ -174,14 +176,29 @@ class ScanSummary(NamedTuple):
     seconds: float
     summary: dict[str, Any]
 
+    def exit_code(self, strict: bool = False, fail_on_anomaly: bool = False) -> int:
+        """The documented exit status: unreadable files (``strict``) first, then anomalies."""
+        if strict and self.n_errors:
+            return EXIT_UNREADABLE
+        if fail_on_anomaly and self.n_anomalies:
+            return EXIT_ANOMALIES
+        return EXIT_OK
 
-# --------------------------------------------------------------------------- discovery
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-# --------------------------------------------------------------------------- outputs
+    def describe(self) -> tuple[list[str], list[str]]:
+        """What ``anomalyvae scan`` prints: lines for stdout and warnings for stderr."""
+        out = [
+            f"{self.n_files} files: {self.n_anomalies} anomalies, {self.n_errors} unreadable "
+            f"({self.n_scored_now} scored now, {self.n_skipped_done} already done) in "
+            f"{self.seconds:.1f} s.",
+            f"Report: {self.output / 'report.html'}",
+            f"Table: {self.output / 'results.parquet'}",
+        ]
+        warnings = [f"Drift alarm: {w}" for w in self.summary.get("drift", {}).get("warnings", [])]
+        warnings += [
+            f"Skipped '{earlier}': an earlier scan's output, not input"
+            for earlier in self.summary.get("skipped_scan_outputs", [])
+        ]
+        return out, warnings
 
 
 # --------------------------------------------------------------------------- scanning

@@ -61,3 +61,40 @@ def score_images(
         np.concatenate(scores).astype(np.float64),
         np.concatenate(views).astype(np.float64) if views else None,
     )
+
+
+def fill_invalid(
+    model: nn.Module, images: NDArray[np.float32], valid_mask: NDArray[np.bool_]
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Inpaint the invalid pixels of model-ready images, before scoring the valid ones.
+
+    ``valid_mask`` (h, w) or (n, h, w) at model resolution, True = valid. Returns the
+    filled images and the mask as (n, h, w); images with every pixel valid are kept as
+    they are. The model's family must decode pixels (:func:`anomalyvae.models.generate.inpaint`).
+    """
+    from anomalyvae.models.families import family_of
+    from anomalyvae.models.generate import inpaint
+
+    family = family_of(model)
+    if not family.generative:
+        raise InvalidValueError(
+            "scoring with valid_mask inpaints the invalid pixels, which needs the pixel "
+            f"model (model='pixel'), one that decodes pixels; this is the {family.name} model"
+        )
+    valid = np.asarray(valid_mask, dtype=bool)
+    if valid.ndim == 2:
+        valid = np.broadcast_to(valid, (len(images), *valid.shape))
+    if valid.shape != (len(images), *images.shape[2:]):
+        raise InvalidValueError(
+            f"valid_mask must be (h, w) or (n, h, w) at model resolution "
+            f"{images.shape[2]}x{images.shape[3]}, got {valid.shape}"
+        )
+    if not valid.reshape(len(valid), -1).any(axis=1).all():
+        raise InvalidValueError("valid_mask leaves an image with no valid pixels to score")
+    filled = images.copy()
+    partial = ~valid.reshape(len(valid), -1).all(axis=1)
+    if partial.any():
+        filled[partial] = inpaint(
+            model, images[partial], ~valid[partial], method="clamp", iterations=20
+        )
+    return filled, valid

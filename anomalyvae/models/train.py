@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,6 +73,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
+        """The settings among an estimator's parameters (same names), the rest ignored."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
 
 def resolve_device(device: str) -> torch.device:

@@ -24,6 +24,7 @@ from common import (  # noqa: E402
     machine,
     markdown_table,
     overview,
+    own_map_family,
     pca_baseline,
     plot_examples,
     plot_histogram,
@@ -98,7 +99,7 @@ def main() -> None:
 
     all_tables = tables(results, labels, types, masks, has_mask)
     summary = overview(all_tables)
-    default_name = variant_name(detector.scoring_, detector.family_)
+    default_name = variant_name(detector.scoring_, own_map_family(detector))
     best_name = summary["image_auroc"].idxmax()
 
     plot_roc(results, labels, args.out / "roc.png")

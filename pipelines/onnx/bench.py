@@ -81,16 +81,11 @@ def main() -> None:
     images, _, _ = read_images([s.path for s in test], spec, on_error="raise")
     labels = np.array([s.label for s in test])
     train = discover(args.data, "train")
-    pixel = detector.family_ == "pixel"  # fp16/int8 variants exist for the pixel model
-    export_all(
-        args.checkpoint, tmp / "model.onnx", args.data, fp16=pixel, int8=pixel, max_images=64
-    )
+    precisions = detector.family().export_precisions  # fp16/int8 where the family has them
+    fp16, int8 = "fp16" in precisions, "int8" in precisions
+    export_all(args.checkpoint, tmp / "model.onnx", args.data, fp16=fp16, int8=int8, max_images=64)
     paths = {"fp32": tmp / "model.onnx"}
-    if pixel:
-        paths.update(
-            fp16=variant_path(tmp / "model.onnx", "fp16"),
-            int8=variant_path(tmp / "model.onnx", "int8"),
-        )
+    paths.update({p: variant_path(tmp / "model.onnx", p) for p in precisions if p != "fp32"})
     sessions = {
         k: OnnxDetector(p, device="cpu", batch_size=args.batch_size) for k, p in paths.items()
     }

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     machine,
     markdown_table,
     overview,
+    own_map_family,
     pca_baseline,
     plot_histogram,
     plot_roc,
@@ -149,7 +150,7 @@ def main() -> None:
         table["sens_at_95_spec"] = sensitivity_at_specificity(test_y, result.scores, 0.95)
         tables[result.name] = table
     summary = overview(tables)
-    default_name = variant_name(detector.scoring_, detector.family_)
+    default_name = variant_name(detector.scoring_, own_map_family(detector))
     best_name = summary["image_auroc"].idxmax()
     plot_roc(results, test_y, args.out / "roc.png")
     by_name = {r.name: r for r in results}

@@ -270,7 +270,8 @@ def map_variants(detector, val_paths: list[Path], test) -> dict[str, list[float]
     from anomalyvae.models.maps import gaussian_blur
 
     model = detector.model_
-    if detector.family_ != "feature" or not model.config.bank_size:
+    # the bank's map against the ELBO's: families with a memory-bank view only
+    if "knn" not in detector.family().view_names or not model.config.bank_size:
         return {}
     if not any(s.mask_path is not None for s in test):
         return {}
@@ -383,7 +384,7 @@ def alternatives(
     ``lean``). The feature model's views come from the leave-one-set-out ``dump``."""
     labels = np.array([s.label for s in test])
     paths = [s.path for s in test]
-    if detector.family_ == "feature":
+    if not detector.family().per_pixel_stats:  # a map of its own: the dumped views
         names = (*detector.family().view_names, "fused")
         views = {n: np.asarray(dump["test"][n]) for n in names}
         val_views = {n: np.asarray(dump["val"][n]) for n in names}

@@ -341,3 +341,38 @@ def test_a_heatmap_of_a_huge_image_is_drawn_at_a_bounded_size():
     pixels = np.zeros((3 * MAX_HEATMAP_SIDE, 5, 1), np.float32)  # a tall, thin slice
     image = heatmap_overlay(pixels, np.ones((8, 8), np.float32), 0.5, 1.0)
     assert max(image.size) <= MAX_HEATMAP_SIDE
+
+
+def test_predict_reads_files_a_block_at_a_time(onnx_model, synthetic_root, tmp_path, monkeypatch):
+    """predict keeps a block of images in memory, not the whole list; rows stay in order."""
+    import anomalyvae.inference.runtime as runtime
+    from anomalyvae.imaging.io import load_image
+    from anomalyvae.inference.decoding import expand_inputs
+
+    monkeypatch.setattr(runtime, "PREDICT_BLOCK", 3)
+    detector = runtime.OnnxDetector(onnx_model, device="cpu")
+    batches = []
+    real = detector.predict_arrays
+    monkeypatch.setattr(
+        detector, "predict_arrays", lambda x, t=None: batches.append(len(x)) or real(x, t)
+    )
+    goods = sorted((synthetic_root / "test" / "good").glob("*.png"))[:5]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in goods[2:]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_bytes(b"nope")
+    paths = expand_inputs([goods[0], goods[1], folder])  # files and a folder
+    assert len(paths) == 6
+    rows = detector.predict_rows(paths)
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert max(batches) <= 3 and sum(batches) == 5
+    assert sum(bool(r["error"]) for r in rows) == 1
+    import numpy as np
+
+    whole = runtime.OnnxDetector(onnx_model, device="cpu").predict_arrays(
+        np.stack([load_image(p, detector.preprocessing) for p in paths if p.name != "broken.png"])
+    )
+    scored = [r["score"] for r in rows if not r["error"]]
+    assert np.allclose(scored, whole.score, rtol=0, atol=1e-4 * max(1.0, np.ptp(whole.score)))
+    assert runtime.format_prediction(rows[0]).startswith(f"{paths[0]}\t")

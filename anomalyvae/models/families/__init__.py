@@ -7,18 +7,22 @@ family registers itself with :func:`register_family`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
-from anomalyvae.models.maps import register_scorer
+from anomalyvae.models.maps import ScoringConfig, register_scorer
 
 __all__ = [
     "FEATURE_MIN_SIDE",
     "ModelFamily",
     "Trained",
+    "check_request",
     "family_names",
     "family_of",
     "get_family",
@@ -68,6 +72,28 @@ def get_family(name: str) -> ModelFamily:
         raise InvalidValueError(
             f"unknown model family {name!r}; registered: {', '.join(_FAMILIES)}"
         ) from None
+
+
+def check_request(params: Mapping[str, Any]) -> None:
+    """Check a detector's model settings before any (long) data loading or training.
+
+    ``params`` are the detector's: the family name, ``tile_size`` and, when not
+    "auto", the scoring (``map_kind``, ``score_kind``, ``smoothing_sigma``,
+    ``topk_fraction``).
+    """
+    if params["model"] not in family_names():
+        raise InvalidValueError(f"model must be one of {family_names()}, got {params['model']!r}")
+    tile = params["tile_size"]
+    if tile < 64 or tile % 16:
+        raise InvalidValueError(f"tile_size must be a multiple of 16, >= 64; got {tile}")
+    if params["map_kind"] != "auto":
+        score_kind = params["score_kind"]
+        ScoringConfig(
+            params["map_kind"],
+            "topk_mean" if score_kind == "auto" else score_kind,
+            params["smoothing_sigma"],
+            params["topk_fraction"],
+        )
 
 
 def family_of(model: nn.Module) -> ModelFamily:

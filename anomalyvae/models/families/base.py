@@ -43,6 +43,16 @@ class Trained(NamedTuple):
     #: training can go on (the pixel VAE's ``--resume``); None when it cannot
     resume_state: dict[str, Any] | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """How training went, as the detector's ``training_summary_`` keeps it."""
+        return {
+            "best_epoch": self.best_epoch,
+            "stopped_reason": self.stopped_reason,
+            "elapsed_s": self.elapsed_s,
+            "epochs_run": len(self.history),
+            "world_size": self.world_size,
+        }
+
 
 class ModelFamily(abc.ABC):
     """One model family. Subclasses set the class attributes and the abstract methods.
@@ -62,6 +72,12 @@ class ModelFamily(abc.ABC):
         The family's model class, when its scores come from :meth:`score` (registered
         with the recipe, :func:`anomalyvae.models.maps.register_scorer`). None: the
         built-in recipe of :mod:`anomalyvae.models.maps` scores it (pixel, feature).
+    map_kinds, score_kinds : tuple of str
+        The ``ScoringConfig.map_kind`` and ``score_kind`` values it can be asked for.
+    per_pixel_stats : bool
+        Whether its maps can be standardized against per-pixel statistics of the
+        training normals (``standardize``, :meth:`VAEAnomalyDetector.fit_map_stats`);
+        False for a position-independent family.
     """
 
     name: ClassVar[str]
@@ -69,6 +85,13 @@ class ModelFamily(abc.ABC):
     generative: ClassVar[bool] = False
     export_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     model_class: ClassVar[type | None] = None
+    map_kinds: ClassVar[tuple[str, ...]] = ()
+    score_kinds: ClassVar[tuple[str, ...]] = ()
+    per_pixel_stats: ClassVar[bool] = False
+
+    def describe_map(self, model: nn.Module, scoring: ScoringConfig) -> str:
+        """The anomaly map in words, for report headers (e.g. "z-nll")."""
+        return f"{'z-' if scoring.standardize else ''}{scoring.map_kind}"
 
     def score(
         self,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch import nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
@@ -24,7 +25,7 @@ from anomalyvae.models.feature_vae import (
     train_feature_vae,
     view_weights,
 )
-from anomalyvae.models.maps import ScoringConfig, check_scoring
+from anomalyvae.models.maps import SCORE_KINDS, ScoringConfig, check_scoring
 from anomalyvae.models.train import resolve_device
 
 if TYPE_CHECKING:
@@ -52,6 +53,14 @@ class FeatureFamily(ModelFamily):
 
     name = "feature"
     view_names = VIEW_NAMES
+    map_kinds = ("elbo",)
+    score_kinds = SCORE_KINDS
+
+    def describe_map(self, model: nn.Module, scoring: ScoringConfig) -> str:
+        # the map follows the model's map rule ("mean-z": the mean z-score of the
+        # location ELBO and the bank distance), not the scoring's map kind
+        rule = getattr(model.config, "map_rule", "elbo")
+        return "mean-z(elbo, knn)" if rule == "mean-z" else "elbo"
 
     def input_sizing(self) -> dict[str, Any]:
         # the feature model sees more pixels: up to FEATURE_MAX_SIZE, aspect kept

@@ -14,6 +14,8 @@ from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_vae import fuse_views
 from anomalyvae.models.maps import (
+    MAP_KINDS,
+    PIXEL_SCORE_KINDS,
     PIXEL_VIEW_NAMES,
     SMALL_IMAGE_SIDE,
     ScoringConfig,
@@ -51,6 +53,9 @@ class PixelFamily(ModelFamily):
     name = "pixel"
     view_names = PIXEL_VIEW_NAMES
     generative = True
+    map_kinds = MAP_KINDS
+    score_kinds = PIXEL_SCORE_KINDS
+    per_pixel_stats = True
     export_precisions = ("fp32", "fp16", "int8")
 
     def resolve_scoring(self, detector: VAEAnomalyDetector, spec: Preprocessing) -> ScoringConfig:
