@@ -29,6 +29,7 @@ from anomalyvae.imaging.io import (
 )
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
+    VolumeInput,
     read_volume,
     read_volume_mask,
     slice_name,
@@ -398,12 +399,12 @@ def score_files(
             flat.clear()
 
     for path in paths:
-        volume = read_volume(path) if is_nifti(path) else None
-        if volume is None or volume.data.shape[0] == 1:
+        volume = VolumeInput(path, spec) if is_nifti(path) else None  # read slice by slice
+        if volume is None or len(volume) == 1:
             flat.append(path)
             continue
         flush()
-        slices = detector.anomaly_score(volume_slices(path, spec, volume=volume), valid)
+        slices = detector.anomaly_score(volume.stack(), valid)
         names.extend(slice_name(path, k) for k in range(len(slices)))
         names.append(path)
         scores.extend([*slices.tolist(), float(slices.max())])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -104,23 +104,35 @@ MAX_SLICE_PIXELS = 89_478_485
 MAX_VOXELS = 1 << 28
 
 
-def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
-    """A 2-D or 3-D NIfTI image as (slices, h, w) along ``axis`` (2 = axial in RAS order).
+class NiftiSlices:
+    """A NIfTI file read one slice at a time: memory of one slice, whatever the volume.
 
-    4-D images are refused: choose a time point or channel first. The header's shape is
-    checked against ``MAX_SLICE_PIXELS`` and ``MAX_VOXELS`` before any voxel is read.
+    The header is checked on opening (2-D or 3-D, ``MAX_SLICE_PIXELS`` per slice,
+    ``MAX_VOXELS`` in all) before any voxel is read; :meth:`read` returns slice ``k``
+    along ``axis`` as (h, w) float32 in stored units (``scl_slope``/``scl_inter``
+    applied), refusing NaN or infinite voxels. Slices read in order decompress a
+    ``.nii.gz`` once (the file is kept open).
     """
-    import nibabel
 
-    try:
-        image = nibabel.load(str(path))
-    except Exception as error:
-        raise MedicalReadError(
-            f"not a readable NIfTI file ({error})", "check the file is complete"
-        ) from error
-    shape = tuple(int(n) for n in image.shape)
-    if len(shape) in (2, 3):
-        plane = [n for i, n in enumerate(shape) if i != axis] if len(shape) == 3 else shape
+    def __init__(self, path: str | os.PathLike[str], axis: int = 2) -> None:
+        import nibabel
+
+        self.path, self.axis = Path(path), axis
+        try:
+            self._image = nibabel.load(str(path), keep_file_open=True)
+        except Exception as error:
+            raise MedicalReadError(
+                f"not a readable NIfTI file ({error})", "check the file is complete"
+            ) from error
+        shape = tuple(int(n) for n in self._image.shape)
+        if len(shape) not in (2, 3):
+            raise MedicalReadError(
+                f"NIfTI image has {len(shape)} dimensions {shape}; only 2-D and 3-D are scored",
+                "extract one time point or channel (e.g. with nibabel) first",
+            )
+        self._shape3 = shape if len(shape) == 3 else (*shape, 1)
+        self._axis = axis if len(shape) == 3 else 2
+        plane = [n for i, n in enumerate(self._shape3) if i != self._axis]
         if int(np.prod(plane)) > MAX_SLICE_PIXELS:
             raise MedicalReadError(
                 f"NIfTI slices are too large ({plane[1]} x {plane[0]} pixels; the limit is "
@@ -133,27 +145,55 @@ def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
                 f"is {MAX_VOXELS:,})",
                 "split it into smaller volumes before scoring",
             )
+        #: (slices, h, w) as :func:`read_nifti` returns them
+        self.shape = (self._shape3[self._axis], plane[0], plane[1])
+        self.affine = np.asarray(self._image.affine, dtype=np.float64)
+        self.bit_depth = int(np.dtype(self._image.get_data_dtype()).itemsize * 8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, k: int) -> NDArray[np.float32]:
+        """Slice ``k`` (0-based, along ``axis``) as (h, w) float32 in stored units."""
+        index: list[Any] = [slice(None)] * 3
+        index[self._axis] = k
+        try:
+            proxy = self._image.dataobj
+            data = proxy[tuple(index)] if len(self._image.shape) == 3 else proxy[:, :]
+            plane = np.asarray(data, dtype=np.float32)
+        except Exception as error:
+            raise MedicalReadError(
+                f"not a readable NIfTI file ({error})", "check the file is complete"
+            ) from error
+        if not np.isfinite(plane).all():
+            raise MedicalReadError(
+                "NIfTI image contains NaN or infinite voxels",
+                "replace them (e.g. with the background value) first",
+            )
+        return np.ascontiguousarray(plane)
+
+    def close(self) -> None:
+        """Let go of the file (also when the object is dropped)."""
+        opener = getattr(self._image.dataobj, "_opener", None)
+        if opener is not None and hasattr(opener, "close"):
+            opener.close()
+
+
+def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
+    """A 2-D or 3-D NIfTI image as (slices, h, w) along ``axis`` (2 = axial in RAS order).
+
+    4-D images are refused: choose a time point or channel first. The header's shape is
+    checked against ``MAX_SLICE_PIXELS`` and ``MAX_VOXELS`` before any voxel is read.
+    The whole volume in memory: :class:`NiftiSlices` reads one slice at a time.
+    """
+    reader = NiftiSlices(path, axis)
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
-    except Exception as error:
-        raise MedicalReadError(
-            f"not a readable NIfTI file ({error})", "check the file is complete"
-        ) from error
-    if data.ndim == 2:
-        data = data[:, :, None]
-    if data.ndim != 3:
-        raise MedicalReadError(
-            f"NIfTI image has {data.ndim} dimensions {data.shape}; only 2-D and 3-D are scored",
-            "extract one time point or channel (e.g. with nibabel) first",
-        )
-    if not np.isfinite(data).all():
-        raise MedicalReadError(
-            "NIfTI image contains NaN or infinite voxels",
-            "replace them (e.g. with the background value) first",
-        )
-    slices = np.moveaxis(data, axis, 0)
-    bits = int(np.dtype(image.get_data_dtype()).itemsize * 8)
-    return Volume(np.ascontiguousarray(slices), np.asarray(image.affine, dtype=np.float64), bits)
+        data = np.empty(reader.shape, dtype=np.float32)
+        for k in range(len(reader)):
+            data[k] = reader.read(k)
+    finally:
+        reader.close()
+    return Volume(data, reader.affine, reader.bit_depth)
 
 
 def normalize_intensity(

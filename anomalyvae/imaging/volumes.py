@@ -10,6 +10,7 @@ is :func:`anomalyvae.imaging.medical.read_nifti`. Torch-free.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,9 @@ from anomalyvae.imaging.io import (
 )
 from anomalyvae.imaging.medical import (
     MedicalReadError,
+    NiftiSlices,
     Volume,
-    normalize_intensity,
+    intensity_range,
     read_nifti,
 )
 
@@ -37,6 +39,136 @@ def read_volume(path: str | os.PathLike[str], axis: int = 2):
         return read_nifti(path, axis)
     except MedicalReadError as error:
         raise ImageReadError(path, error.reason, error.fix) from error
+
+
+#: Voxels a volume's percentile range is read from: all of them up to this many, else
+#: an even sample of this size (the percentiles then move by far less than a grey level).
+PERCENTILE_SAMPLE = 1 << 24
+
+
+class _Planes:
+    """A volume's raw slices: from a decoded :class:`Volume`, or read one at a time."""
+
+    def __init__(self, path: Path, axis: int, volume: Volume | None) -> None:
+        self._volume, self._reader = volume, None
+        if volume is None:
+            try:
+                self._reader = NiftiSlices(path, axis)
+            except MedicalReadError as error:
+                raise ImageReadError(path, error.reason, error.fix) from error
+        self.path = path
+        self.shape = volume.data.shape if volume is not None else self._reader.shape
+
+    def read(self, k: int) -> NDArray[np.float32]:
+        if self._volume is not None:
+            return self._volume.data[k]
+        try:
+            return self._reader.read(k)
+        except MedicalReadError as error:
+            raise ImageReadError(self.path, error.reason, error.fix) from error
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+class VolumeInput:
+    """A NIfTI volume as model input, a block of slices at a time, normalized per volume.
+
+    Opening reads the volume once for its intensity range (min and max, or the
+    percentiles of at most ``PERCENTILE_SAMPLE`` voxels) with one slice in memory;
+    :meth:`blocks` then reads the slices again, in order, as model input. Memory: one
+    raw slice and one block, whatever the volume's size. ``volume``: the already decoded
+    file, when the caller has it. Picklable (no open file between calls).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        spec: Preprocessing,
+        axis: int = 2,
+        volume: Volume | None = None,
+    ) -> None:
+        self.path, self.spec, self.axis, self._volume = Path(path), spec, axis, volume
+        planes = _Planes(self.path, axis, volume)
+        try:
+            #: (slices, h, w) of the stored volume
+            self.shape: tuple[int, int, int] = tuple(int(n) for n in planes.shape)
+            self.low, self.high = _volume_range(planes, len(self), spec)
+        finally:
+            planes.close()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def plane(self, raw: NDArray[np.float32]) -> NDArray[np.float32]:
+        """A raw slice (h, w) normalized with the volume's range, (h, w, 1) in [0, 1]."""
+        if self.high <= self.low:
+            return np.zeros((*raw.shape, 1), dtype=np.float32)
+        scaled = (raw[..., None] - np.float32(self.low)) / np.float32(self.high - self.low)
+        return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+    def blocks(
+        self, size: int, skip_background: bool = False
+    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.float32]]]:
+        """(slice indices, model input (m, c, h, w)) of at most ``size`` slices each.
+
+        ``skip_background`` drops slices that are mostly empty (fewer than 10 % of
+        pixels above 5 % of the volume's intensity range).
+        """
+        spec = self.spec
+        planes = _Planes(self.path, self.axis, self._volume)
+        try:
+            index: list[int] = []
+            block: list[NDArray[np.float32]] = []
+            for k in range(len(self)):
+                scaled = self.plane(planes.read(k))
+                if skip_background and (scaled > 0.05).mean() < 0.10:
+                    continue
+                index.append(k)
+                block.append(preprocess(scaled, spec))
+                if len(block) >= size:
+                    yield np.array(index, dtype=np.int64), np.stack(block)
+                    index, block = [], []
+            if block:
+                yield np.array(index, dtype=np.int64), np.stack(block)
+        finally:
+            planes.close()
+
+    def stack(self, skip_background: bool = False) -> NDArray[np.float32]:
+        """Every (kept) slice as model input (slices, c, h, w)."""
+        spec = self.spec
+        parts = [block for _, block in self.blocks(64, skip_background)]
+        if not parts:
+            return np.empty((0, spec.channels, spec.height, spec.width), dtype=np.float32)
+        return np.concatenate(parts)
+
+
+def _volume_range(planes: _Planes, n: int, spec: Preprocessing) -> tuple[float, float]:
+    """The stored (low, high) a volume's normalization maps to 0 and 1, slice by slice."""
+    method = "minmax" if spec.normalization == "none" else spec.normalization
+    args = (spec.window_center, spec.window_width, spec.percentile_low, spec.percentile_high)
+    if method == "window":
+        return intensity_range(np.zeros(1, np.float32), method, *args)
+    if method == "minmax":
+        low, high = np.inf, -np.inf
+        for k in range(n):
+            plane = planes.read(k)
+            low, high = min(low, float(plane.min())), max(high, float(plane.max()))
+        return low, high
+    total = n * int(np.prod(planes.shape[1:]))
+    step = max(1, -(-total // PERCENTILE_SAMPLE))
+    sample = np.concatenate([planes.read(k).ravel()[::step] for k in range(n)])
+    return intensity_range(sample, method, *args)
+
+
+def read_slice(path: str | os.PathLike[str], k: int, axis: int = 2) -> NDArray[np.float32]:
+    """Slice ``k`` of a NIfTI volume in stored units (h, w), read alone."""
+    planes = _Planes(Path(path), axis, None)
+    try:
+        return planes.read(k)
+    finally:
+        planes.close()
 
 
 def volume_slices(
@@ -50,26 +182,10 @@ def volume_slices(
 
     ``skip_background`` drops slices that are mostly empty (fewer than 10 % of pixels
     above 5 % of the volume's intensity range), as training on air teaches nothing.
-    ``volume`` is the already decoded file, when the caller has it.
+    ``volume`` is the already decoded file, when the caller has it. Read slice by slice
+    (:class:`VolumeInput`): memory of the model input, not of the stored volume.
     """
-    if volume is None:
-        volume = read_volume(path, axis)
-    method = "minmax" if spec.normalization == "none" else spec.normalization
-    scaled = normalize_intensity(
-        volume.data[..., None],
-        method,
-        spec.window_center,
-        spec.window_width,
-        spec.percentile_low,
-        spec.percentile_high,
-    )
-    if skip_background:
-        foreground = (scaled > 0.05).reshape(len(scaled), -1).mean(axis=1) >= 0.10
-        scaled = scaled[foreground]
-    out = np.empty((len(scaled), spec.channels, spec.height, spec.width), dtype=np.float32)
-    for k, plane in enumerate(scaled):
-        out[k] = preprocess(plane, spec)
-    return out
+    return VolumeInput(path, spec, axis, volume).stack(skip_background)
 
 
 def slice_name(name: str | os.PathLike[str], index: int) -> str:

@@ -31,8 +31,7 @@ from anomalyvae.imaging.io import (
 )
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
-    read_volume,
-    volume_slices,
+    VolumeInput,
 )
 
 EXTRA_EXTENSIONS = (".gif", ".webp")
@@ -69,7 +68,8 @@ class Decoded(NamedTuple):
     """A worker's result for one file: the model input or an error, and file facts."""
 
     index: int
-    pixels: NDArray[np.float32] | None
+    #: model input (c, h, w); a volume's slices to read (``info["slices"]`` set)
+    pixels: NDArray[np.float32] | VolumeInput | None
     info: dict[str, Any]
 
 
@@ -111,14 +111,15 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
 
 
 def _decode_volume(index: int, path: Path, spec: Preprocessing, info: dict[str, Any]) -> Decoded:
-    """All slices of a NIfTI volume as a (slices, c, h, w) stack, normalized per volume."""
-    volume = read_volume(path)
-    stack = volume_slices(path, spec, volume=volume)
-    shape = volume.data.shape
-    info.update(
-        width=int(shape[2]), height=int(shape[1]), channels=1, bit_depth=32, slices=int(len(stack))
-    )
-    return Decoded(index, stack, info)
+    """A NIfTI volume, checked and its intensity range read: the scorer reads its slices.
+
+    The slices become model input a block at a time where they are scored
+    (:meth:`VolumeInput.blocks`), so memory does not grow with the slice count.
+    """
+    volume = VolumeInput(path, spec)
+    _, height, width = volume.shape
+    info.update(width=width, height=height, channels=1, bit_depth=32, slices=len(volume))
+    return Decoded(index, volume, info)
 
 
 def decode_stream(

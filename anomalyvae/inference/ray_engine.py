@@ -34,6 +34,7 @@ import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.volumes import VolumeInput
 from anomalyvae.inference.decoding import Decoded, decode_file
 from anomalyvae.inference.records import COLUMNS, Job
 from anomalyvae.inference.runtime import OnnxDetector
@@ -135,7 +136,8 @@ def _decode_block(block: pd.DataFrame, spec: dict[str, Any], tally: Any) -> pd.D
             pixels.append(b"")
             n_inputs.append(0)
         else:
-            stack = data if "slices" in decoded.info else data[None]
+            # a volume travels as its slices' model input (Ray's blocks are bytes)
+            stack = data.stack() if isinstance(data, VolumeInput) else data[None]
             pixels.append(np.ascontiguousarray(stack, dtype=np.float32).tobytes())
             n_inputs.append(len(stack))
         infos.append(json.dumps(decoded.info))

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
@@ -34,7 +35,8 @@ from anomalyvae.imaging.io import (
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
-    read_volume,
+    VolumeInput,
+    read_slice,
     slice_name,
     write_volume_map,
 )
@@ -223,29 +225,24 @@ class BatchScorer:
 
     def rows(self, batch: Sequence[tuple[Decoded, Job]]) -> list[dict[str, Any]]:
         """One row per file (a volume: one per slice plus one for the volume)."""
-        good = [(d, job) for d, job in batch if d.pixels is not None]
-        result = None
-        if good:
-            # a volume contributes one model input per slice
-            stacked = np.concatenate(
-                [d.pixels if "slices" in d.info else d.pixels[None] for d, _ in good]
-            )
-            result = self.detector.predict_arrays(stacked, self.threshold)
-            # the drift alarm compares these with the calibration normals' (drift.py)
-            result = result._replace(mean_intensity=stacked.reshape(len(stacked), -1).mean(axis=1))
-        position, offset = {}, 0
-        for d, _ in good:
-            position[d.index] = offset
-            offset += d.info.get("slices", 1)
+        images = [(d, job) for d, job in batch if d.pixels is not None and "slices" not in d.info]
+        result, position = None, {d.index: k for k, (d, _) in enumerate(images)}
+        if images:
+            result = self._predict(np.stack([d.pixels for d, _ in images]))
         out: list[dict[str, Any]] = []
         for item, job in batch:
-            if item.index not in position:
+            if item.pixels is None:
                 out.append(self._base_row(item, job, job.relative))
-            elif "slices" in item.info:
-                out.extend(self._volume_rows(item, job, position[item.index], result))
+            elif "slices" in item.info:  # scored a block of slices at a time
+                out.extend(self._volume_rows(item, job))
             else:
                 out.append(self._image_row(item, job, position[item.index], result))
         return out
+
+    def _predict(self, inputs: NDArray[np.float32]) -> Any:
+        result = self.detector.predict_arrays(inputs, self.threshold)
+        # the drift alarm compares these with the calibration normals' (drift.py)
+        return result._replace(mean_intensity=inputs.reshape(len(inputs), -1).mean(axis=1))
 
     def _wants_heatmap(self, is_anomaly: bool) -> bool:
         mode = self.config.heatmaps
@@ -291,40 +288,55 @@ class BatchScorer:
             )
         return row
 
-    def _volume_rows(
-        self, item: Decoded, job: Job, start: int, result: Any
-    ) -> list[dict[str, Any]]:
-        """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice)."""
-        n = int(item.info["slices"])
-        worst = int(np.argmax(result.score[start : start + n]))
-        out = []
-        for k in [*range(n), worst]:
-            row = self._base_row(item, job, slice_name(job.relative, k))
-            row.update(
-                channels=1,
-                slice=k,
-                **_score_fields(result, start + k, item.info, self.pixel_threshold),
+    def _volume_rows(self, item: Decoded, job: Job) -> list[dict[str, Any]]:
+        """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice).
+
+        The slices are read and scored a block at a time: memory holds one block (and,
+        with ``save_maps``, the volume's maps at model resolution).
+        """
+        source = item.pixels
+        if isinstance(source, VolumeInput):
+            blocks = source.blocks(self.detector.batch_size)
+        else:  # a stack already decoded (the Ray engine sends volumes so)
+            step = self.detector.batch_size
+            blocks = (
+                (np.arange(s, min(s + step, len(source))), source[s : s + step])
+                for s in range(0, len(source), step)
             )
-            out.append(row)
-        volume = out[-1]
+        out: list[dict[str, Any]] = []
+        worst, worst_map, maps = -1, None, []
+        for index, block in blocks:
+            result = self._predict(block)
+            for j, k in enumerate(index):
+                row = self._base_row(item, job, slice_name(job.relative, int(k)))
+                fields = _score_fields(result, j, item.info, self.pixel_threshold)
+                row.update(channels=1, slice=int(k), **fields)
+                out.append(row)
+                if worst < 0 or row["score"] > out[worst]["score"]:
+                    worst, worst_map = len(out) - 1, result.anomaly_map[j, 0].copy()
+            if self.config.save_maps:
+                maps.append(result.anomaly_map[:, 0].copy())
+        volume = dict(out[worst])
         volume["relative_path"] = job.relative  # the volume row: max over slices
         volume["slice"] = pd.NA
+        out.append(volume)
         if self.config.save_maps:
             write_volume_map(
                 job.path,
                 self.output / "maps" / output_name(job.relative, ".map.nii.gz"),
-                result.anomaly_map[start : start + n, 0],
+                np.concatenate(maps),
             )
         if self._wants_heatmap(volume["is_anomaly"]):
-            name = Path("heatmaps") / heatmap_name(slice_name(job.relative, worst))
-            plane = normalize_intensity(read_volume(job.path).data[worst][..., None], "minmax")
+            k = int(out[worst]["slice"])
+            name = Path("heatmaps") / heatmap_name(slice_name(job.relative, k))
+            raw = read_slice(job.path, k)
             save_heatmap(
                 job.path,
                 self.output / name,
-                result.anomaly_map[start + worst, 0],
+                worst_map,
                 self.pixel_threshold,
                 self.vmax,
-                pixels=plane,
+                pixels=normalize_intensity(raw[..., None], "minmax"),
             )
             volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
         return out
