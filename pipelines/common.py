@@ -44,7 +44,8 @@ def shown(path: Path) -> str:
     """A path as reports show it: relative to the repository, never a machine path."""
     root = Path(__file__).resolve().parents[1]
     try:
-        return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
+        # absolute, links kept: runs/ may be a link to where the suite trained
+        return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
     except ValueError:  # another drive
         return Path(path).name
 

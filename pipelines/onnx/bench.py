@@ -1,21 +1,25 @@
-"""ONNX Runtime vs torch eager on the full scoring graph; fp32, fp16, int8; FLOPs and peak.
+"""ONNX Runtime vs torch eager on the full scoring graph, at two input sizes; FLOPs, peak, memory.
 
-    python pipelines/onnx/bench.py [--checkpoint runs/suite/mtd/model.pt]
-                                   [--data ../shared/datasets/mtd/split.json]
-    python pipelines/onnx/bench.py --smoke      # a tiny synthetic model, one round (CI)
+    python pipelines/onnx/bench.py                  # the suite's MTD (256 x 256) and
+                                                    # KolektorSDD (1216 x 480) models
+    python pipelines/onnx/bench.py --smoke          # a tiny synthetic model, one round (CI)
 
-Exports the checkpoint (fp32; for the pixel model also fp16 and int8 calibrated on
-training normals), then on the same
-batches of test images, alternating configurations round by round (this machine is noisy),
-measures images/s, single-image latency p50/p99, and image AUROC of each precision on the
-test set. Also counts the model's FLOPs per image and measures this machine's dense float32
-matmul peak (numpy) in the same run. Writes reports/onnx/{README.md,results.json,throughput.png}.
+For each model: exports the checkpoint (fp32; for a family with them also fp16 and int8
+calibrated on training normals) in a fresh process, whose peak memory is the export's;
+then, on the same test images at the product's own batch size (sized from the input,
+``auto_batch_size``), alternating configurations round by round (this machine is noisy),
+measures images/s, single-image latency p50/p99, and image AUROC of each configuration on
+the test set; and the peak memory of a fresh process that opens the ONNX model and scores
+those images. Also counts the model's FLOPs per image and measures this machine's dense
+float32 matmul peak (numpy) in the same run. Writes reports/onnx/{README.md,results.json,
+throughput.png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,12 +36,36 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.export import export_all, torch_outputs, variant_path  # noqa: E402
+from anomalyvae.export import torch_outputs, variant_path  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.models.maps import ScoringGraph  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
+DATA = ROOT.parent / "shared" / "datasets"
+RUNS = ROOT / "runs" / "suite"
+#: (label, checkpoint, data) of the default model at two sizes
+MODELS = (
+    ("MTD 256 x 256", RUNS / "mtd" / "model.pt", DATA / "mtd" / "split.json"),
+    ("KolektorSDD 500 x 1250", RUNS / "kolektorsdd" / "model.pt", DATA / "kolektorsdd"),
+)
+
+#: A fresh process's peak resident memory (VmHWM: its own, from exec on).
+PEAK = "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
+EXPORT_SCRIPT = f"""
+import sys
+from anomalyvae.export import export_all
+export_all(sys.argv[1], sys.argv[2], sys.argv[3], fp16=sys.argv[4] == "1",
+           int8=sys.argv[4] == "1", max_images=64)
+print(int({PEAK}) / 1024)
+"""
+SCORE_SCRIPT = f"""
+import sys
+import numpy as np
+from anomalyvae.inference.runtime import OnnxDetector
+detector = OnnxDetector(sys.argv[1], device="cpu")
+detector.predict_arrays(np.load(sys.argv[2]))
+print(int({PEAK}) / 1024)
+"""
 
 
 def scoring_graph(detector: VAEAnomalyDetector) -> ScoringGraph:
@@ -55,68 +83,61 @@ def flops_per_image(detector: VAEAnomalyDetector) -> float:
     return float(counter.get_total_flops())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def fresh_peak_mb(script: str, *args: str) -> float:
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], check=True, capture_output=True, text=True
     )
-    parser.add_argument(
-        "--checkpoint", type=Path, default=ROOT / "runs" / "suite" / "mtd" / "model.pt"
-    )
-    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model, one round")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "onnx")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--latency-runs", type=int, default=60)
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    if args.smoke:  # everything below on a tiny synthetic set, written to a temp folder
-        args.data, args.checkpoint = smoke_model(tmp)
-        args.out, args.rounds, args.latency_runs, args.batch_size = tmp / "report", 1, 2, 8
-    args.out.mkdir(parents=True, exist_ok=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
-    detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
+
+def bench_model(
+    checkpoint: Path, data: Path, args: argparse.Namespace, work: Path, peak: float
+) -> dict:
+    """Every configuration of one model: throughput, latency, AUROC, FLOPs and memory."""
+    detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_
-    test = discover(args.data, "test")
+    test = discover(data, "test")
     images, _, _ = read_images([s.path for s in test], spec, on_error="raise")
     labels = np.array([s.label for s in test])
-    train = discover(args.data, "train")
     precisions = detector.family().export_precisions  # fp16/int8 where the family has them
-    fp16, int8 = "fp16" in precisions, "int8" in precisions
-    export_all(args.checkpoint, tmp / "model.onnx", args.data, fp16=fp16, int8=int8, max_images=64)
-    paths = {"fp32": tmp / "model.onnx"}
-    paths.update({p: variant_path(tmp / "model.onnx", p) for p in precisions if p != "fp32"})
+    variants = "1" if "fp16" in precisions else "0"
+    model = work / "model.onnx"
+    export_peak = fresh_peak_mb(EXPORT_SCRIPT, str(checkpoint), str(model), str(data), variants)
+    paths = {"fp32": model}
+    paths.update({p: variant_path(model, p) for p in precisions if p != "fp32"})
     sessions = {
         k: OnnxDetector(p, device="cpu", batch_size=args.batch_size) for k, p in paths.items()
     }
+    batch_size = sessions["fp32"].batch_size  # the product's, unless --batch-size
     graph = scoring_graph(detector)
 
     def torch_run(batch: np.ndarray) -> None:
         with torch.no_grad():
-            graph(torch.from_numpy(batch))
+            for start in range(0, len(batch), batch_size):
+                graph(torch.from_numpy(batch[start : start + batch_size]))
 
     runners = {
         "torch eager fp32": torch_run,
         **{f"onnxruntime {k}": (lambda b, s=s: s.predict_arrays(b)) for k, s in sessions.items()},
     }
-    batch = images[: args.batch_size]
+    block = images[: max(args.images, batch_size)]
+    np.save(work / "block.npy", block)
     for run in runners.values():  # warm-up
-        run(batch)
+        run(block[:batch_size])
     throughput: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():  # alternate within each round
-            throughput[name].append(len(batch) / timed(lambda r=run: r(batch)))
+            throughput[name].append(len(block) / timed(lambda r=run: r(block)))
     latency: dict[str, list[float]] = {k: [] for k in runners}
     for i in range(args.latency_runs):
         one = images[i % len(images)][None]
         for name, run in runners.items():
             latency[name].append(1000 * timed(lambda r=run, x=one: r(x)))
     flops = flops_per_image(detector)
-    peak = matmul_peak()
-
     aurocs = {"torch eager fp32": roc_auc_score(labels, torch_outputs(detector, images)["score"])}
     for key, session in sessions.items():
         aurocs[f"onnxruntime {key}"] = roc_auc_score(labels, session.predict_arrays(images).score)
+    score_peak = fresh_peak_mb(SCORE_SCRIPT, str(model), str(work / "block.npy"))
 
     base = float(np.median(throughput["torch eager fp32"]))
     rows = {}
@@ -125,6 +146,7 @@ def main() -> None:
         rows[name] = {
             "images_per_s_median": ips,
             "images_per_s_runs": throughput[name],
+            "ms_per_image": 1000 / ips,
             "ratio_vs_torch": ips / base,
             "latency_ms_p50": float(np.percentile(latency[name], 50)),
             "latency_ms_p99": float(np.percentile(latency[name], 99)),
@@ -133,22 +155,51 @@ def main() -> None:
             "image_auroc": float(aurocs[name]),
             "auroc_change_vs_fp32": float(aurocs[name] - aurocs["torch eager fp32"]),
         }
-    results = {
-        "machine": machine(),
-        "checkpoint": shown(args.checkpoint),
+    return {
+        "checkpoint": shown(checkpoint),
         "input": [spec.channels, spec.height, spec.width],
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
+        "batch_size": batch_size,
+        "n_throughput_images": len(block),
         "model_family": detector.family_,
-        "map_kind": detector.scoring_.map_kind,
         "map": map_label(detector),
         "score_kind": detector.scoring_.score_kind,
+        "bank_size": getattr(detector.model_.config, "bank_size", None),
         "mflops_per_image": flops / 1e6,
-        "matmul_peak_gflops": peak,
         "n_test_images": len(images),
-        "n_train_listed": len(train),
+        "export_peak_rss_mb": export_peak,
+        "score_peak_rss_mb": score_peak,
         "configs": rows,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic model, one round")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "onnx")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="[default: the product's, from the input]"
+    )
+    parser.add_argument("--images", type=int, default=32, help="images per throughput run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latency-runs", type=int, default=30)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+    models = MODELS
+    if args.smoke:  # everything below on a tiny synthetic set, written to a temp folder
+        data, checkpoint = smoke_model(tmp)
+        models = (("synthetic 64 x 64", checkpoint, data),)
+        args.out, args.rounds, args.latency_runs, args.images = tmp / "report", 1, 2, 8
+    args.out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_peak()
+    results = {"machine": machine(), "matmul_peak_gflops": peak, "rounds": args.rounds}
+    results["models"] = {}
+    for label, checkpoint, data in models:
+        print(f"[{label}] {shown(checkpoint)}", flush=True)
+        work = tmp / label.replace(" ", "_")
+        work.mkdir(parents=True, exist_ok=True)
+        results["models"][label] = bench_model(checkpoint, data, args, work, peak)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
     import matplotlib
@@ -156,41 +207,54 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3))
-    names = list(rows)
-    ax.barh(names, [rows[n]["images_per_s_median"] for n in names], color="#4a7bb7")
-    ax.set(xlabel=f"images/s (batch {args.batch_size}, median of {args.rounds})")
+    fig, axes = plt.subplots(len(models), 1, figsize=(6, 1.6 + 1.2 * len(models)), squeeze=False)
+    for ax, (label, result) in zip(axes[:, 0], results["models"].items(), strict=True):
+        names = list(result["configs"])
+        speeds = [result["configs"][n]["images_per_s_median"] for n in names]
+        ax.barh(names, speeds, color="#4a7bb7")
+        ax.set(title=f"{label} (batch {result['batch_size']})", xlabel="images/s")
     fig.tight_layout()
     fig.savefig(args.out / "throughput.png", dpi=120)
     plt.close(fig)
 
     lines = [
-        "# ONNX Runtime vs torch eager: full scoring graph"
+        "# ONNX Runtime vs torch eager: full scoring graph, two input sizes"
         + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/onnx/bench.py`; every number comes from that run.",
         f"Machine: {machine()}.",
-        f"Model: {shown(args.checkpoint)} ({detector.family_} family), input "
-        f"{spec.channels}x{spec.height}x{spec.width}, "
-        f"map `{map_label(detector)}`, score `{detector.scoring_.score_kind}`; "
-        f"{flops / 1e6:.0f} MFLOP per image (torch FLOP counter, the whole scoring graph).",
         f"Dense float32 matmul peak measured in the same run (numpy, 2048^2): "
         f"**{peak:.0f} GFLOP/s**.",
-        f"Throughput: batch {args.batch_size} of test images, configurations alternated "
-        f"in each of {args.rounds} rounds, median reported. Latency: one image, "
-        f"{args.latency_runs} runs. AUROC: all {len(images)} test images.",
-        "",
-        "| configuration | images/s | × torch | latency p50 ms | p99 ms | GFLOP/s "
-        "| % of matmul peak | image AUROC | Δ AUROC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Throughput: the product's batch size (from the input size), {args.images} test "
+        f"images per run, configurations alternated in each of {args.rounds} rounds, median "
+        f"reported. Latency: one image, {args.latency_runs} runs. AUROC: all test images. "
+        "Peak memory: fresh processes (VmHWM), one exporting (with its parity check), one "
+        "opening the ONNX model and scoring the throughput images.",
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['images_per_s_median']:.1f} | {r['ratio_vs_torch']:.2f} | "
-            f"{r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | {r['gflops_per_s']:.0f} | "
-            f"{100 * r['share_of_matmul_peak']:.0f} % | {r['image_auroc']:.3f} | "
-            f"{r['auroc_change_vs_fp32']:+.3f} |"
-        )
+    for label, r in results["models"].items():
+        lines += [
+            "",
+            f"## {label}",
+            "",
+            f"Model: {r['checkpoint']} ({r['model_family']} family, bank {r['bank_size']}), "
+            f"input {'x'.join(map(str, r['input']))}, batch {r['batch_size']}, map "
+            f"`{r['map']}`, score `{r['score_kind']}`; {r['mflops_per_image']:.0f} MFLOP per "
+            "image (torch FLOP counter, the whole scoring graph). Peak memory: export "
+            f"{r['export_peak_rss_mb']:.0f} MB, scoring with ONNX Runtime "
+            f"{r['score_peak_rss_mb']:.0f} MB.",
+            "",
+            "| configuration | images/s | ms / image | × torch | latency p50 ms | p99 ms "
+            "| GFLOP/s | % of matmul peak | image AUROC | Δ AUROC |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in r["configs"].items():
+            lines.append(
+                f"| {name} | {c['images_per_s_median']:.1f} | {c['ms_per_image']:.1f} | "
+                f"{c['ratio_vs_torch']:.2f} | {c['latency_ms_p50']:.1f} | "
+                f"{c['latency_ms_p99']:.1f} | {c['gflops_per_s']:.0f} | "
+                f"{100 * c['share_of_matmul_peak']:.0f} % | {c['image_auroc']:.3f} | "
+                f"{c['auroc_change_vs_fp32']:+.3f} |"
+            )
     lines += ["", "![throughput](throughput.png)", ""]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
