@@ -335,3 +335,19 @@ def test_the_runtime_sizes_its_batches_from_the_input(onnx_model):
     h, w = runtime.input_shape[1:]
     assert runtime.batch_size == min(MAX_AUTO_BATCH, BATCH_PIXELS // (h * w))
     assert OnnxDetector(onnx_model, device="cpu", batch_size=3).batch_size == 3
+
+
+def test_session_options_are_set_deliberately():
+    """The settings docs/onnx-contract.md promises integrators, on every session."""
+    import onnxruntime as ort
+
+    from anomalyvae.inference import runtime
+
+    options = runtime.session_options(intra_op_threads=2, inter_op_threads=1)
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_cpu_mem_arena and options.enable_mem_pattern
+    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning == runtime.SPINNING
+    assert runtime.session_options().intra_op_num_threads == 0  # ONNX Runtime's default

@@ -55,6 +55,39 @@ def format_prediction(row: dict[str, Any]) -> str:
     return f"{row['path']}\t{row['score']:.6g}\t{row['normalized_score']:.4f}\t{verdict}"
 
 
+def session_options(
+    intra_op_threads: int | None = None, inter_op_threads: int | None = None
+) -> ort.SessionOptions:
+    """The ONNX Runtime session settings of every scan and ``predict`` (docs/onnx-contract.md).
+
+    - all graph optimizations (fusions, constant folding), sequential execution: the
+      graph is one chain, so a parallel executor only adds threads;
+    - intra-op threads: ``intra_op_threads``, else ONNX Runtime's default (one per
+      physical core); inter-op: ``inter_op_threads``, else its default;
+    - the CPU memory arena and memory pattern on: a scan runs one batch shape again and
+      again, so buffers planned once are reused (memory stays flat, bounded by the
+      batch: ``auto_batch_size``);
+    - intra-op threads do not spin between batches (``session.intra_op.allow_spinning``
+      0): a scan decodes files on the same cores meanwhile, and a spinning pool takes
+      their time.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", SPINNING)
+    return options
+
+
+#: ``session.intra_op.allow_spinning`` of :func:`session_options` (reports/scan measures it).
+SPINNING = "0"
+
+
 class OnnxModelError(AnomalyVAEError, ValueError):
     """The file is not an anomalyvae ONNX model, or it was altered after export."""
 
@@ -234,12 +267,7 @@ class OnnxDetector:
         if batch_size is None:  # memory bounded by the input size (auto_batch_size)
             batch_size = auto_batch_size(self.preprocessing.height, self.preprocessing.width)
         self.batch_size = batch_size
-        options = ort.SessionOptions()
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        if inter_op_threads:
-            options.inter_op_num_threads = inter_op_threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = session_options(intra_op_threads, inter_op_threads)
         requested = choose_providers(device, strict)
         # 3 = errors only: ONNX Runtime otherwise notes at every load that the threshold
         # input has a default (by design); 4 hushes the failed CUDA probe of "auto".

@@ -26,10 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import machine, smoke_model, synthetic_folder  # noqa: E402
+from common import machine, shown, smoke_model, synthetic_folder  # noqa: E402
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
+from anomalyvae.inference import runtime  # noqa: E402
 from anomalyvae.inference.decoding import discover  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
@@ -61,19 +62,45 @@ def model_only(model: Path, folder: Path, batch_size: int) -> float:
 
 
 def end_to_end(
-    model: Path, folder: Path, executor: str, workers: int, batch_size: int, out: Path
+    model: Path,
+    folder: Path,
+    executor: str,
+    workers: int,
+    batch_size: int,
+    out: Path,
+    spinning: str = runtime.SPINNING,
 ) -> float:
+    """Files/s of a whole scan; ``spinning``: ONNX Runtime's intra-op spinning setting."""
     shutil.rmtree(out, ignore_errors=True)
+    product, runtime.SPINNING = runtime.SPINNING, spinning  # read when the session opens
     config = ScanConfig(
         heatmaps="none", executor=executor, workers=workers, batch_size=batch_size, device="cpu"
     )
-    start = time.perf_counter()
-    result = scan(model, folder, out, config, progress=False)
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        result = scan(model, folder, out, config, progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        runtime.SPINNING = product
     return result.n_files / seconds
 
 
-def compare(model: Path, folder: Path, batch_size: int, workers: int, work: Path) -> dict:
+def peak_rss(model: Path, folder: Path, out: Path) -> dict:
+    """A whole scan in a fresh process: its file count and peak resident memory."""
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(model), str(folder), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(
+    model: Path, folder: Path, batch_size: int, workers: int, work: Path, spinning: bool = False
+) -> dict:
+    """Model-only and end-to-end throughput on ``folder``; with ``spinning``, the thread
+    scan again with ONNX Runtime's spinning threads on (its default) and off (ours)."""
     row = {
         "n_files": len(discover(folder)),
         "model_only_images_per_s": model_only(model, folder, batch_size),
@@ -82,6 +109,10 @@ def compare(model: Path, folder: Path, batch_size: int, workers: int, work: Path
         ips = end_to_end(model, folder, executor, workers, batch_size, work / executor)
         row[f"end_to_end_{executor}_images_per_s"] = ips
         row[f"end_to_end_{executor}_share_of_model_only"] = ips / row["model_only_images_per_s"]
+    if spinning:
+        for value in ("1", "0"):  # alternated after the runs above, each once more
+            ips = end_to_end(model, folder, "thread", workers, batch_size, work / "s", value)
+            row[f"end_to_end_thread_spinning_{value}_images_per_s"] = ips
     return row
 
 
@@ -93,6 +124,15 @@ def main() -> None:
         "--checkpoint", type=Path, default=ROOT / "runs" / "suite" / "mtd" / "model.pt"
     )
     parser.add_argument("--mtd", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
+    parser.add_argument(
+        "--large-checkpoint",
+        type=Path,
+        default=ROOT / "runs" / "suite" / "kolektorsdd" / "model.pt",
+        help="the default model at a large input (the suite's on 500 x 1250 images)",
+    )
+    parser.add_argument(
+        "--large", type=Path, default=ROOT.parent / "shared" / "datasets" / "kolektorsdd"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "scan")
     parser.add_argument("--n-synthetic", type=int, default=10_000)
     parser.add_argument(
@@ -105,7 +145,7 @@ def main() -> None:
     if args.smoke:  # everything on tiny synthetic data, written to a temp folder
         data, args.checkpoint = smoke_model(work / "smoke")
         args.mtd, args.n_synthetic, args.batch_size = data / "test", 30, 4
-        args.out = work / "report"
+        args.out, args.large_checkpoint, args.large = work / "report", args.checkpoint, data
     args.out.mkdir(parents=True, exist_ok=True)
     detector = VAEAnomalyDetector.load(args.checkpoint, progress=False)
     model = export_onnx(detector, work / "model.onnx").path
@@ -122,32 +162,32 @@ def main() -> None:
             detector.preprocessing_.width,
         ],
     }
-    results["mtd"] = compare(model, args.mtd, args.batch_size, args.workers, work / "mtd")
+    results["mtd"] = compare(
+        model, args.mtd, args.batch_size, args.workers, work / "mtd", spinning=True
+    )
     synthetic = synthetic_folder(work / "synthetic", args.n_synthetic)
     results["synthetic"] = compare(model, synthetic, args.batch_size, args.workers, work / "syn")
     small = work / "small"
     shutil.copytree(synthetic / "batch00", small / "batch00")
-    memory = {}
-    for name, folder in (("1000", small), (str(args.n_synthetic), synthetic)):
-        out = (
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    RSS_SCRIPT,
-                    str(model),
-                    str(folder),
-                    str(work / f"rss{name}"),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        memory[name] = json.loads(out)
+    memory = {
+        name: peak_rss(model, folder, work / f"rss{name}")
+        for name, folder in (("1000", small), (str(args.n_synthetic), synthetic))
+    }
     results["peak_rss"] = memory
+    large = VAEAnomalyDetector.load(args.large_checkpoint, progress=False)
+    large_model = export_onnx(large, work / "large.onnx").path
+    large_batch = OnnxDetector(large_model, device="cpu").batch_size
+    results["large"] = {
+        "checkpoint": shown(args.large_checkpoint),
+        "input": [
+            large.preprocessing_.channels,
+            large.preprocessing_.height,
+            large.preprocessing_.width,
+        ],
+        "batch_size": large_batch,
+        **compare(large_model, args.large, large_batch, args.workers, work / "large"),
+        "peak_rss": peak_rss(large_model, args.large, work / "rss-large"),
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
     def line(name: str, row: dict) -> str:
@@ -178,12 +218,24 @@ def main() -> None:
             results["mtd"],
         ),
         line("synthetic PNG 128 px", results["synthetic"]),
+        line(
+            f"large input {results['large']['input']} (batch {large_batch}): "
+            + ("synthetic" if args.smoke else "KolektorSDD 500 x 1250 folder (+ masks)"),
+            results["large"],
+        ),
+        "",
+        "ONNX Runtime's intra-op threads spinning between batches (its default) against not "
+        "(the product's `session_options`), the MTD thread scan once more each: "
+        f"{results['mtd']['end_to_end_thread_spinning_1_images_per_s']:.1f} against "
+        f"{results['mtd']['end_to_end_thread_spinning_0_images_per_s']:.1f} files/s.",
         "",
         "Peak resident memory of a whole scan (fresh process each):",
         "",
-        "| files | peak RSS MB |",
+        "| files (model input) | peak RSS MB |",
         "|---|---|",
         *[f"| {v['files']} | {v['peak_rss_mb']:.0f} |" for v in memory.values()],
+        f"| {results['large']['peak_rss']['files']} at {results['large']['input']} | "
+        f"{results['large']['peak_rss']['peak_rss_mb']:.0f} |",
         "",
     ]
     (args.out / "README.md").write_text("\n".join(text) + "\n")
