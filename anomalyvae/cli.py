@@ -608,22 +608,10 @@ def scan(
     model: Path,
     folder: Path,
     output: Path,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    batch_size: int | None,
-    workers: int,
-    executor: str,
-    heatmaps: str,
-    save_maps: bool,
-    threshold: float | None,
-    device: str,
     fail_on_anomaly: bool,
     strict: bool,
-    engine: str,
-    address: str | None,
-    ray_workers: int | None,
-    extend: bool,
     silent: bool,
+    **settings: Any,
 ) -> None:
     """Score every image under FOLDER with an exported MODEL; write a table and a report.
 
@@ -641,21 +629,7 @@ def scan(
     from anomalyvae.inference.scan import ScanConfig
 
     with _usage_errors():  # a setting that cannot work is a command-line mistake (exit 2)
-        config = ScanConfig(
-            include=include,
-            exclude=exclude,
-            batch_size=batch_size,
-            workers=workers,
-            executor=executor,
-            heatmaps=heatmaps,
-            save_maps=save_maps,
-            threshold=threshold,
-            device=device,
-            engine=engine,
-            address=address,
-            ray_workers=ray_workers,
-            extend=extend,
-        )
+        config = ScanConfig(**settings)  # every other option is a ScanConfig field
     result = run_scan(model, folder, output, config, progress=not silent)
     lines, warnings_ = result.describe()
     click.echo("\n".join(lines))
