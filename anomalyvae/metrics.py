@@ -125,11 +125,15 @@ def aupro(
     if n_regions == 0 or truth.all():
         return float("nan")
     weights /= n_regions
+    truth, values, weights = truth.ravel(), values.ravel(), weights.ravel()
+    # regions are measured on the whole masks above; the FPR axis may use a sample of
+    # the defect-free pixels (every defect pixel kept), which bounds memory on large sets
+    keep = _negative_sample(truth, max_negatives)
+    if keep is not None:
+        truth, values, weights = truth[keep], values[keep], weights[keep]
     negatives = ~truth
     weights[negatives] = 1.0 / negatives.sum()
-    fpr, pro, _ = roc_curve(
-        truth.ravel(), values.ravel(), sample_weight=weights.ravel(), drop_intermediate=False
-    )
+    fpr, pro, _ = roc_curve(truth, values, sample_weight=weights, drop_intermediate=False)
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     fpr_part, pro_part = fpr[:cut], pro[:cut]
     if cut < len(fpr) and fpr_part[-1] < fpr_limit:

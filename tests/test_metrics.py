@@ -87,3 +87,26 @@ def test_sampled_negatives_match_exact_metrics():
     exact_auroc, exact_pro = pixel_auroc(masks, maps), aupro(masks, maps)
     assert pixel_auroc(masks, maps, max_negatives=5000) == pytest.approx(exact_auroc, abs=0.01)
     assert aupro(masks, maps, max_negatives=5000) == pytest.approx(exact_pro, abs=0.02)
+
+
+def test_aupro_samples_the_defect_free_pixels_it_is_asked_to(monkeypatch):
+    """``max_negatives`` bounds what the PRO curve sorts (memory on large test sets), and
+    moves the area by no more than the sampling error."""
+    import anomalyvae.metrics as metrics
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 64, 64), dtype=bool)
+    masks[:3, 20:30, 20:34] = True
+    maps = rng.random(masks.shape).astype(np.float32) + 0.8 * masks
+    full = metrics.aupro(masks, maps)
+    seen = []
+    real = metrics.roc_curve
+
+    def recording(y, *args, **kwargs):
+        seen.append(len(y))
+        return real(y, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "roc_curve", recording)
+    sampled = metrics.aupro(masks, maps, max_negatives=5000)
+    assert seen == [5000 + int(masks.sum())]
+    assert abs(sampled - full) < 0.02
