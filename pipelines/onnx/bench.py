@@ -9,10 +9,10 @@ calibrated on training normals) in a fresh process, whose peak memory is the exp
 then, on the same test images at the product's own batch size (sized from the input,
 ``auto_batch_size``), alternating configurations round by round (this machine is noisy),
 measures images/s, single-image latency p50/p99, and image AUROC of each configuration on
-the test set; and the peak memory of a fresh process that opens the ONNX model and scores
-those images. Also counts the model's FLOPs per image and measures this machine's dense
-float32 matmul peak (numpy) in the same run. Writes reports/onnx/{README.md,results.json,
-throughput.png}.
+the test set; and the peak memory of fresh processes that open the ONNX model and score
+those images, and that run ``evaluate`` on the test set. Also counts the model's FLOPs per
+image and measures this machine's dense float32 matmul peak (numpy) in the same run.
+Writes reports/onnx/{README.md,results.json,throughput.png}.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ import sys
 from anomalyvae.export import export_all
 export_all(sys.argv[1], sys.argv[2], sys.argv[3], fp16=sys.argv[4] == "1",
            int8=sys.argv[4] == "1", max_images=64)
+print(int({PEAK}) / 1024)
+"""
+EVALUATE_SCRIPT = f"""
+import sys, tempfile
+from anomalyvae.evaluation import evaluate_on
+evaluate_on(sys.argv[1], sys.argv[2], tempfile.mkdtemp(), progress=False)
 print(int({PEAK}) / 1024)
 """
 SCORE_SCRIPT = f"""
@@ -138,6 +144,7 @@ def bench_model(
     for key, session in sessions.items():
         aurocs[f"onnxruntime {key}"] = roc_auc_score(labels, session.predict_arrays(images).score)
     score_peak = fresh_peak_mb(SCORE_SCRIPT, str(model), str(work / "block.npy"))
+    evaluate_peak = fresh_peak_mb(EVALUATE_SCRIPT, str(checkpoint), str(data))
 
     base = float(np.median(throughput["torch eager fp32"]))
     rows = {}
@@ -168,6 +175,7 @@ def bench_model(
         "n_test_images": len(images),
         "export_peak_rss_mb": export_peak,
         "score_peak_rss_mb": score_peak,
+        "evaluate_peak_rss_mb": evaluate_peak,
         "configs": rows,
     }
 
@@ -229,7 +237,8 @@ def main() -> None:
         f"images per run, configurations alternated in each of {args.rounds} rounds, median "
         f"reported. Latency: one image, {args.latency_runs} runs. AUROC: all test images. "
         "Peak memory: fresh processes (VmHWM), one exporting (with its parity check), one "
-        "opening the ONNX model and scoring the throughput images.",
+        "opening the ONNX model and scoring the throughput images, one running `evaluate` "
+        "on the test set.",
     ]
     for label, r in results["models"].items():
         lines += [
@@ -241,7 +250,8 @@ def main() -> None:
             f"`{r['map']}`, score `{r['score_kind']}`; {r['mflops_per_image']:.0f} MFLOP per "
             "image (torch FLOP counter, the whole scoring graph). Peak memory: export "
             f"{r['export_peak_rss_mb']:.0f} MB, scoring with ONNX Runtime "
-            f"{r['score_peak_rss_mb']:.0f} MB.",
+            f"{r['score_peak_rss_mb']:.0f} MB, `evaluate` of the {r['n_test_images']} test "
+            f"images (torch, with pixel metrics) {r['evaluate_peak_rss_mb']:.0f} MB.",
             "",
             "| configuration | images/s | ms / image | × torch | latency p50 ms | p99 ms "
             "| GFLOP/s | % of matmul peak | image AUROC | Δ AUROC |",
