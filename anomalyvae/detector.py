@@ -505,7 +505,7 @@ class VAEAnomalyDetector:
             scoring,
             getattr(self, "map_stats_", None),
             # the training batch, or fewer for large inputs: memory bounded by the input
-            min(self.batch_size, auto_batch_size(images.shape[-2], images.shape[-1])),
+            auto_batch_size(images.shape[-2], images.shape[-1], self.batch_size),
             resolve_device(self.device),
             self.progress,
             valid,

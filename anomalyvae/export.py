@@ -342,9 +342,9 @@ PARITY_BATCH = 16
 def parity_batch(images: NDArray[np.float32]) -> int:
     """Images per run in parity checks: at most ``PARITY_BATCH``, fewer for large inputs.
 
-    :func:`anomalyvae.inference.runtime.auto_batch_size`, so an export stays near 2 GB.
+    :func:`anomalyvae.imaging.tiles.auto_batch_size`, so an export stays near 2 GB.
     """
-    return min(PARITY_BATCH, auto_batch_size(int(images.shape[-2]), int(images.shape[-1])))
+    return auto_batch_size(images.shape[-2], images.shape[-1], PARITY_BATCH)
 
 
 def torch_outputs(

@@ -331,6 +331,7 @@ def test_the_runtime_sizes_its_batches_from_the_input(onnx_model):
     assert auto_batch_size(256, 256) == 2 and auto_batch_size(1216, 480) == 1
     assert auto_batch_size(28, 28) == MAX_AUTO_BATCH  # thumbnails: many per run
     assert auto_batch_size(4000, 4000) == 1  # never zero
+    assert auto_batch_size(28, 28, 8) == 8 and auto_batch_size(256, 256, 8) == 2  # a cap
     runtime = OnnxDetector(onnx_model, device="cpu")
     h, w = runtime.input_shape[1:]
     assert runtime.batch_size == min(MAX_AUTO_BATCH, BATCH_PIXELS // (h * w))

@@ -157,13 +157,17 @@ def map_to_size(anomaly_map: NDArray[np.floating], height: int, width: int) -> N
 #: input pixel and image in flight: a 480 x 1216 scan peaked at 11.1 GB with 32 images a
 #: run, 2.7 GB with 4 and 0.93 GB with 1 (and was fastest with 1); a 224 x 224 scan at
 #: 3.1 GB with 32, 0.99 GB with 8 and 0.48 GB with 2, again fastest with 2
-#: (anomalyvae scan under /usr/bin/time on a 2-core CPU; reports/scan is not yet
-#: regenerated with it). Larger batches buy nothing on CPU for these inputs.
+#: (anomalyvae scan under /usr/bin/time on a 2-core CPU; reports/scan measures the
+#: default at both sizes). Larger batches buy nothing on CPU for these inputs.
 BATCH_PIXELS = 1 << 17
 #: The most images per run however small the input (thumbnails).
 MAX_AUTO_BATCH = 32
 
 
-def auto_batch_size(height: int, width: int) -> int:
-    """Images per run for an input of ``height`` x ``width``: ``BATCH_PIXELS`` of them."""
-    return max(1, min(MAX_AUTO_BATCH, BATCH_PIXELS // max(1, height * width)))
+def auto_batch_size(height: int, width: int, at_most: int = MAX_AUTO_BATCH) -> int:
+    """Images per run for an input of ``height`` x ``width``: ``BATCH_PIXELS`` of them.
+
+    ``at_most`` caps it (a batch size the caller asked for): memory bounded by the input
+    size either way.
+    """
+    return max(1, min(at_most, BATCH_PIXELS // max(1, int(height) * int(width))))

@@ -81,7 +81,7 @@ class ScanConfig:
         and no exclude.
     batch_size : int or None
         Images per ONNX Runtime call; None (default) sizes it from the model input
-        (:func:`anomalyvae.inference.runtime.auto_batch_size`: two 256 x 256 images'
+        (:func:`anomalyvae.imaging.tiles.auto_batch_size`: two 256 x 256 images'
         worth of pixels), which keeps a scan near 1 GB whatever the input size.
     workers : int
         Decoding workers.

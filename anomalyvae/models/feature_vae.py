@@ -841,7 +841,7 @@ def train_feature_vae(
     model = FeatureVAE(config)
     extract_started = time.monotonic()
     # backbone batches sized from the input, so memory does not grow with it
-    step = min(16, auto_batch_size(train_images.shape[-2], train_images.shape[-1]))
+    step = auto_batch_size(train_images.shape[-2], train_images.shape[-1], 16)
     train_raw = extract_features(model, train_images, step, progress=progress)
     val_raw = extract_features(model, val_images, step, progress=progress)
     if time_budget_s is not None and reserve_passes > 0:

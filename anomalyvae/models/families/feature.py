@@ -151,7 +151,7 @@ class FeatureFamily(ModelFamily):
     ) -> None:
         model = detector.model_
         # the map first: the local view is read off it
-        batch = min(detector.batch_size, auto_batch_size(images.shape[-2], images.shape[-1]))
+        batch = auto_batch_size(images.shape[-2], images.shape[-1], detector.batch_size)
         fit_map_constants(model, images, batch, resolve_device(detector.device))
         views = detector.view_matrix(images)
         if extra_views is not None:  # cross-fitted training normals (NaN: view missing)
