@@ -50,22 +50,23 @@ _IMAGE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @contextlib.contextmanager
-def _usage_errors() -> Iterator[None]:
-    """The library's checks of a setting, as click's usage error (exit 2)."""
+def _usage_errors(kind: type[click.UsageError] = click.UsageError) -> Iterator[None]:
+    """The library's checks of a setting, as click's usage error (exit 2).
+
+    ``kind``: ``click.BadParameter`` in an option's callback (click names the option).
+    """
     try:
         yield
     except AnomalyVAEError as error:
-        raise click.UsageError(str(error)) from None
+        raise kind(str(error)) from None
 
 
 def _check_threshold(value: float | None) -> float | None:
     """The library's one threshold check, as click's usage error (exit 2)."""
     from anomalyvae.inference.contract import check_threshold
 
-    try:
+    with _usage_errors(click.BadParameter):
         return check_threshold(value)
-    except AnomalyVAEError as error:
-        raise click.BadParameter(str(error)) from None
 
 
 def _check_family(value: str) -> str:
@@ -81,10 +82,8 @@ def _check_heatmaps(value: str) -> str:
     """The library's heatmap-mode check, as click's usage error (exit 2)."""
     from anomalyvae.inference.scan import top_n
 
-    try:
+    with _usage_errors(click.BadParameter):
         top_n(value)
-    except AnomalyVAEError as error:
-        raise click.BadParameter(str(error)) from None
     return value
 
 

@@ -278,6 +278,16 @@ def infer_model_input(
     return inferred
 
 
+#: The detector's intensity-normalization parameters, as Preprocessing fields.
+INTENSITY_PARAMS = (
+    "normalization",
+    "window_center",
+    "window_width",
+    "percentile_low",
+    "percentile_high",
+)
+
+
 def training_images(
     paths: Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
 ) -> tuple[Preprocessing, NDArray[np.float32], list[str], int]:
@@ -290,11 +300,7 @@ def training_images(
     if not paths:
         raise DatasetError("no training images given")
     inferred = infer_model_input(paths, params["model"], params["channels"], params["image_size"])
-    spec = dataclasses.replace(
-        inferred,
-        **{k: params[k] for k in ("normalization", "window_center", "window_width")},
-        **{k: params[k] for k in ("percentile_low", "percentile_high")},
-    )
+    spec = dataclasses.replace(inferred, **{k: params[k] for k in INTENSITY_PARAMS})
     images, kept, errors = read_images(paths, spec, on_error="warn")
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")

@@ -230,13 +230,14 @@ class VAEAnomalyDetector:
         started = time.monotonic()  # the time budget covers the whole fit
         if not 0 < self.val_fraction < 1:
             raise InvalidValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        check_request(self.get_params())  # before the (long) data loading
-        train_config = TrainConfig.from_params(self.get_params())
+        params = self.get_params()
+        check_request(params)  # before the (long) data loading
+        train_config = TrainConfig.from_params(params)
         if isinstance(X, np.ndarray):
             self.preprocessing_, images = array_input(X, self.channels, self.image_size)
             names, n_skipped = [], 0
         else:
-            self.preprocessing_, images, names, n_skipped = training_images(X, self.get_params())
+            self.preprocessing_, images, names, n_skipped = training_images(X, params)
         if self.time_budget_s is not None:  # what loading took is no longer the training's
             budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
             train_config = dataclasses.replace(train_config, time_budget_s=budget)
