@@ -50,6 +50,28 @@ def shown(path: Path) -> str:
         return Path(path).name
 
 
+#: Appended to a fresh process's script: its own peak resident memory (VmHWM, from exec
+#: on; ru_maxrss is not used, Linux keeps it across exec, so a child forked from a large
+#: benchmark would report the parent's peak).
+_PRINT_PEAK = (
+    "\nprint('PEAK_KB', [l for l in open('/proc/self/status') "
+    "if l.startswith('VmHWM')][0].split()[1])"
+)
+
+
+def fresh_process_peak(script: str, *args: str) -> tuple[float, str]:
+    """Run Python ``script`` with ``args`` in a fresh interpreter: its peak resident
+    memory in MB, and what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", script + _PRINT_PEAK, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    *printed, peak = done.stdout.strip().splitlines()
+    return int(peak.split()[1]) / 1024, "\n".join(printed)
+
+
 def machine() -> str:
     """One line naming this machine, for every report."""
     cpu = platform.processor() or platform.machine()

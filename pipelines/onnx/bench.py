@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
 import torch  # noqa: E402
-from common import machine, map_label, matmul_peak, shown, smoke_model, timed  # noqa: E402
+from common import (  # noqa: E402
+    fresh_process_peak,
+    machine,
+    map_label,
+    matmul_peak,
+    shown,
+    smoke_model,
+    timed,
+)
 from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -51,26 +58,23 @@ MODELS = (
 
 #: A fresh process's peak resident memory (VmHWM: its own, from exec on).
 PEAK = "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
-EXPORT_SCRIPT = f"""
+EXPORT_SCRIPT = """
 import sys
 from anomalyvae.export import export_all
 export_all(sys.argv[1], sys.argv[2], sys.argv[3], fp16=sys.argv[4] == "1",
            int8=sys.argv[4] == "1", max_images=64)
-print(int({PEAK}) / 1024)
 """
-EVALUATE_SCRIPT = f"""
+EVALUATE_SCRIPT = """
 import sys, tempfile
 from anomalyvae.evaluation import evaluate_on
 evaluate_on(sys.argv[1], sys.argv[2], tempfile.mkdtemp(), progress=False)
-print(int({PEAK}) / 1024)
 """
-SCORE_SCRIPT = f"""
+SCORE_SCRIPT = """
 import sys
 import numpy as np
 from anomalyvae.inference.runtime import OnnxDetector
 detector = OnnxDetector(sys.argv[1], device="cpu")
 detector.predict_arrays(np.load(sys.argv[2]))
-print(int({PEAK}) / 1024)
 """
 
 
@@ -89,13 +93,6 @@ def flops_per_image(detector: VAEAnomalyDetector) -> float:
     return float(counter.get_total_flops())
 
 
-def fresh_peak_mb(script: str, *args: str) -> float:
-    done = subprocess.run(
-        [sys.executable, "-c", script, *args], check=True, capture_output=True, text=True
-    )
-    return float(done.stdout.strip().splitlines()[-1])
-
-
 def bench_model(
     checkpoint: Path, data: Path, args: argparse.Namespace, work: Path, peak: float
 ) -> dict:
@@ -108,7 +105,9 @@ def bench_model(
     precisions = detector.family().export_precisions  # fp16/int8 where the family has them
     variants = "1" if "fp16" in precisions else "0"
     model = work / "model.onnx"
-    export_peak = fresh_peak_mb(EXPORT_SCRIPT, str(checkpoint), str(model), str(data), variants)
+    export_peak = fresh_process_peak(
+        EXPORT_SCRIPT, str(checkpoint), str(model), str(data), variants
+    )[0]
     paths = {"fp32": model}
     paths.update({p: variant_path(model, p) for p in precisions if p != "fp32"})
     sessions = {
@@ -143,8 +142,8 @@ def bench_model(
     aurocs = {"torch eager fp32": roc_auc_score(labels, torch_outputs(detector, images)["score"])}
     for key, session in sessions.items():
         aurocs[f"onnxruntime {key}"] = roc_auc_score(labels, session.predict_arrays(images).score)
-    score_peak = fresh_peak_mb(SCORE_SCRIPT, str(model), str(work / "block.npy"))
-    evaluate_peak = fresh_peak_mb(EVALUATE_SCRIPT, str(checkpoint), str(data))
+    score_peak = fresh_process_peak(SCORE_SCRIPT, str(model), str(work / "block.npy"))[0]
+    evaluate_peak = fresh_process_peak(EVALUATE_SCRIPT, str(checkpoint), str(data))[0]
 
     base = float(np.median(throughput["torch eager fp32"]))
     rows = {}

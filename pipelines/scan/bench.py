@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import machine, shown, smoke_model, synthetic_folder  # noqa: E402
+from common import (  # noqa: E402
+    fresh_process_peak,
+    machine,
+    shown,
+    smoke_model,
+    synthetic_folder,
+)
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
@@ -35,19 +40,11 @@ from anomalyvae.inference.decoding import discover  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
 
-#: The scan's own peak: VmHWM of /proc/self/status (its memory map starts at exec).
-#: ru_maxrss is not used: Linux keeps it across exec, so a child forked from this
-#: benchmark (8 GB after the model-only runs) reported the parent's peak (8301 MB).
 RSS_SCRIPT = """
-import resource, sys, json
+import sys
 from anomalyvae.inference.scan import ScanConfig, scan
 r = scan(sys.argv[1], sys.argv[2], sys.argv[3], ScanConfig(heatmaps="none"), progress=False)
-try:
-    status = open("/proc/self/status").read().split("VmHWM:")[1].split()
-    peak_mb = int(status[0]) / 1024
-except (OSError, IndexError):
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"files": r.n_files, "peak_rss_mb": peak_mb}))
+print(r.n_files)
 """
 
 
@@ -87,13 +84,8 @@ def end_to_end(
 
 def peak_rss(model: Path, folder: Path, out: Path) -> dict:
     """A whole scan in a fresh process: its file count and peak resident memory."""
-    done = subprocess.run(
-        [sys.executable, "-c", RSS_SCRIPT, str(model), str(folder), str(out)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    peak, printed = fresh_process_peak(RSS_SCRIPT, str(model), str(folder), str(out))
+    return {"files": int(printed.splitlines()[-1]), "peak_rss_mb": peak}
 
 
 def compare(
