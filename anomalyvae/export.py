@@ -253,6 +253,7 @@ def export_onnx(
             do_constant_folding=True,
         )
     proto = onnx.load_from_string(buffer.getvalue())
+    drop_empty_trailing_inputs(proto)
     _make_threshold_default(proto, float(detector.threshold_))
     proto.producer_name = "anomalyvae"
     proto.producer_version = __version__
@@ -294,6 +295,25 @@ def _maybe_json(value: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
+
+
+def drop_empty_trailing_inputs(proto: onnx.ModelProto) -> int:
+    """Remove the empty names the exporter leaves for omitted optional inputs at the end.
+
+    The legacy exporter writes ``Pad(x, pads, "")``. ONNX allows the trailing optional
+    input to be left out, and ONNX Runtime fuses a Pad into the Conv after it only then
+    (its PadFusion asks whether ``constant_value`` is a constant, and "" is not): with
+    the empty name every backbone Pad ran as its own node, and broke the blocked
+    (NCHWc) layout around it, 23 % of a 1216 x 480 image's time. Returns how many nodes
+    changed.
+    """
+    changed = 0
+    for node in proto.graph.node:
+        if node.input and not node.input[-1]:
+            while node.input and not node.input[-1]:
+                del node.input[-1]
+            changed += 1
+    return changed
 
 
 def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
