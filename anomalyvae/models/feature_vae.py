@@ -144,6 +144,11 @@ class FeatureVAEConfig:
     bank_size : int
         Normal feature vectors kept for the ``knn`` view (a coreset of the training
         locations); 0 turns the view off (models saved before it existed load that way).
+    bank_dim : int
+        Principal directions of the bank the nearest-neighbour search's dot products
+        are taken in (:meth:`FeatureVAE.project_bank`); 0 searches in all feature
+        channels. The norms stay exact, so a query or bank vector off the subspace
+        keeps its full distance; only the cross term is approximated.
     fusion : {"mean", "max"} or one of ADAPTIVE_FUSIONS
         How the fused score combines the views' z-scores (:func:`fuse_views`); models
         saved before the ``knn`` view load with "max", the rule they were calibrated with.
@@ -173,6 +178,7 @@ class FeatureVAEConfig:
     image_side: int = 128
     image_reduce: str = "topk"
     bank_size: int = 8192
+    bank_dim: int = 0
     fusion: str = "mean"
     map_rule: str = "mean-z"
     tile_side: int = 512
@@ -202,6 +208,11 @@ class FeatureVAEConfig:
             )
         if self.bank_size < 0:
             raise InvalidValueError(f"bank_size must be >= 0, got {self.bank_size}")
+        if not 0 <= self.bank_dim <= self.feature_channels:
+            raise InvalidValueError(
+                f"bank_dim must be in [0, {self.feature_channels}] (0: every feature "
+                f"channel), got {self.bank_dim}"
+            )
         if self.fusion not in FUSION_RULES + ADAPTIVE_FUSIONS:
             raise InvalidValueError(
                 f"fusion must be one of {FUSION_RULES + ADAPTIVE_FUSIONS}, got {self.fusion!r}"
@@ -272,6 +283,7 @@ class FeatureVAEConfig:
         old = {
             "image_components": 0,
             "bank_size": 0,
+            "bank_dim": 0,
             "fusion": "max",
             "map_rule": "elbo",
             "image_reduce": "mean",
@@ -329,7 +341,11 @@ class FeatureVAE(nn.Module):
                 "image_basis", torch.zeros(config.image_components, config.image_dim)
             )
         if config.bank_size:
-            self.register_buffer("bank", torch.zeros(config.bank_size, c))
+            self.register_buffer("bank", torch.zeros(config.bank_size, config.bank_dim or c))
+        if config.bank_size and config.bank_dim:  # project_bank
+            self.register_buffer("bank_sq", torch.zeros(config.bank_size))
+            self.register_buffer("bank_mean", torch.zeros(c))
+            self.register_buffer("bank_basis", torch.zeros(c, config.bank_dim))
         if config.map_rule == "mean-z":  # (ELBO, bank distance)
             self.register_buffer("map_center", torch.zeros(2))
             self.register_buffer("map_scale", torch.ones(2))
@@ -457,14 +473,39 @@ class FeatureVAE(nn.Module):
             return features.new_zeros(features.shape[0])
         return knn_view(self.knn_locations(features))
 
-    def knn_locations(self, features: Tensor) -> Tensor:
+    def knn_locations(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
         """Each location's Euclidean distance to its nearest bank vector, (n, h, w).
 
-        ``|q - b|^2 = |q|^2 + (|b|^2 - 2 q.b)``, minimized over the bank in chunks sized
-        so that one image's distance block stays near ``KNN_BLOCK`` values, whatever the
-        input size (static slices: exports as is).
+        :func:`nearest_distance` over the bank (the rows ``rows`` selects, when given: the
+        cross-fitted views leave out an image's own rows), in the bank's principal
+        subspace when the model projects it (``config.bank_dim``).
         """
-        return nearest_distance(features, self.bank, self.config.bank_size)
+        bank = self.bank if rows is None else self.bank[rows]
+        if not self.config.bank_dim:
+            return nearest_distance(features, bank)
+        squared = self.bank_sq if rows is None else self.bank_sq[rows]
+        return nearest_distance(features, bank, (self.bank_mean, self.bank_basis, squared))
+
+    def project_bank(self, dim: int) -> None:
+        """Keep the bank in its ``dim`` principal directions (``config.bank_dim``).
+
+        The search's cost is the bank's dot products with every location; in ``dim`` of
+        the 152 channels they cost ``dim / 152`` as much. ``|q - b|^2 = |q|^2 + |b|^2 -
+        2 q.b`` keeps both norms exact (after centring on the bank's mean) and takes only
+        ``q.b`` in the subspace, so a location off the normal subspace still scores its
+        whole distance. A model that already projects its bank keeps it.
+        """
+        if self.config.bank_dim or not self.config.bank_size or not dim:
+            return
+        rows = self.bank.double()
+        mean = rows.mean(0)
+        centred = rows - mean
+        basis = torch.linalg.svd(centred, full_matrices=False)[2][:dim].T  # (c, dim)
+        self.register_buffer("bank_mean", mean.float())
+        self.register_buffer("bank_basis", basis.float().contiguous())
+        self.register_buffer("bank_sq", (centred**2).sum(-1).float())
+        self.bank = (centred @ basis).float().contiguous()
+        self.config = dataclasses.replace(self.config, bank_dim=int(basis.shape[1]))
 
     def location_map(self, elbo: Tensor, distances: Tensor) -> Tensor:
         """The anomaly map on the feature grid, (n, 1, h, w), by ``config.map_rule``.
@@ -780,30 +821,42 @@ def cross_fitted_views(
                 views[fold, column["image"]] = model.image_view(x, subspace).numpy()
         if model.config.bank_size and bank_owner is not None:
             for i in range(n):
-                others = model.bank[bank_owner != i]  # bank rows from other images
-                distances = nearest_distance(model.standardize(train_raw[i : i + 1]), others)
+                others = bank_owner != i  # bank rows from other images
+                distances = model.knn_locations(model.standardize(train_raw[i : i + 1]), others)
                 views[i, column["knn"]] = float(knn_view(distances)[0])
     return views
 
 
-def nearest_distance(features: Tensor, bank: Tensor, size: int | None = None) -> Tensor:
-    """Each location's Euclidean distance to its nearest of the first ``size`` bank rows.
+def nearest_distance(
+    features: Tensor, bank: Tensor, projection: tuple[Tensor, Tensor, Tensor] | None = None
+) -> Tensor:
+    """Each location's Euclidean distance to its nearest bank row.
 
     ``features`` (n, c, h, w), ``bank`` (b, c); (n, h, w) out. ``|q - b|^2 = |q|^2 +
     (|b|^2 - 2 q.b)``, minimized in chunks sized so that one image's distance block stays
     near ``KNN_BLOCK`` values whatever the input size (static slices: exports as is).
+    ``projection`` (mean (c,), basis (c, d), ``|b - mean|^2`` (b,)) says that ``bank``
+    holds its rows' coordinates (b, d) in that basis (:meth:`FeatureVAE.project_bank`):
+    the norms are then the full, centred ones and only ``q.b`` is taken in the basis.
     """
-    size = len(bank) if size is None else size
     height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
     queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
+    if projection is not None:
+        mean, basis, bank_sq = projection
+        queries = queries - mean
+        query_sq = (queries**2).sum(-1)
+        queries = torch.matmul(queries, basis)
+    else:
+        query_sq, bank_sq = (queries**2).sum(-1), (bank**2).sum(-1)
+    size = len(bank)
     chunk = max(1, min(size, KNN_BLOCK // max(1, int(queries.shape[1]))))
     nearest = None
     for start in range(0, size, chunk):
         part = bank[start : start + chunk]
-        partial = torch.matmul(queries, part.T * -2.0) + (part**2).sum(-1)
+        partial = torch.matmul(queries, part.T * -2.0) + bank_sq[start : start + chunk]
         best = partial.min(dim=-1).values
         nearest = best if nearest is None else torch.minimum(nearest, best)
-    distance = (nearest + (queries**2).sum(-1)).clamp(min=0.0).sqrt()
+    distance = (nearest + query_sq).clamp(min=0.0).sqrt()
     return distance.unflatten(1, (height, width))  # the batch stays dynamic
 
 
@@ -875,6 +928,10 @@ def train_feature_vae(
             config = dataclasses.replace(config, bank_size=len(bank))
             model.config = config
         model.bank = bank  # replaces the buffer (same name, maybe fewer rows)
+        if config.bank_dim:
+            model.config = dataclasses.replace(config, bank_dim=0)  # projects the full rows
+            model.project_bank(config.bank_dim)
+            config = model.config
         if time_budget_s is not None and reserve_passes > 0 and len(val_images):
             sample = model.standardize(val_raw[:8])
             knn_started = time.monotonic()

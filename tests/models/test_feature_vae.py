@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalyvae.data import make_synthetic_dataset, mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector, resolve_family
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.backbone import load_backbone, weights_path
 from anomalyvae.models.feature_vae import VIEW_NAMES, FeatureVAE, FeatureVAEConfig, fuse_views
 from anomalyvae.models.maps import ScoringConfig, score_batch
@@ -282,6 +283,46 @@ def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
     assert np.all(views["knn"] == 0)
     if n_views == 3:
         assert np.all(views["image"] == 0)
+
+
+def test_a_projected_bank_keeps_the_norms_and_approximates_only_the_cross_term():
+    from anomalyvae.models.feature_vae import nearest_distance
+
+    generator = torch.Generator().manual_seed(0)
+    model = FeatureVAE(FeatureVAEConfig(bank_size=60), pretrained=False).eval()
+    c = model.config.feature_channels
+    axes = torch.linalg.qr(torch.randn(c, 4, generator=generator))[0]  # (c, 4) orthonormal
+    offset = torch.randn(c, generator=generator)
+    model.bank = offset + torch.randn(60, 4, generator=generator) @ axes.T  # rank 4 + offset
+    queries = torch.randn(2, c, 5, 6, generator=generator) * 3.0  # far off that subspace
+    exact = nearest_distance(queries, model.bank)
+    rows_before = model.bank.clone()
+    model.project_bank(4)
+    assert model.config.bank_dim == 4 and model.bank.shape == (60, 4)
+    # the bank lies in its 4 principal directions: the cross term is exact, and so is
+    # every distance, however far a query sits off the subspace
+    torch.testing.assert_close(model.knn_locations(queries), exact, rtol=1e-4, atol=1e-3)
+    rows = torch.arange(60) >= 20  # the cross-fitted views search a subset of the rows
+    torch.testing.assert_close(
+        model.knn_locations(queries, rows),
+        nearest_distance(queries, rows_before[rows]),
+        rtol=1e-4,
+        atol=1e-3,
+    )
+    # saved and loaded like any buffer; a second projection keeps the first
+    loaded = FeatureVAE(model.config, pretrained=False).eval()
+    loaded.load_state_dict(model.state_dict())
+    torch.testing.assert_close(loaded.knn_locations(queries), model.knn_locations(queries))
+    loaded.project_bank(2)
+    assert loaded.config.bank_dim == 4
+    # a full-rank bank in fewer directions than it spans is an approximation
+    full = FeatureVAE(FeatureVAEConfig(bank_size=60), pretrained=False).eval()
+    full.bank = torch.randn(60, c, generator=generator)
+    exact = nearest_distance(queries, full.bank)
+    full.project_bank(8)
+    assert not torch.allclose(full.knn_locations(queries), exact, atol=1e-2)
+    with pytest.raises(InvalidValueError, match="bank_dim"):
+        FeatureVAEConfig(bank_dim=c + 1)
 
 
 def test_the_map_is_the_mean_z_of_elbo_and_bank_distance_centred_on_normals(
