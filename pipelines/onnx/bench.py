@@ -93,6 +93,19 @@ def flops_per_image(detector: VAEAnomalyDetector) -> float:
     return float(counter.get_total_flops())
 
 
+def bank_flops_per_image(detector: VAEAnomalyDetector) -> float:
+    """FLOPs of the memory bank's nearest-neighbour search for one image (0 without one)."""
+    model = detector.model_
+    if not getattr(model.config, "bank_size", 0):
+        return 0.0
+    spec = detector.preprocessing_
+    with torch.no_grad():
+        grid = model.raw_features(torch.zeros(1, spec.channels, spec.height, spec.width))
+        with FlopCounterMode(display=False) as counter:
+            model.knn_locations(torch.zeros_like(grid))
+    return float(counter.get_total_flops())
+
+
 def bench_model(
     checkpoint: Path, data: Path, args: argparse.Namespace, work: Path, peak: float
 ) -> dict:
@@ -139,6 +152,7 @@ def bench_model(
         for name, run in runners.items():
             latency[name].append(1000 * timed(lambda r=run, x=one: r(x)))
     flops = flops_per_image(detector)
+    bank_flops = bank_flops_per_image(detector)
     aurocs = {"torch eager fp32": roc_auc_score(labels, torch_outputs(detector, images)["score"])}
     for key, session in sessions.items():
         aurocs[f"onnxruntime {key}"] = roc_auc_score(labels, session.predict_arrays(images).score)
@@ -171,6 +185,7 @@ def bench_model(
         "score_kind": detector.scoring_.score_kind,
         "bank_size": getattr(detector.model_.config, "bank_size", None),
         "mflops_per_image": flops / 1e6,
+        "bank_mflops_per_image": bank_flops / 1e6,
         "n_test_images": len(images),
         "export_peak_rss_mb": export_peak,
         "score_peak_rss_mb": score_peak,
@@ -247,7 +262,15 @@ def main() -> None:
             f"Model: {r['checkpoint']} ({r['model_family']} family, bank {r['bank_size']}), "
             f"input {'x'.join(map(str, r['input']))}, batch {r['batch_size']}, map "
             f"`{r['map']}`, score `{r['score_kind']}`; {r['mflops_per_image']:.0f} MFLOP per "
-            "image (torch FLOP counter, the whole scoring graph). Peak memory: export "
+            "image (torch FLOP counter, the whole scoring graph)"
+            + (
+                f", of which the memory bank's nearest-neighbour search "
+                f"{r['bank_mflops_per_image']:.0f} "
+                f"({100 * r['bank_mflops_per_image'] / r['mflops_per_image']:.0f} %)"
+                if r.get("bank_mflops_per_image")
+                else ""
+            )
+            + ". Peak memory: export "
             f"{r['export_peak_rss_mb']:.0f} MB, scoring with ONNX Runtime "
             f"{r['score_peak_rss_mb']:.0f} MB, `evaluate` of the {r['n_test_images']} test "
             f"images (torch, with pixel metrics) {r['evaluate_peak_rss_mb']:.0f} MB.",
@@ -264,7 +287,23 @@ def main() -> None:
                 f"{100 * c['share_of_matmul_peak']:.0f} % | {c['image_auroc']:.3f} | "
                 f"{c['auroc_change_vs_fp32']:+.3f} |"
             )
-    lines += ["", "![throughput](throughput.png)", ""]
+    shares = [
+        c["share_of_matmul_peak"] for r in results["models"].values() for c in r["configs"].values()
+    ]
+    above_peak = max(shares) > 1
+    lines += [
+        "",
+        "Share of the matmul peak above 100 %: the peak is numpy's BLAS on one 2048² "
+        "product; ONNX Runtime's own GEMM kernels run faster than that on this CPU, and "
+        "the bank search is one large dense product per image (|b|² rides in it as an "
+        "extra column), so the graph can outrun the reference. The ratio still compares "
+        "configurations and machines measured the same way."
+        if above_peak
+        else "",
+        "",
+        "![throughput](throughput.png)",
+        "",
+    ]
     (args.out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
