@@ -247,6 +247,9 @@ class VAEAnomalyDetector:
             )
         val_index, train_index = self.split_indices(len(images))
         self.validation_files_ = [names[i] for i in val_index] if names else []
+        # the split's copies are all that is used from here: one copy of the set, not two
+        train_images, val_images = images[train_index], images[val_index]
+        del images
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
         family = self.family()
@@ -258,26 +261,26 @@ class VAEAnomalyDetector:
             "n_skipped": int(n_skipped),
             "file_list_hash": file_list_hash(names) if names else "",
         }
-        trained = family.train(self, images[train_index], images[val_index], train_config, resume)
+        trained = family.train(self, train_images, val_images, train_config, resume)
         self.model_, self.history_ = trained.model, trained.history
         self.resume_state_ = trained.resume_state  # how training could go on
         self.training_summary_ = trained.summary()
         if self.scoring_.standardize:
-            self.fit_map_stats(images[train_index])
+            self.fit_map_stats(train_images)
         # the training normals' cross-fitted views (when the family gives them) join the
         # held-out normals: every normal sets the constants and calibrates the threshold
         cross_fitted = trained.train_views
         if family.needs_fusion(self.scoring_):
-            self.fit_fusion(images[val_index], extra_views=cross_fitted)
+            self.fit_fusion(val_images, extra_views=cross_fitted)
         extra = None
         if cross_fitted is not None and self.scoring_.score_kind == "fused":
             extra = family.fuse(self, cross_fitted)
-        self.calibrate(images[val_index], extra_normal_scores=extra)
+        self.calibrate(val_images, extra_normal_scores=extra)
         # what the scan's drift alarm compares each batch with (inference/drift.py)
         self.normal_intensity_ = intensity_summary(
-            images[val_index].reshape(len(val_index), -1).mean(axis=1)
+            val_images.reshape(len(val_index), -1).mean(axis=1)
         )
-        self.self_check_ = self.self_check(images[val_index])
+        self.self_check_ = self.self_check(val_images)
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)
         return self

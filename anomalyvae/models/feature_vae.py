@@ -699,7 +699,7 @@ def extract_features(
     model: FeatureVAE, images: NDArray[np.float32], batch_size: int = 16, progress: bool = False
 ) -> Tensor:
     """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
-    out = []
+    out = None  # filled in place: a list joined by torch.cat held the features twice
     with torch.no_grad():
         for start in tqdm(
             range(0, len(images), batch_size),
@@ -710,8 +710,33 @@ def extract_features(
             leave=False,
         ):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            out.append(model.raw_features(x))
-    return torch.cat(out)
+            features = model.raw_features(x)
+            if out is None:
+                out = features.new_empty((len(images), *features.shape[1:]))
+            out[start : start + len(features)] = features
+    if out is None:  # no images: the shape a batch would have had
+        c = model.config.feature_channels
+        h, w = -(-model.config.height // FEATURE_STRIDE), -(-model.config.width // FEATURE_STRIDE)
+        return torch.zeros(0, c, h, w)
+    return out
+
+
+def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (unbiased) standard deviation of (n, c, h, w), each (1, c, 1, 1).
+
+    Summed in float64 a few images at a time, so no temporary as large as ``raw``.
+    """
+    total = torch.zeros(raw.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(raw), chunk):
+        part = raw[start : start + chunk].double()
+        total += part.sum(dim=(0, 2, 3))
+        squares += (part**2).sum(dim=(0, 2, 3))
+    count = raw.numel() // raw.shape[1]
+    mean = total / count
+    variance = (squares - count * mean**2) / max(1, count - 1)
+    shape = (1, raw.shape[1], 1, 1)
+    return mean.float().view(shape), variance.clamp(min=0.0).sqrt().float().view(shape)
 
 
 def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:
@@ -732,11 +757,30 @@ def fit_image_subspace(
 
     Fewer images than components leave the extra basis rows zero (they project nothing).
     """
+    return fit_pooled_subspace(pooled_images(images, config), config)
+
+
+def pooled_images(
+    images: NDArray[np.float32], config: FeatureVAEConfig, chunk: int = 64
+) -> NDArray[np.float64]:
+    """The images as the ``image`` view sees them, (n, image_dim): box-pooled, flattened.
+
+    Pooled a few at a time, so that no full-resolution copy of the set is made.
+    """
+    pool = config.image_pool
+    rows = []
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk]))
+        rows.append((F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, config.image_dim))
+
+
+def fit_pooled_subspace(
+    pooled: NDArray[np.float64], config: FeatureVAEConfig
+) -> tuple[Tensor, Tensor]:
+    """:func:`fit_image_subspace` of images already pooled by :func:`pooled_images`."""
     from sklearn.decomposition import PCA
 
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    pool = config.image_pool
-    pooled = (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy()
     basis = np.zeros((config.image_components, config.image_dim))
     k = min(config.image_components, len(pooled) - 1, pooled.shape[1])
     mean = pooled.mean(axis=0)
@@ -808,6 +852,8 @@ def cross_fitted_views(
     views = np.full((n, len(VIEW_NAMES)), np.nan)
     folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CROSS_FIT_FOLDS, n))
     pooled = train_raw.mean(dim=(2, 3)).double().numpy()
+    if model.config.image_components:  # pooled once: a fold's fancy index copies the images
+        small = pooled_images(train_images, model.config)
     column = {name: VIEW_NAMES.index(name) for name in VIEW_NAMES}
     with torch.no_grad():
         for fold in folds:
@@ -816,7 +862,7 @@ def cross_fitted_views(
             centred = torch.from_numpy(pooled[fold]).float() - mean
             views[fold, column["global"]] = ((centred @ precision) * centred).sum(1).numpy()
             if model.config.image_components:
-                subspace = fit_image_subspace(train_images[others], model.config)
+                subspace = fit_pooled_subspace(small[others], model.config)
                 x = torch.from_numpy(np.ascontiguousarray(train_images[fold]))
                 views[fold, column["image"]] = model.image_view(x, subspace).numpy()
         if model.config.bank_size and bank_owner is not None:
@@ -905,8 +951,7 @@ def train_feature_vae(
         per_image = (time.monotonic() - extract_started) / (len(train_images) + len(val_images))
         # a scoring pass adds the VAE, the upsampled map and its blur to the backbone
         time_budget_s -= reserve_passes * len(val_images) * per_image * SCORING_OVER_BACKBONE
-    mean = train_raw.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_raw.std(dim=(0, 2, 3), keepdim=True)
+    mean, std = channel_mean_std(train_raw)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(torch.sqrt(std**2 + (0.05 * std.mean()) ** 2))
     global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
@@ -918,8 +963,16 @@ def train_feature_vae(
         model.image_basis.copy_(basis)
 
     def vectors(raw: Tensor) -> Tensor:
-        standardized = model.standardize(raw)
-        return standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1], 1, 1).contiguous()
+        """Standardized location vectors (n h w, c, 1, 1), written image by image.
+
+        Whole-set temporaries (standardized, then permuted) tripled train's memory.
+        """
+        n, c, h, w = raw.shape
+        out = torch.empty(n * h * w, c, 1, 1)
+        for i in range(n):
+            standardized = model.standardize(raw[i : i + 1])[0]
+            out[i * h * w : (i + 1) * h * w, :, 0, 0] = standardized.permute(1, 2, 0).reshape(-1, c)
+        return out
 
     train_x, val_x = vectors(train_raw), vectors(val_raw)
     bank_owner = None
