@@ -714,11 +714,7 @@ def extract_features(
             if out is None:
                 out = features.new_empty((len(images), *features.shape[1:]))
             out[start : start + len(features)] = features
-    if out is None:  # no images: the shape a batch would have had
-        c = model.config.feature_channels
-        h, w = -(-model.config.height // FEATURE_STRIDE), -(-model.config.width // FEATURE_STRIDE)
-        return torch.zeros(0, c, h, w)
-    return out
+    return out if out is not None else model.raw_features(torch.from_numpy(images[:0]))
 
 
 def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
