@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, auto_batch_size, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
+from anomalyvae.models.bank import coreset_indices, knn_view, nearest_distance
 from anomalyvae.models.smoothing import gaussian_blur, topk_size
 from anomalyvae.models.vae import LOG_2PI
 
@@ -99,11 +100,6 @@ MAP_RULES: tuple[str, ...] = ("elbo", "mean-z")
 
 #: Stride of the feature map the VAE models (the backbone's stride-8 tap).
 FEATURE_STRIDE = 8
-#: Distances one image's ``knn`` block holds at once (locations x bank chunk): 4 M
-#: floats, 16 MB, so a batch of 32 needs about 0.5 GB whatever the input size.
-KNN_BLOCK = 1 << 22
-#: Share of an image's locations whose nearest-neighbour distances make its ``knn`` view.
-KNN_TOP_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -532,16 +528,6 @@ TARGET_MEAN, TARGET_STD = 0.45, 0.225
 MIN_STD = 0.02
 
 
-def knn_view(distances: Tensor) -> Tensor:
-    """The ``knn`` view (n,) of location distances (n, h, w).
-
-    The mean of each image's largest ``KNN_TOP_FRACTION`` (at least one).
-    """
-    flat = distances.flatten(1)
-    k = max(1, int(KNN_TOP_FRACTION * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1)
-
-
 def location_maps(
     model: FeatureVAE, images: NDArray[np.float32], batch_size: int, device: torch.device
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
@@ -786,42 +772,6 @@ def fit_pooled_subspace(
     return torch.from_numpy(mean).float(), torch.from_numpy(basis).float()
 
 
-def greedy_coreset(
-    vectors: Tensor, size: int, seed: int = 0, pool: int = 80000, dim: int = 32
-) -> Tensor:
-    """``size`` rows of ``vectors`` (n, c) that cover them (:func:`coreset_indices`)."""
-    return vectors[coreset_indices(vectors, size, seed, pool, dim)].clone()
-
-
-def coreset_indices(
-    vectors: Tensor, size: int, seed: int = 0, pool: int = 80000, dim: int = 32
-) -> Tensor:
-    """Rows of ``vectors`` (n, c) that cover them: greedy k-center selection.
-
-    Each step adds the vector farthest from those chosen so far (Sener & Savarese 2018;
-    PatchCore's memory bank), so rare normal patterns are kept, where a random sample
-    would keep mostly the common ones. For speed the distances are measured after a
-    seeded Gaussian random projection to ``dim`` dimensions (Johnson-Lindenstrauss) and
-    among a random ``pool`` of the vectors. Deterministic for a seed; the first ``k``
-    rows of the result are the coreset of size ``k``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    candidates = torch.arange(len(vectors))
-    if len(vectors) > pool:
-        candidates = torch.randperm(len(vectors), generator=generator)[:pool]
-    if size >= len(candidates):
-        return candidates
-    projection = torch.randn(vectors.shape[1], dim, generator=generator) / math.sqrt(dim)
-    z = vectors[candidates] @ projection
-    chosen = [0]
-    nearest = ((z - z[0]) ** 2).sum(1)
-    for _ in range(size - 1):
-        index = int(nearest.argmax())
-        chosen.append(index)
-        nearest = torch.minimum(nearest, ((z - z[index]) ** 2).sum(1))
-    return candidates[torch.tensor(chosen)]
-
-
 #: Folds in which the global and image views of the training normals are cross-fitted.
 CROSS_FIT_FOLDS = 5
 
@@ -867,43 +817,6 @@ def cross_fitted_views(
                 distances = model.knn_locations(model.standardize(train_raw[i : i + 1]), others)
                 views[i, column["knn"]] = float(knn_view(distances)[0])
     return views
-
-
-def nearest_distance(
-    features: Tensor, bank: Tensor, projection: tuple[Tensor, Tensor, Tensor] | None = None
-) -> Tensor:
-    """Each location's Euclidean distance to its nearest bank row.
-
-    ``features`` (n, c, h, w), ``bank`` (b, c); (n, h, w) out. ``|q - b|^2 = |q|^2 +
-    (|b|^2 - 2 q.b)``, minimized in chunks sized so that one image's distance block stays
-    near ``KNN_BLOCK`` values whatever the input size (static slices: exports as is).
-    ``projection`` (mean (c,), basis (c, d), ``|b - mean|^2`` (b,)) says that ``bank``
-    holds its rows' coordinates (b, d) in that basis (:meth:`FeatureVAE.project_bank`):
-    the norms are then the full, centred ones and only ``q.b`` is taken in the basis.
-    """
-    height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
-    queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
-    if projection is not None:
-        mean, basis, bank_sq = projection
-        queries = queries - mean
-        query_sq = (queries**2).sum(-1)
-        queries = torch.matmul(queries, basis)
-    else:
-        query_sq, bank_sq = (queries**2).sum(-1), (bank**2).sum(-1)
-    # a column of ones on the queries carries |b|^2 through the product: one MatMul per
-    # chunk instead of MatMul + Add over the whole distance block (-22 % of the search's
-    # time in ONNX Runtime at 1216 x 480)
-    queries = torch.cat([queries, torch.ones_like(query_sq).unsqueeze(-1)], dim=-1)
-    size = len(bank)
-    chunk = max(1, min(size, KNN_BLOCK // max(1, int(queries.shape[1]))))
-    nearest = None
-    for start in range(0, size, chunk):
-        part = bank[start : start + chunk]
-        weights = torch.cat([part * -2.0, bank_sq[start : start + chunk].unsqueeze(-1)], dim=1)
-        best = torch.matmul(queries, weights.T).min(dim=-1).values
-        nearest = best if nearest is None else torch.minimum(nearest, best)
-    distance = (nearest + query_sq).clamp(min=0.0).sqrt()
-    return distance.unflatten(1, (height, width))  # the batch stays dynamic
 
 
 #: A full scoring pass over the backbone alone (VAE, upsampling, blur, views): measured

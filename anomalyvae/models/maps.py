@@ -18,10 +18,10 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
+from anomalyvae.models.bank import knn_view
 from anomalyvae.models.feature_vae import (
     FeatureVAE,
     fuse_views,
-    knn_view,
     robust_z_constants,
 )
 from anomalyvae.models.smoothing import (

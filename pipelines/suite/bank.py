@@ -4,7 +4,7 @@
     python pipelines/suite/bank.py --smoke          # tiny synthetic model (CI)
 
 The bank is a greedy k-center coreset stored in selection order
-(:func:`anomalyvae.models.feature_vae.coreset_indices`), so its first k rows are exactly
+(:func:`anomalyvae.models.bank.coreset_indices`), so its first k rows are exactly
 the bank a model trained with ``bank_size=k`` would hold. A bank projected onto its d
 principal directions (:meth:`~anomalyvae.models.feature_vae.FeatureVAE.project_bank`, the
 ``bank_dim`` training setting) is exactly what training with ``bank_dim=d`` makes of the

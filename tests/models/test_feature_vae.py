@@ -117,9 +117,9 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
 
 
 def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
-    import anomalyvae.models.feature_vae as fv
+    import anomalyvae.models.bank as bank_module
 
-    monkeypatch.setattr(fv, "KNN_BLOCK", 300)  # chunks of 3: the minimum spans them
+    monkeypatch.setattr(bank_module, "KNN_BLOCK", 300)  # chunks of 3: the minimum spans them
     model = FeatureVAE(FeatureVAEConfig(bank_size=7), pretrained=False).eval()
     c = model.config.feature_channels
     bank = torch.zeros(7, c)
@@ -135,7 +135,7 @@ def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
 
 
 def test_greedy_coreset_keeps_the_rare_vectors_a_random_sample_would_miss():
-    from anomalyvae.models.feature_vae import greedy_coreset
+    from anomalyvae.models.bank import greedy_coreset
 
     rng = np.random.default_rng(0)
     common = rng.normal(0, 0.1, (5000, 16))
@@ -286,7 +286,7 @@ def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
 
 
 def test_a_projected_bank_keeps_the_norms_and_approximates_only_the_cross_term():
-    from anomalyvae.models.feature_vae import nearest_distance
+    from anomalyvae.models.bank import nearest_distance
 
     generator = torch.Generator().manual_seed(0)
     model = FeatureVAE(FeatureVAEConfig(bank_size=60), pretrained=False).eval()
