@@ -1,0 +1,327 @@
+"""How should the maps become views? The suite's models with other reductions, chosen LOSO.
+
+    python pipelines/suite/reductions.py            # every feature model the suite trained
+    python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
+
+Two choices of the feature family's fused views are re-made on the models the suite
+trained (``runs/suite/<set>/model.pt``), without retraining:
+
+- **knn**: which share of an image's locations the ``knn`` view averages (the default
+  :data:`~anomalyvae.models.bank.KNN_TOP_FRACTION`, the mean of every location, and
+  multi-scale: the mean or the largest of the z-scores at 1 %, 5 % and 20 %);
+- **image**: how many principal components of the training normals (pooled, as the
+  ``image`` view sees them) span the normal subspace: fixed counts, or as many as
+  explain a share of the variance. The subspace is refitted on the model's own
+  training split, as training fits it.
+
+Each variant is scored alone and inside the fused score (the mean robust z-score of
+``knn``, ``global`` and ``image`` with the variant in place; constants from the held-out
+normals only, for every variant and the default alike, so a difference is the variant's).
+Then leave-one-set-out: for each set, the variant with the best mean gain over the default
+on the *other* sets is chosen and scored on the left-out one. A variant becomes a default
+only when it is chosen in a majority of folds and its held-out mean gain is positive.
+Results: reports/suite/reductions.md and reductions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.decomposition import PCA
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "pipelines"))
+sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
+
+from common import machine, shown  # noqa: E402
+from run import DEFAULT_DATA, discover_sets  # noqa: E402
+
+from anomalyvae.data import discover  # noqa: E402
+from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
+from anomalyvae.models.bank import KNN_TOP_FRACTION  # noqa: E402
+from anomalyvae.models.feature_vae import (  # noqa: E402
+    IMAGE_SIGMA,
+    IMAGE_TOP_FRACTION,
+    robust_z_constants,
+)
+from anomalyvae.models.smoothing import gaussian_blur, topk_size  # noqa: E402
+
+#: knn variants: the share of locations averaged (1.0 = all), or multi-scale z-scores.
+KNN_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+KNN_SCALES = (0.01, 0.05, 0.2)
+#: image variants: a fixed number of components, or the share of variance they explain.
+IMAGE_COUNTS = (20, 50, 100, 200)
+IMAGE_SHARES = (0.9, 0.95, 0.99)
+BATCH = 16
+
+
+def knn_key(fraction: float) -> str:
+    return f"top {fraction:.0%}" if fraction < 1 else "mean"
+
+
+def top_mean(values: np.ndarray, k: int) -> np.ndarray:
+    flat = values.reshape(len(values), -1)
+    return np.partition(flat, -k, axis=1)[:, -k:].mean(1)
+
+
+def batches(detector: VAEAnomalyDetector, paths: list[Path]):
+    """The model inputs of ``paths``, ``BATCH`` images at a time."""
+    for start in range(0, len(paths), BATCH):
+        images = detector.preprocess(paths[start : start + BATCH])
+        yield torch.from_numpy(np.ascontiguousarray(images))
+
+
+def pooled(x: torch.Tensor, pool: int) -> np.ndarray:
+    """Model inputs as the image view sees them (box-pooled)."""
+    return (F.avg_pool2d(x, pool) if pool > 1 else x).numpy()
+
+
+def passes(detector: VAEAnomalyDetector, paths: list[Path], pool: int) -> dict[str, np.ndarray]:
+    """Per image: the bank distances of every location, the pooled input, the views."""
+    model = detector.model_.eval()
+    parts: dict[str, list[np.ndarray]] = {"distances": [], "pooled": [], "global": [], "image": []}
+    with torch.no_grad():
+        for x in batches(detector, paths):
+            raw = model.raw_features(x)
+            parts["distances"].append(model.knn_locations(model.standardize(raw)).numpy())
+            parts["pooled"].append(pooled(x, pool))
+            parts["global"].append(model.global_distance(raw).double().numpy())
+            parts["image"].append(model.image_view(x).double().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def image_views(train: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The image view of each group for every component rule (PCA of ``train``)."""
+    flat = train.reshape(len(train), -1).astype(np.float64)
+    pca = PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
+    share = np.cumsum(pca.explained_variance_ratio_)
+    rules = {f"{k} components": k for k in IMAGE_COUNTS}
+    rules |= {f"{s:.0%} of variance": int(np.searchsorted(share, s)) + 1 for s in IMAGE_SHARES}
+    out: dict[str, dict] = {}
+    for name, k in rules.items():
+        k = max(1, min(k, len(share)))
+        basis = pca.components_[:k]
+        out[name] = {"components": k}
+        for group, pooled in groups.items():
+            centred = pooled.reshape(len(pooled), -1).astype(np.float64) - pca.mean_
+            residual = centred - (centred @ basis.T) @ basis
+            squared = (residual**2).reshape(pooled.shape).mean(1, keepdims=True)
+            smoothed = gaussian_blur(torch.from_numpy(squared).float(), IMAGE_SIGMA).numpy()
+            n = smoothed.shape[-2] * smoothed.shape[-1]
+            out[name][group] = top_mean(smoothed, topk_size(IMAGE_TOP_FRACTION, IMAGE_SIGMA, n))
+    return out
+
+
+def knn_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The knn view of each group for every reduction of the location distances."""
+    out: dict[str, dict] = {}
+    for fraction in KNN_FRACTIONS:
+        out[knn_key(fraction)] = {
+            g: top_mean(d, max(1, int(fraction * d[0].size))) for g, d in groups.items()
+        }
+    scales = [out[knn_key(f)] for f in KNN_SCALES]
+    for how, combine in (("mean", np.mean), ("max", np.max)):
+        out[f"multi-scale {how}-z"] = {
+            g: combine([z_of(s["val"], s[g]) for s in scales], axis=0) for g in groups
+        }
+    return out
+
+
+def z_of(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    center, scale = robust_z_constants(np.asarray(reference, dtype=np.float64)[:, None])
+    return (np.asarray(values, dtype=np.float64) - center[0]) / scale[0]
+
+
+def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
+    config = detector.model_.config
+    train = [s.path for s in discover(source, "train") if s.label == 0]
+    val_index, train_index = detector.split_indices(len(train))
+    test = discover(source, "test")
+    labels = np.array([s.label for s in test])
+    pool = config.image_pool
+    val = passes(detector, [train[i] for i in val_index], pool)
+    tested = passes(detector, [s.path for s in test], pool)
+    pooled_train = [pooled(x, pool) for x in batches(detector, [train[i] for i in train_index])]
+    families = {
+        "knn": knn_views({"val": val["distances"], "test": tested["distances"]}),
+        "image": image_views(
+            np.concatenate(pooled_train), {"val": val["pooled"], "test": tested["pooled"]}
+        ),
+    }
+    default = {"knn": knn_key(KNN_TOP_FRACTION), "image": f"{config.image_components} components"}
+    views = {"val": val, "test": tested}
+
+    def fused(replace: str, values: dict) -> float:
+        parts = []
+        for name in ("knn", "global", "image"):
+            own = values if name == replace else None
+            if own is None and name == "knn":
+                own = families["knn"][default["knn"]]
+            if own is None:
+                own = {g: views[g][name] for g in views}
+            parts.append(z_of(own["val"], own["test"]))
+        return float(roc_auc_score(labels, np.mean(parts, axis=0)))
+
+    out: dict = {"n_val": len(val_index), "n_test": len(test), "default": default, "families": {}}
+    for family, variants in families.items():
+        rows = {}
+        for name, values in variants.items():
+            rows[name] = {
+                "alone": float(roc_auc_score(labels, values["test"])),
+                "fused": fused(family, values),
+            }
+            if "components" in values:
+                rows[name]["components"] = values["components"]
+        out["families"][family] = rows
+    # the product's own image view (the model's subspace) beside its refitted twin
+    out["product_image_view"] = float(roc_auc_score(labels, tested["image"]))
+    return out
+
+
+def loso(results: dict, family: str) -> dict:
+    """For each set: the variant with the best mean fused gain on the others, held out."""
+    sets = list(results)
+    gain = {
+        s: {
+            v: r["fused"] - results[s]["families"][family][results[s]["default"][family]]["fused"]
+            for v, r in results[s]["families"][family].items()
+        }
+        for s in sets
+    }
+    folds = {}
+    for held in sets:
+        others = [s for s in sets if s != held] or [held]
+        default = results[held]["default"][family]
+        names = [default, *(v for v in gain[held] if v != default)]  # ties keep the default
+        chosen = max(names, key=lambda v: np.mean([gain[s].get(v, -1.0) for s in others]))
+        folds[held] = {
+            "chosen": chosen,
+            "others_gain": float(np.mean([gain[s][chosen] for s in others])),
+            "held_gain": float(gain[held][chosen]),
+        }
+    choices = [f["chosen"] for f in folds.values()]
+    top = max(set(choices), key=choices.count)
+    mean_gain = float(np.mean([f["held_gain"] for f in folds.values()]))
+    default = next(iter(results.values()))["default"][family]  # the same on every set
+    adopt = top != default and choices.count(top) * 2 > len(choices) and mean_gain > 0
+    return {"folds": folds, "majority": top, "held_mean_gain": mean_gain, "adopt": bool(adopt)}
+
+
+def write(results: dict, out: Path, smoke: bool) -> None:
+    decisions = {family: loso(results, family) for family in ("knn", "image")} if results else {}
+    (out / "reductions.json").write_text(
+        json.dumps({"machine": machine(), "sets": results, "loso": decisions}, indent=2)
+    )
+    sets = list(results)
+    lines = [
+        "# How the maps become views: reductions chosen leave-one-set-out"
+        + (" (smoke run)" if smoke else ""),
+        "",
+        f"Produced by `python pipelines/suite/reductions.py` on the suite's trained models "
+        f"({machine()}). Image AUROC of each variant alone and inside the fused score (mean "
+        "robust z of knn, global and image, the variant in place; constants from the held-out "
+        "normals only, the default under the same protocol, so a difference is the "
+        "variant's). No model is retrained: the image subspace is refitted on each model's "
+        "own training split.",
+        "",
+    ]
+    titles = {
+        "knn": "knn view: which locations' bank distances are averaged",
+        "image": "image view: how many principal components span the normals",
+    }
+    for family, decision in decisions.items():
+        lines += [f"## {titles[family]}", ""]
+        lines += ["| variant | " + " | ".join(f"{s} alone | {s} fused" for s in sets) + " |"]
+        lines += ["|---|" + "---|---|" * len(sets)]
+        names = list(next(iter(results.values()))["families"][family])
+        for name in names:
+            cells = []
+            for s in sets:
+                row = results[s]["families"][family].get(name)
+                mark = " (default)" if name == results[s]["default"][family] else ""
+                extra = f" [{row['components']}]" if row and "components" in row else ""
+                cells.append(f"{row['alone']:.3f}{extra} | {row['fused']:.3f}" if row else "– | –")
+            lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+        lines += ["", "| left out | chosen on the others | their mean gain | held-out gain |"]
+        lines += ["|---|---|---|---|"]
+        for held, fold in decision["folds"].items():
+            lines.append(
+                f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | "
+                f"{fold['held_gain']:+.3f} |"
+            )
+        verdict = "**adopted**" if decision["adopt"] else "**the default stays**"
+        lines += [
+            "",
+            f"Majority choice: {decision['majority']}; held-out mean gain of the fold choices "
+            f"{decision['held_mean_gain']:+.3f} fused AUROC: {verdict}.",
+            "",
+        ]
+    if "image" in decisions:
+        lines.append(
+            "Component counts in brackets. The product's image view (its own subspace) "
+            "scores: "
+            + ", ".join(f"{s} {results[s]['product_image_view']:.3f}" for s in sets)
+            + "."
+        )
+    (out / "reductions.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "suite")
+    parser.add_argument("--out", type=Path, default=None, help="[default: reports/suite]")
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic feature model")
+    parser.add_argument("--sets", nargs="*", default=None, help="only these sets [all]")
+    args = parser.parse_args()
+    if args.smoke:
+        sets, args.runs, tmp = smoke_model()
+        args.out = args.out or tmp / "report"
+    else:
+        sets = discover_sets(args.data)
+        if args.sets:
+            sets = {k: v for k, v in sets.items() if k in args.sets}
+    args.out = args.out or ROOT / "reports" / "suite"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, source in sets.items():
+        checkpoint = args.runs / name / "model.pt"
+        if not checkpoint.is_file():
+            print(f"[{name}] no trained model at {shown(checkpoint)}; skipped", flush=True)
+            continue
+        detector = VAEAnomalyDetector.load(checkpoint, progress=False)
+        config = detector.model_.config
+        if detector.family_ != "feature" or not (config.bank_size and config.image_components):
+            print(f"[{name}] the {detector.family_} model has no bank or image view; skipped")
+            continue
+        print(f"[{name}] {shown(checkpoint)}", flush=True)
+        results[name] = measure(detector, source)
+    write(results, args.out, args.smoke)
+
+
+def smoke_model() -> tuple[dict[str, Path], Path, Path]:
+    """A one-epoch feature model on a tiny synthetic set, laid out as the suite's runs."""
+    from anomalyvae.data import make_synthetic_dataset
+
+    tmp = Path(tempfile.mkdtemp())
+    data = make_synthetic_dataset(tmp / "data", n_train=24, n_test_good=6, n_test_defect=6, size=96)
+    model = tmp / "runs" / "synthetic" / "model.pt"
+    model.parent.mkdir(parents=True)
+    detector = VAEAnomalyDetector(model="feature", epochs=1, progress=False)
+    detector.fit([s.path for s in discover(data, "train")]).save(model)
+    return {"synthetic": data}, tmp / "runs", tmp
+
+
+if __name__ == "__main__":
+    main()
