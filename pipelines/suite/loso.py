@@ -46,6 +46,8 @@ PRODUCT_VIEWS = ("local", "elbo", "global", "image", "knn")
 FIXED = {"feature": ("knn", "global", "image"), "pixel": ("local", "global")}
 
 Views = dict[str, np.ndarray]
+#: Shrinkage of the views' correlation toward the identity (the correlation-weighted rule).
+GLS_SHRINK = 0.3
 
 
 def z_scores(views: Views, reference: Views) -> Views:
@@ -132,9 +134,39 @@ def make_rules() -> dict[str, Rule]:
 
         return rule
 
+    def fixed_names(data: dict) -> list[str]:
+        return list(FIXED["feature" if "knn" in data["test"] else "pixel"])
+
+    def correlation_weighted(data: dict, group: str = "test") -> np.ndarray:
+        # generalized least squares: views that move together on normals share a weight
+        names = fixed_names(data)
+        ref, z = zs(data, names, "val"), zs(data, names, group)
+        corr = np.corrcoef(np.stack([ref[n] for n in names])) if len(names) > 1 else np.ones((1, 1))
+        corr = (1 - GLS_SHRINK) * np.nan_to_num(corr) + GLS_SHRINK * np.eye(len(names))
+        weights = np.maximum(np.linalg.solve(corr, np.ones(len(names))), 0.0)
+        return np.tensordot(weights / weights.sum(), np.stack([z[n] for n in names]), axes=1)
+
+    def rank_soft_max(data: dict, group: str = "test") -> np.ndarray:
+        # each view's normal distribution made standard normal by its ranks (beyond the
+        # largest normal: the z-score's excess), then a soft maximum (log-sum-exp)
+        from scipy.stats import norm
+
+        names = fixed_names(data)
+        ref, z = zs(data, names, "val"), zs(data, names, group)
+        parts = []
+        for name in names:
+            normal = np.sort(ref[name])
+            n = len(normal)
+            ranked = norm.ppf((np.searchsorted(normal, z[name], side="right") + 0.5) / (n + 1))
+            top = norm.ppf((n + 0.5) / (n + 1))
+            parts.append(np.where(z[name] > normal[-1], top + z[name] - normal[-1], ranked))
+        return np.log(np.exp(np.stack(parts)).sum(0))
+
     rules: dict[str, Rule] = {
         "fixed (as trained)": fixed,
         "fixed views, constants from held-out normals only": fixed_new,
+        "fixed views, weights from their correlation on held-out normals": correlation_weighted,
+        "fixed views, rank-Gaussian z, soft maximum": rank_soft_max,
     }
     for tag in VIEW_SETS:
         rules[f"mean-z({tag})"] = combine("mean", tag)
