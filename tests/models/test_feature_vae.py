@@ -151,7 +151,7 @@ def test_greedy_coreset_keeps_the_rare_vectors_a_random_sample_would_miss():
 
 
 def test_image_view_scores_what_the_normals_subspace_misses():
-    from anomalyvae.models.feature_vae import fit_image_subspace
+    from anomalyvae.models.feature_training import fit_image_subspace
 
     config = FeatureVAEConfig(height=64, width=64, image_components=4, image_side=16)
     rng = np.random.default_rng(0)
@@ -369,7 +369,7 @@ def test_a_model_saved_before_the_bank_map_maps_the_elbo_and_scores_the_same(
 
 
 def test_the_time_budget_keeps_room_for_the_scoring_passes_after_training():
-    from anomalyvae.models.feature_vae import train_feature_vae
+    from anomalyvae.models.feature_training import train_feature_vae
 
     config = FeatureVAEConfig(height=32, width=32, hidden_dim=8, latent_dim=2)
     rng = np.random.default_rng(0)
@@ -469,7 +469,8 @@ def test_tiled_model_exports_one_graph_with_its_tiles_in_the_metadata(tiled_dete
 
 
 def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_keep_the_mean():
-    from anomalyvae.models.feature_vae import IMAGE_SIGMA, fit_image_subspace
+    from anomalyvae.models.feature_training import fit_image_subspace
+    from anomalyvae.models.feature_vae import IMAGE_SIGMA
     from anomalyvae.models.maps import ScoringConfig, gaussian_blur, topk_count
 
     rng = np.random.default_rng(0)
@@ -498,7 +499,7 @@ def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_kee
 
 def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, feature_root):
     """The training normals get views as if held out, and join the calibration."""
-    from anomalyvae.models.feature_vae import cross_fitted_views, extract_features
+    from anomalyvae.models.feature_training import cross_fitted_views, extract_features
 
     detector, _ = feature_detector
     n_val = len(detector.validation_files_)

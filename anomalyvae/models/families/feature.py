@@ -14,6 +14,7 @@ from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.families.base import ModelFamily, Trained
+from anomalyvae.models.feature_training import train_feature_vae
 from anomalyvae.models.feature_vae import (
     ADAPTIVE_FUSIONS,
     VIEW_NAMES,
@@ -22,7 +23,6 @@ from anomalyvae.models.feature_vae import (
     fit_map_constants,
     fuse_views,
     robust_z_constants,
-    train_feature_vae,
     view_weights,
 )
 from anomalyvae.models.maps import SCORE_KINDS, ScoringConfig, check_scoring

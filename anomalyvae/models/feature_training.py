@@ -1,0 +1,331 @@
+"""Training of the feature family: features once, the bank, the fits, the VAE's epochs.
+
+The backbone is frozen, so :func:`train_feature_vae` extracts every image's features
+once, fits the standardization, the global Gaussian, the image view's pixel subspace and
+the memory bank from them, computes the training normals' cross-fitted views (so every
+normal can calibrate, :func:`cross_fitted_views`), then trains the per-location VAE
+with early stopping and a time budget. The model itself is
+:class:`~anomalyvae.models.feature_vae.FeatureVAE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from anomalyvae.imaging.tiles import auto_batch_size
+from anomalyvae.models.bank import coreset_indices, knn_view
+from anomalyvae.models.feature_vae import (
+    VIEW_NAMES,
+    FeatureVAE,
+    FeatureVAEConfig,
+    location_loss,
+)
+
+
+class FeatureTrainResult(NamedTuple):
+    """What :func:`train_feature_vae` returns."""
+
+    model: FeatureVAE
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_reason: str
+    elapsed_s: float
+    #: the training normals' cross-fitted views (:func:`cross_fitted_views`), or None
+    train_views: NDArray[np.float64] | None = None
+
+
+def extract_features(
+    model: FeatureVAE, images: NDArray[np.float32], batch_size: int = 16, progress: bool = False
+) -> Tensor:
+    """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
+    out = None  # filled in place: a list joined by torch.cat held the features twice
+    with torch.no_grad():
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc="features",
+            unit="batch",
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        ):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            features = model.raw_features(x)
+            if out is None:
+                out = features.new_empty((len(images), *features.shape[1:]))
+            out[start : start + len(features)] = features
+    return out if out is not None else model.raw_features(torch.from_numpy(images[:0]))
+
+
+def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (unbiased) standard deviation of (n, c, h, w), each (1, c, 1, 1).
+
+    Summed in float64 a few images at a time, so no temporary as large as ``raw``.
+    """
+    total = torch.zeros(raw.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(raw), chunk):
+        part = raw[start : start + chunk].double()
+        total += part.sum(dim=(0, 2, 3))
+        squares += (part**2).sum(dim=(0, 2, 3))
+    count = raw.numel() // raw.shape[1]
+    mean = total / count
+    variance = (squares - count * mean**2) / max(1, count - 1)
+    shape = (1, raw.shape[1], 1, 1)
+    return mean.float().view(shape), variance.clamp(min=0.0).sqrt().float().view(shape)
+
+
+def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:
+    """Mean and Ledoit-Wolf shrunk precision of pooled feature vectors (n, c)."""
+    from sklearn.covariance import LedoitWolf
+
+    estimator = LedoitWolf().fit(pooled)
+    return (
+        torch.from_numpy(estimator.location_).float(),
+        torch.from_numpy(estimator.precision_).float(),
+    )
+
+
+def fit_image_subspace(
+    images: NDArray[np.float32], config: FeatureVAEConfig
+) -> tuple[Tensor, Tensor]:
+    """Mean and PCA basis (k, d) of the pooled training images, for the ``image`` view.
+
+    Fewer images than components leave the extra basis rows zero (they project nothing).
+    """
+    return fit_pooled_subspace(pooled_images(images, config), config)
+
+
+def pooled_images(
+    images: NDArray[np.float32], config: FeatureVAEConfig, chunk: int = 64
+) -> NDArray[np.float64]:
+    """The images as the ``image`` view sees them, (n, image_dim): box-pooled, flattened.
+
+    Pooled a few at a time, so that no full-resolution copy of the set is made.
+    """
+    pool = config.image_pool
+    rows = []
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk]))
+        rows.append((F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, config.image_dim))
+
+
+def fit_pooled_subspace(
+    pooled: NDArray[np.float64], config: FeatureVAEConfig
+) -> tuple[Tensor, Tensor]:
+    """:func:`fit_image_subspace` of images already pooled by :func:`pooled_images`."""
+    from sklearn.decomposition import PCA
+
+    basis = np.zeros((config.image_components, config.image_dim))
+    k = min(config.image_components, len(pooled) - 1, pooled.shape[1])
+    mean = pooled.mean(axis=0)
+    if k >= 1:
+        pca = PCA(k, random_state=0).fit(pooled)
+        basis[:k], mean = pca.components_, pca.mean_
+    return torch.from_numpy(mean).float(), torch.from_numpy(basis).float()
+
+
+#: Folds in which the global and image views of the training normals are cross-fitted.
+CROSS_FIT_FOLDS = 5
+
+
+def cross_fitted_views(
+    model: FeatureVAE,
+    train_images: NDArray[np.float32],
+    train_raw: Tensor,
+    bank_owner: Tensor | None,
+    seed: int = 0,
+) -> NDArray[np.float64] | None:
+    """Views (n, 5) of the training normals, each as if that image were not trained on.
+
+    So that every normal, not only the held-out ones, can set the fusion constants and
+    calibrate the threshold. ``knn``: each location's nearest bank vector among those
+    taken from *other* images (``bank_owner`` gives each bank row's image). ``global``
+    and ``image``: fitted on the other ``CROSS_FIT_FOLDS - 1`` folds. ``local`` and
+    ``elbo`` need the VAE retrained without the image: NaN (not fused). None with fewer
+    than 4 images (a fold would leave too few to fit on).
+    """
+    n = len(train_images)
+    if n < 4:
+        return None
+    views = np.full((n, len(VIEW_NAMES)), np.nan)
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CROSS_FIT_FOLDS, n))
+    pooled = train_raw.mean(dim=(2, 3)).double().numpy()
+    if model.config.image_components:  # pooled once: a fold's fancy index copies the images
+        small = pooled_images(train_images, model.config)
+    column = {name: VIEW_NAMES.index(name) for name in VIEW_NAMES}
+    with torch.no_grad():
+        for fold in folds:
+            others = np.setdiff1d(np.arange(n), fold)
+            mean, precision = fit_global_gaussian(pooled[others])
+            centred = torch.from_numpy(pooled[fold]).float() - mean
+            views[fold, column["global"]] = ((centred @ precision) * centred).sum(1).numpy()
+            if model.config.image_components:
+                subspace = fit_pooled_subspace(small[others], model.config)
+                x = torch.from_numpy(np.ascontiguousarray(train_images[fold]))
+                views[fold, column["image"]] = model.image_view(x, subspace).numpy()
+        if model.config.bank_size and bank_owner is not None:
+            for i in range(n):
+                others = bank_owner != i  # bank rows from other images
+                distances = model.knn_locations(model.standardize(train_raw[i : i + 1]), others)
+                views[i, column["knn"]] = float(knn_view(distances)[0])
+    return views
+
+
+#: A full scoring pass over the backbone alone (VAE, upsampling, blur, views): measured
+#: about 1.3x at 256 x 256 on 2 CPU cores; rounded up so the budget errs on time.
+SCORING_OVER_BACKBONE = 1.5
+
+
+def train_feature_vae(
+    config: FeatureVAEConfig,
+    train_images: NDArray[np.float32],
+    val_images: NDArray[np.float32],
+    epochs: int = 200,
+    batch_size: int = 4096,
+    vectors_per_epoch: int = 131072,
+    learning_rate: float = 1e-3,
+    patience: int = 20,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    reserve_passes: float = 0.0,
+) -> FeatureTrainResult:
+    """Fit the per-location VAE on the backbone features of normal images.
+
+    The backbone is frozen, so features are computed once; an epoch is
+    ``vectors_per_epoch`` locations drawn at random from all training images (or every
+    location, when there are fewer), in mini-batches of ``batch_size``. Early stopping
+    watches the validation images' mean per-location ELBO; the time budget is checked
+    after every mini-batch. ``reserve_passes`` keeps that many scoring passes over the
+    validation images inside the budget (the detector's calibration after training),
+    timed from the feature extraction here.
+    """
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    # the bank is chosen from full feature vectors and projected once chosen (bank_dim)
+    projected, config = config.bank_dim, dataclasses.replace(config, bank_dim=0)
+    model = FeatureVAE(config)
+    extract_started = time.monotonic()
+    # backbone batches sized from the input, so memory does not grow with it
+    step = auto_batch_size(train_images.shape[-2], train_images.shape[-1], 16)
+    train_raw = extract_features(model, train_images, step, progress=progress)
+    val_raw = extract_features(model, val_images, step, progress=progress)
+    if time_budget_s is not None and reserve_passes > 0:
+        per_image = (time.monotonic() - extract_started) / (len(train_images) + len(val_images))
+        # a scoring pass adds the VAE, the upsampled map and its blur to the backbone
+        time_budget_s -= reserve_passes * len(val_images) * per_image * SCORING_OVER_BACKBONE
+    mean, std = channel_mean_std(train_raw)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(torch.sqrt(std**2 + (0.05 * std.mean()) ** 2))
+    global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
+    model.global_mean.copy_(global_mean)
+    model.global_precision.copy_(precision)
+    if config.image_components:
+        image_mean, basis = fit_image_subspace(train_images, config)
+        model.image_mean.copy_(image_mean)
+        model.image_basis.copy_(basis)
+
+    def vectors(raw: Tensor) -> Tensor:
+        """Standardized location vectors (n h w, c, 1, 1), written image by image.
+
+        Whole-set temporaries (standardized, then permuted) tripled train's memory.
+        """
+        n, c, h, w = raw.shape
+        out = torch.empty(n * h * w, c, 1, 1)
+        for i in range(n):
+            standardized = model.standardize(raw[i : i + 1])[0]
+            out[i * h * w : (i + 1) * h * w, :, 0, 0] = standardized.permute(1, 2, 0).reshape(-1, c)
+        return out
+
+    train_x, val_x = vectors(train_raw), vectors(val_raw)
+    bank_owner = None
+    if config.bank_size:
+        chosen = coreset_indices(train_x.flatten(1), config.bank_size, seed)
+        bank = train_x.flatten(1)[chosen].clone()
+        # each bank row's image: train_x holds each image's locations in turn
+        bank_owner = chosen // (train_raw.shape[-2] * train_raw.shape[-1])
+        if len(bank) < config.bank_size:  # fewer training locations than the bank holds
+            config = dataclasses.replace(config, bank_size=len(bank))
+            model.config = config
+        model.bank = bank  # replaces the buffer (same name, maybe fewer rows)
+        model.project_bank(projected)  # a no-op when ``projected`` is 0
+        config = model.config
+        if time_budget_s is not None and reserve_passes > 0 and len(val_images):
+            sample = model.standardize(val_raw[:8])
+            knn_started = time.monotonic()
+            with torch.no_grad():
+                model.knn_distance(sample)
+            per_image = (time.monotonic() - knn_started) / len(sample)
+            time_budget_s -= reserve_passes * len(val_images) * per_image
+    train_views = cross_fitted_views(model, train_images, train_raw, bank_owner, seed)
+    if len(val_x) > 131072:  # a fixed, seeded sample keeps validation cheap
+        keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))
+        val_x = val_x[keep[:131072]]
+    del train_raw, val_raw
+    parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    best_val, best_epoch, stale = math.inf, 0, 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history: list[dict[str, float]] = []
+    stopped_reason = "max_epochs"
+    bar = tqdm(
+        range(1, epochs + 1), desc="training", unit="epoch", disable=not progress, file=sys.stderr
+    )
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)[:vectors_per_epoch]
+        total, seen, out_of_time = 0.0, 0, False
+        for start in range(0, len(order), batch_size):
+            batch = train_x[order[start : start + batch_size]]
+            loss = location_loss(model.vae(batch), config.beta, config.logvar_min).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                out_of_time = True
+                break
+        model.eval()
+        with torch.no_grad():
+            val_loss = sum(
+                location_loss(model.vae(val_x[i : i + 65536]), 1.0, config.logvar_min).sum().item()
+                for i in range(0, len(val_x), 65536)
+            ) / max(1, len(val_x))
+        history.append({"epoch": epoch, "train_loss": total / max(1, seen), "val_elbo": val_loss})
+        bar.set_postfix(val_elbo=f"{val_loss:.3f}")
+        if not math.isfinite(best_val) or val_loss < best_val - 1e-3 * max(1.0, abs(best_val)):
+            # an improvement counts when it is at least 0.1 %
+            best_val, best_epoch, stale = val_loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+        if out_of_time:
+            stopped_reason = "time_budget"
+            break
+        if stale >= patience:
+            stopped_reason = "early_stopping"
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    return FeatureTrainResult(
+        model.eval(),
+        history,
+        best_epoch,
+        stopped_reason,
+        time.monotonic() - started,
+        train_views,
+    )
