@@ -43,13 +43,10 @@ from anomalyvae.inference.contract import (
     signature,
     signing_key,
 )
-from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
 from anomalyvae.version import __version__
 
-#: Largest absolute difference allowed between torch and ONNX Runtime, relative to the
-#: spread of the compared values (max(|a|) + 1e-6).
 #: Largest score difference between ONNX Runtime and torch that export accepts, as a
 #: share of the score's scale: the larger of |threshold| and the range of the parity
 #: images' scores. A graph of 3 GFLOP per image in float32 differs by a few 1e-4 of
@@ -443,8 +440,6 @@ def check_parity(
 
 #: Relative score tolerance of the float16 variant against torch float32.
 FP16_TOLERANCE = 2e-2
-#: Name prefix of the VAE's nodes in the traced graph (ScoringGraph.model).
-_VAE_SCOPE = "/scoring/model/"
 
 
 def _write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Path:
@@ -454,112 +449,6 @@ def _write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -
     data = {k[len(METADATA_PREFIX) :]: _maybe_json(v) for k, v in metadata.items()}
     atomic_write_bytes(sidecar, json.dumps(data, indent=2).encode())
     return sidecar
-
-
-def _session_scores(path: Path, images: NDArray[np.float32]) -> NDArray[np.float32]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [
-            session.run(["score"], {INPUT_NAME: images[i : i + 16]})[0]
-            for i in range(0, len(images), 16)
-        ]
-    )
-
-
-def export_int8(
-    fp32_path: str | os.PathLike[str],
-    path: str | os.PathLike[str],
-    calibration_images: NDArray[np.float32],
-) -> tuple[Path, Path, float]:
-    """Quantize the VAE's convolutions and linear layers to int8 (ONNX Runtime, static QDQ).
-
-    Activation ranges are calibrated on ``calibration_images`` (normal, model-ready).
-    The map, smoothing, score and the decoder head stay float32. Quantization noise
-    raises every reconstruction error a little, so the threshold is carried over by the
-    median ratio of int8 to float32 scores on the same normal images; the ratio is
-    recorded in the metadata. Returns (model path, sidecar path, ratio).
-    """
-    import tempfile
-
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self, images: NDArray[np.float32]) -> None:
-            self._batches = iter(
-                [{INPUT_NAME: images[i : i + 8]} for i in range(0, len(images), 8)]
-            )
-
-        def get_next(self) -> dict[str, NDArray[np.float32]] | None:
-            return next(self._batches, None)
-
-    if len(calibration_images) < 2:
-        raise ExportError("int8 export needs at least 2 normal calibration images")
-    family = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}.get(
-        METADATA_PREFIX + "model_family", "pixel"
-    )
-    if "int8" not in get_family(family).export_precisions:
-        raise ExportError(f"int8 export is not implemented for the {family} model")
-    fp32_path, path = Path(fp32_path), Path(path)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        prepared = Path(tmpdir) / "prepared.onnx"
-        quantized = Path(tmpdir) / "quantized.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        # Quantize the VAE only: an anomaly lies, by definition, outside the calibration
-        # images' activation ranges, so the map and score must keep float range. The
-        # decoder head stays float too: the NLL divides squared errors by variances as
-        # small as e^-7, which magnifies an 8-bit step of the mean a thousandfold.
-        keep_float = [
-            n.name
-            for n in onnx.load(str(prepared)).graph.node
-            if not n.name.startswith(_VAE_SCOPE) or n.name.startswith(_VAE_SCOPE + "head")
-        ]
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            _Reader(calibration_images),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
-            nodes_to_exclude=keep_float,
-        )
-        proto = onnx.load(str(quantized))
-        ratio = float(
-            np.median(
-                _session_scores(quantized, calibration_images)
-                / np.maximum(_session_scores(fp32_path, calibration_images), 1e-12)
-            )
-        )
-    metadata = {p.key: p.value for p in proto.metadata_props}
-    threshold = float(metadata[METADATA_PREFIX + "threshold"]) * ratio
-    _make_threshold_default(proto, threshold)
-    metadata.update(
-        {
-            METADATA_PREFIX + "precision": "int8",
-            METADATA_PREFIX + "threshold": repr(threshold),
-            METADATA_PREFIX + "threshold_adjustment": json.dumps(
-                {
-                    "method": "float32 threshold times the median int8/float32 score ratio",
-                    "ratio": ratio,
-                    "n_images": int(len(calibration_images)),
-                }
-            ),
-        }
-    )
-    metadata = _stamp(proto, metadata)
-    onnx.checker.check_model(proto)
-    return path, _write_model(proto, path, metadata), ratio
 
 
 def variant_path(path: str | os.PathLike[str], precision: str) -> Path:
@@ -607,6 +496,8 @@ def export_all(
             )
         )
     if int8:
+        from anomalyvae.quantize import export_int8  # it builds on this module
+
         path, sidecar, _ = export_int8(output, variant_path(output, "int8"), batch)
         metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         results.append(ExportResult(path, sidecar, metadata, None))
