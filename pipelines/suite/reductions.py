@@ -3,7 +3,7 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Two choices of the feature family's fused views are re-made on the models the suite
+Three choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
@@ -12,7 +12,9 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image**: how many principal components of the training normals (pooled, as the
   ``image`` view sees them) span the normal subspace: fixed counts, or as many as
   explain a share of the variance. The subspace is refitted on the model's own
-  training split, as training fits it.
+  training split, as training fits it;
+- **image reduction**: how the ``image`` view's residual map (off the model's own number
+  of components) becomes one number: its smoothing and the top share averaged.
 
 Each variant is scored alone and inside the fused score (the mean robust z-score of
 ``knn``, ``global`` and ``image`` with the variant in place; constants from the held-out
@@ -60,7 +62,12 @@ KNN_SCALES = (0.01, 0.05, 0.2)
 #: image variants: a fixed number of components, or the share of variance they explain.
 IMAGE_COUNTS = (20, 50, 100, 200)
 IMAGE_SHARES = (0.9, 0.95, 0.99)
+#: image reduction variants: smoothing of the residual map (px) and the top share averaged.
+IMAGE_SIGMAS = (1.0, 2.0)
+IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
 BATCH = 16
+#: The fused view each family of variants replaces.
+VIEW_OF = {"knn": "knn", "image": "image", "image reduction": "image"}
 
 
 def knn_key(fraction: float) -> str:
@@ -98,26 +105,51 @@ def passes(detector: VAEAnomalyDetector, paths: list[Path], pool: int) -> dict[s
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def image_views(train: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, dict]:
-    """The image view of each group for every component rule (PCA of ``train``)."""
+def residual_maps(pca: PCA, k: int, groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each group's squared residual off the first ``k`` components, (n, 1, h, w)."""
+    basis = pca.components_[:k]
+    out = {}
+    for group, pooled in groups.items():
+        centred = pooled.reshape(len(pooled), -1).astype(np.float64) - pca.mean_
+        residual = centred - (centred @ basis.T) @ basis
+        out[group] = (residual**2).reshape(pooled.shape).mean(1, keepdims=True)
+    return out
+
+
+def reduced(squared: np.ndarray, sigma: float, share: float) -> np.ndarray:
+    """The image view's reduction: smoothed at ``sigma`` px, mean of the top ``share``."""
+    smoothed = gaussian_blur(torch.from_numpy(squared).float(), sigma).numpy()
+    n = smoothed.shape[-2] * smoothed.shape[-1]
+    return top_mean(smoothed, topk_size(share, sigma, n))
+
+
+def image_views(
+    train: np.ndarray, groups: dict[str, np.ndarray], components: int
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The image view of each group for every component rule (PCA of ``train``), and
+    for every reduction of the residual map off the model's own ``components``."""
     flat = train.reshape(len(train), -1).astype(np.float64)
     pca = PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
     share = np.cumsum(pca.explained_variance_ratio_)
     rules = {f"{k} components": k for k in IMAGE_COUNTS}
     rules |= {f"{s:.0%} of variance": int(np.searchsorted(share, s)) + 1 for s in IMAGE_SHARES}
-    out: dict[str, dict] = {}
+    counts: dict[str, dict] = {}
     for name, k in rules.items():
         k = max(1, min(k, len(share)))
-        basis = pca.components_[:k]
-        out[name] = {"components": k}
-        for group, pooled in groups.items():
-            centred = pooled.reshape(len(pooled), -1).astype(np.float64) - pca.mean_
-            residual = centred - (centred @ basis.T) @ basis
-            squared = (residual**2).reshape(pooled.shape).mean(1, keepdims=True)
-            smoothed = gaussian_blur(torch.from_numpy(squared).float(), IMAGE_SIGMA).numpy()
-            n = smoothed.shape[-2] * smoothed.shape[-1]
-            out[name][group] = top_mean(smoothed, topk_size(IMAGE_TOP_FRACTION, IMAGE_SIGMA, n))
-    return out
+        maps = residual_maps(pca, k, groups)
+        counts[name] = {g: reduced(m, IMAGE_SIGMA, IMAGE_TOP_FRACTION) for g, m in maps.items()}
+        counts[name]["components"] = k
+    maps = residual_maps(pca, max(1, min(components, len(share))), groups)
+    reductions = {
+        image_key(sigma, top): {g: reduced(m, sigma, top) for g, m in maps.items()}
+        for sigma in IMAGE_SIGMAS
+        for top in IMAGE_TOPS
+    }
+    return counts, reductions
+
+
+def image_key(sigma: float, share: float) -> str:
+    return f"smoothed {sigma:g} px, top {share:.1%}"
 
 
 def knn_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -150,16 +182,25 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     val = passes(detector, [train[i] for i in val_index], pool)
     tested = passes(detector, [s.path for s in test], pool)
     pooled_train = [pooled(x, pool) for x in batches(detector, [train[i] for i in train_index])]
+    counts, reductions = image_views(
+        np.concatenate(pooled_train),
+        {"val": val["pooled"], "test": tested["pooled"]},
+        config.image_components,
+    )
     families = {
         "knn": knn_views({"val": val["distances"], "test": tested["distances"]}),
-        "image": image_views(
-            np.concatenate(pooled_train), {"val": val["pooled"], "test": tested["pooled"]}
-        ),
+        "image": counts,
+        "image reduction": reductions,
     }
-    default = {"knn": knn_key(KNN_TOP_FRACTION), "image": f"{config.image_components} components"}
+    default = {
+        "knn": knn_key(KNN_TOP_FRACTION),
+        "image": f"{config.image_components} components",
+        "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
+    }
     views = {"val": val, "test": tested}
 
-    def fused(replace: str, values: dict) -> float:
+    def fused(family: str, values: dict) -> float:
+        replace = VIEW_OF[family]
         parts = []
         for name in ("knn", "global", "image"):
             own = values if name == replace else None
@@ -216,7 +257,7 @@ def loso(results: dict, family: str) -> dict:
 
 
 def write(results: dict, out: Path, smoke: bool) -> None:
-    decisions = {family: loso(results, family) for family in ("knn", "image")} if results else {}
+    decisions = {family: loso(results, family) for family in VIEW_OF} if results else {}
     (out / "reductions.json").write_text(
         json.dumps({"machine": machine(), "sets": results, "loso": decisions}, indent=2)
     )
@@ -236,6 +277,7 @@ def write(results: dict, out: Path, smoke: bool) -> None:
     titles = {
         "knn": "knn view: which locations' bank distances are averaged",
         "image": "image view: how many principal components span the normals",
+        "image reduction": "image view: how its residual map is reduced (model's own components)",
     }
     for family, decision in decisions.items():
         lines += [f"## {titles[family]}", ""]
