@@ -491,7 +491,8 @@ def export(
     Example:
       anomalyvae export model.pt -o model.onnx --images data/train/good --int8
     """
-    from anomalyvae.export import describe_export, export_all
+    from anomalyvae.export import describe_export
+    from anomalyvae.precisions import export_all
 
     for result in export_all(checkpoint, output, images, fp16, int8, max_images):
         click.echo(describe_export(result))

@@ -251,7 +251,7 @@ def export_onnx(
         )
     proto = onnx.load_from_string(buffer.getvalue())
     drop_empty_trailing_inputs(proto)
-    _make_threshold_default(proto, float(detector.threshold_))
+    set_threshold_default(proto, float(detector.threshold_))
     proto.producer_name = "anomalyvae"
     proto.producer_version = __version__
     proto.doc_string = (
@@ -260,7 +260,8 @@ def export_onnx(
         "score, normalized_score, is_anomaly. Optional input 'threshold' overrides the "
         "calibrated threshold."
     )
-    metadata = _stamp(proto, {**build_metadata(detector), METADATA_PREFIX + "precision": precision})
+    metadata = {**build_metadata(detector), METADATA_PREFIX + "precision": precision}
+    metadata = stamp_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
 
     parity = None
@@ -283,7 +284,7 @@ def export_onnx(
                 f"score's scale, so nothing was written: {parity}. Retry on this machine's "
                 "ONNX Runtime; if it persists, report it with the model"
             )
-    sidecar = _write_model(proto, path, metadata)
+    sidecar = write_model(proto, path, metadata)
     return ExportResult(path, sidecar, metadata, parity)
 
 
@@ -313,7 +314,7 @@ def drop_empty_trailing_inputs(proto: onnx.ModelProto) -> int:
     return changed
 
 
-def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
+def set_threshold_default(proto: onnx.ModelProto, value: float) -> None:
     """Give the ``threshold`` input an initializer of the same name: its default value.
 
     ONNX (IR >= 4) lets an input share its name with an initializer; a caller that
@@ -333,7 +334,7 @@ def _make_threshold_default(proto: onnx.ModelProto, value: float) -> None:
         proto.ir_version = 4
 
 
-def _stamp(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
+def stamp_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> dict[str, str]:
     """Replace the model's metadata with ``metadata`` plus a fresh content hash.
 
     When a signing key is configured (``ANOMALYVAE_SIGNING_KEY`` or
@@ -436,69 +437,10 @@ def check_parity(
     )
 
 
-# --------------------------------------------------------------------------- precisions
-
-#: Relative score tolerance of the float16 variant against torch float32.
-FP16_TOLERANCE = 2e-2
-
-
-def _write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Path:
+def write_model(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> Path:
     """Write model and JSON sidecar (same metadata, prefix dropped) atomically."""
     atomic_write_bytes(path, proto.SerializeToString())
     sidecar = path.with_suffix(".json")
     data = {k[len(METADATA_PREFIX) :]: _maybe_json(v) for k, v in metadata.items()}
     atomic_write_bytes(sidecar, json.dumps(data, indent=2).encode())
     return sidecar
-
-
-def variant_path(path: str | os.PathLike[str], precision: str) -> Path:
-    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.{precision}{path.suffix}")
-
-
-def export_all(
-    checkpoint: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    images: str | os.PathLike[str] | None = None,
-    fp16: bool = False,
-    int8: bool = False,
-    max_images: int = 64,
-) -> list[ExportResult]:
-    """Export a checkpoint (and optional fp16/int8 variants), with parity checks.
-
-    ``images`` (folder, MVTec root or split file; its normal training images) feed the
-    parity check and int8 calibration; without them a seeded random batch is compared.
-    """
-    from anomalyvae.data import discover
-    from anomalyvae.imaging.batch import read_images
-
-    detector = VAEAnomalyDetector.load(checkpoint, progress=False)
-    spec = detector.preprocessing_
-    rng = np.random.default_rng(0)
-    if images is not None:
-        paths = [s.path for s in discover(images, "train") if s.label == 0]
-        chosen = sorted(rng.permutation(len(paths))[:max_images])
-        batch, _, _ = read_images([paths[i] for i in chosen], spec, on_error="ignore")
-    elif int8:
-        raise ExportError("--int8 needs --images: normal images to calibrate on")
-    else:
-        batch = rng.random((8, spec.channels, spec.height, spec.width), dtype=np.float32)
-    results = [export_onnx(detector, output, batch)]
-    if fp16:
-        results.append(
-            export_onnx(
-                detector,
-                variant_path(output, "fp16"),
-                batch,
-                tolerance=FP16_TOLERANCE,
-                precision="fp16",
-            )
-        )
-    if int8:
-        from anomalyvae.quantize import export_int8  # it builds on this module
-
-        path, sidecar, _ = export_int8(output, variant_path(output, "int8"), batch)
-        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-        results.append(ExportResult(path, sidecar, metadata, None))
-    return results

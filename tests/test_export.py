@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from anomalyvae.cli import main
 from anomalyvae.data import mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.export import ExportError, export_all, export_onnx, variant_path
+from anomalyvae.export import ExportError, export_onnx
 from anomalyvae.inference.runtime import OnnxDetector, OnnxInputError, OnnxModelError, read_metadata
+from anomalyvae.precisions import export_all, variant_path
 
 
 @pytest.fixture(scope="module")

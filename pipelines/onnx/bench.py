@@ -43,10 +43,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.export import torch_outputs, variant_path  # noqa: E402
+from anomalyvae.export import torch_outputs  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.models.maps import ScoringGraph  # noqa: E402
+from anomalyvae.precisions import variant_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets"
 RUNS = ROOT / "runs" / "suite"
@@ -60,7 +61,7 @@ MODELS = (
 PEAK = "[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]"
 EXPORT_SCRIPT = """
 import sys
-from anomalyvae.export import export_all
+from anomalyvae.precisions import export_all
 export_all(sys.argv[1], sys.argv[2], sys.argv[3], fp16=sys.argv[4] == "1",
            int8=sys.argv[4] == "1", max_images=64)
 """

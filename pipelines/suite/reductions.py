@@ -344,7 +344,7 @@ def main() -> None:
             continue
         detector = VAEAnomalyDetector.load(checkpoint, progress=False)
         config = detector.model_.config
-        if detector.family_ != "feature" or not (config.bank_size and config.image_components):
+        if not (getattr(config, "bank_size", 0) and getattr(config, "image_components", 0)):
             print(f"[{name}] the {detector.family_} model has no bank or image view; skipped")
             continue
         print(f"[{name}] {shown(checkpoint)}", flush=True)

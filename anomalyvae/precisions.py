@@ -1,10 +1,12 @@
-"""The int8 variant of an exported model: the VAE quantized, the rest kept float32.
+"""Precision variants of an exported model, and the export command's job that writes them.
 
-ONNX Runtime's static quantization (QDQ) of the VAE's convolutions and linear layers,
-activation ranges calibrated on normal images; the anomaly map, smoothing, score and the
-decoder head stay float32, and the threshold is carried over by the median int8/float32
-score ratio on the same normals (recorded in the metadata). ``anomalyvae export --int8``
-calls :func:`export_int8` through :func:`anomalyvae.export.export_all`.
+``model.fp16.onnx``: the same graph in float16 (:func:`anomalyvae.export.export_onnx`
+with ``precision="fp16"``), checked against torch at :data:`FP16_TOLERANCE`.
+``model.int8.onnx``: ONNX Runtime's static quantization (QDQ) of the VAE's convolutions
+and linear layers, activation ranges calibrated on normal images; the anomaly map,
+smoothing, score and the decoder head stay float32, and the threshold is carried over by
+the median int8/float32 score ratio on the same normals (recorded in the metadata).
+:func:`export_all` (``anomalyvae export``) writes the float32 model and the variants asked.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
+from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.export import (
     ExportError,
-    _make_threshold_default,
-    _stamp,
-    _write_model,
+    ExportResult,
+    export_onnx,
+    set_threshold_default,
+    stamp_metadata,
+    write_model,
 )
 from anomalyvae.inference.contract import INPUT_NAME, METADATA_PREFIX
 from anomalyvae.models.families import get_family
 
+#: Relative score tolerance of the float16 variant against torch float32.
+FP16_TOLERANCE = 2e-2
 #: Name prefix of the VAE's nodes in the traced graph (ScoringGraph.model).
 _VAE_SCOPE = "/scoring/model/"
 
@@ -117,7 +124,7 @@ def export_int8(
         )
     metadata = {p.key: p.value for p in proto.metadata_props}
     threshold = float(metadata[METADATA_PREFIX + "threshold"]) * ratio
-    _make_threshold_default(proto, threshold)
+    set_threshold_default(proto, threshold)
     metadata.update(
         {
             METADATA_PREFIX + "precision": "int8",
@@ -131,6 +138,57 @@ def export_int8(
             ),
         }
     )
-    metadata = _stamp(proto, metadata)
+    metadata = stamp_metadata(proto, metadata)
     onnx.checker.check_model(proto)
-    return path, _write_model(proto, path, metadata), ratio
+    return path, write_model(proto, path, metadata), ratio
+
+
+def variant_path(path: str | os.PathLike[str], precision: str) -> Path:
+    """``model.onnx`` -> ``model.fp16.onnx`` / ``model.int8.onnx``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{precision}{path.suffix}")
+
+
+def export_all(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    images: str | os.PathLike[str] | None = None,
+    fp16: bool = False,
+    int8: bool = False,
+    max_images: int = 64,
+) -> list[ExportResult]:
+    """Export a checkpoint (and optional fp16/int8 variants), with parity checks.
+
+    ``images`` (folder, MVTec root or split file; its normal training images) feed the
+    parity check and int8 calibration; without them a seeded random batch is compared.
+    """
+    from anomalyvae.data import discover
+    from anomalyvae.imaging.batch import read_images
+
+    detector = VAEAnomalyDetector.load(checkpoint, progress=False)
+    spec = detector.preprocessing_
+    rng = np.random.default_rng(0)
+    if images is not None:
+        paths = [s.path for s in discover(images, "train") if s.label == 0]
+        chosen = sorted(rng.permutation(len(paths))[:max_images])
+        batch, _, _ = read_images([paths[i] for i in chosen], spec, on_error="ignore")
+    elif int8:
+        raise ExportError("--int8 needs --images: normal images to calibrate on")
+    else:
+        batch = rng.random((8, spec.channels, spec.height, spec.width), dtype=np.float32)
+    results = [export_onnx(detector, output, batch)]
+    if fp16:
+        results.append(
+            export_onnx(
+                detector,
+                variant_path(output, "fp16"),
+                batch,
+                tolerance=FP16_TOLERANCE,
+                precision="fp16",
+            )
+        )
+    if int8:
+        path, sidecar, _ = export_int8(output, variant_path(output, "int8"), batch)
+        metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        results.append(ExportResult(path, sidecar, metadata, None))
+    return results
