@@ -85,6 +85,16 @@ def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
     return mean.float().view(shape), variance.clamp(min=0.0).sqrt().float().view(shape)
 
 
+def feature_standardization(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """Each channel's mean and scale (1, c, 1, 1) that standardize the features ``raw``.
+
+    The scale is the standard deviation with 5 % of the mean one added in quadrature, so
+    a near-constant channel is not blown up into noise.
+    """
+    mean, std = channel_mean_std(raw)
+    return mean, torch.sqrt(std**2 + (0.05 * std.mean()) ** 2)
+
+
 def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:
     """Mean and Ledoit-Wolf shrunk precision of pooled feature vectors (n, c)."""
     from sklearn.covariance import LedoitWolf
@@ -226,9 +236,9 @@ def train_feature_vae(
         per_image = (time.monotonic() - extract_started) / (len(train_images) + len(val_images))
         # a scoring pass adds the VAE, the upsampled map and its blur to the backbone
         time_budget_s -= reserve_passes * len(val_images) * per_image * SCORING_OVER_BACKBONE
-    mean, std = channel_mean_std(train_raw)
+    mean, scale = feature_standardization(train_raw)
     model.feature_mean.copy_(mean)
-    model.feature_std.copy_(torch.sqrt(std**2 + (0.05 * std.mean()) ** 2))
+    model.feature_std.copy_(scale)
     global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
     model.global_mean.copy_(global_mean)
     model.global_precision.copy_(precision)

@@ -3,12 +3,17 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Three choices of the feature family's fused views are re-made on the models the suite
+Five choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
   :data:`~anomalyvae.models.bank.KNN_TOP_FRACTION`, the mean of every location, and
   multi-scale: the mean or the largest of the z-scores at 1 %, 5 % and 20 %);
+- **knn neighbourhood**: the box each location's features are averaged over before the
+  bank (the model's ``pool``); the standardization and the coreset bank are rebuilt
+  from the training split's features as training builds them;
+- **global covariance**: how the ``global`` view's covariance of the mean feature
+  vectors is estimated (Ledoit-Wolf, OAS, diagonal);
 - **image**: how many principal components of the training normals (pooled, as the
   ``image`` view sees them) span the normal subspace: fixed counts, or as many as
   explain a share of the variance. The subspace is refitted on the model's own
@@ -28,6 +33,7 @@ Results: reports/suite/reductions.md and reductions.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -48,7 +54,13 @@ from run import DEFAULT_DATA, discover_sets  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.models.bank import KNN_TOP_FRACTION  # noqa: E402
+from anomalyvae.models.bank import (  # noqa: E402
+    KNN_TOP_FRACTION,
+    coreset_indices,
+    knn_view,
+    nearest_distance,
+)
+from anomalyvae.models.feature_training import feature_standardization  # noqa: E402
 from anomalyvae.models.feature_vae import (  # noqa: E402
     IMAGE_SIGMA,
     IMAGE_TOP_FRACTION,
@@ -65,9 +77,17 @@ IMAGE_SHARES = (0.9, 0.95, 0.99)
 #: image reduction variants: smoothing of the residual map (px) and the top share averaged.
 IMAGE_SIGMAS = (1.0, 2.0)
 IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
+#: knn neighbourhood variants: the side of the box each location's features average.
+NEIGHBOURHOODS = (1, 3, 5)
 BATCH = 16
 #: The fused view each family of variants replaces.
-VIEW_OF = {"knn": "knn", "image": "image", "image reduction": "image"}
+VIEW_OF = {
+    "knn": "knn",
+    "knn neighbourhood": "knn",
+    "global covariance": "global",
+    "image": "image",
+    "image reduction": "image",
+}
 
 
 def knn_key(fraction: float) -> str:
@@ -167,6 +187,63 @@ def knn_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
     return out
 
 
+def features(detector: VAEAnomalyDetector, paths: list[Path]) -> torch.Tensor:
+    """Raw backbone features (n, c, h, w) of ``paths`` under the model's current config."""
+    with torch.no_grad():
+        return torch.cat([detector.model_.raw_features(x) for x in batches(detector, paths)])
+
+
+def neighbourhood_views(
+    detector: VAEAnomalyDetector, paths: dict[str, list[Path]]
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """knn views with the bank rebuilt from features averaged over each neighbourhood
+    (standardization and coreset refitted as training fits them), and the global view
+    under each covariance estimate (the model's own neighbourhood)."""
+    from sklearn.covariance import OAS, LedoitWolf
+
+    model = detector.model_.eval()
+    config = model.config
+    knn: dict[str, dict] = {}
+    covariances: dict[str, dict] = {}
+    try:
+        for side in NEIGHBOURHOODS:
+            model.config = dataclasses.replace(config, pool=side)
+            raw = {group: features(detector, p) for group, p in paths.items()}
+            mean, scale = feature_standardization(raw["train"])
+            rows = ((raw["train"] - mean) / scale).permute(0, 2, 3, 1).flatten(0, 2)
+            bank = rows[coreset_indices(rows, config.bank_size, detector.seed)].clone()
+            del rows
+            knn[neighbourhood_key(side)] = {
+                group: np.array(
+                    [
+                        float(knn_view(nearest_distance((r[i : i + 1] - mean) / scale, bank))[0])
+                        for i in range(len(r))
+                    ]
+                )
+                for group, r in raw.items()
+                if group != "train"
+            }
+            if side != config.pool:
+                continue
+            means = {group: r.mean(dim=(2, 3)).double().numpy() for group, r in raw.items()}
+            for name, estimator in (("Ledoit-Wolf", LedoitWolf()), ("OAS", OAS())):
+                estimator.fit(means["train"])
+                covariances[name] = {
+                    g: estimator.mahalanobis(m) for g, m in means.items() if g != "train"
+                }
+            centre, variance = means["train"].mean(0), means["train"].var(0) + 1e-12
+            covariances["diagonal"] = {
+                g: (((m - centre) ** 2) / variance).sum(1) for g, m in means.items() if g != "train"
+            }
+    finally:
+        model.config = config
+    return knn, covariances
+
+
+def neighbourhood_key(side: int) -> str:
+    return f"{side} x {side} neighbourhood"
+
+
 def z_of(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     center, scale = robust_z_constants(np.asarray(reference, dtype=np.float64)[:, None])
     return (np.asarray(values, dtype=np.float64) - center[0]) / scale[0]
@@ -187,13 +264,25 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         {"val": val["pooled"], "test": tested["pooled"]},
         config.image_components,
     )
+    neighbourhoods, covariances = neighbourhood_views(
+        detector,
+        {
+            "train": [train[i] for i in train_index],
+            "val": [train[i] for i in val_index],
+            "test": [s.path for s in test],
+        },
+    )
     families = {
         "knn": knn_views({"val": val["distances"], "test": tested["distances"]}),
+        "knn neighbourhood": neighbourhoods,
+        "global covariance": covariances,
         "image": counts,
         "image reduction": reductions,
     }
     default = {
         "knn": knn_key(KNN_TOP_FRACTION),
+        "knn neighbourhood": neighbourhood_key(config.pool),
+        "global covariance": "Ledoit-Wolf",
         "image": f"{config.image_components} components",
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
     }
@@ -276,6 +365,9 @@ def write(results: dict, out: Path, smoke: bool) -> None:
     ]
     titles = {
         "knn": "knn view: which locations' bank distances are averaged",
+        "knn neighbourhood": "knn view: the neighbourhood each location's features average "
+        "(bank rebuilt)",
+        "global covariance": "global view: the covariance of the mean feature vectors",
         "image": "image view: how many principal components span the normals",
         "image reduction": "image view: how its residual map is reduced (model's own components)",
     }
