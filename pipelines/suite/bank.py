@@ -19,11 +19,9 @@ graph's FLOPs per image for each variant. Results: reports/suite/bank.md and ban
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
-from common import machine, shown  # noqa: E402
-from run import DEFAULT_DATA, discover_sets  # noqa: E402
+from common import machine  # noqa: E402
+from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -102,49 +100,15 @@ def measure(checkpoint: Path, source: Path, variants: tuple[tuple[int, int], ...
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "suite")
-    parser.add_argument("--out", type=Path, default=None, help="[default: reports/suite]")
-    parser.add_argument("--smoke", action="store_true", help="tiny synthetic feature model")
-    parser.add_argument("--sets", nargs="*", default=None, help="only these sets [all]")
-    args = parser.parse_args()
-    variants = VARIANTS
-    if args.smoke:
-        from anomalyvae.data import make_synthetic_dataset
-
-        tmp = Path(tempfile.mkdtemp())
-        data = make_synthetic_dataset(
-            tmp / "data", n_train=24, n_test_good=6, n_test_defect=6, size=96
-        )
-        model = tmp / "runs" / "synthetic" / "model.pt"
-        model.parent.mkdir(parents=True)
-        paths = [s.path for s in discover(data, "train")]
-        detector = VAEAnomalyDetector(model="feature", epochs=1, progress=False)
-        detector.fit(paths).save(model)
-        sets, args.runs = {"synthetic": data}, tmp / "runs"
-        args.out = args.out or tmp / "report"
-        full = detector.model_.config.bank_size
-        variants = ((full, 0), (64, 0), (full, 16))
-    else:
-        sets = discover_sets(args.data)
-        if args.sets:
-            sets = {k: v for k, v in sets.items() if k in args.sets}
-    args.out = args.out or ROOT / "reports" / "suite"
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = options(__doc__)
     results = {}
-    for name, source in sets.items():
-        checkpoint = args.runs / name / "model.pt"
-        if not checkpoint.is_file():
-            print(f"[{name}] no trained model at {shown(checkpoint)}; skipped", flush=True)
-            continue
-        probe = VAEAnomalyDetector.load(checkpoint, progress=False)
-        if not getattr(probe.model_.config, "bank_size", 0):
-            print(f"[{name}] the {probe.family_} model has no memory bank; skipped", flush=True)
-            continue
-        print(f"[{name}] {shown(checkpoint)}", flush=True)
+    for name, source, checkpoint, detector in trained_models(
+        args, lambda c: bool(getattr(c, "bank_size", 0)), "memory bank"
+    ):
+        variants = VARIANTS
+        if args.smoke:  # the tiny model's bank: itself, a few rows, a few directions
+            full = detector.model_.config.bank_size
+            variants = ((full, 0), (64, 0), (full, 16))
         results[name] = measure(checkpoint, source, variants)
     (args.out / "bank.json").write_text(
         json.dumps({"machine": machine(), "tolerance": TOLERANCE, "sets": results}, indent=2)

@@ -32,11 +32,9 @@ Results: reports/suite/reductions.md and reductions.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
-from common import machine, shown  # noqa: E402
-from run import DEFAULT_DATA, discover_sets  # noqa: E402
+from common import machine  # noqa: E402
+from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -410,51 +408,16 @@ def write(results: dict, out: Path, smoke: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "suite")
-    parser.add_argument("--out", type=Path, default=None, help="[default: reports/suite]")
-    parser.add_argument("--smoke", action="store_true", help="tiny synthetic feature model")
-    parser.add_argument("--sets", nargs="*", default=None, help="only these sets [all]")
-    args = parser.parse_args()
-    if args.smoke:
-        sets, args.runs, tmp = smoke_model()
-        args.out = args.out or tmp / "report"
-    else:
-        sets = discover_sets(args.data)
-        if args.sets:
-            sets = {k: v for k, v in sets.items() if k in args.sets}
-    args.out = args.out or ROOT / "reports" / "suite"
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, source in sets.items():
-        checkpoint = args.runs / name / "model.pt"
-        if not checkpoint.is_file():
-            print(f"[{name}] no trained model at {shown(checkpoint)}; skipped", flush=True)
-            continue
-        detector = VAEAnomalyDetector.load(checkpoint, progress=False)
-        config = detector.model_.config
-        if not (getattr(config, "bank_size", 0) and getattr(config, "image_components", 0)):
-            print(f"[{name}] the {detector.family_} model has no bank or image view; skipped")
-            continue
-        print(f"[{name}] {shown(checkpoint)}", flush=True)
-        results[name] = measure(detector, source)
+    args = options(__doc__)
+    results = {
+        name: measure(detector, source)
+        for name, source, _, detector in trained_models(
+            args,
+            lambda c: bool(getattr(c, "bank_size", 0) and getattr(c, "image_components", 0)),
+            "memory bank or image view",
+        )
+    }
     write(results, args.out, args.smoke)
-
-
-def smoke_model() -> tuple[dict[str, Path], Path, Path]:
-    """A one-epoch feature model on a tiny synthetic set, laid out as the suite's runs."""
-    from anomalyvae.data import make_synthetic_dataset
-
-    tmp = Path(tempfile.mkdtemp())
-    data = make_synthetic_dataset(tmp / "data", n_train=24, n_test_good=6, n_test_defect=6, size=96)
-    model = tmp / "runs" / "synthetic" / "model.pt"
-    model.parent.mkdir(parents=True)
-    detector = VAEAnomalyDetector(model="feature", epochs=1, progress=False)
-    detector.fit([s.path for s in discover(data, "train")]).save(model)
-    return {"synthetic": data}, tmp / "runs", tmp
 
 
 if __name__ == "__main__":
