@@ -587,7 +587,12 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         "",
         "The experiment log (every variant tried, kept or dropped): "
         "[experiments.md](experiments.md). The drift alarm on each set's normal test "
-        "images (`python pipelines/suite/drift.py`): [drift.md](drift.md).",
+        "images (`python pipelines/suite/drift.py`): [drift.md](drift.md). How the maps "
+        "become views (knn share and neighbourhood, global covariance, image components "
+        "and reduction), chosen leave-one-set-out on these models "
+        "(`python pipelines/suite/reductions.py`): [reductions.md](reductions.md); the "
+        "memory bank's size against its cost (`python pipelines/suite/bank.py`): "
+        "[bank.md](bank.md).",
     ]
     if smoke:
         lines.insert(2, "**Smoke run on tiny synthetic sets: these numbers mean nothing.**\n")
