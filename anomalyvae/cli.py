@@ -360,6 +360,14 @@ def train(
     default=None,
     help="For normal_quantile [default: the model's].",
 )
+@click.option(
+    "--score-kind",
+    type=click.Choice(["max", "topk_mean", "elbo", "global", "image", "knn", "fused"]),
+    default=None,
+    help="Switch the image score to another of the model's candidate scores before "
+    "calibrating (`evaluate` prints each one's AUROC on labelled images; choose on a "
+    "validation set) [default: keep the model's].",
+)
 @_labelled_data_options
 @_silent_option
 def calibrate(
@@ -368,6 +376,7 @@ def calibrate(
     output: Path | None,
     method: str,
     target_fpr: float | None,
+    score_kind: str | None,
     subset: str,
     mask_threshold: float,
     silent: bool,
@@ -380,11 +389,20 @@ def calibrate(
     \b
     Example:
       anomalyvae calibrate model.pt data/mvtec_like --subset val --method f1
+      anomalyvae calibrate model.pt data/mvtec_like --subset val --score-kind image
     """
     from anomalyvae.evaluation import calibrate_on
 
     detector = calibrate_on(
-        checkpoint, data, output, method, target_fpr, mask_threshold, subset, progress=not silent
+        checkpoint,
+        data,
+        output,
+        method,
+        target_fpr,
+        mask_threshold,
+        subset,
+        progress=not silent,
+        score_kind=score_kind,
     )
     click.echo(f"{detector.calibration_.describe()}. Saved {output or checkpoint}")
 
@@ -413,10 +431,13 @@ def evaluate(
     Example:
       anomalyvae evaluate model.pt data/mvtec_like -o results/
     """
-    from anomalyvae.evaluation import evaluate_on, format_metrics
+    from anomalyvae.evaluation import describe_score_kinds, evaluate_on, format_metrics
 
     result = evaluate_on(checkpoint, data, output, mask_threshold, subset, progress=not silent)
     click.echo(format_metrics(result.table))
+    hint = describe_score_kinds(result.score_kinds, result.score_kind)
+    if hint:
+        click.echo(hint)
     click.echo(f"Wrote {', '.join(str(p) for p in result.files.values())}")
 
 

@@ -449,6 +449,23 @@ class VAEAnomalyDetector:
         self.offset_ = -self.threshold_
         return self
 
+    def use_score_kind(self, score_kind: str) -> VAEAnomalyDetector:
+        """Make another of the model's candidate scores its image score.
+
+        ``evaluate`` lists each score kind's AUROC on labelled images; pick one on a
+        validation set. The image threshold, its normal scores and the self-check belonged
+        to the old score, so they are dropped: call :meth:`calibrate` next (``anomalyvae
+        calibrate --score-kind`` does both).
+        """
+        self.check_fitted()
+        scoring = dataclasses.replace(self.scoring_, score_kind=score_kind)  # checks the name
+        self.family().check_scoring(scoring)
+        self.scoring_ = scoring
+        self.threshold_ = None  # the maps, and so the pixel threshold, are unchanged
+        self.calibration_scores_ = None
+        self.self_check_ = {}
+        return self
+
     # ------------------------------------------------------------------ scoring
 
     def check_fitted(self) -> None:
@@ -549,6 +566,26 @@ class VAEAnomalyDetector:
         """Both at once: scores (n,) and maps (n, h, w); higher = more anomalous."""
         maps, scores = self._score(X, valid_mask)
         return scores, maps
+
+    def score_map_views(
+        self, X: ImagesLike
+    ) -> tuple[NDArray[np.float64], NDArray[np.float32], dict[str, NDArray[np.float64]]]:
+        """Scores (n,), maps (n, h, w) and every candidate view by name (n,) each.
+
+        One scoring pass when the family reads its views under the model's own scoring
+        (the feature model), else a second pass for the views (:meth:`view_matrix`).
+        """
+        self.check_fitted()
+        family = self.family()
+        images = self._load(X)
+        maps, scores, views = self._score_all(images, self.scoring_)
+        if family.view_scoring(self.scoring_) != self.scoring_ or views is None:
+            views = self.view_matrix(images)
+        named = {name: views[:, i] for i, name in enumerate(family.view_names)}
+        fused = family.fuse(self, views) if family.view_names else None
+        if fused is not None:
+            named["fused"] = fused
+        return scores, maps, named
 
     def normalized_score(self, X: ImagesLike) -> NDArray[np.float64]:
         """Anomaly score / threshold, shape (n,); above 1.0 = anomalous."""

@@ -105,15 +105,20 @@ def calibrate_on(
     mask_threshold: float = 0.0,
     subset: str = "test",
     progress: bool = True,
+    score_kind: str | None = None,
 ) -> VAEAnomalyDetector:
     """Recalibrate a saved detector on ``source`` and save it (in place by default).
 
     With ``method="normal_quantile"`` only the normal images of ``source`` are used;
-    "f1" and "youden" need labelled normal and anomalous images.
+    "f1" and "youden" need labelled normal and anomalous images. ``score_kind`` switches
+    the image score to another of the model's candidate scores first (``evaluate``
+    lists each one's AUROC); the threshold is then read in that score's units.
     """
     detector = VAEAnomalyDetector.load(checkpoint, progress=progress)
     if target_fpr is not None:
         detector.target_fpr = target_fpr
+    if score_kind is not None and score_kind != detector.scoring_.score_kind:
+        detector.use_score_kind(score_kind)
     samples = discover(source, subset)
     if method == "normal_quantile":
         samples = [s for s in samples if s.label == 0]
@@ -134,6 +139,10 @@ class Evaluation(NamedTuple):
     maps: np.ndarray
     masks: np.ndarray | None
     files: dict[str, Path]
+    #: image AUROC of each candidate score of the model (:func:`score_kind_aurocs`)
+    score_kinds: dict[str, float] = {}
+    #: the model's own score kind (the ``score`` column)
+    score_kind: str = ""
 
 
 def evaluate_on(
@@ -169,8 +178,10 @@ def evaluate_on(
     spec = detector.preprocessing_
     scores = np.zeros(0)
     maps = np.zeros((0, spec.height, spec.width), np.float32)
+    views: dict[str, list[np.ndarray]] = {}
     if flat:
-        scores, maps = detector.score_and_map([s.path for s in flat])
+        scores, maps, found = detector.score_map_views([s.path for s in flat])
+        views = {name: [values] for name, values in found.items()}
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
     masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
     if any(s.mask_path for s in flat):
@@ -182,7 +193,9 @@ def evaluate_on(
         except (MaskError, ImageReadError) as error:
             warnings.warn(f"left out of the evaluation: {error}", UserWarning, stacklevel=2)
             continue
-        volume_scores, volume_maps = detector.score_and_map(unit.images)
+        volume_scores, volume_maps, found = detector.score_map_views(unit.images)
+        for name, values in found.items():
+            views.setdefault(name, []).append(values)
         scores = np.concatenate([scores, volume_scores])
         maps = np.concatenate([maps, volume_maps])
         masks = np.concatenate([masks, unit.masks])
@@ -202,10 +215,55 @@ def evaluate_on(
     if threshold is not None:
         per_image["normalized_score"] = normalize(scores, threshold)
         per_image["is_anomaly"] = scores > threshold
+    joined = {name: np.concatenate(parts) for name, parts in views.items()}
+    kinds = score_kind_aurocs(labels, scores, detector.scoring_.score_kind, joined)
     files: dict[str, Path] = {}
     if output_dir is not None:
-        files = write_evaluation(table, per_image, detector, Path(output_dir))
-    return Evaluation(table, per_image, maps, pixel_masks, files)
+        files = write_evaluation(table, per_image, detector, Path(output_dir), kinds)
+    return Evaluation(
+        table, per_image, maps, pixel_masks, files, kinds, detector.scoring_.score_kind
+    )
+
+
+def score_kind_of(view: str) -> str:
+    """The ``score_kind`` that makes a view the image score ("local" is the top-k mean)."""
+    return "topk_mean" if view == "local" else view
+
+
+def score_kind_aurocs(
+    labels: np.ndarray, scores: np.ndarray, score_kind: str, views: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Image AUROC of the model's score and of every candidate view, by score kind.
+
+    Empty without both normal and anomalous images. Lets a user with labelled images see
+    whether another score kind suits their data (``anomalyvae calibrate --score-kind``).
+    """
+    if len(set(labels.tolist())) < 2:
+        return {}
+    from sklearn.metrics import roc_auc_score
+
+    out = {score_kind: float(roc_auc_score(labels, scores))}
+    for name, values in views.items():
+        out.setdefault(score_kind_of(name), float(roc_auc_score(labels, values)))
+    return out
+
+
+def describe_score_kinds(kinds: dict[str, float], current: str) -> str:
+    """One paragraph: each score kind's image AUROC, and how to switch to a better one."""
+    if len(kinds) < 2:
+        return ""
+    ranked = sorted(kinds.items(), key=lambda item: -item[1])
+    text = "Image AUROC by score kind: " + ", ".join(
+        f"{k} {v:.3f}" + (" (this model's)" if k == current else "") for k, v in ranked
+    )
+    best, value = ranked[0]
+    if best != current and value > kinds[current] + SCORE_KIND_HINT_MARGIN:
+        text += (
+            f". The {best} score ranks these images better; to use it, recalibrate on a "
+            f"labelled validation set (not on the test set you report): anomalyvae "
+            f"calibrate MODEL DATA --subset val --score-kind {best}"
+        )
+    return text + "."
 
 
 class VolumeUnits(NamedTuple):
@@ -268,7 +326,11 @@ def masks_for(
 
 
 def write_evaluation(
-    table: pd.DataFrame, per_image: pd.DataFrame, detector: VAEAnomalyDetector, output_dir: Path
+    table: pd.DataFrame,
+    per_image: pd.DataFrame,
+    detector: VAEAnomalyDetector,
+    output_dir: Path,
+    score_kinds: dict[str, float] | None = None,
 ) -> dict[str, Path]:
     """Write the metrics table (CSV + JSON) and per-image scores (CSV) atomically."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +345,7 @@ def write_evaluation(
         "calibration": detector.calibration_state(),
         "scoring": detector.scoring_.to_dict(),
         "preprocessing": detector.preprocessing_.to_dict(),
+        "image_auroc_by_score_kind": score_kinds or {},
     }
     atomic_write_text(files["metrics_csv"], table.to_csv())
     atomic_write_text(files["metrics_json"], json.dumps(payload, indent=2, default=str))
@@ -315,6 +378,9 @@ def describe_demo(result: DemoResult) -> str:
     )
 
 
+#: How much better (image AUROC) another score kind must rank the evaluated images before
+#: ``evaluate`` suggests switching to it.
+SCORE_KIND_HINT_MARGIN = 0.02
 #: The metrics columns a printed table shows, in order (those present).
 PRINTED_METRICS = (
     "n_images",

@@ -564,3 +564,54 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     assert result.parity.verdicts_agree
     onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_ranks_every_score_kind_and_calibrate_switches_to_one(
+    feature_detector, feature_root, tmp_path
+):
+    """`evaluate` reports each candidate score's AUROC from the same pass, and
+    `calibrate --score-kind` makes one of them the model's score, in its own units."""
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    from anomalyvae.evaluation import calibrate_on, describe_score_kinds, evaluate_on
+
+    detector, checkpoint = feature_detector
+    detector.save(checkpoint)
+    result = evaluate_on(checkpoint, feature_root, tmp_path / "eval", progress=False)
+    kinds = result.score_kinds
+    assert set(kinds) == {"fused", "topk_mean", "elbo", "global", "image", "knn"}
+    assert result.score_kind == "fused"
+    assert kinds["fused"] == pytest.approx(float(result.table.loc["overall", "image_auroc"]))
+    samples = mvtec_samples(feature_root, "test")
+    labels = np.array([s.label for s in samples])
+    views = detector.view_scores([s.path for s in samples])
+    assert kinds["image"] == pytest.approx(roc_auc_score(labels, views["image"]))
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["image_auroc_by_score_kind"] == pytest.approx(kinds)
+    assert "this model's" in describe_score_kinds(kinds, "fused")
+
+    switched = calibrate_on(
+        checkpoint,
+        feature_root,
+        tmp_path / "image.pt",
+        subset="test",
+        score_kind="image",
+        progress=False,
+    )
+    assert switched.scoring_.score_kind == "image"
+    normals = [s.path for s in samples if s.label == 0]
+    image_scores = switched.view_scores(normals)["image"]
+    np.testing.assert_allclose(switched.anomaly_score(normals), image_scores, rtol=1e-5)
+    assert switched.threshold_ >= np.quantile(image_scores, 0.5)  # read in the image view's units
+    reloaded = VAEAnomalyDetector.load(tmp_path / "image.pt", progress=False)
+    assert reloaded.scoring_.score_kind == "image" and reloaded.threshold_ == switched.threshold_
+    assert not getattr(reloaded, "self_check_", {})  # the old score's estimate is dropped
+
+
+def test_a_score_kind_the_family_cannot_give_is_refused(trained):
+    detector, _ = trained  # the pixel model has no memory bank
+    with pytest.raises(ValueError, match="knn"):
+        detector.use_score_kind("knn")
+    assert detector.scoring_.score_kind != "knn"
