@@ -577,7 +577,7 @@ class VAEAnomalyDetector:
         """
         self.check_fitted()
         family = self.family()
-        images = self._load(X)
+        images = self._load(X, volumes="error")  # one row per file, as the scores
         maps, scores, views = self._score_all(images, self.scoring_)
         if family.view_scoring(self.scoring_) != self.scoring_ or views is None:
             views = self.view_matrix(images)
