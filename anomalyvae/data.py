@@ -17,11 +17,10 @@ from PIL import Image
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
+from anomalyvae.imaging.files import IMAGE_EXTENSIONS, find_images
 from anomalyvae.imaging.io import (
-    IMAGE_EXTENSIONS,
     ImageReadError,
     Preprocessing,
-    find_images,
     is_grayscale,
     preprocess,
     read_image,

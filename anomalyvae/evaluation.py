@@ -20,13 +20,8 @@ from anomalyvae.calibration import normalize
 from anomalyvae.clock import command_budget
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    MaskError,
-    atomic_write_text,
-    read_image,
-    read_mask,
-)
+from anomalyvae.imaging.files import atomic_write_text
+from anomalyvae.imaging.io import ImageReadError, MaskError, read_image, read_mask
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
     VolumeInput,

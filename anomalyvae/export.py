@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.errors import AnomalyVAEError
-from anomalyvae.imaging.io import atomic_write_bytes
+from anomalyvae.imaging.files import atomic_write_bytes
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,

@@ -16,10 +16,10 @@ import pandas as pd
 
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.errors import InvalidValueError
+from anomalyvae.imaging.files import atomic_path
 from anomalyvae.imaging.io import (
     DecodedImage,
     Preprocessing,
-    atomic_path,
     intensities,
     preprocess,
     read_image,
@@ -227,7 +227,8 @@ def embed_folder(
     from tqdm.auto import tqdm
 
     from anomalyvae.imaging.batch import read_images
-    from anomalyvae.imaging.io import find_images, load_image
+    from anomalyvae.imaging.files import find_images
+    from anomalyvae.imaging.io import load_image
     from anomalyvae.models.generate import Embedding, embed
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)

@@ -1,4 +1,6 @@
-"""Finding image files and decoding them to float32 arrays in [0, 1].
+"""Decoding image files to float32 arrays in [0, 1], and the preprocessing spec.
+
+Finding the files and writing them atomically: :mod:`anomalyvae.imaging.files`.
 
 This module is imported by the torch-free ONNX path, so it uses numpy and Pillow only.
 Decoding keeps the source precision: 16-bit images are scaled by 65535, never squeezed
@@ -8,11 +10,8 @@ through 8 bits, and the bit depth is reported so it can be written into the mode
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
+from anomalyvae.imaging.files import atomic_write_bytes
 from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
@@ -32,8 +32,6 @@ from anomalyvae.imaging.medical import (
     read_nifti,
 )
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MEDICAL_EXTENSIONS: tuple[str, ...] = (".dcm", ".nii", ".nii.gz")
 RESIZE_METHODS: tuple[str, ...] = ("bilinear", "bicubic", "area", "nearest")
 _PIL_RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -149,120 +147,6 @@ class Preprocessing:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str], keep_suffix: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    The file is fsynced and renamed in one step when the block succeeds, and deleted
-    when it fails. Readers never see a half-written file, and a killed writer leaves only a hidden
-    ``.<name>.<pid>.tmp`` behind. ``keep_suffix`` ends the temporary name with the
-    target's suffixes, for writers that pick the format from the name (``.nii.gz``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(
-        f".{path.name}.{os.getpid()}.tmp" + ("".join(path.suffixes) if keep_suffix else "")
-    )
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def display_path(path: Path) -> str:
-    """A path as text that survives any file name (undecodable bytes become \\xNN)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def walk_images(
-    root: str | os.PathLike[str],
-    extensions: Iterable[str] = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    skip: Sequence[str | os.PathLike[str]] = (),
-    skip_marked: str | None = None,
-    skipped: list[Path] | None = None,
-) -> list[Path]:
-    """Image files under ``root`` in walk order (sorted within each folder): the one walker.
-
-    Training, evaluation and scans all find files here, by one rule: hidden files and
-    folders (names starting with ".") are skipped; symlinked folders are entered once,
-    so a symlink loop or two links to one folder cannot repeat a file; folders in
-    ``skip`` are never entered. ``include``/``exclude`` are ``fnmatch`` globs on the
-    path relative to ``root``. With ".dcm" among the extensions, extensionless regular
-    files with the DICOM preamble are found too. A folder below ``root`` that holds a
-    file named ``skip_marked`` (a scan's own output, marked by its manifest) is not
-    entered either; each such folder is appended to ``skipped`` when given.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"'{root}' is not a folder")
-    wanted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    seen: set[str] = {os.path.realpath(p) for p in skip}
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        if skip_marked and real != os.path.realpath(root) and skip_marked in filenames:
-            dirnames[:] = []
-            if skipped is not None:
-                skipped.append(Path(dirpath))
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or not has_image_name(path, wanted):
-                continue
-            relative = display_path(path.relative_to(root))
-            if include and not any(fnmatch.fnmatch(relative, p) for p in include):
-                continue
-            if any(fnmatch.fnmatch(relative, p) for p in exclude):
-                continue
-            found.append(path)
-    return found
-
-
-def find_images(
-    root: str | os.PathLike[str],
-    extensions: Iterable[str] = IMAGE_EXTENSIONS + MEDICAL_EXTENSIONS,
-) -> list[Path]:
-    """Image files under ``root`` (or ``root`` itself), sorted: :func:`walk_images`."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"folder '{root}' does not exist")
-    if root.is_file():
-        return [root] if root.suffix.lower() in set(extensions) else []
-    return sorted(walk_images(root, extensions))
-
-
-def has_image_name(path: Path, wanted: set[str]) -> bool:
-    """Whether ``path`` looks like a supported image by name (or DICOM preamble)."""
-    name = path.name.lower()
-    if any(name.endswith(e) for e in wanted):
-        return True
-    # sniff the DICOM preamble of regular files only: opening a FIFO or a device
-    # would block the scan forever
-    return ".dcm" in wanted and not path.suffix and path.is_file() and is_dicom(path)
 
 
 #: Images are decoded reduced when their long side is at least this many times the

@@ -16,14 +16,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    MaskError,
-    Preprocessing,
-    atomic_path,
-    preprocess,
-    resize_mask,
-)
+from anomalyvae.imaging.files import atomic_path
+from anomalyvae.imaging.io import ImageReadError, MaskError, Preprocessing, preprocess, resize_mask
 from anomalyvae.imaging.medical import (
     MedicalReadError,
     NiftiSlices,

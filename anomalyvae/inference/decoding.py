@@ -18,16 +18,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
+from anomalyvae.imaging.files import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, walk_images
 from anomalyvae.imaging.io import (
-    IMAGE_EXTENSIONS,
-    MEDICAL_EXTENSIONS,
     ImageReadError,
     Preprocessing,
     check_regular_file,
     intensities,
     preprocess,
     read_image,
-    walk_images,
 )
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
@@ -48,7 +46,7 @@ def discover(
 ) -> list[Path]:
     """Image files under ``root`` for a scan: the product's one folder walker.
 
-    See :func:`anomalyvae.imaging.io.walk_images` (symlinked folders entered once, hidden
+    See :func:`anomalyvae.imaging.files.walk_images` (symlinked folders entered once, hidden
     names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered, folders
     holding a ``skip_marked`` file never entered and listed in ``skipped``); this adds
     the extensions a scan also reads (GIF, WebP).

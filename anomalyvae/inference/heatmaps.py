@@ -12,11 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    atomic_write_bytes,
-    read_image,
-)
+from anomalyvae.imaging.files import atomic_write_bytes
+from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.imaging.tiles import map_to_size
 
 #: Longest side of a drawn heatmap, in px (about 50 MB of float64 to draw at most).

@@ -17,11 +17,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
-from anomalyvae.imaging.io import (
-    atomic_path,
-    atomic_write_bytes,
-    display_path,
-)
+from anomalyvae.imaging.files import atomic_path, atomic_write_bytes, display_path
 from anomalyvae.inference.decoding import file_fingerprint
 
 COLUMNS = (

@@ -18,7 +18,8 @@ import pandas as pd
 from jinja2 import Environment
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import ImageReadError, atomic_write_text, read_image
+from anomalyvae.imaging.files import atomic_write_text
+from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>

@@ -27,11 +27,7 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import (
-    IMAGE_EXTENSIONS,
-    atomic_write_bytes,
-    display_path,
-)
+from anomalyvae.imaging.files import IMAGE_EXTENSIONS, atomic_write_bytes, display_path
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from anomalyvae.errors import AnomalyVAEError
-from anomalyvae.imaging.io import atomic_path
+from anomalyvae.imaging.files import atomic_path
 from anomalyvae.version import __version__
 
 CHECKPOINT_FORMAT = "anomalyvae-checkpoint"

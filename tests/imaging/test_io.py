@@ -5,11 +5,11 @@ import pytest
 from PIL import Image
 
 from anomalyvae.imaging.batch import read_images
+from anomalyvae.imaging.files import find_images
 from anomalyvae.imaging.io import (
     ImageReadError,
     MaskError,
     Preprocessing,
-    find_images,
     load_image,
     preprocess,
     read_image,
@@ -188,7 +188,7 @@ def test_huge_images_are_decoded_reduced_with_their_own_size_kept(tmp_path, mode
 
 
 def test_one_walker_for_training_and_scans(tmp_path):
-    from anomalyvae.imaging.io import find_images, walk_images
+    from anomalyvae.imaging.files import find_images, walk_images
     from anomalyvae.inference.decoding import discover
 
     data = tmp_path / "data"

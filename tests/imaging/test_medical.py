@@ -10,13 +10,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    Preprocessing,
-    find_images,
-    load_image,
-    read_image,
-)
+from anomalyvae.imaging.files import find_images
+from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image, read_image
 from anomalyvae.imaging.medical import normalize_intensity
 from anomalyvae.imaging.volumes import read_volume
 
