@@ -11,7 +11,8 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
   multi-scale: the mean or the largest of the z-scores at 1 %, 5 % and 20 %);
 - **knn neighbourhood**: the box each location's features are averaged over before the
   bank (the model's ``pool``); the standardization and the coreset bank are rebuilt
-  from the training split's features as training builds them;
+  from the training split's features as training builds them; also the mean z-score of
+  the views of several neighbourhoods' banks (defects of several sizes);
 - **global covariance**: how the ``global`` view's covariance of the mean feature
   vectors is estimated (Ledoit-Wolf, OAS, diagonal);
 - **image**: how many principal components of the training normals (pooled, as the
@@ -25,8 +26,9 @@ Each variant is scored alone and inside the fused score (the mean robust z-score
 ``knn``, ``global`` and ``image`` with the variant in place; constants from the held-out
 normals only, for every variant and the default alike, so a difference is the variant's).
 Then leave-one-set-out: for each set, the variant with the best mean gain over the default
-on the *other* sets is chosen and scored on the left-out one. A variant becomes a default
-only when it is chosen in a majority of folds and its held-out mean gain is positive.
+on the *other* sets is chosen and scored on the left-out one. A variant qualifies as a
+new default only when it is chosen in a majority of folds and its held-out mean gain is
+positive; adopting it is a change to the product, measured by the suite's rerun.
 Results: reports/suite/reductions.md and reductions.json.
 """
 
@@ -77,6 +79,7 @@ IMAGE_SIGMAS = (1.0, 2.0)
 IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
 #: knn neighbourhood variants: the side of the box each location's features average.
 NEIGHBOURHOODS = (1, 3, 5)
+NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
 BATCH = 16
 #: The fused view each family of variants replaces.
 VIEW_OF = {
@@ -235,6 +238,13 @@ def neighbourhood_views(
             }
     finally:
         model.config = config
+    # several neighbourhoods at once: the mean of their z-scores (two banks to search)
+    for sides in NEIGHBOURHOOD_MIXES:
+        parts = [knn[neighbourhood_key(side)] for side in sides]
+        knn[" + ".join(f"{side} x {side}" for side in sides) + ", mean z"] = {
+            g: np.mean([z_of(part["val"], part[g]) for part in parts], axis=0)
+            for g in ("val", "test")
+        }
     return knn, covariances
 
 
@@ -389,7 +399,12 @@ def write(results: dict, out: Path, smoke: bool) -> None:
                 f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | "
                 f"{fold['held_gain']:+.3f} |"
             )
-        verdict = "**adopted**" if decision["adopt"] else "**the default stays**"
+        verdict = (
+            "**qualifies as the default** (to adopt it: set it in the product, retrain, "
+            "rerun the suite; this script changes nothing)"
+            if decision["adopt"]
+            else "**the default stays**"
+        )
         lines += [
             "",
             f"Majority choice: {decision['majority']}; held-out mean gain of the fold choices "
