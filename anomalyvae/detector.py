@@ -357,8 +357,11 @@ class VAEAnomalyDetector:
         run: the views fused exactly as the exported graph fuses them.
         """
         self.check_fitted()
+        return self._named_views(self.view_matrix(self._load(X)))
+
+    def _named_views(self, views: NDArray[np.float64]) -> dict[str, NDArray[np.float64]]:
+        """(n, k) views by name, plus "fused" once the fusion constants are fitted."""
         family = self.family()
-        views = self.view_matrix(self._load(X))
         out = {name: views[:, i] for i, name in enumerate(family.view_names)}
         fused = family.fuse(self, views)
         if fused is not None:
@@ -581,11 +584,7 @@ class VAEAnomalyDetector:
         maps, scores, views = self._score_all(images, self.scoring_)
         if family.view_scoring(self.scoring_) != self.scoring_ or views is None:
             views = self.view_matrix(images)
-        named = {name: views[:, i] for i, name in enumerate(family.view_names)}
-        fused = family.fuse(self, views) if family.view_names else None
-        if fused is not None:
-            named["fused"] = fused
-        return scores, maps, named
+        return scores, maps, self._named_views(views)
 
     def normalized_score(self, X: ImagesLike) -> NDArray[np.float64]:
         """Anomaly score / threshold, shape (n,); above 1.0 = anomalous."""
