@@ -213,3 +213,14 @@ def test_time_budget_counts_the_whole_command():
     assert command_budget(100.0, now=STARTED + 3.0) == pytest.approx(96.0)
     assert command_budget(2.0, now=STARTED + 3.0) == 1.0  # never below a second
     assert command_budget(None) is None
+
+
+def test_calibrate_refuses_a_score_kind_the_model_cannot_give(runner, trained, synthetic_root):
+    """One clean line naming what is needed, and the checkpoint is left as it was."""
+    _, checkpoint = trained
+    before = checkpoint.read_bytes()
+    args = ["calibrate", str(checkpoint), str(synthetic_root), "--score-kind", "knn", "--silent"]
+    result = runner.invoke(main, args)
+    assert result.exit_code in (1, 2)
+    assert "feature model" in result.output and "Traceback" not in result.output
+    assert checkpoint.read_bytes() == before
