@@ -208,6 +208,14 @@ def _labelled_data_options(func: Any) -> Any:
     help="Feature model: inputs longer than this (px) run through the backbone in "
     "overlapping tiles of this size (a multiple of 16; smaller bounds memory).",
 )
+@click.option(
+    "--neighbourhood",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Feature model: side of the backbone-cell neighbourhood averaged into each "
+    "location's feature (odd; 1 = each cell on its own).",
+)
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option(

@@ -80,6 +80,10 @@ class VAEAnomalyDetector:
         backbone in overlapping tiles of this size (a quarter of it overlapping),
         blended into one feature map (:mod:`anomalyvae.imaging.tiles`). Smaller tiles
         bound memory further; a multiple of 16.
+    neighbourhood : int
+        Feature model: side (in backbone cells) of the average that gives each location
+        its feature before the VAE and the memory bank see it; 1 keeps each cell on its
+        own, 3 (default) averages a 3 x 3 neighbourhood. A positive odd number.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`; "auto" kinds are the
         family's defaults (``resolve_scoring`` in :mod:`anomalyvae.models.families`).
@@ -155,6 +159,7 @@ class VAEAnomalyDetector:
         latent_dim: int = 64,
         beta: float = 1.0,
         tile_size: int = 512,
+        neighbourhood: int = 3,
         map_kind: str = "auto",
         score_kind: str = "auto",
         fusion: str = "auto",
@@ -188,6 +193,7 @@ class VAEAnomalyDetector:
         self.latent_dim = latent_dim
         self.beta = beta
         self.tile_size = tile_size
+        self.neighbourhood = neighbourhood
         self.map_kind = map_kind
         self.score_kind = score_kind
         self.fusion = fusion

@@ -210,6 +210,7 @@ def test_feature_map_is_position_independent():
         (dict(model="pixel", score_kind="fused", standardize=False), "standardized map"),
         (dict(model="feature", nproc=2), "one process"),
         (dict(model="feature", tile_size=100), "multiple of 16"),
+        (dict(model="feature", neighbourhood=2), "positive odd"),
         (dict(model="nope"), "model must be one of"),
     ],
 )
@@ -564,6 +565,25 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     assert result.parity.verdicts_agree
     onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
+
+
+def test_a_one_cell_neighbourhood_reaches_the_model_and_survives_a_reload(feature_root, tmp_path):
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:24]
+    detector = VAEAnomalyDetector(
+        model="feature", neighbourhood=1, **{**FEATURE_TINY, "epochs": 1}
+    ).fit(paths)
+    model = detector.model_
+    x = torch.from_numpy(detector.preprocess(paths[:2]))
+    averaging = FeatureVAE(dataclasses.replace(model.config, pool=3), False).eval()
+    averaging.load_state_dict(model.state_dict())  # the same weights, 3 x 3 neighbourhoods
+    with torch.no_grad():  # the one-cell features are what the 3 x 3 model averages
+        cells = model.raw_features(x)
+        averaged = torch.nn.functional.avg_pool2d(cells, 3, 1, 1, count_include_pad=False)
+        torch.testing.assert_close(averaging.raw_features(x), averaged)
+        assert not torch.allclose(cells, averaged, atol=1e-3)
+    detector.save(tmp_path / "one.pt")
+    reloaded = VAEAnomalyDetector.load(tmp_path / "one.pt", progress=False)
+    assert reloaded.model_.config.pool == 1 and reloaded.neighbourhood == 1
 
 
 def test_evaluate_ranks_every_score_kind_and_calibrate_switches_to_one(

@@ -77,7 +77,8 @@ def get_family(name: str) -> ModelFamily:
 def check_request(params: Mapping[str, Any]) -> None:
     """Check a detector's model settings before any (long) data loading or training.
 
-    ``params`` are the detector's: the family name, ``tile_size`` and, when not
+    ``params`` are the detector's: the family name, ``tile_size``, ``neighbourhood``
+    and, when not
     "auto", the scoring (``map_kind``, ``score_kind``, ``smoothing_sigma``,
     ``topk_fraction``).
     """
@@ -86,6 +87,9 @@ def check_request(params: Mapping[str, Any]) -> None:
     tile = params["tile_size"]
     if tile < 64 or tile % 16:
         raise InvalidValueError(f"tile_size must be a multiple of 16, >= 64; got {tile}")
+    side = params.get("neighbourhood", 3)
+    if side < 1 or side % 2 == 0:
+        raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")
     if params["map_kind"] != "auto":
         score_kind = params["score_kind"]
         ScoringConfig(

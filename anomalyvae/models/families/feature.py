@@ -103,6 +103,7 @@ class FeatureFamily(ModelFamily):
             beta=detector.beta,
             tile_side=detector.tile_size,
             tile_overlap=detector.tile_size // 4,
+            pool=detector.neighbourhood,
             fusion=DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion,
         )
         result = train_feature_vae(
