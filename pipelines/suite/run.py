@@ -856,7 +856,7 @@ def run_variant(
         "sets": {},
     }
     for name, source in sets.items():
-        result = run_set(name, source, work / args.variant, budget, smoke, extra)
+        result = run_set(name, source, work / args.variant, budget, smoke, extra, args.lean)
         entry["sets"][name] = {
             "defaults": result["defaults"],
             "alternatives": result["alternatives"],
