@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -19,7 +20,6 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 @pytest.mark.parametrize(
     ("script", "outputs"),
     [
-        ("suite/run.py", ["README.md", "results.json", "experiments.md", "auroc.png", "loso.md"]),
         ("onnx/bench.py", ["README.md", "results.json", "throughput.png"]),
         ("suite/drift.py", ["drift.md", "drift.json"]),
         ("suite/bank.py", ["bank.md", "bank.json"]),
@@ -48,41 +48,68 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert results["evaluation"]["image_auroc"] is not None
         assert all(r["images_per_s"] > 0 for r in results["throughput"].values())
-    if script.startswith("suite"):
-        for name in outputs:
-            assert (tmp_path / "report" / name).is_file(), name
-        results = json.loads((tmp_path / "report" / "results.json").read_text())
-        families = {r["defaults"]["model_family"] for r in results["sets"].values()}
-        assert families == {"pixel", "feature"}  # auto picks by size: both are exercised
-        readme = (tmp_path / "report" / "README.md").read_text()
-        assert "Smoke run" in readme and "min for all sets" in readme
-    else:
+    if script != "cuda/bench.py":
         assert "smoke run" in completed.stdout
 
 
-def test_suite_logs_a_variant(tmp_path):
-    """`--variant` trains with extra options and appends one line to variants.jsonl."""
+def test_suite_smoke_logs_a_variant_and_judges_it_leave_one_set_out(tmp_path):
+    """retrained.py --smoke: the suite's smoke run, a variant trained with an extra
+    option (one line in variants.jsonl) and the leave-one-set-out verdict on both."""
     out = tmp_path / "report"
-    args = [sys.executable, str(PIPELINES / "suite/run.py"), "--smoke", "--out", str(out)]
-    args += ["--variant", "pixel-64", "--train-args", "--model pixel --image-size 64"]
-    completed = subprocess.run(
-        [*args, "--sets", "synthetic96"], capture_output=True, text=True, timeout=900
-    )
+    args = [sys.executable, str(PIPELINES / "suite/retrained.py"), "--smoke", "--out", str(out)]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    for name in ("README.md", "results.json", "experiments.md", "auroc.png", "loso.md"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    families = {r["defaults"]["model_family"] for r in results["sets"].values()}
+    assert families == {"pixel", "feature"}  # auto picks by size: both are exercised
+    readme = (out / "README.md").read_text()
+    assert "Smoke run" in readme and "min for all sets" in readme
     (line,) = (out / "variants.jsonl").read_text().splitlines()
     entry = json.loads(line)
-    assert entry["variant"] == "pixel-64"
-    assert entry["train_args"] == ["--model", "pixel", "--image-size", "64"]
-    defaults = entry["sets"]["synthetic96"]["defaults"]
-    assert defaults["model_family"] == "pixel" and defaults["input_size"] == [64, 64]
+    assert entry["variant"] == "neighbourhood1"
+    assert entry["train_args"] == ["--neighbourhood", "1"]
+    assert entry["sets"]["synthetic96"]["defaults"]["model_family"] == "feature"
+    judged = json.loads((out / "retrained.json").read_text())
+    # the variant ran one set of two: it cannot be chosen where the other set decides
+    assert set(judged["sets"]["synthetic96"]) == {"defaults", "neighbourhood1"}
+    assert set(judged["sets"]["synthetic32"]) == {"defaults"}
+    assert judged["loso"]["folds"]["synthetic96"]["chosen"] == "defaults"
+    assert "leave-one-set-out" in (out / "retrained.md").read_text()
+
+
+def _suite_module(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(PIPELINES / "suite"))
+    spec = importlib.util.spec_from_file_location(f"suite_{name}", PIPELINES / f"suite/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("wins", "adopt"),
+    [
+        ({"a": 0.02, "b": 0.03, "c": 0.01, "d": -0.01}, True),  # chosen 4 of 4, held out +
+        ({"a": 0.02, "b": 0.03, "c": -0.04, "d": -0.04}, False),  # chosen 2 of 4, held out -
+        ({"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}, False),  # ties keep the default
+    ],
+)
+def test_a_variant_qualifies_only_by_a_majority_of_folds_and_a_held_out_gain(wins, adopt):
+    folds = _suite_module("folds")
+    gain = {s: {"default": 0.0, "variant": g} for s, g in wins.items()}
+    decision = folds.choose_leave_one_out(gain, "default")
+    assert decision["adopt"] is adopt
+    for held, fold in decision["folds"].items():  # each fold judged without its own set
+        others = np.mean([g for s, g in wins.items() if s != held])
+        assert fold["chosen"] == ("variant" if others > 0 else "default")
+        assert fold["held_gain"] == (wins[held] if others > 0 else 0.0)
 
 
 def test_suite_header_says_when_a_table_mixes_runs():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("suite_run", PIPELINES / "suite/run.py")
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = _suite_module("run")
     timed = {"a": {"seconds": 60.0}, "b": {"seconds": 120.0}}
     assert suite.run_time({"sets": timed}, 60.0).startswith("3 min for all sets")
     mixed = {"sets": {"a": {"code": "new"}, "b": {"code": "old"}}, "code": "new"}

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine  # noqa: E402
+from folds import choose_leave_one_out  # noqa: E402
 from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
@@ -326,31 +327,15 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
 
 def loso(results: dict, family: str) -> dict:
     """For each set: the variant with the best mean fused gain on the others, held out."""
-    sets = list(results)
+    default = next(iter(results.values()))["default"][family]  # the same on every set
     gain = {
         s: {
             v: r["fused"] - results[s]["families"][family][results[s]["default"][family]]["fused"]
             for v, r in results[s]["families"][family].items()
         }
-        for s in sets
+        for s in results
     }
-    folds = {}
-    for held in sets:
-        others = [s for s in sets if s != held] or [held]
-        default = results[held]["default"][family]
-        names = [default, *(v for v in gain[held] if v != default)]  # ties keep the default
-        chosen = max(names, key=lambda v: np.mean([gain[s].get(v, -1.0) for s in others]))
-        folds[held] = {
-            "chosen": chosen,
-            "others_gain": float(np.mean([gain[s][chosen] for s in others])),
-            "held_gain": float(gain[held][chosen]),
-        }
-    choices = [f["chosen"] for f in folds.values()]
-    top = max(set(choices), key=choices.count)
-    mean_gain = float(np.mean([f["held_gain"] for f in folds.values()]))
-    default = next(iter(results.values()))["default"][family]  # the same on every set
-    adopt = top != default and choices.count(top) * 2 > len(choices) and mean_gain > 0
-    return {"folds": folds, "majority": top, "held_mean_gain": mean_gain, "adopt": bool(adopt)}
+    return choose_leave_one_out(gain, default)
 
 
 def write(results: dict, out: Path, smoke: bool) -> None:

@@ -7,6 +7,7 @@
                                                   # recompute the probes of trained models
     python pipelines/suite/run.py --variant NAME --train-args "--model feature" --sets X
                                                   # a variant, logged in variants.jsonl
+                                                  # (judged by retrained.py)
 
 Sets are discovered, never listed: a folder under the data root with a ``split.json``
 (MTD-style split file) or an MVTec layout (``train/good``) is a set. For each set:
@@ -592,7 +593,9 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         "and reduction), chosen leave-one-set-out on these models "
         "(`python pipelines/suite/reductions.py`): [reductions.md](reductions.md); the "
         "memory bank's size against its cost (`python pipelines/suite/bank.py`): "
-        "[bank.md](bank.md).",
+        "[bank.md](bank.md). Variants retrained with other options (`--variant`), "
+        "chosen leave-one-set-out against these defaults "
+        "(`python pipelines/suite/retrained.py`): [retrained.md](retrained.md).",
     ]
     if smoke:
         lines.insert(2, "**Smoke run on tiny synthetic sets: these numbers mean nothing.**\n")
