@@ -32,33 +32,16 @@ from anomalyvae.imaging.volumes import (
     VolumeInput,
 )
 
-EXTRA_EXTENSIONS = (".gif", ".webp")
-
-
-def discover(
-    root: str | os.PathLike[str],
-    extensions: Sequence[str] = IMAGE_EXTENSIONS + EXTRA_EXTENSIONS + MEDICAL_EXTENSIONS,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    skip: Sequence[str | os.PathLike[str]] = (),
-    skip_marked: str | None = None,
-    skipped: list[Path] | None = None,
-) -> list[Path]:
-    """Image files under ``root`` for a scan: the product's one folder walker.
-
-    See :func:`anomalyvae.imaging.files.walk_images` (symlinked folders entered once, hidden
-    names skipped, ``include``/``exclude`` globs, ``skip`` folders never entered, folders
-    holding a ``skip_marked`` file never entered and listed in ``skipped``); this adds
-    the extensions a scan also reads (GIF, WebP).
-    """
-    return walk_images(root, extensions, include, exclude, skip, skip_marked, skipped)
+#: What a scan reads: the training extensions, DICOM and NIfTI, and GIF and WebP. The
+#: scan finds them with the one walker, :func:`anomalyvae.imaging.files.walk_images`.
+SCAN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif", ".webp", *MEDICAL_EXTENSIONS)
 
 
 def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, folders replaced by the images :func:`discover` finds in them."""
+    """Files as given, folders replaced by the images a scan reads in them."""
     out: list[Path] = []
     for path in map(Path, paths):
-        out.extend(discover(path) if path.is_dir() else [path])
+        out.extend(walk_images(path, SCAN_EXTENSIONS) if path.is_dir() else [path])
     return out
 
 

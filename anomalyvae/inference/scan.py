@@ -27,7 +27,12 @@ from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.files import IMAGE_EXTENSIONS, atomic_write_bytes, display_path
+from anomalyvae.imaging.files import (
+    IMAGE_EXTENSIONS,
+    atomic_write_bytes,
+    display_path,
+    walk_images,
+)
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
@@ -37,7 +42,7 @@ from anomalyvae.imaging.volumes import (
     write_volume_map,
 )
 from anomalyvae.inference.contract import check_threshold
-from anomalyvae.inference.decoding import Decoded, decode_stream, discover
+from anomalyvae.inference.decoding import SCAN_EXTENSIONS, Decoded, decode_stream
 from anomalyvae.inference.heatmaps import heatmap_name, output_name, save_heatmap, save_map
 from anomalyvae.inference.records import (
     MANIFEST,
@@ -436,8 +441,9 @@ def _scan_unlocked(
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
     # an earlier scan's output inside the input (marked by its manifest) is not input
     earlier_outputs: list[Path] = []
-    paths = discover(
+    paths = walk_images(
         folder,
+        SCAN_EXTENSIONS,
         include=config.include,
         exclude=config.exclude,
         skip=[output],

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from anomalyvae.cli import main
-from anomalyvae.inference.decoding import discover
+from anomalyvae.imaging.files import walk_images
+from anomalyvae.inference.decoding import SCAN_EXTENSIONS
 from anomalyvae.inference.records import COLUMNS, ScanOutputError
 from anomalyvae.inference.report import report_from_results
 from anomalyvae.inference.scan import ScanConfig, scan
@@ -216,6 +217,9 @@ def test_empty_folder(onnx_model, tmp_path):
 
 
 def test_discover_include_exclude_and_order(tmp_path):
+    def discover(root, **kwargs):
+        return walk_images(root, SCAN_EXTENSIONS, **kwargs)
+
     for name in ["b/x.png", "a/y.png", "a/skip/z.png", "c.txt"]:
         _png(tmp_path / name) if name.endswith(".png") else (tmp_path / name).write_text("")
     names = [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path)]
