@@ -87,7 +87,7 @@ def check_request(params: Mapping[str, Any]) -> None:
     tile = params["tile_size"]
     if tile < 64 or tile % 16:
         raise InvalidValueError(f"tile_size must be a multiple of 16, >= 64; got {tile}")
-    side = params.get("neighbourhood", 3)
+    side = params["neighbourhood"]
     if side < 1 or side % 2 == 0:
         raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")
     if params["map_kind"] != "auto":
