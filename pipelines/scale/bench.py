@@ -49,7 +49,8 @@ from common import (  # noqa: E402
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
-from anomalyvae.inference.decoding import decode_file, discover  # noqa: E402
+from anomalyvae.imaging.files import walk_images  # noqa: E402
+from anomalyvae.inference.decoding import SCAN_EXTENSIONS, decode_file  # noqa: E402
 from anomalyvae.inference.ray_engine import connect, scan_on_ray  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
@@ -74,7 +75,7 @@ def timed_scan(model: Path, folder: Path, out: Path, config: ScanConfig) -> dict
 def stage_rates(model: Path, folder: Path, batch_size: int) -> dict:
     """Per-core rates of the two stages: decoding alone, one-thread inference alone."""
     detector = OnnxDetector(model, device="cpu", batch_size=batch_size, intra_op_threads=1)
-    paths = discover(folder)[:1000]
+    paths = walk_images(folder, SCAN_EXTENSIONS)[:1000]
     start = time.perf_counter()
     tensors = np.stack(
         [decode_file(i, p, detector.preprocessing).pixels for i, p in enumerate(paths)]

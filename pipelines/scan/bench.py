@@ -35,8 +35,9 @@ from common import (  # noqa: E402
 
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
+from anomalyvae.imaging.files import walk_images  # noqa: E402
 from anomalyvae.inference import runtime  # noqa: E402
-from anomalyvae.inference.decoding import discover  # noqa: E402
+from anomalyvae.inference.decoding import SCAN_EXTENSIONS  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
 from anomalyvae.inference.scan import ScanConfig, scan  # noqa: E402
 
@@ -51,7 +52,7 @@ print(r.n_files)
 def model_only(model: Path, folder: Path, batch_size: int) -> float:
     """Images/s of ONNX Runtime alone on already preprocessed tensors of ``folder``."""
     detector = OnnxDetector(model, device="cpu", batch_size=batch_size)
-    tensors = detector.load_files(discover(folder))
+    tensors = detector.load_files(walk_images(folder, SCAN_EXTENSIONS))
     detector.predict_arrays(tensors[:batch_size])  # warm-up
     start = time.perf_counter()
     detector.predict_arrays(tensors)
@@ -94,7 +95,7 @@ def compare(
     """Model-only and end-to-end throughput on ``folder``; with ``spinning``, the thread
     scan again with ONNX Runtime's spinning threads on (its default) and off (ours)."""
     row = {
-        "n_files": len(discover(folder)),
+        "n_files": len(walk_images(folder, SCAN_EXTENSIONS)),
         "model_only_images_per_s": model_only(model, folder, batch_size),
     }
     for executor in ("thread", "process"):
