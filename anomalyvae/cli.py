@@ -279,13 +279,16 @@ def _labelled_data_options(func: Any) -> Any:
             "synthetic-top2",
             "synthetic-top3",
             "synthetic-weighted",
+            "image-share",
         ]
     ),
     default="auto",
     show_default=True,
-    help="Feature model: how the fused score combines its views. mean/max of a fixed set, "
-    "or synthetic-*: weigh every view by how well it separates synthetic defects from "
-    "held-out normals (no labels). auto: the rule chosen leave-one-set-out.",
+    help="Feature model: how the fused score combines its views. mean/max of a fixed set; "
+    "synthetic-*: weigh every view by how well it separates synthetic defects from "
+    "held-out normals; image-share: weigh the whole-image view by the share of the "
+    "held-out normals' pixel variance off their normal subspace (both without labels). "
+    "auto: the rule chosen leave-one-set-out.",
 )
 @click.option(
     "--target-fpr",

@@ -160,6 +160,7 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "tiling": json.dumps(tiling_metadata(detector)),
         "normal_intensity": json.dumps(getattr(detector, "normal_intensity_", None)),
         "self_check": json.dumps(getattr(detector, "self_check_", None)),
+        "fusion": json.dumps(detector.family().fusion(detector)),
         "map_kind": detector.scoring_.map_kind,
         "score_kind": detector.scoring_.score_kind,
         "scoring": json.dumps(detector.scoring_.to_dict()),

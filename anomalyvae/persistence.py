@@ -52,6 +52,7 @@ def write_detector(detector: VAEAnomalyDetector, path: Path) -> Path:
         normal_intensity=getattr(detector, "normal_intensity_", None),
         self_check=getattr(detector, "self_check_", None),
         view_separation=getattr(detector, "view_separation_", None),
+        image_unexplained=getattr(detector, "image_unexplained_", None),
         **detector.checkpoint_extra(),
     )
     return path
@@ -87,6 +88,8 @@ def read_detector(
             detector.self_check_ = dict(state["self_check"])
         if state.get("view_separation"):
             detector.view_separation_ = dict(state["view_separation"])
+        if state.get("image_unexplained") is not None:
+            detector.image_unexplained_ = float(state["image_unexplained"])
         if state.get("normal_intensity"):
             detector.normal_intensity_ = dict(state["normal_intensity"])
         training = dict(state.get("training") or {})

@@ -77,17 +77,25 @@ IMAGE_SIGMA = 2.0
 IMAGE_TOP_FRACTION = 0.01
 #: How :func:`fuse_views` combines the z-scores: "mean" (the default) or "max".
 FUSION_RULES: tuple[str, ...] = ("mean", "max")
-#: Fusion rules that adapt to each data set without labels: every view's z-score is
-#: weighted by how well that view separates synthetic defects pasted into the held-out
-#: normals from the same normals (its AUROC there, :func:`view_weights`). "best": the
-#: one best view; "top2"/"top3": the mean of the two or three best; "weighted": weights
-#: in proportion to AUROC - 0.5. Chosen by leave-one-set-out (reports/suite/loso.md).
-ADAPTIVE_FUSIONS: tuple[str, ...] = (
+#: Fusion rules that adapt to each data set without labels. "synthetic-*": every view's
+#: z-score is weighted by how well that view separates synthetic defects pasted into the
+#: held-out normals from the same normals (its AUROC there, :func:`view_weights`).
+#: "best": the one best view; "top2"/"top3": the mean of the two or three best;
+#: "weighted": weights in proportion to AUROC - 0.5. "image-share": the fused views
+#: (knn, global, image) with the image view's weight growing with the share of the
+#: held-out normals' pixel variance that the normal subspace leaves unexplained
+#: (:func:`share_weights`). Chosen by leave-one-set-out (reports/suite/loso.md).
+SYNTHETIC_FUSIONS: tuple[str, ...] = (
     "synthetic-best",
     "synthetic-top2",
     "synthetic-top3",
     "synthetic-weighted",
 )
+ADAPTIVE_FUSIONS: tuple[str, ...] = (*SYNTHETIC_FUSIONS, "image-share")
+#: The "image-share" fusion's image weight beside knn and global (1 each) is
+#: ``IMAGE_SHARE_SCALE * u / (1 - u)``, u the unexplained share (:func:`share_weights`).
+#: Chosen by leave-one-set-out from a grid (reports/suite/loso.md).
+IMAGE_SHARE_SCALE = 10.0
 #: What the anomaly map is: "mean-z" (the default), the mean of each location's robust
 #: z-scores of the VAE's negative ELBO and of the memory-bank distance; "elbo", the
 #: negative ELBO alone in nats (models saved before the bank's map). On both suite sets
@@ -441,6 +449,22 @@ class FeatureVAE(nn.Module):
             return x.new_zeros(x.shape[0])
         return self.image_residual_map(x).flatten(1).mean(1)
 
+    def image_variance(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per image (n,): squared residual off the normal subspace, squared deviation.
+
+        Both are means over the pooled input's pixels: the residual off the normal
+        subspace and the deviation from the normal mean. Summed over held-out normals,
+        their ratio is the share of the normals' pixel variance that the subspace leaves
+        unexplained (the "image-share" fusion).
+        """
+        if not self.config.image_components:
+            zeros = x.new_zeros(x.shape[0])
+            return zeros, zeros
+        pool = self.config.image_pool
+        centred = (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1) - self.image_mean
+        residual = centred - (centred @ self.image_basis.T) @ self.image_basis
+        return (residual**2).mean(1), (centred**2).mean(1)
+
     def image_view(self, x: Tensor, subspace: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The ``image`` view (n,): the pixel-space PCA residual, reduced.
 
@@ -629,7 +653,35 @@ def view_weights(separation: NDArray[np.floating], rule: str) -> NDArray[np.floa
         if weights.sum() <= 0:
             weights = np.ones(len(separation))
     else:
-        raise InvalidValueError(f"adaptive fusion must be one of {ADAPTIVE_FUSIONS}, got {rule!r}")
+        raise InvalidValueError(
+            f"a synthetic fusion must be one of {SYNTHETIC_FUSIONS}, got {rule!r}"
+        )
+    return weights / weights.sum()
+
+
+def share_weights(
+    unexplained: float, scale: float = IMAGE_SHARE_SCALE, index: tuple[int, ...] = FUSED_INDEX
+) -> NDArray[np.float64]:
+    """Weights (k,) of the "image-share" fusion, summing to 1.
+
+    The views in ``index`` weigh 1 each, except the image view, which weighs
+    ``scale * u / (1 - u)`` with ``u`` (``unexplained``, clipped to [0, 0.999]) the share
+    of the held-out normals' pooled pixel variance off the normal subspace. Where a few
+    components explain nearly all of the normals' pixel variance (u near 0: plain
+    backgrounds, textures under changing light), the residual is fine noise and the
+    local feature views carry the evidence; where they explain little (varied anatomy,
+    parts whose layout matters), the whole image carries evidence the local features
+    miss, and the weight of the image view grows. Measured on the suite's sets
+    (reports/suite/loso.md); no set is named here.
+    """
+    if not 0 <= scale < math.inf:
+        raise InvalidValueError(f"the image-share scale must be >= 0 and finite, got {scale}")
+    u = min(max(float(np.nan_to_num(unexplained)), 0.0), 0.999)
+    weights = np.zeros(len(VIEW_NAMES))
+    weights[list(index)] = 1.0
+    image = VIEW_NAMES.index("image")
+    if image in index:
+        weights[image] = scale * u / (1.0 - u)
     return weights / weights.sum()
 
 

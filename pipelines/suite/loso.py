@@ -33,8 +33,11 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.models.feature_vae import (  # noqa: E402
-    ADAPTIVE_FUSIONS,
+    IMAGE_SHARE_SCALE,
+    SYNTHETIC_FUSIONS,
+    VIEW_NAMES,
     robust_z_constants,
+    share_weights,
     view_weights,
 )
 
@@ -48,6 +51,8 @@ FIXED = {"feature": ("knn", "global", "image"), "pixel": ("local", "global")}
 Views = dict[str, np.ndarray]
 #: Shrinkage of the views' correlation toward the identity (the correlation-weighted rule).
 GLS_SHRINK = 0.3
+#: Scales of the image-share fusion tried (the product's ``IMAGE_SHARE_SCALE`` among them).
+SHARE_SCALES = tuple(sorted({1.0, 2.0, 5.0, 10.0, 20.0, 50.0, IMAGE_SHARE_SCALE}))
 
 
 def z_scores(views: Views, reference: Views) -> Views:
@@ -168,10 +173,27 @@ def make_rules() -> dict[str, Rule]:
         "fixed views, weights from their correlation on held-out normals": correlation_weighted,
         "fixed views, rank-Gaussian z, soft maximum": rank_soft_max,
     }
+
+    def image_share(scale: float) -> Rule:
+        # the product's weights (anomalyvae.models.feature_vae.share_weights) from the
+        # share of the held-out normals' pixel variance off the model's subspace; a
+        # model without that signal (pixel family) keeps its fused score
+        def rule(data: dict, group: str = "test") -> np.ndarray:
+            if "adaptation" not in data:
+                return fixed(data, group)
+            names = fixed_names(data)
+            weights = share_weights(float(data["adaptation"]["image_unexplained"][0]), scale)
+            z = zs(data, names, group)
+            return sum(weights[VIEW_NAMES.index(n)] * z[n] for n in names)
+
+        return rule
+
+    for scale in SHARE_SCALES:
+        rules[f"image-share x{scale:g}"] = image_share(scale)
     for tag in VIEW_SETS:
         rules[f"mean-z({tag})"] = combine("mean", tag)
         rules[f"max-z({tag})"] = combine("max", tag)
-        for fusion in ADAPTIVE_FUSIONS:
+        for fusion in SYNTHETIC_FUSIONS:
             rules[f"{fusion}({tag})"] = adaptive(fusion, tag)
     return rules
 
@@ -245,8 +267,14 @@ def loso(dumps: dict[str, dict], floors: dict[str, float]) -> dict:
     defaults = {
         name: operating_point(data, rules["fixed (as trained)"]) for name, data in dumps.items()
     }
+    shares = {
+        name: float(data["adaptation"]["image_unexplained"][0])
+        for name, data in dumps.items()
+        if "adaptation" in data
+    }
     return {
         "in_sample": auroc,
+        "shares": shares,
         "folds": folds,
         "floors": floors,
         "defaults": defaults,
@@ -370,7 +398,13 @@ def write(result: dict, out: Path) -> None:
         "cross-fitted training normals); and "
         "`grey`, the |z| of the mean grey level against the training normals. "
         "Synthetic-* rules weigh or pick views by their AUROC of synthetic defects pasted "
-        "into the held-out normals against those normals.",
+        "into the held-out normals against those normals. Image-share xS rules (the "
+        "product's `--fusion image-share` at scale S; `IMAGE_SHARE_SCALE` is the "
+        "product's) weigh knn and global 1 each and the image view S u / (1 - u), u the "
+        "share of the held-out normals' pooled pixel variance off the model's normal "
+        "subspace (no label): "
+        + ", ".join(f"{name} u = {share:.3f}" for name, share in result["shares"].items())
+        + ".",
     ]
     (out / "loso.md").write_text("\n".join(lines) + "\n")
 
@@ -398,7 +432,7 @@ def load_dumps(out: Path) -> dict[str, dict]:
         data = json.loads(path.read_text())
         dumps[path.stem] = {
             group: {k: np.asarray(v, dtype=float) for k, v in data[group].items()}
-            for group in ("val", "synthetic", "test", "calibration")
+            for group in ("val", "synthetic", "test", "calibration", "adaptation")
             if group in data
         }
     return dumps

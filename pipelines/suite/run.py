@@ -163,7 +163,9 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
     most 128 px), ``pca128_topk`` (the same residual as a map, smoothed at 2 px, top-k
     mean) and ``grey`` (|z| of the mean grey level against the training normals).
     pipelines/suite/loso.py chooses fusion rules from these, leave-one-set-out.
-    ``model_views=False`` computes the probes only (``--probes-only``).
+    ``model_views=False`` computes the probes only (``--probes-only``). For a feature
+    model, ``adaptation`` holds the label-free signal of the image-share fusion: the share
+    of the held-out normals' pixel variance off the model's normal subspace.
     """
     import torch
     import torch.nn.functional as F
@@ -234,6 +236,10 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
     scores = getattr(detector, "calibration_scores_", None)
     if model_views and scores is not None:  # what the product's threshold was read from
         groups["calibration"] = {"fused": np.asarray(scores)}
+    family = detector.family()
+    if hasattr(family, "unexplained_share"):  # the image-share fusion's signal
+        share = family.unexplained_share(detector, val_images)
+        groups["adaptation"] = {"image_unexplained": np.array([share])}
     groups["test"] = {
         **views_of(test_paths),
         **probes_of(test_flat, test_grey),
@@ -925,8 +931,8 @@ def refresh_probes(args: argparse.Namespace) -> int:
             model_views=False,
         )
         dump = json.loads(dump_path.read_text())
-        for group in dump:
-            dump[group].update(probes[group])
+        for group, values in probes.items():
+            dump.setdefault(group, {}).update(values)
         dump_path.write_text(json.dumps(dump))
         print(f"[{name}] probes refreshed", flush=True)
     return 0

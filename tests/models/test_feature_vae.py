@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from anomalyvae.data import make_synthetic_dataset, mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector, resolve_family
 from anomalyvae.errors import InvalidValueError
+from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import load_backbone, weights_path
 from anomalyvae.models.feature_vae import VIEW_NAMES, FeatureVAE, FeatureVAEConfig, fuse_views
 from anomalyvae.models.maps import ScoringConfig, score_batch
@@ -544,18 +546,76 @@ def test_adaptive_fusion_weighs_the_views_that_see_synthetic_defects(rule, expec
     assert view_weights([0.5, 0.4], "synthetic-weighted").tolist() == [0.5, 0.5]  # no signal
 
 
-def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, tmp_path):
+@pytest.mark.parametrize(
+    ("unexplained", "scale", "expected"),
+    [
+        (0.0, 10.0, [0, 0, 0.5, 0, 0.5]),  # nothing off the subspace: knn and global
+        (0.5, 10.0, [0, 0, 1 / 12, 10 / 12, 1 / 12]),  # odds 1: the image weighs the scale
+        (0.2, 2.0, [0, 0, 1 / 2.5, 0.5 / 2.5, 1 / 2.5]),
+        (float("nan"), 10.0, [0, 0, 0.5, 0, 0.5]),  # no signal: the image view weighs 0
+    ],
+)
+def test_image_share_weights_grow_with_the_variance_off_the_subspace(unexplained, scale, expected):
+    from anomalyvae.models.feature_vae import share_weights
+
+    np.testing.assert_allclose(share_weights(unexplained, scale), expected)
+    # a model without the image view fuses what it has, equally
+    np.testing.assert_allclose(share_weights(0.9, scale, (2, 4)), [0, 0, 0.5, 0, 0.5])
+    assert share_weights(1.0)[VIEW_NAMES.index("image")] < 1  # clipped below 1: finite
+    with pytest.raises(InvalidValueError, match="scale"):
+        share_weights(0.5, -1.0)
+
+
+def test_image_variance_splits_each_image_into_the_subspace_and_the_rest():
+    config = FeatureVAEConfig(
+        height=32, width=32, image_components=2, image_side=32, bank_size=0, map_rule="elbo"
+    )
+    model = FeatureVAE(config, pretrained=False)
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(config.image_dim, 3)))
+    mean = torch.full((config.image_dim,), 0.5)
+    model.image_mean.copy_(mean)
+    model.image_basis.copy_(torch.from_numpy(q[:, :2].T).float())
+    inside = mean + 0.1 * torch.from_numpy(q[:, 0] - 2 * q[:, 1]).float()
+    outside = mean + 0.1 * torch.from_numpy(q[:, 2]).float()
+    x = torch.stack([inside, outside]).reshape(2, 1, 32, 32)
+    residual, spread = model.image_variance(x)
+    np.testing.assert_allclose(
+        spread.numpy(), [0.05 / config.image_dim, 0.01 / config.image_dim], rtol=1e-4
+    )
+    np.testing.assert_allclose(residual.numpy(), [0, 0.01 / config.image_dim], atol=1e-9)
+
+
+@pytest.mark.parametrize("fusion", ["synthetic-top2", "image-share"])
+def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, tmp_path, fusion):
     from anomalyvae.export import export_onnx
     from anomalyvae.inference.runtime import OnnxDetector
+    from anomalyvae.models.feature_vae import share_weights
 
     paths = [s.path for s in mvtec_samples(feature_root, "train")]
     detector = VAEAnomalyDetector(
-        model="feature", fusion="synthetic-top2", **{**FEATURE_TINY, "epochs": 2}
+        model="feature", fusion=fusion, **{**FEATURE_TINY, "epochs": 2}
     ).fit(paths)
     weights = detector.model_.view_weight.numpy()
-    assert weights.sum() == pytest.approx(1.0) and (weights > 0).sum() == 2
-    best_two = sorted(detector.view_separation_, key=detector.view_separation_.get)[-2:]
-    assert {VIEW_NAMES[i] for i in np.flatnonzero(weights)} == set(best_two)
+    assert weights.sum() == pytest.approx(1.0)
+    if fusion == "synthetic-top2":
+        assert (weights > 0).sum() == 2
+        best_two = sorted(detector.view_separation_, key=detector.view_separation_.get)[-2:]
+        assert {VIEW_NAMES[i] for i in np.flatnonzero(weights)} == set(best_two)
+    else:  # read from the held-out normals alone, kept in the checkpoint
+        share = detector.image_unexplained_
+        assert 0 < share < 1
+        np.testing.assert_allclose(weights, share_weights(share), rtol=1e-6)
+        detector.save(tmp_path / "shared.pt")
+        reloaded = VAEAnomalyDetector.load(tmp_path / "shared.pt", progress=False)
+        assert reloaded.image_unexplained_ == pytest.approx(share)
+        # train's summary and the ONNX metadata say what set the weights
+        report = " ".join(training_report(reloaded, tmp_path / "shared.pt"))
+        assert f"{share:.0%} of the held-out normals' pixel variance" in report
+    fusion_meta = detector.family().fusion(detector)
+    assert fusion_meta["rule"] == fusion
+    named = {VIEW_NAMES[i]: w for i, w in enumerate(weights) if w > 0}
+    assert fusion_meta["weights"] == pytest.approx(named, abs=1e-6)
     test = [s.path for s in mvtec_samples(feature_root, "test")]
     views = detector.view_scores(test)
     center, scale = detector.model_.view_center.numpy(), detector.model_.view_scale.numpy()
@@ -563,7 +623,9 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     np.testing.assert_allclose(detector.anomaly_score(test), z @ weights, rtol=1e-4, atol=1e-4)
     result = export_onnx(detector, tmp_path / "adaptive.onnx", detector.preprocess(test))
     assert result.parity.verdicts_agree
-    onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
+    onnx = OnnxDetector(result.path, device="cpu")
+    assert onnx.metadata["fusion"] == json.loads(json.dumps(fusion_meta))
+    onnx_scores = onnx.predict_files(test).score
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
 
 

@@ -165,6 +165,13 @@ class ModelFamily(abc.ABC):
     ) -> NDArray[np.float64] | None:
         """The fused score of (n, k) views, as the graph computes it (None: not fitted)."""
 
+    def fusion(self, detector: VAEAnomalyDetector) -> dict[str, Any] | None:
+        """How the fused image score weighs the views (train summary, ONNX metadata).
+
+        None when the family has nothing to say (its score is not a weighted fusion).
+        """
+        return None
+
     def tiling(self, model: nn.Module) -> dict[str, Any]:
         """How the graph covers its input (ONNX metadata); one pass by default."""
         return {"n_tiles": 1, "inside_graph": True}

@@ -23,6 +23,7 @@ from anomalyvae.models.feature_vae import (
     fit_map_constants,
     fuse_views,
     robust_z_constants,
+    share_weights,
     view_weights,
 )
 from anomalyvae.models.maps import SCORE_KINDS, ScoringConfig, check_scoring
@@ -168,12 +169,19 @@ class FeatureFamily(ModelFamily):
     ) -> NDArray[np.float32]:
         """The adaptive fusion's view weights from normal model-ready images, no labels.
 
-        One synthetic defect is pasted into each image
+        "image-share": the share of the images' pooled pixel variance off the normal
+        subspace sets the image view's weight (:func:`share_weights`). "synthetic-*": one
+        synthetic defect is pasted into each image
         (:func:`anomalyvae.imaging.synthetic_defects.paste_defects`, seeded); each view's
         AUROC of the pasted images against the clean ones weighs it (:func:`view_weights`).
         """
         from sklearn.metrics import roc_auc_score
 
+        model = detector.model_
+        if model.config.fusion == "image-share":
+            detector.image_unexplained_ = self.unexplained_share(detector, images)
+            weights = share_weights(detector.image_unexplained_, index=model.config.fused_index)
+            return weights.astype(np.float32)
         clean = detector.view_matrix(images)
         if len(images) < 2:  # nothing to paste into: equal weights
             return np.full(clean.shape[1], 1.0 / clean.shape[1], dtype=np.float32)
@@ -184,6 +192,21 @@ class FeatureFamily(ModelFamily):
         )
         detector.view_separation_ = dict(zip(self.view_names, separation.tolist(), strict=True))
         return view_weights(separation, detector.model_.config.fusion).astype(np.float32)
+
+    def unexplained_share(self, detector: VAEAnomalyDetector, images: NDArray[np.float32]) -> float:
+        """Share of the pooled pixel variance of normal images off the normal subspace.
+
+        ``images`` are model-ready normals; 0 with no image view or no variance.
+        """
+        model = detector.model_.eval()
+        residual, spread = 0.0, 0.0
+        batch = auto_batch_size(images.shape[-2], images.shape[-1], detector.batch_size)
+        with torch.no_grad():
+            for start in range(0, len(images), batch):
+                x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
+                part, total = model.image_variance(x.to(next(model.buffers()).device))
+                residual, spread = residual + float(part.sum()), spread + float(total.sum())
+        return residual / spread if spread > 0 else 0.0
 
     def fuse(
         self, detector: VAEAnomalyDetector, views: NDArray[np.float64]
@@ -198,6 +221,27 @@ class FeatureFamily(ModelFamily):
             model.view_weight.cpu(),
         )
         return fused.numpy().astype(np.float64)
+
+    def fusion(self, detector: VAEAnomalyDetector) -> dict[str, Any] | None:
+        model = detector.model_
+        if detector.scoring_.score_kind != "fused":
+            return None
+        rule, index = model.config.fusion, model.config.fused_index
+        if rule in ADAPTIVE_FUSIONS:
+            weights = model.view_weight.cpu().numpy()
+        else:  # the mean (or the largest) of the fused views' z-scores
+            weights = np.zeros(len(VIEW_NAMES))
+            weights[list(index)] = 1.0 / len(index)
+        out: dict[str, Any] = {
+            "rule": rule,
+            "combine": "max" if rule == "max" else "weighted sum",
+            "weights": {
+                n: round(float(w), 6) for n, w in zip(VIEW_NAMES, weights, strict=True) if w > 0
+            },
+        }
+        if getattr(detector, "image_unexplained_", None) is not None and rule == "image-share":
+            out["image_unexplained"] = round(float(detector.image_unexplained_), 6)
+        return out
 
     def tiling(self, model: torch.nn.Module) -> dict[str, Any]:
         return {
