@@ -95,7 +95,7 @@ ADAPTIVE_FUSIONS: tuple[str, ...] = (*SYNTHETIC_FUSIONS, "image-share")
 #: The "image-share" fusion's image weight beside knn and global (1 each) is
 #: ``IMAGE_SHARE_SCALE * u / (1 - u)``, u the unexplained share (:func:`share_weights`).
 #: Chosen by leave-one-set-out from a grid (reports/suite/loso.md).
-IMAGE_SHARE_SCALE = 10.0
+IMAGE_SHARE_SCALE = 20.0
 #: What the anomaly map is: "mean-z" (the default), the mean of each location's robust
 #: z-scores of the VAE's negative ELBO and of the memory-bank distance; "elbo", the
 #: negative ELBO alone in nats (models saved before the bank's map). On both suite sets
