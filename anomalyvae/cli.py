@@ -263,8 +263,8 @@ def _labelled_data_options(func: Any) -> Any:
     type=click.Choice(["auto", "max", "topk_mean", "elbo", "global", "image", "knn", "fused"]),
     default="auto",
     show_default=True,
-    help="auto: feature model: fused (the mean z-score of its memory-bank, global and "
-    "whole-image views against held-out normals); pixel model: fused (top-k mean and "
+    help="auto: feature model: fused (the weighted z-scores of its memory-bank, global and "
+    "whole-image views against held-out normals, see --fusion); pixel model: fused (top-k mean and "
     "mean of the standardized map) for inputs of at most 32 px with SSIM maps, else "
     "topk_mean.",
 )

@@ -700,8 +700,9 @@ def fuse_views(
     lets evidence that several views see add up; "max" is a monotone function of the
     smallest p-value (min-p with a Bonferroni factor: Tippett 1931), so one strong view
     is enough. Measured on the suite's sets, the mean ranked images better
-    (reports/suite/experiments.md). An adaptive rule (:data:`ADAPTIVE_FUSIONS`) sums
-    every view's z-score times ``weights`` (:func:`view_weights`), constants in the graph.
+    (reports/suite/experiments.md). An adaptive rule (:data:`ADAPTIVE_FUSIONS`, among
+    them the default "image-share") sums every view's z-score times ``weights``
+    (:func:`share_weights`, :func:`view_weights`), constants in the graph.
     """
     if rule in ADAPTIVE_FUSIONS:
         if weights is None:

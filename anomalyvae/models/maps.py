@@ -64,8 +64,9 @@ class ScoringConfig:
         held-out normals. Feature family: "global" is the distance of the image's mean
         feature vector to the normals', and it adds "image" (the pooled image's
         residual off the normals' PCA subspace), "knn" (nearest-neighbour distance to a
-        memory bank of normal feature vectors) and "fused" (the mean z-score of the
-        knn, global and image views against held-out normals).
+        memory bank of normal feature vectors) and "fused" (the z-scores of the knn,
+        global and image views against held-out normals, combined by the model's
+        fusion rule, :func:`anomalyvae.models.feature_vae.fuse_views`).
     smoothing_sigma : float
         Gaussian blur of the map in pixels; 0 disables it.
     topk_fraction : float

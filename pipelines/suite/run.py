@@ -638,8 +638,9 @@ def write_experiments(results: dict, out: Path) -> None:
         "## Candidate scores of the default models (this run), image AUROC",
         "",
         "Each row is a way to turn the trained default model into an image score; the "
-        "product uses `feature/fused` (= `fusion/mean-z(knn, global, image)`; before the "
-        "memory bank, `fusion/max-z(local, global, image)`) on every "
+        "product uses `feature/fused` (the image-share weighting of knn, global and image, "
+        "see Decisions; before it `fusion/mean-z(knn, global, image)`, and before the "
+        "memory bank `fusion/max-z(local, global, image)`) on every "
         "set that the feature model serves. Rows are kept or dropped as a whole, never "
         "per set. `probe/` rows are scores the product does not offer (see `probes` in "
         "run.py: nearest-neighbour memory banks), measured on the same model and split.",
@@ -705,14 +706,18 @@ def write_experiments(results: dict, out: Path) -> None:
             f"- Best single rule over the feature-model sets in this run: `{best}` "
             f"(mean image AUROC {means[best]:.3f}; the default `feature/fused` "
             f"{means.get('feature/fused', float('nan')):.3f}).",
-            "- `fused` = the mean z-score of the memory-bank (`knn`), global and image "
-            "views (first in the run of code b931c70; before it, the largest z-score of the "
-            "VAE's local view, global and image). The bank is a greedy k-center coreset of "
+            "- `fused` = the image-share weighting (`--fusion image-share`, first in the "
+            "run of code a934307): the z-scores of the memory-bank (`knn`), global and "
+            "image views, weighted 1, 1 and 20 u / (1 - u), u the share of the held-out "
+            "normals' pooled pixel variance off the model's normal subspace (no label; "
+            "chosen leave-one-set-out in loso.md). Before it, the plain mean of the same "
+            "three z-scores (from code b931c70), and before that the largest z-score of the "
+            "VAE's local view, global and image. The bank is a greedy k-center coreset of "
             "8192 training locations; a random sample of 20,000 (the `probe/knn-feature` "
-            "rows) ranked images worse on both sets. Before -> after, same "
-            "run: "
+            "rows) ranked images worse on both sets. The plain mean -> the image-share "
+            "weighting, same run: "
             + ", ".join(
-                f"{n} {alt.get('fusion/max-z(local, global, image)', float('nan')):.3f}"
+                f"{n} {alt.get('fusion/mean-z(knn, global, image)', float('nan')):.3f}"
                 f" -> {alt.get('feature/fused', float('nan')):.3f}"
                 for n, alt in ((n, sets[n]["alternatives"]) for n in feature_sets)
             )
