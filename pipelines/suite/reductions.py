@@ -22,9 +22,11 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
   of components) becomes one number: its smoothing and the top share averaged.
 
-Each variant is scored alone and inside the fused score (the mean robust z-score of
-``knn``, ``global`` and ``image`` with the variant in place; constants from the held-out
-normals only, for every variant and the default alike, so a difference is the variant's).
+Each variant is scored alone and inside the fused score (the robust z-scores of
+``knn``, ``global`` and ``image`` with the variant in place, weighed by the model's own
+fusion rule: the image-share weights, their ``u`` recomputed under an image variant's
+own subspace, or the plain mean for older models; constants from the held-out normals
+only, for every variant and the default alike, so a difference is the variant's).
 Then leave-one-set-out: for each set, the variant with the best mean gain over the default
 on the *other* sets is chosen and scored on the left-out one. A variant qualifies as a
 new default only when it is chosen in a majority of folds and its held-out mean gain is
@@ -63,14 +65,17 @@ from anomalyvae.models.bank import (  # noqa: E402
 )
 from anomalyvae.models.feature_training import feature_standardization  # noqa: E402
 from anomalyvae.models.feature_vae import (  # noqa: E402
+    IMAGE_SHARE_SCALE,
     IMAGE_SIGMA,
     IMAGE_TOP_FRACTION,
+    VIEW_NAMES,
     robust_z_constants,
+    share_weights,
 )
 from anomalyvae.models.smoothing import gaussian_blur, topk_size  # noqa: E402
 
 #: knn variants: the share of locations averaged (1.0 = all), or multi-scale z-scores.
-KNN_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+KNN_FRACTIONS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 KNN_SCALES = (0.01, 0.05, 0.2)
 #: image variants: a fixed number of components, or the share of variance they explain.
 IMAGE_COUNTS = (20, 50, 100, 200)
@@ -82,6 +87,8 @@ IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
 NEIGHBOURHOODS = (1, 3, 5)
 NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
 BATCH = 16
+#: The views the product's fused score weighs (in this order).
+FUSED = ("knn", "global", "image")
 #: The fused view each family of variants replaces.
 VIEW_OF = {
     "knn": "knn",
@@ -116,7 +123,8 @@ def pooled(x: torch.Tensor, pool: int) -> np.ndarray:
 def passes(detector: VAEAnomalyDetector, paths: list[Path], pool: int) -> dict[str, np.ndarray]:
     """Per image: the bank distances of every location, the pooled input, the views."""
     model = detector.model_.eval()
-    parts: dict[str, list[np.ndarray]] = {"distances": [], "pooled": [], "global": [], "image": []}
+    names = ("distances", "pooled", "global", "image", "residual", "spread")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     with torch.no_grad():
         for x in batches(detector, paths):
             raw = model.raw_features(x)
@@ -124,6 +132,9 @@ def passes(detector: VAEAnomalyDetector, paths: list[Path], pool: int) -> dict[s
             parts["pooled"].append(pooled(x, pool))
             parts["global"].append(model.global_distance(raw).double().numpy())
             parts["image"].append(model.image_view(x).double().numpy())
+            residual, spread = model.image_variance(x)  # the image-share fusion's signal
+            parts["residual"].append(residual.double().numpy())
+            parts["spread"].append(spread.double().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -161,6 +172,10 @@ def image_views(
         maps = residual_maps(pca, k, groups)
         counts[name] = {g: reduced(m, IMAGE_SIGMA, IMAGE_TOP_FRACTION) for g, m in maps.items()}
         counts[name]["components"] = k
+        # the image-share fusion's signal under this subspace, from the held-out normals
+        centred = groups["val"].reshape(len(groups["val"]), -1) - pca.mean_
+        spread = float((centred**2).mean(1).sum())
+        counts[name]["unexplained"] = float(maps["val"].mean(axis=(1, 2, 3)).sum()) / spread
     maps = residual_maps(pca, max(1, min(components, len(share))), groups)
     reductions = {
         image_key(sigma, top): {g: reduced(m, sigma, top) for g, m in maps.items()}
@@ -296,20 +311,36 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
     }
     views = {"val": val, "test": tested}
+    unexplained = float(val["residual"].sum() / max(val["spread"].sum(), 1e-300))
+
+    def weights(share: float) -> np.ndarray:
+        # the model's own rule: the image-share weights, or the plain mean (older models)
+        if config.fusion == "image-share":
+            all_views = share_weights(share, index=config.fused_index)
+            return np.array([all_views[VIEW_NAMES.index(n)] for n in FUSED])
+        return np.full(len(FUSED), 1.0 / len(FUSED))
 
     def fused(family: str, values: dict) -> float:
         replace = VIEW_OF[family]
         parts = []
-        for name in ("knn", "global", "image"):
+        for name in FUSED:
             own = values if name == replace else None
             if own is None and name == "knn":
                 own = families["knn"][default["knn"]]
             if own is None:
                 own = {g: views[g][name] for g in views}
             parts.append(z_of(own["val"], own["test"]))
-        return float(roc_auc_score(labels, np.mean(parts, axis=0)))
+        share = values.get("unexplained", unexplained)  # an image variant's own subspace
+        return float(roc_auc_score(labels, np.tensordot(weights(share), parts, axes=1)))
 
-    out: dict = {"n_val": len(val_index), "n_test": len(test), "default": default, "families": {}}
+    out: dict = {
+        "n_val": len(val_index),
+        "n_test": len(test),
+        "default": default,
+        "fusion": config.fusion,
+        "unexplained": unexplained,
+        "families": {},
+    }
     for family, variants in families.items():
         rows = {}
         for name, values in variants.items():
@@ -317,8 +348,9 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
                 "alone": float(roc_auc_score(labels, values["test"])),
                 "fused": fused(family, values),
             }
-            if "components" in values:
-                rows[name]["components"] = values["components"]
+            for extra in ("components", "unexplained"):
+                if extra in values:
+                    rows[name][extra] = values[extra]
         out["families"][family] = rows
     # the product's own image view (the model's subspace) beside its refitted twin
     out["product_image_view"] = float(roc_auc_score(labels, tested["image"]))
@@ -349,11 +381,19 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         + (" (smoke run)" if smoke else ""),
         "",
         f"Produced by `python pipelines/suite/reductions.py` on the suite's trained models "
-        f"({machine()}). Image AUROC of each variant alone and inside the fused score (mean "
-        "robust z of knn, global and image, the variant in place; constants from the held-out "
-        "normals only, the default under the same protocol, so a difference is the "
-        "variant's). No model is retrained: the image subspace is refitted on each model's "
-        "own training split.",
+        f"({machine()}). Image AUROC of each variant alone and inside the fused score (the "
+        "robust z-scores of knn, global and image, the variant in place, weighed by the "
+        "model's own fusion rule: for `image-share`, knn and global 1 each and image "
+        f"{IMAGE_SHARE_SCALE:g} u / (1 - u), u recomputed under an image variant's own "
+        "subspace; constants from the held-out normals only, the default under the same "
+        "protocol, so a difference is the variant's). No model is retrained: the image "
+        "subspace is refitted on each model's own training split. Fusion rule and u of "
+        "the default per set: "
+        + ", ".join(
+            f"{s} {r.get('fusion', 'mean')} (u = {r.get('unexplained', float('nan')):.3f})"
+            for s, r in results.items()
+        )
+        + ".",
         "",
     ]
     titles = {

@@ -49,7 +49,7 @@ from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.imaging.io import Preprocessing  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
-from anomalyvae.models.feature_vae import robust_z_constants  # noqa: E402
+from anomalyvae.models.feature_vae import IMAGE_SHARE_SCALE, robust_z_constants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -708,14 +708,14 @@ def write_experiments(results: dict, out: Path) -> None:
             f"{means.get('feature/fused', float('nan')):.3f}).",
             "- `fused` = the image-share weighting (`--fusion image-share`, first in the "
             "run of code a934307): the z-scores of the memory-bank (`knn`), global and "
-            "image views, weighted 1, 1 and 20 u / (1 - u), u the share of the held-out "
-            "normals' pooled pixel variance off the model's normal subspace (no label; "
-            "chosen leave-one-set-out in loso.md). Before it, the plain mean of the same "
-            "three z-scores (from code b931c70), and before that the largest z-score of the "
-            "VAE's local view, global and image. The bank is a greedy k-center coreset of "
-            "8192 training locations; a random sample of 20,000 (the `probe/knn-feature` "
-            "rows) ranked images worse on both sets. The plain mean -> the image-share "
-            "weighting, same run: "
+            f"image views, weighted 1, 1 and {IMAGE_SHARE_SCALE:g} u / (1 - u), u the share "
+            "of the held-out normals' pooled pixel variance off the model's normal subspace "
+            "(no label; chosen leave-one-set-out in loso.md). Before it, the plain mean of "
+            "the same three z-scores (from code b931c70), and before that the largest "
+            "z-score of the VAE's local view, global and image. The bank is a greedy "
+            "k-center coreset of 8192 training locations; a random sample of 20,000 (the "
+            "`probe/knn-feature` rows) ranked images worse on both sets. The plain mean -> "
+            "the image-share weighting, same run: "
             + ", ".join(
                 f"{n} {alt.get('fusion/mean-z(knn, global, image)', float('nan')):.3f}"
                 f" -> {alt.get('feature/fused', float('nan')):.3f}"
