@@ -61,6 +61,32 @@ def candidates(out: Path) -> tuple[dict, dict[str, dict]]:
     return results, variants
 
 
+def product_commits_between(first: str, second: str) -> int | None:
+    """Commits that changed the product (anomalyvae/) between two codes, either way round.
+
+    A variant trained at another code than the defaults differs from them by those
+    commits too (a default changed since, a fix). None when git cannot tell (a shallow
+    clone, a code it does not know).
+    """
+    if first == second:
+        return 0
+    try:
+        counts = [
+            subprocess.run(
+                ["git", "rev-list", "--count", span, "--", "anomalyvae"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout.strip()
+            for span in (f"{first}..{second}", f"{second}..{first}")
+        ]
+        return sum(int(c) for c in counts)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def judge(results: dict, variants: dict[str, dict]) -> dict:
     """Per set, every candidate's numbers; the leave-one-set-out choice on image AUROC."""
     sets = list(results["sets"])
@@ -75,10 +101,16 @@ def judge(results: dict, variants: dict[str, dict]) -> dict:
         s: {v: row["image_auroc"] - numbers[s][DEFAULTS]["image_auroc"] for v, row in c.items()}
         for s, c in numbers.items()
     }
+    code = results.get("code", "?")
     return {
-        "defaults_code": results.get("code", "?"),
+        "defaults_code": code,
         "variants": {
-            v: {"code": e["code"], "train_args": e["train_args"], "date": e["date"]}
+            v: {
+                "code": e["code"],
+                "train_args": e["train_args"],
+                "date": e["date"],
+                "product_commits_apart": product_commits_between(e["code"], code),
+            }
             for v, e in variants.items()
         },
         "sets": numbers,
@@ -101,12 +133,26 @@ def write(judged: dict, out: Path, smoke: bool) -> None:
         "evaluation). Each model is scored with its own score and threshold. Training "
         "times come from separate runs, not one timed run: read them as indicative only.",
         "",
-        "| candidate | code | options |",
-        "|---|---|---|",
-        f"| {DEFAULTS} | {judged['defaults_code']} | – |",
+        "| candidate | code | options | product commits apart from the defaults |",
+        "|---|---|---|---|",
+        f"| {DEFAULTS} | {judged['defaults_code']} | – | – |",
     ]
+    apart = []
     for name, meta in judged["variants"].items():
-        lines.append(f"| {name} | {meta['code']} | `{' '.join(meta['train_args'])}` |")
+        count = meta.get("product_commits_apart")
+        shown = "unknown" if count is None else str(count)
+        lines.append(f"| {name} | {meta['code']} | `{' '.join(meta['train_args'])}` | {shown} |")
+        if count != 0:
+            apart.append(name)
+    if apart:
+        lines += [
+            "",
+            "Trained at another code than the defaults: "
+            + ", ".join(apart)
+            + ". Their numbers also carry every product change in between (`git log "
+            "VARIANT..DEFAULTS -- anomalyvae`, e.g. a default changed since): retrain them "
+            "before a verdict on them counts.",
+        ]
     for key, title in COLUMNS:
         lines += ["", f"## {title}", "", "| candidate | " + " | ".join(sets) + " |"]
         lines.append("|---|" + "---|" * len(sets))
