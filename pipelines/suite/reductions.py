@@ -3,7 +3,7 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Five choices of the feature family's fused views are re-made on the models the suite
+Six choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
@@ -20,7 +20,9 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
   explain a share of the variance. The subspace is refitted on the model's own
   training split, as training fits it;
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
-  of components) becomes one number: its smoothing and the top share averaged.
+  of components) becomes one number: its smoothing and the top share averaged;
+- **image side**: the longest side the input is box-averaged to before the ``image``
+  view's PCA (the model's own number of components, refitted at each side).
 
 Each variant is scored alone and inside the fused score (the robust z-scores of
 ``knn``, ``global`` and ``image`` with the variant in place, weighed by the model's own
@@ -83,6 +85,8 @@ IMAGE_SHARES = (0.9, 0.95, 0.99)
 #: image reduction variants: smoothing of the residual map (px) and the top share averaged.
 IMAGE_SIGMAS = (1.0, 2.0)
 IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
+#: image side variants: the longest side (px) the input is box-averaged to for the view.
+IMAGE_SIDES = (64, 128, 256)
 #: knn neighbourhood variants: the side of the box each location's features average.
 NEIGHBOURHOODS = (1, 3, 5)
 NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
@@ -96,6 +100,7 @@ VIEW_OF = {
     "global covariance": "global",
     "image": "image",
     "image reduction": "image",
+    "image side": "image",
 }
 
 
@@ -120,16 +125,25 @@ def pooled(x: torch.Tensor, pool: int) -> np.ndarray:
     return (F.avg_pool2d(x, pool) if pool > 1 else x).numpy()
 
 
+def side_pools(config) -> dict[int, int]:
+    """The box each image-side variant averages the input over (the product's rule)."""
+    return {side: dataclasses.replace(config, image_side=side).image_pool for side in IMAGE_SIDES}
+
+
 def passes(detector: VAEAnomalyDetector, paths: list[Path], pool: int) -> dict[str, np.ndarray]:
-    """Per image: the bank distances of every location, the pooled input, the views."""
+    """Per image: the bank distances of every location, the pooled input (at the model's
+    pool and at each image-side variant's), the views."""
     model = detector.model_.eval()
-    names = ("distances", "pooled", "global", "image", "residual", "spread")
+    sides = {f"pooled {side}": box for side, box in side_pools(model.config).items()}
+    names = ("distances", "pooled", "global", "image", "residual", "spread", *sides)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     with torch.no_grad():
         for x in batches(detector, paths):
             raw = model.raw_features(x)
             parts["distances"].append(model.knn_locations(model.standardize(raw)).numpy())
             parts["pooled"].append(pooled(x, pool))
+            for key, box in sides.items():
+                parts[key].append(pooled(x, box))
             parts["global"].append(model.global_distance(raw).double().numpy())
             parts["image"].append(model.image_view(x).double().numpy())
             residual, spread = model.image_variance(x)  # the image-share fusion's signal
@@ -157,14 +171,15 @@ def reduced(squared: np.ndarray, sigma: float, share: float) -> np.ndarray:
 
 
 def image_views(
-    train: np.ndarray, groups: dict[str, np.ndarray], components: int
+    train: np.ndarray, groups: dict[str, np.ndarray], components: int, counts_only: bool = False
 ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The image view of each group for every component rule (PCA of ``train``), and
-    for every reduction of the residual map off the model's own ``components``."""
+    for every reduction of the residual map off the model's own ``components`` (none
+    with ``counts_only``)."""
     flat = train.reshape(len(train), -1).astype(np.float64)
     pca = PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
     share = np.cumsum(pca.explained_variance_ratio_)
-    rules = {f"{k} components": k for k in IMAGE_COUNTS}
+    rules = {f"{k} components": k for k in sorted({*IMAGE_COUNTS, components})}
     rules |= {f"{s:.0%} of variance": int(np.searchsorted(share, s)) + 1 for s in IMAGE_SHARES}
     counts: dict[str, dict] = {}
     for name, k in rules.items():
@@ -176,6 +191,8 @@ def image_views(
         centred = groups["val"].reshape(len(groups["val"]), -1) - pca.mean_
         spread = float((centred**2).mean(1).sum())
         counts[name]["unexplained"] = float(maps["val"].mean(axis=(1, 2, 3)).sum()) / spread
+    if counts_only:
+        return counts, {}
     maps = residual_maps(pca, max(1, min(components, len(share))), groups)
     reductions = {
         image_key(sigma, top): {g: reduced(m, sigma, top) for g, m in maps.items()}
@@ -282,12 +299,25 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     pool = config.image_pool
     val = passes(detector, [train[i] for i in val_index], pool)
     tested = passes(detector, [s.path for s in test], pool)
-    pooled_train = [pooled(x, pool) for x in batches(detector, [train[i] for i in train_index])]
+    boxes = {pool, *side_pools(config).values()}
+    pooled_train: dict[int, list[np.ndarray]] = {box: [] for box in boxes}
+    for x in batches(detector, [train[i] for i in train_index]):
+        for box in boxes:
+            pooled_train[box].append(pooled(x, box))
     counts, reductions = image_views(
-        np.concatenate(pooled_train),
+        np.concatenate(pooled_train[pool]),
         {"val": val["pooled"], "test": tested["pooled"]},
         config.image_components,
     )
+    sides = {}
+    for side, box in side_pools(config).items():
+        own, _ = image_views(
+            np.concatenate(pooled_train[box]),
+            {"val": val[f"pooled {side}"], "test": tested[f"pooled {side}"]},
+            config.image_components,
+            counts_only=True,
+        )
+        sides[f"{side} px"] = own[f"{config.image_components} components"]
     neighbourhoods, covariances = neighbourhood_views(
         detector,
         {
@@ -302,6 +332,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "global covariance": covariances,
         "image": counts,
         "image reduction": reductions,
+        "image side": sides,
     }
     default = {
         "knn": knn_key(KNN_TOP_FRACTION),
@@ -309,6 +340,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "global covariance": "Ledoit-Wolf",
         "image": f"{config.image_components} components",
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
+        "image side": f"{config.image_side} px",
     }
     views = {"val": val, "test": tested}
     unexplained = float(val["residual"].sum() / max(val["spread"].sum(), 1e-300))
@@ -403,6 +435,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         "global covariance": "global view: the covariance of the mean feature vectors",
         "image": "image view: how many principal components span the normals",
         "image reduction": "image view: how its residual map is reduced (model's own components)",
+        "image side": "image view: the longest side the input is box-averaged to (model's own "
+        "components)",
     }
     for family, decision in decisions.items():
         lines += [f"## {titles[family]}", ""]
