@@ -117,7 +117,29 @@ def _threshold_note(model: dict[str, Any]) -> str:
             f". Self-check: {detection['detection_rate']:.0%} of synthetic defects pasted into "
             "held-out normals are detected at this threshold (an estimate, not a test result)"
         )
-    return note + "."
+    return note + "." + _fusion_note(model.get("fusion"))
+
+
+def _fusion_note(fusion: Any) -> str:
+    """How the image score weighs the model's views (metadata ``fusion``), or nothing."""
+    if not isinstance(fusion, dict) or not isinstance(fusion.get("weights"), dict):
+        return ""
+    try:
+        weights = {str(k): float(v) for k, v in fusion["weights"].items()}
+    except (TypeError, ValueError):  # a hand-edited file: say nothing rather than fail
+        return ""
+    if fusion.get("combine") == "max":
+        how = f"the largest of the z-scores of {', '.join(weights)}"
+    else:
+        how = "z-scores weighted " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
+    note = f" Image score: {how} (fusion {fusion.get('rule', 'unknown')}"
+    share = fusion.get("image_unexplained")
+    if isinstance(share, (int, float)):
+        note += (
+            f"; {share:.0%} of the normals' pixel variance is off their subspace, which sets "
+            "the image view's weight"
+        )
+    return note + ")."
 
 
 def _png(fig: Any) -> str:

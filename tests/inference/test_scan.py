@@ -453,3 +453,24 @@ def test_saved_maps_come_back_at_each_files_own_size(onnx_model, tmp_path):
         row = table.loc[name]
         assert abs(px + 0.5 - row["peak_x"]) <= width / 32 + 1
         assert abs(py + 0.5 - row["peak_y"]) <= height / 32 + 1
+
+
+def test_the_report_says_how_the_image_score_weighs_the_views():
+    from anomalyvae.inference.report import calibration_note
+
+    calibration = {"image": {"method": "normal_quantile", "n_normal": 200, "target_fpr": 0.01}}
+    fusion = {
+        "rule": "image-share",
+        "combine": "weighted sum",
+        "weights": {"global": 0.1, "image": 0.8, "knn": 0.1},
+        "image_unexplained": 0.3,
+    }
+    note = calibration_note({"calibration": calibration, "fusion": fusion})
+    assert "z-scores weighted global 0.10, image 0.80, knn 0.10" in note
+    assert "30% of the normals' pixel variance" in note
+    maximum = {"rule": "max", "combine": "max", "weights": {"global": 0.5, "knn": 0.5}}
+    assert "the largest of the z-scores of global, knn" in calibration_note(
+        {"calibration": calibration, "fusion": maximum}
+    )
+    for broken in (None, "text", {"weights": {"knn": "lots"}}, {"weights": [1, 2]}):
+        assert "Image score" not in calibration_note({"calibration": calibration, "fusion": broken})
