@@ -108,6 +108,15 @@ def test_a_variant_qualifies_only_by_a_majority_of_folds_and_a_held_out_gain(win
         assert fold["held_gain"] == (wins[held] if others > 0 else 0.0)
 
 
+def test_every_knn_share_of_reductions_gets_its_own_row():
+    reductions = _suite_module("reductions")
+    distances = np.arange(2 * 1000, dtype=float).reshape(2, 1000)
+    views = reductions.knn_views({"val": distances, "test": distances[::-1]})
+    shares = [reductions.knn_key(f) for f in reductions.KNN_FRACTIONS]
+    assert len(set(shares)) == len(shares) and set(shares) <= set(views)
+    assert views["top 0.2%"]["val"].tolist() == [998.5, 1998.5]  # the 2 largest of 1000
+
+
 def test_suite_header_says_when_a_table_mixes_runs():
     suite = _suite_module("run")
     timed = {"a": {"seconds": 60.0}, "b": {"seconds": 120.0}}

@@ -105,7 +105,7 @@ VIEW_OF = {
 
 
 def knn_key(fraction: float) -> str:
-    return f"top {fraction:.0%}" if fraction < 1 else "mean"
+    return f"top {100 * fraction:g}%" if fraction < 1 else "mean"
 
 
 def top_mean(values: np.ndarray, k: int) -> np.ndarray:
