@@ -30,6 +30,7 @@ from anomalyvae.imaging.volumes import (
     slice_name,
     volume_slices,
 )
+from anomalyvae.inference.contract import describe_fusion
 from anomalyvae.metrics import evaluation_table
 
 
@@ -80,19 +81,9 @@ def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]
             f"false-positive rate below {calibration.min_achievable_fpr:.1%} (1/(n+1)); expect "
             "about that rate of normal images flagged, or train on more normal images."
         )
-    fusion = detector.family().fusion(detector)
+    fusion = describe_fusion(detector.family().fusion(detector))
     if fusion:
-        if fusion["combine"] == "max":
-            line = f"Fused score (max): the largest z-score of {', '.join(fusion['weights'])}"
-        else:
-            weights = ", ".join(f"{k} {v:.2f}" for k, v in fusion["weights"].items())
-            line = f"Fused score ({fusion['rule']}): weighted z-scores of the views ({weights})"
-        if "image_unexplained" in fusion:
-            line += (
-                f"; {fusion['image_unexplained']:.0%} of the held-out normals' pixel variance "
-                "is off the normal subspace, which sets the image view's weight"
-            )
-        lines.append(line + ".")
+        lines.append(fusion)
     check = getattr(detector, "self_check_", {}) or {}
     if check.get("detection_rate") is not None:
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in check["by_kind"].items())

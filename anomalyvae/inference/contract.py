@@ -11,6 +11,7 @@ import hmac
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -114,3 +115,29 @@ def check_threshold(value: float | None) -> float | None:
             "calibrated threshold)"
         )
     return number
+
+
+def describe_fusion(fusion: Any) -> str:
+    """One sentence on how the image score weighs the views (metadata ``fusion``).
+
+    Empty when there is nothing to say or the entry is malformed (a hand-edited file):
+    ``train``'s summary and the QA report both print it.
+    """
+    if not isinstance(fusion, dict) or not isinstance(fusion.get("weights"), dict):
+        return ""
+    try:
+        weights = {str(k): float(v) for k, v in fusion["weights"].items()}
+    except (TypeError, ValueError):
+        return ""
+    if fusion.get("combine") == "max":
+        how = f"the largest of the z-scores of {', '.join(weights)}"
+    else:
+        how = "z-scores weighted " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
+    sentence = f"Image score: {how} (fusion {fusion.get('rule', 'unknown')}"
+    share = fusion.get("image_unexplained")
+    if isinstance(share, (int, float)):
+        sentence += (
+            f"; {share:.0%} of the normals' pixel variance is off their subspace, which sets "
+            "the image view's weight"
+        )
+    return sentence + ")."

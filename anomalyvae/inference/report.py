@@ -20,6 +20,7 @@ from jinja2 import Environment
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_write_text
 from anomalyvae.imaging.io import ImageReadError, read_image
+from anomalyvae.inference.contract import describe_fusion
 from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>
@@ -117,29 +118,8 @@ def _threshold_note(model: dict[str, Any]) -> str:
             f". Self-check: {detection['detection_rate']:.0%} of synthetic defects pasted into "
             "held-out normals are detected at this threshold (an estimate, not a test result)"
         )
-    return note + "." + _fusion_note(model.get("fusion"))
-
-
-def _fusion_note(fusion: Any) -> str:
-    """How the image score weighs the model's views (metadata ``fusion``), or nothing."""
-    if not isinstance(fusion, dict) or not isinstance(fusion.get("weights"), dict):
-        return ""
-    try:
-        weights = {str(k): float(v) for k, v in fusion["weights"].items()}
-    except (TypeError, ValueError):  # a hand-edited file: say nothing rather than fail
-        return ""
-    if fusion.get("combine") == "max":
-        how = f"the largest of the z-scores of {', '.join(weights)}"
-    else:
-        how = "z-scores weighted " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
-    note = f" Image score: {how} (fusion {fusion.get('rule', 'unknown')}"
-    share = fusion.get("image_unexplained")
-    if isinstance(share, (int, float)):
-        note += (
-            f"; {share:.0%} of the normals' pixel variance is off their subspace, which sets "
-            "the image view's weight"
-        )
-    return note + ")."
+    fusion = describe_fusion(model.get("fusion"))
+    return note + "." + (f" {fusion}" if fusion else "")
 
 
 def _png(fig: Any) -> str:
