@@ -93,7 +93,7 @@ class VAEAnomalyDetector:
         How the feature model's fused score combines its views' z-scores: "mean" or
         "max" of a fixed set, or an adaptive rule that weighs every view by how well it
         separates synthetic defects from the held-out normals
-        (:data:`anomalyvae.models.feature_vae.ADAPTIVE_FUSIONS`). "auto" (default) is
+        (:data:`anomalyvae.models.fusion.ADAPTIVE_FUSIONS`). "auto" (default) is
         the rule leave-one-set-out chose
         (:data:`anomalyvae.models.families.feature.DEFAULT_FUSION`).
     target_fpr : float
@@ -330,7 +330,7 @@ class VAEAnomalyDetector:
         Each view's centre and scale come from :func:`robust_z_constants` (and, for the
         feature model, the two location maps' first). ``fit`` calls it with the
         held-out normals; the fused score then combines the z-scores
-        (:func:`anomalyvae.models.feature_vae.fuse_views`). The pixel model's views
+        (:func:`anomalyvae.models.fusion.fuse_views`). The pixel model's views
         read the standardized map: fit its statistics first (:meth:`fit_map_stats`).
         ``extra_views`` (m, k), in the family's ``view_names`` order, NaN where missing:
         more normals' views the constants are fitted on too (``fit`` passes the

@@ -25,12 +25,8 @@ from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import coreset_indices, knn_view
-from anomalyvae.models.feature_vae import (
-    VIEW_NAMES,
-    FeatureVAE,
-    FeatureVAEConfig,
-    location_loss,
-)
+from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, location_loss
+from anomalyvae.models.fusion import VIEW_NAMES
 
 
 class FeatureTrainResult(NamedTuple):

@@ -19,11 +19,8 @@ from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.bank import knn_view
-from anomalyvae.models.feature_vae import (
-    FeatureVAE,
-    fuse_views,
-    robust_z_constants,
-)
+from anomalyvae.models.feature_vae import FeatureVAE
+from anomalyvae.models.fusion import fuse_views, robust_z_constants
 from anomalyvae.models.smoothing import (
     gaussian_blur,
     topk_size,
@@ -66,7 +63,7 @@ class ScoringConfig:
         residual off the normals' PCA subspace), "knn" (nearest-neighbour distance to a
         memory bank of normal feature vectors) and "fused" (the z-scores of the knn,
         global and image views against held-out normals, combined by the model's
-        fusion rule, :func:`anomalyvae.models.feature_vae.fuse_views`).
+        fusion rule, :func:`anomalyvae.models.fusion.fuse_views`).
     smoothing_sigma : float
         Gaussian blur of the map in pixels; 0 disables it.
     topk_fraction : float

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from anomalyvae.models.feature_vae import (  # noqa: E402
+from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_SCALE,
     SYNTHETIC_FUSIONS,
     VIEW_NAMES,
@@ -126,7 +126,7 @@ def make_rules() -> dict[str, Rule]:
         return rule
 
     def adaptive(fusion: str, tag: str) -> Rule:
-        # the product's own weights (anomalyvae.models.feature_vae.view_weights); the
+        # the product's own weights (anomalyvae.models.fusion.view_weights); the
         # adaptive fusions are the feature model's: a pixel model keeps its fused score
         def rule(data: dict, group: str = "test") -> np.ndarray:
             if "knn" not in data["test"]:
@@ -175,7 +175,7 @@ def make_rules() -> dict[str, Rule]:
     }
 
     def image_share(scale: float) -> Rule:
-        # the product's weights (anomalyvae.models.feature_vae.share_weights) from the
+        # the product's weights (anomalyvae.models.fusion.share_weights) from the
         # share of the held-out normals' pixel variance off the model's subspace; a
         # model without that signal (pixel family) keeps its fused score
         def rule(data: dict, group: str = "test") -> np.ndarray:

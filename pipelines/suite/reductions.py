@@ -66,10 +66,9 @@ from anomalyvae.models.bank import (  # noqa: E402
     nearest_distance,
 )
 from anomalyvae.models.feature_training import feature_standardization  # noqa: E402
-from anomalyvae.models.feature_vae import (  # noqa: E402
+from anomalyvae.models.feature_vae import IMAGE_SIGMA, IMAGE_TOP_FRACTION  # noqa: E402
+from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_SCALE,
-    IMAGE_SIGMA,
-    IMAGE_TOP_FRACTION,
     VIEW_NAMES,
     robust_z_constants,
     share_weights,

@@ -49,7 +49,7 @@ from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.imaging.io import Preprocessing  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
-from anomalyvae.models.feature_vae import IMAGE_SHARE_SCALE, robust_z_constants  # noqa: E402
+from anomalyvae.models.fusion import IMAGE_SHARE_SCALE, robust_z_constants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"

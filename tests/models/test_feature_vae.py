@@ -16,7 +16,8 @@ from anomalyvae.detector import VAEAnomalyDetector, resolve_family
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import load_backbone, weights_path
-from anomalyvae.models.feature_vae import VIEW_NAMES, FeatureVAE, FeatureVAEConfig, fuse_views
+from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig
+from anomalyvae.models.fusion import VIEW_NAMES
 from anomalyvae.models.maps import ScoringConfig, score_batch
 
 FEATURE_TINY = dict(epochs=4, target_fpr=0.1, progress=False, seed=0)
@@ -92,19 +93,6 @@ def test_feature_config_rejects_bad_values(field, value, message):
 )
 def test_auto_family_follows_input_size(family, size, expected):
     assert resolve_family(family, size, size) == expected
-
-
-def test_fused_score_averages_or_takes_the_strongest_fused_view():
-    # columns: local, elbo, global, image, knn
-    views = torch.tensor(
-        [[4.0, 10.0, 0.0, 3.0, 6.0], [0.0, 99.0, 6.0, 0.0, 0.0], [9.0, 99.0, 3.0, 9.0, 0.0]]
-    )
-    center, scale = torch.zeros(5), torch.tensor([2.0, 1.0, 1.0, 3.0, 2.0])
-    # z: knn / 2, global, image / 3; the VAE's local and elbo views are not fused
-    assert fuse_views(views, center, scale).tolist() == pytest.approx([4 / 3, 2.0, 2.0])
-    assert fuse_views(views, center, scale, rule="max").tolist() == [3.0, 6.0, 3.0]
-    with pytest.raises(ValueError, match="fusion rule"):
-        fuse_views(views, center, scale, rule="median")
 
 
 def test_older_configs_fuse_the_views_they_have_with_their_rule():
@@ -529,43 +517,6 @@ def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, fe
     assert cross_fitted_views(model_copy, images[:3], raw[:3], owner[: 3 * locations]) is None
 
 
-@pytest.mark.parametrize(
-    ("rule", "expected"),
-    [
-        ("synthetic-best", [0, 0, 1, 0, 0]),
-        ("synthetic-top2", [0, 0.5, 0.5, 0, 0]),
-        ("synthetic-top3", [1 / 3, 1 / 3, 1 / 3, 0, 0]),
-        ("synthetic-weighted", [0.1 / 0.8, 0.3 / 0.8, 0.4 / 0.8, 0, 0]),
-    ],
-)
-def test_adaptive_fusion_weighs_the_views_that_see_synthetic_defects(rule, expected):
-    from anomalyvae.models.feature_vae import view_weights
-
-    separation = [0.6, 0.8, 0.9, 0.5, 0.3]  # AUROC of synthetic defects per view
-    np.testing.assert_allclose(view_weights(separation, rule), expected)
-    assert view_weights([0.5, 0.4], "synthetic-weighted").tolist() == [0.5, 0.5]  # no signal
-
-
-@pytest.mark.parametrize(
-    ("unexplained", "scale", "expected"),
-    [
-        (0.0, 10.0, [0, 0, 0.5, 0, 0.5]),  # nothing off the subspace: knn and global
-        (0.5, 10.0, [0, 0, 1 / 12, 10 / 12, 1 / 12]),  # odds 1: the image weighs the scale
-        (0.2, 2.0, [0, 0, 1 / 2.5, 0.5 / 2.5, 1 / 2.5]),
-        (float("nan"), 10.0, [0, 0, 0.5, 0, 0.5]),  # no signal: the image view weighs 0
-    ],
-)
-def test_image_share_weights_grow_with_the_variance_off_the_subspace(unexplained, scale, expected):
-    from anomalyvae.models.feature_vae import share_weights
-
-    np.testing.assert_allclose(share_weights(unexplained, scale), expected)
-    # a model without the image view fuses what it has, equally
-    np.testing.assert_allclose(share_weights(0.9, scale, (2, 4)), [0, 0, 0.5, 0, 0.5])
-    assert share_weights(1.0)[VIEW_NAMES.index("image")] < 1  # clipped below 1: finite
-    with pytest.raises(InvalidValueError, match="scale"):
-        share_weights(0.5, -1.0)
-
-
 def test_image_variance_splits_each_image_into_the_subspace_and_the_rest():
     config = FeatureVAEConfig(
         height=32, width=32, image_components=2, image_side=32, bank_size=0, map_rule="elbo"
@@ -590,7 +541,7 @@ def test_image_variance_splits_each_image_into_the_subspace_and_the_rest():
 def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, tmp_path, fusion):
     from anomalyvae.export import export_onnx
     from anomalyvae.inference.runtime import OnnxDetector
-    from anomalyvae.models.feature_vae import share_weights
+    from anomalyvae.models.fusion import share_weights
 
     paths = [s.path for s in mvtec_samples(feature_root, "train")]
     detector = VAEAnomalyDetector(

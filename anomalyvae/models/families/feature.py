@@ -15,12 +15,10 @@ from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_training import train_feature_vae
-from anomalyvae.models.feature_vae import (
+from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, fit_map_constants
+from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
     VIEW_NAMES,
-    FeatureVAE,
-    FeatureVAEConfig,
-    fit_map_constants,
     fuse_views,
     robust_z_constants,
     share_weights,

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
-from anomalyvae.models.feature_vae import fuse_views
+from anomalyvae.models.fusion import fuse_views
 from anomalyvae.models.maps import (
     MAP_KINDS,
     PIXEL_SCORE_KINDS,

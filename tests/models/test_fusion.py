@@ -1,0 +1,69 @@
+"""The fusion of the feature family's views: robust z-scores, fixed and adaptive rules."""
+
+import numpy as np
+import pytest
+import torch
+
+from anomalyvae.errors import InvalidValueError
+from anomalyvae.models.fusion import (
+    VIEW_NAMES,
+    fuse_views,
+    robust_z_constants,
+    share_weights,
+    view_weights,
+)
+
+
+def test_fused_score_averages_or_takes_the_strongest_fused_view():
+    # columns: local, elbo, global, image, knn
+    views = torch.tensor(
+        [[4.0, 10.0, 0.0, 3.0, 6.0], [0.0, 99.0, 6.0, 0.0, 0.0], [9.0, 99.0, 3.0, 9.0, 0.0]]
+    )
+    center, scale = torch.zeros(5), torch.tensor([2.0, 1.0, 1.0, 3.0, 2.0])
+    # z: knn / 2, global, image / 3; the VAE's local and elbo views are not fused
+    assert fuse_views(views, center, scale).tolist() == pytest.approx([4 / 3, 2.0, 2.0])
+    assert fuse_views(views, center, scale, rule="max").tolist() == [3.0, 6.0, 3.0]
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse_views(views, center, scale, rule="median")
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("synthetic-best", [0, 0, 1, 0, 0]),
+        ("synthetic-top2", [0, 0.5, 0.5, 0, 0]),
+        ("synthetic-top3", [1 / 3, 1 / 3, 1 / 3, 0, 0]),
+        ("synthetic-weighted", [0.1 / 0.8, 0.3 / 0.8, 0.4 / 0.8, 0, 0]),
+    ],
+)
+def test_adaptive_fusion_weighs_the_views_that_see_synthetic_defects(rule, expected):
+    separation = [0.6, 0.8, 0.9, 0.5, 0.3]  # AUROC of synthetic defects per view
+    np.testing.assert_allclose(view_weights(separation, rule), expected)
+    assert view_weights([0.5, 0.4], "synthetic-weighted").tolist() == [0.5, 0.5]  # no signal
+
+
+@pytest.mark.parametrize(
+    ("unexplained", "scale", "expected"),
+    [
+        (0.0, 10.0, [0, 0, 0.5, 0, 0.5]),  # nothing off the subspace: knn and global
+        (0.5, 10.0, [0, 0, 1 / 12, 10 / 12, 1 / 12]),  # odds 1: the image weighs the scale
+        (0.2, 2.0, [0, 0, 1 / 2.5, 0.5 / 2.5, 1 / 2.5]),
+        (float("nan"), 10.0, [0, 0, 0.5, 0, 0.5]),  # no signal: the image view weighs 0
+    ],
+)
+def test_image_share_weights_grow_with_the_variance_off_the_subspace(unexplained, scale, expected):
+    np.testing.assert_allclose(share_weights(unexplained, scale), expected)
+    # a model without the image view fuses what it has, equally
+    np.testing.assert_allclose(share_weights(0.9, scale, (2, 4)), [0, 0, 0.5, 0, 0.5])
+    assert share_weights(1.0)[VIEW_NAMES.index("image")] < 1  # clipped below 1: finite
+    with pytest.raises(InvalidValueError, match="scale"):
+        share_weights(0.5, -1.0)
+
+
+def test_robust_constants_ignore_one_outlying_normal_and_never_divide_by_zero():
+    views = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [1000.0, 5.0], [np.nan, 5.0]])
+    center, scale = robust_z_constants(views)
+    # median and scaled MAD of 1, 2, 3, 1000 (the NaN left out): the outlier moves neither far
+    np.testing.assert_allclose(center, [2.5, 5.0])
+    assert scale[0] == pytest.approx(1.4826 * 1.0)
+    assert scale[1] > 0  # a constant view gets a floor, not a zero scale
