@@ -50,6 +50,10 @@ ADAPTIVE_FUSIONS: tuple[str, ...] = (*SYNTHETIC_FUSIONS, "image-share")
 #: ``IMAGE_SHARE_SCALE * u / (1 - u)``, u the unexplained share (:func:`share_weights`).
 #: Chosen by leave-one-set-out from a grid (reports/suite/loso.md).
 IMAGE_SHARE_SCALE = 20.0
+#: The odds' power in that weight, ``IMAGE_SHARE_SCALE * (u / (1 - u)) ** power``: 1.
+#: Powers 2 and 3 (a sharper switch between the views) were measured beside it and the
+#: folds did not agree on one (reports/suite/loso.md).
+IMAGE_SHARE_POWER = 1.0
 
 
 def robust_z_constants(
@@ -95,12 +99,15 @@ def view_weights(separation: NDArray[np.floating], rule: str) -> NDArray[np.floa
 
 
 def share_weights(
-    unexplained: float, scale: float = IMAGE_SHARE_SCALE, index: tuple[int, ...] = FUSED_INDEX
+    unexplained: float,
+    scale: float = IMAGE_SHARE_SCALE,
+    index: tuple[int, ...] = FUSED_INDEX,
+    power: float = IMAGE_SHARE_POWER,
 ) -> NDArray[np.float64]:
     """Weights (k,) of the "image-share" fusion, summing to 1.
 
     The views in ``index`` weigh 1 each, except the image view, which weighs
-    ``scale * u / (1 - u)`` with ``u`` (``unexplained``, clipped to [0, 0.999]) the share
+    ``scale * (u / (1 - u)) ** power`` with ``u`` (``unexplained``, clipped to [0, 0.999]) the share
     of the held-out normals' pooled pixel variance off the normal subspace. Where a few
     components explain nearly all of the normals' pixel variance (u near 0: plain
     backgrounds, textures under changing light), the residual is fine noise and the
@@ -111,12 +118,14 @@ def share_weights(
     """
     if not 0 <= scale < math.inf:
         raise InvalidValueError(f"the image-share scale must be >= 0 and finite, got {scale}")
+    if not 0 < power < math.inf:
+        raise InvalidValueError(f"the image-share power must be > 0 and finite, got {power}")
     u = min(max(float(np.nan_to_num(unexplained)), 0.0), 0.999)
     weights = np.zeros(len(VIEW_NAMES))
     weights[list(index)] = 1.0
     image = VIEW_NAMES.index("image")
     if image in index:
-        weights[image] = scale * u / (1.0 - u)
+        weights[image] = scale * (u / (1.0 - u)) ** power
     return weights / weights.sum()
 
 

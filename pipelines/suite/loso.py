@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.models.fusion import (  # noqa: E402
+    IMAGE_SHARE_POWER,
     IMAGE_SHARE_SCALE,
     SYNTHETIC_FUSIONS,
     VIEW_NAMES,
@@ -52,7 +53,12 @@ Views = dict[str, np.ndarray]
 #: Shrinkage of the views' correlation toward the identity (the correlation-weighted rule).
 GLS_SHRINK = 0.3
 #: Scales of the image-share fusion tried (the product's ``IMAGE_SHARE_SCALE`` among them).
-SHARE_SCALES = tuple(sorted({1.0, 2.0, 5.0, 10.0, 20.0, 50.0, IMAGE_SHARE_SCALE}))
+SHARE_SCALES = tuple(
+    sorted({1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, IMAGE_SHARE_SCALE})
+)
+#: Powers of the odds u / (1 - u) tried (the product's ``IMAGE_SHARE_POWER`` among them):
+#: above 1 the image view's weight switches more sharply between low-u and high-u sets.
+SHARE_POWERS = tuple(sorted({1.0, 2.0, 3.0, IMAGE_SHARE_POWER}))
 
 
 def z_scores(views: Views, reference: Views) -> Views:
@@ -174,7 +180,7 @@ def make_rules() -> dict[str, Rule]:
         "fixed views, rank-Gaussian z, soft maximum": rank_soft_max,
     }
 
-    def image_share(scale: float) -> Rule:
+    def image_share(scale: float, power: float) -> Rule:
         # the product's weights (anomalyvae.models.fusion.share_weights) from the
         # share of the held-out normals' pixel variance off the model's subspace; a
         # model without that signal (pixel family) keeps its fused score
@@ -182,14 +188,17 @@ def make_rules() -> dict[str, Rule]:
             if "adaptation" not in data:
                 return fixed(data, group)
             names = fixed_names(data)
-            weights = share_weights(float(data["adaptation"]["image_unexplained"][0]), scale)
+            unexplained = float(data["adaptation"]["image_unexplained"][0])
+            weights = share_weights(unexplained, scale, power=power)
             z = zs(data, names, group)
             return sum(weights[VIEW_NAMES.index(n)] * z[n] for n in names)
 
         return rule
 
-    for scale in SHARE_SCALES:
-        rules[f"image-share x{scale:g}"] = image_share(scale)
+    for power in SHARE_POWERS:
+        for scale in SHARE_SCALES:
+            tag = "" if power == IMAGE_SHARE_POWER else f" p{power:g}"
+            rules[f"image-share x{scale:g}{tag}"] = image_share(scale, power)
     for tag in VIEW_SETS:
         rules[f"mean-z({tag})"] = combine("mean", tag)
         rules[f"max-z({tag})"] = combine("max", tag)
@@ -402,7 +411,8 @@ def write(result: dict, out: Path) -> None:
         "product's `--fusion image-share` at scale S; `IMAGE_SHARE_SCALE` is the "
         "product's) weigh knn and global 1 each and the image view S u / (1 - u), u the "
         "share of the held-out normals' pooled pixel variance off the model's normal "
-        "subspace (no label): "
+        "subspace (no label); `xS pP` rules weigh it S (u / (1 - u))^P, a sharper switch "
+        f"(the product's power is {IMAGE_SHARE_POWER:g}): "
         + ", ".join(f"{name} u = {share:.3f}" for name, share in result["shares"].items())
         + ".",
     ]

@@ -60,6 +60,19 @@ def test_image_share_weights_grow_with_the_variance_off_the_subspace(unexplained
         share_weights(0.5, -1.0)
 
 
+def test_a_higher_power_switches_between_the_views_more_sharply():
+    image = VIEW_NAMES.index("image")
+    # odds 1/9 (u = 0.1) and 3 (u = 0.75): squared, the image weighs 1/81 and 9 times the scale
+    low, high = share_weights(0.1, 10.0, power=2.0), share_weights(0.75, 10.0, power=2.0)
+    assert low[image] == pytest.approx((10 / 81) / (2 + 10 / 81))
+    assert high[image] == pytest.approx(90 / 92)
+    linear = share_weights(0.1, 10.0)[image], share_weights(0.75, 10.0)[image]
+    assert low[image] < linear[0] < linear[1] < high[image]
+    np.testing.assert_allclose(share_weights(0.3, 10.0, power=1.0), share_weights(0.3, 10.0))
+    with pytest.raises(InvalidValueError, match="power"):
+        share_weights(0.5, 10.0, power=0.0)
+
+
 def test_robust_constants_ignore_one_outlying_normal_and_never_divide_by_zero():
     views = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [1000.0, 5.0], [np.nan, 5.0]])
     center, scale = robust_z_constants(views)
