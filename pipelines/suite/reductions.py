@@ -3,7 +3,7 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Six choices of the feature family's fused views are re-made on the models the suite
+Seven choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
@@ -22,7 +22,11 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
   of components) becomes one number: its smoothing and the top share averaged;
 - **image side**: the longest side the input is box-averaged to before the ``image``
-  view's PCA (the model's own number of components, refitted at each side).
+  view's PCA (the model's own number of components, refitted at each side);
+- **image mirrors**: the training normals the ``image`` subspace is fitted on, with
+  left-right (and up-down) mirrored copies added: more normals to span the subspace
+  where there are few, at the price of a looser subspace where the normals are not
+  mirror-symmetric.
 
 Each variant is scored alone and inside the fused score (the robust z-scores of
 ``knn``, ``global`` and ``image`` with the variant in place, weighed by the model's own
@@ -100,6 +104,14 @@ VIEW_OF = {
     "image": "image",
     "image reduction": "image",
     "image side": "image",
+    "image mirrors": "image",
+}
+#: The image subspace's training normals, mirrored copies added (a generic augmentation:
+#: which mirrors a data set is invariant to is not known without labels).
+MIRRORS = {
+    "as they are": (),
+    "+ mirrored left-right": ((-1,),),
+    "+ mirrored left-right and up-down": ((-1,), (-2,)),
 }
 
 
@@ -317,6 +329,17 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
             counts_only=True,
         )
         sides[f"{side} px"] = own[f"{config.image_components} components"]
+    mirrors = {}
+    base = np.concatenate(pooled_train[pool])
+    for name, axes in MIRRORS.items():
+        stack = np.concatenate([base, *(np.flip(base, axis) for axis in axes)])
+        own, _ = image_views(
+            stack,
+            {"val": val["pooled"], "test": tested["pooled"]},
+            config.image_components,
+            counts_only=True,
+        )
+        mirrors[name] = own[f"{config.image_components} components"]
     neighbourhoods, covariances = neighbourhood_views(
         detector,
         {
@@ -332,6 +355,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "image": counts,
         "image reduction": reductions,
         "image side": sides,
+        "image mirrors": mirrors,
     }
     default = {
         "knn": knn_key(KNN_TOP_FRACTION),
@@ -340,6 +364,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "image": f"{config.image_components} components",
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
         "image side": f"{config.image_side} px",
+        "image mirrors": "as they are",
     }
     views = {"val": val, "test": tested}
     unexplained = float(val["residual"].sum() / max(val["spread"].sum(), 1e-300))
@@ -436,6 +461,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         "image reduction": "image view: how its residual map is reduced (model's own components)",
         "image side": "image view: the longest side the input is box-averaged to (model's own "
         "components)",
+        "image mirrors": "image view: the normals its subspace is fitted on, mirrored copies "
+        "added (model's own components)",
     }
     for family, decision in decisions.items():
         lines += [f"## {titles[family]}", ""]
