@@ -162,6 +162,7 @@ def build_metadata(detector: VAEAnomalyDetector) -> dict[str, str]:
         "self_check": json.dumps(getattr(detector, "self_check_", None)),
         "fusion": json.dumps(detector.family().fusion(detector)),
         "map_kind": detector.scoring_.map_kind,
+        "anomaly_map": detector.family().describe_map(detector.model_, detector.scoring_),
         "score_kind": detector.scoring_.score_kind,
         "scoring": json.dumps(detector.scoring_.to_dict()),
         "preprocessing": json.dumps(preprocessing),

@@ -47,6 +47,7 @@ def test_export_is_valid_and_self_describing(exported):
         "pixel_threshold",
         "calibration",
         "map_kind",
+        "anomaly_map",
         "score_kind",
         "preprocessing",
         "model_config",
@@ -59,6 +60,8 @@ def test_export_is_valid_and_self_describing(exported):
         assert key in meta, key
     assert meta["calibration"]["image"]["method"] == "normal_quantile"
     assert meta["preprocessing"]["height"] == 32
+    # what the map output is, in words (the pixel model's: its map kind, "z-" when standardized)
+    assert meta["anomaly_map"].endswith(meta["map_kind"])
     assert meta["training_data"]["n_train"] == 85
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar == meta

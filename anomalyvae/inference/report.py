@@ -182,6 +182,7 @@ def _model_card(metadata: dict[str, Any]) -> str:
         "pixel_threshold",
         "calibration",
         "map_kind",
+        "anomaly_map",
         "score_kind",
         "preprocessing",
         "training_data",

@@ -66,7 +66,7 @@ def test_scan_writes_table_heatmaps_summary_report(onnx_model, synthetic_root, t
     assert summary["n_files"] == 50 and summary["model"]["format"] == "anomalyvae-onnx"
     html = (tmp_path / "out" / "report.html").read_text()
     assert "data:image/png;base64" in html and "http://" not in html and "https://" not in html
-    assert "Model card" in html
+    assert "Model card" in html and "anomaly_map" in html
 
 
 def test_resume_skips_done_and_adds_new(onnx_model, synthetic_root, tmp_path):

@@ -576,6 +576,8 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     assert result.parity.verdicts_agree
     onnx = OnnxDetector(result.path, device="cpu")
     assert onnx.metadata["fusion"] == json.loads(json.dumps(fusion_meta))
+    # the feature model's map is not its map_kind ("elbo") but the mean z of ELBO and bank
+    assert onnx.metadata["anomaly_map"] == "mean-z(elbo, knn)"
     onnx_scores = onnx.predict_files(test).score
     np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
 
