@@ -352,8 +352,10 @@ def write(result: dict, out: Path) -> None:
         + (
             f"**The default becomes {decision['default']}.**"
             if decision["changed"]
-            else f"**The default stays {decision['default']}**; the other rules stay "
-            "options (`--fusion`), with their numbers below."
+            else f"**The default stays {decision['default']}**; the other rules' numbers "
+            "are below (the CLI's `--fusion` offers the named rules: mean, max, the "
+            "synthetic-* rules and image-share at the product's scale; other scales and "
+            "powers are `share_weights` arguments in the library)."
         ),
     ]
     lines += [
