@@ -61,7 +61,8 @@ def test_export_is_valid_and_self_describing(exported):
     assert meta["calibration"]["image"]["method"] == "normal_quantile"
     assert meta["preprocessing"]["height"] == 32
     # what the map output is, in words (the pixel model's: its map kind, "z-" when standardized)
-    assert meta["anomaly_map"].endswith(meta["map_kind"])
+    standardized = "z-" if meta["scoring"]["standardize"] else ""
+    assert meta["anomaly_map"] == standardized + meta["map_kind"]
     assert meta["training_data"]["n_train"] == 85
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar == meta
