@@ -5,7 +5,8 @@ normals (:func:`robust_z_constants`), and :func:`fuse_views` combines them: the 
 the largest of the fused views, or a weighted sum whose weights adapt to each data set
 without labels (:func:`share_weights`, the default "image-share"; :func:`view_weights`,
 the "synthetic-*" rules). Plain numpy for the constants and weights, plain tensor ops for
-the fused score, so the exported graph carries it. The rules were chosen leave-one-set-out
+the fused score, so the exported graph carries it. The pixel family fuses its two views
+(local, global) with the same :func:`fuse_views`. The rules were chosen leave-one-set-out
 (reports/suite/loso.md).
 """
 

@@ -110,8 +110,8 @@ VIEW_OF = {
 #: which mirrors a data set is invariant to is not known without labels).
 MIRRORS = {
     "as they are": (),
-    "+ mirrored left-right": ((-1,),),
-    "+ mirrored left-right and up-down": ((-1,), (-2,)),
+    "+ mirrored left-right": (-1,),
+    "+ mirrored left-right and up-down": (-1, -2),
 }
 
 
