@@ -60,7 +60,9 @@ DTYPES = {
     "bit_depth": "Int64",
     "score": "float64",
     "normalized_score": "float64",
-    "is_anomaly": "bool",
+    # nullable: a file that could not be scored has no verdict (NA, an empty CSV cell),
+    # never a "normal" that a filter on the column would pass
+    "is_anomaly": "boolean",
     "threshold": "float64",
     "peak_x": "float64",
     "peak_y": "float64",

@@ -263,7 +263,7 @@ class BatchScorer:
             **{k: item.info[k] for k in ("width", "height", "channels", "bit_depth")},
             "score": np.nan,
             "normalized_score": np.nan,
-            "is_anomaly": False,
+            "is_anomaly": pd.NA,  # no verdict without a score
             "threshold": self.threshold,
             "peak_x": np.nan,
             "peak_y": np.nan,

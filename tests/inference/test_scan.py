@@ -192,8 +192,13 @@ def test_bad_inputs_become_rows_and_the_scan_goes_on(onnx_model, tmp_path):
         error = table.loc[name, "error"]
         if fragment is None:
             assert error == "" and np.isfinite(table.loc[name, "score"]), (name, error)
+            assert table.loc[name, "is_anomaly"] in (True, False)
         else:
             assert fragment in error, (name, error)
+            # no verdict: a filter on is_anomaly must not pass an unscored file as normal
+            assert pd.isna(table.loc[name, "is_anomaly"]), name
+    csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("relative_path")
+    assert csv.loc[csv["error"].notna(), "is_anomaly"].isna().all()
     assert result.n_errors == sum(v is not None for v in expected.values())
     assert table.loc["sixteen.png", "bit_depth"] == 16
     assert table.loc["cmyk.jpg", "channels"] == 3
