@@ -19,10 +19,13 @@ from anomalyvae.errors import InvalidValueError
 
 CALIBRATION_METHODS: tuple[str, ...] = ("normal_quantile", "f1", "youden")
 #: How the normal quantile treats its top: "conformal" (the order statistic, even when
-#: that is the largest normal) or "robust" (when the conformal rank is the largest
+#: that is the largest normal), "robust" (when the conformal rank is the largest
 #: normal, the larger of the second largest and a Gaussian tail fitted to the median
-#: and MAD, capped at the largest: one outlying normal cannot set the threshold).
-TAILS: tuple[str, ...] = ("conformal", "robust")
+#: and MAD, capped at the largest: one outlying normal cannot set the threshold), or
+#: "auto" (the default: "robust" when the normals are too few to promise the target
+#: at all, "conformal" when they can).
+TAILS: tuple[str, ...] = ("auto", "conformal", "robust")
+DEFAULT_TAIL = "auto"
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,8 @@ class Threshold:
         ``1 / (n_normal + 1)``: the smallest false-positive rate that n normals can
         promise ("normal_quantile" only; None in older models).
     tail : str or None
-        "conformal" or "robust" (:data:`TAILS`; "normal_quantile" only; None in older
-        models, which used "conformal").
+        The tail rule applied, "conformal" or "robust" ("auto" is stored as the one it
+        chose; "normal_quantile" only; None in older models, which used "conformal").
     """
 
     value: float
@@ -86,7 +89,7 @@ def _check_scores(scores: ArrayLike, name: str = "scores") -> NDArray[np.float64
 
 
 def threshold_from_normals(
-    scores: ArrayLike, target_fpr: float = 0.01, tail: str = "conformal"
+    scores: ArrayLike, target_fpr: float = 0.01, tail: str = DEFAULT_TAIL
 ) -> Threshold:
     """Conformal threshold from held-out normal scores for a target false-positive rate.
 
@@ -105,6 +108,13 @@ def threshold_from_normals(
     heavy-tailed score) then cannot set the threshold, and moving it further out does
     not move the threshold at all; the price is that the promise is the second-largest
     order statistic's, about ``2 / (n + 1)`` (``expected_fpr`` says what the normals saw).
+
+    ``tail="auto"`` (the default): "robust" when ``target_fpr`` is finer than the
+    ``1 / (n + 1)`` that n normals can promise at all (fewer than ``1 / target_fpr - 1``
+    normals, 99 at 1 %), "conformal" otherwise. Where the target can be promised the
+    conformal order statistic keeps that promise, even when it is the largest normal;
+    where it cannot, no order statistic keeps it, and the threshold should not hang on
+    the single most extreme normal.
     """
     if not 0 < target_fpr < 1:
         raise InvalidValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
@@ -113,6 +123,8 @@ def threshold_from_normals(
     normal = np.sort(_check_scores(scores, "normal scores"))
     n = normal.size
     rank = int(np.ceil((n + 1) * (1.0 - target_fpr)))  # 1-based order statistic
+    if tail == "auto":
+        tail = "robust" if rank > n else "conformal"
     if rank > n:
         using = (
             "Using the larger of the second-largest normal score and a robust Gaussian tail"
@@ -232,13 +244,15 @@ def calibrate(
     target_fpr: float = 0.01,
     pixel_target_fpr: float = 0.005,
     extra_normal_scores: ArrayLike | None = None,
+    tail: str = DEFAULT_TAIL,
 ) -> Calibration:
     """The image and pixel thresholds of scored calibration images.
 
     ``scores`` (n,) and ``maps`` (n, ...) of the images; ``labels`` (n,), 1 = anomalous,
     None = all normal. "normal_quantile" reads the image threshold off the normal scores
     (with ``extra_normal_scores``, normals scored elsewhere; non-finite ones dropped) at
-    ``target_fpr``; "f1" and "youden" need both classes. The pixel threshold comes from
+    ``target_fpr``, its top read by ``tail`` (:func:`threshold_from_normals`); "f1" and
+    "youden" need both classes. The pixel threshold comes from
     ``masks`` (n, ...) with a labelled method, else from the normal maps' pixels.
     """
     if method not in CALIBRATION_METHODS:
@@ -257,7 +271,7 @@ def calibrate(
         if extra_normal_scores is not None:
             extra = np.asarray(extra_normal_scores, dtype=np.float64).ravel()
             kept = np.concatenate([kept, extra[np.isfinite(extra)]])
-        image = threshold_from_normals(kept, target_fpr)
+        image = threshold_from_normals(kept, target_fpr, tail)
         kept = np.sort(kept)
     else:
         image = threshold_from_labels(scores, labels, method)

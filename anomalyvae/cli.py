@@ -379,6 +379,15 @@ def train(
     "calibrating (`evaluate` prints each one's AUROC on labelled images; choose on a "
     "validation set) [default: keep the model's].",
 )
+@click.option(
+    "--tail",
+    type=click.Choice(["auto", "conformal", "robust"]),
+    default="auto",
+    show_default=True,
+    help="For normal_quantile with few normals: 'conformal' uses the largest normal score "
+    "when the normals are too few for the target, 'robust' never lets one outlying normal "
+    "set the threshold, 'auto' is robust only when the target cannot be promised.",
+)
 @_labelled_data_options
 @_silent_option
 def calibrate(
@@ -388,6 +397,7 @@ def calibrate(
     method: str,
     target_fpr: float | None,
     score_kind: str | None,
+    tail: str,
     subset: str,
     mask_threshold: float,
     silent: bool,
@@ -414,6 +424,7 @@ def calibrate(
         subset,
         progress=not silent,
         score_kind=score_kind,
+        tail=tail,
     )
     click.echo(f"{detector.calibration_.describe()}. Saved {output or checkpoint}")
 

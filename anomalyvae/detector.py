@@ -415,6 +415,7 @@ class VAEAnomalyDetector:
         masks: NDArray[np.bool_] | None = None,
         method: str = "normal_quantile",
         extra_normal_scores: NDArray[np.float64] | None = None,
+        tail: str = cal.DEFAULT_TAIL,
     ) -> VAEAnomalyDetector:
         """Set ``threshold_`` and ``pixel_threshold_`` from calibration images.
 
@@ -431,12 +432,17 @@ class VAEAnomalyDetector:
             Image scores of more normals, scored elsewhere ("normal_quantile" only): ``fit``
             passes the training normals' cross-fitted scores, so that every normal
             calibrates the threshold. Non-finite entries are dropped.
+        tail : {"auto", "conformal", "robust"}
+            How "normal_quantile" reads the top of the normal scores
+            (:func:`anomalyvae.calibration.threshold_from_normals`).
         """
         self.check_fitted()
         if method not in cal.CALIBRATION_METHODS:  # before the scoring
             raise InvalidValueError(
                 f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}"
             )
+        if tail not in cal.TAILS:
+            raise InvalidValueError(f"tail must be one of {cal.TAILS}, got {tail!r}")
         # without labels, a folder of normal volumes calibrates on their slices
         maps, scores = self._score(X, volumes="slices" if y is None else "error")
         found = cal.calibrate(
@@ -448,6 +454,7 @@ class VAEAnomalyDetector:
             self.target_fpr,
             self.pixel_target_fpr,
             extra_normal_scores,
+            tail,
         )
         self.calibration_, self.pixel_calibration_ = found.image, found.pixel
         # kept (and saved): the threshold can be re-read at another rate, or with

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from anomalyvae.calibration import normalize
+from anomalyvae.calibration import DEFAULT_TAIL, normalize
 from anomalyvae.clock import command_budget
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
@@ -30,7 +30,7 @@ from anomalyvae.imaging.volumes import (
     slice_name,
     volume_slices,
 )
-from anomalyvae.inference.contract import describe_fusion
+from anomalyvae.inference.contract import describe_fusion, promised_fpr
 from anomalyvae.metrics import evaluation_table
 
 
@@ -75,11 +75,17 @@ def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]
         f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}, from "
         f"{calibration.n_normal} normals. Saved {output}",
     ]
-    if calibration.min_achievable_fpr and calibration.min_achievable_fpr > detector.target_fpr:
+    promised = promised_fpr(calibration.to_dict())
+    if promised and promised > detector.target_fpr:
+        why = (
+            "2/(n+1): the threshold is kept off the single most extreme normal"
+            if calibration.tail == "robust"
+            else "1/(n+1)"
+        )
         lines.append(
             f"Warning: {calibration.n_normal} calibration normals cannot promise a "
-            f"false-positive rate below {calibration.min_achievable_fpr:.1%} (1/(n+1)); expect "
-            "about that rate of normal images flagged, or train on more normal images."
+            f"false-positive rate below {promised:.1%} ({why}); expect about that rate of "
+            "normal images flagged, or train on more normal images."
         )
     fusion = describe_fusion(detector.family().fusion(detector))
     if fusion:
@@ -105,13 +111,15 @@ def calibrate_on(
     subset: str = "test",
     progress: bool = True,
     score_kind: str | None = None,
+    tail: str = DEFAULT_TAIL,
 ) -> VAEAnomalyDetector:
     """Recalibrate a saved detector on ``source`` and save it (in place by default).
 
     With ``method="normal_quantile"`` only the normal images of ``source`` are used;
     "f1" and "youden" need labelled normal and anomalous images. ``score_kind`` switches
     the image score to another of the model's candidate scores first (``evaluate``
-    lists each one's AUROC); the threshold is then read in that score's units.
+    lists each one's AUROC); the threshold is then read in that score's units. ``tail``:
+    how "normal_quantile" reads the top of the normal scores (``anomalyvae.calibration.TAILS``).
     """
     detector = VAEAnomalyDetector.load(checkpoint, progress=progress)
     if target_fpr is not None:
@@ -125,7 +133,7 @@ def calibrate_on(
     masks = None
     if method != "normal_quantile" and all(s.mask_path or s.label == 0 for s in samples):
         masks = masks_for(samples, detector, mask_threshold)
-    detector.calibrate([s.path for s in samples], labels, masks, method)
+    detector.calibrate([s.path for s in samples], labels, masks, method, tail=tail)
     detector.save(output or checkpoint)
     return detector
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def test_normal_quantile_reaches_target_fpr_on_held_out_normals(target_fpr):
 
 def test_too_few_normals_warn_and_use_the_maximum():
     with pytest.warns(UserWarning, match="1/\\(n\\+1\\) = 0.25.*at least 99"):
-        threshold = threshold_from_normals([1.0, 2.0, 3.0], 0.01)
+        threshold = threshold_from_normals([1.0, 2.0, 3.0], 0.01, tail="conformal")
     assert threshold.value == 3.0 and threshold.expected_fpr == 0.0
     assert threshold.min_achievable_fpr == 0.25
 
@@ -57,7 +59,7 @@ def test_one_outlying_normal_does_not_set_the_robust_threshold(outlier):
     with pytest.warns(UserWarning, match="second-largest normal score and a robust"):
         robust = threshold_from_normals([*normals, outlier], 0.01, tail="robust")
     with pytest.warns(UserWarning, match="Using the largest normal score"):
-        conformal = threshold_from_normals([*normals, outlier], 0.01)
+        conformal = threshold_from_normals([*normals, outlier], 0.01, tail="conformal")
     assert conformal.value == outlier and robust.tail == "robust"
     # never past the next normal or the Gaussian tail of the rest, whatever the outlier
     gaussian = np.median(normals) + 2.3263 * 1.4826 * np.median(
@@ -69,8 +71,72 @@ def test_one_outlying_normal_does_not_set_the_robust_threshold(outlier):
     many = rng.normal(size=500)
     assert (
         threshold_from_normals(many, 0.01, "robust").value
-        == threshold_from_normals(many, 0.01).value
+        == threshold_from_normals(many, 0.01, "conformal").value
     )
+
+
+@pytest.mark.parametrize(
+    ("n", "target_fpr", "chosen"),
+    [
+        (40, 0.01, "robust"),
+        (97, 0.01, "robust"),
+        (99, 0.01, "conformal"),
+        (150, 0.01, "conformal"),
+        (15, 0.05, "robust"),
+        (19, 0.05, "conformal"),
+        (500, 0.01, "conformal"),
+    ],
+)
+def test_the_default_tail_is_robust_only_where_the_target_cannot_be_promised(n, target_fpr, chosen):
+    # n normals promise 1/(n + 1) at best: below that no order statistic keeps the target,
+    # so one outlying normal must not set the threshold; above it the conformal order
+    # statistic keeps the promise, even where it is the largest normal (n < 2 / fpr - 1)
+    rng = np.random.default_rng(n)
+    scores = [*rng.normal(size=n - 1), 1e6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = threshold_from_normals(scores, target_fpr)
+        explicit = threshold_from_normals(scores, target_fpr, chosen)
+    assert default.tail == chosen and default.value == explicit.value
+    if chosen == "robust":
+        assert default.value < 1e6  # the outlier does not set it
+    elif n + 1 < 2 / target_fpr:
+        assert default.value == 1e6  # the promise needs the largest normal
+
+
+@pytest.mark.parametrize(
+    ("entry", "promised"),
+    [
+        (
+            {"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 999, "tail": "conformal"},
+            0.01,
+        ),
+        (
+            {"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 150, "tail": "conformal"},
+            0.01,
+        ),
+        (
+            {"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 61, "tail": "conformal"},
+            1 / 62,
+        ),
+        (
+            {"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 61, "tail": "robust"},
+            2 / 62,
+        ),
+        ({"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 61, "tail": None}, 1 / 62),
+        (
+            {"method": "normal_quantile", "target_fpr": 0.01, "n_normal": 500, "tail": "robust"},
+            0.01,
+        ),
+        ({"method": "f1", "target_fpr": None, "n_normal": 61}, None),
+        ({"method": "normal_quantile", "target_fpr": "x", "n_normal": 61}, None),
+        (None, None),
+    ],
+)
+def test_what_a_threshold_promises(entry, promised):
+    from anomalyvae.inference.contract import promised_fpr
+
+    assert promised_fpr(entry) == (None if promised is None else pytest.approx(promised))
 
 
 def test_old_thresholds_without_the_floor_still_load():

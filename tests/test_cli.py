@@ -4,11 +4,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from anomalyvae import __version__
 from anomalyvae.cli import main
+from anomalyvae.detector import VAEAnomalyDetector
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -63,6 +65,23 @@ def test_train_calibrate_evaluate(runner, synthetic_root, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "(f1; 20 normal, 30 anomalous" in result.output
+
+    # 20 normals cannot promise 1 %: --tail chooses whether the largest one sets it
+    for tail, chosen in (("conformal", "conformal"), ("auto", "robust")):
+        recalibrated = tmp_path / f"{tail}.pt"
+        args = ["calibrate", str(model), str(synthetic_root), "--target-fpr", "0.01"]
+        with pytest.warns(UserWarning, match="cannot promise"):
+            result = runner.invoke(
+                main, [*args, "--tail", tail, "-o", str(recalibrated), "--silent"]
+            )
+        assert result.exit_code == 0, result.output
+        loaded = VAEAnomalyDetector.load(recalibrated, progress=False)
+        assert loaded.calibration_.tail == chosen
+        second, largest = np.sort(loaded.calibration_scores_)[-2:]
+        if chosen == "conformal":
+            assert loaded.threshold_ == largest
+        else:  # the second largest or a Gaussian tail past it, capped at the largest
+            assert second <= loaded.threshold_ <= largest
 
     out = tmp_path / "eval"
     result = runner.invoke(

@@ -141,3 +141,26 @@ def describe_fusion(fusion: Any) -> str:
             "the image view's weight"
         )
     return sentence + ")."
+
+
+def promised_fpr(image: Any) -> float | None:
+    """The false-positive rate a normal-only threshold promises (calibration ``image``).
+
+    The target, unless the normals were too few for it: n normals promise no less than
+    ``1 / (n + 1)``, and when the robust tail kept one outlying normal from setting the
+    threshold (``tail`` "robust" with fewer than ``2 / target - 1`` normals), the
+    second-largest normal's ``2 / (n + 1)``. None for a labelled threshold or a malformed
+    entry. ``train``'s summary, the QA report and the scan's drift alarm all use it.
+    """
+    if not isinstance(image, dict) or image.get("method") != "normal_quantile":
+        return None
+    try:
+        target, n = float(image["target_fpr"]), int(image["n_normal"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 0 < target < 1 or n < 1:
+        return None
+    floor = 1.0 / (n + 1)
+    if image.get("tail") == "robust" and (n + 1) * target < 2:
+        floor = 2.0 / (n + 1)
+    return max(target, floor)

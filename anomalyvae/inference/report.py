@@ -20,7 +20,7 @@ from jinja2 import Environment
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_write_text
 from anomalyvae.imaging.io import ImageReadError, read_image
-from anomalyvae.inference.contract import describe_fusion
+from anomalyvae.inference.contract import describe_fusion, promised_fpr
 from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>
@@ -106,10 +106,15 @@ def _threshold_note(model: dict[str, Any]) -> str:
         f"Threshold calibrated on {n} normal images (held out, or cross-fitted: scored by "
         f"models that did not train on them) for a {target:.1%} false-positive rate"
     )
-    floor = image.get("min_achievable_fpr")
-    if floor and target and floor > target:
+    promised = promised_fpr(image)
+    if promised and target and promised > target:
+        why = (
+            "2/(n+1): no single outlying normal sets the threshold"
+            if image.get("tail") == "robust"
+            else "1/(n+1)"
+        )
         note += (
-            f"; {n} normals can promise no less than {floor:.1%} (1/(n+1)), so expect about "
+            f"; {n} normals can promise no less than {promised:.1%} ({why}), so expect about "
             "that rate of normal images flagged"
         )
     detection = model.get("self_check")

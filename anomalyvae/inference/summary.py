@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from anomalyvae.inference.contract import promised_fpr
 from anomalyvae.inference.drift import drift_report
 
 if TYPE_CHECKING:
@@ -37,14 +38,8 @@ def channel_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
 
 def target_fpr_of(metadata: dict[str, Any]) -> float | None:
     """The false-positive rate the model's threshold was set for (normal-only calibration)."""
-    image = (metadata.get("calibration") or {}).get("image") or {}
-    if image.get("method") != "normal_quantile":
-        return None  # a labelled threshold promises no normal flag rate
-    value = image.get("target_fpr")
-    if not value:
-        return None
-    # with few normals the threshold cannot promise less than 1/(n+1)
-    return max(float(value), float(image.get("min_achievable_fpr") or 0.0))
+    # a labelled threshold promises no normal flag rate; few normals promise less
+    return promised_fpr((metadata.get("calibration") or {}).get("image"))
 
 
 def summarize(

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
+from anomalyvae.calibration import DEFAULT_TAIL, TAILS, threshold_from_normals  # noqa: E402
 from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_POWER,
     IMAGE_SHARE_SCALE,
@@ -217,7 +218,6 @@ def operating_point(data: dict, rule: Rule, target_fpr: float = 0.01) -> dict:
     """
     import warnings
 
-    from anomalyvae.calibration import TAILS, threshold_from_normals
     from anomalyvae.metrics import sensitivity_at_specificity
 
     labels = np.asarray(data["test"]["label"])
@@ -365,7 +365,9 @@ def write(result: dict, out: Path) -> None:
         "Calibrated on the held-out normals' scores of the rule, as `fit` does; "
         "`conformal` is the order statistic (the largest normal when there are fewer than "
         "about 200), `robust` the larger of the second largest and a Gaussian tail from "
-        "the median and MAD, capped at the largest (`anomalyvae.calibration.TAILS`).",
+        "the median and MAD, capped at the largest, `auto` (the product's default) robust "
+        "where the normals are too few to promise the target at all (fewer than 99 at "
+        "1 %) and conformal elsewhere (`anomalyvae.calibration.TAILS`).",
         "",
     ]
     lines += operating_table(
@@ -423,16 +425,18 @@ def write(result: dict, out: Path) -> None:
 
 def operating_table(first: str, points: dict[str, dict]) -> list[str]:
     """Rows of test-normal FPR and recall under each calibration tail, one set a row."""
+    tails = [t for t in TAILS if all(t in op for op in points.values())]  # older dumps
+    named = {t: f"{t} (default)" if t == DEFAULT_TAIL else t for t in tails}
     lines = [
-        f"| {first} | calibration normals | test normals | conformal: test-normal FPR "
-        "| recall | robust: test-normal FPR | recall | sens @ 95 % spec |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {first} | calibration normals | test normals | "
+        + " | ".join(f"{named[t]}: test-normal FPR | recall" for t in tails)
+        + " | sens @ 95 % spec |",
+        "|---|---|---|" + "---|---|" * len(tails) + "---|",
     ]
     for name, op in points.items():
+        cells = " | ".join(f"{op[t]['test_normal_fpr']:.1%} | {op[t]['recall']:.1%}" for t in tails)
         lines.append(
-            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | "
-            f"{op['conformal']['test_normal_fpr']:.1%} | {op['conformal']['recall']:.1%} | "
-            f"{op['robust']['test_normal_fpr']:.1%} | {op['robust']['recall']:.1%} | "
+            f"| {name} | {op['n_calibration_normals']} | {op['n_test_normals']} | {cells} | "
             f"{op['sens_at_95_spec']:.3f} |"
         )
     return lines

@@ -479,3 +479,26 @@ def test_the_report_says_how_the_image_score_weighs_the_views():
     )
     for broken in (None, "text", {"weights": {"knn": "lots"}}, {"weights": [1, 2]}):
         assert "Image score" not in calibration_note({"calibration": calibration, "fusion": broken})
+
+
+@pytest.mark.parametrize(
+    ("n_normal", "tail", "says"),
+    [
+        (200, "conformal", None),
+        (61, "conformal", "no less than 1.6% (1/(n+1))"),
+        (61, "robust", "no less than 3.2% (2/(n+1): no single outlying normal"),
+    ],
+)
+def test_the_report_says_what_few_normals_can_promise(n_normal, tail, says):
+    from anomalyvae.inference.report import calibration_note
+    from anomalyvae.inference.summary import target_fpr_of
+
+    image = {"method": "normal_quantile", "n_normal": n_normal, "target_fpr": 0.01, "tail": tail}
+    note = calibration_note({"calibration": {"image": image}})
+    if says is None:
+        assert "can promise" not in note
+    else:
+        assert says in note
+    # the drift alarm expects the rate the threshold promises, not the target
+    expected = {200: 0.01, 61: 1 / 62 if tail == "conformal" else 2 / 62}[n_normal]
+    assert target_fpr_of({"calibration": {"image": image}}) == pytest.approx(expected)
