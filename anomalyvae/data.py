@@ -191,24 +191,35 @@ def file_list_hash(paths: Sequence[str | os.PathLike[str]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def infer_preprocessing(
-    paths: Sequence[str | os.PathLike[str]],
-    channels: int | None = None,
-    image_size: int | tuple[int, int] | None = None,
-    multiple: int = 16,
-    max_size: int = 128,
-    n_probe: int = 64,
-    keep_aspect: bool = False,
-    max_aspect: float = 3.0,
-) -> Preprocessing:
-    """Choose channels and model input size from the training files themselves.
+class SourceProbe(NamedTuple):
+    """What a sample of the training files looks like before preprocessing."""
 
-    Channels: 3 only if some probed image carries real colour. Size: the median short
-    side, rounded down to a multiple of ``multiple`` (the network's stride), within
-    [32, ``max_size``]; small images are not blown up beyond the next multiple. With
-    ``keep_aspect`` the long side follows the images' median aspect ratio (up to
-    ``max_aspect`` : 1), so elongated images are not squashed: a 500 x 1250 crack
-    image becomes 256 x 640, not 256 x 256.
+    #: each readable probed file's shorter side, in pixels (a volume's slices')
+    short_sides: list[int]
+    #: each one's width / height
+    aspects: list[float]
+    #: whether any of them carries real colour
+    colour: bool
+
+    def summary(self) -> dict[str, Any]:
+        """The shapes' ranges, as the model keeps them (``training_data.source_shape``).
+
+        The scan compares each file with them: an image shaped or sized unlike every
+        training image is stretched or blown up to the model input, which alone moves its
+        score (:func:`anomalyvae.inference.summary.shape_warnings`).
+        """
+        return {
+            "aspect": [round(min(self.aspects), 4), round(max(self.aspects), 4)],
+            "short_side": [int(min(self.short_sides)), int(max(self.short_sides))],
+            "n_probed": len(self.aspects),
+        }
+
+
+def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) -> SourceProbe:
+    """Shapes and colour of up to ``n_probe`` training files (a seeded sample).
+
+    Unreadable files are passed over (they are reported when the images are loaded);
+    none readable is an error.
     """
     if not paths:
         raise DatasetError("no training images given")
@@ -230,6 +241,33 @@ def infer_preprocessing(
         colour = colour or not is_grayscale(decoded.pixels)
     if not shapes:
         raise DatasetError(f"none of the {len(probe)} probed training files could be read")
+    return SourceProbe(shapes, aspects, colour)
+
+
+def infer_preprocessing(
+    paths: Sequence[str | os.PathLike[str]],
+    channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    multiple: int = 16,
+    max_size: int = 128,
+    n_probe: int = 64,
+    keep_aspect: bool = False,
+    max_aspect: float = 3.0,
+    probe: SourceProbe | None = None,
+) -> Preprocessing:
+    """Choose channels and model input size from the training files themselves.
+
+    Channels: 3 only if some probed image carries real colour. Size: the median short
+    side, rounded down to a multiple of ``multiple`` (the network's stride), within
+    [32, ``max_size``]; small images are not blown up beyond the next multiple. With
+    ``keep_aspect`` the long side follows the images' median aspect ratio (up to
+    ``max_aspect`` : 1), so elongated images are not squashed: a 500 x 1250 crack
+    image becomes 256 x 640, not 256 x 256. ``probe``: the files' :func:`probe_sources`,
+    when already taken (else ``n_probe`` of them are read).
+    """
+    if probe is None:
+        probe = probe_sources(paths, n_probe)
+    shapes, aspects, colour = probe
     if channels is None:
         channels = 3 if colour else 1
     if image_size is None:
@@ -255,23 +293,26 @@ def infer_model_input(
     model: str,
     channels: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    probe: SourceProbe | None = None,
 ) -> Preprocessing:
     """The model input for training files and a model family name (or "auto").
 
     A family may size its input its own way (the feature model: up to 512 px, aspect
     kept, :meth:`~anomalyvae.models.families.base.ModelFamily.input_sizing`); it does
     when the input so sized resolves to it. Otherwise :func:`infer_preprocessing`'s
-    defaults hold.
+    defaults hold. ``probe``: the files' :func:`probe_sources`, when already taken.
     """
     from anomalyvae.models.families import family_names, get_family, resolve_family
 
-    inferred = infer_preprocessing(paths, channels, image_size)
+    if probe is None:  # read once for every candidate sizing
+        probe = probe_sources(paths)
+    inferred = infer_preprocessing(paths, channels, image_size, probe=probe)
     candidates = family_names()[1:] if model == "auto" else (model,)
     for name in candidates:
         sizing = get_family(name).input_sizing()
         if sizing is None:
             continue
-        sized = infer_preprocessing(paths, channels, image_size, **sizing)
+        sized = infer_preprocessing(paths, channels, image_size, probe=probe, **sizing)
         if resolve_family(model, sized.height, sized.width) == name:
             return sized
     return inferred
@@ -287,23 +328,37 @@ INTENSITY_PARAMS = (
 )
 
 
+class TrainingImages(NamedTuple):
+    """What :func:`training_images` returns."""
+
+    preprocessing: Preprocessing
+    #: (n, c, h, w) model input
+    images: NDArray[np.float32]
+    #: the file of each image
+    names: list[str]
+    n_skipped: int
+    #: the probed files' shapes (:meth:`SourceProbe.summary`)
+    source_shape: dict[str, Any]
+
+
 def training_images(
     paths: Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
-) -> tuple[Preprocessing, NDArray[np.float32], list[str], int]:
+) -> TrainingImages:
     """Training files read as model input: the input chosen, images, names kept, skipped.
 
     ``params`` are the detector's (``model``, ``channels``, ``image_size`` and the
     intensity normalization's). Unreadable files are skipped with a warning naming them.
     """
     paths = [Path(p) for p in paths]
-    if not paths:
-        raise DatasetError("no training images given")
-    inferred = infer_model_input(paths, params["model"], params["channels"], params["image_size"])
+    probe = probe_sources(paths)
+    inferred = infer_model_input(
+        paths, params["model"], params["channels"], params["image_size"], probe=probe
+    )
     spec = dataclasses.replace(inferred, **{k: params[k] for k in INTENSITY_PARAMS})
     images, kept, errors = read_images(paths, spec, on_error="warn")
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")
-    return spec, images, [p.as_posix() for p in kept], len(errors)
+    return TrainingImages(spec, images, [p.as_posix() for p in kept], len(errors), probe.summary())
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -133,7 +133,9 @@ class VAEAnomalyDetector:
     history_ : list of dict
         Per-epoch losses.
     data_summary_ : dict
-        Number of training/validation images and a hash of the file list.
+        Number of training/validation images, a hash of the file list and, when trained
+        from files, the range of their shapes (``source_shape``: width / height and short
+        side of a sample of them; the scan warns of files shaped unlike them).
     self_check_ : dict
         :meth:`self_check` on the held-out normals: the estimated detection rate of
         synthetic defects at ``threshold_``.
@@ -239,11 +241,14 @@ class VAEAnomalyDetector:
         params = self.get_params()
         check_request(params)  # before the (long) data loading
         train_config = TrainConfig.from_params(params)
+        source_shape = None  # arrays carry no original shape
         if isinstance(X, np.ndarray):
             self.preprocessing_, images = array_input(X, self.channels, self.image_size)
             names, n_skipped = [], 0
         else:
-            self.preprocessing_, images, names, n_skipped = training_images(X, params)
+            loaded = training_images(X, params)
+            self.preprocessing_, images, names = loaded.preprocessing, loaded.images, loaded.names
+            n_skipped, source_shape = loaded.n_skipped, loaded.source_shape
         if self.time_budget_s is not None:  # what loading took is no longer the training's
             budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
             train_config = dataclasses.replace(train_config, time_budget_s=budget)
@@ -267,6 +272,8 @@ class VAEAnomalyDetector:
             "n_skipped": int(n_skipped),
             "file_list_hash": file_list_hash(names) if names else "",
         }
+        if source_shape is not None:  # the scan warns of files shaped unlike these
+            self.data_summary_["source_shape"] = source_shape
         trained = family.train(self, train_images, val_images, train_config, resume)
         self.model_, self.history_ = trained.model, trained.history
         self.resume_state_ = trained.resume_state  # how training could go on

@@ -98,6 +98,26 @@ def test_infer_preprocessing_detects_colour(tmp_path):
     assert infer_preprocessing([grey, colour]).channels == 3
 
 
+def test_the_probe_of_the_training_files_keeps_their_shape_range(tmp_path):
+    from anomalyvae.data import probe_sources, training_images
+
+    sizes = [(40, 100), (50, 100), (60, 90), (32, 32)]  # (height, width)
+    for i, (height, width) in enumerate(sizes):
+        Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = sorted(tmp_path.glob("*.png"))
+    probe = probe_sources(paths)
+    assert probe.summary() == {"aspect": [1.0, 2.5], "short_side": [32, 60], "n_probed": 4}
+    # the probe read once serves the input size and the model's record alike
+    params = {"model": "pixel", "channels": None, "image_size": None}
+    params |= {"normalization": "none", "window_center": None, "window_width": None}
+    params |= {"percentile_low": 1.0, "percentile_high": 99.0}
+    with pytest.warns(UserWarning, match="broken.png"):
+        loaded = training_images(paths, params)
+    assert loaded.source_shape == probe.summary() and loaded.n_skipped == 1
+    assert infer_preprocessing(paths, probe=probe) == infer_preprocessing(paths)
+
+
 def test_file_list_hash_is_order_free():
     assert file_list_hash(["b", "a"]) == file_list_hash(["a", "b"]) != file_list_hash(["a"])
 

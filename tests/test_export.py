@@ -64,6 +64,12 @@ def test_export_is_valid_and_self_describing(exported):
     standardized = "z-" if meta["scoring"]["standardize"] else ""
     assert meta["anomaly_map"] == standardized + meta["map_kind"]
     assert meta["training_data"]["n_train"] == 85
+    # the training files' shapes, which the scan compares every file with
+    assert meta["training_data"]["source_shape"] == {
+        "aspect": [1.0, 1.0],
+        "short_side": [32, 32],
+        "n_probed": 64,
+    }
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar == meta
     assert results[0].parity.max_rel_score_diff < 1e-4 and results[0].parity.verdicts_agree

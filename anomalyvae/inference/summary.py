@@ -36,6 +36,63 @@ def channel_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
     return out
 
 
+#: An image's width / height may differ this much from the training images' range before
+#: the scan says so (the feature model keeps square inputs square up to the same 1.25).
+ASPECT_TOLERANCE = 1.25
+#: An image whose short side is below the smallest training image's by this factor is
+#: blown up to the model input more than any training image was.
+SIZE_TOLERANCE = 2.0
+
+
+def shape_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
+    """Plain words when files are shaped or sized unlike every training image.
+
+    Every image is stretched to the model input, so one with another width-to-height
+    ratio, or far smaller, looks unlike the normals even without a defect: its score and
+    verdict say more about its shape than about the part. Compared with the training
+    files' ranges (metadata ``training_data.source_shape``; nothing for older models).
+    """
+    shape = (metadata.get("training_data") or {}).get("source_shape")
+    try:
+        low, high = (float(v) for v in shape["aspect"])
+        smallest = float(shape["short_side"][0])
+    except (TypeError, KeyError, ValueError, IndexError):
+        return []
+    if not (0 < low <= high and smallest > 0) or not len(ok):
+        return []
+    width = ok["width"].astype("float64").to_numpy()
+    height = ok["height"].astype("float64").to_numpy()
+    names = ok["relative_path"].astype(str).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = width / height
+    off = (aspect < low / ASPECT_TOLERANCE) | (aspect > high * ASPECT_TOLERANCE)
+    short = np.fmin(width, height)
+    tiny = short < smallest / SIZE_TOLERANCE
+    spec = metadata.get("preprocessing") or {}
+    model = f"{spec.get('width', '?')} x {spec.get('height', '?')}"
+    out = []
+    if off.any():
+        k = int(np.flatnonzero(off)[0])
+        n = int(off.sum())
+        out.append(
+            f"{n} {'image has' if n == 1 else 'images have'} a width:height unlike every "
+            f"training image's ({low:.2f} to {high:.2f}; e.g. {names[k]} at {aspect[k]:.2f}): "
+            f"each is stretched to the model's {model} input, which alone raises its score. "
+            "Crop or pad them to the training shape, or train on images shaped like them."
+        )
+    if tiny.any():
+        k = int(np.flatnonzero(tiny)[0])
+        n = int(tiny.sum())
+        out.append(
+            f"{n} {'image is' if n == 1 else 'images are'} less than half the size of the "
+            f"smallest training image ({smallest:.0f} px on the short side; e.g. {names[k]} "
+            f"at {short[k]:.0f} px): blown up to the model's {model} input they lack the "
+            "detail the model learned, so their scores say little. Scan images taken like "
+            "the training ones."
+        )
+    return out
+
+
 def target_fpr_of(metadata: dict[str, Any]) -> float | None:
     """The false-positive rate the model's threshold was set for (normal-only calibration)."""
     # a labelled threshold promises no normal flag rate; few normals promise less
@@ -80,7 +137,7 @@ def summarize(
             ok["mean_intensity"].to_numpy(dtype=float),
             target_fpr_of(metadata),
             metadata.get("normal_intensity"),
-            channel_warnings(ok, metadata),
+            channel_warnings(ok, metadata) + shape_warnings(ok, metadata),
         ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         # unsigned: anyone could have edited the threshold and recomputed the hash

@@ -502,3 +502,43 @@ def test_the_report_says_what_few_normals_can_promise(n_normal, tail, says):
     # the drift alarm expects the rate the threshold promises, not the target
     expected = {200: 0.01, 61: 1 / 62 if tail == "conformal" else 2 / 62}[n_normal]
     assert target_fpr_of({"calibration": {"image": image}}) == pytest.approx(expected)
+
+
+def test_files_shaped_unlike_the_training_images_are_named(onnx_model, tmp_path):
+    # the model trained on 32 x 32 files: a 3:1 strip is stretched and an 8 x 8 thumbnail
+    # blown up to its input, which alone moves their scores, so the summary says so
+    folder = tmp_path / "in"
+    for i in range(4):
+        _png(folder / f"normal-{i}.png", seed=i)
+    _png(folder / "strip.png", size=(96, 32))
+    _png(folder / "thumb.png", size=(8, 8))
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    warnings = json.loads((tmp_path / "out" / "summary.json").read_text())["drift"]["warnings"]
+    assert any("1 image has a width:height" in w and "strip.png at 3.00" in w for w in warnings)
+    assert any("1 image is less than half" in w and "thumb.png at 8 px" in w for w in warnings)
+    assert "strip.png" in (tmp_path / "out" / "report.html").read_text()
+    # files shaped like the training ones: nothing said
+    config = ScanConfig(exclude=("strip*", "thumb*"))
+    scan(onnx_model, folder, tmp_path / "plain", config, progress=False)
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["drift"]["warnings"]
+    assert not any("width:height" in w or "less than half" in w for w in plain)
+
+
+@pytest.mark.parametrize(
+    "source_shape",
+    [
+        None,
+        "text",
+        {"aspect": [1.0]},
+        {"aspect": [2.0, 1.0], "short_side": [32, 32]},
+        {"aspect": ["a", 1], "short_side": [32]},
+        {"aspect": [1.0, 1.0], "short_side": []},
+    ],
+)
+def test_shape_warnings_say_nothing_for_older_or_malformed_models(source_shape):
+    from anomalyvae.inference.summary import shape_warnings
+
+    ok = pd.DataFrame({"relative_path": ["a.png"], "width": [500], "height": [5]})
+    metadata = {"training_data": {"source_shape": source_shape}}
+    assert shape_warnings(ok, metadata) == []
+    assert shape_warnings(ok, {}) == []
