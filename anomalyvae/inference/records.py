@@ -170,9 +170,19 @@ class PartWriter:
 
 
 def todo_jobs(
-    folder: Path, paths: Sequence[Path], parts_dir: Path, model_hash: str, threshold: float
+    folder: Path,
+    paths: Sequence[Path],
+    parts_dir: Path,
+    model_hash: str,
+    threshold: float,
+    heatmaps: str = "none",
 ) -> list[Job]:
-    """The files not yet scored by this model at this threshold (the resume rule)."""
+    """The files not yet scored by this model at this threshold (the resume rule).
+
+    A file scored without the heatmap that ``heatmaps`` ("all", or "anomalies" for an
+    anomaly) now asks for is not done either: a scan resumed with heatmaps turned on
+    draws them for the files scored before.
+    """
     done = read_parts(parts_dir)
     done_keys: dict[tuple[str, int, float], str] = {}
     if len(done):
@@ -181,6 +191,11 @@ def todo_jobs(
             & (done["model_hash"] == model_hash)
             & (done["threshold"] == threshold)
         ]
+        # a file's own row (an image's, or a volume's: not its slices') holds its heatmap
+        whole = ok["slice"].isna()
+        wanted = whole & ((heatmaps == "all") | ((heatmaps == "anomalies") & ok["is_anomaly"]))
+        lacking = set(ok.loc[wanted.fillna(False) & (ok["heatmap"] == ""), "source"])
+        ok = ok[~ok["source"].isin(lacking)]
         done_keys = {
             (source, size, mtime): fingerprint
             for source, size, mtime, fingerprint in zip(

@@ -458,7 +458,7 @@ def _scan_unlocked(
     parts_dir = output / "parts"
     claim_output(output, folder, config.extend)
     parts_dir.mkdir(parents=True, exist_ok=True)
-    todo = todo_jobs(folder, paths, parts_dir, detector.model_hash, threshold)
+    todo = todo_jobs(folder, paths, parts_dir, detector.model_hash, threshold, config.heatmaps)
     n_done = len(paths) - len(todo)
     writer = PartWriter(parts_dir, config.chunk_rows, config.flush_s)
     scorer = BatchScorer(detector, output, config, threshold)

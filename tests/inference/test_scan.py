@@ -246,6 +246,27 @@ def test_heatmap_modes(onnx_model, tmp_path, mode, n_heatmaps):
         ScanConfig(heatmaps="some")
 
 
+def test_a_scan_resumed_with_heatmaps_draws_them_for_the_files_scored_before(
+    onnx_model, synthetic_root, tmp_path
+):
+    _copy_synthetic(synthetic_root, tmp_path / "in", n=30)
+    first = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    # the default draws heatmaps of anomalies only
+    assert first.n_scored_now == 30 and 0 < first.n_anomalies < 30
+    again = scan(
+        onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(heatmaps="all"), progress=False
+    )
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert len(table) == 30 and (table["heatmap"] != "").all()
+    assert all((tmp_path / "out" / name).is_file() for name in table["heatmap"])
+    assert again.n_scored_now == first.n_files - first.n_anomalies
+    # and with nothing more asked, nothing is redone
+    last = scan(
+        onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(heatmaps="all"), progress=False
+    )
+    assert last.n_scored_now == 0
+
+
 def test_cli_scan_exit_codes_and_report(onnx_model, synthetic_root, tmp_path):
     folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=30)
     (folder / "broken.png").write_text("nope")
