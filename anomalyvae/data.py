@@ -226,6 +226,7 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
     rng = np.random.default_rng(0)
     probe = [paths[i] for i in sorted(rng.permutation(len(paths))[:n_probe])]
     shapes, aspects, colour = [], [], False
+    first_error: ImageReadError | None = None
     for path in probe:
         try:
             if is_nifti(path):  # a volume: judge its slices
@@ -234,13 +235,17 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
                 aspects.append(data.shape[2] / data.shape[1])
                 continue
             decoded = read_image(path)
-        except ImageReadError:
+        except ImageReadError as error:
+            first_error = first_error or error
             continue  # reported when the training images are loaded
         shapes.append(min(decoded.height, decoded.width))
         aspects.append(decoded.width / decoded.height)
         colour = colour or not is_grayscale(decoded.pixels)
     if not shapes:
-        raise DatasetError(f"none of the {len(probe)} probed training files could be read")
+        raise DatasetError(
+            f"none of the {len(probe)} probed training files could be read; the first: "
+            f"{first_error}"
+        )
     return SourceProbe(shapes, aspects, colour)
 
 

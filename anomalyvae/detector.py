@@ -256,6 +256,16 @@ class VAEAnomalyDetector:
             raise DatasetError(
                 f"need at least 2 readable normal images to train, got {len(images)}"
             )
+        # identical normals carry no variation to learn or calibrate on: every spread is
+        # zero, so the map statistics and z-scores would divide by nothing (the first
+        # differing image ends the check, so a real set costs one comparison)
+        if all(np.array_equal(image, images[0]) for image in images[1:]):
+            raise DatasetError(
+                f"all {len(images)} readable training images are identical after "
+                "preprocessing: a model of normal variation needs normal images that vary "
+                "(other parts, positions, lighting); check that the folder holds the real "
+                "images and not copies of one"
+            )
         val_index, train_index = self.split_indices(len(images))
         self.validation_files_ = [names[i] for i in val_index] if names else []
         # the split's copies are all that is used from here: one copy of the set, not two

@@ -99,8 +99,15 @@ def test_errors(tmp_path):
         VAEAnomalyDetector(progress=False).fit([])
     bad = tmp_path / "bad.png"
     bad.write_text("x")
-    with pytest.raises(DatasetError, match="could be read"):
+    with pytest.raises(DatasetError, match="could be read; the first: .*bad.png"):
         VAEAnomalyDetector(progress=False).fit([bad])
+    # copies of one image: nothing varies, so nothing could be learnt or calibrated
+    same = np.tile(np.random.default_rng(0).random((1, 16, 16), np.float32), (6, 1, 1))
+    with pytest.raises(DatasetError, match="all 6 readable training images are identical"):
+        VAEAnomalyDetector(progress=False).fit(same)
+    same[3, 5, 5] += 0.1  # one differing pixel is data: the check lets it train
+    tiny = {**TINY, "epochs": 1, "target_fpr": 0.5, "val_fraction": 0.5}
+    assert np.isfinite(VAEAnomalyDetector(**tiny).fit(same).threshold_)
     with pytest.raises(ValueError, match="val_fraction"):
         VAEAnomalyDetector(val_fraction=1.5).fit(np.zeros((4, 16, 16), np.float32))
     with pytest.raises(CheckpointError):
