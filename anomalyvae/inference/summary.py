@@ -71,25 +71,31 @@ def shape_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
     spec = metadata.get("preprocessing") or {}
     model = f"{spec.get('width', '?')} x {spec.get('height', '?')}"
     out = []
-    if off.any():
-        k = int(np.flatnonzero(off)[0])
-        n = int(off.sum())
-        out.append(
-            f"{n} {'image has' if n == 1 else 'images have'} a width:height unlike every "
-            f"training image's ({low:.2f} to {high:.2f}; e.g. {names[k]} at {aspect[k]:.2f}): "
-            f"each is stretched to the model's {model} input, which alone raises its score. "
-            "Crop or pad them to the training shape, or train on images shaped like them."
-        )
-    if tiny.any():
-        k = int(np.flatnonzero(tiny)[0])
-        n = int(tiny.sum())
-        out.append(
-            f"{n} {'image is' if n == 1 else 'images are'} less than half the size of the "
-            f"smallest training image ({smallest:.0f} px on the short side; e.g. {names[k]} "
-            f"at {short[k]:.0f} px): blown up to the model's {model} input they lack the "
-            "detail the model learned, so their scores say little. Scan images taken like "
-            "the training ones."
-        )
+    for flags, has, text in (
+        (
+            off,
+            ("image has", "images have"),
+            lambda k: (
+                f"a width:height unlike every training image's ({low:.2f} to "
+                f"{high:.2f}; e.g. {names[k]} at {aspect[k]:.2f}): each is stretched to the "
+                f"model's {model} input, which alone raises its score. Crop or pad them to the "
+                "training shape, or train on images shaped like them."
+            ),
+        ),
+        (
+            tiny,
+            ("image is", "images are"),
+            lambda k: (
+                f"less than half the size of the smallest training image "
+                f"({smallest:.0f} px on the short side; e.g. {names[k]} at {short[k]:.0f} px): "
+                f"blown up to the model's {model} input they lack the detail the model learned, "
+                "so their scores say little. Scan images taken like the training ones."
+            ),
+        ),
+    ):
+        if flags.any():
+            n = int(flags.sum())
+            out.append(f"{n} {has[n != 1]} {text(int(np.flatnonzero(flags)[0]))}")
     return out
 
 
