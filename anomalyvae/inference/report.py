@@ -41,6 +41,7 @@ TEMPLATE = """<!doctype html>
  .tile { border: 1px solid #ddd; border-radius: 6px; padding: .4rem; font-size: .75rem; }
  .tile img { width: 100%; max-height: 320px; object-fit: contain; image-rendering: auto; }
  .tile .path { word-break: break-all; color: #444; }
+ .tile .nomap { color: #888; font-style: italic; padding: .6rem 0; }
  code { background: #f4f4f4; padding: 0 .2rem; }
  .alarm { border: 2px solid #b00020; border-radius: 6px; padding: .4rem 1rem;
           background: #fff4f4; margin: 1rem 0; }
@@ -71,7 +72,9 @@ TEMPLATE = """<!doctype html>
 <h2>Most anomalous images</h2>
 {% if gallery %}<div class="gallery">{% for g in gallery %}
  <div class="tile">
- {% if g.image %}<img alt="heatmap" src="data:image/png;base64,{{ g.image }}">{% endif %}
+ {% if g.image %}<img alt="heatmap" src="data:image/png;base64,{{ g.image }}">
+ {% else %}<div class="nomap">no heatmap drawn{% if not g.is_anomaly %} (below the threshold;
+ scan with --heatmaps all or top-N to draw one){% endif %}</div>{% endif %}
  <div class="path">{{ g.path }}</div>
  <div>score {{ "%.4g"|format(g.score) }} &middot; normalized {{ "%.2f"|format(g.normalized) }}
  {% if g.is_anomaly %} &middot; <b>anomaly</b>{% endif %}</div></div>

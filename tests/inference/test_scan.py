@@ -242,6 +242,9 @@ def test_heatmap_modes(onnx_model, tmp_path, mode, n_heatmaps):
     scan(onnx_model, tmp_path / "in", tmp_path / "out", ScanConfig(heatmaps=mode), progress=False)
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert (table["heatmap"] != "").sum() == n_heatmaps
+    # a gallery tile without a heatmap says why instead of showing an empty frame
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count("no heatmap drawn") == 6 - n_heatmaps
     with pytest.raises(ValueError, match="top-N"):
         ScanConfig(heatmaps="some")
 
