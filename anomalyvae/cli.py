@@ -457,6 +457,12 @@ def evaluate(
 
     result = evaluate_on(checkpoint, data, output, mask_threshold, subset, progress=not silent)
     click.echo(format_metrics(result.table))
+    if result.left_out:
+        n = len(result.left_out)
+        click.echo(
+            f"{n} unreadable {'file is' if n == 1 else 'files are'} left out of these metrics "
+            f"(listed in metrics.json 'left_out'); the first: {result.left_out[0]['error']}"
+        )
     hint = describe_score_kinds(result.score_kinds, result.score_kind)
     if hint:
         click.echo(hint)

@@ -20,7 +20,8 @@ from anomalyvae.calibration import DEFAULT_TAIL, normalize
 from anomalyvae.clock import command_budget
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.imaging.files import atomic_write_text
+from anomalyvae.imaging.batch import read_images
+from anomalyvae.imaging.files import atomic_write_text, display_path
 from anomalyvae.imaging.io import ImageReadError, MaskError, read_image, read_mask
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
@@ -150,6 +151,8 @@ class Evaluation(NamedTuple):
     score_kinds: dict[str, float] = {}
     #: the model's own score kind (the ``score`` column)
     score_kind: str = ""
+    #: files that could not be read, left out of every metric: ``path`` and ``error``
+    left_out: list[dict[str, str]] = []
 
 
 def evaluate_on(
@@ -169,7 +172,9 @@ def evaluate_on(
     NIfTI volumes are evaluated slice by slice (rows ``name#slice=NNNN``): a slice of a
     volume with a mask volume is defective when its mask slice has a defect pixel. A
     volume whose mask disagrees with it in shape or affine, or that cannot be read, is
-    left out with a warning naming both files, and the evaluation goes on.
+    left out with a warning naming both files, and the evaluation goes on; so is an
+    unreadable image. Every file left out is listed (``left_out``, and in
+    ``metrics.json``), so that no metric silently covers fewer images than the folder.
     """
     detector = (
         checkpoint
@@ -179,15 +184,24 @@ def evaluate_on(
     samples = discover(source, subset)
     flat = [s for s in samples if not is_nifti(s.path)]
     volumes = [s for s in samples if is_nifti(s.path)]
+    spec = detector.preprocessing_
+    left_out: list[dict[str, str]] = []
+    images = np.zeros((0, spec.channels, spec.height, spec.width), np.float32)
+    if flat:  # read once, as the model sees them; an unreadable file is left out, named
+        images, kept, errors = read_images(
+            [s.path for s in flat], spec, on_error="warn", volumes="error"
+        )
+        left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
+        readable = {Path(p) for p in kept}
+        flat = [s for s in flat if Path(s.path) in readable]
     labels = np.array([s.label for s in flat], dtype=np.int64)
     types = [s.defect_type for s in flat]
-    names = [str(s.path) for s in flat]
-    spec = detector.preprocessing_
+    names = [display_path(Path(s.path)) for s in flat]  # any file name survives the table
     scores = np.zeros(0)
     maps = np.zeros((0, spec.height, spec.width), np.float32)
     views: dict[str, list[np.ndarray]] = {}
     if flat:
-        scores, maps, found = detector.score_map_views([s.path for s in flat])
+        scores, maps, found = detector.score_map_views(images)
         views = {name: [values] for name, values in found.items()}
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
     masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
@@ -199,6 +213,7 @@ def evaluate_on(
             unit = volume_units(sample, detector, mask_threshold)
         except (MaskError, ImageReadError) as error:
             warnings.warn(f"left out of the evaluation: {error}", UserWarning, stacklevel=2)
+            left_out.append({"path": display_path(Path(sample.path)), "error": str(error)})
             continue
         volume_scores, volume_maps, found = detector.score_map_views(unit.images)
         for name, values in found.items():
@@ -209,7 +224,7 @@ def evaluate_on(
         labels = np.concatenate([labels, unit.labels])
         has_mask = np.concatenate([has_mask, unit.has_mask])
         types += [sample.defect_type] * len(unit.labels)
-        names += [slice_name(sample.path, k) for k in range(len(unit.labels))]
+        names += [slice_name(display_path(Path(sample.path)), k) for k in range(len(unit.labels))]
     if not len(labels):
         raise DatasetError(f"nothing to evaluate in '{source}': no readable test images")
     threshold = getattr(detector, "threshold_", None)
@@ -226,9 +241,9 @@ def evaluate_on(
     kinds = score_kind_aurocs(labels, scores, detector.scoring_.score_kind, joined)
     files: dict[str, Path] = {}
     if output_dir is not None:
-        files = write_evaluation(table, per_image, detector, Path(output_dir), kinds)
+        files = write_evaluation(table, per_image, detector, Path(output_dir), kinds, left_out)
     return Evaluation(
-        table, per_image, maps, pixel_masks, files, kinds, detector.scoring_.score_kind
+        table, per_image, maps, pixel_masks, files, kinds, detector.scoring_.score_kind, left_out
     )
 
 
@@ -338,8 +353,12 @@ def write_evaluation(
     detector: VAEAnomalyDetector,
     output_dir: Path,
     score_kinds: dict[str, float] | None = None,
+    left_out: list[dict[str, str]] | None = None,
 ) -> dict[str, Path]:
-    """Write the metrics table (CSV + JSON) and per-image scores (CSV) atomically."""
+    """Write the metrics table (CSV + JSON) and per-image scores (CSV) atomically.
+
+    ``left_out``: the files the metrics do not cover (unreadable), listed in the JSON.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "metrics_csv": output_dir / "metrics.csv",
@@ -353,6 +372,7 @@ def write_evaluation(
         "scoring": detector.scoring_.to_dict(),
         "preprocessing": detector.preprocessing_.to_dict(),
         "image_auroc_by_score_kind": score_kinds or {},
+        "left_out": list(left_out or []),
     }
     atomic_write_text(files["metrics_csv"], table.to_csv())
     atomic_write_text(files["metrics_json"], json.dumps(payload, indent=2, default=str))

@@ -243,3 +243,28 @@ def test_calibrate_refuses_a_score_kind_the_model_cannot_give(runner, trained, s
     assert result.exit_code in (1, 2)
     assert "feature model" in result.output and "Traceback" not in result.output
     assert checkpoint.read_bytes() == before
+
+
+def test_evaluate_leaves_unreadable_files_out_and_lists_them(
+    runner, trained, synthetic_root, tmp_path
+):
+    import os
+    import shutil
+
+    _, checkpoint = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "test", root / "test")
+    (root / "test" / "good" / "broken.png").write_bytes(b"not an image")
+    good = sorted((root / "test" / "good").glob("*.png"))[0]
+    odd = os.fsencode(root / "test" / "good") + b"/latin1-\xe9.png"  # not UTF-8
+    with open(odd, "wb") as handle:
+        handle.write(good.read_bytes())
+    out = tmp_path / "eval"
+    with pytest.warns(UserWarning, match="broken.png"):
+        result = runner.invoke(main, ["evaluate", str(checkpoint), str(root), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable file is left out of these metrics" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [Path(e["path"]).name for e in metrics["left_out"]] == ["broken.png"]
+    assert metrics["metrics"]["overall"]["n_images"] == 51  # 50 + the odd name, scored
+    assert "latin1-\\xe9.png" in (out / "scores.csv").read_text()
