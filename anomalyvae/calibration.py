@@ -135,7 +135,7 @@ def threshold_from_normals(
             f"{n} calibration normals cannot promise a false-positive rate of "
             f"{target_fpr:g}: the smallest they can is 1/(n+1) = {1 / (n + 1):.3g}, and "
             f"{target_fpr:g} needs at least {int(np.ceil(1 / target_fpr)) - 1} normals. "
-            f"{using}; hold out more normal images.",
+            f"{using}; calibrate on more normal images.",
             UserWarning,
             stacklevel=2,
         )
