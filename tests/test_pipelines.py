@@ -24,6 +24,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("suite/drift.py", ["drift.md", "drift.json"]),
         ("suite/bank.py", ["bank.md", "bank.json"]),
         ("suite/reductions.py", ["reductions.md", "reductions.json"]),
+        ("suite/components.py", ["components.md", "components.json"]),
         ("scan/bench.py", []),
         ("generative/run.py", []),
         ("mtd/run.py", []),
@@ -36,7 +37,12 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
     args = [sys.executable, str(PIPELINES / script), "--smoke"]
     if script.startswith(("suite", "cuda")):
         args += ["--out", str(tmp_path / "report")]
-    if script in ("suite/drift.py", "suite/bank.py", "suite/reductions.py"):
+    if script in (
+        "suite/drift.py",
+        "suite/bank.py",
+        "suite/reductions.py",
+        "suite/components.py",
+    ):
         completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
         assert completed.returncode == 0, completed.stderr[-3000:]
         for name in outputs:

@@ -142,6 +142,84 @@ def fit_pooled_subspace(
     return torch.from_numpy(mean).float(), torch.from_numpy(basis).float()
 
 
+#: The component counts the image view chooses among (:func:`choose_image_components`).
+IMAGE_COMPONENT_CHOICES = (5, 10, 20, 30, 50, 75, 100, 150)
+
+
+def _ppca_fit(
+    pooled: NDArray[np.float64],
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Mean, principal axes (r, d) and their variances (r,) of the rows of ``pooled``.
+
+    From the (n, n) Gram matrix, since the images are fewer than their pixels: n^2 d
+    operations instead of an SVD's n d min(n, d), and the same axes.
+    """
+    mean = pooled.mean(axis=0)
+    centred = pooled - mean
+    values, vectors = np.linalg.eigh(centred @ centred.T)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    keep = values > values[0] * 1e-12 if values.size and values[0] > 0 else values > 0
+    values, vectors = values[keep], vectors[:, keep]
+    axes = (vectors.T @ centred) / np.sqrt(values)[:, None]
+    return mean, axes, values / len(pooled)
+
+
+def _ppca_log_likelihood(
+    fitted: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
+    k: int,
+    rows: NDArray[np.float64],
+) -> float:
+    """Mean log-likelihood (up to a constant) of ``rows`` under a k-component PPCA.
+
+    Tipping & Bishop (1999): the k largest variances along their axes, and the rest of
+    the variance spread evenly over the other ``d - k`` directions as isotropic noise.
+    """
+    mean, axes, variances = fitted
+    d = rows.shape[1]
+    noise = max(float(variances[k:].sum()) / (d - k), 1e-12)
+    centred = rows - mean
+    projected = centred @ axes[:k].T
+    residual = (centred**2).sum(axis=1) - (projected**2).sum(axis=1)
+    log_det = float(np.log(variances[:k]).sum()) + (d - k) * np.log(noise)
+    mahalanobis = (projected**2 / variances[:k]).sum(axis=1) + np.maximum(residual, 0) / noise
+    return float(np.mean(-0.5 * (log_det + mahalanobis)))
+
+
+def choose_image_components(
+    pooled: NDArray[np.float64],
+    choices: tuple[int, ...] = IMAGE_COMPONENT_CHOICES,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[int, dict[int, float]]:
+    """The component count whose probabilistic PCA best predicts held-out normals.
+
+    No label: each candidate k of ``choices`` is fitted on ``folds - 1`` folds of the
+    pooled training normals and scored by the mean log-likelihood of the fold left out
+    (Tipping & Bishop 1999; cross-validation as in Bishop 2006, ch. 12). Too few
+    components leave normal variation to the noise term, too many fit the training
+    images' own noise: the best held-out likelihood sits between. Candidates the folds
+    cannot fit (k at least a fold's image count) are not tried. Returns the chosen k and
+    each tried k's mean held-out log-likelihood; with fewer than ``2 * folds`` images,
+    the smallest candidate that they can fit.
+    """
+    n = len(pooled)
+    if n < 2 * folds:
+        return max(1, min(min(choices), n - 1)), {}
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    smallest_fold_fit = n - max(len(part) for part in parts)
+    tried = [k for k in choices if k < min(smallest_fold_fit, pooled.shape[1])]
+    if not tried:
+        return max(1, min(min(choices), smallest_fold_fit - 1)), {}
+    scores = dict.fromkeys(tried, 0.0)
+    for part in parts:
+        fitted = _ppca_fit(pooled[np.setdiff1d(np.arange(n), part)])
+        for k in tried:
+            usable = min(k, len(fitted[2]) - 1)
+            scores[k] += _ppca_log_likelihood(fitted, usable, pooled[part]) / folds
+    return max(scores, key=scores.__getitem__), scores
+
+
 #: Folds in which the global and image views of the training normals are cross-fitted.
 CROSS_FIT_FOLDS = 5
 
@@ -207,6 +285,7 @@ def train_feature_vae(
     seed: int = 0,
     progress: bool = True,
     reserve_passes: float = 0.0,
+    image_component_choices: tuple[int, ...] | None = None,
 ) -> FeatureTrainResult:
     """Fit the per-location VAE on the backbone features of normal images.
 
@@ -216,12 +295,19 @@ def train_feature_vae(
     watches the validation images' mean per-location ELBO; the time budget is checked
     after every mini-batch. ``reserve_passes`` keeps that many scoring passes over the
     validation images inside the budget (the detector's calibration after training),
-    timed from the feature extraction here.
+    timed from the feature extraction here. ``image_component_choices``: the image
+    view's component count is chosen among them by held-out likelihood
+    (:func:`choose_image_components`) instead of ``config.image_components``.
     """
     started = time.monotonic()
     torch.manual_seed(seed)
     # the bank is chosen from full feature vectors and projected once chosen (bank_dim)
     projected, config = config.bank_dim, dataclasses.replace(config, bank_dim=0)
+    pooled = None  # the image view's input, pooled once for the choice and the fit
+    if config.image_components and image_component_choices:
+        pooled = pooled_images(train_images, config)
+        chosen, _ = choose_image_components(pooled, image_component_choices, seed=seed)
+        config = dataclasses.replace(config, image_components=chosen)
     model = FeatureVAE(config)
     extract_started = time.monotonic()
     # backbone batches sized from the input, so memory does not grow with it
@@ -239,7 +325,12 @@ def train_feature_vae(
     model.global_mean.copy_(global_mean)
     model.global_precision.copy_(precision)
     if config.image_components:
-        image_mean, basis = fit_image_subspace(train_images, config)
+        image_mean, basis = (
+            fit_image_subspace(train_images, config)
+            if pooled is None
+            else fit_pooled_subspace(pooled, config)
+        )
+        del pooled
         model.image_mean.copy_(image_mean)
         model.image_basis.copy_(basis)
 

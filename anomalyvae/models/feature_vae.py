@@ -113,7 +113,9 @@ class FeatureVAEConfig:
         not scored as a defect. The scan's drift alarm still sees the raw intensities.
     image_components : int
         Components of the pixel-space ``image`` view's PCA; 0 turns the view off (models
-        saved before it existed load that way).
+        saved before it existed load that way). Training chooses it by held-out
+        likelihood (:func:`~anomalyvae.models.feature_training.choose_image_components`);
+        50 is what a config built by hand gets.
     image_side : int
         Longest side, in px, the input is box-averaged to for the ``image`` view.
     image_reduce : {"topk", "mean"}

@@ -650,3 +650,37 @@ def test_a_score_kind_the_family_cannot_give_is_refused(trained):
     with pytest.raises(ValueError, match="knn"):
         detector.use_score_kind("knn")
     assert detector.scoring_.score_kind != "knn"
+
+
+@pytest.mark.parametrize("rank", [5, 20, 75])
+def test_the_image_view_keeps_the_components_held_out_normals_support(rank):
+    # normals on a rank-r subspace plus small noise: fewer components leave normal
+    # variation to the noise term, more fit the training images' own noise, and the
+    # held-out likelihood peaks at the candidate nearest r
+    from anomalyvae.models.feature_training import choose_image_components
+
+    rng = np.random.default_rng(rank)
+    axes = np.linalg.qr(rng.normal(size=(400, rank)))[0].T  # (r, d) orthonormal
+    scale = np.linspace(3.0, 1.0, rank)[:, None]
+    normals = rng.normal(size=(300, rank)) @ (scale * axes) + 0.05 * rng.normal(size=(300, 400))
+    chosen, likelihoods = choose_image_components(normals)
+    assert chosen == rank and likelihoods[rank] == max(likelihoods.values())
+    # candidates the folds cannot fit are not tried; too few images take the smallest
+    few, tried = choose_image_components(normals[:40])
+    assert max(tried) < 32 and few <= 30
+    assert choose_image_components(normals[:6]) == (5, {})
+    assert choose_image_components(normals[:3]) == (2, {})
+
+
+def test_the_trained_image_subspace_has_the_chosen_components(feature_detector, feature_root):
+    from anomalyvae.models.feature_training import choose_image_components, pooled_images
+
+    detector, _ = feature_detector
+    config = detector.model_.config
+    assert detector.model_.image_basis.shape[0] == config.image_components
+    # the choice the training made, made again from the same training normals
+    paths = [s.path for s in mvtec_samples(feature_root, "train")]
+    _, train_index = detector.split_indices(len(paths))
+    images = detector.preprocess([paths[i] for i in train_index])
+    chosen, tried = choose_image_components(pooled_images(images, config), seed=detector.seed)
+    assert config.image_components == chosen and chosen in tried

@@ -14,7 +14,7 @@ from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.families.base import ModelFamily, Trained
-from anomalyvae.models.feature_training import train_feature_vae
+from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_feature_vae
 from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, fit_map_constants
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
@@ -118,6 +118,7 @@ class FeatureFamily(ModelFamily):
             progress=detector.progress,
             # after training: fusion, calibration and the self-check (clean + defects)
             reserve_passes=FIT_SCORING_PASSES,
+            image_component_choices=IMAGE_COMPONENT_CHOICES,
         )
         return Trained(
             result.model,
