@@ -136,8 +136,14 @@ def describe_fusion(fusion: Any) -> str:
     sentence = f"Image score: {how} (fusion {fusion.get('rule', 'unknown')}"
     share = fusion.get("image_unexplained")
     if isinstance(share, (int, float)):
+        components = fusion.get("image_components")
+        subspace = (
+            f"their {components}-component subspace"
+            if isinstance(components, int) and not isinstance(components, bool)
+            else "their subspace"
+        )
         sentence += (
-            f"; {share:.0%} of the normals' pixel variance is off their subspace, which sets "
+            f"; {share:.0%} of the normals' pixel variance is off {subspace}, which sets "
             "the image view's weight"
         )
     return sentence + ")."

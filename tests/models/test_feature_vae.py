@@ -562,7 +562,8 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
         assert reloaded.image_unexplained_ == pytest.approx(share)
         # train's summary and the ONNX metadata say what set the weights
         report = " ".join(training_report(reloaded, tmp_path / "shared.pt"))
-        assert f"{share:.0%} of the normals' pixel variance is off their subspace" in report
+        k = reloaded.model_.config.image_components
+        assert f"{share:.0%} of the normals' pixel variance is off their {k}-component" in report
     fusion_meta = detector.family().fusion(detector)
     assert fusion_meta["rule"] == fusion
     named = {VIEW_NAMES[i]: w for i, w in enumerate(weights) if w > 0}

@@ -241,6 +241,7 @@ class FeatureFamily(ModelFamily):
         }
         if getattr(detector, "image_unexplained_", None) is not None and rule == "image-share":
             out["image_unexplained"] = round(float(detector.image_unexplained_), 6)
+            out["image_components"] = int(model.config.image_components)
         return out
 
     def tiling(self, model: torch.nn.Module) -> dict[str, Any]:
