@@ -72,6 +72,7 @@ from anomalyvae.models.bank import (  # noqa: E402
 from anomalyvae.models.feature_training import feature_standardization  # noqa: E402
 from anomalyvae.models.feature_vae import IMAGE_SIGMA, IMAGE_TOP_FRACTION  # noqa: E402
 from anomalyvae.models.fusion import (  # noqa: E402
+    IMAGE_SHARE_POWER,
     IMAGE_SHARE_SCALE,
     VIEW_NAMES,
     robust_z_constants,
@@ -440,7 +441,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         f"({machine()}). Image AUROC of each variant alone and inside the fused score (the "
         "robust z-scores of knn, global and image, the variant in place, weighed by the "
         "model's own fusion rule: for `image-share`, knn and global 1 each and image "
-        f"{IMAGE_SHARE_SCALE:g} u / (1 - u), u recomputed under an image variant's own "
+        f"{IMAGE_SHARE_SCALE:g} (u / (1 - u))^{IMAGE_SHARE_POWER:g} (the product's scale "
+        "and power when the models were measured), u recomputed under an image variant's own "
         "subspace; constants from the held-out normals only, the default under the same "
         "protocol, so a difference is the variant's). No model is retrained: the image "
         "subspace is refitted on each model's own training split. Fusion rule and u of "

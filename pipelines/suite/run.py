@@ -49,7 +49,11 @@ from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.imaging.io import Preprocessing  # noqa: E402
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
-from anomalyvae.models.fusion import IMAGE_SHARE_SCALE, robust_z_constants  # noqa: E402
+from anomalyvae.models.fusion import (  # noqa: E402
+    IMAGE_SHARE_POWER,
+    IMAGE_SHARE_SCALE,
+    robust_z_constants,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -708,7 +712,9 @@ def write_experiments(results: dict, out: Path) -> None:
             f"{means.get('feature/fused', float('nan')):.3f}).",
             "- `fused` = the image-share weighting (`--fusion image-share`, first in the "
             "run of code a934307): the z-scores of the memory-bank (`knn`), global and "
-            f"image views, weighted 1, 1 and {IMAGE_SHARE_SCALE:g} u / (1 - u), u the share "
+            f"image views, weighted 1, 1 and {IMAGE_SHARE_SCALE:g} (u / (1 - u))^"
+            f"{IMAGE_SHARE_POWER:g} (before the sharper switch of 2026-12-05: "
+            "20 u / (1 - u)), u the share "
             "of the held-out normals' pooled pixel variance off the model's normal subspace "
             "(no label; chosen leave-one-set-out in loso.md). Before it, the plain mean of "
             "the same three z-scores (from code b931c70), and before that the largest "

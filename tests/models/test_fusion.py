@@ -6,6 +6,8 @@ import torch
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.fusion import (
+    IMAGE_SHARE_POWER,
+    IMAGE_SHARE_SCALE,
     VIEW_NAMES,
     fuse_views,
     robust_z_constants,
@@ -52,7 +54,7 @@ def test_adaptive_fusion_weighs_the_views_that_see_synthetic_defects(rule, expec
     ],
 )
 def test_image_share_weights_grow_with_the_variance_off_the_subspace(unexplained, scale, expected):
-    np.testing.assert_allclose(share_weights(unexplained, scale), expected)
+    np.testing.assert_allclose(share_weights(unexplained, scale, power=1.0), expected)
     # a model without the image view fuses what it has, equally
     np.testing.assert_allclose(share_weights(0.9, scale, (2, 4)), [0, 0, 0.5, 0, 0.5])
     assert share_weights(1.0)[VIEW_NAMES.index("image")] < 1  # clipped below 1: finite
@@ -66,9 +68,14 @@ def test_a_higher_power_switches_between_the_views_more_sharply():
     low, high = share_weights(0.1, 10.0, power=2.0), share_weights(0.75, 10.0, power=2.0)
     assert low[image] == pytest.approx((10 / 81) / (2 + 10 / 81))
     assert high[image] == pytest.approx(90 / 92)
-    linear = share_weights(0.1, 10.0)[image], share_weights(0.75, 10.0)[image]
+    linear = share_weights(0.1, 10.0, power=1.0)[image], share_weights(0.75, 10.0, power=1.0)[image]
     assert low[image] < linear[0] < linear[1] < high[image]
-    np.testing.assert_allclose(share_weights(0.3, 10.0, power=1.0), share_weights(0.3, 10.0))
+    # the defaults are the product's scale and power: about even at u = 0.09, then the image
+    assert IMAGE_SHARE_SCALE == 1000 and IMAGE_SHARE_POWER == 3
+    np.testing.assert_allclose(
+        share_weights(0.3), share_weights(0.3, IMAGE_SHARE_SCALE, power=IMAGE_SHARE_POWER)
+    )
+    assert share_weights(0.03)[image] < 0.02 and share_weights(0.6)[image] > 0.99
     with pytest.raises(InvalidValueError, match="power"):
         share_weights(0.5, 10.0, power=0.0)
 
