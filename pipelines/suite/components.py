@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
 from folds import choose_leave_one_out  # noqa: E402
-from reductions import FUSED, batches, pooled, reduced, z_of  # noqa: E402
-from trained import options, trained_models  # noqa: E402
+from reductions import FUSED, batches, feature_models, pooled, reduced, z_of  # noqa: E402
+from trained import options  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
@@ -191,14 +191,7 @@ def write(results: dict, out: Path, smoke: bool) -> None:
 
 def main() -> None:
     args = options(__doc__)
-    results = {
-        name: measure(detector, source)
-        for name, source, _, detector in trained_models(
-            args,
-            lambda c: bool(getattr(c, "bank_size", 0) and getattr(c, "image_components", 0)),
-            "memory bank or image view",
-        )
-    }
+    results = {name: measure(detector, source) for name, source, detector in feature_models(args)}
     write(results, args.out, args.smoke)
 
 

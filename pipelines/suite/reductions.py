@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -509,16 +510,19 @@ def write(results: dict, out: Path, smoke: bool) -> None:
     print("\n".join(lines))
 
 
+def feature_models(args) -> Iterator[tuple[str, Path, VAEAnomalyDetector]]:
+    """(set, source, detector) of every suite model with a memory bank and an image view."""
+    for name, source, _, detector in trained_models(
+        args,
+        lambda c: bool(getattr(c, "bank_size", 0) and getattr(c, "image_components", 0)),
+        "memory bank or image view",
+    ):
+        yield name, source, detector
+
+
 def main() -> None:
     args = options(__doc__)
-    results = {
-        name: measure(detector, source)
-        for name, source, _, detector in trained_models(
-            args,
-            lambda c: bool(getattr(c, "bank_size", 0) and getattr(c, "image_components", 0)),
-            "memory bank or image view",
-        )
-    }
+    results = {name: measure(detector, source) for name, source, detector in feature_models(args)}
     write(results, args.out, args.smoke)
 
 
