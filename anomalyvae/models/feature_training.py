@@ -186,6 +186,11 @@ def _ppca_log_likelihood(
     return float(np.mean(-0.5 * (log_det + mahalanobis)))
 
 
+#: The most training normals :func:`choose_image_components` reads (a seeded sample): its
+#: Gram matrices grow with their square, and 2000 images pin the choice down.
+CHOICE_MAX_IMAGES = 2000
+
+
 def choose_image_components(
     pooled: NDArray[np.float64],
     choices: tuple[int, ...] = IMAGE_COMPONENT_CHOICES,
@@ -201,8 +206,12 @@ def choose_image_components(
     images' own noise: the best held-out likelihood sits between. Candidates the folds
     cannot fit (k at least a fold's image count) are not tried. Returns the chosen k and
     each tried k's mean held-out log-likelihood; with fewer than ``2 * folds`` images,
-    the smallest candidate that they can fit.
+    the smallest candidate that they can fit. More than :data:`CHOICE_MAX_IMAGES` images
+    are sampled down to that many (seeded).
     """
+    if len(pooled) > CHOICE_MAX_IMAGES:
+        rng = np.random.default_rng(seed)
+        pooled = pooled[np.sort(rng.choice(len(pooled), CHOICE_MAX_IMAGES, replace=False))]
     n = len(pooled)
     if n < 2 * folds:
         return max(1, min(min(choices), n - 1)), {}
@@ -303,11 +312,14 @@ def train_feature_vae(
     torch.manual_seed(seed)
     # the bank is chosen from full feature vectors and projected once chosen (bank_dim)
     projected, config = config.bank_dim, dataclasses.replace(config, bank_dim=0)
-    pooled = None  # the image view's input, pooled once for the choice and the fit
-    if config.image_components and image_component_choices:
+    subspace = None  # pooled once for the choice and the fit, freed before the backbone
+    if config.image_components:
         pooled = pooled_images(train_images, config)
-        chosen, _ = choose_image_components(pooled, image_component_choices, seed=seed)
-        config = dataclasses.replace(config, image_components=chosen)
+        if image_component_choices:
+            chosen, _ = choose_image_components(pooled, image_component_choices, seed=seed)
+            config = dataclasses.replace(config, image_components=chosen)
+        subspace = fit_pooled_subspace(pooled, config)
+        del pooled
     model = FeatureVAE(config)
     extract_started = time.monotonic()
     # backbone batches sized from the input, so memory does not grow with it
@@ -324,15 +336,9 @@ def train_feature_vae(
     global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
     model.global_mean.copy_(global_mean)
     model.global_precision.copy_(precision)
-    if config.image_components:
-        image_mean, basis = (
-            fit_image_subspace(train_images, config)
-            if pooled is None
-            else fit_pooled_subspace(pooled, config)
-        )
-        del pooled
-        model.image_mean.copy_(image_mean)
-        model.image_basis.copy_(basis)
+    if subspace is not None:
+        model.image_mean.copy_(subspace[0])
+        model.image_basis.copy_(subspace[1])
 
     def vectors(raw: Tensor) -> Tensor:
         """Standardized location vectors (n h w, c, 1, 1), written image by image.

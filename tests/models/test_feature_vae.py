@@ -670,6 +670,18 @@ def test_the_image_view_keeps_the_components_held_out_normals_support(rank):
     few, tried = choose_image_components(normals[:40])
     assert max(tried) < 32 and few <= 30
     assert choose_image_components(normals[:6]) == (5, {})
+    # a large set is read as a seeded sample: the Gram matrices stay bounded
+    from anomalyvae.models import feature_training
+
+    sample = feature_training.CHOICE_MAX_IMAGES
+    feature_training.CHOICE_MAX_IMAGES = 100
+    try:
+        capped = choose_image_components(normals)
+    finally:
+        feature_training.CHOICE_MAX_IMAGES = sample
+    rng = np.random.default_rng(0)
+    subset = normals[np.sort(rng.choice(len(normals), 100, replace=False))]
+    assert capped == choose_image_components(subset)
     assert choose_image_components(normals[:3]) == (2, {})
 
 
