@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import warnings
 from collections.abc import Iterator
@@ -453,10 +452,18 @@ def evaluate(
     Example:
       anomalyvae evaluate model.pt data/mvtec_like -o results/
     """
-    from anomalyvae.evaluation import describe_score_kinds, evaluate_on, format_metrics
+    from anomalyvae.evaluation import (
+        describe_score_kinds,
+        evaluate_on,
+        format_metrics,
+        missing_class_note,
+    )
 
     result = evaluate_on(checkpoint, data, output, mask_threshold, subset, progress=not silent)
     click.echo(format_metrics(result.table))
+    note = missing_class_note(result.table)
+    if note:
+        click.echo(note)
     if result.left_out:
         n = len(result.left_out)
         click.echo(
@@ -571,13 +578,13 @@ def predict(
       anomalyvae predict model.onnx incoming/ --json
     """
     from anomalyvae.inference.decoding import expand_inputs
-    from anomalyvae.inference.runtime import OnnxDetector, format_prediction
+    from anomalyvae.inference.runtime import OnnxDetector, format_prediction, json_line
 
     rows = OnnxDetector(model, device=device).predict_rows(expand_inputs(images), threshold)
     if not as_json:
         click.echo("path\tscore\tnormalized_score\tverdict")
     for row in rows:
-        click.echo(json.dumps(row) if as_json else format_prediction(row))
+        click.echo(json_line(row) if as_json else format_prediction(row))
     if any(row["error"] for row in rows):
         sys.exit(1)
 

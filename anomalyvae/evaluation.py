@@ -422,6 +422,24 @@ PRINTED_METRICS = (
 )
 
 
+def missing_class_note(table: pd.DataFrame) -> str | None:
+    """Why the ranking metrics are NaN, when the images hold one class only; else None."""
+    overall = table.loc["overall"]
+    if overall["n_anomalous"] and overall["n_normal"]:
+        return None
+    if not overall["n_anomalous"]:
+        return (
+            "No anomalous images: AUROC, AUPR and recall need both classes and are NaN; "
+            "'fpr' is the share of these normals over the threshold. Add labelled defects "
+            "(a folder per defect type beside 'good') to rank them."
+        )
+    return (
+        "No normal images: AUROC, AUPR and the false-positive rate need both classes and "
+        "are NaN; 'recall' is the share of these anomalies over the threshold. Add normal "
+        "images (a 'good' folder) to rank them."
+    )
+
+
 def format_metrics(table: pd.DataFrame) -> str:
     """A metrics table (rows per defect type) as aligned text with 3 decimals."""
     columns = [c for c in PRINTED_METRICS if c in table.columns]

@@ -268,3 +268,22 @@ def test_evaluate_leaves_unreadable_files_out_and_lists_them(
     assert [Path(e["path"]).name for e in metrics["left_out"]] == ["broken.png"]
     assert metrics["metrics"]["overall"]["n_images"] == 51  # 50 + the odd name, scored
     assert "latin1-\\xe9.png" in (out / "scores.csv").read_text()
+
+
+@pytest.mark.parametrize("kept", ["good", "defects"])
+def test_evaluate_says_why_ranking_metrics_are_nan_with_one_class(
+    runner, trained, synthetic_root, tmp_path, kept
+):
+    import shutil
+
+    _, checkpoint = trained
+    root = tmp_path / "data"
+    for folder in (synthetic_root / "test").iterdir():
+        if (folder.name == "good") == (kept == "good") and folder.name != "ground_truth":
+            shutil.copytree(folder, root / "test" / folder.name)
+    result = runner.invoke(
+        main, ["evaluate", str(checkpoint), str(root), "-o", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    expected = "No anomalous images" if kept == "good" else "No normal images"
+    assert expected in result.output and "need both classes" in result.output

@@ -380,3 +380,29 @@ def test_session_options_are_set_deliberately():
     spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
     assert spinning == runtime.SPINNING
     assert runtime.session_options().intra_op_num_threads == 0  # ONNX Runtime's default
+
+
+def test_predict_names_undecodable_files_as_the_scan_does(onnx_model, test_paths, tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    name = os.fsdecode(b"part_\xff.png")
+    shutil.copy(test_paths[0], folder / name)
+    (folder / os.fsdecode(b"broken_\xfe.png")).write_bytes(b"not an image")
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(
+            main, ["predict", str(onnx_model), str(folder), "--device", "cpu", *extra]
+        )
+        assert result.exit_code == 1, result.output  # the broken file, after every row
+        if not extra:
+            assert "part_\\xff.png\t" in result.output
+            assert "broken_\\xfe.png\t\t\tERROR" in result.output
+        else:  # strict JSON: no NaN for the broken file's scores
+            rows = [
+                json.loads(line, parse_constant=pytest.fail) for line in result.output.splitlines()
+            ]
+            assert rows[0]["score"] is None and rows[0]["is_anomaly"] is None
+            assert rows[0]["path"].endswith("broken_\\xfe.png") and "\\xfe" in rows[0]["error"]
+            assert rows[1]["path"].endswith("part_\\xff.png") and rows[1]["error"] == ""

@@ -55,7 +55,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def display_path(path: Path) -> str:
+def display_path(path: str | os.PathLike[str]) -> str:
     """A path as text that survives any file name (undecodable bytes become \\xNN)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 

@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
-from anomalyvae.imaging.files import atomic_write_bytes
+from anomalyvae.imaging.files import atomic_write_bytes, display_path
 from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
@@ -51,7 +51,8 @@ class ImageReadError(AnomalyVAEError, ValueError):
         self.path = Path(path)
         self.reason = reason
         self.fix = fix or "check that the file is a complete, supported image"
-        super().__init__(f"cannot read image '{self.path}': {reason} ({self.fix})")
+        # any file name survives the message (a non-UTF-8 byte shows as \xNN)
+        super().__init__(f"cannot read image '{display_path(self.path)}': {reason} ({self.fix})")
 
 
 class MaskError(AnomalyVAEError, ValueError):

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
+from anomalyvae.imaging.files import display_path
 from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.contract import (
@@ -53,6 +54,18 @@ def format_prediction(row: dict[str, Any]) -> str:
         return f"{row['path']}\t\t\tERROR: {row['error']}"
     verdict = "ANOMALY" if row["is_anomaly"] else "ok"
     return f"{row['path']}\t{row['score']:.6g}\t{row['normalized_score']:.4f}\t{verdict}"
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One ``predict_rows`` row as strict JSON.
+
+    A score that does not exist (an unreadable file) is null, not NaN, which the JSON
+    parsers of C#, JavaScript and Go refuse.
+    """
+    clean = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+    }
+    return json.dumps(clean, allow_nan=False)
 
 
 def session_options(
@@ -370,7 +383,11 @@ class OnnxDetector:
         for start in range(0, len(paths), PREDICT_BLOCK):
             good: list[tuple[int, NDArray[np.float32]]] = []
             for path in paths[start : start + PREDICT_BLOCK]:
-                row = {"path": str(path), "score": float("nan"), "normalized_score": float("nan")}
+                row = {
+                    "path": display_path(path),
+                    "score": float("nan"),
+                    "normalized_score": float("nan"),
+                }
                 row.update(is_anomaly=None, error="")
                 try:
                     good.append((len(rows), load_image(path, self.preprocessing)))
