@@ -227,7 +227,7 @@ def embed_folder(
     from tqdm.auto import tqdm
 
     from anomalyvae.imaging.batch import read_images
-    from anomalyvae.imaging.files import find_images
+    from anomalyvae.imaging.files import display_path, find_images
     from anomalyvae.imaging.io import load_image
     from anomalyvae.models.generate import Embedding, embed
 
@@ -254,10 +254,13 @@ def embed_folder(
         raise InvalidValueError(f"no readable images under '{folder}'")
     codes = Embedding(np.concatenate(mu), np.concatenate(logvar))
     groups = [
-        p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else "."
+        display_path(p.relative_to(folder).parts[0])
+        if len(p.relative_to(folder).parts) > 1
+        else "."
         for p in kept
     ]
-    table = pd.DataFrame({"path": [str(p) for p in kept], "group": groups})
+    # any file name survives the table (Parquet strings are UTF-8: \xNN for other bytes)
+    table = pd.DataFrame({"path": [display_path(p) for p in kept], "group": groups})
     latent = codes.mu.shape[1]
     table = pd.concat(
         [

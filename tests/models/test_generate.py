@@ -277,3 +277,22 @@ def test_a_masked_image_is_scored_the_way_the_threshold_was_calibrated(
             }[score_kind]
         )
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5 * np.ptp(expected))
+
+
+def test_embed_table_keeps_any_file_name(trained, synthetic_root, tmp_path):
+    import os
+    import shutil
+
+    _, checkpoint = trained
+    folder = tmp_path / "in"
+    group = folder / os.fsdecode(b"lot_\xe9")  # a folder name that is not UTF-8 either
+    group.mkdir(parents=True)
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))
+    shutil.copy(good[0], group / os.fsdecode(b"part_\xff.png"))
+    shutil.copy(good[1], folder / "plain.png")
+    out = tmp_path / "emb.parquet"
+    result = CliRunner().invoke(main, ["embed", str(checkpoint), str(folder), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    assert sorted(table["group"]) == [".", "lot_\\xe9"]
+    assert any(p.endswith("lot_\\xe9/part_\\xff.png") for p in table["path"])
