@@ -695,7 +695,7 @@ def scan(
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -704,11 +704,12 @@ def scan(
     help="HTML file to write [default: report.html beside RESULTS].",
 )
 def report(results: Path, output: Path | None) -> None:
-    """Regenerate the HTML QA report from a scan's results.parquet.
+    """Regenerate the HTML QA report from a scan's results.parquet (or its folder).
 
     \b
-    Example:
+    Examples:
       anomalyvae report scans/line3/results.parquet
+      anomalyvae report scans/line3
     """
     from anomalyvae.inference.report import report_from_results
 

@@ -10,6 +10,7 @@ import html
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ TEMPLATE = """<!doctype html>
 </div>
 {% if drift_warnings %}<div class="alarm"><b>Drift alarm</b><ul>
 {% for w in drift_warnings %}<li>{{ w }}</li>{% endfor %}</ul></div>{% endif %}
-{% if s.n_errors %}<p class="bad">{{ s.n_errors }} files could not be scored: see
+{% if s.n_errors %}<p class="bad">{{ s.n_errors }} {{ "file" if s.n_errors == 1 else "files" }} could not be scored: see
  <a href="#unreadable">Unreadable files</a>.</p>{% endif %}
 {% if calibration_note %}<p class="sub">{{ calibration_note }}</p>{% endif %}
 <h2>Score distribution</h2>
@@ -283,11 +284,35 @@ def write_report(
     return path
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """A scan's summary.json, or {} (with a warning) when it is missing or unreadable.
+
+    The report's counts then come from the results table alone.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        warnings.warn(
+            f"'{path}' is unreadable ({error}); the report's counts come from the results "
+            "table alone (rerun the scan into the same folder to rewrite it)",
+            stacklevel=2,
+        )
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def report_from_results(
     results: str | os.PathLike[str], output: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Regenerate ``report.html`` from a scan's ``results.parquet`` (and its summary.json)."""
+    """Regenerate ``report.html`` from a scan's ``results.parquet`` (and its summary.json).
+
+    ``results`` may be the scan's output folder, which holds ``results.parquet``.
+    """
     results = Path(results)
+    if results.is_dir():
+        results = results / "results.parquet"
     if not results.is_file():
         raise FileNotFoundError(f"results file '{results}' does not exist")
     try:
@@ -302,7 +327,7 @@ def report_from_results(
             f"'{results}' is not an anomalyvae results table; missing {sorted(missing)}"
         )
     summary_path = results.with_name("summary.json")
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(summary_path)
     ok = table[table["error"] == ""]
     summary.setdefault("n_files", len(table))
     summary.setdefault("n_scored", len(ok))

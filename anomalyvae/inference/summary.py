@@ -24,14 +24,17 @@ def channel_warnings(ok: pd.DataFrame, metadata: dict[str, Any]) -> list[str]:
     grey_into_colour = int((channels == 1).sum()) if model_channels == 3 else 0
     if colour_into_grey:
         out.append(
-            f"{colour_into_grey} colour images were turned into grey (luma) for this grey "
-            "model: a defect that changes only the colour, not the brightness, is invisible "
-            "to it. Train on colour images if colour matters."
+            f"{colour_into_grey} colour "
+            f"{'image was' if colour_into_grey == 1 else 'images were'} turned into grey "
+            "(luma) for this grey model: a defect that changes only the colour, not the "
+            "brightness, is invisible to it. Train on colour images if colour matters."
         )
     if grey_into_colour:
         out.append(
-            f"{grey_into_colour} grey images were scored by a colour model (the grey value "
-            "copied to R, G and B); the model never saw grey parts in training."
+            f"{grey_into_colour} grey "
+            f"{'image was' if grey_into_colour == 1 else 'images were'} scored by a colour "
+            "model (the grey value copied to R, G and B); the model never saw grey parts in "
+            "training."
         )
     return out
 

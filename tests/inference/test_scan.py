@@ -292,6 +292,14 @@ def test_cli_scan_exit_codes_and_report(onnx_model, synthetic_root, tmp_path):
     (tmp_path / "out" / "report.html").unlink()
     result = runner.invoke(main, ["report", str(tmp_path / "out" / "results.parquet")])
     assert result.exit_code == 0 and (tmp_path / "out" / "report.html").is_file()
+    # the scan's folder names its table; a damaged summary.json costs only its extras
+    (tmp_path / "out" / "report.html").unlink()
+    (tmp_path / "out" / "summary.json").write_text('{"n_files": 3')
+    with pytest.warns(UserWarning, match="summary.json' is unreadable"):
+        result = runner.invoke(main, ["report", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<b>31</b>files" in page and "1 file could not be scored" in page
     bad = tmp_path / "bad.parquet"
     bad.write_text("x")
     result = runner.invoke(main, ["report", str(bad)])
