@@ -128,13 +128,30 @@ def calibrate_on(
     if score_kind is not None and score_kind != detector.scoring_.score_kind:
         detector.use_score_kind(score_kind)
     samples = discover(source, subset)
-    if method == "normal_quantile":
+    labelled = method != "normal_quantile"
+    if not labelled:
         samples = [s for s in samples if s.label == 0]
-    labels = np.array([s.label for s in samples])
-    masks = None
-    if method != "normal_quantile" and all(s.mask_path or s.label == 0 for s in samples):
-        masks = masks_for(samples, detector, mask_threshold)
-    detector.calibrate([s.path for s in samples], labels, masks, method, tail=tail)
+    # an unreadable file is skipped with a warning naming it, as training skips it; normal
+    # volumes calibrate on their slices, labelled files keep one image (and label) each
+    images, kept, _ = read_images(
+        [s.path for s in samples],
+        detector.preprocessing_,
+        on_error="warn",
+        volumes="error" if labelled else "slices",
+    )
+    if not len(images):
+        raise DatasetError(
+            f"no readable {'labelled' if labelled else 'normal'} images to calibrate on in "
+            f"'{source}' (subset '{subset}')"
+        )
+    labels, masks = None, None
+    if labelled:
+        readable = {Path(p) for p in kept}
+        samples = [s for s in samples if Path(s.path) in readable]
+        labels = np.array([s.label for s in samples])
+        if all(s.mask_path or s.label == 0 for s in samples):
+            masks = masks_for(samples, detector, mask_threshold)
+    detector.calibrate(images, labels, masks, method, tail=tail)
     detector.save(output or checkpoint)
     return detector
 

@@ -287,3 +287,36 @@ def test_evaluate_says_why_ranking_metrics_are_nan_with_one_class(
     assert result.exit_code == 0, result.output
     expected = "No anomalous images" if kept == "good" else "No normal images"
     assert expected in result.output and "need both classes" in result.output
+
+
+@pytest.mark.parametrize("method", ["normal_quantile", "f1"])
+def test_calibrate_skips_an_unreadable_file_and_names_it(
+    runner, trained, synthetic_root, tmp_path, method
+):
+    import shutil
+
+    _, checkpoint = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "test", root / "test")
+    (root / "test" / "good" / "broken.png").write_bytes(b"not an image")
+    if method == "f1":
+        (root / "test" / "spot" / "broken_defect.png").write_bytes(b"")
+    out = tmp_path / "recalibrated.pt"
+    args = ["calibrate", str(checkpoint), str(root), "--method", method, "-o", str(out)]
+    with pytest.warns(UserWarning, match="broken") as caught:
+        result = runner.invoke(main, [*args, "--target-fpr", "0.25", "--silent"])
+    assert result.exit_code == 0, result.output
+    assert any("broken.png" in str(w.message) for w in caught)
+    loaded = VAEAnomalyDetector.load(out, progress=False)
+    normals = len(list((synthetic_root / "test" / "good").glob("*.png")))
+    if method == "normal_quantile":  # every readable normal, and only those
+        assert len(loaded.calibration_scores_) == normals
+    else:
+        assert f"{normals} normal" in result.output
+    # nothing readable: a clear error, the checkpoint untouched
+    empty = tmp_path / "none"
+    (empty / "test" / "good").mkdir(parents=True)
+    (empty / "test" / "good" / "x.png").write_bytes(b"")
+    with pytest.warns(UserWarning):
+        result = runner.invoke(main, ["calibrate", str(checkpoint), str(empty), "-o", str(out)])
+    assert result.exit_code == 1 and "no readable" in result.output
