@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from anomalyvae.errors import AnomalyVAEError
+from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.version import __version__
 
 
@@ -577,10 +577,18 @@ def predict(
       anomalyvae predict model.onnx part_001.png part_002.png
       anomalyvae predict model.onnx incoming/ --json
     """
+    from anomalyvae.imaging.files import IMAGE_EXTENSIONS
     from anomalyvae.inference.decoding import expand_inputs
     from anomalyvae.inference.runtime import OnnxDetector, format_prediction, json_line
 
-    rows = OnnxDetector(model, device=device).predict_rows(expand_inputs(images), threshold)
+    paths = expand_inputs(images)
+    if not paths:  # an empty folder is no verdict, not an empty success
+        raise InvalidValueError(
+            f"no image files in {', '.join(repr(str(p)) for p in images)} (folders are "
+            f"searched as `scan` searches them: {', '.join(IMAGE_EXTENSIONS)}, DICOM and "
+            "NIfTI)"
+        )
+    rows = OnnxDetector(model, device=device).predict_rows(paths, threshold)
     if not as_json:
         click.echo("path\tscore\tnormalized_score\tverdict")
     for row in rows:

@@ -406,3 +406,11 @@ def test_predict_names_undecodable_files_as_the_scan_does(onnx_model, test_paths
             assert rows[0]["score"] is None and rows[0]["is_anomaly"] is None
             assert rows[0]["path"].endswith("broken_\\xfe.png") and "\\xfe" in rows[0]["error"]
             assert rows[1]["path"].endswith("part_\\xff.png") and rows[1]["error"] == ""
+
+
+def test_predict_on_a_folder_without_images_is_an_error(onnx_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    result = CliRunner().invoke(main, ["predict", str(onnx_model), str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "no image files in" in result.output
+    assert "Traceback" not in result.output

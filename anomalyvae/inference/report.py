@@ -62,7 +62,8 @@ TEMPLATE = """<!doctype html>
 </div>
 {% if drift_warnings %}<div class="alarm"><b>Drift alarm</b><ul>
 {% for w in drift_warnings %}<li>{{ w }}</li>{% endfor %}</ul></div>{% endif %}
-{% if s.n_errors %}<p class="bad">{{ s.n_errors }} {{ "file" if s.n_errors == 1 else "files" }} could not be scored: see
+{% if s.n_errors %}<p class="bad">{{ s.n_errors }}
+ {{ "file" if s.n_errors == 1 else "files" }} could not be scored: see
  <a href="#unreadable">Unreadable files</a>.</p>{% endif %}
 {% if calibration_note %}<p class="sub">{{ calibration_note }}</p>{% endif %}
 <h2>Score distribution</h2>

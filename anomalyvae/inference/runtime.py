@@ -163,8 +163,9 @@ def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str
         stored = props.get(CONTENT_HASH_KEY)
         if stored != content_hash(model):
             raise OnnxModelError(
-                f"'{path}' was altered after export (content hash mismatch); re-export it "
-                "or pass verify=False if the change was intended"
+                f"'{path}' was altered after export (content hash mismatch): damaged in "
+                "transfer or edited; re-export it from its checkpoint (`anomalyvae export`). "
+                "A deliberate edit can be read with verify=False in the Python API"
             )
     out: dict[str, Any] = {}
     for key, value in props.items():
