@@ -342,8 +342,20 @@ class TrainingImages(NamedTuple):
     #: the file of each image
     names: list[str]
     n_skipped: int
-    #: the probed files' shapes (:meth:`SourceProbe.summary`)
-    source_shape: dict[str, Any]
+    #: the probed files' shapes (:meth:`SourceProbe.summary`); None for arrays
+    source_shape: dict[str, Any] | None
+
+    def data_summary(self, n_train: int, n_val: int) -> dict[str, Any]:
+        """What a model records of its training data (``data_summary_``)."""
+        summary: dict[str, Any] = {
+            "n_train": int(n_train),
+            "n_val": int(n_val),
+            "n_skipped": int(self.n_skipped),
+            "file_list_hash": file_list_hash(self.names) if self.names else "",
+        }
+        if self.source_shape is not None:  # the scan warns of files shaped unlike these
+            summary["source_shape"] = self.source_shape
+        return summary
 
 
 def training_images(
@@ -364,6 +376,35 @@ def training_images(
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")
     return TrainingImages(spec, images, [p.as_posix() for p in kept], len(errors), probe.summary())
+
+
+def training_input(
+    X: NDArray[np.floating] | Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
+) -> TrainingImages:
+    """What ``fit`` trains on, checked to hold at least two normals that differ.
+
+    ``X``: an array (shaped by the ``channels`` and ``image_size`` of ``params``) or files
+    (:func:`training_images`).
+    """
+    if isinstance(X, np.ndarray):
+        spec, images = array_input(X, params["channels"], params["image_size"])
+        loaded = TrainingImages(spec, images, [], 0, None)  # arrays carry no file shape
+    else:
+        loaded = training_images(X, params)
+    images = loaded.images
+    if len(images) < 2:
+        raise DatasetError(f"need at least 2 readable normal images to train, got {len(images)}")
+    # identical normals carry no variation to learn or calibrate on: every spread is
+    # zero, so the map statistics and z-scores would divide by nothing (the first
+    # differing image ends the check, so a real set costs one comparison)
+    if all(np.array_equal(image, images[0]) for image in images[1:]):
+        raise DatasetError(
+            f"all {len(images)} readable training images are identical after "
+            "preprocessing: a model of normal variation needs normal images that vary "
+            "(other parts, positions, lighting); check that the folder holds the real "
+            "images and not copies of one"
+        )
+    return loaded
 
 
 # --------------------------------------------------------------------------- synthetic

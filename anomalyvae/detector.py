@@ -15,14 +15,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomalyvae import calibration as cal
-from anomalyvae.data import (
-    DatasetError,
-    array_input,
-    as_nchw,
-    file_list_hash,
-    to_model_input,
-    training_images,
-)
+from anomalyvae.data import as_nchw, to_model_input, training_input
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.synthetic_defects import self_check as synthetic_self_check
@@ -241,49 +234,22 @@ class VAEAnomalyDetector:
         params = self.get_params()
         check_request(params)  # before the (long) data loading
         train_config = TrainConfig.from_params(params)
-        source_shape = None  # arrays carry no original shape
-        if isinstance(X, np.ndarray):
-            self.preprocessing_, images = array_input(X, self.channels, self.image_size)
-            names, n_skipped = [], 0
-        else:
-            loaded = training_images(X, params)
-            self.preprocessing_, images, names = loaded.preprocessing, loaded.images, loaded.names
-            n_skipped, source_shape = loaded.n_skipped, loaded.source_shape
+        loaded = training_input(X, params)
         if self.time_budget_s is not None:  # what loading took is no longer the training's
             budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
             train_config = dataclasses.replace(train_config, time_budget_s=budget)
-        if len(images) < 2:
-            raise DatasetError(
-                f"need at least 2 readable normal images to train, got {len(images)}"
-            )
-        # identical normals carry no variation to learn or calibrate on: every spread is
-        # zero, so the map statistics and z-scores would divide by nothing (the first
-        # differing image ends the check, so a real set costs one comparison)
-        if all(np.array_equal(image, images[0]) for image in images[1:]):
-            raise DatasetError(
-                f"all {len(images)} readable training images are identical after "
-                "preprocessing: a model of normal variation needs normal images that vary "
-                "(other parts, positions, lighting); check that the folder holds the real "
-                "images and not copies of one"
-            )
-        val_index, train_index = self.split_indices(len(images))
-        self.validation_files_ = [names[i] for i in val_index] if names else []
+        self.preprocessing_ = loaded.preprocessing
+        val_index, train_index = self.split_indices(len(loaded.images))
+        self.validation_files_ = [loaded.names[i] for i in val_index] if loaded.names else []
+        self.data_summary_ = loaded.data_summary(len(train_index), len(val_index))
         # the split's copies are all that is used from here: one copy of the set, not two
-        train_images, val_images = images[train_index], images[val_index]
-        del images
+        train_images, val_images = loaded.images[train_index], loaded.images[val_index]
+        del loaded
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
         family = self.family()
         self.scoring_ = family.resolve_scoring(self, spec)
         family.check_scoring(self.scoring_)  # before the (long) training
-        self.data_summary_ = {
-            "n_train": int(len(train_index)),
-            "n_val": int(len(val_index)),
-            "n_skipped": int(n_skipped),
-            "file_list_hash": file_list_hash(names) if names else "",
-        }
-        if source_shape is not None:  # the scan warns of files shaped unlike these
-            self.data_summary_["source_shape"] = source_shape
         trained = family.train(self, train_images, val_images, train_config, resume)
         self.model_, self.history_ = trained.model, trained.history
         self.resume_state_ = trained.resume_state  # how training could go on
