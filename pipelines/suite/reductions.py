@@ -22,7 +22,8 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
   of components) becomes one number: its smoothing and the top share averaged;
 - **image side**: the longest side the input is box-averaged to before the ``image``
-  view's PCA (the model's own number of components, refitted at each side);
+  view's PCA (the model's own number of components, refitted at each side), and several
+  sides at once (the mean of their robust z-scores: defects at more than one scale);
 - **image mirrors**: the training normals the ``image`` subspace is fitted on, with
   left-right (and up-down) mirrored copies added: more normals to span the subspace
   where there are few, at the price of a looser subspace where the normals are not
@@ -92,6 +93,8 @@ IMAGE_SIGMAS = (1.0, 2.0)
 IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
 #: image side variants: the longest side (px) the input is box-averaged to for the view.
 IMAGE_SIDES = (64, 128, 256)
+#: ... and sides read together, the mean of each side's robust z-score.
+IMAGE_SIDE_MIXES = ((128, 256), (64, 128, 256))
 #: knn neighbourhood variants: the side of the box each location's features average.
 NEIGHBOURHOODS = (1, 3, 5)
 NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
@@ -331,6 +334,13 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
             counts_only=True,
         )
         sides[f"{side} px"] = own[f"{config.image_components} components"]
+    for mix in IMAGE_SIDE_MIXES:
+        parts = [sides[f"{side} px"] for side in mix]
+        sides[" + ".join(map(str, mix)) + " px, mean z"] = {
+            # the fusion's image weight keeps the model's own side's signal
+            "unexplained": sides[f"{config.image_side} px"]["unexplained"],
+            **{g: np.mean([z_of(p["val"], p[g]) for p in parts], axis=0) for g in ("val", "test")},
+        }
     mirrors = {}
     base = np.concatenate(pooled_train[pool])
     for name, axes in MIRRORS.items():
