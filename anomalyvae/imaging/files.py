@@ -130,5 +130,11 @@ def has_image_name(path: Path, wanted: set[str]) -> bool:
     if any(name.endswith(e) for e in wanted):
         return True
     # sniff the DICOM preamble of regular files only: opening a FIFO or a device
-    # would block the scan forever
-    return ".dcm" in wanted and not path.suffix and path.is_file() and is_dicom(path)
+    # would block the scan forever; a file that cannot even be looked at (no permission)
+    # is not taken for DICOM, so the walk goes on
+    if ".dcm" not in wanted or path.suffix:
+        return False
+    try:
+        return path.is_file() and is_dicom(path)
+    except OSError:
+        return False

@@ -308,3 +308,22 @@ def test_a_huge_jpeg_is_decoded_at_reduced_scale_not_in_full(tmp_path, monkeypat
     assert calls, "the JPEG decoder's own downscaling (draft mode) was not used"
     assert (decoded.height, decoded.width) == (1600, 1200)
     assert max(decoded.pixels.shape[:2]) <= 400
+
+
+def test_the_walker_goes_on_past_a_file_it_may_not_look_at(tmp_path, monkeypatch):
+    """A stat that fails (no permission, a /proc entry) drops that file, not the walk."""
+    from pathlib import Path
+
+    from anomalyvae.imaging.files import walk_images
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "locked").write_bytes(b"x")  # extensionless: sniffed for DICOM
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert [p.name for p in walk_images(tmp_path)] == ["a.png"]
