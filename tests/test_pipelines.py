@@ -47,6 +47,10 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         assert completed.returncode == 0, completed.stderr[-3000:]
         for name in outputs:
             assert (tmp_path / "report" / name).is_file(), name
+        if script == "suite/drift.py":  # a whole batch made darker: the alarm must fire
+            drift = json.loads((tmp_path / "report" / "drift.json").read_text())
+            darker = drift["sets"]["synthetic32"]["lighting"]["darker (x0.7)"]
+            assert darker["n_images"] == 24 and darker["warnings"]
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
