@@ -266,9 +266,8 @@ class VAEAnomalyDetector:
             extra = family.fuse(self, cross_fitted)
         self.calibrate(val_images, extra_normal_scores=extra)
         # what the scan's drift alarm compares each batch with (inference/drift.py)
-        self.normal_intensity_ = intensity_summary(
-            val_images.reshape(len(val_index), -1).mean(axis=1)
-        )
+        flat = val_images.reshape(len(val_images), -1)
+        self.normal_intensity_ = intensity_summary(flat.mean(axis=1), flat.std(axis=1))
         self.self_check_ = self.self_check(val_images)
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)

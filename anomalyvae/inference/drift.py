@@ -10,13 +10,16 @@ Two checks, both against what the model file says about its calibration normals:
   calibration normals' own range (their 0.5 and 99.5 percentiles); a binomial test on
   the share outside it, and the batch median's shift in units of the normals' spread,
   catch lighting drift, a changed camera gain or a different modality.
+- **contrast**: the same test on each image's standard deviation of model-input
+  intensity (its RMS contrast), which a fogged lens, defocus or a flatter exposure lowers
+  while the mean stays; models saved before it carry no contrast range and skip it.
 
 numpy and scipy only (the torch-free wing).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,16 +38,66 @@ OUTSIDE_WARN_SHARE = 0.05
 MIN_IMAGES = 20
 
 
-def intensity_summary(means: NDArray[np.floating]) -> dict[str, float]:
-    """What export stores of the calibration normals' per-image mean intensities."""
-    means = np.asarray(means, dtype=np.float64)
+def intensity_summary(
+    means: NDArray[np.floating], contrasts: NDArray[np.floating] | None = None
+) -> dict[str, Any]:
+    """What export stores of the calibration normals' per-image mean intensities.
+
+    ``contrasts`` (their per-image standard deviations) add a ``contrast`` range alike.
+    """
+    summary: dict[str, Any] = _spread(means)
+    if contrasts is not None:
+        summary["contrast"] = _spread(contrasts)
+    return summary
+
+
+def _spread(values: NDArray[np.floating]) -> dict[str, Any]:
+    values = np.asarray(values, dtype=np.float64)
     return {
-        "n_images": int(means.size),
-        "median": float(np.median(means)),
-        "std": float(np.std(means)),
-        "p005": float(np.quantile(means, 0.005)),
-        "p995": float(np.quantile(means, 0.995)),
+        "n_images": int(values.size),
+        "median": float(np.median(values)),
+        "std": float(np.std(values)),
+        "p005": float(np.quantile(values, 0.005)),
+        "p995": float(np.quantile(values, 0.995)),
     }
+
+
+class _RangeCheck(NamedTuple):
+    """A batch's values against the normals' [0.5, 99.5] % band: numbers, and whether to warn."""
+
+    numbers: dict[str, Any]
+    warn: bool
+    below: float
+    above: float
+    expected: float
+
+
+def _range_check(values: NDArray[np.floating], normal: dict[str, Any]) -> _RangeCheck:
+    """The binomial test on the share outside the normals' band, and the median's shift."""
+    low, high = float(normal["p005"]), float(normal["p995"])
+    below, above = int((values < low).sum()), int((values > high).sum())
+    outside = below + above
+    # a band estimated from n normals holds back about 2/(n+1) of new normals
+    expected = max(OUTSIDE_EXPECTED, 2.0 / (int(normal.get("n_images", 0)) + 1))
+    p = float(binomtest(outside, values.size, expected, alternative="greater").pvalue)
+    spread = max(float(normal["std"]), 1e-6)
+    shift = (float(np.median(values)) - float(normal["median"])) / spread
+    share_alarm = p < ALARM_P and outside / values.size >= OUTSIDE_WARN_SHARE
+    numbers = {
+        "batch_median": float(np.median(values)),
+        "normal_median": float(normal["median"]),
+        "shift_in_normal_sd": shift,
+        "share_outside_normal_range": outside / values.size,
+        "normal_range": [low, high],
+        "p_value": p,
+    }
+    warn = share_alarm or abs(shift) >= SHIFT_WARN_SD
+    return _RangeCheck(numbers, warn, below / values.size, above / values.size, expected)
+
+
+def _finite(values: NDArray[np.floating] | None) -> NDArray[np.float64]:
+    values = np.asarray([] if values is None else values, dtype=np.float64)
+    return values[np.isfinite(values)]
 
 
 def drift_report(
@@ -53,10 +106,13 @@ def drift_report(
     target_fpr: float | None,
     normal_intensity: dict[str, Any] | None,
     extra_warnings: list[str] | None = None,
+    contrast: NDArray[np.floating] | None = None,
 ) -> dict[str, Any]:
     """The drift section of a scan summary: numbers, and warnings in plain words.
 
-    ``extra_warnings`` (such as colour files into a grey model) are passed through.
+    ``extra_warnings`` (such as colour files into a grey model) are passed through;
+    ``contrast``: each image's standard deviation of model-input intensity (checked
+    when ``normal_intensity`` has a ``contrast`` range).
     """
     flags = np.asarray(is_anomaly, dtype=bool)
     n = int(flags.size)
@@ -80,39 +136,55 @@ def drift_report(
                 "data (lighting, camera, product change): check a sample of the flagged "
                 "images before trusting the verdicts, and recalibrate if they are normal."
             )
-    means = np.asarray(mean_intensity, dtype=np.float64)
-    means = means[np.isfinite(means)]
+    means = _finite(mean_intensity)
     if normal_intensity and means.size >= MIN_IMAGES:
-        low, high = normal_intensity["p005"], normal_intensity["p995"]
-        below, above = int((means < low).sum()), int((means > high).sum())
-        outside = below + above
-        # a band estimated from n normals holds back about 2/(n+1) of new normals
-        expected = max(OUTSIDE_EXPECTED, 2.0 / (int(normal_intensity.get("n_images", 0)) + 1))
-        p = float(binomtest(outside, means.size, expected, alternative="greater").pvalue)
-        spread = max(float(normal_intensity["std"]), 1e-6)
-        shift = (float(np.median(means)) - float(normal_intensity["median"])) / spread
+        check = _range_check(means, normal_intensity)
         out["intensity"] = {
-            "batch_median": float(np.median(means)),
-            "normal_median": float(normal_intensity["median"]),
-            "shift_in_normal_sd": shift,
-            "share_outside_normal_range": outside / means.size,
-            "share_darker": below / means.size,
-            "share_brighter": above / means.size,
-            "normal_range": [low, high],
-            "p_value": p,
+            **check.numbers,
+            "share_darker": check.below,
+            "share_brighter": check.above,
         }
-        share_alarm = p < ALARM_P and outside / means.size >= OUTSIDE_WARN_SHARE
-        if share_alarm or abs(shift) >= SHIFT_WARN_SD:
+        if check.warn:
+            numbers = check.numbers
             # the tail with more images names the direction (a batch can be mixed)
-            direction = "darker" if (below > above if outside else shift < 0) else "brighter"
+            outside = check.below + check.above
+            darker = check.below > check.above if outside else numbers["shift_in_normal_sd"] < 0
+            low, high = numbers["normal_range"]
             out["warnings"].append(
-                f"Images are {direction} than the calibration normals: median "
-                f"intensity {np.median(means):.3f} against {normal_intensity['median']:.3f} "
-                f"({shift:+.1f} normal standard deviations), and "
-                f"{outside / means.size:.0%} fall outside the normals' range "
-                f"[{low:.3f}, {high:.3f}] (about {expected:.0%} expected; "
-                f"{below / means.size:.0%} darker, {above / means.size:.0%} brighter). "
-                "Lighting or "
+                f"Images are {'darker' if darker else 'brighter'} than the calibration "
+                f"normals: median intensity {numbers['batch_median']:.3f} against "
+                f"{numbers['normal_median']:.3f} ({numbers['shift_in_normal_sd']:+.1f} normal "
+                f"standard deviations), and {outside:.0%} fall outside the normals' range "
+                f"[{low:.3f}, {high:.3f}] (about {check.expected:.0%} expected; "
+                f"{check.below:.0%} darker, {check.above:.0%} brighter). Lighting or "
                 "acquisition has changed; scores may rise or fall for reasons other than defects."
+            )
+    contrasts = _finite(contrast)
+    normal_contrast = (normal_intensity or {}).get("contrast")
+    if normal_contrast and contrasts.size >= MIN_IMAGES:
+        check = _range_check(contrasts, normal_contrast)
+        out["contrast"] = {
+            **check.numbers,
+            "share_flatter": check.below,
+            "share_harsher": check.above,
+        }
+        if check.warn:
+            numbers = check.numbers
+            outside = check.below + check.above
+            flatter = check.below > check.above if outside else numbers["shift_in_normal_sd"] < 0
+            low, high = numbers["normal_range"]
+            out["warnings"].append(
+                f"Images have {'less' if flatter else 'more'} contrast than the calibration "
+                f"normals: median standard deviation of intensity {numbers['batch_median']:.3f} "
+                f"against {numbers['normal_median']:.3f} ({numbers['shift_in_normal_sd']:+.1f} "
+                f"normal standard deviations), and {outside:.0%} fall outside the normals' "
+                f"range [{low:.3f}, {high:.3f}] (about {check.expected:.0%} expected). "
+                + (
+                    "A fogged or dirty lens, defocus, glare or a flatter exposure lowers "
+                    if flatter
+                    else "Harsher lighting, a changed gain or sharper optics raises "
+                )
+                + "contrast; the image score is built for local defects and sees little of "
+                "it: check the camera and lighting before trusting the verdicts."
             )
     return out

@@ -118,6 +118,8 @@ class OnnxResult(NamedTuple):
     is_anomaly: NDArray[np.bool_]
     #: (n,) mean of each model input, filled in by the scan (None from ``predict_*``)
     mean_intensity: NDArray[np.float32] | None = None
+    #: (n,) standard deviation of each model input (its RMS contrast), as ``mean_intensity``
+    contrast: NDArray[np.float32] | None = None
 
 
 def read_metadata(path: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:

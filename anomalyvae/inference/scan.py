@@ -243,7 +243,8 @@ class BatchScorer:
     def _predict(self, inputs: NDArray[np.float32]) -> Any:
         result = self.detector.predict_arrays(inputs, self.threshold)
         # the drift alarm compares these with the calibration normals' (drift.py)
-        return result._replace(mean_intensity=inputs.reshape(len(inputs), -1).mean(axis=1))
+        flat = inputs.reshape(len(inputs), -1)
+        return result._replace(mean_intensity=flat.mean(axis=1), contrast=flat.std(axis=1))
 
     def _wants_heatmap(self, is_anomaly: bool) -> bool:
         mode = self.config.heatmaps
@@ -269,6 +270,7 @@ class BatchScorer:
             "peak_y": np.nan,
             "anomalous_area": np.nan,
             "mean_intensity": np.nan,
+            "contrast": np.nan,
             "heatmap": "",
             "error": item.info["error"],
             "model_hash": self.detector.model_hash,
@@ -530,6 +532,7 @@ def _score_fields(
         "mean_intensity": float(result.mean_intensity[k])
         if result.mean_intensity is not None
         else np.nan,
+        "contrast": float(result.contrast[k]) if result.contrast is not None else np.nan,
     }
 
 

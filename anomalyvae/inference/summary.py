@@ -147,6 +147,7 @@ def summarize(
             target_fpr_of(metadata),
             metadata.get("normal_intensity"),
             channel_warnings(ok, metadata) + shape_warnings(ok, metadata),
+            ok["contrast"].to_numpy(dtype=float),
         ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         # unsigned: anyone could have edited the threshold and recomputed the hash
