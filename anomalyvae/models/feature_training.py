@@ -25,7 +25,12 @@ from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import coreset_indices, knn_view
-from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, location_loss
+from anomalyvae.models.feature_vae import (
+    FeatureVAE,
+    FeatureVAEConfig,
+    contrast_floor,
+    location_loss,
+)
 from anomalyvae.models.fusion import VIEW_NAMES
 
 
@@ -312,6 +317,8 @@ def train_feature_vae(
     torch.manual_seed(seed)
     # the bank is chosen from full feature vectors and projected once chosen (bank_dim)
     projected, config = config.bank_dim, dataclasses.replace(config, bank_dim=0)
+    if config.normalize_images:  # the contrast floor follows the normals' own contrast
+        config = dataclasses.replace(config, min_std=contrast_floor(train_images))
     subspace = None  # pooled once for the choice and the fit, freed before the backbone
     if config.image_components:
         pooled = pooled_images(train_images, config)

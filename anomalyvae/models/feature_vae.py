@@ -111,6 +111,13 @@ class FeatureVAEConfig:
         Give every image the same mean and contrast before the backbone
         (:func:`normalize_intensity`), so that a global change of lighting or gain is
         not scored as a defect. The scan's drift alarm still sees the raw intensities.
+    min_std : float
+        The smallest contrast (standard deviation of intensity) that normalization
+        credits an image with, so that a flat image is not blown up to noise. Training
+        sets it relative to the training normals' own contrast
+        (:func:`contrast_floor`), so that files using a sliver of their range (8-bit
+        files with a few grey levels, 12-bit data in 16-bit files) are stretched like
+        any other; models saved before it keep the fixed :data:`MIN_STD`.
     image_components : int
         Components of the pixel-space ``image`` view's PCA; 0 turns the view off (models
         saved before it existed load that way). Training chooses it by held-out
@@ -155,6 +162,7 @@ class FeatureVAEConfig:
     logvar_min: float = -4.0
     logvar_max: float = 3.0
     normalize_images: bool = True
+    min_std: float = 0.02
     image_components: int = 50
     image_side: int = 128
     image_reduce: str = "topk"
@@ -179,6 +187,8 @@ class FeatureVAEConfig:
             raise InvalidValueError(f"pool must be a positive odd number, got {self.pool}")
         if self.beta < 0:
             raise InvalidValueError(f"beta must be >= 0, got {self.beta}")
+        if not (self.min_std > 0 and math.isfinite(self.min_std)):
+            raise InvalidValueError(f"min_std must be > 0 and finite, got {self.min_std}")
         if not self.logvar_min < self.logvar_max:
             raise InvalidValueError("logvar_min must be smaller than logvar_max")
         if self.image_components < 0 or self.image_side < 1:
@@ -342,7 +352,7 @@ class FeatureVAE(nn.Module):
     def raw_features(self, x: Tensor) -> Tensor:
         """Backbone features (n, c, h/8, w/8), unstandardized; x is (n, 1|3, h, w) in [0, 1]."""
         if self.config.normalize_images:
-            x = normalize_intensity(x)
+            x = normalize_intensity(x, self.config.min_std)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         features = self._tiled_features(x) if self.layout.tiled else self._features(x)
@@ -527,7 +537,10 @@ class FeatureVAE(nn.Module):
 #: about those of natural images in [0, 1], where the ImageNet weights work best.
 TARGET_MEAN, TARGET_STD = 0.45, 0.225
 #: The smallest contrast an image is credited with: flat images are not blown up to noise.
+#: The ceiling of :func:`contrast_floor`, and the floor of models saved before it.
 MIN_STD = 0.02
+#: :func:`contrast_floor`'s share of the training normals' median contrast.
+MIN_STD_SHARE = 0.1
 
 
 def location_maps(
@@ -565,16 +578,37 @@ def fit_map_constants(
     model.map_scale.copy_(torch.from_numpy(scale).float())
 
 
-def normalize_intensity(x: Tensor) -> Tensor:
+def contrast_floor(images: NDArray[np.floating], chunk: int = 64) -> float:
+    """The ``min_std`` of a model trained on ``images`` (n, c, h, w) in [0, 1].
+
+    A tenth (:data:`MIN_STD_SHARE`) of the images' median standard deviation of
+    intensity, at most :data:`MIN_STD`. Images of ordinary contrast (0.05 to 0.3: every
+    image of the suite's industrial sets) sit far above either floor and are normalized
+    exactly as before; files that use a sliver of their range (the brain MRI slices:
+    contrast 0.0008, three grey levels) get a floor to match, instead of reaching the
+    backbone 25 times flatter than the rest.
+    """
+    stds = [
+        np.asarray(images[i : i + chunk], dtype=np.float64)
+        .reshape(-1, int(np.prod(images.shape[1:])))
+        .std(1)
+        for i in range(0, len(images), chunk)
+    ]
+    typical = float(np.median(np.concatenate(stds))) if stds else MIN_STD
+    return float(min(MIN_STD, max(MIN_STD_SHARE * typical, 1e-6)))
+
+
+def normalize_intensity(x: Tensor, min_std: float = MIN_STD) -> Tensor:
     """Each image of (n, c, h, w) shifted and scaled to one mean and standard deviation.
 
     A global change of brightness or gain (lighting drift, another camera setting) then
     leaves the image unchanged, so only what changes its *pattern* can raise a score.
     Per-image standardization is the usual first step for medical images with arbitrary
-    intensity scales too. All plain tensor ops, so it exports to ONNX.
+    intensity scales too. An image flatter than ``min_std`` is scaled as if it had that
+    contrast. All plain tensor ops, so it exports to ONNX.
     """
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    std = x.std(dim=(1, 2, 3), keepdim=True).clamp(min=MIN_STD)
+    std = x.std(dim=(1, 2, 3), keepdim=True).clamp(min=min_std)
     return (x - mean) / std * TARGET_STD + TARGET_MEAN
 
 

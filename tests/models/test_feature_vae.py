@@ -697,3 +697,35 @@ def test_the_trained_image_subspace_has_the_chosen_components(feature_detector, 
     images = detector.preprocess([paths[i] for i in train_index])
     chosen, tried = choose_image_components(pooled_images(images, config), seed=detector.seed)
     assert config.image_components == chosen and chosen in tried
+
+
+def test_files_that_use_a_sliver_of_their_range_reach_the_backbone_like_any_other():
+    """8-bit files with a few grey levels, 12-bit data in 16-bit files: the contrast floor
+    follows the training normals, so a dim set is stretched as its full-range twin."""
+    from anomalyvae.models.feature_vae import MIN_STD, contrast_floor, normalize_intensity
+
+    rng = np.random.default_rng(0)
+    full = rng.uniform(0.0, 1.0, (6, 1, 32, 32)).astype(np.float32)
+    dim = full * 0.004  # the same images, stored in 1/250 of the range
+    assert contrast_floor(full) == MIN_STD  # high contrast keeps the fixed floor
+    assert contrast_floor(dim) < 0.1 * dim.std()
+    seen_full = normalize_intensity(torch.from_numpy(full), contrast_floor(full))
+    seen_dim = normalize_intensity(torch.from_numpy(dim), contrast_floor(dim))
+    assert torch.allclose(seen_full, seen_dim, atol=1e-3)
+    # the old fixed floor flattened the dim set to a tenth of the contrast
+    old = normalize_intensity(torch.from_numpy(dim), MIN_STD)
+    assert old.std() < 0.1 * seen_full.std()
+    # a flat image stays flat instead of becoming noise
+    flat = torch.full((1, 1, 32, 32), 0.3) + 1e-7 * torch.randn(1, 1, 32, 32)
+    assert normalize_intensity(flat, contrast_floor(dim)).std() < 0.01
+
+
+def test_training_sets_the_contrast_floor_and_older_models_keep_the_fixed_one(feature_detector):
+    from anomalyvae.models.feature_vae import MIN_STD
+
+    config = feature_detector[0].model_.config
+    assert 0 < config.min_std <= MIN_STD
+    saved = {k: v for k, v in config.to_dict().items() if k != "min_std"}
+    assert FeatureVAEConfig.from_dict(saved).min_std == MIN_STD
+    with pytest.raises(InvalidValueError, match="min_std"):
+        dataclasses.replace(config, min_std=0.0)
