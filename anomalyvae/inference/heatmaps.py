@@ -18,6 +18,27 @@ from anomalyvae.imaging.tiles import map_to_size
 
 #: Longest side of a drawn heatmap, in px (about 50 MB of float64 to draw at most).
 MAX_HEATMAP_SIDE = 2048
+#: An image whose 0.5-99.5 % grey levels span less than this share of full scale is
+#: stretched to that band for display (a dim file would otherwise draw black).
+DISPLAY_STRETCH_BELOW = 0.5
+
+
+def display_grey(grey: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The grey image as a heatmap shows it: as stored, or stretched when it is dim.
+
+    Files that use a sliver of their range (8-bit slices in three grey levels, 12-bit
+    data in 16-bit files) are stretched from their 0.5 % to their 99.5 % grey level, for
+    display only; the scores never see this.
+    """
+    grey = np.asarray(grey, dtype=np.float64)
+    if grey.size == 0:
+        return grey
+    low, high = np.percentile(grey, [0.5, 99.5])
+    if high - low <= 1e-9:  # flat but for a few pixels: their range, if any
+        low, high = float(grey.min()), float(grey.max())
+    if high - low <= 1e-9 or high - low >= DISPLAY_STRETCH_BELOW:
+        return grey
+    return np.clip((grey - low) / (high - low), 0.0, 1.0)
 
 
 def heatmap_overlay(
@@ -39,7 +60,7 @@ def heatmap_overlay(
     if step > 1:
         pixels = pixels[::step, ::step]
     height, width = pixels.shape[:2]
-    grey = pixels.mean(axis=2) if pixels.shape[2] > 1 else pixels[:, :, 0]
+    grey = display_grey(pixels.mean(axis=2) if pixels.shape[2] > 1 else pixels[:, :, 0])
     big = map_to_size(anomaly_map, height, width)
     level = np.clip(big / max(vmax, 1e-12), 0, 1)
     colour = colormaps["inferno"](level)[:, :, :3]

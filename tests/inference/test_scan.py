@@ -574,3 +574,20 @@ def test_shape_warnings_say_nothing_for_older_or_malformed_models(source_shape):
     metadata = {"training_data": {"source_shape": source_shape}}
     assert shape_warnings(ok, metadata) == []
     assert shape_warnings(ok, {}) == []
+
+
+def test_a_dim_file_is_drawn_stretched_and_a_normal_one_as_stored():
+    from anomalyvae.inference.heatmaps import display_grey, heatmap_overlay
+
+    rng = np.random.default_rng(0)
+    normal = rng.uniform(0, 1, (40, 40))
+    assert np.array_equal(display_grey(normal), normal)
+    dim = np.zeros((40, 40))
+    dim[10:30, 10:30] = rng.integers(1, 3, (20, 20)) / 255.0  # three grey levels
+    shown = display_grey(dim)
+    assert shown.max() == 1.0 and shown.min() == 0.0
+    flat = np.full((40, 40), 0.3)
+    assert np.array_equal(display_grey(flat), flat)
+    # the overlay (and so the report's gallery) shows the dim part, not a black square
+    image = heatmap_overlay(dim[:, :, None].astype(np.float32), np.zeros((10, 10)), 1.0, 1.0)
+    assert np.asarray(image)[10:30, 10:30].mean() > 100
