@@ -407,6 +407,32 @@ def training_input(
     return loaded
 
 
+#: Below this 99.5th-percentile grey level (of full scale) training images count as dim.
+DIM_INPUT_LEVEL = 0.1
+
+
+def dim_input_note(images: NDArray[np.floating], sample: int = 64) -> str | None:
+    """Plain words when training images use a sliver of their range, else None.
+
+    The feature model stretches every image to one contrast and is not affected; the
+    pixel model reads the stored levels, so files in a few grey levels (or 12-bit data in
+    16-bit files) reach it nearly black. Read from a sample of at most ``sample`` images.
+    """
+    if not len(images):
+        return None
+    picked = np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int)
+    level = float(np.percentile(np.asarray(images[picked], dtype=np.float32), 99.5))
+    if level >= DIM_INPUT_LEVEL:
+        return None
+    return (
+        f"the training images are dim: 99.5 % of their pixels are below {level:.4f} of full "
+        "scale (files that use a sliver of their range, such as 12-bit data in 16-bit "
+        "files). The pixel model reads these levels as they are; pass --normalization "
+        "percentile (each image stretched to its own 1-99 % levels) so that it sees the "
+        "images' contrast"
+    )
+
+
 # --------------------------------------------------------------------------- synthetic
 
 

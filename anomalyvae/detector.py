@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from numpy.typing import NDArray
 
 from anomalyvae import calibration as cal
-from anomalyvae.data import as_nchw, to_model_input, training_input
+from anomalyvae.data import as_nchw, dim_input_note, to_model_input, training_input
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.synthetic_defects import self_check as synthetic_self_check
@@ -247,6 +248,9 @@ class VAEAnomalyDetector:
         del loaded
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
+        dim = dim_input_note(train_images) if spec.normalization == "none" else None
+        if dim and self.family_ == "pixel":  # the feature model stretches each image itself
+            warnings.warn(dim, UserWarning, stacklevel=2)
         family = self.family()
         self.scoring_ = family.resolve_scoring(self, spec)
         family.check_scoring(self.scoring_)  # before the (long) training

@@ -242,3 +242,13 @@ def test_pixel_fusion_constants_do_not_depend_on_the_score_kind(trained):
     paths = detector.validation_files_[:4]
     maps = loaded.anomaly_map(paths)
     np.testing.assert_allclose(loaded.anomaly_score(paths), maps.reshape(4, -1).max(1), rtol=1e-6)
+
+
+def test_dim_training_images_get_a_word_for_the_pixel_model():
+    """12-bit data in 16-bit files reaches the pixel model nearly black: say so, and how."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.8, (24, 1, 32, 32)).astype(np.float32)
+    settings = {**TINY, "epochs": 1, "target_fpr": 0.25}  # 4 held-out normals can promise it
+    with pytest.warns(UserWarning, match="training images are dim.*--normalization percentile"):
+        VAEAnomalyDetector(model="pixel", **settings).fit(images * 0.06)
+    VAEAnomalyDetector(model="pixel", **settings).fit(images)  # no word: warnings are errors
