@@ -51,6 +51,8 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
             drift = json.loads((tmp_path / "report" / "drift.json").read_text())
             darker = drift["sets"]["synthetic32"]["lighting"]["darker (x0.7)"]
             assert darker["n_images"] == 24 and darker["warnings"]
+            flatter = drift["sets"]["synthetic32"]["lighting"]["flatter (contrast x0.7)"]
+            assert "contrast" in flatter  # the smoke model has the contrast range
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -174,16 +174,24 @@ def main(argv: list[str] | None = None) -> int:
             "score is built for local defects and sees little of a change to the whole "
             "image; the drift alarm is what catches a lighting failure.",
             "",
-            "| set | change | images | flagged | intensity shift (normal SD) | alarm |",
-            "|---|---|---|---|---|---|",
+            "| set | change | images | flagged | intensity shift (normal SD) "
+            "| contrast shift (normal SD) | alarm |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, r in results.items():
             for key, changed in r["lighting"].items():
                 shift = changed.get("intensity", {}).get("shift_in_normal_sd", float("nan"))
+                flat = changed.get("contrast", {}).get("shift_in_normal_sd")
                 lines.append(
                     f"| {name} | {key} | {changed['n_images']} | {changed['share_flagged']:.1%} "
-                    f"| {shift:+.2f} | {'**fires**' if changed['warnings'] else 'quiet'} |"
+                    f"| {shift:+.2f} | {'–' if flat is None else f'{flat:+.2f}'} "
+                    f"| {'**fires**' if changed['warnings'] else 'quiet'} |"
                 )
+        lines += [
+            "",
+            "Contrast shift: – for a model saved before the contrast check (its file has no "
+            "contrast range to compare with).",
+        ]
         (out / "drift.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
     return 0
