@@ -248,10 +248,11 @@ class VAEAnomalyDetector:
         del loaded
         spec = self.preprocessing_
         self.family_ = resolve_family(self.model, spec.height, spec.width)
-        dim = dim_input_note(train_images) if spec.normalization == "none" else None
-        if dim and self.family_ == "pixel":  # the feature model stretches each image itself
-            warnings.warn(dim, UserWarning, stacklevel=2)
         family = self.family()
+        if family.reads_stored_levels and spec.normalization == "none":
+            dim = dim_input_note(train_images)
+            if dim:
+                warnings.warn(dim, UserWarning, stacklevel=2)
         self.scoring_ = family.resolve_scoring(self, spec)
         family.check_scoring(self.scoring_)  # before the (long) training
         trained = family.train(self, train_images, val_images, train_config, resume)

@@ -78,6 +78,10 @@ class ModelFamily(abc.ABC):
         Whether its maps can be standardized against per-pixel statistics of the
         training normals (``standardize``, :meth:`VAEAnomalyDetector.fit_map_stats`);
         False for a position-independent family.
+    reads_stored_levels : bool
+        Whether the model reads the stored grey levels as they are (so that dim files,
+        which use a sliver of their range, reach it nearly black); False for a family
+        that gives every image one mean and contrast first.
     """
 
     name: ClassVar[str]
@@ -88,6 +92,7 @@ class ModelFamily(abc.ABC):
     map_kinds: ClassVar[tuple[str, ...]] = ()
     score_kinds: ClassVar[tuple[str, ...]] = ()
     per_pixel_stats: ClassVar[bool] = False
+    reads_stored_levels: ClassVar[bool] = True
 
     def describe_map(self, model: nn.Module, scoring: ScoringConfig) -> str:
         """The anomaly map in words, for report headers (e.g. "z-nll")."""

@@ -52,6 +52,8 @@ class FeatureFamily(ModelFamily):
     """Per-location VAE, memory bank and whole-image views over backbone features."""
 
     name = "feature"
+    # normalize_intensity gives every image one mean and contrast before the backbone
+    reads_stored_levels = False
     view_names = VIEW_NAMES
     map_kinds = ("elbo",)
     score_kinds = SCORE_KINDS
