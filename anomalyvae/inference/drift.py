@@ -1,6 +1,6 @@
 """The drift alarm of every scan: whether a batch still looks like the calibration normals.
 
-Two checks, both against what the model file says about its calibration normals:
+Three checks, each against what the model file says about its calibration normals:
 
 - **flagged rate**: with a threshold set for a false-positive rate ``p``, a batch of
   ``n`` normal images flags about ``n * p``. A one-sided binomial test (scipy) says how
