@@ -71,6 +71,32 @@ class _RangeCheck(NamedTuple):
     above: float
     expected: float
 
+    @property
+    def lower(self) -> bool:
+        """Whether the batch moved down.
+
+        The tail with more images names the direction (a batch can be mixed), or the
+        median's shift when none is outside.
+        """
+        if self.below + self.above:
+            return self.below > self.above
+        return self.numbers["shift_in_normal_sd"] < 0
+
+    def section(self, lower: str, higher: str) -> dict[str, Any]:
+        """The numbers for summary.json, with each tail's share named."""
+        return {**self.numbers, f"share_{lower}": self.below, f"share_{higher}": self.above}
+
+    def describe(self, what: str) -> str:
+        """The numbers in words: "median WHAT x against y (...), and n % fall outside..."."""
+        n = self.numbers
+        low, high = n["normal_range"]
+        return (
+            f"median {what} {n['batch_median']:.3f} against {n['normal_median']:.3f} "
+            f"({n['shift_in_normal_sd']:+.1f} normal standard deviations), and "
+            f"{self.below + self.above:.0%} fall outside the normals' range "
+            f"[{low:.3f}, {high:.3f}] (about {self.expected:.0%} expected"
+        )
+
 
 def _range_check(values: NDArray[np.floating], normal: dict[str, Any]) -> _RangeCheck:
     """The binomial test on the share outside the normals' band, and the median's shift."""
@@ -139,49 +165,26 @@ def drift_report(
     means = _finite(mean_intensity)
     if normal_intensity and means.size >= MIN_IMAGES:
         check = _range_check(means, normal_intensity)
-        out["intensity"] = {
-            **check.numbers,
-            "share_darker": check.below,
-            "share_brighter": check.above,
-        }
+        out["intensity"] = check.section("darker", "brighter")
         if check.warn:
-            numbers = check.numbers
-            # the tail with more images names the direction (a batch can be mixed)
-            outside = check.below + check.above
-            darker = check.below > check.above if outside else numbers["shift_in_normal_sd"] < 0
-            low, high = numbers["normal_range"]
             out["warnings"].append(
-                f"Images are {'darker' if darker else 'brighter'} than the calibration "
-                f"normals: median intensity {numbers['batch_median']:.3f} against "
-                f"{numbers['normal_median']:.3f} ({numbers['shift_in_normal_sd']:+.1f} normal "
-                f"standard deviations), and {outside:.0%} fall outside the normals' range "
-                f"[{low:.3f}, {high:.3f}] (about {check.expected:.0%} expected; "
-                f"{check.below:.0%} darker, {check.above:.0%} brighter). Lighting or "
-                "acquisition has changed; scores may rise or fall for reasons other than defects."
+                f"Images are {'darker' if check.lower else 'brighter'} than the calibration "
+                f"normals: {check.describe('intensity')}; {check.below:.0%} darker, "
+                f"{check.above:.0%} brighter). Lighting or acquisition has changed; scores "
+                "may rise or fall for reasons other than defects."
             )
     contrasts = _finite(contrast)
     normal_contrast = (normal_intensity or {}).get("contrast")
     if normal_contrast and contrasts.size >= MIN_IMAGES:
         check = _range_check(contrasts, normal_contrast)
-        out["contrast"] = {
-            **check.numbers,
-            "share_flatter": check.below,
-            "share_harsher": check.above,
-        }
+        out["contrast"] = check.section("flatter", "harsher")
         if check.warn:
-            numbers = check.numbers
-            outside = check.below + check.above
-            flatter = check.below > check.above if outside else numbers["shift_in_normal_sd"] < 0
-            low, high = numbers["normal_range"]
             out["warnings"].append(
-                f"Images have {'less' if flatter else 'more'} contrast than the calibration "
-                f"normals: median standard deviation of intensity {numbers['batch_median']:.3f} "
-                f"against {numbers['normal_median']:.3f} ({numbers['shift_in_normal_sd']:+.1f} "
-                f"normal standard deviations), and {outside:.0%} fall outside the normals' "
-                f"range [{low:.3f}, {high:.3f}] (about {check.expected:.0%} expected). "
+                f"Images have {'less' if check.lower else 'more'} contrast than the "
+                f"calibration normals: {check.describe('standard deviation of intensity')}). "
                 + (
                     "A fogged or dirty lens, defocus, glare or a flatter exposure lowers "
-                    if flatter
+                    if check.lower
                     else "Harsher lighting, a changed gain or sharper optics raises "
                 )
                 + "contrast; the image score is built for local defects and sees little of "
