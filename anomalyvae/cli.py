@@ -916,7 +916,9 @@ def embed(
 def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -> None:
     """Score IMAGES with a checkpoint (torch), optionally ignoring invalid pixels.
 
-    Prints path, score, normalized score and verdict per image, tab-separated.
+    Prints path, score, normalized score and verdict per image, tab-separated, or the
+    error of a file that cannot be read; exits 1 when any file could not be read, after
+    printing every row.
 
     \b
     Example:
@@ -924,8 +926,15 @@ def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -
     """
     from anomalyvae.evaluation import score_files
 
-    for path, value, normalized, is_anomaly in score_files(checkpoint, list(images), valid_mask):
-        click.echo(f"{path}\t{value:.6g}\t{normalized:.4f}\t{'ANOMALY' if is_anomaly else 'ok'}")
+    rows = score_files(checkpoint, list(images), valid_mask)
+    for row in rows:
+        if row.error:
+            click.echo(f"{row.name}\t\t\tERROR: {row.error}")
+        else:
+            verdict = "ANOMALY" if row.is_anomaly else "ok"
+            click.echo(f"{row.name}\t{row.score:.6g}\t{row.normalized:.4f}\t{verdict}")
+    if any(row.error for row in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -499,16 +499,30 @@ def run_demo(
     return DemoResult(data_dir, checkpoint, evaluation, train_seconds, time.monotonic() - started)
 
 
+class ScoredFile(NamedTuple):
+    """One row of :func:`score_files`: a file (or a volume's slice) and its verdict."""
+
+    name: str
+    score: float
+    normalized: float
+    #: None for a file that could not be scored: no verdict, never a pass
+    is_anomaly: bool | None
+    #: why the file could not be scored; "" when it was
+    error: str = ""
+
+
 def score_files(
     checkpoint: str | os.PathLike[str],
     paths: list[Path],
     valid_mask: str | os.PathLike[str] | None = None,
-) -> list[tuple[Path, float, float, bool]]:
-    """(name, score, normalized score, is_anomaly) per file with a saved detector.
+) -> list[ScoredFile]:
+    """One row per file with a saved detector, in the order given.
 
     A NIfTI volume of several slices gives one row per slice (``path#slice=NNNN``, all
     slices, normalized per volume as in training) and a last row ``path`` for the volume
-    itself, with the score of its worst slice, as the scan reports volumes.
+    itself, with the score of its worst slice, as the scan reports volumes. A file that
+    cannot be read gets a row with its error (and no score); the others are still scored.
+    Names are shown as the scan shows them (undecodable bytes as ``\\xNN``).
     """
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     spec = detector.preprocessing_
@@ -516,28 +530,50 @@ def score_files(
     if valid_mask is not None:
         valid = read_mask(valid_mask, (spec.height, spec.width), 0.0)
     threshold = detector.decision_threshold()
-    names: list[Path | str] = []
-    scores: list[float] = []
+    rows: list[ScoredFile] = []
     flat: list[Path] = []  # 2-D files, scored together in batches
 
+    def scored(name: str, value: float) -> ScoredFile:
+        normalized = value / threshold if threshold > 0 else float("nan")
+        return ScoredFile(name, value, normalized, value > threshold)
+
+    def failed(path: Path, error: Exception) -> ScoredFile:
+        return ScoredFile(display_path(path), float("nan"), float("nan"), None, str(error))
+
     def flush() -> None:
-        if flat:
-            names.extend(flat)
-            scores.extend(detector.anomaly_score(flat, valid_mask=valid).tolist())
-            flat.clear()
+        try:
+            values = detector.anomaly_score(flat, valid_mask=valid).tolist()
+            rows.extend(scored(display_path(p), v) for p, v in zip(flat, values, strict=True))
+        except ImageReadError:  # find the unreadable ones, score the rest one by one
+            for path in flat:
+                try:
+                    rows.append(
+                        scored(
+                            display_path(path),
+                            float(detector.anomaly_score([path], valid_mask=valid)[0]),
+                        )
+                    )
+                except ImageReadError as error:
+                    rows.append(failed(path, error))
+        flat.clear()
 
     for path in paths:
-        volume = VolumeInput(path, spec) if is_nifti(path) else None  # read slice by slice
-        if volume is None or len(volume) == 1:
-            flat.append(path)
+        try:
+            volume = VolumeInput(path, spec) if is_nifti(path) else None  # read slice by slice
+            if volume is None or len(volume) == 1:
+                flat.append(path)
+                continue
+            slices = detector.anomaly_score(volume.stack(), valid)
+        except ImageReadError as error:
+            if flat:
+                flush()
+            rows.append(failed(path, error))
             continue
+        if flat:
+            flush()
+        name = display_path(path)
+        rows.extend(scored(slice_name(name, k), float(v)) for k, v in enumerate(slices))
+        rows.append(scored(name, float(slices.max())))
+    if flat:
         flush()
-        slices = detector.anomaly_score(volume.stack(), valid)
-        names.extend(slice_name(path, k) for k in range(len(slices)))
-        names.append(path)
-        scores.extend([*slices.tolist(), float(slices.max())])
-    flush()
-    return [
-        (name, float(s), float(s / threshold), bool(s > threshold))
-        for name, s in zip(names, scores, strict=True)
-    ]
+    return rows

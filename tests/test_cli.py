@@ -320,3 +320,21 @@ def test_calibrate_skips_an_unreadable_file_and_names_it(
     with pytest.warns(UserWarning):
         result = runner.invoke(main, ["calibrate", str(checkpoint), str(empty), "-o", str(out)])
     assert result.exit_code == 1 and "no readable" in result.output
+
+
+def test_score_gives_every_file_a_row_and_names_any_file(runner, trained, synthetic_root, tmp_path):
+    import os
+    import shutil
+
+    _, checkpoint = trained
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))[0]
+    odd = tmp_path / os.fsdecode(b"part_\xff.png")
+    shutil.copy(good, odd)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    result = runner.invoke(main, ["score", str(checkpoint), str(good), str(broken), str(odd)])
+    assert result.exit_code == 1, result.output  # the broken file, after every row
+    rows = [line.split("\t") for line in result.output.strip().splitlines()]
+    assert [r[0] for r in rows] == [str(good), str(broken), str(tmp_path / "part_\\xff.png")]
+    assert rows[1][3].startswith("ERROR: cannot read image") and rows[2][3] in ("ok", "ANOMALY")
+    assert float(rows[0][1]) == pytest.approx(float(rows[2][1]), rel=1e-5)  # same pixels
