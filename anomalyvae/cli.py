@@ -809,6 +809,9 @@ def denoise(
 
     written = denoise_files(checkpoint, list(images), output, mc_samples, progress=not silent)
     click.echo(f"Wrote {len(written)} images to {output}")
+    if len(written) < len(images):  # each skipped file was named in a warning above
+        click.echo(f"{len(images) - len(written)} of {len(images)} files could not be read")
+        sys.exit(1)
 
 
 @main.command(context_settings=CONTEXT)

@@ -8,6 +8,7 @@ model (:func:`pixel_model` says so clearly for a feature checkpoint).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_path
 from anomalyvae.imaging.io import (
     DecodedImage,
+    ImageReadError,
     Preprocessing,
     intensities,
     preprocess,
@@ -105,7 +107,8 @@ def denoise_files(
     """Reconstruct each file through the VAE; write ``<stem>_denoised.png``.
 
     The output has the input's size, channels and bit depth (8 or 16 bits; see
-    :func:`to_file`); the VAE works at model size, so fine detail beyond it is lost.
+    :func:`to_file`); the VAE works at model size, so fine detail beyond it is lost. A
+    file that cannot be read is skipped with a warning naming it; the others are written.
     """
     from tqdm.auto import tqdm
 
@@ -118,10 +121,19 @@ def denoise_files(
     for start in tqdm(
         range(0, len(paths), batch_size), desc="denoising", unit="batch", disable=not progress
     ):
-        decoded = [read_image(path) for path in paths[start : start + batch_size]]
+        decoded, kept = [], []
+        for path, name in zip(paths[start : start + batch_size], names[start:], strict=False):
+            try:
+                decoded.append(read_image(path))
+            except ImageReadError as error:
+                warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
+                continue
+            kept.append(name)
+        if not decoded:
+            continue
         images = np.stack([preprocess(intensities(d, spec), spec) for d in decoded])
         clean = denoise(model, images, n_samples=n_samples)
-        for image, source, name in zip(clean, decoded, names[start:], strict=False):
+        for image, source, name in zip(clean, decoded, kept, strict=True):
             out = to_file(image, source, spec)
             written.append(write_png(Path(output_dir) / name, out, source.bit_depth))
     return written

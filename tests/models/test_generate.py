@@ -296,3 +296,16 @@ def test_embed_table_keeps_any_file_name(trained, synthetic_root, tmp_path):
     table = pd.read_parquet(out)
     assert sorted(table["group"]) == [".", "lot_\\xe9"]
     assert any(p.endswith("lot_\\xe9/part_\\xff.png") for p in table["path"])
+
+
+def test_denoise_skips_an_unreadable_file_and_writes_the_others(trained, synthetic_root, tmp_path):
+    _, checkpoint = trained
+    good = sorted((synthetic_root / "test" / "good").glob("*.png"))[:2]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = ["denoise", str(checkpoint), str(good[0]), str(broken), str(good[1]), "-o", str(out)]
+    with pytest.warns(UserWarning, match="broken.png"):
+        result = CliRunner().invoke(main, [*args, "--silent"])
+    assert result.exit_code == 1 and "1 of 3 files could not be read" in result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}_denoised.png" for p in good)
