@@ -591,3 +591,22 @@ def test_a_dim_file_is_drawn_stretched_and_a_normal_one_as_stored():
     # the overlay (and so the report's gallery) shows the dim part, not a black square
     image = heatmap_overlay(dim[:, :, None].astype(np.float32), np.zeros((10, 10)), 1.0, 1.0)
     assert np.asarray(image)[10:30, 10:30].mean() > 100
+
+
+def test_a_scan_resumed_over_parts_without_the_contrast_column_goes_on(
+    onnx_model, synthetic_root, tmp_path
+):
+    """Parts written before the contrast column (an older anomalyvae) still merge."""
+    folder = _copy_synthetic(synthetic_root, tmp_path / "in", n=30)
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    for part in (tmp_path / "out" / "parts").glob("part-*.parquet"):
+        pd.read_parquet(part).drop(columns=["contrast"]).to_parquet(part, index=False)
+    extra = sorted((synthetic_root / "train" / "good").glob("*.png"))[:25]
+    for path in extra:
+        shutil.copy(path, folder / "good" / f"new_{path.name}")
+    result = scan(onnx_model, folder, tmp_path / "out", progress=False)
+    assert result.n_skipped_done == 30 and result.n_scored_now == 25
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    fresh = table["relative_path"].str.contains("new_")
+    assert table.loc[~fresh, "contrast"].isna().all() and table.loc[fresh, "contrast"].notna().all()
+    assert "contrast" in result.summary["drift"]  # the 25 new rows are enough to check
