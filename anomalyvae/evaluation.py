@@ -541,20 +541,17 @@ def score_files(
         return ScoredFile(display_path(path), float("nan"), float("nan"), None, str(error))
 
     def flush() -> None:
-        try:
-            values = detector.anomaly_score(flat, valid_mask=valid).tolist()
-            rows.extend(scored(display_path(p), v) for p, v in zip(flat, values, strict=True))
-        except ImageReadError:  # find the unreadable ones, score the rest one by one
-            for path in flat:
-                try:
-                    rows.append(
-                        scored(
-                            display_path(path),
-                            float(detector.anomaly_score([path], valid_mask=valid)[0]),
-                        )
-                    )
-                except ImageReadError as error:
-                    rows.append(failed(path, error))
+        # read once by the shared reader: an unreadable file becomes its row, in order
+        images, kept, errors = read_images(flat, spec, on_error="ignore", volumes="error")
+        values = iter(detector.anomaly_score(images, valid_mask=valid).tolist() if kept else [])
+        readable, failures = iter(kept), iter(errors)
+        next_kept = next(readable, None)
+        for path in flat:
+            if next_kept is not None and Path(next_kept) == Path(path):
+                rows.append(scored(display_path(path), next(values)))
+                next_kept = next(readable, None)
+            else:
+                rows.append(failed(path, next(failures)))
         flat.clear()
 
     for path in paths:
