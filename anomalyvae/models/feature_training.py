@@ -25,12 +25,7 @@ from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import coreset_indices, knn_view
-from anomalyvae.models.feature_vae import (
-    FeatureVAE,
-    FeatureVAEConfig,
-    contrast_floor,
-    location_loss,
-)
+from anomalyvae.models.feature_vae import MIN_STD, FeatureVAE, FeatureVAEConfig, location_loss
 from anomalyvae.models.fusion import VIEW_NAMES
 
 
@@ -94,6 +89,30 @@ def feature_standardization(raw: Tensor) -> tuple[Tensor, Tensor]:
     """
     mean, std = channel_mean_std(raw)
     return mean, torch.sqrt(std**2 + (0.05 * std.mean()) ** 2)
+
+
+#: :func:`contrast_floor`'s share of the training normals' median contrast.
+MIN_STD_SHARE = 0.1
+
+
+def contrast_floor(images: NDArray[np.floating], chunk: int = 64) -> float:
+    """The ``min_std`` of a model trained on ``images`` (n, c, h, w) in [0, 1].
+
+    A tenth (:data:`MIN_STD_SHARE`) of the images' median standard deviation of
+    intensity, at most :data:`MIN_STD`. Images of ordinary contrast (0.05 to 0.3: every
+    image of the suite's industrial sets) sit far above either floor and are normalized
+    exactly as before; files that use a sliver of their range (the brain MRI slices:
+    contrast 0.0008, three grey levels) get a floor to match, instead of reaching the
+    backbone 25 times flatter than the rest.
+    """
+    stds = [
+        np.asarray(images[i : i + chunk], dtype=np.float64)
+        .reshape(-1, int(np.prod(images.shape[1:])))
+        .std(1)
+        for i in range(0, len(images), chunk)
+    ]
+    typical = float(np.median(np.concatenate(stds))) if stds else MIN_STD
+    return float(min(MIN_STD, max(MIN_STD_SHARE * typical, 1e-6)))
 
 
 def fit_global_gaussian(pooled: NDArray[np.float64]) -> tuple[Tensor, Tensor]:

@@ -115,9 +115,10 @@ class FeatureVAEConfig:
         The smallest contrast (standard deviation of intensity) that normalization
         credits an image with, so that a flat image is not blown up to noise. Training
         sets it relative to the training normals' own contrast
-        (:func:`contrast_floor`), so that files using a sliver of their range (8-bit
-        files with a few grey levels, 12-bit data in 16-bit files) are stretched like
-        any other; models saved before it keep the fixed :data:`MIN_STD`.
+        (:func:`~anomalyvae.models.feature_training.contrast_floor`), so that files
+        using a sliver of their range (8-bit files with a few grey levels, 12-bit data
+        in 16-bit files) are stretched like any other; models saved before it keep the
+        fixed :data:`MIN_STD`.
     image_components : int
         Components of the pixel-space ``image`` view's PCA; 0 turns the view off (models
         saved before it existed load that way). Training chooses it by held-out
@@ -537,10 +538,10 @@ class FeatureVAE(nn.Module):
 #: about those of natural images in [0, 1], where the ImageNet weights work best.
 TARGET_MEAN, TARGET_STD = 0.45, 0.225
 #: The smallest contrast an image is credited with: flat images are not blown up to noise.
-#: The ceiling of :func:`contrast_floor`, and the floor of models saved before it.
+#: The ceiling of the training-time floor
+#: (:func:`~anomalyvae.models.feature_training.contrast_floor`), and the floor of models
+#: saved before it.
 MIN_STD = 0.02
-#: :func:`contrast_floor`'s share of the training normals' median contrast.
-MIN_STD_SHARE = 0.1
 
 
 def location_maps(
@@ -576,26 +577,6 @@ def fit_map_constants(
     center, scale = robust_z_constants(values)
     model.map_center.copy_(torch.from_numpy(center).float())
     model.map_scale.copy_(torch.from_numpy(scale).float())
-
-
-def contrast_floor(images: NDArray[np.floating], chunk: int = 64) -> float:
-    """The ``min_std`` of a model trained on ``images`` (n, c, h, w) in [0, 1].
-
-    A tenth (:data:`MIN_STD_SHARE`) of the images' median standard deviation of
-    intensity, at most :data:`MIN_STD`. Images of ordinary contrast (0.05 to 0.3: every
-    image of the suite's industrial sets) sit far above either floor and are normalized
-    exactly as before; files that use a sliver of their range (the brain MRI slices:
-    contrast 0.0008, three grey levels) get a floor to match, instead of reaching the
-    backbone 25 times flatter than the rest.
-    """
-    stds = [
-        np.asarray(images[i : i + chunk], dtype=np.float64)
-        .reshape(-1, int(np.prod(images.shape[1:])))
-        .std(1)
-        for i in range(0, len(images), chunk)
-    ]
-    typical = float(np.median(np.concatenate(stds))) if stds else MIN_STD
-    return float(min(MIN_STD, max(MIN_STD_SHARE * typical, 1e-6)))
 
 
 def normalize_intensity(x: Tensor, min_std: float = MIN_STD) -> Tensor:

@@ -702,7 +702,8 @@ def test_the_trained_image_subspace_has_the_chosen_components(feature_detector, 
 def test_files_that_use_a_sliver_of_their_range_reach_the_backbone_like_any_other():
     """8-bit files with a few grey levels, 12-bit data in 16-bit files: the contrast floor
     follows the training normals, so a dim set is stretched as its full-range twin."""
-    from anomalyvae.models.feature_vae import MIN_STD, contrast_floor, normalize_intensity
+    from anomalyvae.models.feature_training import contrast_floor
+    from anomalyvae.models.feature_vae import MIN_STD, normalize_intensity
 
     rng = np.random.default_rng(0)
     full = rng.uniform(0.0, 1.0, (6, 1, 32, 32)).astype(np.float32)
