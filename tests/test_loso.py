@@ -62,3 +62,28 @@ def test_the_fold_uses_only_the_other_sets(monkeypatch):
     result = loso.loso(dumps, {name: 0.5 for name in dumps})
     fold = result["folds"]["set0"]
     assert fold["image_auroc"] < 0.2 and fold["train_margin"] > 0.3
+
+
+def test_the_local_excess_is_chosen_by_synthetic_defects_among_settings_that_cost_nothing():
+    loso = _loso()
+    rng = np.random.default_rng(2)
+    dumps = {}
+    for i in range(3):
+        # the image view carries the real defects and, at this share, nearly all the
+        # weight; only the local views see the synthetic (small) ones
+        dump = _dump(rng, "image")
+        dump["synthetic"]["image"] = dump["synthetic"]["image"] - 3.0
+        for name in ("local", "knn"):
+            dump["synthetic"][name] = dump["synthetic"][name] + 6.0
+        dump["adaptation"] = {"image_unexplained": np.array([0.7])}
+        dumps[f"set{i}"] = dump
+    result = loso.excess_loso(dumps)
+    for name, fold in result["folds"].items():
+        assert fold["chosen"] != loso.NO_EXCESS, (name, fold)
+        assert fold["synthetic"] > fold["synthetic_none"] + 0.2
+        # admissible only where it costs the other sets at most the tolerance
+        chosen = result["in_sample"][fold["chosen"]]["image_auroc"]
+        none = result["in_sample"][loso.NO_EXCESS]["image_auroc"]
+        others = [s for s in dumps if s != name]
+        assert all(chosen[s] >= none[s] - result["tolerance"] for s in others)
+    assert result["in_sample"][loso.NO_EXCESS]["synthetic"]["set0"] < 0.7

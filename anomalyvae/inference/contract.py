@@ -133,7 +133,8 @@ def describe_fusion(fusion: Any) -> str:
         how = f"the largest of the z-scores of {', '.join(weights)}"
     else:
         how = "z-scores weighted " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
-    sentence = f"Image score: {how} (fusion {fusion.get('rule', 'unknown')}"
+    excess = excess_phrase(fusion.get("local_excess"))
+    sentence = f"Image score: {how}{excess} (fusion {fusion.get('rule', 'unknown')}"
     share = fusion.get("image_unexplained")
     if isinstance(share, (int, float)):
         components = fusion.get("image_components")
@@ -147,6 +148,21 @@ def describe_fusion(fusion: Any) -> str:
             "the image view's weight"
         )
     return sentence + ")."
+
+
+def excess_phrase(excess: Any) -> str:
+    """The phrase on a fusion's ``local_excess`` (", plus W x the excess of ... over Z").
+
+    Empty when absent or malformed.
+    """
+    if not isinstance(excess, dict) or not isinstance(excess.get("views"), list):
+        return ""
+    try:
+        weight, above = float(excess["weight"]), float(excess["above_z"])
+    except (KeyError, TypeError, ValueError):
+        return ""
+    views = ", ".join(str(v) for v in excess["views"])
+    return f", plus {weight:g} x the excess of the z-scores of {views} over {above:g}"
 
 
 def promised_fpr(image: Any) -> float | None:

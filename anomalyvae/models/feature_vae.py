@@ -58,9 +58,11 @@ from anomalyvae.models.backbone import FEATURE_TAPS, load_backbone
 from anomalyvae.models.bank import knn_view, nearest_distance
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
+    EXCESS_VIEWS,
     FUSED_VIEWS,
     FUSION_RULES,
     VIEW_NAMES,
+    LocalExcess,
     robust_z_constants,
 )
 from anomalyvae.models.smoothing import gaussian_blur, topk_size
@@ -141,6 +143,10 @@ class FeatureVAEConfig:
         How the fused score combines the views' z-scores
         (:func:`~anomalyvae.models.fusion.fuse_views`); models saved before the ``knn``
         view load with "max", the rule they were calibrated with.
+    excess_weight, excess_z : float
+        The fused score's local excess term (:class:`~anomalyvae.models.fusion.LocalExcess`):
+        ``excess_weight`` times the sum of the local views' robust z-scores above
+        ``excess_z``; weight 0 (models saved before it) adds nothing.
     map_rule : {"mean-z", "elbo"}
         The anomaly map (:data:`MAP_RULES`); "mean-z" needs the bank. Models saved
         before it load with "elbo".
@@ -170,6 +176,8 @@ class FeatureVAEConfig:
     bank_size: int = 8192
     bank_dim: int = 0
     fusion: str = "mean"
+    excess_weight: float = 0.0
+    excess_z: float = 2.0
     map_rule: str = "mean-z"
     tile_side: int = 512
     tile_overlap: int = 128
@@ -208,6 +216,11 @@ class FeatureVAEConfig:
         if self.fusion not in FUSION_RULES + ADAPTIVE_FUSIONS:
             raise InvalidValueError(
                 f"fusion must be one of {FUSION_RULES + ADAPTIVE_FUSIONS}, got {self.fusion!r}"
+            )
+        if not (0 <= self.excess_weight < math.inf and math.isfinite(self.excess_z)):
+            raise InvalidValueError(
+                f"excess_weight must be >= 0 and finite and excess_z finite, got "
+                f"{self.excess_weight} and {self.excess_z}"
             )
         if self.map_rule not in MAP_RULES:
             raise InvalidValueError(f"map_rule must be one of {MAP_RULES}, got {self.map_rule!r}")
@@ -255,6 +268,13 @@ class FeatureVAEConfig:
         if not self.image_components:
             names.remove("image")
         return tuple(VIEW_NAMES.index(v) for v in names)
+
+    @property
+    def local_excess(self) -> LocalExcess:
+        """The fused score's local excess term over the local views this model has."""
+        names = [v for v in EXCESS_VIEWS if v != "knn" or self.bank_size]
+        index = tuple(VIEW_NAMES.index(v) for v in names)
+        return LocalExcess(index, self.excess_weight, self.excess_z)
 
     @property
     def feature_channels(self) -> int:

@@ -13,6 +13,7 @@ the fused score, so the exported graph carries it. The pixel family fuses its tw
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,6 +57,40 @@ ADAPTIVE_FUSIONS: tuple[str, ...] = (*SYNTHETIC_FUSIONS, "image-share")
 IMAGE_SHARE_SCALE = 1000.0
 #: The odds' power in that weight (a sharper switch between the views than power 1).
 IMAGE_SHARE_POWER = 3.0
+#: The local views whose excess over the normal range the "image-share" fused score adds
+#: (:class:`LocalExcess`): where the image view carries nearly all the weight, a small
+#: defect that only the local views see would otherwise be lost. The memory bank's view
+#: only: the training normals' cross-fitted scores have it, so every normal still
+#: calibrates the threshold (the VAE's local view would need the VAE retrained per fold).
+EXCESS_VIEWS: tuple[str, ...] = ("knn",)
+#: The excess term's weight and the robust z it counts above (``LOCAL_EXCESS_WEIGHT *
+#: sum(max(z - LOCAL_EXCESS_Z, 0))`` over :data:`EXCESS_VIEWS`). Chosen leave-one-set-out
+#: (reports/suite/loso.md): among the settings within 0.005 image AUROC of no excess on
+#: every other set of a fold, the one that best separates synthetic defects pasted into
+#: the held-out normals. Models saved before it have weight 0.
+LOCAL_EXCESS_WEIGHT = 0.3
+LOCAL_EXCESS_Z = 2.0
+
+
+class LocalExcess(NamedTuple):
+    """The excess term of a fused score: ``weight * sum(max(z[:, index] - above, 0))``.
+
+    ``index``: columns of the views (:data:`VIEW_NAMES`) it reads; ``above``: the robust
+    z-score below which a view adds nothing (normals rarely reach it), so the term leaves
+    the normals' scores, and the threshold calibrated on them, nearly as they were.
+    """
+
+    index: tuple[int, ...]
+    weight: float
+    above: float
+
+    def to_dict(self) -> dict[str, object]:
+        """The term as the model's summary and the ONNX metadata describe it."""
+        return {
+            "views": [VIEW_NAMES[i] for i in self.index],
+            "weight": round(float(self.weight), 6),
+            "above_z": round(float(self.above), 6),
+        }
 
 
 def robust_z_constants(
@@ -138,6 +173,7 @@ def fuse_views(
     index: tuple[int, ...] = FUSED_INDEX,
     rule: str = "mean",
     weights: Tensor | None = None,
+    excess: LocalExcess | None = None,
 ) -> Tensor:
     """The fused image score (n,): the mean (or the largest) z-score of the fused views.
 
@@ -148,16 +184,24 @@ def fuse_views(
     is enough. Measured on the suite's sets, the mean ranked images better
     (reports/suite/experiments.md). An adaptive rule (:data:`ADAPTIVE_FUSIONS`, among
     them the default "image-share") sums every view's z-score times ``weights``
-    (:func:`share_weights`, :func:`view_weights`), constants in the graph.
+    (:func:`share_weights`, :func:`view_weights`), constants in the graph. ``excess``
+    (:class:`LocalExcess`), when given with a positive weight, adds the local views'
+    z-scores above its level to any rule.
     """
     if rule in ADAPTIVE_FUSIONS:
         if weights is None:
             raise InvalidValueError(f"the {rule!r} fusion needs its view weights")
         z = (views - center) / scale
         keep = [i for i, w in enumerate(weights.tolist()) if w > 0]  # constants when traced
-        return (z[:, keep] * weights[keep]).sum(dim=1)
-    if rule not in FUSION_RULES:
+        score = (z[:, keep] * weights[keep]).sum(dim=1)
+    elif rule in FUSION_RULES:
+        index = list(index)  # constants in the traced graph
+        z = (views[:, index] - center[index]) / scale[index]
+        score = z.mean(dim=1) if rule == "mean" else z.max(dim=1).values
+    else:
         raise InvalidValueError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
-    index = list(index)  # constants in the traced graph
-    z = (views[:, index] - center[index]) / scale[index]
-    return z.mean(dim=1) if rule == "mean" else z.max(dim=1).values
+    if excess is None or excess.weight <= 0 or not excess.index:
+        return score
+    local = list(excess.index)
+    over = (views[:, local] - center[local]) / scale[local] - excess.above
+    return score + excess.weight * over.clamp(min=0).sum(dim=1)

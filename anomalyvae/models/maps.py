@@ -457,6 +457,7 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
             model.config.fused_index,
             model.config.fusion,
             model.view_weight,
+            model.config.local_excess,
         )
     elif config.score_kind == "elbo":
         score = elbo

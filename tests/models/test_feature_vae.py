@@ -104,6 +104,11 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
     assert before_bank.fusion == "max" and before_bank.bank_size == 0
     before_image = FeatureVAEConfig.from_dict({})
     assert [VIEW_NAMES[i] for i in before_image.fused_index] == ["local", "global"]
+    # saved before the local excess term: it adds nothing; without a bank, nothing to read
+    assert before_image.local_excess.weight == 0 and before_image.local_excess.index == ()
+    assert [VIEW_NAMES[i] for i in new.local_excess.index] == ["knn"]
+    with pytest.raises(ValueError, match="excess_weight"):
+        FeatureVAEConfig(excess_weight=-1.0)
 
 
 def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
@@ -253,7 +258,7 @@ def test_an_older_model_loads_and_fuses_its_own_views_by_the_largest_z(
     detector, checkpoint = feature_detector
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model_state = dict(state["model_state"])
-    dropped = ("bank", "fusion", "map_")
+    dropped = ("bank", "fusion", "map_", "excess_")
     dropped += () if n_views == 4 else ("image_",)
     for key in [k for k in model_state if k.startswith(dropped)]:
         del model_state[key]
@@ -345,15 +350,22 @@ def test_a_model_saved_before_the_bank_map_maps_the_elbo_and_scores_the_same(
     detector, checkpoint = feature_detector
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model_state = {k: v for k, v in state["model_state"].items() if not k.startswith("map_")}
-    config = {k: v for k, v in state["model_config"].items() if k != "map_rule"}
+    # such a model predates the local excess term too, which reads the map's top-k view
+    config = {
+        k: v
+        for k, v in state["model_config"].items()
+        if k != "map_rule" and not k.startswith("excess_")
+    }
     old = tmp_path / "old.pt"
     torch.save({**state, "model_state": model_state, "model_config": config}, old)
     loaded = VAEAnomalyDetector.load(old, progress=False)
     assert loaded.model_.config.map_rule == "elbo"
     paths = [s.path for s in mvtec_samples(feature_root, "test")]
-    # the fused image score does not read the map: unchanged
+    # the fused image score without the excess term does not read the map: unchanged
+    without = VAEAnomalyDetector.load(checkpoint, progress=False)
+    without.model_.config = dataclasses.replace(without.model_.config, excess_weight=0.0)
     np.testing.assert_allclose(
-        loaded.anomaly_score(paths), detector.anomaly_score(paths), rtol=1e-5, atol=1e-5
+        loaded.anomaly_score(paths), without.anomaly_score(paths), rtol=1e-5, atol=1e-5
     )
     elbo, distances = torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4)
     assert loaded.model_.location_map(elbo, distances) is elbo
@@ -564,6 +576,7 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
         report = " ".join(training_report(reloaded, tmp_path / "shared.pt"))
         k = reloaded.model_.config.image_components
         assert f"{share:.0%} of the normals' pixel variance is off their {k}-component" in report
+        assert "plus 0.3 x the excess of the z-scores of knn over 2 (fusion" in report
     fusion_meta = detector.family().fusion(detector)
     assert fusion_meta["rule"] == fusion
     named = {VIEW_NAMES[i]: w for i, w in enumerate(weights) if w > 0}
@@ -572,7 +585,14 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     views = detector.view_scores(test)
     center, scale = detector.model_.view_center.numpy(), detector.model_.view_scale.numpy()
     z = np.stack([(views[n] - center[i]) / scale[i] for i, n in enumerate(VIEW_NAMES)], axis=1)
-    np.testing.assert_allclose(detector.anomaly_score(test), z @ weights, rtol=1e-4, atol=1e-4)
+    expected = z @ weights
+    if fusion == "image-share":  # plus the memory bank's excess over the normal range
+        knn = VIEW_NAMES.index("knn")
+        assert fusion_meta["local_excess"] == {"views": ["knn"], "weight": 0.3, "above_z": 2.0}
+        expected = expected + 0.3 * np.clip(z[:, knn] - 2.0, 0, None)
+    else:
+        assert "local_excess" not in fusion_meta
+    np.testing.assert_allclose(detector.anomaly_score(test), expected, rtol=1e-4, atol=1e-4)
     result = export_onnx(detector, tmp_path / "adaptive.onnx", detector.preprocess(test))
     assert result.parity.verdicts_agree
     onnx = OnnxDetector(result.path, device="cpu")

@@ -9,6 +9,7 @@ from anomalyvae.models.fusion import (
     IMAGE_SHARE_POWER,
     IMAGE_SHARE_SCALE,
     VIEW_NAMES,
+    LocalExcess,
     fuse_views,
     robust_z_constants,
     share_weights,
@@ -27,6 +28,29 @@ def test_fused_score_averages_or_takes_the_strongest_fused_view():
     assert fuse_views(views, center, scale, rule="max").tolist() == [3.0, 6.0, 3.0]
     with pytest.raises(ValueError, match="fusion rule"):
         fuse_views(views, center, scale, rule="median")
+
+
+def test_local_excess_adds_what_the_local_views_see_beyond_the_normal_range():
+    # columns: local, elbo, global, image, knn; an image view that outweighs the rest
+    views = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.5, 2.0], [9.0, 0.0, 0.0, 0.5, 2.0], [9.0, 0, 0, 0.5, 7.0]]
+    )
+    center, scale = torch.zeros(5), torch.ones(5)
+    weights = torch.tensor([0.0, 0.0, 0.01, 0.98, 0.01])
+    plain = fuse_views(views, center, scale, rule="image-share", weights=weights)
+    assert plain.tolist() == pytest.approx([0.51, 0.51, 0.56])  # the local defect is lost
+    excess = LocalExcess((0, 4), weight=0.5, above=3.0)
+    fused = fuse_views(views, center, scale, rule="image-share", weights=weights, excess=excess)
+    # below the level (first image) nothing is added; above it, half of each view's excess
+    assert fused.tolist() == pytest.approx([0.51, 0.51 + 0.5 * 6, 0.56 + 0.5 * (6 + 4)])
+    # it adds to the fixed rules too, and weight 0 (models saved before it) adds nothing
+    mean = fuse_views(views, center, scale)
+    assert (fuse_views(views, center, scale, excess=excess) - mean).tolist() == pytest.approx(
+        [0.0, 3.0, 5.0]
+    )
+    off = LocalExcess((0, 4), weight=0.0, above=3.0)
+    assert fuse_views(views, center, scale, excess=off).tolist() == mean.tolist()
+    assert excess.to_dict() == {"views": ["local", "knn"], "weight": 0.5, "above_z": 3.0}
 
 
 @pytest.mark.parametrize(

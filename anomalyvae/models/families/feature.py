@@ -18,6 +18,8 @@ from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_fe
 from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, fit_map_constants
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
+    LOCAL_EXCESS_WEIGHT,
+    LOCAL_EXCESS_Z,
     VIEW_NAMES,
     fuse_views,
     robust_z_constants,
@@ -98,6 +100,7 @@ class FeatureFamily(ModelFamily):
                 "training takes minutes); use nproc=1, or model='pixel' for DDP"
             )
         spec = detector.preprocessing_
+        fusion = DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion
         config = FeatureVAEConfig(
             height=spec.height,
             width=spec.width,
@@ -106,7 +109,11 @@ class FeatureFamily(ModelFamily):
             tile_side=detector.tile_size,
             tile_overlap=detector.tile_size // 4,
             pool=detector.neighbourhood,
-            fusion=DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion,
+            fusion=fusion,
+            # the local excess was chosen with the image-share weighting, whose image
+            # view can otherwise outweigh a small defect that only the local views see
+            excess_weight=LOCAL_EXCESS_WEIGHT if fusion == "image-share" else 0.0,
+            excess_z=LOCAL_EXCESS_Z,
         )
         result = train_feature_vae(
             config,
@@ -221,6 +228,7 @@ class FeatureFamily(ModelFamily):
             model.config.fused_index,
             model.config.fusion,
             model.view_weight.cpu(),
+            model.config.local_excess,
         )
         return fused.numpy().astype(np.float64)
 
@@ -241,6 +249,9 @@ class FeatureFamily(ModelFamily):
                 n: round(float(w), 6) for n, w in zip(VIEW_NAMES, weights, strict=True) if w > 0
             },
         }
+        excess = model.config.local_excess
+        if excess.weight > 0 and excess.index:
+            out["local_excess"] = excess.to_dict()
         if getattr(detector, "image_unexplained_", None) is not None and rule == "image-share":
             out["image_unexplained"] = round(float(detector.image_unexplained_), 6)
             out["image_components"] = int(model.config.image_components)
