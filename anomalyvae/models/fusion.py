@@ -13,6 +13,7 @@ the fused score, so the exported graph carries it. The pixel family fuses its tw
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -83,6 +84,13 @@ class LocalExcess(NamedTuple):
     index: tuple[int, ...]
     weight: float
     above: float
+
+    def of(self, z: Mapping[str, NDArray[np.floating]]) -> NDArray[np.float64] | float:
+        """The term from the views' z-scores by name (numpy; the graph has :func:`fuse_views`)."""
+        if self.weight <= 0:
+            return 0.0
+        over = [np.maximum(np.asarray(z[VIEW_NAMES[i]], float) - self.above, 0) for i in self.index]
+        return self.weight * np.sum(over, axis=0) if over else 0.0
 
     def to_dict(self) -> dict[str, object]:
         """The term as the model's summary and the ONNX metadata describe it."""

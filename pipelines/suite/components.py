@@ -93,18 +93,10 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     for rule, k in ((FIXED, 50), (CHOSEN, chosen)):
         val_image, test_image, unexplained = rule_views(train_pooled, val_pooled, test_pooled, k)
         weights = share_weights(unexplained, index=config.fused_index)
-        parts = []
-        for name in FUSED:
-            own = (
-                (val_image, test_image)
-                if name == "image"
-                else (
-                    val_views[name],
-                    test_views[name],
-                )
-            )
-            parts.append(z_of(*own))
-        fused = np.tensordot([weights[VIEW_NAMES.index(n)] for n in FUSED], parts, axes=1)
+        z = {name: z_of(val_views[name], test_views[name]) for name in FUSED if name != "image"}
+        z["image"] = z_of(val_image, test_image)
+        fused = sum(weights[VIEW_NAMES.index(n)] * z[n] for n in FUSED)
+        fused = fused + config.local_excess.of(z)  # the product's term (its knn view)
         rules[rule] = {
             "components": int(min(k, len(train_pooled) - 1)),
             "alone": float(roc_auc_score(labels, test_image)),

@@ -43,6 +43,7 @@ from anomalyvae.models.fusion import (  # noqa: E402
     LOCAL_EXCESS_Z,
     SYNTHETIC_FUSIONS,
     VIEW_NAMES,
+    LocalExcess,
     robust_z_constants,
     share_weights,
     view_weights,
@@ -133,7 +134,8 @@ def image_share_rule(
         weights = share_weights(unexplained, scale, power=power)
         z = z_scores({n: data[group][n] for n in {*names, *views}}, data["val"])
         score = sum(weights[VIEW_NAMES.index(n)] * z[n] for n in names)
-        return score + weight * sum(np.maximum(z[n] - level, 0.0) for n in views)
+        index = tuple(VIEW_NAMES.index(n) for n in views)
+        return score + LocalExcess(index, weight, level).of(z)
 
     return rule
 

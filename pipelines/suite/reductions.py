@@ -390,16 +390,18 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
 
     def fused(family: str, values: dict) -> float:
         replace = VIEW_OF[family]
-        parts = []
+        z = {}
         for name in FUSED:
             own = values if name == replace else None
             if own is None and name == "knn":
                 own = families["knn"][default["knn"]]
             if own is None:
                 own = {g: views[g][name] for g in views}
-            parts.append(z_of(own["val"], own["test"]))
+            z[name] = z_of(own["val"], own["test"])
         share = values.get("unexplained", unexplained)  # an image variant's own subspace
-        return float(roc_auc_score(labels, np.tensordot(weights(share), parts, axes=1)))
+        score = np.tensordot(weights(share), [z[n] for n in FUSED], axes=1)
+        # the product's local excess term, on the variant's knn view where it has one
+        return float(roc_auc_score(labels, score + config.local_excess.of(z)))
 
     out: dict = {
         "n_val": len(val_index),

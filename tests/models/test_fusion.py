@@ -51,6 +51,10 @@ def test_local_excess_adds_what_the_local_views_see_beyond_the_normal_range():
     off = LocalExcess((0, 4), weight=0.0, above=3.0)
     assert fuse_views(views, center, scale, excess=off).tolist() == mean.tolist()
     assert excess.to_dict() == {"views": ["local", "knn"], "weight": 0.5, "above_z": 3.0}
+    # the numpy twin the pipelines use gives the graph's term
+    z = {name: views[:, i].numpy() for i, name in enumerate(VIEW_NAMES)}
+    np.testing.assert_allclose(excess.of(z), (fused - plain).numpy(), rtol=1e-6)
+    assert off.of(z) == 0.0
 
 
 @pytest.mark.parametrize(
