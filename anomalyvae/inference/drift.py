@@ -7,9 +7,12 @@ Three checks, each against what the model file says about its calibration normal
   unlikely the observed count is if the line were still normal. Many real defects
   raise it too: the alarm says "look", not "drift" alone.
 - **intensity**: each image's mean model-input intensity is compared with the
-  calibration normals' own range (their 0.5 and 99.5 percentiles); a binomial test on
-  the share outside it, and the batch median's shift in units of the normals' spread,
-  catch lighting drift, a changed camera gain or a different modality.
+  calibration normals' own range (their 0.5 and 99.5 percentiles); a test on the share
+  outside it, and the batch median's shift in units of the normals' spread, catch
+  lighting drift, a changed camera gain or a different modality. The range is itself
+  estimated from the normals, so the count outside follows a beta-binomial law, not a
+  binomial one (:func:`outside_p_value`): with a few hundred normals, a binomial test
+  raised the alarm on healthy batches.
 - **contrast**: the same test on each image's standard deviation of model-input
   intensity (its RMS contrast), which a fogged lens, defocus or a flatter exposure lowers
   while the mean stays; models saved before it carry no contrast range and skip it.
@@ -19,11 +22,12 @@ numpy and scipy only (the torch-free wing).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import binomtest
+from scipy.stats import betabinom, binomtest
 
 #: p-value under which a check warns: rare enough that 1 scan in 1,000 of an unchanged
 #: line raises a false alarm.
@@ -98,14 +102,34 @@ class _RangeCheck(NamedTuple):
         )
 
 
+def outside_p_value(outside: int, n_batch: int, n_normals: int) -> tuple[float, float]:
+    """How unlikely ``outside`` of ``n_batch`` new normals beyond the band is, and its mean share.
+
+    The band is the [0.5, 99.5] % percentile band of ``n_normals`` calibration normals:
+    at least as wide as the order statistics ``r = ceil(0.005 (n - 1)) + 1`` and ``s =
+    floor(0.995 (n - 1)) + 1``. For exchangeable data the share of new images outside
+    ``[X(r), X(s)]`` is Beta(n - s + r + 1, s - r) distributed (the coverage of order
+    statistics; Wilks 1941), so the count outside a batch is beta-binomial. A binomial
+    test with the mean share ignores that the band moves with the normals that drew it.
+    Without a usable count of normals (older models): the binomial test at 1 %.
+    """
+    n = int(n_normals)
+    lower = math.ceil(0.005 * (n - 1)) + 1
+    upper = math.floor(0.995 * (n - 1)) + 1
+    if n < 2 or upper <= lower:
+        p = float(binomtest(outside, n_batch, OUTSIDE_EXPECTED, alternative="greater").pvalue)
+        return p, OUTSIDE_EXPECTED
+    a, b = n - upper + lower + 1, upper - lower
+    p = float(betabinom.sf(outside - 1, n_batch, a, b)) if outside > 0 else 1.0
+    return min(max(p, 0.0), 1.0), a / (a + b)
+
+
 def _range_check(values: NDArray[np.floating], normal: dict[str, Any]) -> _RangeCheck:
-    """The binomial test on the share outside the normals' band, and the median's shift."""
+    """The test on the share outside the normals' band, and the median's shift."""
     low, high = float(normal["p005"]), float(normal["p995"])
     below, above = int((values < low).sum()), int((values > high).sum())
     outside = below + above
-    # a band estimated from n normals holds back about 2/(n+1) of new normals
-    expected = max(OUTSIDE_EXPECTED, 2.0 / (int(normal.get("n_images", 0)) + 1))
-    p = float(binomtest(outside, values.size, expected, alternative="greater").pvalue)
+    p, expected = outside_p_value(outside, values.size, int(normal.get("n_images", 0)))
     spread = max(float(normal["std"]), 1e-6)
     shift = (float(np.median(values)) - float(normal["median"])) / spread
     share_alarm = p < ALARM_P and outside / values.size >= OUTSIDE_WARN_SHARE
