@@ -151,7 +151,7 @@ def describe_fusion(fusion: Any) -> str:
 
 
 def excess_phrase(excess: Any) -> str:
-    """The phrase on a fusion's ``local_excess`` (", plus W x the excess of ... over Z").
+    """The phrase on a fusion's ``local_excess`` (", plus W x the excess over Z of ...").
 
     Empty when absent or malformed.
     """
@@ -161,8 +161,9 @@ def excess_phrase(excess: Any) -> str:
         weight, above = float(excess["weight"]), float(excess["above_z"])
     except (KeyError, TypeError, ValueError):
         return ""
-    views = ", ".join(str(v) for v in excess["views"])
-    return f", plus {weight:g} x the excess of the z-scores of {views} over {above:g}"
+    views = " and ".join(str(v) for v in excess["views"])
+    plural = "s" if len(excess["views"]) > 1 else ""
+    return f", plus {weight:g} x the excess over {above:g} of the {views} z-score{plural}"
 
 
 def promised_fpr(image: Any) -> float | None:

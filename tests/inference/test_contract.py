@@ -14,7 +14,7 @@ def test_fusion_sentence_names_the_weights_and_the_local_excess():
     }
     assert describe_fusion(fusion) == (
         "Image score: z-scores weighted global 0.01, image 0.98, knn 0.01, plus 0.3 x the "
-        "excess of the z-scores of local, knn over 3 (fusion image-share)."
+        "excess over 3 of the local and knn z-scores (fusion image-share)."
     )
     # a model saved before the term has no entry; a hand-edited one is left out, not fatal
     older = {k: v for k, v in fusion.items() if k != "local_excess"}

@@ -576,7 +576,7 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
         report = " ".join(training_report(reloaded, tmp_path / "shared.pt"))
         k = reloaded.model_.config.image_components
         assert f"{share:.0%} of the normals' pixel variance is off their {k}-component" in report
-        assert "plus 0.3 x the excess of the z-scores of knn over 2 (fusion" in report
+        assert "plus 0.3 x the excess over 2 of the knn z-score (fusion" in report
     fusion_meta = detector.family().fusion(detector)
     assert fusion_meta["rule"] == fusion
     named = {VIEW_NAMES[i]: w for i, w in enumerate(weights) if w > 0}
