@@ -3,9 +3,12 @@
 Three checks, each against what the model file says about its calibration normals:
 
 - **flagged rate**: with a threshold set for a false-positive rate ``p``, a batch of
-  ``n`` normal images flags about ``n * p``. A one-sided binomial test (scipy) says how
-  unlikely the observed count is if the line were still normal. Many real defects
-  raise it too: the alarm says "look", not "drift" alone.
+  ``n`` normal images flags about ``n * p``. A one-sided test (scipy) says how unlikely
+  the observed count is if the line were still normal: beta-binomial when the model
+  says how many normals calibrated the threshold (the threshold is drawn from them, so
+  the rate a healthy line really flags varies around ``p``: :func:`flagged_p_value`),
+  binomial otherwise. Many real defects raise it too: the alarm says "look", not
+  "drift" alone.
 - **intensity**: each image's mean model-input intensity is compared with the
   calibration normals' own range (their 0.5 and 99.5 percentiles); a test on the share
   outside it, and the batch median's shift in units of the normals' spread, catch
@@ -124,6 +127,23 @@ def outside_p_value(outside: int, n_batch: int, n_normals: int) -> tuple[float, 
     return min(max(p, 0.0), 1.0), a / (a + b)
 
 
+def flagged_p_value(flagged: int, n_batch: int, rate: float, n_normals: int | None) -> float:
+    """How unlikely ``flagged`` of ``n_batch`` flags are on a healthy line, one-sided.
+
+    A threshold read off ``n_normals`` calibration normals at rate ``rate`` flags new
+    normals at a rate that is itself random: for the order statistic that a conformal
+    threshold is, Beta(rate (n + 1), (1 - rate) (n + 1)) (Vovk et al. 2005; the robust
+    tail's parametric threshold varies less, so this errs toward quiet). The count of a
+    batch is then beta-binomial: for a batch of 100,000 images a binomial test would call
+    the spread of the threshold itself a drift. Binomial without ``n_normals``.
+    """
+    if not n_normals or n_normals < 2 or not 0 < rate < 1:
+        return float(binomtest(flagged, n_batch, rate, alternative="greater").pvalue)
+    a, b = rate * (n_normals + 1), (1 - rate) * (n_normals + 1)
+    p = float(betabinom.sf(flagged - 1, n_batch, a, b)) if flagged > 0 else 1.0
+    return min(max(p, 0.0), 1.0)
+
+
 def _range_check(values: NDArray[np.floating], normal: dict[str, Any]) -> _RangeCheck:
     """The test on the share outside the normals' band, and the median's shift."""
     low, high = float(normal["p005"]), float(normal["p995"])
@@ -157,12 +177,14 @@ def drift_report(
     normal_intensity: dict[str, Any] | None,
     extra_warnings: list[str] | None = None,
     contrast: NDArray[np.floating] | None = None,
+    n_calibration: int | None = None,
 ) -> dict[str, Any]:
     """The drift section of a scan summary: numbers, and warnings in plain words.
 
     ``extra_warnings`` (such as colour files into a grey model) are passed through;
     ``contrast``: each image's standard deviation of model-input intensity (checked
-    when ``normal_intensity`` has a ``contrast`` range).
+    when ``normal_intensity`` has a ``contrast`` range); ``n_calibration``: how many
+    normals the threshold was read off (:func:`flagged_p_value`).
     """
     flags = np.asarray(is_anomaly, dtype=bool)
     n = int(flags.size)
@@ -172,7 +194,7 @@ def drift_report(
         return out
     k = int(flags.sum())
     if target_fpr:
-        p = float(binomtest(k, n, target_fpr, alternative="greater").pvalue)
+        p = flagged_p_value(k, n, float(target_fpr), n_calibration)
         out["flagged"] = {
             "rate": k / n,
             "expected_rate_if_normal": float(target_fpr),
@@ -181,7 +203,7 @@ def drift_report(
         if p < ALARM_P:
             out["warnings"].append(
                 f"{k / n:.1%} of the images were flagged, where the threshold was set to "
-                f"flag {target_fpr:.1%} of normal images (binomial p = {p:.1e}). Either this "
+                f"flag {target_fpr:.1%} of normal images (p = {p:.1e}). Either this "
                 "batch has many defects, or the line no longer looks like the training "
                 "data (lighting, camera, product change): check a sample of the flagged "
                 "images before trusting the verdicts, and recalibrate if they are normal."

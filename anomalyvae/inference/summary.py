@@ -108,6 +108,17 @@ def target_fpr_of(metadata: dict[str, Any]) -> float | None:
     return promised_fpr((metadata.get("calibration") or {}).get("image"))
 
 
+def calibration_normals(metadata: dict[str, Any]) -> int | None:
+    """How many normals the threshold was read off (None: labelled, unknown or malformed)."""
+    image = (metadata.get("calibration") or {}).get("image")
+    if not isinstance(image, dict) or image.get("method") != "normal_quantile":
+        return None
+    try:
+        return int(image["n_normal"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def summarize(
     table: pd.DataFrame,
     metadata: dict[str, Any],
@@ -148,6 +159,7 @@ def summarize(
             metadata.get("normal_intensity"),
             channel_warnings(ok, metadata) + shape_warnings(ok, metadata),
             ok["contrast"].to_numpy(dtype=float),
+            calibration_normals(metadata),
         ),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         # unsigned: anyone could have edited the threshold and recomputed the hash

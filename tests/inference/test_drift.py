@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 from anomalyvae.inference.drift import (
     ALARM_P,
     drift_report,
+    flagged_p_value,
     intensity_summary,
     outside_p_value,
 )
@@ -80,6 +81,26 @@ def test_healthy_batches_rarely_raise_the_range_alarm_although_the_band_is_estim
     assert outside_p_value(60, 234, 182)[0] < 1e-6
     # an older model's summary without the count of normals: the binomial test at 1 %
     assert outside_p_value(0, 234, 0) == (1.0, 0.01)
+
+
+def test_a_healthy_line_of_many_images_is_not_called_drifted_for_its_thresholds_spread():
+    # a conformal threshold at 1 % read off 300 normals flags new normals at a rate that
+    # varies with the normals it was read off; a batch of 20,000 sees that rate exactly
+    rng = np.random.default_rng(5)
+    n, batch, trials = 300, 20_000, 200
+    rank = int(np.ceil((n + 1) * 0.99))  # the order statistic of the conformal threshold
+    binomial_alarms = beta_alarms = 0
+    for _ in range(trials):
+        threshold = np.sort(rng.standard_normal(n))[rank - 1]
+        flagged = int((rng.standard_normal(batch) > threshold).sum())
+        rate = 1 - rank / (n + 1)
+        binomial_alarms += binomtest(flagged, batch, rate, alternative="greater").pvalue < ALARM_P
+        beta_alarms += flagged_p_value(flagged, batch, rate, n) < ALARM_P
+    assert binomial_alarms >= 20, (binomial_alarms, beta_alarms)  # 1 in 10, not 1 in 1,000
+    assert beta_alarms <= 2, (binomial_alarms, beta_alarms)
+    # a batch of defects still fires, and without the count the binomial test stays
+    assert flagged_p_value(2_000, batch, 0.01, n) < 1e-6
+    assert flagged_p_value(30, 1000, 0.01, None) < ALARM_P < flagged_p_value(30, 1000, 0.01, 300)
 
 
 def test_small_batches_are_not_judged():
