@@ -134,8 +134,9 @@ class VAEAnomalyDetector:
         :meth:`self_check` on the held-out normals: the estimated detection rate of
         synthetic defects at ``threshold_``.
     normal_intensity_ : dict
-        The held-out normals' per-image mean intensity (median, spread, 0.5/99.5 %
-        percentiles): what a scan's drift alarm compares a batch with.
+        Every normal's per-image mean intensity and contrast (median, spread, 0.5/99.5 %
+        percentiles; training and held-out): what a scan's drift alarm compares a batch
+        with. Older models hold the held-out normals' alone.
     validation_files_ : list of str
         The held-out normal files (when fitted from files); not saved with the model.
     """
@@ -270,9 +271,14 @@ class VAEAnomalyDetector:
         if cross_fitted is not None and self.scoring_.score_kind == "fused":
             extra = family.fuse(self, cross_fitted)
         self.calibrate(val_images, extra_normal_scores=extra)
-        # what the scan's drift alarm compares each batch with (inference/drift.py)
-        flat = val_images.reshape(len(val_images), -1)
-        self.normal_intensity_ = intensity_summary(flat.mean(axis=1), flat.std(axis=1))
+        # what the scan's drift alarm compares each batch with (inference/drift.py): every
+        # normal, since intensity and contrast are not fitted, and the band it tests a
+        # batch against is the narrower in doubt the more normals draw it
+        flat = [x.reshape(len(x), -1) for x in (train_images, val_images)]
+        self.normal_intensity_ = intensity_summary(
+            np.concatenate([f.mean(axis=1) for f in flat]),
+            np.concatenate([f.std(axis=1) for f in flat]),
+        )
         self.self_check_ = self.self_check(val_images)
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)

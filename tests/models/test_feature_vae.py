@@ -507,6 +507,9 @@ def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, fe
     detector, _ = feature_detector
     n_val = len(detector.validation_files_)
     assert detector.calibration_.n_normal == detector.data_summary_["n_train"] + n_val
+    # the drift alarm's intensity band is drawn from every normal too (nothing is fitted)
+    assert detector.normal_intensity_["n_images"] == detector.calibration_.n_normal
+    assert detector.normal_intensity_["contrast"]["n_images"] == detector.calibration_.n_normal
     model = detector.model_
     paths = [s.path for s in mvtec_samples(feature_root, "train")][:12]
     images = detector.preprocess(paths)
