@@ -123,8 +123,7 @@ def outside_p_value(outside: int, n_batch: int, n_normals: int) -> tuple[float, 
         p = float(binomtest(outside, n_batch, OUTSIDE_EXPECTED, alternative="greater").pvalue)
         return p, OUTSIDE_EXPECTED
     a, b = n - upper + lower + 1, upper - lower
-    p = float(betabinom.sf(outside - 1, n_batch, a, b)) if outside > 0 else 1.0
-    return min(max(p, 0.0), 1.0), a / (a + b)
+    return _beta_binomial_tail(outside, n_batch, a, b), a / (a + b)
 
 
 def flagged_p_value(flagged: int, n_batch: int, rate: float, n_normals: int | None) -> float:
@@ -139,8 +138,14 @@ def flagged_p_value(flagged: int, n_batch: int, rate: float, n_normals: int | No
     """
     if not n_normals or n_normals < 2 or not 0 < rate < 1:
         return float(binomtest(flagged, n_batch, rate, alternative="greater").pvalue)
-    a, b = rate * (n_normals + 1), (1 - rate) * (n_normals + 1)
-    p = float(betabinom.sf(flagged - 1, n_batch, a, b)) if flagged > 0 else 1.0
+    return _beta_binomial_tail(
+        flagged, n_batch, rate * (n_normals + 1), (1 - rate) * (n_normals + 1)
+    )
+
+
+def _beta_binomial_tail(count: int, n_batch: int, a: float, b: float) -> float:
+    """P(X >= count) for X beta-binomial(n_batch, a, b), clipped to [0, 1]."""
+    p = float(betabinom.sf(count - 1, n_batch, a, b)) if count > 0 else 1.0
     return min(max(p, 0.0), 1.0)
 
 
@@ -208,32 +213,46 @@ def drift_report(
                 "data (lighting, camera, product change): check a sample of the flagged "
                 "images before trusting the verdicts, and recalibrate if they are normal."
             )
-    means = _finite(mean_intensity)
-    if normal_intensity and means.size >= MIN_IMAGES:
-        check = _range_check(means, normal_intensity)
-        out["intensity"] = check.section("darker", "brighter")
-        if check.warn:
-            out["warnings"].append(
-                f"Images are {'darker' if check.lower else 'brighter'} than the calibration "
-                f"normals: {check.describe('intensity')}; {check.below:.0%} darker, "
-                f"{check.above:.0%} brighter). Lighting or acquisition has changed; scores "
-                "may rise or fall for reasons other than defects."
-            )
-    contrasts = _finite(contrast)
+    check = _band_check(out, "intensity", mean_intensity, normal_intensity, "darker", "brighter")
+    if check is not None:
+        out["warnings"].append(
+            f"Images are {'darker' if check.lower else 'brighter'} than the calibration "
+            f"normals: {check.describe('intensity')}; {check.below:.0%} darker, "
+            f"{check.above:.0%} brighter). Lighting or acquisition has changed; scores "
+            "may rise or fall for reasons other than defects."
+        )
     normal_contrast = (normal_intensity or {}).get("contrast")
-    if normal_contrast and contrasts.size >= MIN_IMAGES:
-        check = _range_check(contrasts, normal_contrast)
-        out["contrast"] = check.section("flatter", "harsher")
-        if check.warn:
-            out["warnings"].append(
-                f"Images have {'less' if check.lower else 'more'} contrast than the "
-                f"calibration normals: {check.describe('standard deviation of intensity')}). "
-                + (
-                    "A fogged or dirty lens, defocus, glare or a flatter exposure lowers "
-                    if check.lower
-                    else "Harsher lighting, a changed gain or sharper optics raises "
-                )
-                + "contrast; the image score is built for local defects and sees little of "
-                "it: check the camera and lighting before trusting the verdicts."
+    check = _band_check(out, "contrast", contrast, normal_contrast, "flatter", "harsher")
+    if check is not None:
+        out["warnings"].append(
+            f"Images have {'less' if check.lower else 'more'} contrast than the "
+            f"calibration normals: {check.describe('standard deviation of intensity')}). "
+            + (
+                "A fogged or dirty lens, defocus, glare or a flatter exposure lowers "
+                if check.lower
+                else "Harsher lighting, a changed gain or sharper optics raises "
             )
+            + "contrast; the image score is built for local defects and sees little of "
+            "it: check the camera and lighting before trusting the verdicts."
+        )
     return out
+
+
+def _band_check(
+    out: dict[str, Any],
+    key: str,
+    values: NDArray[np.floating] | None,
+    normal: dict[str, Any] | None,
+    lower: str,
+    higher: str,
+) -> _RangeCheck | None:
+    """Test ``values`` against the normals' band into ``out[key]``; the check if it warns.
+
+    Skipped (nothing written) without the normals' band or with too few finite values.
+    """
+    finite = _finite(values)
+    if not normal or finite.size < MIN_IMAGES:
+        return None
+    check = _range_check(finite, normal)
+    out[key] = check.section(lower, higher)
+    return check if check.warn else None
