@@ -66,7 +66,7 @@ class VAEAnomalyDetector:
         Pixel model: encoder channels per stage (each stage halves the resolution).
     latent_dim : int
         Pixel model: size of the latent code (the feature model codes each location
-        in :class:`~anomalyvae.models.feature_vae.FeatureVAEConfig`'s 16 dimensions).
+        in :class:`~anomalyvae.models.feature_config.FeatureVAEConfig`'s 16 dimensions).
     beta : float
         KL weight of the beta-VAE objective.
     tile_size : int

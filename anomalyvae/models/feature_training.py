@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import coreset_indices, knn_view
-from anomalyvae.models.feature_vae import MIN_STD, FeatureVAE, FeatureVAEConfig, location_loss
+from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
+from anomalyvae.models.feature_vae import FeatureVAE, location_loss
 from anomalyvae.models.fusion import VIEW_NAMES
 
 

@@ -16,7 +16,8 @@ from anomalyvae.detector import VAEAnomalyDetector, resolve_family
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import load_backbone, weights_path
-from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig
+from anomalyvae.models.feature_config import FeatureVAEConfig
+from anomalyvae.models.feature_vae import FeatureVAE
 from anomalyvae.models.fusion import VIEW_NAMES
 from anomalyvae.models.maps import ScoringConfig, score_batch
 
@@ -68,21 +69,6 @@ def test_backbone_stays_frozen_in_train_mode():
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("in_channels", 2, "in_channels"),
-        ("height", 16, "at least 32"),
-        ("pool", 2, "odd"),
-        ("latent_dim", 0, "latent_dim"),
-        ("beta", -1.0, "beta"),
-    ],
-)
-def test_feature_config_rejects_bad_values(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        FeatureVAEConfig(**{field: value})
-
-
-@pytest.mark.parametrize(
     ("family", "size", "expected"),
     [
         ("auto", 28, "pixel"),
@@ -93,22 +79,6 @@ def test_feature_config_rejects_bad_values(field, value, message):
 )
 def test_auto_family_follows_input_size(family, size, expected):
     assert resolve_family(family, size, size) == expected
-
-
-def test_older_configs_fuse_the_views_they_have_with_their_rule():
-    new = FeatureVAEConfig()
-    assert [VIEW_NAMES[i] for i in new.fused_index] == ["knn", "global", "image"]
-    assert new.fusion == "mean"
-    before_bank = FeatureVAEConfig.from_dict({"image_components": 50})
-    assert [VIEW_NAMES[i] for i in before_bank.fused_index] == ["local", "global", "image"]
-    assert before_bank.fusion == "max" and before_bank.bank_size == 0
-    before_image = FeatureVAEConfig.from_dict({})
-    assert [VIEW_NAMES[i] for i in before_image.fused_index] == ["local", "global"]
-    # saved before the local excess term: it adds nothing; without a bank, nothing to read
-    assert before_image.local_excess.weight == 0 and before_image.local_excess.index == ()
-    assert [VIEW_NAMES[i] for i in new.local_excess.index] == ["knn"]
-    with pytest.raises(ValueError, match="excess_weight"):
-        FeatureVAEConfig(excess_weight=-1.0)
 
 
 def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
@@ -725,8 +695,9 @@ def test_the_trained_image_subspace_has_the_chosen_components(feature_detector, 
 def test_files_that_use_a_sliver_of_their_range_reach_the_backbone_like_any_other():
     """8-bit files with a few grey levels, 12-bit data in 16-bit files: the contrast floor
     follows the training normals, so a dim set is stretched as its full-range twin."""
+    from anomalyvae.models.feature_config import MIN_STD
     from anomalyvae.models.feature_training import contrast_floor
-    from anomalyvae.models.feature_vae import MIN_STD, normalize_intensity
+    from anomalyvae.models.feature_vae import normalize_intensity
 
     rng = np.random.default_rng(0)
     full = rng.uniform(0.0, 1.0, (6, 1, 32, 32)).astype(np.float32)
@@ -745,7 +716,7 @@ def test_files_that_use_a_sliver_of_their_range_reach_the_backbone_like_any_othe
 
 
 def test_training_sets_the_contrast_floor_and_older_models_keep_the_fixed_one(feature_detector):
-    from anomalyvae.models.feature_vae import MIN_STD
+    from anomalyvae.models.feature_config import MIN_STD
 
     config = feature_detector[0].model_.config
     assert 0 < config.min_std <= MIN_STD

@@ -15,7 +15,8 @@ from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_feature_vae
-from anomalyvae.models.feature_vae import FeatureVAE, FeatureVAEConfig, fit_map_constants
+from anomalyvae.models.feature_config import FeatureVAEConfig
+from anomalyvae.models.feature_vae import FeatureVAE, fit_map_constants
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
     LOCAL_EXCESS_WEIGHT,

@@ -1,0 +1,47 @@
+"""The feature family's config: checked on construction, older models' values on load."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
+from anomalyvae.models.fusion import VIEW_NAMES
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("in_channels", 2, "in_channels"),
+        ("height", 16, "at least 32"),
+        ("pool", 2, "odd"),
+        ("latent_dim", 0, "latent_dim"),
+        ("beta", -1.0, "beta"),
+    ],
+)
+def test_feature_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureVAEConfig(**{field: value})
+
+
+def test_older_configs_fuse_the_views_they_have_with_their_rule():
+    new = FeatureVAEConfig()
+    assert [VIEW_NAMES[i] for i in new.fused_index] == ["knn", "global", "image"]
+    assert new.fusion == "mean"
+    before_bank = FeatureVAEConfig.from_dict({"image_components": 50})
+    assert [VIEW_NAMES[i] for i in before_bank.fused_index] == ["local", "global", "image"]
+    assert before_bank.fusion == "max" and before_bank.bank_size == 0
+    before_image = FeatureVAEConfig.from_dict({})
+    assert [VIEW_NAMES[i] for i in before_image.fused_index] == ["local", "global"]
+    # saved before the local excess term: it adds nothing; without a bank, nothing to read
+    assert before_image.local_excess.weight == 0 and before_image.local_excess.index == ()
+    assert [VIEW_NAMES[i] for i in new.local_excess.index] == ["knn"]
+    with pytest.raises(ValueError, match="excess_weight"):
+        FeatureVAEConfig(excess_weight=-1.0)
+
+
+def test_a_config_round_trips_and_unknown_fields_are_refused():
+    config = FeatureVAEConfig(height=96, width=160, bank_dim=32, excess_weight=0.3)
+    assert FeatureVAEConfig.from_dict(config.to_dict()) == config
+    assert config.min_std == MIN_STD
+    with pytest.raises(ValueError, match="unknown FeatureVAEConfig fields"):
+        FeatureVAEConfig.from_dict({**config.to_dict(), "colour": "red"})
