@@ -43,7 +43,8 @@ from anomalyvae.inference.contract import (
     signature,
     signing_key,
 )
-from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS, ScoringGraph
+from anomalyvae.models.maps import EXPORTABLE_MAP_KINDS
+from anomalyvae.models.scoring import ScoringGraph
 from anomalyvae.models.vae import VAEOutput, count_parameters
 from anomalyvae.version import __version__
 

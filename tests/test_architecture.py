@@ -129,3 +129,21 @@ def test_nothing_outside_models_branches_on_the_family_name():
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not pattern.search(line), f"{path.name}:{number}: {line.strip()}"
+
+
+def test_shared_model_code_never_dispatches_on_the_family():
+    """Inside models/, only the families know which family a model is: the shared code
+    (maps, scoring, batches, checkpoints) asks the model's family object, it never tests
+    a model's class or compares a family's name."""
+    import re
+
+    pattern = re.compile(
+        r"isinstance\([^)]*\b(ConvVAE|FeatureVAE)\b|[!=]=\s*\"(pixel|feature)\"|"
+        r"\"(pixel|feature)\"\s*[!=]="
+    )
+    families = PACKAGE / "models" / "families"
+    for path in sorted((PACKAGE / "models").rglob("*.py")):
+        if families in path.parents:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not pattern.search(line), f"{path.name}:{number}: {line.strip()}"

@@ -15,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.models.maps import MapStats, ScoringConfig, score_batch
+from anomalyvae.models.maps import MapStats, ScoringConfig
+from anomalyvae.models.scoring import score_batch
 
 
 def score_images(

@@ -1,5 +1,10 @@
 """Anomaly maps and image scores from a VAE (higher = more anomalous everywhere).
 
+The blocks every family's scoring is built of (map kinds, smoothing, reductions,
+:class:`ScoringConfig`, :class:`MapStats`) and the pixel family's recipe
+(:func:`pixel_scores`). A batch is scored through its model's family by
+:mod:`anomalyvae.models.scoring`, which is the one entry point.
+
 Smoothing and SSIM are written here as plain depthwise convolutions rather than taken
 from MONAI, so that the whole scoring graph exports to ONNX as standard Conv ops.
 """
@@ -7,19 +12,15 @@ from MONAI, so that the whole scoring graph exports to ONNX as standard Conv ops
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.models.bank import knn_view
-from anomalyvae.models.feature_vae import FeatureVAE
 from anomalyvae.models.fusion import fuse_views, robust_z_constants
 from anomalyvae.models.smoothing import (
     gaussian_blur,
@@ -358,152 +359,6 @@ class ScoreResult(NamedTuple):
     views: Tensor | None = None
 
 
-#: A scoring recipe: (model, x, config, stats, valid) -> ScoreResult, in no_grad.
-Scorer = Callable[[nn.Module, Tensor, ScoringConfig, MapStats | None, Tensor | None], ScoreResult]
-#: Recipes of model classes that families registered (see :func:`register_scorer`); the
-#: built-in pixel and feature recipes below serve their own classes.
-_SCORERS: dict[type, Scorer] = {}
-
-
-def register_scorer(model_class: type, scorer: Scorer | None) -> None:
-    """Score ``model_class`` with ``scorer`` in :func:`score_batch` and the graph.
-
-    :func:`anomalyvae.models.families.register_family` calls it; None forgets it.
-    """
-    if scorer is None:
-        _SCORERS.pop(model_class, None)
-    else:
-        _SCORERS[model_class] = scorer
-
-
-def registered_scorer(model: nn.Module) -> Scorer | None:
-    """The recipe registered for ``model``'s class (or a base class), or None."""
-    for cls in type(model).__mro__:
-        if cls in _SCORERS:
-            return _SCORERS[cls]
-    return None
-
-
-def check_family(model: nn.Module, config: ScoringConfig) -> None:
-    """A clear error when ``config`` asks a model family for a score it does not have."""
-    check_scoring(getattr(model, "family", "pixel"), config)
-
-
-def check_scoring(family: str, config: ScoringConfig) -> None:
-    """A clear error when ``config`` asks ``family`` for a score it does not have."""
-    if family == "pixel" and config.score_kind in FEATURE_ONLY_SCORE_KINDS:
-        raise InvalidValueError(
-            f"score kind {config.score_kind!r} needs the feature model (--model feature); "
-            f"the pixel model scores with one of {PIXEL_SCORE_KINDS}"
-        )
-    if family == "pixel" and config.score_kind in ("global", "fused") and not config.standardize:
-        raise InvalidValueError(
-            f"the pixel model's {config.score_kind!r} score reads the standardized map "
-            "(standardize on); without it use 'topk_mean', 'max' or 'elbo'"
-        )
-    if family == "feature" and (config.map_kind != "elbo" or config.standardize):
-        raise InvalidValueError(
-            "the feature model's map is the per-location negative ELBO (map_kind 'elbo'), "
-            f"position-independent (standardize off); got map_kind {config.map_kind!r}, "
-            f"standardize {config.standardize}"
-        )
-
-
-def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
-    """Map, image score and views of the feature family (the graph export traces this).
-
-    The map is :meth:`FeatureVAE.location_map` (the mean z-score of each location's
-    negative ELBO and memory-bank distance; older models: the ELBO), upsampled
-    (bilinear) from the feature grid to the input size, then smoothed. Views: local =
-    top-k mean (or max) of the map, elbo = mean location ELBO, global = Mahalanobis
-    distance of the mean feature, image = residual of the pooled input off the normals'
-    PCA subspace, knn = mean of the largest 1 % of the bank distances.
-    """
-    raw = model.raw_features(x)
-    standardized = model.standardize(raw)
-    location = model.location_elbo(model.vae(standardized))
-    if model.config.bank_size:
-        distances = model.knn_locations(standardized)
-        knn = knn_view(distances)
-        location_map = model.location_map(location, distances)
-    else:  # a model saved before the bank: no knn view, the ELBO map
-        knn = location.new_zeros(location.shape[0])
-        location_map = location
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    upsampled = F.interpolate(location_map, size=size, mode="bilinear", align_corners=False)
-    smoothed = gaussian_blur(upsampled, config.smoothing_sigma)
-    local_kind = "max" if config.score_kind == "max" else "topk_mean"
-    local = reduce_map(
-        smoothed,
-        smoothed,
-        ScoringConfig("elbo", local_kind, config.smoothing_sigma, config.topk_fraction),
-    )
-    elbo = location.flatten(1).mean(1)
-    views = torch.stack(
-        [
-            local,
-            elbo,
-            model.global_distance(raw),
-            model.image_view(x),
-            knn,
-        ],
-        dim=1,
-    )
-    if config.score_kind == "fused":
-        score = fuse_views(
-            views,
-            model.view_center,
-            model.view_scale,
-            model.config.fused_index,
-            model.config.fusion,
-            model.view_weight,
-            model.config.local_excess,
-        )
-    elif config.score_kind == "elbo":
-        score = elbo
-    elif config.score_kind == "global":
-        score = views[:, 2]
-    elif config.score_kind == "image":
-        score = views[:, 3]
-    elif config.score_kind == "knn":
-        score = views[:, 4]
-    else:
-        score = local
-    return ScoreResult(smoothed, score, elbo, views)
-
-
-def score_batch(
-    model: nn.Module,
-    x: Tensor,
-    config: ScoringConfig,
-    stats: MapStats | None = None,
-    valid: Tensor | None = None,
-) -> ScoreResult:
-    """Anomaly maps and image scores of a batch; the model must be in eval mode.
-
-    ``stats`` is required when ``config.standardize``; pass ``config`` with
-    ``standardize=False`` to get the raw smoothed maps that :func:`fit_map_stats` takes.
-    ``valid`` (n, h, w) bool, pixel model only: every view, and so every score kind,
-    reads the valid pixels only, and invalid pixels map to 0. Either model family: this
-    is the one scoring recipe the detector, the exported graph and the pipelines share.
-    """
-    check_family(model, config)
-    scorer = registered_scorer(model)
-    if scorer is not None:
-        with torch.no_grad():
-            return scorer(model, x, config, stats, valid)
-    if valid is not None and isinstance(model, FeatureVAE):
-        raise InvalidValueError("scoring with a valid mask needs the pixel model")
-    with torch.no_grad():
-        if isinstance(model, FeatureVAE):
-            return feature_scores(model, x, config)
-        if config.map_kind != "elbo_grad":
-            return pixel_scores(model, x, config, stats, valid=valid)
-    raw, output = elbo_grad_map(model, x)  # needs the input gradient: torch only
-    with torch.no_grad():
-        return pixel_scores(model, x, config, stats, output, raw, valid)
-
-
 def pixel_scores(
     model: nn.Module,
     x: Tensor,
@@ -553,34 +408,3 @@ def pixel_scores(
     else:
         score = local
     return ScoreResult(smoothed, score, elbo, views)
-
-
-class ScoringGraph(nn.Module):
-    """VAE + map + smoothing + image score as one module (the graph ONNX export traces).
-
-    Only the gradient-free map kinds (``EXPORTABLE_MAP_KINDS``) are supported.
-    """
-
-    def __init__(
-        self, model: nn.Module, config: ScoringConfig, stats: MapStats | None = None
-    ) -> None:
-        super().__init__()
-        check_family(model, config)
-        if config.map_kind not in EXPORTABLE_MAP_KINDS:
-            raise InvalidValueError(
-                f"map kind {config.map_kind!r} needs an input gradient and cannot be part "
-                f"of a forward-only graph; use one of {EXPORTABLE_MAP_KINDS}"
-            )
-        self.model = model
-        self.config = config
-        self.stats = check_stats(stats, config) if config.standardize else None
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        scorer = registered_scorer(self.model)
-        if scorer is not None:
-            result = scorer(self.model, x, self.config, self.stats, None)
-        elif isinstance(self.model, FeatureVAE):
-            result = feature_scores(self.model, x, self.config)
-        else:
-            result = pixel_scores(self.model, x, self.config, self.stats)
-        return result.anomaly_map, result.score

@@ -46,7 +46,7 @@ from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import torch_outputs  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402
-from anomalyvae.models.maps import ScoringGraph  # noqa: E402
+from anomalyvae.models.scoring import ScoringGraph  # noqa: E402
 from anomalyvae.precisions import variant_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "datasets"

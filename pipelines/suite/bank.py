@@ -37,7 +37,7 @@ from trained import options, trained_models  # noqa: E402
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.evaluation import evaluate_on  # noqa: E402
-from anomalyvae.models.maps import ScoringGraph  # noqa: E402
+from anomalyvae.models.scoring import ScoringGraph  # noqa: E402
 
 #: (bank rows, principal directions; 0 = every feature channel), the full bank first
 VARIANTS = (

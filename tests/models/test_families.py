@@ -55,7 +55,6 @@ class MeanImageModel(nn.Module):
 class MeanImageFamily(ModelFamily):
     name = "toy-mean"
     view_names = ()
-    model_class = MeanImageModel
 
     def resolve_scoring(self, detector, spec) -> ScoringConfig:
         kind = "topk_mean" if detector.score_kind == "auto" else detector.score_kind

@@ -19,7 +19,8 @@ from anomalyvae.models.backbone import load_backbone, weights_path
 from anomalyvae.models.feature_config import FeatureVAEConfig
 from anomalyvae.models.feature_vae import FeatureVAE
 from anomalyvae.models.fusion import VIEW_NAMES
-from anomalyvae.models.maps import ScoringConfig, score_batch
+from anomalyvae.models.maps import ScoringConfig
+from anomalyvae.models.scoring import score_batch
 
 FEATURE_TINY = dict(epochs=4, target_fpr=0.1, progress=False, seed=0)
 

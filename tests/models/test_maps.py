@@ -7,15 +7,14 @@ import torch
 from anomalyvae.models.maps import (
     MAP_KINDS,
     ScoringConfig,
-    ScoringGraph,
     gaussian_blur,
     image_elbo,
     map_from_output,
     nll_floor,
     reduce_map,
-    score_batch,
     ssim_map,
 )
+from anomalyvae.models.scoring import ScoringGraph, score_batch
 from anomalyvae.models.vae import LOG_2PI, ConvVAE, VAEConfig, VAEOutput
 
 LOGVAR_MIN = -7.0

@@ -16,7 +16,7 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
-from anomalyvae.models.maps import ScoringConfig, register_scorer
+from anomalyvae.models.maps import ScoringConfig
 
 __all__ = [
     "FEATURE_MIN_SIDE",
@@ -44,8 +44,6 @@ def register_family(family: ModelFamily) -> ModelFamily:
         raise InvalidValueError(
             f"a model family needs a name other than 'auto', got {family.name!r}"
         )
-    if family.model_class is not None:
-        register_scorer(family.model_class, family.score)
     _FAMILIES[family.name] = family
     return family
 
@@ -54,9 +52,7 @@ def unregister_family(name: str) -> None:
     """Forget the family called ``name`` (its checkpoints no longer load)."""
     if name in ("pixel", "feature"):
         raise InvalidValueError(f"the built-in {name!r} family cannot be unregistered")
-    family = _FAMILIES.pop(name, None)
-    if family is not None and family.model_class is not None:
-        register_scorer(family.model_class, None)
+    _FAMILIES.pop(name, None)
 
 
 def family_names() -> tuple[str, ...]:

@@ -68,10 +68,6 @@ class ModelFamily(abc.ABC):
         and scoring with a ``valid_mask``, which inpaints the invalid pixels).
     export_precisions : tuple of str
         The ONNX precisions the graph exports in ("fp32", "fp16", "int8").
-    model_class : type or None
-        The family's model class, when its scores come from :meth:`score` (registered
-        with the recipe, :func:`anomalyvae.models.maps.register_scorer`). None: the
-        built-in recipe of :mod:`anomalyvae.models.maps` scores it (pixel, feature).
     map_kinds, score_kinds : tuple of str
         The ``ScoringConfig.map_kind`` and ``score_kind`` values it can be asked for.
     per_pixel_stats : bool
@@ -88,7 +84,6 @@ class ModelFamily(abc.ABC):
     view_names: ClassVar[tuple[str, ...]]
     generative: ClassVar[bool] = False
     export_precisions: ClassVar[tuple[str, ...]] = ("fp32",)
-    model_class: ClassVar[type | None] = None
     map_kinds: ClassVar[tuple[str, ...]] = ()
     score_kinds: ClassVar[tuple[str, ...]] = ()
     per_pixel_stats: ClassVar[bool] = False
@@ -98,6 +93,7 @@ class ModelFamily(abc.ABC):
         """The anomaly map in words, for report headers (e.g. "z-nll")."""
         return f"{'z-' if scoring.standardize else ''}{scoring.map_kind}"
 
+    @abc.abstractmethod
     def score(
         self,
         model: nn.Module,
@@ -106,12 +102,14 @@ class ModelFamily(abc.ABC):
         stats: MapStats | None,
         valid: Tensor | None,
     ) -> ScoreResult:
-        """Maps, scores and views of a batch (called in no_grad; traced for ONNX).
+        """Maps, scores and views of a batch of model-ready images (n, c, h, w).
 
-        Only families with a ``model_class`` are asked; the built-in ones are scored
-        by :func:`anomalyvae.models.maps.score_batch`'s own recipe.
+        :func:`anomalyvae.models.scoring.score_batch` calls it in no_grad, after
+        :meth:`check_scoring`; :class:`~anomalyvae.models.scoring.ScoringGraph` traces it
+        for ONNX. ``stats``: the per-pixel normal statistics when ``config.standardize``;
+        ``valid`` (n, h, w) bool restricts the scores to the valid pixels (a family that
+        cannot do so raises a clear error).
         """
-        raise NotImplementedError(f"the {self.name} family scores with the built-in recipe")
 
     def input_sizing(self) -> dict[str, Any] | None:
         """How the model input is sized from training files (None: the generic way).

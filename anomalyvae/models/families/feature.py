@@ -6,16 +6,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
-from torch import nn
+from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
+from anomalyvae.models.bank import knn_view
 from anomalyvae.models.families.base import ModelFamily, Trained
-from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_feature_vae
 from anomalyvae.models.feature_config import FeatureVAEConfig
+from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_feature_vae
 from anomalyvae.models.feature_vae import FeatureVAE, fit_map_constants
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
@@ -27,7 +29,8 @@ from anomalyvae.models.fusion import (
     share_weights,
     view_weights,
 )
-from anomalyvae.models.maps import SCORE_KINDS, ScoringConfig, check_scoring
+from anomalyvae.models.maps import SCORE_KINDS, MapStats, ScoreResult, ScoringConfig, reduce_map
+from anomalyvae.models.smoothing import gaussian_blur
 from anomalyvae.models.train import resolve_device
 
 if TYPE_CHECKING:
@@ -85,7 +88,24 @@ class FeatureFamily(ModelFamily):
         )
 
     def check_scoring(self, config: ScoringConfig) -> None:
-        check_scoring(self.name, config)
+        if config.map_kind != "elbo" or config.standardize:
+            raise InvalidValueError(
+                "the feature model's map is the per-location negative ELBO (map_kind "
+                "'elbo'), position-independent (standardize off); got map_kind "
+                f"{config.map_kind!r}, standardize {config.standardize}"
+            )
+
+    def score(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        config: ScoringConfig,
+        stats: MapStats | None,
+        valid: Tensor | None,
+    ) -> ScoreResult:
+        if valid is not None:
+            raise InvalidValueError("scoring with a valid mask needs the pixel model")
+        return feature_scores(model, x, config)
 
     def train(
         self,
@@ -266,3 +286,66 @@ class FeatureFamily(ModelFamily):
             "(a quarter of the overlap at weight 1e-3, then linear to 1 over half of it), "
             "summed and divided by the summed weights",
         }
+
+
+def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
+    """Map, image score and views of the feature family (the graph export traces this).
+
+    The map is :meth:`FeatureVAE.location_map` (the mean z-score of each location's
+    negative ELBO and memory-bank distance; older models: the ELBO), upsampled
+    (bilinear) from the feature grid to the input size, then smoothed. Views: local =
+    top-k mean (or max) of the map, elbo = mean location ELBO, global = Mahalanobis
+    distance of the mean feature, image = residual of the pooled input off the normals'
+    PCA subspace, knn = mean of the largest 1 % of the bank distances.
+    """
+    raw = model.raw_features(x)
+    standardized = model.standardize(raw)
+    location = model.location_elbo(model.vae(standardized))
+    if model.config.bank_size:
+        distances = model.knn_locations(standardized)
+        knn = knn_view(distances)
+        location_map = model.location_map(location, distances)
+    else:  # a model saved before the bank: no knn view, the ELBO map
+        knn = location.new_zeros(location.shape[0])
+        location_map = location
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    upsampled = F.interpolate(location_map, size=size, mode="bilinear", align_corners=False)
+    smoothed = gaussian_blur(upsampled, config.smoothing_sigma)
+    local_kind = "max" if config.score_kind == "max" else "topk_mean"
+    local = reduce_map(
+        smoothed,
+        smoothed,
+        ScoringConfig("elbo", local_kind, config.smoothing_sigma, config.topk_fraction),
+    )
+    elbo = location.flatten(1).mean(1)
+    views = torch.stack(
+        [
+            local,
+            elbo,
+            model.global_distance(raw),
+            model.image_view(x),
+            knn,
+        ],
+        dim=1,
+    )
+    if config.score_kind == "fused":
+        score = fuse_views(
+            views,
+            model.view_center,
+            model.view_scale,
+            model.config.fused_index,
+            model.config.fusion,
+            model.view_weight,
+            model.config.local_excess,
+        )
+    elif config.score_kind == "elbo":
+        score = elbo
+    elif config.score_kind == "global":
+        score = views[:, 2]
+    elif config.score_kind == "image":
+        score = views[:, 3]
+    elif config.score_kind == "knn":
+        score = views[:, 4]
+    else:
+        score = local
+    return ScoreResult(smoothed, score, elbo, views)

@@ -8,19 +8,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.fusion import fuse_views
 from anomalyvae.models.maps import (
+    FEATURE_ONLY_SCORE_KINDS,
     MAP_KINDS,
     PIXEL_SCORE_KINDS,
     PIXEL_VIEW_NAMES,
     SMALL_IMAGE_SIDE,
+    MapStats,
+    ScoreResult,
     ScoringConfig,
-    check_scoring,
     default_map_kind,
+    elbo_grad_map,
+    pixel_scores,
     pixel_view_constants,
 )
 from anomalyvae.models.train import train_vae
@@ -72,7 +77,29 @@ class PixelFamily(ModelFamily):
         )
 
     def check_scoring(self, config: ScoringConfig) -> None:
-        check_scoring(self.name, config)
+        if config.score_kind in FEATURE_ONLY_SCORE_KINDS:
+            raise InvalidValueError(
+                f"score kind {config.score_kind!r} needs the feature model (--model "
+                f"feature); the pixel model scores with one of {PIXEL_SCORE_KINDS}"
+            )
+        if config.score_kind in ("global", "fused") and not config.standardize:
+            raise InvalidValueError(
+                f"the pixel model's {config.score_kind!r} score reads the standardized map "
+                "(standardize on); without it use 'topk_mean', 'max' or 'elbo'"
+            )
+
+    def score(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        config: ScoringConfig,
+        stats: MapStats | None,
+        valid: Tensor | None,
+    ) -> ScoreResult:
+        if config.map_kind != "elbo_grad":
+            return pixel_scores(model, x, config, stats, valid=valid)
+        raw, output = elbo_grad_map(model, x)  # enables the input gradient itself
+        return pixel_scores(model, x, config, stats, output, raw, valid)
 
     def train(
         self,
