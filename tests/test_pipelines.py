@@ -51,6 +51,8 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
             drift = json.loads((tmp_path / "report" / "drift.json").read_text())
             darker = drift["sets"]["synthetic32"]["lighting"]["darker (x0.7)"]
             assert darker["n_images"] == 24 and darker["warnings"]
+            # what the change achieved in the stored levels (8-bit synthetic images)
+            assert 0.65 < darker["stored_mean_ratio"] < 0.75
             flatter = drift["sets"]["synthetic32"]["lighting"]["flatter (contrast x0.7)"]
             assert "contrast" in flatter  # the smoke model has the contrast range
         return

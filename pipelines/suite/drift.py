@@ -55,10 +55,12 @@ def scan_normals(model: Path, source: Path, work: Path) -> dict:
     out["lighting"] = {}
     for key, change in LIGHTING.items():
         changed = work / f"lighting-{len(out['lighting'])}"
-        relit(normals, changed, change)
-        out["lighting"][key] = scanned(
-            onnx_path, changed, changed.with_name(changed.name + "-scan")
-        )
+        achieved = relit(normals, changed, change)
+        out["stored_levels"] = achieved.pop("levels")
+        out["lighting"][key] = {
+            **scanned(onnx_path, changed, changed.with_name(changed.name + "-scan")),
+            "stored_mean_ratio": achieved["mean_ratio"],
+        }
     return out
 
 
@@ -70,19 +72,32 @@ def scanned(onnx_path: Path, folder: Path, output: Path) -> dict:
     return {"n_images": summary["n_scored"], "share_flagged": flagged, **summary["drift"]}
 
 
-def relit(folder: Path, dest: Path, change) -> None:
+def relit(folder: Path, dest: Path, change) -> dict[str, float]:
     """Lossless PNG copies of the images in ``folder`` with ``change`` applied to their
-    stored values (8 or 16 bit, grey or colour), clipped to the type's range."""
+    stored values (8 or 16 bit, grey or colour), clipped to the type's range.
+
+    Returns what the change achieved once rounded to the stored levels: ``mean_ratio``,
+    the copies' summed stored values over the originals', and ``levels``, the median
+    number of distinct stored values per original (a file with few levels rounds a
+    small change back to where it was).
+    """
     import numpy as np
     from PIL import Image
 
     dest.mkdir(parents=True, exist_ok=True)
+    before = after = 0.0
+    levels = []
     for path in sorted(folder.iterdir()):
         with Image.open(path) as image:
             values = np.asarray(image)
         top = np.iinfo(values.dtype).max if values.dtype.kind in "ui" else 1.0
         changed = np.clip(np.rint(change(values.astype(np.float64))), 0, top)
         Image.fromarray(changed.astype(values.dtype)).save(dest / f"{path.stem}.png")
+        before += float(values.sum(dtype=np.float64))
+        after += float(changed.sum())
+        levels.append(len(np.unique(values)))
+    ratio = after / before if before else float("nan")
+    return {"mean_ratio": ratio, "levels": float(np.median(levels))}
 
 
 def run(*args: str) -> None:
@@ -174,23 +189,30 @@ def main(argv: list[str] | None = None) -> int:
             "score is built for local defects and sees little of a change to the whole "
             "image; the drift alarm is what catches a lighting failure.",
             "",
-            "| set | change | images | flagged | intensity shift (normal SD) "
-            "| contrast shift (normal SD) | alarm |",
-            "|---|---|---|---|---|---|---|",
+            "| set | change | stored mean after / before | images | flagged "
+            "| intensity shift (normal SD) | contrast shift (normal SD) | alarm |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in results.items():
             for key, changed in r["lighting"].items():
                 shift = changed.get("intensity", {}).get("shift_in_normal_sd", float("nan"))
                 flat = changed.get("contrast", {}).get("shift_in_normal_sd")
+                ratio = changed.get("stored_mean_ratio", float("nan"))
                 lines.append(
-                    f"| {name} | {key} | {changed['n_images']} | {changed['share_flagged']:.1%} "
+                    f"| {name} | {key} | x{ratio:.2f} | {changed['n_images']} "
+                    f"| {changed['share_flagged']:.1%} "
                     f"| {shift:+.2f} | {'–' if flat is None else f'{flat:+.2f}'} "
                     f"| {'**fires**' if changed['warnings'] else 'quiet'} |"
                 )
         lines += [
             "",
             "Contrast shift: – for a model saved before the contrast check (its file has no "
-            "contrast range to compare with).",
+            "contrast range to compare with). *Stored mean after / before*: what the change "
+            "achieved once rounded to the files' stored levels; files with few grey levels "
+            "round it partly back, and then the batch has barely changed (median distinct "
+            "stored values per image: "
+            + ", ".join(f"{name} {r['stored_levels']:.0f}" for name, r in results.items())
+            + ").",
         ]
         (out / "drift.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
