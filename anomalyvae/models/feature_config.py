@@ -9,7 +9,7 @@ values that model was calibrated with. The model itself is
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from anomalyvae.errors import InvalidValueError
@@ -23,6 +23,7 @@ from anomalyvae.models.fusion import (
     VIEW_NAMES,
     LocalExcess,
 )
+from anomalyvae.models.vae import check_config_fields
 
 #: How the ``image`` view reduces its residual map: "topk" (the default) or "mean".
 IMAGE_REDUCTIONS: tuple[str, ...] = ("mean", "topk")
@@ -240,10 +241,7 @@ class FeatureVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureVAEConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise InvalidValueError(f"unknown FeatureVAEConfig fields: {sorted(unknown)}")
+        check_config_fields(cls, data)
         # a model saved before the image view (or the bank) existed has none, and was
         # calibrated on the largest z-score; one saved before the bank's map maps the
         # ELBO; one saved before the top-k image view averaged its residual

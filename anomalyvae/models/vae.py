@@ -71,10 +71,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise InvalidValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
+        check_config_fields(cls, data)
         return cls(**data)
 
 
@@ -192,3 +189,14 @@ def vae_loss(x: Tensor, output: VAEOutput, beta: float) -> LossTerms:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_config_fields(cls: type, data: dict[str, Any]) -> None:
+    """A clear error when a saved config ``data`` names fields the dataclass ``cls`` lacks.
+
+    Both families' configs read checkpoints through it, so a file from a newer version
+    (or a damaged one) is refused by name instead of failing deep in the constructor.
+    """
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise InvalidValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")

@@ -69,3 +69,11 @@ def test_loss_terms_match_formulas():
     terms = vae_loss(torch.rand(2, 1, 32, 32), out, 0.5)
     assert torch.allclose(terms.loss, terms.nll + 0.5 * terms.kl)
     assert torch.allclose(terms.elbo, terms.nll + terms.kl)
+
+
+def test_a_saved_config_with_unknown_fields_is_refused_by_name():
+    from anomalyvae.models.vae import VAEConfig
+
+    data = {**VAEConfig(height=32, width=32).to_dict(), "colour": "red"}
+    with pytest.raises(ValueError, match=r"unknown VAEConfig fields: \['colour'\]"):
+        VAEConfig.from_dict(data)
