@@ -131,6 +131,20 @@ def test_every_knn_share_of_reductions_gets_its_own_row():
     assert views["top 0.2%"]["val"].tolist() == [998.5, 1998.5]  # the 2 largest of 1000
 
 
+def test_knn_border_variants_of_reductions_leave_the_edge_out_as_the_product_does():
+    reductions = _suite_module("reductions")
+    distances = np.zeros((2, 12, 12))
+    distances[:, :, 0] = 9.0  # a lifted edge in every image
+    distances[1, 6, 6] = 4.0  # one inside the second
+    views = reductions.border_views({"val": distances[:1], "test": distances})
+    assert list(views) == [reductions.border_key(b) for b in reductions.KNN_BORDERS]
+    assert views[reductions.border_key(0)]["test"].tolist() == [9.0, 9.0]
+    assert views[reductions.border_key(1)]["test"].tolist() == [0.0, 4.0]
+    # the knn shares read the model's own border
+    shares = reductions.knn_views({"val": distances[:1], "test": distances}, border=1)
+    assert shares["top 1%"]["test"].tolist() == [0.0, 4.0]
+
+
 def test_suite_header_says_when_a_table_mixes_runs():
     suite = _suite_module("run")
     timed = {"a": {"seconds": 60.0}, "b": {"seconds": 120.0}}

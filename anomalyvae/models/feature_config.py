@@ -15,6 +15,7 @@ from typing import Any
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS
+from anomalyvae.models.bank import KNN_BORDER
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
     EXCESS_VIEWS,
@@ -89,6 +90,9 @@ class FeatureVAEConfig:
     bank_size : int
         Normal feature vectors kept for the ``knn`` view (a coreset of the training
         locations); 0 turns the view off (models saved before it existed load that way).
+    knn_border : int
+        Feature locations along each edge that the ``knn`` view leaves out
+        (:data:`~anomalyvae.models.bank.KNN_BORDER`); models saved before it leave none.
     bank_dim : int
         Principal directions of the bank the nearest-neighbour search's dot products
         are taken in (:meth:`~anomalyvae.models.feature_vae.FeatureVAE.project_bank`);
@@ -131,6 +135,7 @@ class FeatureVAEConfig:
     image_reduce: str = "topk"
     bank_size: int = 8192
     bank_dim: int = 0
+    knn_border: int = KNN_BORDER
     fusion: str = "mean"
     excess_weight: float = 0.0
     excess_z: float = 2.0
@@ -156,6 +161,8 @@ class FeatureVAEConfig:
             raise InvalidValueError(f"min_std must be > 0 and finite, got {self.min_std}")
         if not self.logvar_min < self.logvar_max:
             raise InvalidValueError("logvar_min must be smaller than logvar_max")
+        if self.knn_border < 0:
+            raise InvalidValueError(f"knn_border must be >= 0, got {self.knn_border}")
         if self.image_components < 0 or self.image_side < 1:
             raise InvalidValueError("image_components must be >= 0 and image_side >= 1")
         if self.image_reduce not in IMAGE_REDUCTIONS:
@@ -244,7 +251,8 @@ class FeatureVAEConfig:
         check_config_fields(cls, data)
         # a model saved before the image view (or the bank) existed has none, and was
         # calibrated on the largest z-score; one saved before the bank's map maps the
-        # ELBO; one saved before the top-k image view averaged its residual
+        # ELBO; one saved before the top-k image view averaged its residual; one saved
+        # before the knn view left out the map's edge read every location
         old = {
             "image_components": 0,
             "bank_size": 0,
@@ -252,5 +260,6 @@ class FeatureVAEConfig:
             "fusion": "max",
             "map_rule": "elbo",
             "image_reduce": "mean",
+            "knn_border": 0,
         }
         return cls(**{**old, **data})

@@ -297,7 +297,7 @@ def cross_fitted_views(
             for i in range(n):
                 others = bank_owner != i  # bank rows from other images
                 distances = model.knn_locations(model.standardize(train_raw[i : i + 1]), others)
-                views[i, column["knn"]] = float(knn_view(distances)[0])
+                views[i, column["knn"]] = float(knn_view(distances, model.config.knn_border)[0])
     return views
 
 

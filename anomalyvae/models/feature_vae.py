@@ -30,8 +30,9 @@ Four views of an image come out of one forward pass (all higher = more anomalous
 
 - ``knn``: each location's distance to the nearest of a memory bank of normal feature
   vectors (a greedy k-center coreset of the training locations, as in PatchCore, Roth et
-  al. 2022), the mean of the largest 1 %: local evidence that, unlike the VAE's ELBO,
-  needs no density model, so rare but normal patterns keep a small distance.
+  al. 2022), the mean of the largest 1 % away from the map's edge (where the backbone's
+  zero padding lifts every image's distances): local evidence that, unlike the VAE's
+  ELBO, needs no density model, so rare but normal patterns keep a small distance.
 
 The detector turns each view into a z-score against held-out normals and fuses them
 (:func:`anomalyvae.models.fusion.fuse_views`); the fusion's constants live in this
@@ -261,11 +262,12 @@ class FeatureVAE(nn.Module):
     def knn_distance(self, features: Tensor) -> Tensor:
         """The ``knn`` view (n,) of standardized features (n, c, h, w).
 
-        The mean of the largest 1 % (at least one) of :meth:`knn_locations`.
+        The mean of the largest 1 % (at least one) of :meth:`knn_locations`, the
+        ``config.knn_border`` outermost locations left out (:func:`knn_view`).
         """
         if not self.config.bank_size:
             return features.new_zeros(features.shape[0])
-        return knn_view(self.knn_locations(features))
+        return knn_view(self.knn_locations(features), self.config.knn_border)
 
     def knn_locations(self, features: Tensor, rows: Tensor | None = None) -> Tensor:
         """Each location's Euclidean distance to its nearest bank vector, (n, h, w).

@@ -9,6 +9,9 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
   :data:`~anomalyvae.models.bank.KNN_TOP_FRACTION`, the mean of every location, and
   multi-scale: the mean or the largest of the z-scores at 1 %, 5 % and 20 %);
+- **knn border**: how many feature locations along each edge of the map the ``knn``
+  view leaves out (the model's ``knn_border``; the backbone's zero padding lifts the
+  distances on the edge of every image);
 - **knn neighbourhood**: the box each location's features are averaged over before the
   bank (the model's ``pool``); the standardization and the coreset bank are rebuilt
   from the training split's features as training builds them; also the mean z-score of
@@ -95,6 +98,8 @@ IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
 IMAGE_SIDES = (64, 128, 256)
 #: ... and sides read together, the mean of each side's robust z-score.
 IMAGE_SIDE_MIXES = ((128, 256), (64, 128, 256))
+#: knn border variants: the feature locations along each edge the knn view leaves out.
+KNN_BORDERS = (0, 1, 2)
 #: knn neighbourhood variants: the side of the box each location's features average.
 NEIGHBOURHOODS = (1, 3, 5)
 NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
@@ -104,6 +109,7 @@ FUSED = ("knn", "global", "image")
 #: The fused view each family of variants replaces.
 VIEW_OF = {
     "knn": "knn",
+    "knn border": "knn",
     "knn neighbourhood": "knn",
     "global covariance": "global",
     "image": "image",
@@ -222,8 +228,33 @@ def image_key(sigma: float, share: float) -> str:
     return f"smoothed {sigma:g} px, top {share:.1%}"
 
 
-def knn_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
-    """The knn view of each group for every reduction of the location distances."""
+def without_border(distances: np.ndarray, border: int) -> np.ndarray:
+    """Location distances (n, h, w) with ``border`` locations along each edge left out,
+    as the product's knn view leaves them (:func:`~anomalyvae.models.bank.knn_view`)."""
+    height, width = distances.shape[-2:]
+    if border > 0 and min(height, width) > 2 * border:
+        return distances[:, border : height - border, border : width - border]
+    return distances
+
+
+def border_key(border: int) -> str:
+    return f"{border} location{'s' if border != 1 else ''} left out"
+
+
+def border_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The knn view of each group with each border left out (the product's reduction)."""
+    return {
+        border_key(b): {
+            g: knn_view(torch.from_numpy(d), b).double().numpy() for g, d in groups.items()
+        }
+        for b in KNN_BORDERS
+    }
+
+
+def knn_views(groups: dict[str, np.ndarray], border: int = 0) -> dict[str, dict]:
+    """The knn view of each group for every reduction of the location distances (the
+    model's ``border`` left out)."""
+    groups = {g: without_border(d, border) for g, d in groups.items()}
     out: dict[str, dict] = {}
     for fraction in KNN_FRACTIONS:
         out[knn_key(fraction)] = {
@@ -253,6 +284,7 @@ def neighbourhood_views(
 
     model = detector.model_.eval()
     config = model.config
+    edge = config.knn_border  # the locations the knn view leaves out
     knn: dict[str, dict] = {}
     covariances: dict[str, dict] = {}
     try:
@@ -266,7 +298,9 @@ def neighbourhood_views(
             knn[neighbourhood_key(side)] = {
                 group: np.array(
                     [
-                        float(knn_view(nearest_distance((r[i : i + 1] - mean) / scale, bank))[0])
+                        float(
+                            knn_view(nearest_distance((r[i : i + 1] - mean) / scale, bank), edge)[0]
+                        )
                         for i in range(len(r))
                     ]
                 )
@@ -361,7 +395,8 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         },
     )
     families = {
-        "knn": knn_views({"val": val["distances"], "test": tested["distances"]}),
+        "knn": knn_views({"val": val["distances"], "test": tested["distances"]}, config.knn_border),
+        "knn border": border_views({"val": val["distances"], "test": tested["distances"]}),
         "knn neighbourhood": neighbourhoods,
         "global covariance": covariances,
         "image": counts,
@@ -371,6 +406,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     }
     default = {
         "knn": knn_key(KNN_TOP_FRACTION),
+        "knn border": border_key(config.knn_border),
         "knn neighbourhood": neighbourhood_key(config.pool),
         "global covariance": "Ledoit-Wolf",
         "image": f"{config.image_components} components",
@@ -469,6 +505,7 @@ def write(results: dict, out: Path, smoke: bool) -> None:
     ]
     titles = {
         "knn": "knn view: which locations' bank distances are averaged",
+        "knn border": "knn view: the feature locations along each edge of the map it leaves out",
         "knn neighbourhood": "knn view: the neighbourhood each location's features average "
         "(bank rebuilt)",
         "global covariance": "global view: the covariance of the mean feature vectors",

@@ -16,6 +16,7 @@ from anomalyvae.models.fusion import VIEW_NAMES
         ("pool", 2, "odd"),
         ("latent_dim", 0, "latent_dim"),
         ("beta", -1.0, "beta"),
+        ("knn_border", -1, "knn_border"),
     ],
 )
 def test_feature_config_rejects_bad_values(field, value, message):
@@ -35,6 +36,8 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
     # saved before the local excess term: it adds nothing; without a bank, nothing to read
     assert before_image.local_excess.weight == 0 and before_image.local_excess.index == ()
     assert [VIEW_NAMES[i] for i in new.local_excess.index] == ["knn"]
+    # saved before the knn view left the map's edge out: it reads every location
+    assert new.knn_border == 1 and before_image.knn_border == 0
     with pytest.raises(ValueError, match="excess_weight"):
         FeatureVAEConfig(excess_weight=-1.0)
 

@@ -100,6 +100,18 @@ def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
     assert model.knn_distance(features[:1]).shape == (1,)
 
 
+def test_knn_view_leaves_the_maps_edge_out_where_the_map_is_large_enough():
+    from anomalyvae.models.bank import knn_view
+
+    distances = torch.zeros(2, 10, 10)
+    distances[:, 0, 3] = 5.0  # the padding-lifted edge of every image
+    distances[1, 5, 5] = 2.0  # a defect inside the second
+    assert knn_view(distances).tolist() == [5.0, 5.0]  # top 1 % of 100: the edge
+    assert knn_view(distances, border=1).tolist() == [0.0, 2.0]
+    tiny = torch.tensor([[[1.0, 4.0], [0.0, 0.0]]])  # too small to leave a ring out: whole
+    assert knn_view(tiny, border=1).tolist() == [4.0]
+
+
 def test_greedy_coreset_keeps_the_rare_vectors_a_random_sample_would_miss():
     from anomalyvae.models.bank import greedy_coreset
 

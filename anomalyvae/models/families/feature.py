@@ -296,14 +296,14 @@ def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> Score
     (bilinear) from the feature grid to the input size, then smoothed. Views: local =
     top-k mean (or max) of the map, elbo = mean location ELBO, global = Mahalanobis
     distance of the mean feature, image = residual of the pooled input off the normals'
-    PCA subspace, knn = mean of the largest 1 % of the bank distances.
+    PCA subspace, knn = mean of the largest 1 % of the bank distances off the map's edge.
     """
     raw = model.raw_features(x)
     standardized = model.standardize(raw)
     location = model.location_elbo(model.vae(standardized))
     if model.config.bank_size:
         distances = model.knn_locations(standardized)
-        knn = knn_view(distances)
+        knn = knn_view(distances, model.config.knn_border)
         location_map = model.location_map(location, distances)
     else:  # a model saved before the bank: no knn view, the ELBO map
         knn = location.new_zeros(location.shape[0])
