@@ -9,9 +9,13 @@ PatchCore's bank; Roth et al. 2022) and an exportable nearest-neighbour search
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
+
+T = TypeVar("T", Tensor, np.ndarray)
 
 #: Distances one image's ``knn`` block holds at once (locations x bank chunk): 4 M
 #: floats, 16 MB, so a batch of 32 needs about 0.5 GB whatever the input size.
@@ -23,21 +27,31 @@ KNN_TOP_FRACTION = 0.01
 #: sit farther from the bank than its interior: on the suite's sets the largest distances
 #: of most held-out normals were on the edge, where they drowned real defects. One
 #: location (8 px) is enough; a defect on the edge still reaches the next location
-#: through the 3 x 3 feature neighbourhood. Chosen leave-one-set-out
-#: (reports/suite/reductions.md); models saved before it leave out none.
+#: through the 3 x 3 feature neighbourhood. Chosen leave-one-set-out over 0, 1 and 2
+#: locations (pipelines/suite/reductions.py, "knn border"); models saved before it leave
+#: out none.
 KNN_BORDER = 1
+
+
+def interior(distances: T, border: int) -> T:
+    """Location values (n, h, w) without ``border`` locations along each edge.
+
+    Unchanged where the map is too small to keep any. Tensor or array alike (the suite's
+    pipelines re-reduce stored distances with it).
+    """
+    height, width = int(distances.shape[-2]), int(distances.shape[-1])  # fixed per model
+    if border > 0 and min(height, width) > 2 * border:
+        return distances[:, border : height - border, border : width - border]
+    return distances
 
 
 def knn_view(distances: Tensor, border: int = 0) -> Tensor:
     """The ``knn`` view (n,) of location distances (n, h, w).
 
     The mean of each image's largest ``KNN_TOP_FRACTION`` (at least one), ``border``
-    locations along each edge left out (none where the map is too small to keep any).
+    locations along each edge left out (:func:`interior`).
     """
-    height, width = int(distances.shape[-2]), int(distances.shape[-1])  # fixed per model
-    if border > 0 and min(height, width) > 2 * border:
-        distances = distances[:, border : height - border, border : width - border]
-    flat = distances.flatten(1)
+    flat = interior(distances, border).flatten(1)
     k = max(1, int(KNN_TOP_FRACTION * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1)
 

@@ -71,6 +71,7 @@ from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.models.bank import (  # noqa: E402
     KNN_TOP_FRACTION,
     coreset_indices,
+    interior,
     knn_view,
     nearest_distance,
 )
@@ -228,15 +229,6 @@ def image_key(sigma: float, share: float) -> str:
     return f"smoothed {sigma:g} px, top {share:.1%}"
 
 
-def without_border(distances: np.ndarray, border: int) -> np.ndarray:
-    """Location distances (n, h, w) with ``border`` locations along each edge left out,
-    as the product's knn view leaves them (:func:`~anomalyvae.models.bank.knn_view`)."""
-    height, width = distances.shape[-2:]
-    if border > 0 and min(height, width) > 2 * border:
-        return distances[:, border : height - border, border : width - border]
-    return distances
-
-
 def border_key(border: int) -> str:
     return f"{border} location{'s' if border != 1 else ''} left out"
 
@@ -254,7 +246,7 @@ def border_views(groups: dict[str, np.ndarray]) -> dict[str, dict]:
 def knn_views(groups: dict[str, np.ndarray], border: int = 0) -> dict[str, dict]:
     """The knn view of each group for every reduction of the location distances (the
     model's ``border`` left out)."""
-    groups = {g: without_border(d, border) for g, d in groups.items()}
+    groups = {g: interior(d, border) for g, d in groups.items()}
     out: dict[str, dict] = {}
     for fraction in KNN_FRACTIONS:
         out[knn_key(fraction)] = {
