@@ -25,6 +25,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("suite/bank.py", ["bank.md", "bank.json"]),
         ("suite/reductions.py", ["reductions.md", "reductions.json"]),
         ("suite/components.py", ["components.md", "components.json"]),
+        ("suite/edges.py", ["edges.md", "edges.json"]),
         ("scan/bench.py", []),
         ("generative/run.py", []),
         ("mtd/run.py", []),
@@ -42,6 +43,7 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         "suite/bank.py",
         "suite/reductions.py",
         "suite/components.py",
+        "suite/edges.py",
     ):
         completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
         assert completed.returncode == 0, completed.stderr[-3000:]
@@ -55,6 +57,13 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
             assert 0.65 < darker["stored_mean_ratio"] < 0.75
             flatter = drift["sets"]["synthetic32"]["lighting"]["flatter (contrast x0.7)"]
             assert "contrast" in flatter  # the smoke model has the contrast range
+        if script == "suite/edges.py":  # every border measured, one chosen by the folds
+            edges = json.loads((tmp_path / "report" / "edges.json").read_text())
+            borders = edges["sets"]["synthetic"]["borders"]
+            assert list(borders)[:2] == ["border 0", "border 1"] and len(borders) == 7
+            assert all(0 <= b["normals_peaking_on_edge"] <= 1 for b in borders.values())
+            assert 0.5 < borders["border 0"]["pixel_auroc"] <= 1.0
+            assert edges["loso"]["majority"] in borders
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]

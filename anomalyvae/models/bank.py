@@ -23,14 +23,22 @@ KNN_BLOCK = 1 << 22
 #: Share of an image's locations whose nearest-neighbour distances make its ``knn`` view.
 KNN_TOP_FRACTION = 0.01
 #: Feature locations along each edge of the map that the ``knn`` view leaves out. The
-#: backbone pads its input with zeros, so the outermost locations of every normal image
-#: sit farther from the bank than its interior: on the suite's sets the largest distances
-#: of most held-out normals were on the edge, where they drowned real defects. One
-#: location (8 px) is enough; a defect on the edge still reaches the next location
-#: through the 3 x 3 feature neighbourhood. Chosen leave-one-set-out over 0, 1 and 2
-#: locations (pipelines/suite/reductions.py, "knn border"); models saved before it leave
-#: out none.
+#: outermost locations' receptive fields reach past the image into the backbone's padding
+#: (zeros; padding every convolution by reflection instead barely lowered the edge in a
+#: trial on MTD), so the outermost locations of every normal image sit farther from the
+#: bank than its interior: on the suite's sets the largest distances of most held-out
+#: normals were on the edge, where they drowned real defects. One location (8 px) is
+#: enough; a defect on the edge still reaches the next location through the 3 x 3
+#: feature neighbourhood. Chosen leave-one-set-out over 0, 1 and 2 locations
+#: (pipelines/suite/reductions.py, "knn border"); models saved before it leave out none.
 KNN_BORDER = 1
+#: Rings of feature locations along the map's edge that get their own constants in the
+#: anomaly map (:func:`edge_rings`; ``FeatureVAEConfig.map_border``): the same padding
+#: lifts the ELBO and the bank distance on the edge, so with one set of constants the map
+#: of most normal images peaks on its outermost ring (bright borders on good parts). One
+#: ring, chosen leave-one-set-out over 0-3 on the suite's sets with pixel masks
+#: (pipelines/suite/edges.py); models saved before it use one set of constants.
+MAP_BORDER = 1
 
 
 def interior(distances: T, border: int) -> T:
@@ -43,6 +51,19 @@ def interior(distances: T, border: int) -> T:
     if border > 0 and min(height, width) > 2 * border:
         return distances[:, border : height - border, border : width - border]
     return distances
+
+
+def edge_rings(height: int, width: int, border: int) -> Tensor:
+    """Each location's edge ring of a ``height`` x ``width`` map, (h, w) int64.
+
+    A location's distance in locations from the nearest edge, capped at ``border``: 0 is
+    the outermost ring, ``border`` the interior. Constants when traced (the map's size is
+    fixed per model).
+    """
+    rows, cols = torch.arange(height), torch.arange(width)
+    rows = torch.minimum(rows, height - 1 - rows)
+    cols = torch.minimum(cols, width - 1 - cols)
+    return torch.minimum(rows[:, None], cols[None, :]).clamp(max=max(border, 0))
 
 
 def knn_view(distances: Tensor, border: int = 0) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
 from anomalyvae.models.backbone import FEATURE_TAPS
-from anomalyvae.models.bank import KNN_BORDER
+from anomalyvae.models.bank import KNN_BORDER, MAP_BORDER
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
     EXCESS_VIEWS,
@@ -110,6 +110,11 @@ class FeatureVAEConfig:
     map_rule : {"mean-z", "elbo"}
         The anomaly map (:data:`MAP_RULES`); "mean-z" needs the bank. Models saved
         before it load with "elbo".
+    map_border : int
+        Rings of locations along the feature map's edge whose ELBO and bank distance
+        get their own z constants in the "mean-z" map (:data:`~anomalyvae.models.bank.MAP_BORDER`;
+        ``map_border`` rings, then the interior); models saved before it use one set of
+        constants for every location (0).
     tile_side, tile_overlap : int
         An input longer than ``tile_side`` px on a side runs through the backbone in
         overlapping tiles of at most ``tile_side`` x ``tile_side`` (at least
@@ -140,6 +145,7 @@ class FeatureVAEConfig:
     excess_weight: float = 0.0
     excess_z: float = 2.0
     map_rule: str = "mean-z"
+    map_border: int = MAP_BORDER
     tile_side: int = 512
     tile_overlap: int = 128
 
@@ -163,6 +169,8 @@ class FeatureVAEConfig:
             raise InvalidValueError("logvar_min must be smaller than logvar_max")
         if self.knn_border < 0:
             raise InvalidValueError(f"knn_border must be >= 0, got {self.knn_border}")
+        if self.map_border < 0:
+            raise InvalidValueError(f"map_border must be >= 0, got {self.map_border}")
         if self.image_components < 0 or self.image_side < 1:
             raise InvalidValueError("image_components must be >= 0 and image_side >= 1")
         if self.image_reduce not in IMAGE_REDUCTIONS:
@@ -252,7 +260,8 @@ class FeatureVAEConfig:
         # a model saved before the image view (or the bank) existed has none, and was
         # calibrated on the largest z-score; one saved before the bank's map maps the
         # ELBO; one saved before the top-k image view averaged its residual; one saved
-        # before the knn view left out the map's edge read every location
+        # before the knn view left out the map's edge read every location; one saved
+        # before the map's edge rings z-scored every location with one set of constants
         old = {
             "image_components": 0,
             "bank_size": 0,
@@ -261,5 +270,6 @@ class FeatureVAEConfig:
             "map_rule": "elbo",
             "image_reduce": "mean",
             "knn_border": 0,
+            "map_border": 0,
         }
         return cls(**{**old, **data})

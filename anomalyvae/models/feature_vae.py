@@ -43,7 +43,7 @@ exported graph carries them.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.backbone import load_backbone
-from anomalyvae.models.bank import knn_view, nearest_distance
+from anomalyvae.models.bank import edge_rings, knn_view, nearest_distance
 from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
 from anomalyvae.models.fusion import VIEW_NAMES, robust_z_constants
 from anomalyvae.models.smoothing import gaussian_blur, topk_size
@@ -125,14 +125,24 @@ class FeatureVAE(nn.Module):
             self.register_buffer("bank_sq", torch.zeros(config.bank_size))
             self.register_buffer("bank_mean", torch.zeros(c))
             self.register_buffer("bank_basis", torch.zeros(c, config.bank_dim))
-        if config.map_rule == "mean-z":  # (ELBO, bank distance)
-            self.register_buffer("map_center", torch.zeros(2))
-            self.register_buffer("map_scale", torch.ones(2))
+        if config.map_rule == "mean-z":  # (ELBO, bank distance) per edge ring, then inside
+            self.register_buffer("map_center", torch.zeros(config.map_border + 1, 2))
+            self.register_buffer("map_scale", torch.ones(config.map_border + 1, 2))
         self.layout = config.layout
         if self.layout.tiled:  # derived from the config: not saved with the weights
             weight, norm = self.layout.blend(FEATURE_STRIDE)
             self.register_buffer("tile_weight", torch.from_numpy(weight)[None, None], False)
             self.register_buffer("tile_norm", torch.from_numpy(norm)[None, None], False)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # a model saved before the map's edge rings holds one (ELBO, distance) pair
+        for name in ("map_center", "map_scale"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.dim() == 1:
+                state_dict[prefix + name] = stored[None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ forward
 
@@ -307,13 +317,17 @@ class FeatureVAE(nn.Module):
         """The anomaly map on the feature grid, (n, 1, h, w), by ``config.map_rule``.
 
         ``elbo`` is :meth:`location_elbo`'s (n, 1, h, w), ``distances``
-        :meth:`knn_locations`' (n, h, w) (unused by the "elbo" rule).
+        :meth:`knn_locations`' (n, h, w) (unused by the "elbo" rule). "mean-z": each
+        location's two robust z-scores against the held-out normals' locations of its own
+        edge ring (:func:`~anomalyvae.models.bank.edge_rings`), averaged.
         """
         if self.config.map_rule == "elbo":
             return elbo
         maps = torch.cat([elbo, distances[:, None]], dim=1)  # (n, 2, h, w)
-        z = (maps - self.map_center[None, :, None, None]) / self.map_scale[None, :, None, None]
-        return z.mean(dim=1, keepdim=True)
+        rings = edge_rings(int(maps.shape[-2]), int(maps.shape[-1]), self.config.map_border)
+        center = self.map_center[rings].permute(2, 0, 1)[None]  # (1, 2, h, w)
+        scale = self.map_scale[rings].permute(2, 0, 1)[None]
+        return ((maps - center) / scale).mean(dim=1, keepdim=True)
 
     def global_distance(self, raw: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
@@ -348,17 +362,39 @@ def fit_map_constants(
 ) -> None:
     """Set ``map_center`` / ``map_scale`` from normal images (model-ready, n x c x h x w).
 
-    The robust z constants (:func:`~anomalyvae.models.fusion.robust_z_constants`) of every
-    location's negative ELBO and bank distance (:func:`location_maps`), over all locations
-    of all the images.
+    :func:`ring_constants` of their :func:`location_maps`, for the model's ``map_border``.
     """
     if model.config.map_rule != "mean-z":
         return
     elbo, distance = location_maps(model, images, batch_size, device)
-    values = np.stack([elbo.ravel(), distance.ravel()], axis=1).astype(np.float64)
-    center, scale = robust_z_constants(values)
+    center, scale = ring_constants(elbo, distance, model.config.map_border)
     model.map_center.copy_(torch.from_numpy(center).float())
     model.map_scale.copy_(torch.from_numpy(scale).float())
+
+
+def ring_constants(
+    elbo: NDArray[np.floating], distance: NDArray[np.floating], border: int, floor: bool = True
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The "mean-z" map's constants, each (border + 1, 2): (ELBO, bank distance) per ring.
+
+    The robust z constants (:func:`~anomalyvae.models.fusion.robust_z_constants`) of the
+    normal images' location maps (each (n, h, w)) over the locations of each edge ring
+    (:func:`~anomalyvae.models.bank.edge_rings`: ring ``border`` is the interior). With
+    ``floor``, no ring's scale is below the whole map's: a ring where the normals barely
+    vary (a black background) must not read as more sensitive than the rest of the map.
+    A ring a small map does not have takes the constants of all its locations.
+    """
+    elbo, distance = np.asarray(elbo), np.asarray(distance)
+    rings = edge_rings(elbo.shape[-2], elbo.shape[-1], border).numpy()
+
+    def constants(where: NDArray[np.bool_]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        values = np.stack([elbo[:, where].ravel(), distance[:, where].ravel()], axis=1)
+        return robust_z_constants(values.astype(np.float64))
+
+    overall = constants(np.ones_like(rings, dtype=bool))
+    pairs = [constants(rings == k) if np.any(rings == k) else overall for k in range(border + 1)]
+    center, scale = np.stack([c for c, _ in pairs]), np.stack([s for _, s in pairs])
+    return center, np.maximum(scale, overall[1]) if floor else scale
 
 
 def normalize_intensity(x: Tensor, min_std: float = MIN_STD) -> Tensor:

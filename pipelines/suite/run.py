@@ -269,15 +269,17 @@ def map_variants(detector, val_paths: list[Path], test) -> dict[str, list[float]
 
     On the feature grid: the VAE's negative ELBO, the memory bank's distance, and the
     mean and the largest of their robust z-scores against the held-out normals'
-    locations; each upsampled and smoothed as the product's map, at model resolution
-    (masks >= 128), over test images that have a mask or are normal. Empty for the pixel
-    model, for a model without a bank, or a set without pixel masks.
+    locations (per edge ring, as the model's ``map_border``); each upsampled and
+    smoothed as the product's map, at model resolution (masks >= 128), over test images
+    that have a mask or are normal. Empty for the pixel model, for a model without a
+    bank, or a set without pixel masks.
     """
     import torch
     import torch.nn.functional as F
 
     from anomalyvae.metrics import aupro, pixel_auroc
-    from anomalyvae.models.feature_vae import location_maps
+    from anomalyvae.models.bank import edge_rings
+    from anomalyvae.models.feature_vae import location_maps, ring_constants
     from anomalyvae.models.maps import gaussian_blur
 
     model = detector.model_
@@ -301,8 +303,12 @@ def map_variants(detector, val_paths: list[Path], test) -> dict[str, list[float]
 
     test_elbo, test_knn = maps_of([s.path for s, m in zip(test, has_mask, strict=True) if m])
     val_elbo, val_knn = maps_of(val_paths)
-    center, scale = robust_z_constants(np.stack([val_elbo.ravel(), val_knn.ravel()], axis=1))
-    z_elbo, z_knn = (test_elbo - center[0]) / scale[0], (test_knn - center[1]) / scale[1]
+    # z constants per edge ring of the model's map_border, as the product's map
+    border = getattr(model.config, "map_border", 0)
+    center, scale = ring_constants(val_elbo, val_knn, border)
+    rings = edge_rings(test_elbo.shape[-2], test_elbo.shape[-1], border).numpy()
+    z_elbo = (test_elbo - center[rings, 0]) / scale[rings, 0]
+    z_knn = (test_knn - center[rings, 1]) / scale[rings, 1]
     candidates = {
         "map/elbo": test_elbo,
         "map/knn": test_knn,

@@ -17,6 +17,7 @@ from anomalyvae.models.fusion import VIEW_NAMES
         ("latent_dim", 0, "latent_dim"),
         ("beta", -1.0, "beta"),
         ("knn_border", -1, "knn_border"),
+        ("map_border", -1, "map_border"),
     ],
 )
 def test_feature_config_rejects_bad_values(field, value, message):
@@ -38,6 +39,8 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
     assert [VIEW_NAMES[i] for i in new.local_excess.index] == ["knn"]
     # saved before the knn view left the map's edge out: it reads every location
     assert new.knn_border == 1 and before_image.knn_border == 0
+    # saved before the map's edge rings: one set of map constants for every location
+    assert new.map_border == 1 and before_image.map_border == 0
     with pytest.raises(ValueError, match="excess_weight"):
         FeatureVAEConfig(excess_weight=-1.0)
 

@@ -307,9 +307,11 @@ def test_a_projected_bank_keeps_the_norms_and_approximates_only_the_cross_term()
 def test_the_map_is_the_mean_z_of_elbo_and_bank_distance_centred_on_normals(
     feature_detector, feature_root
 ):
+    from anomalyvae.models.bank import MAP_BORDER, edge_rings
+
     detector, _ = feature_detector
     model = detector.model_
-    assert model.config.map_rule == "mean-z"
+    assert model.config.map_rule == "mean-z" and model.config.map_border == MAP_BORDER
     normals = detector.preprocess(
         [s.path for s in mvtec_samples(feature_root, "test") if s.label == 0]
     )
@@ -319,12 +321,84 @@ def test_the_map_is_the_mean_z_of_elbo_and_bank_distance_centred_on_normals(
         distances = model.knn_locations(standardized)
         fused = model.location_map(elbo, distances)
     center, scale = model.map_center.numpy(), model.map_scale.numpy()
-    z_elbo = (elbo[:, 0].numpy() - center[0]) / scale[0]
-    z_knn = (distances.numpy() - center[1]) / scale[1]
+    assert center.shape == scale.shape == (MAP_BORDER + 1, 2)
+    # each location is z-scored with the constants of its own edge ring
+    rings = edge_rings(elbo.shape[-2], elbo.shape[-1], MAP_BORDER).numpy()
+    z_elbo = (elbo[:, 0].numpy() - center[rings, 0]) / scale[rings, 0]
+    z_knn = (distances.numpy() - center[rings, 1]) / scale[rings, 1]
     np.testing.assert_allclose(fused[:, 0].numpy(), (z_elbo + z_knn) / 2, rtol=1e-4, atol=1e-4)
     # the constants come from held-out normals: on normal test images the map is centred
     assert abs(float(np.median(fused.numpy()))) < 1.0
     assert np.all(scale > 0)
+
+
+def test_edge_rings_count_locations_from_the_nearest_edge_up_to_the_border():
+    from anomalyvae.models.bank import edge_rings
+
+    assert edge_rings(5, 6, 1).tolist() == [
+        [0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0],
+    ]
+    assert edge_rings(5, 5, 2)[2].tolist() == [0, 1, 2, 1, 0]
+    assert edge_rings(3, 4, 0).eq(0).all()
+
+
+def test_ring_constants_take_the_padding_lifted_edge_out_of_a_normal_map():
+    from anomalyvae.models.bank import edge_rings
+    from anomalyvae.models.feature_vae import ring_constants
+
+    rng = np.random.default_rng(0)
+    elbo, distance = rng.normal(0, 1, (2, 40, 12, 16))
+    rings = edge_rings(12, 16, 1).numpy()
+    lifted = rings == 0
+    elbo[:, lifted] += 4.0  # every normal image's edge sits higher, as the padding does
+    distance[:, lifted] += 4.0
+    center, scale = ring_constants(elbo, distance, 1)
+    assert center.shape == scale.shape == (2, 2)
+    np.testing.assert_allclose(center[0], 4.0, atol=0.3)  # the outermost ring
+    np.testing.assert_allclose(center[1], 0.0, atol=0.3)  # the interior
+    # each ring's own spread is 1; floored at the whole map's (wider: two levels)
+    np.testing.assert_allclose(ring_constants(elbo, distance, 1, floor=False)[1], 1.0, atol=0.3)
+    _, whole = ring_constants(elbo, distance, 0)
+    np.testing.assert_allclose(scale, np.repeat(whole, 2, axis=0))
+    z = (elbo - center[rings, 0]) / scale[rings, 0]
+    peaks = z.reshape(40, -1).argmax(1)
+    assert lifted.ravel()[peaks].mean() < 0.6  # the edge (45 % of the map) no longer wins
+    # one set of constants (a model saved before the rings): the edge holds every peak
+    flat_center, _ = ring_constants(elbo, distance, 0)
+    assert flat_center.shape == (1, 2)
+    assert lifted.ravel()[(elbo - flat_center[0, 0]).reshape(40, -1).argmax(1)].all()
+    # a ring where the normals barely vary (a black background) is not made more sensitive
+    background = elbo.copy()
+    background[:, lifted] = rng.normal(0, 1e-3, (40, int(lifted.sum())))
+    _, quiet = ring_constants(background, distance, 1)
+    _, loud = ring_constants(background, distance, 1, floor=False)
+    assert loud[0, 0] < 0.01 and quiet[0, 0] == pytest.approx(quiet[1, 0], rel=0.5)
+    # a ring a small map does not have takes the constants of all its locations
+    small_center, _ = ring_constants(elbo[:, :2, :2], distance[:, :2, :2], 1)
+    np.testing.assert_allclose(small_center[1], small_center[0])
+
+
+def test_a_model_saved_before_the_edge_rings_maps_with_one_set_of_constants(
+    feature_detector, feature_root, tmp_path
+):
+    detector, checkpoint = feature_detector
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_state = dict(state["model_state"])
+    # the model of before: one (ELBO, distance) pair, no map_border in its config
+    model_state["map_center"] = torch.tensor([1.5, 2.0])
+    model_state["map_scale"] = torch.tensor([0.5, 4.0])
+    config = {k: v for k, v in state["model_config"].items() if k != "map_border"}
+    old = tmp_path / "old.pt"
+    torch.save({**state, "model_state": model_state, "model_config": config}, old)
+    model = VAEAnomalyDetector.load(old, progress=False).model_
+    assert model.config.map_border == 0 and model.map_center.shape == (1, 2)
+    elbo, distances = torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4)
+    expected = ((elbo[:, 0] - 1.5) / 0.5 + (distances - 2.0) / 4.0) / 2
+    np.testing.assert_allclose(model.location_map(elbo, distances)[:, 0], expected, atol=1e-6)
 
 
 def test_a_model_saved_before_the_bank_map_maps_the_elbo_and_scores_the_same(
