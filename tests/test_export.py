@@ -229,8 +229,14 @@ def test_feature_model_exports_one_graph_with_parity(tmp_path):
     assert result.parity.verdicts_agree and result.parity.max_rel_score_diff < 1e-4
     meta = read_metadata(result.path)
     assert meta["model_family"] == "feature" and meta["score_kind"] == "fused"
-    onnx_scores = OnnxDetector(result.path, device="cpu").predict_files(test).score
-    np.testing.assert_allclose(onnx_scores, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
+    ran = OnnxDetector(result.path, device="cpu").predict_files(test)
+    np.testing.assert_allclose(ran.score, detector.anomaly_score(test), rtol=1e-4, atol=1e-4)
+    # the map (z-scores per edge ring of the feature map) is the same in the graph
+    assert detector.model_.config.map_border >= 1
+    reference = detector.anomaly_map(test)
+    np.testing.assert_allclose(
+        ran.anomaly_map[:, 0], reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max()
+    )
     with pytest.raises(ExportError, match="not implemented for the feature model"):
         export_onnx(detector, tmp_path / "feature.fp16.onnx", precision="fp16")
     # the backbone's "SAME" pads fold into its convolutions once ONNX Runtime optimizes
