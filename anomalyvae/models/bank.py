@@ -34,11 +34,12 @@ KNN_TOP_FRACTION = 0.01
 KNN_BORDER = 1
 #: Rings of feature locations along the map's edge that get their own constants in the
 #: anomaly map (:func:`edge_rings`; ``FeatureVAEConfig.map_border``): the same padding
-#: lifts the ELBO and the bank distance on the edge, so with one set of constants the map
-#: of most normal images peaks on its outermost ring (bright borders on good parts). One
-#: ring, chosen leave-one-set-out over 0-3 on the suite's sets with pixel masks
-#: (pipelines/suite/edges.py); models saved before it use one set of constants.
-MAP_BORDER = 1
+#: lifts the ELBO and the bank distance near the edge, so with one set of constants the
+#: map of most normal images peaks on its outermost ring (bright borders on good parts).
+#: Three rings (24 px), chosen leave-one-set-out over 0-3 on the suite's sets with pixel
+#: masks (pipelines/suite/edges.py: 2 of 3 folds); models saved before it use one set of
+#: constants.
+MAP_BORDER = 3
 
 
 def interior(distances: T, border: int) -> T:

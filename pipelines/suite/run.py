@@ -609,7 +609,9 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
         "and reduction), chosen leave-one-set-out on these models "
         "(`python pipelines/suite/reductions.py`): [reductions.md](reductions.md); the "
         "memory bank's size against its cost (`python pipelines/suite/bank.py`): "
-        "[bank.md](bank.md). Variants retrained with other options (`--variant`), "
+        "[bank.md](bank.md); the anomaly map's edge rings, chosen leave-one-set-out on "
+        "pixel AUROC and AUPRO (`python pipelines/suite/edges.py`): [edges.md](edges.md). "
+        "Variants retrained with other options (`--variant`), "
         "chosen leave-one-set-out against these defaults "
         "(`python pipelines/suite/retrained.py`): [retrained.md](retrained.md).",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from anomalyvae.models.bank import MAP_BORDER
 from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
 from anomalyvae.models.fusion import VIEW_NAMES
 
@@ -40,7 +41,7 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
     # saved before the knn view left the map's edge out: it reads every location
     assert new.knn_border == 1 and before_image.knn_border == 0
     # saved before the map's edge rings: one set of map constants for every location
-    assert new.map_border == 1 and before_image.map_border == 0
+    assert new.map_border == MAP_BORDER and before_image.map_border == 0
     with pytest.raises(ValueError, match="excess_weight"):
         FeatureVAEConfig(excess_weight=-1.0)
 
