@@ -4,11 +4,12 @@ Each location of the backbone's feature map (stride 8, with the stride-16 map up
 onto it and a 3 x 3 neighbourhood averaged in, as in PatchCore, Roth et al. 2022) is a
 vector; a small VAE of 1 x 1 convolutions models those vectors, the same at every
 position. The anomaly map is the mean of two robust z-scores per location, each against
-the held-out normals' locations: the VAE's negative ELBO and the distance to the memory
-bank (``map_rule`` "mean-z"; models saved before it map the ELBO alone, in nats). It is
-upsampled to the input size: position-independent, so unaligned objects and textures
-are scored the same everywhere, and a global shift of brightness moves ImageNet features
-little.
+the held-out normals' locations of the same edge ring (``map_border``: the outermost
+locations see the backbone's padding): the VAE's negative ELBO and the distance to the
+memory bank (``map_rule`` "mean-z"; models saved before it map the ELBO alone, in
+nats). It is upsampled to the input size: position-independent away from the edge, so
+unaligned objects and textures are scored the same everywhere, and a global shift of
+brightness moves ImageNet features little.
 
 Four views of an image come out of one forward pass (all higher = more anomalous):
 
