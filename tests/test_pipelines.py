@@ -162,3 +162,25 @@ def test_suite_header_says_when_a_table_mixes_runs():
     assert suite.run_time(mixed, 360.0).startswith("this run, of a only: 6 min")
     recorded = {"sets": {"a": {}, "b": {}}, "sets_run": ["b"]}
     assert suite.run_time(recorded, 120.0).startswith("this run, of b only: 2 min")
+
+
+def test_edges_without_trained_models_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "report"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(PIPELINES / "suite" / "edges.py"),
+            "--data",
+            str(tmp_path),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1
+    assert "run pipelines/suite/run.py first" in completed.stderr
+    assert not list(out.glob("edges.*"))

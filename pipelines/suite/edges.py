@@ -279,6 +279,11 @@ def main() -> None:
         "memory-bank map",
     ):
         results[name], examples[name] = measure(detector, source)
+    if not results:
+        raise SystemExit(
+            f"no trained feature model with a memory-bank map under '{args.runs}': run "
+            "pipelines/suite/run.py first (or pass --runs); nothing was written"
+        )
     write(results, args.out, args.smoke)
     figure(examples, args.out / "edges.png")
 
