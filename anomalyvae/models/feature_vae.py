@@ -325,10 +325,7 @@ class FeatureVAE(nn.Module):
         if self.config.map_rule == "elbo":
             return elbo
         maps = torch.cat([elbo, distances[:, None]], dim=1)  # (n, 2, h, w)
-        rings = edge_rings(int(maps.shape[-2]), int(maps.shape[-1]), self.config.map_border)
-        center = self.map_center[rings].permute(2, 0, 1)[None]  # (1, 2, h, w)
-        scale = self.map_scale[rings].permute(2, 0, 1)[None]
-        return ((maps - center) / scale).mean(dim=1, keepdim=True)
+        return ring_z(maps, self.map_center, self.map_scale).mean(dim=1, keepdim=True)
 
     def global_distance(self, raw: Tensor) -> Tensor:
         """Squared Mahalanobis distance of each image's mean feature vector, (n,)."""
@@ -371,6 +368,16 @@ def fit_map_constants(
     center, scale = ring_constants(elbo, distance, model.config.map_border)
     model.map_center.copy_(torch.from_numpy(center).float())
     model.map_scale.copy_(torch.from_numpy(scale).float())
+
+
+def ring_z(maps: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+    """Location maps (n, k, h, w) as z-scores against their edge ring's constants.
+
+    ``center`` and ``scale`` are (rings, k) (:func:`ring_constants`): ring ``rings - 1``
+    is the interior (:func:`~anomalyvae.models.bank.edge_rings`).
+    """
+    rings = edge_rings(int(maps.shape[-2]), int(maps.shape[-1]), int(center.shape[0]) - 1)
+    return (maps - center[rings].permute(2, 0, 1)[None]) / scale[rings].permute(2, 0, 1)[None]
 
 
 def ring_constants(

@@ -278,8 +278,7 @@ def map_variants(detector, val_paths: list[Path], test) -> dict[str, list[float]
     import torch.nn.functional as F
 
     from anomalyvae.metrics import aupro, pixel_auroc
-    from anomalyvae.models.bank import edge_rings
-    from anomalyvae.models.feature_vae import location_maps, ring_constants
+    from anomalyvae.models.feature_vae import location_maps, ring_constants, ring_z
     from anomalyvae.models.maps import gaussian_blur
 
     model = detector.model_
@@ -305,10 +304,9 @@ def map_variants(detector, val_paths: list[Path], test) -> dict[str, list[float]
     val_elbo, val_knn = maps_of(val_paths)
     # z constants per edge ring of the model's map_border, as the product's map
     border = getattr(model.config, "map_border", 0)
-    center, scale = ring_constants(val_elbo, val_knn, border)
-    rings = edge_rings(test_elbo.shape[-2], test_elbo.shape[-1], border).numpy()
-    z_elbo = (test_elbo - center[rings, 0]) / scale[rings, 0]
-    z_knn = (test_knn - center[rings, 1]) / scale[rings, 1]
+    center, scale = (torch.from_numpy(c) for c in ring_constants(val_elbo, val_knn, border))
+    stacked = torch.from_numpy(np.stack([test_elbo, test_knn], axis=1)).double()
+    z_elbo, z_knn = ring_z(stacked, center, scale).numpy().transpose(1, 0, 2, 3)
     candidates = {
         "map/elbo": test_elbo,
         "map/knn": test_knn,
