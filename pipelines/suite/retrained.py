@@ -102,8 +102,15 @@ def judge(results: dict, variants: dict[str, dict]) -> dict:
         for s, c in numbers.items()
     }
     code = results.get("code", "?")
+    # a partial rerun (run.py --sets) leaves the other sets at the code they ran with
+    per_set = {s: results["sets"][s].get("code", code) for s in sets}
+    shown = (
+        code
+        if len(set(per_set.values())) == 1
+        else ", ".join(f"{s} {c}" for s, c in per_set.items())
+    )
     return {
-        "defaults_code": code,
+        "defaults_code": shown,
         "variants": {
             v: {
                 "code": e["code"],
