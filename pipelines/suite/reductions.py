@@ -25,8 +25,10 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
   of components) becomes one number: its smoothing and the top share averaged;
 - **image side**: the longest side the input is box-averaged to before the ``image``
-  view's PCA (the model's own number of components, refitted at each side), and several
-  sides at once (the mean of their robust z-scores: defects at more than one scale);
+  view's PCA (the model's own number of components, refitted at each side), a finer side
+  with the residual smoothed over the same extent of the input as the product's (the
+  fine detail reaches the PCA, the smoothing is unchanged), and several sides at once
+  (the mean of their robust z-scores: defects at more than one scale);
 - **image mirrors**: the training normals the ``image`` subspace is fitted on, with
   left-right (and up-down) mirrored copies added: more normals to span the subspace
   where there are few, at the price of a looser subspace where the normals are not
@@ -194,11 +196,15 @@ def reduced(squared: np.ndarray, sigma: float, share: float) -> np.ndarray:
 
 
 def image_views(
-    train: np.ndarray, groups: dict[str, np.ndarray], components: int, counts_only: bool = False
+    train: np.ndarray,
+    groups: dict[str, np.ndarray],
+    components: int,
+    counts_only: bool = False,
+    sigma: float = IMAGE_SIGMA,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The image view of each group for every component rule (PCA of ``train``), and
-    for every reduction of the residual map off the model's own ``components`` (none
-    with ``counts_only``)."""
+    """The image view of each group for every component rule (PCA of ``train``, residual
+    maps smoothed at ``sigma`` px), and for every reduction of the residual map off the
+    model's own ``components`` (none with ``counts_only``)."""
     flat = train.reshape(len(train), -1).astype(np.float64)
     pca = PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
     share = np.cumsum(pca.explained_variance_ratio_)
@@ -208,7 +214,7 @@ def image_views(
     for name, k in rules.items():
         k = max(1, min(k, len(share)))
         maps = residual_maps(pca, k, groups)
-        counts[name] = {g: reduced(m, IMAGE_SIGMA, IMAGE_TOP_FRACTION) for g, m in maps.items()}
+        counts[name] = {g: reduced(m, sigma, IMAGE_TOP_FRACTION) for g, m in maps.items()}
         counts[name]["components"] = k
         # the image-share fusion's signal under this subspace, from the held-out normals
         centred = groups["val"].reshape(len(groups["val"]), -1) - pca.mean_
@@ -353,13 +359,21 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     )
     sides = {}
     for side, box in side_pools(config).items():
-        own, _ = image_views(
-            np.concatenate(pooled_train[box]),
-            {"val": val[f"pooled {side}"], "test": tested[f"pooled {side}"]},
-            config.image_components,
-            counts_only=True,
-        )
-        sides[f"{side} px"] = own[f"{config.image_components} components"]
+        # the product's smoothing in pooled px, and (finer sides) the same smoothing in
+        # input px: the residual's fine detail kept, the noise averaged as at the default
+        sigmas = {f"{side} px": IMAGE_SIGMA}
+        if box < config.image_pool:
+            scaled = IMAGE_SIGMA * config.image_pool / box
+            sigmas[f"{side} px, smoothed {scaled:g} px"] = scaled
+        for label, sigma in sigmas.items():
+            own, _ = image_views(
+                np.concatenate(pooled_train[box]),
+                {"val": val[f"pooled {side}"], "test": tested[f"pooled {side}"]},
+                config.image_components,
+                counts_only=True,
+                sigma=sigma,
+            )
+            sides[label] = own[f"{config.image_components} components"]
     for mix in IMAGE_SIDE_MIXES:
         parts = [sides[f"{side} px"] for side in mix]
         sides[" + ".join(map(str, mix)) + " px, mean z"] = {
