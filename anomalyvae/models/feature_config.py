@@ -21,6 +21,7 @@ from anomalyvae.models.fusion import (
     EXCESS_VIEWS,
     FUSED_VIEWS,
     FUSION_RULES,
+    LOCAL_EXCESS_Z,
     VIEW_NAMES,
     LocalExcess,
 )
@@ -143,7 +144,7 @@ class FeatureVAEConfig:
     knn_border: int = KNN_BORDER
     fusion: str = "mean"
     excess_weight: float = 0.0
-    excess_z: float = 2.0
+    excess_z: float = LOCAL_EXCESS_Z
     map_rule: str = "mean-z"
     map_border: int = MAP_BORDER
     tile_side: int = 512

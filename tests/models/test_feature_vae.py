@@ -18,7 +18,7 @@ from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import load_backbone, weights_path
 from anomalyvae.models.feature_config import FeatureVAEConfig
 from anomalyvae.models.feature_vae import FeatureVAE
-from anomalyvae.models.fusion import VIEW_NAMES
+from anomalyvae.models.fusion import LOCAL_EXCESS_WEIGHT, LOCAL_EXCESS_Z, VIEW_NAMES
 from anomalyvae.models.maps import ScoringConfig
 from anomalyvae.models.scoring import score_batch
 
@@ -636,7 +636,10 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
         report = " ".join(training_report(reloaded, tmp_path / "shared.pt"))
         k = reloaded.model_.config.image_components
         assert f"{share:.0%} of the normals' pixel variance is off their {k}-component" in report
-        assert "plus 0.3 x the excess over 2 of the knn z-score (fusion" in report
+        assert (
+            f"plus {LOCAL_EXCESS_WEIGHT:g} x the excess over {LOCAL_EXCESS_Z:g} of the knn z-score "
+            "(fusion" in report
+        )
     fusion_meta = detector.family().fusion(detector)
     assert fusion_meta["rule"] == fusion
     named = {VIEW_NAMES[i]: w for i, w in enumerate(weights) if w > 0}
@@ -648,8 +651,12 @@ def test_an_adaptive_fusion_is_fitted_without_labels_and_exports(feature_root, t
     expected = z @ weights
     if fusion == "image-share":  # plus the memory bank's excess over the normal range
         knn = VIEW_NAMES.index("knn")
-        assert fusion_meta["local_excess"] == {"views": ["knn"], "weight": 0.3, "above_z": 2.0}
-        expected = expected + 0.3 * np.clip(z[:, knn] - 2.0, 0, None)
+        assert fusion_meta["local_excess"] == {
+            "views": ["knn"],
+            "weight": LOCAL_EXCESS_WEIGHT,
+            "above_z": LOCAL_EXCESS_Z,
+        }
+        expected = expected + LOCAL_EXCESS_WEIGHT * np.clip(z[:, knn] - LOCAL_EXCESS_Z, 0, None)
     else:
         assert "local_excess" not in fusion_meta
     np.testing.assert_allclose(detector.anomaly_score(test), expected, rtol=1e-4, atol=1e-4)
