@@ -150,6 +150,18 @@ def pooled(x: torch.Tensor, pool: int) -> np.ndarray:
     return (F.avg_pool2d(x, pool) if pool > 1 else x).numpy()
 
 
+def side_sigmas(side: int, box: int, pool: int) -> dict[str, float]:
+    """The smoothings an image-side variant is read with, by row label: the product's
+    (in pooled px), and for a side finer than the model's own (``box`` < ``pool``) the
+    same extent of the input: the residual's fine detail kept, the noise averaged as at
+    the default."""
+    sigmas = {f"{side} px": IMAGE_SIGMA}
+    if box < pool:
+        scaled = IMAGE_SIGMA * pool / box
+        sigmas[f"{side} px, smoothed {scaled:g} px"] = scaled
+    return sigmas
+
+
 def side_pools(config) -> dict[int, int]:
     """The box each image-side variant averages the input over (the product's rule)."""
     return {side: dataclasses.replace(config, image_side=side).image_pool for side in IMAGE_SIDES}
@@ -195,18 +207,25 @@ def reduced(squared: np.ndarray, sigma: float, share: float) -> np.ndarray:
     return top_mean(smoothed, topk_size(share, sigma, n))
 
 
+def subspace(train: np.ndarray) -> PCA:
+    """Every principal component of the pooled training normals (the rules take a prefix)."""
+    flat = train.reshape(len(train), -1).astype(np.float64)
+    return PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
+
+
 def image_views(
     train: np.ndarray,
     groups: dict[str, np.ndarray],
     components: int,
     counts_only: bool = False,
     sigma: float = IMAGE_SIGMA,
+    pca: PCA | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The image view of each group for every component rule (PCA of ``train``, residual
-    maps smoothed at ``sigma`` px), and for every reduction of the residual map off the
-    model's own ``components`` (none with ``counts_only``)."""
-    flat = train.reshape(len(train), -1).astype(np.float64)
-    pca = PCA(min(len(flat) - 1, flat.shape[1]), random_state=0).fit(flat)
+    """The image view of each group for every component rule (PCA of ``train``, or the
+    :func:`subspace` of it given as ``pca``; residual maps smoothed at ``sigma`` px), and
+    for every reduction of the residual map off the model's own ``components`` (none with
+    ``counts_only``)."""
+    pca = pca if pca is not None else subspace(train)
     share = np.cumsum(pca.explained_variance_ratio_)
     rules = {f"{k} components": k for k in sorted({*IMAGE_COUNTS, components})}
     rules |= {f"{s:.0%} of variance": int(np.searchsorted(share, s)) + 1 for s in IMAGE_SHARES}
@@ -359,19 +378,17 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     )
     sides = {}
     for side, box in side_pools(config).items():
-        # the product's smoothing in pooled px, and (finer sides) the same smoothing in
-        # input px: the residual's fine detail kept, the noise averaged as at the default
-        sigmas = {f"{side} px": IMAGE_SIGMA}
-        if box < config.image_pool:
-            scaled = IMAGE_SIGMA * config.image_pool / box
-            sigmas[f"{side} px, smoothed {scaled:g} px"] = scaled
+        sigmas = side_sigmas(side, box, config.image_pool)
+        train_box = np.concatenate(pooled_train[box])
+        fitted = subspace(train_box)  # once per side, for every smoothing
         for label, sigma in sigmas.items():
             own, _ = image_views(
-                np.concatenate(pooled_train[box]),
+                train_box,
                 {"val": val[f"pooled {side}"], "test": tested[f"pooled {side}"]},
                 config.image_components,
                 counts_only=True,
                 sigma=sigma,
+                pca=fitted,
             )
             sides[label] = own[f"{config.image_components} components"]
     for mix in IMAGE_SIDE_MIXES:
