@@ -184,3 +184,26 @@ def test_edges_without_trained_models_says_so_and_writes_nothing(tmp_path):
     assert completed.returncode == 1
     assert "run pipelines/suite/run.py first" in completed.stderr
     assert not list(out.glob("edges.*"))
+
+
+def test_retrained_names_each_sets_code_when_a_partial_rerun_left_them_apart():
+    retrained = _suite_module("retrained")
+
+    def results(codes: dict[str, str]) -> dict:
+        sets = {s: {"code": c, "defaults": {"image_auroc": 0.8}} for s, c in codes.items()}
+        return {"code": "new", "sets": sets}
+
+    apart = retrained.judge(results({"a": "old", "b": "new"}), {})
+    assert apart["defaults_code"] == "a old, b new"
+    together = retrained.judge(results({"a": "new", "b": "new"}), {})
+    assert together["defaults_code"] == "new"
+
+
+def test_a_finer_image_side_is_also_read_smoothed_over_the_products_extent():
+    reductions = _suite_module("reductions")
+    sigma = reductions.IMAGE_SIGMA
+    # the model pools 10 px boxes; a 5 px box sees twice as finely: twice the smoothing
+    finer = reductions.side_sigmas(256, 5, 10)
+    assert finer == {"256 px": sigma, f"256 px, smoothed {2 * sigma:g} px": 2 * sigma}
+    assert reductions.side_sigmas(128, 10, 10) == {"128 px": sigma}
+    assert reductions.side_sigmas(64, 19, 10) == {"64 px": sigma}
