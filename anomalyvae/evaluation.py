@@ -22,7 +22,15 @@ from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_datas
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import atomic_write_text, display_path
-from anomalyvae.imaging.io import ImageReadError, MaskError, read_image, read_mask
+from anomalyvae.imaging.frames import FrameInput
+from anomalyvae.imaging.io import (
+    ImageReadError,
+    MaskError,
+    Preprocessing,
+    content_frames,
+    read_image,
+    read_mask,
+)
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import (
     VolumeInput,
@@ -511,6 +519,17 @@ class ScoredFile(NamedTuple):
     error: str = ""
 
 
+def _stack_of(path: Path, spec: Preprocessing) -> VolumeInput | FrameInput | None:
+    """What a file of several images is read as, or None for a file of one image.
+
+    A NIfTI volume is read slice by slice, a multi-page or animated file frame by frame.
+    """
+    if is_nifti(path):
+        return VolumeInput(path, spec)
+    frames = content_frames(path)
+    return FrameInput(path, spec, frames) if len(frames) > 1 else None
+
+
 def score_files(
     checkpoint: str | os.PathLike[str],
     paths: list[Path],
@@ -520,7 +539,9 @@ def score_files(
 
     A NIfTI volume of several slices gives one row per slice (``path#slice=NNNN``, all
     slices, normalized per volume as in training) and a last row ``path`` for the volume
-    itself, with the score of its worst slice, as the scan reports volumes. A file that
+    itself, with the score of its worst slice, as the scan reports volumes; a file of
+    several images (multi-page TIFF, animated GIF, multi-frame DICOM) one row per frame
+    and one for the file, the same way. A file that
     cannot be read gets a row with its error (and no score); the others are still scored.
     Names are shown as the scan shows them (undecodable bytes as ``\\xNN``).
     """
@@ -556,11 +577,11 @@ def score_files(
 
     for path in paths:
         try:
-            volume = VolumeInput(path, spec) if is_nifti(path) else None  # read slice by slice
-            if volume is None or len(volume) == 1:
+            stack = _stack_of(path, spec)
+            if stack is None or len(stack) == 1:
                 flat.append(path)
                 continue
-            slices = detector.anomaly_score(volume.stack(), valid)
+            slices = detector.anomaly_score(stack.stack(), valid)
         except ImageReadError as error:
             if flat:
                 flush()
@@ -569,7 +590,9 @@ def score_files(
         if flat:
             flush()
         name = display_path(path)
-        rows.extend(scored(slice_name(name, k), float(v)) for k, v in enumerate(slices))
+        numbers = stack.frames if isinstance(stack, FrameInput) else range(len(slices))
+        for k, value in zip(numbers, slices, strict=True):
+            rows.append(scored(slice_name(name, k), float(value)))
         rows.append(scored(name, float(slices.max())))
     if flat:
         flush()

@@ -217,6 +217,30 @@ def test_score_takes_a_nifti_volume_slice_by_slice(
         detector.anomaly_score([image, tmp_path / "ct.nii.gz"])
 
 
+def test_score_takes_a_multi_page_file_page_by_page(
+    runner, trained, synthetic_root, tmp_path, scores_close
+):
+    """Every page of a TIFF gets a line with the score it gets as a file of its own; a
+    later page's defect is not hidden behind the first page's score."""
+    from PIL import Image
+
+    detector, checkpoint = trained
+    pages = sorted((synthetic_root / "test").rglob("*.png"))[:3]
+    images = [Image.open(p) for p in pages]
+    stack = tmp_path / "stack.tif"
+    images[0].save(stack, save_all=True, append_images=images[1:])
+    result = runner.invoke(main, ["score", str(checkpoint), str(stack)])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.output.strip().splitlines()]
+    assert [r[0] for r in rows] == [*(f"{stack}#slice={k:04d}" for k in range(3)), str(stack)]
+    alone = detector.anomaly_score(pages)
+    scores = [float(r[1]) for r in rows]
+    scores_close(scores, [*alone, alone.max()], rel=1e-4, threshold=detector.threshold_)
+    # one score per file in the library: a file of several images is a clear error
+    with pytest.raises(ValueError, match="holds 3 images"):
+        detector.anomaly_score([stack])
+
+
 @pytest.mark.parametrize("command", ["sample", "denoise", "inpaint", "embed"])
 def test_generative_commands_take_silent(runner, command):
     result = runner.invoke(main, [command, "-h"])

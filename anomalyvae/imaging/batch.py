@@ -1,8 +1,9 @@
 """Many files to one model-ready array: the loader of training, calibration and scoring.
 
 Its own module so that imports flow one way: it reads 2-D files through
-:mod:`anomalyvae.imaging.io` and NIfTI volumes slice by slice through
-:mod:`anomalyvae.imaging.volumes`, which itself builds on ``io``.
+:mod:`anomalyvae.imaging.io`, NIfTI volumes slice by slice through
+:mod:`anomalyvae.imaging.volumes` and multi-frame files frame by frame through
+:mod:`anomalyvae.imaging.frames`, which themselves build on ``io``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
+from anomalyvae.imaging.frames import FrameInput
+from anomalyvae.imaging.io import ImageReadError, Preprocessing, content_frames, load_image
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.volumes import volume_slices
 
@@ -34,13 +36,16 @@ def read_images(
     on_error : {"warn", "raise", "ignore"}
         "warn" skips an unreadable file with a warning naming it; "raise" stops.
     volumes : {"slices", "error"}
-        A NIfTI volume contributes its non-background slices ("slices", for training
-        on volumes) or is an error like any non-2-D file ("error").
+        A NIfTI volume contributes its non-background slices and a file of several
+        images (multi-page TIFF, animated GIF, multi-frame DICOM) every frame ("slices",
+        for training), or either is an error like any file that is not one 2-D image
+        ("error").
 
     Returns
     -------
     images : ndarray of shape (n_ok, c, h, w)
-    kept : list of Path, the file of each image (a volume's path once per slice)
+    kept : list of Path, the file of each image (a volume's path once per slice, a
+        multi-frame file's once per frame)
     errors : list of ImageReadError, one per skipped file
     """
     if on_error not in ("warn", "raise", "ignore"):
@@ -52,8 +57,11 @@ def read_images(
     errors: list[ImageReadError] = []
     for path in paths:
         try:
+            frames = content_frames(path) if volumes == "slices" else (0,)
             if volumes == "slices" and is_nifti(path):
                 stack = volume_slices(path, spec, skip_background=True)
+            elif len(frames) > 1:
+                stack = FrameInput(path, spec, frames).stack()
             else:
                 stack = load_image(path, spec)[None]
         except ImageReadError as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ from anomalyvae.imaging.files import atomic_write_bytes, display_path
 from anomalyvae.imaging.medical import (
     NORMALIZATIONS,
     MedicalReadError,
+    dicom_frame_count,
     is_dicom,
     is_nifti,
     normalize_intensity,
@@ -160,51 +162,93 @@ REDUCE_FACTOR = 4
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> DecodedImage:
+def read_image(
+    path: str | os.PathLike[str], max_side: int | None = None, frame: int = 0
+) -> DecodedImage:
     """Decode an image file to float32 (h, w, c) in [0, 1], keeping its bit depth.
 
     With ``max_side`` (the model input's long side), a much larger image is decoded
     reduced by an integer factor (see ``REDUCE_FACTOR``) to bound memory and time;
-    ``width``/``height`` of the result still give the file's own size.
+    ``width``/``height`` of the result still give the file's own size. ``frame`` picks
+    one frame of a multi-frame file (:func:`content_frames` lists them).
 
     Raises
     ------
     ImageReadError
         When the file is missing, unreadable, truncated, too large or not an image.
     """
+    frames = iter_frames(path, (frame,), max_side)
+    try:
+        return next(frames)[1]
+    finally:
+        frames.close()  # the file is closed now, not when the generator is collected
+
+
+#: Formats whose further frames are images of their own (pages, animation frames), so a
+#: file of several is scored frame by frame. Other formats' further frames are previews,
+#: layers or icon sizes (JPEG's MPO, PSD, ICO): their first frame is the image.
+FRAME_FORMATS = frozenset({"TIFF", "GIF", "WEBP", "PNG"})
+#: TIFF ``NewSubfileType`` bits of a page that is not an image of its own: a
+#: reduced-resolution copy (bit 0) or a transparency mask (bit 2).
+_TIFF_AUXILIARY = 0b101
+
+
+def content_frames(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """The frames of a file that are images of their own: ``(0,)`` for a single image.
+
+    Multi-page TIFF (reduced-resolution copies and masks left out), animated GIF, WebP
+    and PNG, and multi-frame DICOM have several. A file that cannot be opened gives
+    ``(0,)``: :func:`read_image` then names its error.
+    """
+    path = Path(path)
+    try:
+        check_regular_file(path)
+        if is_nifti(path):
+            return (0,)
+        if is_dicom(path):
+            return tuple(range(dicom_frame_count(path)))
+        with Image.open(path) as image:
+            if image.format not in FRAME_FORMATS or getattr(image, "n_frames", 1) < 2:
+                return (0,)
+            frames = []
+            for k in range(image.n_frames):
+                image.seek(k)
+                kind = image.tag_v2.get(254, 0) if image.format == "TIFF" else 0
+                if not int(kind) & _TIFF_AUXILIARY:
+                    frames.append(k)
+            return tuple(frames) or (0,)
+    except Exception:  # unreadable here: read_image reports it with its cause
+        return (0,)
+
+
+def iter_frames(
+    path: str | os.PathLike[str], frames: Sequence[int], max_side: int | None = None
+) -> Iterator[tuple[int, DecodedImage]]:
+    """``(k, image)`` for each frame ``k`` of ``frames``, decoded as :func:`read_image` does.
+
+    The file is opened once: an animated GIF decodes its frames in order.
+    """
     path = Path(path)
     check_regular_file(path)  # never open a FIFO or device: reading it could block
     if is_nifti(path) or is_dicom(path):
-        return _read_medical(path)
+        for k in frames:
+            yield k, _read_medical(path, k)
+        return
     try:
         # Pillow only warns between one and two times its limit; the limit is checked
         # here on the header, not by a warnings filter: filters are process-wide, and
         # the scan decodes on several threads at once (one thread's filter would leak
         # into, or be lifted under, another's decode).
         with Image.open(path) as image:
-            image.seek(0)  # first frame of animated GIF/TIFF
-            stored = (image.height, image.width)
-            if MAX_PIXELS and stored[0] * stored[1] > MAX_PIXELS:
-                raise ImageReadError(
-                    path,
-                    f"image is too large ({stored[1]} x {stored[0]} pixels; the limit is "
-                    f"{MAX_PIXELS:,} pixels)",
-                    "split or downscale it before scoring",
-                )
-            factor = 1
-            if max_side and max(stored) >= REDUCE_FACTOR * max_side:
-                factor = max(stored) // (2 * max_side)
-                if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
-                    image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
-            if _wide_colour(image):
-                return _read_wide_colour(path, stored, factor)
-            image.load()
-            if factor > 1 and image.size == (stored[1], stored[0]):
-                image = _reduce(image, factor)
-            decoded = _decode(image)
-            if decoded.pixels.shape[:2] != stored:
-                decoded = decoded._replace(stored_size=stored)
-            return decoded
+            for k in frames:
+                if not 0 <= k < getattr(image, "n_frames", 1):
+                    raise ImageReadError(
+                        path,
+                        f"has no frame {k} (it holds {getattr(image, 'n_frames', 1)})",
+                        "name a frame it has",
+                    )
+                image.seek(k)
+                yield k, _decode_frame(path, image, k, max_side)
     except ImageReadError:
         raise
     except FileNotFoundError as error:
@@ -219,6 +263,32 @@ def read_image(path: str | os.PathLike[str], max_side: int | None = None) -> Dec
         raise ImageReadError(path, "not a recognised image format") from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageReadError(path, f"corrupt or truncated image ({error})") from error
+
+
+def _decode_frame(path: Path, image: Image.Image, frame: int, max_side: int | None) -> DecodedImage:
+    """The frame ``image`` is at, decoded (reduced when far larger than ``max_side``)."""
+    stored = (image.height, image.width)
+    if MAX_PIXELS and stored[0] * stored[1] > MAX_PIXELS:
+        raise ImageReadError(
+            path,
+            f"image is too large ({stored[1]} x {stored[0]} pixels; the limit is "
+            f"{MAX_PIXELS:,} pixels)",
+            "split or downscale it before scoring",
+        )
+    factor = 1
+    if max_side and max(stored) >= REDUCE_FACTOR * max_side:
+        factor = max(stored) // (2 * max_side)
+        if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
+            image.draft(image.mode, (stored[1] // factor, stored[0] // factor))
+    if _wide_colour(image):
+        return _read_wide_colour(path, stored, factor, frame)
+    image.load()
+    if factor > 1 and image.size == (stored[1], stored[0]):
+        image = _reduce(image, factor)
+    decoded = _decode(image)
+    if decoded.pixels.shape[:2] != stored:
+        decoded = decoded._replace(stored_size=stored)
+    return decoded
 
 
 def check_regular_file(path: Path) -> None:
@@ -269,12 +339,14 @@ def _wide_colour(image: Image.Image) -> bool:
     )
 
 
-def _read_wide_colour(path: Path, stored: tuple[int, int], factor: int) -> DecodedImage:
+def _read_wide_colour(
+    path: Path, stored: tuple[int, int], factor: int, frame: int = 0
+) -> DecodedImage:
     """Decode a 48/64-bit colour file to 16-bit RGB (alpha dropped, as for 8-bit files)."""
     planes = []
     for swap in (False, True):
         with Image.open(path) as image:
-            image.seek(0)
+            image.seek(frame)
             if swap:
                 image.tile = [
                     tile._replace(args=_SWAPPED_BYTE_ORDER[tile[3]])
@@ -344,7 +416,7 @@ def _reduce(image: Image.Image, factor: int) -> Image.Image:
     return image.reduce(factor)
 
 
-def _read_medical(path: Path) -> DecodedImage:
+def _read_medical(path: Path, frame: int = 0) -> DecodedImage:
     try:
         if is_nifti(path):
             volume = read_nifti(path)
@@ -356,7 +428,7 @@ def _read_medical(path: Path) -> DecodedImage:
                 )
             raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
         else:
-            raw, bits = read_dicom(path)
+            raw, bits = read_dicom(path, frame)
             mode = "DICOM"
     except FileNotFoundError as error:
         raise ImageReadError(path, "file not found", "check the path") from error
@@ -484,8 +556,33 @@ def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float3
 
 
 def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
-    """Read and preprocess one file to (c, h, w) float32 in [0, 1]."""
+    """Read and preprocess one file to (c, h, w) float32 in [0, 1].
+
+    A file of several images (see :func:`content_frames`) is an error here: one score
+    for it would speak for its first frame alone. :func:`load_frames` reads them all.
+    """
+    frames = content_frames(path)
+    if len(frames) > 1:
+        raise ImageReadError(
+            path,
+            f"holds {len(frames)} images (pages or frames), not one",
+            "score it with `anomalyvae scan` or `anomalyvae score` (a row per frame), or "
+            "save each frame as its own file",
+        )
     return preprocess(intensities(read_image(path, max(spec.height, spec.width)), spec), spec)
+
+
+def load_frames(
+    path: str | os.PathLike[str], spec: Preprocessing, frames: Sequence[int] | None = None
+) -> Iterator[tuple[int, NDArray[np.float32]]]:
+    """``(k, model input (c, h, w))`` for each image frame of a file, one at a time.
+
+    ``frames``: which (default: :func:`content_frames`). Each frame is preprocessed as a
+    file of its own would be.
+    """
+    frames = content_frames(path) if frames is None else frames
+    for k, decoded in iter_frames(path, frames, max(spec.height, spec.width)):
+        yield k, preprocess(intensities(decoded, spec), spec)
 
 
 def read_mask(

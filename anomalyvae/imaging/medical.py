@@ -59,13 +59,16 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def read_dicom(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], int]:
-    """Pixels of a single-frame DICOM in stored units after rescale slope/intercept.
+def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> tuple[NDArray[np.float32], int]:
+    """Pixels of one frame of a DICOM in stored units, after rescale slope/intercept.
+
+    ``frame``: which frame of a multi-frame object (decoded alone); the first by default.
 
     Returns (h, w) or (h, w, 3) float32 and the bits stored.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import pixel_array
 
     try:
         dataset = pydicom.dcmread(path)
@@ -77,8 +80,11 @@ def read_dicom(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], int]:
         raise MedicalReadError(
             "DICOM file has no pixel data (e.g. a structured report)", "score image objects only"
         )
+    frames = _frame_count(dataset)
+    if not 0 <= frame < frames:
+        raise MedicalReadError(f"has no frame {frame} (it holds {frames})", "name a frame it has")
     try:
-        pixels = dataset.pixel_array
+        pixels = pixel_array(dataset, index=frame) if frames > 1 else dataset.pixel_array
     except Exception as error:  # pydicom names the plugin a compressed syntax needs
         syntax = getattr(dataset.file_meta, "TransferSyntaxUID", "unknown")
         raise MedicalReadError(
@@ -86,14 +92,29 @@ def read_dicom(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], int]:
             "install the decoder plugin named above (e.g. pip install pylibjpeg "
             "pylibjpeg-libjpeg) or decompress the file",
         ) from error
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]  # first frame of a multi-frame object
     values = pixels.astype(np.float32)
     slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
     values = values * slope + intercept
     return values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
+
+
+def _frame_count(dataset: Any) -> int:
+    try:
+        return max(1, int(getattr(dataset, "NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):  # a malformed count: the pixel data still has a frame
+        return 1
+
+
+def dicom_frame_count(path: str | os.PathLike[str]) -> int:
+    """How many frames a DICOM object holds, read from its header (1 when unsure)."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # an unreadable file: read_dicom names its error
+        return 1
+    return _frame_count(dataset)
 
 
 #: Largest slice a NIfTI volume may have, in pixels: the limit every 2-D image has

@@ -19,10 +19,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomalyvae.imaging.files import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, walk_images
+from anomalyvae.imaging.frames import FrameInput
 from anomalyvae.imaging.io import (
     ImageReadError,
     Preprocessing,
     check_regular_file,
+    content_frames,
     intensities,
     preprocess,
     read_image,
@@ -49,8 +51,9 @@ class Decoded(NamedTuple):
     """A worker's result for one file: the model input or an error, and file facts."""
 
     index: int
-    #: model input (c, h, w); a volume's slices to read (``info["slices"]`` set)
-    pixels: NDArray[np.float32] | VolumeInput | None
+    #: model input (c, h, w); a volume's slices or a file's frames to read
+    #: (``info["slices"]`` set; a multi-frame file's frame numbers in ``info["frames"]``)
+    pixels: NDArray[np.float32] | VolumeInput | FrameInput | None
     info: dict[str, Any]
 
 
@@ -76,16 +79,26 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
         info["fingerprint"] = file_fingerprint(path, stat)  # the resume key's content part
         if is_nifti(path):
             return _decode_volume(index, path, spec, info)
-        decoded = read_image(path, max(spec.height, spec.width))
+        frames = content_frames(path)
+        decoded = read_image(path, max(spec.height, spec.width), frames[0])
         info.update(
             width=decoded.width,
             height=decoded.height,
             channels=decoded.channels,
             bit_depth=decoded.bit_depth,
         )
+        if len(frames) > 1:  # pages or animation frames: each scored, as a volume's slices
+            info.update(slices=len(frames), frames=list(frames))
+            return Decoded(index, FrameInput(path, spec, frames), info)
         return Decoded(index, preprocess(intensities(decoded, spec), spec), info)
     except ImageReadError as error:
         info["error"] = f"{error.reason} ({error.fix})"
+    except OSError as error:  # the bytes cannot be read: a disk, share or /proc failure
+        reason = error.strerror or str(error)
+        info["error"] = (
+            f"the file cannot be read ({reason}) (check the disk or network share and that "
+            "it is a stored image, then rescan: the scan retries failed files)"
+        )
     except Exception as error:  # a decoder bug must not stop a 100,000-file scan
         info["error"] = f"unexpected {type(error).__name__}: {error}"
     return Decoded(index, None, info)

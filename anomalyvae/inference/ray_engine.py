@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
+from anomalyvae.imaging.frames import FrameInput
 from anomalyvae.imaging.io import Preprocessing
 from anomalyvae.imaging.volumes import VolumeInput
 from anomalyvae.inference.decoding import Decoded, decode_file
@@ -137,7 +138,7 @@ def _decode_block(block: pd.DataFrame, spec: dict[str, Any], tally: Any) -> pd.D
             n_inputs.append(0)
         else:
             # a volume travels as its slices' model input (Ray's blocks are bytes)
-            stack = data.stack() if isinstance(data, VolumeInput) else data[None]
+            stack = data.stack() if isinstance(data, (VolumeInput, FrameInput)) else data[None]
             pixels.append(np.ascontiguousarray(stack, dtype=np.float32).tobytes())
             n_inputs.append(len(stack))
         infos.append(json.dumps(decoded.info))

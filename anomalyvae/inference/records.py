@@ -76,6 +76,15 @@ DTYPES = {
 }
 
 
+def file_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each file's own row: what counts as files.
+
+    An image's row, and a volume's or multi-frame file's own row (its worst slice or
+    frame), not the rows of its slices or frames.
+    """
+    return table[table["slice"].isna()] if "slice" in table.columns else table
+
+
 def typed_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The results schema with fixed dtypes, also for an empty table."""
     return frame.reindex(columns=list(COLUMNS)).astype(DTYPES)

@@ -22,6 +22,7 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_write_text
 from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.inference.contract import describe_fusion, promised_fpr
+from anomalyvae.inference.records import file_rows
 from anomalyvae.version import __version__
 
 TEMPLATE = """<!doctype html>
@@ -222,6 +223,7 @@ def write_report(
     """
     path = Path(path)
     output_dir = Path(output_dir) if output_dir is not None else path.parent
+    table = file_rows(table)  # a volume or multi-frame file: its own (worst) row
     ok = table[table["error"] == ""]
     threshold = float(table["threshold"].iloc[0]) if len(table) else float("nan")
     histogram = _histogram(ok["score"].to_numpy(float), threshold) if len(ok) else ""
@@ -329,10 +331,11 @@ def report_from_results(
         )
     summary_path = results.with_name("summary.json")
     summary = read_summary(summary_path)
-    ok = table[table["error"] == ""]
-    summary.setdefault("n_files", len(table))
+    files = file_rows(table)
+    ok = files[files["error"] == ""]
+    summary.setdefault("n_files", len(files))
     summary.setdefault("n_scored", len(ok))
-    summary.setdefault("n_errors", len(table) - len(ok))
+    summary.setdefault("n_errors", len(files) - len(ok))
     summary.setdefault("n_anomalies", int(ok["is_anomaly"].sum()))
     summary.setdefault("anomaly_rate", float(ok["is_anomaly"].mean()) if len(ok) else 0.0)
     summary.setdefault("throughput", {"images_per_second": 0.0})

@@ -33,6 +33,8 @@ from anomalyvae.imaging.files import (
     display_path,
     walk_images,
 )
+from anomalyvae.imaging.frames import FrameInput
+from anomalyvae.imaging.io import ImageReadError, content_frames, read_image
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
@@ -51,6 +53,7 @@ from anomalyvae.inference.records import (
     ScanOutputError,
     atomic_frame,
     claim_output,
+    file_rows,
     output_lock,
     read_parts,
     todo_jobs,
@@ -235,7 +238,12 @@ class BatchScorer:
             if item.pixels is None:
                 out.append(self._base_row(item, job, job.relative))
             elif "slices" in item.info:  # scored a block of slices at a time
-                out.extend(self._volume_rows(item, job))
+                try:
+                    out.extend(self._volume_rows(item, job))
+                except ImageReadError as error:  # a later slice or frame is unreadable:
+                    # the file gets no verdict, as a file unreadable from the start
+                    info = {**item.info, "error": f"{error.reason} ({error.fix})"}
+                    out.append(self._base_row(item._replace(info=info), job, job.relative))
             else:
                 out.append(self._image_row(item, job, position[item.index], result))
         return out
@@ -294,17 +302,18 @@ class BatchScorer:
     def _volume_rows(self, item: Decoded, job: Job) -> list[dict[str, Any]]:
         """One row per slice (``path#slice=NNNN``) and one for the volume (its worst slice).
 
-        The slices are read and scored a block at a time: memory holds one block (and,
-        with ``save_maps``, the volume's maps at model resolution).
+        A multi-frame file (pages, animation frames) is scored the same way, a row per
+        frame. The slices are read and scored a block at a time: memory holds one block
+        (and, with ``save_maps``, the file's maps at model resolution).
         """
         source = item.pixels
-        if isinstance(source, VolumeInput):
+        if isinstance(source, (VolumeInput, FrameInput)):
             blocks = source.blocks(self.detector.batch_size)
         else:  # a stack already decoded (the Ray engine sends volumes so)
             step = self.detector.batch_size
+            numbers = np.asarray(item.info.get("frames", range(len(source))), dtype=np.int64)
             blocks = (
-                (np.arange(s, min(s + step, len(source))), source[s : s + step])
-                for s in range(0, len(source), step)
+                (numbers[s : s + step], source[s : s + step]) for s in range(0, len(source), step)
             )
         out: list[dict[str, Any]] = []
         worst, worst_map, maps = -1, None, []
@@ -313,7 +322,7 @@ class BatchScorer:
             for j, k in enumerate(index):
                 row = self._base_row(item, job, slice_name(job.relative, int(k)))
                 fields = _score_fields(result, j, item.info, self.pixel_threshold)
-                row.update(channels=1, slice=int(k), **fields)
+                row.update(slice=int(k), **fields)
                 out.append(row)
                 if worst < 0 or row["score"] > out[worst]["score"]:
                     worst, worst_map = len(out) - 1, result.anomaly_map[j, 0].copy()
@@ -323,23 +332,27 @@ class BatchScorer:
         volume["relative_path"] = job.relative  # the volume row: max over slices
         volume["slice"] = pd.NA
         out.append(volume)
-        if self.config.save_maps:
+        nifti = is_nifti(job.path)
+        if self.config.save_maps and nifti:
             write_volume_map(
                 job.path,
                 self.output / "maps" / output_name(job.relative, ".map.nii.gz"),
                 np.concatenate(maps),
             )
+        elif self.config.save_maps:  # a frame's map at the file's own size, as an image's
+            size = (int(item.info["height"]), int(item.info["width"]))
+            for row, anomaly_map in zip(out[:-1], np.concatenate(maps), strict=True):
+                name = output_name(slice_name(job.relative, int(row["slice"])), ".npz")
+                save_map(self.output / "maps" / name, map_to_size(anomaly_map, *size))
         if self._wants_heatmap(volume["is_anomaly"]):
             k = int(out[worst]["slice"])
             name = Path("heatmaps") / heatmap_name(slice_name(job.relative, k))
-            raw = read_slice(job.path, k)
+            if nifti:
+                pixels = normalize_intensity(read_slice(job.path, k)[..., None], "minmax")
+            else:
+                pixels = read_image(job.path, 512, frame=k).pixels
             save_heatmap(
-                job.path,
-                self.output / name,
-                worst_map,
-                self.pixel_threshold,
-                self.vmax,
-                pixels=normalize_intensity(raw[..., None], "minmax"),
+                job.path, self.output / name, worst_map, self.pixel_threshold, self.vmax, pixels
             )
             volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
         return out
@@ -502,14 +515,14 @@ def _scan_unlocked(
     write_report(
         table, summary, output / "report.html", output, folder=folder, top=config.report_top
     )
-    n_errors = int((table["error"] != "").sum())
+    files = file_rows(table)  # a volume or multi-frame file counts once
     return ScanSummary(
         output,
-        len(table),
+        len(files),
         len(todo),
         n_done,
-        n_errors,
-        int(table["is_anomaly"].sum()),
+        int((files["error"] != "").sum()),
+        int(files["is_anomaly"].sum()),
         time.monotonic() - started,
         summary,
     )
@@ -545,8 +558,8 @@ def _top_heatmaps(
         if row["heatmap"]:
             continue
         path = real.get(row["relative_path"])
-        if path is None or is_nifti(path):
-            continue  # volume rows keep the worst-slice heatmap rule of their scan
+        if path is None or is_nifti(path) or len(content_frames(path)) > 1:
+            continue  # volume and frame rows keep the worst-slice heatmap rule of their scan
         result = scorer.detector.predict_files([path])
         name = Path("heatmaps") / heatmap_name(row["relative_path"])
         save_heatmap(

@@ -10,6 +10,7 @@ import pandas as pd
 
 from anomalyvae.inference.contract import promised_fpr
 from anomalyvae.inference.drift import drift_report
+from anomalyvae.inference.records import file_rows
 
 if TYPE_CHECKING:
     from anomalyvae.inference.scan import ScanConfig
@@ -126,7 +127,11 @@ def summarize(
     seconds: float,
     config: ScanConfig,
 ) -> dict[str, Any]:
-    """Counts, anomaly rate, score quantiles, errors, throughput and the model card."""
+    """Counts, anomaly rate, score quantiles, errors, throughput and the model card.
+
+    Per file: a volume or multi-frame file counts once (its worst slice or frame).
+    """
+    table = file_rows(table)
     ok = table[table["error"] == ""]
     scores = ok["score"].to_numpy(dtype=float)
     quantiles = (

@@ -327,3 +327,31 @@ def test_the_walker_goes_on_past_a_file_it_may_not_look_at(tmp_path, monkeypatch
 
     monkeypatch.setattr(Path, "is_file", is_file)
     assert [p.name for p in walk_images(tmp_path)] == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "suffix", "scored"),
+    [
+        ("GIF", ".gif", 2),
+        ("PNG", ".png", 2),
+        ("WEBP", ".webp", 2),
+        ("TIFF", ".tif", 2),
+        ("MPO", ".jpg", 1),
+    ],  # an MPO's further pictures are previews, not images of their own
+)
+def test_a_file_of_several_images_lists_its_frames(tmp_path, fmt, suffix, scored):
+    from anomalyvae.imaging.io import content_frames, load_frames
+
+    frames = [Image.fromarray(np.full((20, 24, 3), v, np.uint8)) for v in (10, 200)]
+    path = tmp_path / f"two{suffix}"
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+    assert content_frames(path) == tuple(range(scored))
+    spec = Preprocessing(channels=1, height=16, width=16)
+    means = [float(x.mean()) for _, x in load_frames(path, spec)]
+    assert len(means) == scored and means[0] < 0.1
+    if scored == 2:
+        assert means[1] > 0.7  # the second frame is its own picture, not the first again
+        with pytest.raises(ImageReadError, match="holds 2 images"):
+            load_image(path, spec)
+    else:
+        assert load_image(path, spec).shape == (1, 16, 16)

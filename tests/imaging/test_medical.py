@@ -273,3 +273,26 @@ def test_a_nifti_slice_over_the_pixel_limit_is_refused_before_reading(tmp_path, 
     monkeypatch.setattr(medical, "MAX_VOXELS", 3000)  # 3,600 voxels
     with pytest.raises(ImageReadError, match="volume is too large"):
         read_image(path)
+
+
+def test_a_multi_frame_dicom_is_read_frame_by_frame():
+    """Each frame decodes alone, with the rescale; one score per file refuses it."""
+    from anomalyvae.imaging.batch import read_images
+    from anomalyvae.imaging.io import content_frames
+
+    path = _testdata("rtdose.dcm")
+    dataset = pydicom.dcmread(path)
+    frames = dataset.pixel_array.astype(np.float32) * float(
+        getattr(dataset, "RescaleSlope", 1) or 1
+    ) + float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    assert content_frames(path) == tuple(range(len(frames))) and len(frames) > 2
+    for k in (0, len(frames) - 1):
+        np.testing.assert_allclose(read_image(path, frame=k).raw[:, :, 0], frames[k])
+    assert not np.allclose(frames[0], frames[-1])  # the frames differ: the test can fail
+    spec = Preprocessing(channels=1, height=16, width=16)
+    with pytest.raises(ImageReadError, match=f"holds {len(frames)} images"):
+        load_image(path, spec)
+    images, kept, _ = read_images([path], spec, volumes="slices")  # training: every frame
+    assert images.shape == (len(frames), 1, 16, 16) and len(kept) == len(frames)
+    with pytest.raises(ImageReadError, match="has no frame"):
+        read_image(path, frame=len(frames))

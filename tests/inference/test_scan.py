@@ -18,6 +18,7 @@ from PIL import Image
 
 from anomalyvae.cli import main
 from anomalyvae.imaging.files import walk_images
+from anomalyvae.imaging.io import ImageReadError
 from anomalyvae.inference.decoding import SCAN_EXTENSIONS
 from anomalyvae.inference.records import COLUMNS, ScanOutputError
 from anomalyvae.inference.report import report_from_results
@@ -154,7 +155,8 @@ def _make_bad_inputs(folder: Path) -> dict[str, str | None]:
     expected["sixteen.tif"] = None
     frames = [Image.new("L", (30, 30), v) for v in (10, 200)]
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
-    expected["animated.gif"] = None
+    expected["animated.gif"] = None  # and a row per frame (the file's: its worst frame)
+    expected |= {f"animated.gif#slice={k:04d}": None for k in range(2)}
     _png(folder / "tiny.png", size=(2, 2))
     expected["tiny.png"] = None
     _png(folder / "ünïcødé 名前.png")
@@ -200,6 +202,7 @@ def test_bad_inputs_become_rows_and_the_scan_goes_on(onnx_model, tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("relative_path")
     assert csv.loc[csv["error"].notna(), "is_anomaly"].isna().all()
     assert result.n_errors == sum(v is not None for v in expected.values())
+    assert result.n_files == len(expected) - 2  # files, not frames
     assert table.loc["sixteen.png", "bit_depth"] == 16
     assert table.loc["cmyk.jpg", "channels"] == 3
     assert (tmp_path / "out" / "report.html").is_file()
@@ -358,6 +361,79 @@ def test_nifti_volume_scored_per_slice_and_per_volume(onnx_model, tmp_path):
     assert table.loc["ct.nii.gz", "heatmap"].endswith(".heatmap.png")
     again = scan(onnx_model, folder, tmp_path / "out", progress=False)
     assert again.n_scored_now == 0
+
+
+def _pages(path: Path, values: list[int], thumbnail: bool = False) -> list[np.ndarray]:
+    """A multi-page TIFF of 40 x 40 noise pages, page k with a bright block of values[k];
+    with ``thumbnail`` a reduced-resolution copy follows the first page (not an image)."""
+    rng = np.random.default_rng(3)
+    pages = []
+    for value in values:
+        page = rng.integers(90, 110, (40, 40), dtype=np.uint8)
+        page[10:22, 10:22] = value
+        pages.append(page)
+    images = [Image.fromarray(p) for p in pages]
+    kinds = [0] * len(images)
+    if thumbnail:
+        images.insert(1, Image.fromarray(pages[0][::4, ::4]))
+        kinds.insert(1, 1)  # NewSubfileType: a reduced-resolution copy
+    for image, kind in zip(images, kinds, strict=True):
+        image.encoderinfo = {"tiffinfo": {254: kind}}
+    images[0].save(path, save_all=True, append_images=images[1:], tiffinfo={254: 0})
+    return pages
+
+
+def test_a_multi_page_file_is_scored_page_by_page(onnx_model, tmp_path):
+    """Every page of a TIFF gets a row, the file's row is its worst page, and a defect on
+    a later page is not missed (before, the first page alone was scored)."""
+    from anomalyvae.inference.runtime import OnnxDetector
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pages = _pages(folder / "stack.tif", [100, 100, 255, 100])
+    for k, page in enumerate(pages):
+        Image.fromarray(page).save(folder / f"page{k}.png")
+    config = ScanConfig(heatmaps="all", save_maps=True, batch_size=3)
+    result = scan(onnx_model, folder, tmp_path / "out", config, progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    rows = [f"stack.tif#slice={k:04d}" for k in range(4)]
+    assert set(table.index) == {"stack.tif", *rows, *(f"page{k}.png" for k in range(4))}
+    assert result.n_files == 5 and result.n_errors == 0  # files, not pages
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_files"] == 5 and summary["n_anomalies"] == result.n_anomalies
+    detector = OnnxDetector(onnx_model, device="cpu")
+    alone = detector.predict_files([folder / f"page{k}.png" for k in range(4)]).score
+    scores = table.loc[rows, "score"].to_numpy()
+    # each page scores as the same picture saved as a file of its own
+    assert np.allclose(scores, alone, rtol=0, atol=1e-4 * max(1.0, np.ptp(alone)))
+    assert table.loc["stack.tif", "score"] == scores.max()
+    assert table.loc[rows, "slice"].tolist() == [0, 1, 2, 3]
+    worst = rows[int(np.argmax(scores))]
+    assert table.loc["stack.tif", "heatmap"] == table.loc[worst, "heatmap"] != ""
+    saved = np.load(tmp_path / "out" / "maps" / "stack.tif#slice=0002.npz")["anomaly_map"]
+    assert saved.shape == (40, 40)
+    # a file of several images is refused where one score must stand for one file
+    with pytest.raises(ImageReadError, match="holds 4 images"):
+        detector.predict_files([folder / "stack.tif"])
+
+
+def test_a_tiff_thumbnail_page_is_not_scored_and_a_bad_page_is_an_error_row(onnx_model, tmp_path):
+    from anomalyvae.imaging.io import content_frames
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _pages(folder / "thumbed.tif", [100, 100], thumbnail=True)
+    assert content_frames(folder / "thumbed.tif") == (0, 2)
+    _pages(tmp_path / "whole.tif", [100, 100, 100])
+    data = (tmp_path / "whole.tif").read_bytes()
+    (folder / "cut.tif").write_bytes(data[: len(data) * 3 // 4])  # the last page cut short
+    scan(onnx_model, folder, tmp_path / "out", ScanConfig(heatmaps="none"), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    assert table.loc["thumbed.tif#slice=0002", "error"] == ""
+    assert "thumbed.tif#slice=0001" not in table.index
+    # a page that cannot be read leaves the file without a verdict, not half scored
+    assert table.loc["cut.tif", "error"] != "" and pd.isna(table.loc["cut.tif", "is_anomaly"])
+    assert not table.index.str.startswith("cut.tif#").any()
 
 
 def test_a_volume_is_scored_a_block_of_slices_at_a_time(onnx_model, tmp_path, monkeypatch):

@@ -376,3 +376,23 @@ def test_predict_reads_files_a_block_at_a_time(onnx_model, synthetic_root, tmp_p
     scored = [r["score"] for r in rows if not r["error"]]
     assert np.allclose(scored, whole.score, rtol=0, atol=1e-4 * max(1.0, np.ptp(whole.score)))
     assert runtime.format_prediction(rows[0]).startswith(f"{paths[0]}\t")
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_links_to_devices_and_unreadable_files_become_error_rows(
+    onnx_model, synthetic_root, tmp_path, alarm
+):
+    """/dev/zero would never end, /proc/self/mem looks like a regular file whose bytes
+    cannot be read: each gets a row that says what to do, and the scan goes on."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sorted((synthetic_root / "test" / "good").glob("*.png"))[0], folder / "ok.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "mem.tif").symlink_to("/proc/self/mem")
+    scan(onnx_model, folder, tmp_path / "out", progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    assert "not a regular file" in table.loc["zero.png", "error"]
+    assert "cannot be read" in table.loc["mem.tif", "error"]
+    assert "rescan" in table.loc["mem.tif", "error"]
+    assert table.loc[["zero.png", "mem.tif"], "is_anomaly"].isna().all()
+    assert table.loc["ok.png", "error"] == ""
