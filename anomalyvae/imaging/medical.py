@@ -83,10 +83,15 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> tuple[NDArray[np
     frames = _frame_count(dataset)
     if not 0 <= frame < frames:
         raise MedicalReadError(f"has no frame {frame} (it holds {frames})", "name a frame it has")
+    _check_frame_size(dataset)  # before a decoder allocates what the header claims
+    syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
     try:
         pixels = pixel_array(dataset, index=frame) if frames > 1 else dataset.pixel_array
     except Exception as error:  # pydicom names the plugin a compressed syntax needs
-        syntax = getattr(dataset.file_meta, "TransferSyntaxUID", "unknown")
+        if syntax is not None and not syntax.is_compressed:  # no plugin to blame
+            raise MedicalReadError(
+                f"damaged DICOM pixel data ({error})", "check the file is complete"
+            ) from error
         raise MedicalReadError(
             f"cannot decode DICOM pixel data with transfer syntax {syntax}: {error}",
             "install the decoder plugin named above (e.g. pip install pylibjpeg "
@@ -97,6 +102,23 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> tuple[NDArray[np
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
     values = values * slope + intercept
     return values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
+
+
+def _check_frame_size(dataset: Any) -> None:
+    """A :class:`MedicalReadError` when a frame is larger than any image may be."""
+    try:
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise MedicalReadError(
+            "DICOM image without a readable size (Rows, Columns)", "check the file is complete"
+        ) from error
+    if rows * columns > MAX_SLICE_PIXELS or samples > 4:
+        raise MedicalReadError(
+            f"DICOM frames are too large ({columns} x {rows} pixels, {samples} samples; the "
+            f"limit is {MAX_SLICE_PIXELS:,} pixels, as for any image)",
+            "split or downscale it before scoring",
+        )
 
 
 def _frame_count(dataset: Any) -> int:

@@ -296,3 +296,22 @@ def test_a_multi_frame_dicom_is_read_frame_by_frame():
     assert images.shape == (len(frames), 1, 16, 16) and len(kept) == len(frames)
     with pytest.raises(ImageReadError, match="has no frame"):
         read_image(path, frame=len(frames))
+
+
+def test_a_dicom_claiming_huge_frames_is_refused_before_decoding(tmp_path):
+    """A compressed object whose header claims 30000 x 30000 RGB frames would make the
+    decoder allocate gigabytes; the header is checked first."""
+    dataset = pydicom.dcmread(_testdata("SC_rgb_rle_2frame.dcm"))
+    dataset.Rows = dataset.Columns = 30000
+    dataset.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(tmp_path / "huge.dcm")
+
+
+def test_damaged_uncompressed_dicom_pixels_are_not_blamed_on_a_plugin(tmp_path):
+    dataset = pydicom.dcmread(_testdata("MR_small.dcm"))
+    dataset.PixelData = dataset.PixelData[: len(dataset.PixelData) // 2]
+    dataset.save_as(tmp_path / "cut.dcm")
+    with pytest.raises(ImageReadError, match="damaged DICOM pixel data") as info:
+        read_image(tmp_path / "cut.dcm")
+    assert "plugin" not in str(info.value)
