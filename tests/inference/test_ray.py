@@ -46,6 +46,12 @@ def folder(synthetic_root, tmp_path_factory) -> Path:
     nibabel = pytest.importorskip("nibabel")
     volume = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(dest / "vol.nii.gz"))
+    # pages 0 and 2 are images, page 1 a reduced-resolution copy: rows 0000 and 0002
+    pages = [Image.open(f) for f in sorted((synthetic_root / "test").rglob("*.png"))[:2]]
+    pages.insert(1, pages[0].resize((8, 8)))
+    for page, kind in zip(pages, (0, 1, 0), strict=True):
+        page.encoderinfo = {"tiffinfo": {254: kind}}
+    pages[0].save(dest / "pages.tif", save_all=True, append_images=pages[1:], tiffinfo={254: 0})
     return dest
 
 
@@ -71,6 +77,8 @@ def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_ta
     result = scan(onnx_model, folder, tmp_path / "out", config, progress=False, engine=scan_on_ray)
     table = pd.read_parquet(tmp_path / "out" / "results.parquet")
     _same_rows(table, local_table)
+    assert {"pages.tif#slice=0000", "pages.tif#slice=0002"} <= set(table["relative_path"])
+    assert "pages.tif#slice=0001" not in set(table["relative_path"])
     assert result.n_errors == 1 and "broken.png" in table.loc[table["error"] != "", "path"].iloc[0]
     for heatmap in table.loc[table["heatmap"] != "", "heatmap"]:
         assert Image.open(tmp_path / "out" / heatmap).size[0] > 0
