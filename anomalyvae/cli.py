@@ -631,7 +631,7 @@ def predict(
     default="anomalies",
     show_default=True,
     callback=lambda ctx, param, value: _check_heatmaps(value),
-    help="anomalies, all, none, or top-N (the N highest scores).",
+    help="anomalies, all, none, or top-N (the N highest-scoring files).",
 )
 @click.option("--save-maps", is_flag=True, help="Also write raw maps as .npz.")
 @_threshold_option

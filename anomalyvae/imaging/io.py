@@ -199,6 +199,12 @@ def content_frames(path: str | os.PathLike[str]) -> tuple[int, ...]:
     Multi-page TIFF (reduced-resolution copies and masks left out), animated GIF, WebP
     and PNG, and multi-frame DICOM have several. A file that cannot be opened gives
     ``(0,)``: :func:`read_image` then names its error.
+
+    Raises
+    ------
+    ImageReadError
+        When a file of several frames cannot list them (damaged): scoring its first
+        frame alone would pass the others unseen.
     """
     path = Path(path)
     try:
@@ -207,7 +213,11 @@ def content_frames(path: str | os.PathLike[str]) -> tuple[int, ...]:
             return (0,)
         if is_dicom(path):
             return tuple(range(dicom_frame_count(path)))
-        with Image.open(path) as image:
+        image = Image.open(path)
+    except Exception:  # unreadable here: read_image reports it with its cause
+        return (0,)
+    with image:
+        try:
             if image.format not in FRAME_FORMATS or getattr(image, "n_frames", 1) < 2:
                 return (0,)
             frames = []
@@ -216,9 +226,11 @@ def content_frames(path: str | os.PathLike[str]) -> tuple[int, ...]:
                 kind = image.tag_v2.get(254, 0) if image.format == "TIFF" else 0
                 if not int(kind) & _TIFF_AUXILIARY:
                     frames.append(k)
-            return tuple(frames) or (0,)
-    except Exception:  # unreadable here: read_image reports it with its cause
-        return (0,)
+        except Exception as error:
+            raise ImageReadError(
+                path, f"a damaged file of several frames ({error})", "check the file is complete"
+            ) from error
+    return tuple(frames) or (0,)
 
 
 def iter_frames(

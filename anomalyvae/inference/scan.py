@@ -34,7 +34,7 @@ from anomalyvae.imaging.files import (
     walk_images,
 )
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import ImageReadError, content_frames, read_image
+from anomalyvae.imaging.io import ImageReadError, load_frames, preprocess, read_image
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
@@ -549,25 +549,59 @@ def _score_fields(
     }
 
 
+def _worst_part_input(
+    path: Path, k: int, spec: Any
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Slice or frame ``k`` of a volume or multi-frame file, as the scan scored it.
+
+    Returns the model input (1, c, h, w) and the picture its heatmap is drawn on.
+    """
+    if is_nifti(path):
+        raw = read_slice(path, k)
+        volume = VolumeInput(path, spec)  # the slice normalized with the volume's range
+        return preprocess(volume.plane(raw), spec)[None], normalize_intensity(
+            raw[..., None], "minmax"
+        )
+    _, image = next(load_frames(path, spec, [k]))
+    return image[None], read_image(path, 512, frame=k).pixels
+
+
 def _top_heatmaps(
     scorer: BatchScorer, folder: Path, table: pd.DataFrame, paths: list[Path], n: int
 ) -> pd.DataFrame:
+    """Heatmaps of the ``n`` highest-scoring files, drawn after the scan.
+
+    A volume or multi-frame file gets its worst slice or frame's. A file that changed or
+    went since it was scored keeps its row without one.
+    """
     real = {display_path(p.relative_to(folder)): p for p in paths}
-    scored = table[table["error"] == ""].nlargest(n, "score")
-    for index, row in scored.iterrows():
-        if row["heatmap"]:
-            continue
+    files = file_rows(table)
+    for index, row in files[files["error"] == ""].nlargest(n, "score").iterrows():
         path = real.get(row["relative_path"])
-        if path is None or is_nifti(path) or len(content_frames(path)) > 1:
-            continue  # volume and frame rows keep the worst-slice heatmap rule of their scan
-        result = scorer.detector.predict_files([path])
-        name = Path("heatmaps") / heatmap_name(row["relative_path"])
+        if row["heatmap"] or path is None:
+            continue
+        parts = table[(table["source"] == row["source"]) & table["slice"].notna()]
+        try:
+            if len(parts):
+                worst = parts["score"].idxmax()
+                k = int(parts.loc[worst, "slice"])
+                inputs, pixels = _worst_part_input(path, k, scorer.detector.preprocessing)
+                name = Path("heatmaps") / heatmap_name(slice_name(row["relative_path"], k))
+                rows = [index, worst]
+            else:
+                inputs, pixels = scorer.detector.load_files([path]), None
+                name = Path("heatmaps") / heatmap_name(row["relative_path"])
+                rows = [index]
+            result = scorer.detector.predict_arrays(inputs, scorer.threshold)
+        except ImageReadError:
+            continue
         save_heatmap(
             path,
             scorer.output / name,
             result.anomaly_map[0, 0],
             scorer.pixel_threshold,
             scorer.vmax,
+            pixels,
         )
-        table.loc[index, "heatmap"] = name.as_posix()
+        table.loc[rows, "heatmap"] = name.as_posix()
     return table

@@ -355,3 +355,26 @@ def test_a_file_of_several_images_lists_its_frames(tmp_path, fmt, suffix, scored
             load_image(path, spec)
     else:
         assert load_image(path, spec).shape == (1, 16, 16)
+
+
+def test_a_damaged_file_of_several_frames_is_an_error_not_its_first_frame(tmp_path):
+    """An animated PNG whose header claims more frames than it holds cannot list its
+    frames: scoring the first alone would pass the rest unseen, so it is an error."""
+    import struct
+    import zlib
+
+    from anomalyvae.imaging.io import content_frames
+
+    frames = [Image.fromarray(np.full((20, 20), v, np.uint8)) for v in (10, 200)]
+    path = tmp_path / "claims.png"
+    frames[0].save(path, format="PNG", save_all=True, append_images=frames[1:])
+    data = bytearray(path.read_bytes())
+    chunk = data.find(b"acTL")
+    struct.pack_into(">I", data, chunk + 4, 1000)  # num_frames
+    struct.pack_into(">I", data, chunk + 12, zlib.crc32(bytes(data[chunk : chunk + 12])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match="damaged file of several frames"):
+        content_frames(path)
+    spec = Preprocessing(channels=1, height=16, width=16)
+    with pytest.raises(ImageReadError, match="damaged"):
+        load_image(path, spec)

@@ -252,6 +252,40 @@ def test_heatmap_modes(onnx_model, tmp_path, mode, n_heatmaps):
         ScanConfig(heatmaps="some")
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_top_n_heatmaps_count_files_and_draw_a_volumes_worst_slice(onnx_model, tmp_path, n):
+    """top-N picks the N highest-scoring files: a volume or multi-page file is one of
+    them (never its slices in its place) and gets its worst slice's or page's heatmap,
+    the same picture the "all" mode draws for it."""
+    import nibabel
+
+    folder = tmp_path / "in"
+    for i in range(2):
+        _png(folder / f"{i}.png", size=(40, 40), seed=i)
+    volume = np.random.default_rng(0).random((40, 40, 4)).astype(np.float32) * 1000
+    volume[5:30, 5:30, 2] = 9000
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(folder / "ct.nii.gz"))
+    _pages(folder / "stack.tif", [100, 255, 100])
+    scan(onnx_model, folder, tmp_path / "out", ScanConfig(heatmaps=f"top-{n}"), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    files = table[table["slice"].isna()].sort_values("score", ascending=False)
+    assert (files["heatmap"] != "").tolist() == [k < n for k in range(len(files))]
+    for name in files.index[:n]:
+        parts = table[(table["source"] == name) & table["slice"].notna()]
+        if len(parts):  # the file's heatmap is its worst part's, shared with that row
+            worst = parts["score"].idxmax()
+            assert files.loc[name, "heatmap"] == parts.loc[worst, "heatmap"]
+            assert files.loc[name, "heatmap"].endswith(
+                f"#slice={int(parts.loc[worst, 'slice']):04d}.heatmap.png"
+            )
+        assert (tmp_path / "out" / files.loc[name, "heatmap"]).is_file()
+    everything = tmp_path / "all"
+    scan(onnx_model, folder, everything, ScanConfig(heatmaps="all"), progress=False)
+    for heatmap in files["heatmap"][files["heatmap"] != ""]:
+        drawn = np.asarray(Image.open(tmp_path / "out" / heatmap), np.float64)
+        assert np.abs(drawn - np.asarray(Image.open(everything / heatmap))).mean() < 1.0
+
+
 def test_a_scan_resumed_with_heatmaps_draws_them_for_the_files_scored_before(
     onnx_model, synthetic_root, tmp_path
 ):
