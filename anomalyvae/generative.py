@@ -150,8 +150,8 @@ def to_file(image: np.ndarray, source: DecodedImage, spec: Preprocessing) -> np.
     height, width, channels = source.pixels.shape
     values = resize(np.ascontiguousarray(image.transpose(1, 2, 0)), height, width, "bilinear")
     values = to_channels(values, channels)
-    if spec.normalization == "none":
-        return values
+    if spec.normalization == "none":  # model space is the pixels' (or turned back)
+        return 1.0 - values if source.inverted and not spec.turns(source) else values
     stored = source.raw if source.raw is not None else source.pixels
     low, high = intensity_range(
         stored,
@@ -161,10 +161,15 @@ def to_file(image: np.ndarray, source: DecodedImage, spec: Preprocessing) -> np.
         spec.percentile_low,
         spec.percentile_high,
     )
+    if spec.turns(source) and source.raw is not None:  # model space is turned round
+        values = 1.0 - values
     in_stored = low + values * (high - low)
-    # the decoded pixels are a linear function of the stored values; recover it
+    # the decoded pixels are a linear function of the stored values (falling for a
+    # dark-for-high file); recover it
     s_low, s_high = float(stored.min()), float(stored.max())
     p_low, p_high = float(source.pixels.min()), float(source.pixels.max())
+    if source.inverted and source.raw is not None:
+        p_low, p_high = p_high, p_low  # the pixel of the lowest stored value is the brightest
     slope = (p_high - p_low) / (s_high - s_low) if s_high > s_low else 0.0
     return np.clip(p_low + (in_stored - s_low) * slope, 0.0, 1.0).astype(np.float32)
 

@@ -35,6 +35,7 @@ from anomalyvae.imaging.medical import (
 )
 
 RESIZE_METHODS: tuple[str, ...] = ("bilinear", "bicubic", "area", "nearest")
+MONOCHROME1_RULES: tuple[str, ...] = ("invert", "as_stored")
 _PIL_RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -70,6 +71,9 @@ class DecodedImage(NamedTuple):
     raw: NDArray[np.float32] | None = None  # stored units (16-bit, DICOM, NIfTI), (h, w, c)
     #: (height, width) of the file when it was decoded reduced (see :func:`read_image`)
     stored_size: tuple[int, int] | None = None
+    #: the stored values display dark-for-high (DICOM ``MONOCHROME1``): ``pixels`` and
+    #: every normalization of ``raw`` (:func:`intensities`) are turned round, 1 - x
+    inverted: bool = False
 
     @property
     def height(self) -> int:
@@ -108,6 +112,11 @@ class Preprocessing:
         "minmax", "percentile" (``percentile_low``/``percentile_high``) or "window"
         (``window_center``/``window_width``, e.g. CT Hounsfield units); see
         :func:`anomalyvae.imaging.medical.normalize_intensity`.
+    monochrome1 : str
+        A dark-for-high DICOM (``MONOCHROME1``): "invert" (default) turns it round after
+        normalization, so that bright is bright in every file; "as_stored" keeps the
+        values' orientation, as models saved before this setting read it (a stored spec
+        without the key is read so).
     """
 
     channels: int
@@ -120,6 +129,7 @@ class Preprocessing:
     window_width: float | None = None
     percentile_low: float = 1.0
     percentile_high: float = 99.0
+    monochrome1: str = "invert"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -142,6 +152,10 @@ class Preprocessing:
             raise InvalidValueError(
                 "normalization 'window' needs window_center and a positive window_width"
             )
+        if self.monochrome1 not in MONOCHROME1_RULES:
+            raise InvalidValueError(
+                f"monochrome1 must be one of {MONOCHROME1_RULES}, got {self.monochrome1!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +163,12 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         names = {f.name for f in fields(cls)}
+        data = {"monochrome1": "as_stored", **data}  # saved before the setting existed
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def turns(self, decoded: DecodedImage) -> bool:
+        """Whether ``decoded``'s normalized values are turned round (1 - x) as input."""
+        return decoded.inverted and self.monochrome1 == "invert"
 
 
 #: Images are decoded reduced when their long side is at least this many times the
@@ -439,8 +458,9 @@ def _read_medical(path: Path, frame: int = 0) -> DecodedImage:
                     "anomalyvae.imaging.volumes.volume_slices",
                 )
             raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
+            inverted = False
         else:
-            raw, bits = read_dicom(path, frame)
+            raw, bits, inverted = read_dicom(path, frame)
             mode = "DICOM"
     except FileNotFoundError as error:
         raise ImageReadError(path, "file not found", "check the path") from error
@@ -455,7 +475,10 @@ def _read_medical(path: Path, frame: int = 0) -> DecodedImage:
             path, "image contains NaN or infinite values", "replace them before scoring"
         )
     pixels = normalize_intensity(raw, "minmax")
-    return DecodedImage(pixels, bits, mode, np.ascontiguousarray(raw, dtype=np.float32))
+    if inverted:
+        pixels = 1.0 - pixels
+    raw = np.ascontiguousarray(raw, dtype=np.float32)
+    return DecodedImage(pixels, bits, mode, raw, inverted=inverted)
 
 
 def _decode(image: Image.Image) -> DecodedImage:
@@ -553,11 +576,19 @@ def preprocess(pixels: NDArray[np.float32], spec: Preprocessing) -> NDArray[np.f
 
 
 def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float32]:
-    """The decoded image in [0, 1] under ``spec.normalization`` (on stored values)."""
+    """The decoded image in [0, 1] under ``spec.normalization`` (on stored values).
+
+    A window or percentiles apply to the stored values (Hounsfield units stay units); a
+    dark-for-high file (DICOM ``MONOCHROME1``) is turned round after, so that bright is
+    bright whatever the modality wrote (``spec.monochrome1``).
+    """
     if spec.normalization == "none":
-        return decoded.pixels
+        # the pixels are bright-for-high already; a model that reads files as stored
+        # gets a dark-for-high file's orientation back
+        keep_stored = decoded.inverted and not spec.turns(decoded)
+        return 1.0 - decoded.pixels if keep_stored else decoded.pixels
     source = decoded.raw if decoded.raw is not None else decoded.pixels
-    return normalize_intensity(
+    scaled = normalize_intensity(
         source,
         spec.normalization,
         spec.window_center,
@@ -565,6 +596,7 @@ def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float3
         spec.percentile_low,
         spec.percentile_high,
     )
+    return 1.0 - scaled if spec.turns(decoded) and decoded.raw is not None else scaled
 
 
 def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:

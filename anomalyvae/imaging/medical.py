@@ -59,10 +59,25 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> tuple[NDArray[np.float32], int]:
+class DicomFrame(NamedTuple):
+    """One decoded DICOM frame.
+
+    ``values`` (h, w) or (h, w, 3) in modality units (after rescale slope/intercept),
+    the bits stored, and whether higher values display darker (``MONOCHROME1``: common
+    in computed and digital radiography and mammography).
+    """
+
+    values: NDArray[np.float32]
+    bits: int
+    inverted: bool
+
+
+def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> DicomFrame:
     """Pixels of one frame of a DICOM in stored units, after rescale slope/intercept.
 
     ``frame``: which frame of a multi-frame object (decoded alone); the first by default.
+    The values keep their units; ``inverted`` says the file shows them dark-for-high,
+    which the reader turns round after normalization (bright is bright in every file).
 
     Returns (h, w) or (h, w, 3) float32 and the bits stored.
     """
@@ -101,7 +116,10 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> tuple[NDArray[np
     slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
     values = values * slope + intercept
-    return values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
+    inverted = str(getattr(dataset, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
+    return DicomFrame(
+        values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8)), inverted
+    )
 
 
 def _check_frame_size(dataset: Any) -> None:

@@ -315,3 +315,69 @@ def test_damaged_uncompressed_dicom_pixels_are_not_blamed_on_a_plugin(tmp_path):
     with pytest.raises(ImageReadError, match="damaged DICOM pixel data") as info:
         read_image(tmp_path / "cut.dcm")
     assert "plugin" not in str(info.value)
+
+
+def _monochrome1(tmp_path, invert_values: bool):
+    """MR_small as a dark-for-high (MONOCHROME1) file: the same stored values, or the
+    values a MONOCHROME1 modality writes for the same picture (turned round)."""
+    dataset = pydicom.dcmread(_testdata("MR_small.dcm"))
+    dataset.PhotometricInterpretation = "MONOCHROME1"
+    if invert_values:
+        values = dataset.pixel_array
+        dataset.PixelData = (values.max() + values.min() - values).astype(values.dtype).tobytes()
+    path = tmp_path / f"m1_{invert_values}.dcm"
+    dataset.save_as(path)
+    return path
+
+
+def test_a_dark_for_high_dicom_reads_bright_for_bright(tmp_path):
+    """MONOCHROME1 (radiography, mammography) shows high values dark: the reader turns it
+    round after normalization, so one picture reads the same from either kind of file,
+    and a window still applies to the stored values."""
+    from anomalyvae.imaging.io import intensities
+
+    plain = read_image(_testdata("MR_small.dcm"))
+    same_values = read_image(_monochrome1(tmp_path, invert_values=False))
+    same_picture = read_image(_monochrome1(tmp_path, invert_values=True))
+    assert same_values.inverted and not plain.inverted
+    np.testing.assert_allclose(same_values.pixels, 1.0 - plain.pixels, atol=1e-6)
+    np.testing.assert_allclose(same_picture.pixels, plain.pixels, atol=1e-6)
+    spec = Preprocessing(1, 16, 16, normalization="window", window_center=600, window_width=800)
+    np.testing.assert_allclose(
+        intensities(same_values, spec), 1.0 - intensities(plain, spec), atol=1e-6
+    )
+    assert not np.allclose(intensities(plain, spec), 0.5, atol=0.2)  # the window bites
+
+
+def test_a_dark_for_high_dicom_comes_back_in_its_own_units(tmp_path):
+    """Denoise and inpaint write model-space images back in the file's scale: for a
+    MONOCHROME1 file the turn is undone too."""
+    from anomalyvae.generative import to_file
+    from anomalyvae.imaging.io import intensities, preprocess
+
+    source = read_image(_monochrome1(tmp_path, invert_values=False))
+    for normalization in ("none", "percentile"):
+        spec = Preprocessing(1, source.height, source.width, normalization=normalization)
+        back = to_file(preprocess(intensities(source, spec), spec), source, spec)
+        inside = (source.raw[:, :, 0] > np.percentile(source.raw, 2)) & (
+            source.raw[:, :, 0] < np.percentile(source.raw, 98)
+        )  # percentiles clip the tails; everything between comes back
+        np.testing.assert_allclose(back[inside], source.pixels[inside], atol=2e-3)
+
+
+def test_a_model_saved_before_the_turn_keeps_reading_dark_for_high_files_as_stored(tmp_path):
+    """A spec stored without ``monochrome1`` (every model saved before it) keeps the
+    orientation it was trained on; a new spec round-trips with the turn."""
+    from anomalyvae.imaging.io import intensities
+
+    source = read_image(_monochrome1(tmp_path, invert_values=False))
+    plain = read_image(_testdata("MR_small.dcm"))
+    new = Preprocessing(1, 16, 16, normalization="percentile")
+    assert Preprocessing.from_dict(new.to_dict()) == new and new.monochrome1 == "invert"
+    old_dict = {k: v for k, v in new.to_dict().items() if k != "monochrome1"}
+    old = Preprocessing.from_dict(old_dict)
+    assert old.monochrome1 == "as_stored"
+    for spec in (old, Preprocessing.from_dict({**old_dict, "normalization": "none"})):
+        np.testing.assert_allclose(intensities(source, spec), intensities(plain, spec), atol=1e-6)
+    with pytest.raises(ValueError, match="monochrome1"):
+        Preprocessing(1, 16, 16, monochrome1="flip")
