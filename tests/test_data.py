@@ -103,7 +103,8 @@ def test_the_probe_of_the_training_files_keeps_their_shape_range(tmp_path):
 
     sizes = [(40, 100), (50, 100), (60, 90), (32, 32)]  # (height, width)
     for i, (height, width) in enumerate(sizes):
-        Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp_path / f"{i}.png")
+        ramp = np.arange(height * width).reshape(height, width) % 200
+        Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     paths = sorted(tmp_path.glob("*.png"))
     probe = probe_sources(paths)
@@ -133,7 +134,8 @@ def test_file_list_hash_is_order_free():
 )
 def test_infer_preprocessing_keeps_the_aspect_ratio_when_asked(tmp_path, height, width, expected):
     for i in range(3):
-        Image.fromarray(np.zeros((height, width), np.uint8)).save(tmp_path / f"{i}.png")
+        ramp = np.arange(height * width).reshape(height, width) % 200
+        Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / f"{i}.png")
     paths = sorted(tmp_path.glob("*.png"))
     spec = infer_preprocessing(paths, multiple=32, max_size=256, keep_aspect=True)
     assert (spec.height, spec.width) == expected

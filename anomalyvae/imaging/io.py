@@ -599,6 +599,25 @@ def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float3
     return 1.0 - scaled if spec.turns(decoded) and decoded.raw is not None else scaled
 
 
+def model_input(
+    path: str | os.PathLike[str], decoded: DecodedImage, spec: Preprocessing
+) -> NDArray[np.float32]:
+    """A decoded image (or frame) as model input (c, h, w): normalized and resized.
+
+    A blank image (one value in every pixel: a covered lens, a dead camera, an empty
+    render) is an :class:`ImageReadError`: it holds nothing to score, and a model would
+    call it normal as readily as anything (a background-like frame scores lowest).
+    """
+    values = decoded.raw if decoded.raw is not None else decoded.pixels
+    if values.size and float(values.max()) == float(values.min()):
+        raise ImageReadError(
+            path,
+            f"the image is blank (every pixel holds {float(values.flat[0]):g})",
+            "check the camera, the exposure or the file: a blank image has nothing to score",
+        )
+    return preprocess(intensities(decoded, spec), spec)
+
+
 def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
     """Read and preprocess one file to (c, h, w) float32 in [0, 1].
 
@@ -613,7 +632,7 @@ def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.
             "score it with `anomalyvae scan` or `anomalyvae score` (a row per frame), or "
             "save each frame as its own file",
         )
-    return preprocess(intensities(read_image(path, max(spec.height, spec.width)), spec), spec)
+    return model_input(path, read_image(path, max(spec.height, spec.width)), spec)
 
 
 def load_frames(
@@ -626,7 +645,7 @@ def load_frames(
     """
     frames = content_frames(path) if frames is None else frames
     for k, decoded in iter_frames(path, frames, max(spec.height, spec.width)):
-        yield k, preprocess(intensities(decoded, spec), spec)
+        yield k, model_input(path, decoded, spec)
 
 
 def read_mask(

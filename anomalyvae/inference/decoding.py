@@ -25,8 +25,7 @@ from anomalyvae.imaging.io import (
     Preprocessing,
     check_regular_file,
     content_frames,
-    intensities,
-    preprocess,
+    model_input,
     read_image,
 )
 from anomalyvae.imaging.medical import is_nifti
@@ -90,7 +89,7 @@ def decode_file(index: int, path: Path, spec: Preprocessing) -> Decoded:
         if len(frames) > 1:  # pages or animation frames: each scored, as a volume's slices
             info.update(slices=len(frames), frames=list(frames))
             return Decoded(index, FrameInput(path, spec, frames), info)
-        return Decoded(index, preprocess(intensities(decoded, spec), spec), info)
+        return Decoded(index, model_input(path, decoded, spec), info)
     except ImageReadError as error:
         info["error"] = f"{error.reason} ({error.fix})"
     except OSError as error:  # the bytes cannot be read: a disk, share or /proc failure

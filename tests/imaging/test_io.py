@@ -131,16 +131,20 @@ def test_preprocessing_validates(bad):
 
 
 def test_read_images_skips_and_reports_unreadable(tmp_path):
-    good = _save(tmp_path / "good.png", np.zeros((8, 8), np.uint8))
+    good = _save(tmp_path / "good.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
+    blank = _save(tmp_path / "blank.png", np.zeros((8, 8), np.uint8))  # a dead camera
     spec = Preprocessing(1, 8, 8)
     with pytest.warns(UserWarning, match="bad.png"):
-        images, kept, errors = read_images([good, bad], spec)
-    assert images.shape == (1, 1, 8, 8) and kept == [good] and len(errors) == 1
+        images, kept, errors = read_images([good, bad, blank], spec)
+    assert images.shape == (1, 1, 8, 8) and kept == [good] and len(errors) == 2
+    assert "blank" in errors[1].reason and errors[1].path == blank
     with pytest.raises(ImageReadError):
         read_images([good, bad], spec, on_error="raise")
     assert load_image(good, spec).shape == (1, 8, 8)
+    with pytest.raises(ImageReadError, match="blank"):
+        load_image(blank, spec)
 
 
 def test_read_mask_threshold_resize_and_size_check(tmp_path):
@@ -342,7 +346,9 @@ def test_the_walker_goes_on_past_a_file_it_may_not_look_at(tmp_path, monkeypatch
 def test_a_file_of_several_images_lists_its_frames(tmp_path, fmt, suffix, scored):
     from anomalyvae.imaging.io import content_frames, load_frames
 
-    frames = [Image.fromarray(np.full((20, 24, 3), v, np.uint8)) for v in (10, 200)]
+    patch = np.zeros((20, 24, 3), np.uint8)
+    patch[6:14, 8:16] = 40  # not blank (a blank frame is an error), through lossy WebP too
+    frames = [Image.fromarray(patch + v) for v in (10, 200)]
     path = tmp_path / f"two{suffix}"
     frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
     assert content_frames(path) == tuple(range(scored))

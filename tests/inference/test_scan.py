@@ -143,17 +143,25 @@ def _make_bad_inputs(folder: Path) -> dict[str, str | None]:
     # decompression bomb: a tiny file claiming 13000 x 13000 pixels
     _bomb(folder / "bomb.png", 13000)
     expected["bomb.png"] = "too large"
-    Image.new("CMYK", (40, 30), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
+    ramp = np.arange(30 * 40).reshape(30, 40) % 50  # every decodable test file has content
+    rgb = np.stack([ramp, ramp[::-1], ramp[:, ::-1]], -1)
+    Image.fromarray((rgb + 10).astype(np.uint8)).convert("CMYK").save(folder / "cmyk.jpg")
     expected["cmyk.jpg"] = None
-    Image.new("P", (30, 30), 3).save(folder / "palette.png")
+    Image.fromarray((ramp[:, :30] % 5).astype(np.uint8), "L").convert("P").save(
+        folder / "palette.png"
+    )
     expected["palette.png"] = None
-    Image.new("RGBA", (30, 30), (200, 10, 10, 128)).save(folder / "alpha.png")
+    Image.fromarray(np.dstack([rgb + 100, np.full((30, 40), 128)]).astype(np.uint8), "RGBA").save(
+        folder / "alpha.png"
+    )
     expected["alpha.png"] = None
-    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray((40000 + 10 * ramp).astype(np.uint16)).save(folder / "sixteen.png")
     expected["sixteen.png"] = None
-    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "sixteen.tif")
+    Image.fromarray((40000 + 10 * ramp).astype(np.uint16)).save(folder / "sixteen.tif")
     expected["sixteen.tif"] = None
-    frames = [Image.new("L", (30, 30), v) for v in (10, 200)]
+    Image.fromarray(np.full((30, 30), 77, np.uint8)).save(folder / "blank.png")
+    expected["blank.png"] = "blank"  # a dead camera's frame: no verdict, never a pass
+    frames = [Image.fromarray((ramp[:, :30] + v).astype(np.uint8)) for v in (10, 200)]
     frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
     expected["animated.gif"] = None  # and a row per frame (the file's: its worst frame)
     expected |= {f"animated.gif#slice={k:04d}": None for k in range(2)}
