@@ -34,7 +34,7 @@ import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.io import ImageReadError, Preprocessing
 from anomalyvae.imaging.volumes import VolumeInput
 from anomalyvae.inference.decoding import Decoded, decode_file
 from anomalyvae.inference.records import COLUMNS, Job
@@ -132,16 +132,22 @@ def _decode_block(block: pd.DataFrame, spec: dict[str, Any], tally: Any) -> pd.D
     pixels, n_inputs, infos = [], [], []
     for index, path in zip(block["index"], block["path"], strict=True):
         decoded = decode_file(int(index), Path(os.fsdecode(path)), preprocessing)
-        data = decoded.pixels
-        if data is None:
+        data, info = decoded.pixels, decoded.info
+        stack = None
+        if isinstance(data, (VolumeInput, FrameInput)):
+            try:  # a volume or multi-frame file travels as its slices' model input
+                stack = data.stack()
+            except ImageReadError as error:  # a later slice or frame: the file errs whole
+                info = {**info, "error": f"{error.reason} ({error.fix})"}
+        elif data is not None:
+            stack = data[None]
+        if stack is None:
             pixels.append(b"")
             n_inputs.append(0)
-        else:
-            # a volume travels as its slices' model input (Ray's blocks are bytes)
-            stack = data.stack() if isinstance(data, (VolumeInput, FrameInput)) else data[None]
+        else:  # Ray's blocks are bytes
             pixels.append(np.ascontiguousarray(stack, dtype=np.float32).tobytes())
             n_inputs.append(len(stack))
-        infos.append(json.dumps(decoded.info))
+        infos.append(json.dumps(info))
     tally.add.remote("decoded", len(block))
     out = block.copy()
     out["pixels"], out["n_inputs"], out["info"] = pixels, n_inputs, infos

@@ -52,6 +52,8 @@ def folder(synthetic_root, tmp_path_factory) -> Path:
     for page, kind in zip(pages, (0, 1, 0), strict=True):
         page.encoderinfo = {"tiffinfo": {254: kind}}
     pages[0].save(dest / "pages.tif", save_all=True, append_images=pages[1:], tiffinfo={254: 0})
+    whole = (dest / "pages.tif").read_bytes()
+    (dest / "cut.tif").write_bytes(whole[: len(whole) * 3 // 4])  # its last page cut short
     return dest
 
 
@@ -79,7 +81,8 @@ def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_ta
     _same_rows(table, local_table)
     assert {"pages.tif#slice=0000", "pages.tif#slice=0002"} <= set(table["relative_path"])
     assert "pages.tif#slice=0001" not in set(table["relative_path"])
-    assert result.n_errors == 1 and "broken.png" in table.loc[table["error"] != "", "path"].iloc[0]
+    errors = table.loc[table["error"] != "", "relative_path"].tolist()
+    assert result.n_errors == 2 and errors == ["broken.png", "cut.tif"]  # no half-read file
     for heatmap in table.loc[table["heatmap"] != "", "heatmap"]:
         assert Image.open(tmp_path / "out" / heatmap).size[0] > 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -91,9 +94,9 @@ def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_ta
         "files_scored_again": 0,
     }
     assert (tmp_path / "out" / "report.html").is_file()
-    # resume: only the unreadable file is tried again, and the table is unchanged
+    # resume: only the unreadable files are tried again, and the table is unchanged
     again = scan(onnx_model, folder, tmp_path / "out", config, progress=False, engine=scan_on_ray)
-    assert again.n_scored_now == 1
+    assert again.n_scored_now == 2
     _same_rows(pd.read_parquet(tmp_path / "out" / "results.parquet"), local_table)
 
 
