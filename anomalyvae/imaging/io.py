@@ -71,8 +71,9 @@ class DecodedImage(NamedTuple):
     raw: NDArray[np.float32] | None = None  # stored units (16-bit, DICOM, NIfTI), (h, w, c)
     #: (height, width) of the file when it was decoded reduced (see :func:`read_image`)
     stored_size: tuple[int, int] | None = None
-    #: the stored values display dark-for-high (DICOM ``MONOCHROME1``): ``pixels`` and
-    #: every normalization of ``raw`` (:func:`intensities`) are turned round, 1 - x
+    #: the stored values display dark-for-high (DICOM ``MONOCHROME1``): ``pixels`` are
+    #: turned round (1 - x), and the model input too where the spec says so
+    #: (:meth:`Preprocessing.turns`)
     inverted: bool = False
 
     @property
@@ -182,20 +183,23 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def read_image(
-    path: str | os.PathLike[str], max_side: int | None = None, frame: int = 0
+    path: str | os.PathLike[str], max_side: int | None = None, frame: int | None = None
 ) -> DecodedImage:
     """Decode an image file to float32 (h, w, c) in [0, 1], keeping its bit depth.
 
     With ``max_side`` (the model input's long side), a much larger image is decoded
     reduced by an integer factor (see ``REDUCE_FACTOR``) to bound memory and time;
     ``width``/``height`` of the result still give the file's own size. ``frame`` picks
-    one frame of a multi-frame file (:func:`content_frames` lists them).
+    one frame of a multi-frame file (:func:`content_frames` lists them); by default the
+    first that is an image (a TIFF may open with a thumbnail page).
 
     Raises
     ------
     ImageReadError
         When the file is missing, unreadable, truncated, too large or not an image.
     """
+    if frame is None:
+        frame = content_frames(path)[0]
     frames = iter_frames(path, (frame,), max_side)
     try:
         return next(frames)[1]
@@ -632,7 +636,7 @@ def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.
             "score it with `anomalyvae scan` or `anomalyvae score` (a row per frame), or "
             "save each frame as its own file",
         )
-    return model_input(path, read_image(path, max(spec.height, spec.width)), spec)
+    return model_input(path, read_image(path, max(spec.height, spec.width), frames[0]), spec)
 
 
 def load_frames(

@@ -384,3 +384,21 @@ def test_a_damaged_file_of_several_frames_is_an_error_not_its_first_frame(tmp_pa
     spec = Preprocessing(channels=1, height=16, width=16)
     with pytest.raises(ImageReadError, match="damaged"):
         load_image(path, spec)
+
+
+def test_a_tiff_that_opens_with_a_thumbnail_is_read_by_its_image(tmp_path):
+    """Page 0 a reduced-resolution copy, page 1 the image: every reader takes page 1."""
+    from anomalyvae.imaging.io import content_frames
+
+    image = Image.fromarray((np.arange(40 * 60).reshape(40, 60) % 251).astype(np.uint8))
+    thumb = image.resize((15, 10))
+    thumb.encoderinfo = {"tiffinfo": {254: 1}}
+    image.encoderinfo = {"tiffinfo": {254: 0}}
+    path = tmp_path / "thumb_first.tif"
+    thumb.save(path, save_all=True, append_images=[image], tiffinfo={254: 1})
+    assert content_frames(path) == (1,)
+    assert read_image(path).pixels.shape == (40, 60, 1)
+    spec = Preprocessing(channels=1, height=40, width=60)
+    np.testing.assert_allclose(
+        load_image(path, spec)[0], np.asarray(image, np.float32) / 255, atol=1e-6
+    )
