@@ -237,6 +237,8 @@ def content_frames(path: str | os.PathLike[str]) -> tuple[int, ...]:
         if is_dicom(path):
             return tuple(range(dicom_frame_count(path)))
         image = Image.open(path)
+    except MedicalReadError as error:  # a frame count the file cannot hold
+        raise ImageReadError(path, error.reason, error.fix) from error
     except Exception:  # unreadable here: read_image reports it with its cause
         return (0,)
     with image:

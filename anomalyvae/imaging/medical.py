@@ -147,14 +147,30 @@ def _frame_count(dataset: Any) -> int:
 
 
 def dicom_frame_count(path: str | os.PathLike[str]) -> int:
-    """How many frames a DICOM object holds, read from its header (1 when unsure)."""
+    """How many frames a DICOM object holds, read from its header (1 when unsure).
+
+    Raises :class:`MedicalReadError` when the header claims more frames than the file
+    can hold (each frame takes at least a byte) or than any volume may (``MAX_VOXELS``):
+    a damaged or hostile count must not make a reader list a billion frames.
+    """
     import pydicom
 
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # an unreadable file: read_dicom names its error
         return 1
-    return _frame_count(dataset)
+    frames = _frame_count(dataset)
+    if frames > 1:
+        _check_frame_size(dataset)  # a frame too large for any image is named as such
+        pixels = max(1, int(dataset.Rows) * int(dataset.Columns))
+        limit = min(os.path.getsize(path), MAX_VOXELS // pixels)
+        if frames > limit:
+            raise MedicalReadError(
+                f"the DICOM header claims {frames:,} frames, more than the file (or any "
+                f"volume: {MAX_VOXELS:,} voxels) can hold",
+                "check the file is complete",
+            )
+    return frames
 
 
 #: Largest slice a NIfTI volume may have, in pixels: the limit every 2-D image has

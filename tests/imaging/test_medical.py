@@ -381,3 +381,17 @@ def test_a_model_saved_before_the_turn_keeps_reading_dark_for_high_files_as_stor
         np.testing.assert_allclose(intensities(source, spec), intensities(plain, spec), atol=1e-6)
     with pytest.raises(ValueError, match="monochrome1"):
         Preprocessing(1, 16, 16, monochrome1="flip")
+
+
+def test_a_dicom_claiming_more_frames_than_it_holds_is_refused(tmp_path):
+    """A damaged or hostile NumberOfFrames (ten million frames in a few kilobytes) must
+    not make the reader list them all (a billion took every byte of memory)."""
+    from anomalyvae.imaging.io import content_frames
+
+    dataset = pydicom.dcmread(_testdata("rtdose.dcm"))
+    dataset.NumberOfFrames = 10_000_000
+    dataset.save_as(tmp_path / "claims.dcm")
+    with pytest.raises(ImageReadError, match="claims 10,000,000 frames"):
+        content_frames(tmp_path / "claims.dcm")
+    with pytest.raises(ImageReadError, match="claims"):
+        read_image(tmp_path / "claims.dcm")
