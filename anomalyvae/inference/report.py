@@ -78,7 +78,7 @@ TEMPLATE = """<!doctype html>
  {% if g.image %}<img alt="heatmap" src="data:image/png;base64,{{ g.image }}">
  {% else %}<div class="nomap">no heatmap drawn{% if not g.is_anomaly %} (below the threshold;
  scan with --heatmaps all or top-N to draw one){% endif %}</div>{% endif %}
- <div class="path">{{ g.path }}</div>
+ <div class="path">{{ g.path }}{% if g.part %} <small>({{ g.part }})</small>{% endif %}</div>
  <div>score {{ "%.4g"|format(g.score) }} &middot; normalized {{ "%.2f"|format(g.normalized) }}
  {% if g.is_anomaly %} &middot; <b>anomaly</b>{% endif %}</div></div>
 {% endfor %}</div>{% else %}<p>None.</p>{% endif %}
@@ -209,6 +209,18 @@ def _model_card(metadata: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _worst_parts(table: pd.DataFrame) -> dict[str, str]:
+    """For each volume or multi-frame file, which of its slices scored worst, in words."""
+    if not {"source", "slice"} <= set(table.columns):
+        return {}
+    parts = table[table["slice"].notna() & (table["error"] == "")]
+    out = {}
+    for source, rows in parts.groupby("source", sort=False):
+        worst = int(rows.loc[rows["score"].idxmax(), "slice"])
+        out[str(source)] = f"worst: slice {worst} of {len(rows)}"
+    return out
+
+
 def write_report(
     table: pd.DataFrame,
     summary: dict[str, Any],
@@ -223,6 +235,7 @@ def write_report(
     """
     path = Path(path)
     output_dir = Path(output_dir) if output_dir is not None else path.parent
+    parts = _worst_parts(table)
     table = file_rows(table)  # a volume or multi-frame file: its own (worst) row
     ok = table[table["error"] == ""]
     threshold = float(table["threshold"].iloc[0]) if len(table) else float("nan")
@@ -236,6 +249,7 @@ def write_report(
         gallery.append(
             {
                 "path": row["relative_path"],
+                "part": parts.get(row.get("source", row["relative_path"]), ""),
                 "score": row["score"],
                 "normalized": row["normalized_score"],
                 "is_anomaly": row["is_anomaly"],

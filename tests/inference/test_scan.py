@@ -452,6 +452,8 @@ def test_a_multi_page_file_is_scored_page_by_page(onnx_model, tmp_path):
     assert table.loc[rows, "slice"].tolist() == [0, 1, 2, 3]
     worst = rows[int(np.argmax(scores))]
     assert table.loc["stack.tif", "heatmap"] == table.loc[worst, "heatmap"] != ""
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert f"worst: slice {int(np.argmax(scores))} of 4" in html  # the tile says which
     saved = np.load(tmp_path / "out" / "maps" / "stack.tif#slice=0002.npz")["anomaly_map"]
     assert saved.shape == (40, 40)
     # a file of several images is refused where one score must stand for one file
