@@ -201,7 +201,13 @@ class NiftiSlices:
             raise MedicalReadError(
                 f"not a readable NIfTI file ({error})", "check the file is complete"
             ) from error
-        shape = tuple(int(n) for n in self._image.shape)
+        stored = tuple(int(n) for n in self._image.shape)
+        shape = stored
+        while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): one time point or channel
+            shape = shape[:-1]
+        #: indices that pick the one entry of each trailing singleton dimension
+        self._rest = (0,) * (len(stored) - len(shape))
+        self._dims = len(shape)
         if len(shape) not in (2, 3):
             raise MedicalReadError(
                 f"NIfTI image has {len(shape)} dimensions {shape}; only 2-D and 3-D are scored",
@@ -236,7 +242,8 @@ class NiftiSlices:
         index[self._axis] = k
         try:
             proxy = self._image.dataobj
-            data = proxy[tuple(index)] if len(self._image.shape) == 3 else proxy[:, :]
+            index = index if self._dims == 3 else [slice(None)] * 2
+            data = proxy[(*index, *self._rest)]
             plane = np.asarray(data, dtype=np.float32)
         except Exception as error:
             raise MedicalReadError(
@@ -259,7 +266,8 @@ class NiftiSlices:
 def read_nifti(path: str | os.PathLike[str], axis: int = 2) -> Volume:
     """A 2-D or 3-D NIfTI image as (slices, h, w) along ``axis`` (2 = axial in RAS order).
 
-    4-D images are refused: choose a time point or channel first. The header's shape is
+    4-D images are refused (choose a time point or channel first), unless their further
+    dimensions are 1, as some tools write a single volume (x, y, z, 1). The header's shape is
     checked against ``MAX_SLICE_PIXELS`` and ``MAX_VOXELS`` before any voxel is read.
     The whole volume in memory: :class:`NiftiSlices` reads one slice at a time.
     """

@@ -395,3 +395,17 @@ def test_a_dicom_claiming_more_frames_than_it_holds_is_refused(tmp_path):
         content_frames(tmp_path / "claims.dcm")
     with pytest.raises(ImageReadError, match="claims"):
         read_image(tmp_path / "claims.dcm")
+
+
+def test_a_nifti_volume_written_with_a_singleton_fourth_axis_is_a_volume(tmp_path):
+    """(x, y, z, 1), as some tools write one volume, is that volume; a real 4-D series
+    is still refused with what to do."""
+    rng = np.random.default_rng(1)
+    volume = rng.normal(100, 20, (20, 24, 6)).astype(np.float32)
+    single = read_volume(_nifti(tmp_path / "single.nii.gz", volume[..., None])).data
+    plain = read_volume(_nifti(tmp_path / "plain.nii.gz", volume)).data
+    assert single.shape == (6, 20, 24)
+    np.testing.assert_array_equal(single, plain)
+    series = np.stack([volume, volume], axis=-1)
+    with pytest.raises(ImageReadError, match="4 dimensions"):
+        read_volume(_nifti(tmp_path / "series.nii.gz", series))
