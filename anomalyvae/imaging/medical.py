@@ -59,6 +59,11 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+#: The elements a DICOM image keeps its pixels in: integer samples, and the float and
+#: double samples of parametric maps (e.g. an MR diffusion ADC map).
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
 class DicomFrame(NamedTuple):
     """One decoded DICOM frame.
 
@@ -91,7 +96,7 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> DicomFrame:
         raise MedicalReadError(
             f"not a valid DICOM file ({error})", "check the file is complete"
         ) from error
-    if "PixelData" not in dataset:
+    if not any(key in dataset for key in PIXEL_DATA_KEYWORDS):
         raise MedicalReadError(
             "DICOM file has no pixel data (e.g. a structured report)", "score image objects only"
         )

@@ -409,3 +409,25 @@ def test_a_nifti_volume_written_with_a_singleton_fourth_axis_is_a_volume(tmp_pat
     series = np.stack([volume, volume], axis=-1)
     with pytest.raises(ImageReadError, match="4 dimensions"):
         read_volume(_nifti(tmp_path / "series.nii.gz", series))
+
+
+def test_a_dicom_parametric_map_with_float_pixels_is_read(tmp_path):
+    """Float pixel data (FloatPixelData, as parametric maps store it) is an image, not a
+    file 'without pixel data'."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    dataset = pydicom.dcmread(_testdata("MR_small.dcm"))
+    values = dataset.pixel_array.astype(np.float32) / 7.0
+    del dataset.PixelData
+    dataset.FloatPixelData = values.tobytes()
+    dataset.BitsAllocated = 32
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+        if keyword in dataset:
+            del dataset[keyword]
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.save_as(tmp_path / "adc.dcm", enforce_file_format=False)
+    decoded = read_image(tmp_path / "adc.dcm")
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    np.testing.assert_allclose(decoded.raw[:, :, 0], values * slope + intercept, rtol=1e-6)
+    assert decoded.bit_depth == 32
