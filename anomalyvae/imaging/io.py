@@ -616,9 +616,14 @@ def model_input(
     """
     values = decoded.raw if decoded.raw is not None else decoded.pixels
     if values.size and float(values.max()) == float(values.min()):
+        what = (
+            "a single pixel"
+            if values.shape[0] * values.shape[1] == 1
+            else f"blank (every pixel holds {float(values.flat[0]):g})"
+        )
         raise ImageReadError(
             path,
-            f"the image is blank (every pixel holds {float(values.flat[0]):g})",
+            f"the image is {what}",
             "check the camera, the exposure or the file: a blank image has nothing to score",
         )
     return preprocess(intensities(decoded, spec), spec)
