@@ -110,7 +110,7 @@ def folder_samples(root: str | os.PathLike[str]) -> list[Sample]:
     paths = find_images(root)
     if not paths:
         raise DatasetError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{root}'; "
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}, DICOM or NIfTI) found under '{root}'; "
             "point to a folder of normal images"
         )
     names: dict[Path, set[str]] = {}
