@@ -29,8 +29,8 @@ from anomalyvae.imaging.medical import (
     dicom_frame_count,
     is_dicom,
     is_nifti,
+    iter_dicom_frames,
     normalize_intensity,
-    read_dicom,
     read_nifti,
 )
 
@@ -268,8 +268,7 @@ def iter_frames(
     path = Path(path)
     check_regular_file(path)  # never open a FIFO or device: reading it could block
     if is_nifti(path) or is_dicom(path):
-        for k in frames:
-            yield k, _read_medical(path, k)
+        yield from zip(frames, _read_medical(path, frames), strict=False)
         return
     try:
         # Pillow only warns between one and two times its limit; the limit is checked
@@ -453,7 +452,8 @@ def _reduce(image: Image.Image, factor: int) -> Image.Image:
     return image.reduce(factor)
 
 
-def _read_medical(path: Path, frame: int = 0) -> DecodedImage:
+def _read_medical(path: Path, frames: Sequence[int] = (0,)) -> Iterator[DecodedImage]:
+    """The frames of a DICOM (the file read once) or the one image of a 2-D NIfTI."""
     try:
         if is_nifti(path):
             volume = read_nifti(path)
@@ -463,17 +463,21 @@ def _read_medical(path: Path, frame: int = 0) -> DecodedImage:
                     "score volumes slice by slice: `scan`, `score`, or "
                     "anomalyvae.imaging.volumes.volume_slices",
                 )
-            raw, bits, mode = volume.data[0], volume.bit_depth, "NIfTI"
-            inverted = False
-        else:
-            raw, bits, inverted = read_dicom(path, frame)
-            mode = "DICOM"
+            yield _medical_image(path, volume.data[0], volume.bit_depth, "NIfTI", False)
+            return
+        for raw, bits, inverted in iter_dicom_frames(path, frames):
+            yield _medical_image(path, raw, bits, "DICOM", inverted)
     except FileNotFoundError as error:
         raise ImageReadError(path, "file not found", "check the path") from error
     except PermissionError as error:
         raise ImageReadError(path, "permission denied", "make the file readable") from error
     except MedicalReadError as error:
         raise ImageReadError(path, error.reason, error.fix) from error
+
+
+def _medical_image(
+    path: Path, raw: NDArray[np.float32], bits: int, mode: str, inverted: bool
+) -> DecodedImage:
     if raw.ndim == 2:
         raw = raw[:, :, None]
     if not np.isfinite(raw).all():

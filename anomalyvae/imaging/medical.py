@@ -10,6 +10,7 @@ results equal MONAI's.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,9 +84,12 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> DicomFrame:
     ``frame``: which frame of a multi-frame object (decoded alone); the first by default.
     The values keep their units; ``inverted`` says the file shows them dark-for-high,
     which the reader turns round after normalization (bright is bright in every file).
-
-    Returns (h, w) or (h, w, 3) float32 and the bits stored.
     """
+    return next(iter_dicom_frames(path, (frame,)))
+
+
+def iter_dicom_frames(path: str | os.PathLike[str], frames: Sequence[int]) -> Iterator[DicomFrame]:
+    """Each frame of ``frames`` as :func:`read_dicom` reads it, the file read once."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import pixel_array
@@ -100,31 +104,32 @@ def read_dicom(path: str | os.PathLike[str], frame: int = 0) -> DicomFrame:
         raise MedicalReadError(
             "DICOM file has no pixel data (e.g. a structured report)", "score image objects only"
         )
-    frames = _frame_count(dataset)
-    if not 0 <= frame < frames:
-        raise MedicalReadError(f"has no frame {frame} (it holds {frames})", "name a frame it has")
+    count = _frame_count(dataset)
     _check_frame_size(dataset)  # before a decoder allocates what the header claims
     syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
-    try:
-        pixels = pixel_array(dataset, index=frame) if frames > 1 else dataset.pixel_array
-    except Exception as error:  # pydicom names the plugin a compressed syntax needs
-        if syntax is not None and not syntax.is_compressed:  # no plugin to blame
-            raise MedicalReadError(
-                f"damaged DICOM pixel data ({error})", "check the file is complete"
-            ) from error
-        raise MedicalReadError(
-            f"cannot decode DICOM pixel data with transfer syntax {syntax}: {error}",
-            "install the decoder plugin named above (e.g. pip install pylibjpeg "
-            "pylibjpeg-libjpeg) or decompress the file",
-        ) from error
-    values = pixels.astype(np.float32)
     slope = float(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
-    values = values * slope + intercept
     inverted = str(getattr(dataset, "PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-    return DicomFrame(
-        values, int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8)), inverted
-    )
+    for frame in frames:
+        if not 0 <= frame < count:
+            raise MedicalReadError(
+                f"has no frame {frame} (it holds {count})", "name a frame it has"
+            )
+        try:
+            pixels = pixel_array(dataset, index=frame) if count > 1 else dataset.pixel_array
+        except Exception as error:  # pydicom names the plugin a compressed syntax needs
+            if syntax is not None and not syntax.is_compressed:  # no plugin to blame
+                raise MedicalReadError(
+                    f"damaged DICOM pixel data ({error})", "check the file is complete"
+                ) from error
+            raise MedicalReadError(
+                f"cannot decode DICOM pixel data with transfer syntax {syntax}: {error}",
+                "install the decoder plugin named above (e.g. pip install pylibjpeg "
+                "pylibjpeg-libjpeg) or decompress the file",
+            ) from error
+        values = pixels.astype(np.float32) * slope + intercept
+        bits = int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))
+        yield DicomFrame(values, bits, inverted)
 
 
 def _check_frame_size(dataset: Any) -> None:
