@@ -347,12 +347,13 @@ class BatchScorer:
         if self._wants_heatmap(volume["is_anomaly"]):
             k = int(out[worst]["slice"])
             name = Path("heatmaps") / heatmap_name(slice_name(job.relative, k))
-            if nifti:
-                pixels = normalize_intensity(read_slice(job.path, k)[..., None], "minmax")
-            else:
-                pixels = read_image(job.path, 512, frame=k).pixels
             save_heatmap(
-                job.path, self.output / name, worst_map, self.pixel_threshold, self.vmax, pixels
+                job.path,
+                self.output / name,
+                worst_map,
+                self.pixel_threshold,
+                self.vmax,
+                _part_picture(job.path, k),
             )
             volume["heatmap"] = out[worst]["heatmap"] = name.as_posix()
         return out
@@ -557,13 +558,18 @@ def _worst_part_input(
     Returns the model input (1, c, h, w) and the picture its heatmap is drawn on.
     """
     if is_nifti(path):
-        raw = read_slice(path, k)
         volume = VolumeInput(path, spec)  # the slice normalized with the volume's range
-        return preprocess(volume.plane(raw), spec)[None], normalize_intensity(
-            raw[..., None], "minmax"
-        )
-    _, image = next(load_frames(path, spec, [k]))
-    return image[None], read_image(path, 512, frame=k).pixels
+        inputs = preprocess(volume.plane(read_slice(path, k)), spec)[None]
+    else:
+        inputs = next(load_frames(path, spec, [k]))[1][None]
+    return inputs, _part_picture(path, k)
+
+
+def _part_picture(path: Path, k: int) -> NDArray[np.float32]:
+    """Slice or frame ``k`` of a volume or multi-frame file as a heatmap's background."""
+    if is_nifti(path):
+        return normalize_intensity(read_slice(path, k)[..., None], "minmax")
+    return read_image(path, 512, frame=k).pixels
 
 
 def _top_heatmaps(
