@@ -161,14 +161,14 @@ def to_file(image: np.ndarray, source: DecodedImage, spec: Preprocessing) -> np.
         spec.percentile_low,
         spec.percentile_high,
     )
-    if spec.turns(source) and source.raw is not None:  # model space is turned round
+    if spec.turns(source):  # model space is turned round
         values = 1.0 - values
     in_stored = low + values * (high - low)
     # the decoded pixels are a linear function of the stored values (falling for a
     # dark-for-high file); recover it
     s_low, s_high = float(stored.min()), float(stored.max())
     p_low, p_high = float(source.pixels.min()), float(source.pixels.max())
-    if source.inverted and source.raw is not None:
+    if source.inverted:
         p_low, p_high = p_high, p_low  # the pixel of the lowest stored value is the brightest
     slope = (p_high - p_low) / (s_high - s_low) if s_high > s_low else 0.0
     return np.clip(p_low + (in_stored - s_low) * slope, 0.0, 1.0).astype(np.float32)

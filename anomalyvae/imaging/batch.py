@@ -57,13 +57,14 @@ def read_images(
     errors: list[ImageReadError] = []
     for path in paths:
         try:
-            frames = content_frames(path) if volumes == "slices" else (0,)
             if volumes == "slices" and is_nifti(path):
                 stack = volume_slices(path, spec, skip_background=True)
-            elif len(frames) > 1:
-                stack = FrameInput(path, spec, frames).stack()
             else:
-                stack = load_image(path, spec)[None]
+                frames = content_frames(path) if volumes == "slices" else None
+                if frames is not None and len(frames) > 1:
+                    stack = FrameInput(path, spec, frames).stack()
+                else:  # one image; with volumes="error" a file of several is an error
+                    stack = load_image(path, spec, frames)[None]
         except ImageReadError as error:
             if on_error == "raise":
                 raise

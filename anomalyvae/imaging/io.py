@@ -606,7 +606,7 @@ def intensities(decoded: DecodedImage, spec: Preprocessing) -> NDArray[np.float3
         spec.percentile_low,
         spec.percentile_high,
     )
-    return 1.0 - scaled if spec.turns(decoded) and decoded.raw is not None else scaled
+    return 1.0 - scaled if spec.turns(decoded) else scaled
 
 
 def model_input(
@@ -633,13 +633,16 @@ def model_input(
     return preprocess(intensities(decoded, spec), spec)
 
 
-def load_image(path: str | os.PathLike[str], spec: Preprocessing) -> NDArray[np.float32]:
+def load_image(
+    path: str | os.PathLike[str], spec: Preprocessing, frames: Sequence[int] | None = None
+) -> NDArray[np.float32]:
     """Read and preprocess one file to (c, h, w) float32 in [0, 1].
 
     A file of several images (see :func:`content_frames`) is an error here: one score
     for it would speak for its first frame alone. :func:`load_frames` reads them all.
+    ``frames``: the file's :func:`content_frames`, when the caller has listed them.
     """
-    frames = content_frames(path)
+    frames = content_frames(path) if frames is None else frames
     if len(frames) > 1:
         raise ImageReadError(
             path,
