@@ -339,11 +339,32 @@ def pid_alive(pid: int) -> bool:
 MANIFEST = "scan.json"
 
 
+def _refuse_foreign_files(output: Path) -> None:
+    """Refuse an output folder that holds files of the user's own, not a scan.
+
+    The scan writes results.csv, report.html and heatmaps/ there; a folder of other files
+    (a parent of the input, a folder of earlier reports) would have them overwritten.
+    Hidden entries (the scan's lock, a desktop's index files) do not count.
+    """
+    if not output.is_dir():
+        return
+    foreign = sorted(entry.name for entry in output.iterdir() if not entry.name.startswith("."))
+    if foreign:
+        shown = ", ".join(f"'{name}'" for name in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ScanOutputError(
+            f"'{output}' already holds files that are not a scan ({shown}{more}): the scan "
+            "would write its table, report and heatmaps among them; write to a new or empty "
+            "folder with -o"
+        )
+
+
 def claim_output(output: Path, folder: Path, extend: bool = False) -> None:
     """Record which input folder ``output`` holds, or refuse a second one.
 
     An output folder never mixes two inputs silently: files of the same names in
-    another folder would otherwise pass as "already done".
+    another folder would otherwise pass as "already done". A folder that holds other
+    files and no scan is refused: nothing of the user's is overwritten.
     """
     root = os.path.realpath(folder)
     manifest = output / MANIFEST
@@ -355,6 +376,8 @@ def claim_output(output: Path, folder: Path, extend: bool = False) -> None:
             roots = []
     elif (output / "parts").is_dir() and any((output / "parts").glob("part-*.parquet")):
         roots = []  # a scan from before the manifest: adopt it
+    else:
+        _refuse_foreign_files(output)
     if roots and root not in roots:
         if not extend:
             raise ScanOutputError(

@@ -455,6 +455,12 @@ def _scan_unlocked(
     detector = OnnxDetector(model, device=config.device, batch_size=config.batch_size)
     config = dataclasses.replace(config, batch_size=detector.batch_size)  # auto resolved
     threshold = detector.threshold if config.threshold is None else float(config.threshold)
+    if os.path.realpath(output) == os.path.realpath(folder):
+        raise ScanOutputError(
+            f"the output folder is the input folder '{folder}': the scan's table, report and "
+            f"heatmaps would sit among the images; write them elsewhere with -o (e.g. "
+            f"'{folder.name}-scan' beside it)"
+        )
     # an earlier scan's output inside the input (marked by its manifest) is not input
     earlier_outputs: list[Path] = []
     paths = walk_images(

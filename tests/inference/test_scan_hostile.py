@@ -70,6 +70,33 @@ def test_another_folder_with_the_same_names_is_refused_then_extended(
     assert extended.n_anomalies == fresh.n_anomalies
 
 
+def test_the_input_folder_as_output_is_refused_with_the_fix(onnx_model, synthetic_root, tmp_path):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=2)
+    for good in goods:
+        shutil.copy(good, tmp_path / "in" / good.name)
+    before = sorted(os.listdir(tmp_path / "in"))
+    with pytest.raises(ScanOutputError, match="output folder is the input folder.*-o"):
+        scan(onnx_model, tmp_path / "in", tmp_path / "in", progress=False)
+    assert sorted(os.listdir(tmp_path / "in")) == before  # nothing written there
+
+
+def test_a_folder_of_other_files_is_not_overwritten(onnx_model, synthetic_root, tmp_path):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "data" / "line3", n=2)
+    for good in goods:
+        shutil.copy(good, tmp_path / "data" / "line3" / good.name)
+    (tmp_path / "data" / "results.csv").write_text("the user's own table\n")
+    with pytest.raises(ScanOutputError, match="not a scan.*'line3', 'results.csv'.*new or empty"):
+        scan(onnx_model, tmp_path / "data" / "line3", tmp_path / "data", progress=False)
+    assert (tmp_path / "data" / "results.csv").read_text() == "the user's own table\n"
+    assert sorted(os.listdir(tmp_path / "data")) == ["line3", "results.csv"]
+    # hidden entries (a desktop's index file) do not count; a scan's own folder resumes
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".DS_Store").write_bytes(b"")
+    first = scan(onnx_model, tmp_path / "data" / "line3", tmp_path / "out", progress=False)
+    again = scan(onnx_model, tmp_path / "data" / "line3", tmp_path / "out", progress=False)
+    assert again.n_skipped_done == first.n_files == 2
+
+
 def test_a_file_replaced_in_place_is_scored_again(onnx_model, synthetic_root, tmp_path):
     defects, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
     target = tmp_path / "in" / "a.bmp"  # uncompressed: both versions have the same size
