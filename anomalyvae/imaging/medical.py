@@ -97,8 +97,11 @@ def iter_dicom_frames(path: str | os.PathLike[str], frames: Sequence[int]) -> It
     try:
         dataset = pydicom.dcmread(path)
     except InvalidDicomError as error:
+        # pydicom's message tells a programmer to pass force=True: not a fix for a user
         raise MedicalReadError(
-            f"not a valid DICOM file ({error})", "check the file is complete"
+            "not a valid DICOM file (no DICOM file header, or the file is damaged)",
+            "check the file is complete; an old headerless (ACR-NEMA) file needs converting "
+            "to DICOM first, e.g. with DCMTK's dcmconv",
         ) from error
     if not any(key in dataset for key in PIXEL_DATA_KEYWORDS):
         raise MedicalReadError(
@@ -124,8 +127,10 @@ def iter_dicom_frames(path: str | os.PathLike[str], frames: Sequence[int]) -> It
                 ) from error
             raise MedicalReadError(
                 f"cannot decode DICOM pixel data with transfer syntax {syntax}: {error}",
-                "install the decoder plugin named above (e.g. pip install pylibjpeg "
-                "pylibjpeg-libjpeg) or decompress the file",
+                "decompress the file (e.g. DCMTK's dcmdjpeg), or install a decoder for "
+                "it: python-gdcm, installed with anomalyvae, reads JPEG Lossless, JPEG-LS "
+                "and JPEG 2000; 12-bit JPEG Extended needs pip install pylibjpeg "
+                "pylibjpeg-libjpeg (GPL)",
             ) from error
         values = pixels.astype(np.float32) * slope + intercept
         bits = int(getattr(dataset, "BitsStored", pixels.dtype.itemsize * 8))

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 
 from anomalyvae.imaging.files import find_images
 from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image, read_image
-from anomalyvae.imaging.medical import normalize_intensity
+from anomalyvae.imaging.medical import normalize_intensity, read_dicom
 from anomalyvae.imaging.volumes import read_volume
 
 
@@ -65,6 +65,30 @@ def test_unusable_dicom_gives_a_clear_error(name, message):
     with pytest.raises(ImageReadError, match=message) as info:
         read_image(_testdata(name))
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("compressed", "reference"),
+    [
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),  # JPEG 2000
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm"),  # JPEG Lossless, process 14
+    ],
+)
+def test_lossless_compressed_dicom_reads_as_its_uncompressed_copy(compressed, reference):
+    # the syntaxes hospital archives store; their decoder is installed with the product
+    read = read_dicom(_testdata(compressed))
+    expected = read_dicom(_testdata(reference))
+    np.testing.assert_array_equal(read.values, expected.values)
+    assert read.bits == expected.bits
+
+
+def test_an_invalid_dicom_error_speaks_of_the_file_not_of_pydicom(tmp_path):
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"\x00" * 64 + b"not a DICOM dataset")
+    with pytest.raises(ImageReadError, match="not a valid DICOM file") as info:
+        read_image(path)
+    assert "force" not in str(info.value)
 
 
 def _nifti(path, data, affine=None):
