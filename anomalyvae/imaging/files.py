@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,7 @@ def walk_images(
     skip: Sequence[str | os.PathLike[str]] = (),
     skip_marked: str | None = None,
     skipped: list[Path] | None = None,
+    others: Counter[str] | None = None,
 ) -> list[Path]:
     """Image files under ``root`` in walk order (sorted within each folder): the one walker.
 
@@ -78,7 +80,10 @@ def walk_images(
     path relative to ``root``. With ".dcm" among the extensions, extensionless regular
     files with the DICOM preamble are found too. A folder below ``root`` that holds a
     file named ``skip_marked`` (a scan's own output, marked by its manifest) is not
-    entered either; each such folder is appended to ``skipped`` when given.
+    entered either; each such folder is appended to ``skipped`` when given. ``others``,
+    when given, counts the other files in scope (not hidden, through ``include`` and
+    ``exclude``) by suffix ("" for none): images of a type not read would otherwise go
+    unscored without a word.
     """
     root = Path(root)
     if not root.is_dir():
@@ -100,14 +105,20 @@ def walk_images(
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if name.startswith(".") or not has_image_name(path, wanted):
+            if name.startswith("."):
+                continue
+            is_image = has_image_name(path, wanted)
+            if not is_image and others is None:
                 continue
             relative = display_path(path.relative_to(root))
             if include and not any(fnmatch.fnmatch(relative, p) for p in include):
                 continue
             if any(fnmatch.fnmatch(relative, p) for p in exclude):
                 continue
-            found.append(path)
+            if is_image:
+                found.append(path)
+            elif others is not None:
+                others[display_path(path.suffix.lower())] += 1
     return found
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from stat import S_ISFIFO, S_ISREG
@@ -44,6 +44,25 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for path in map(Path, paths):
         out.extend(walk_images(path, SCAN_EXTENSIONS) if path.is_dir() else [path])
     return out
+
+
+def describe_others(others: Mapping[str, int]) -> str:
+    """``{".txt": 2, "": 1}`` as "3 files of other types (2 .txt, 1 without a suffix)"."""
+    total = sum(others.values())
+    kinds = sorted(others.items(), key=lambda item: (-item[1], item[0]))
+    shown = [f"{n} {suffix or 'without a suffix'}" for suffix, n in kinds[:5]]
+    if len(kinds) > 5:
+        shown.append(f"{sum(n for _, n in kinds[5:])} of {len(kinds) - 5} more types")
+    return f"{total} {'file' if total == 1 else 'files'} of other types ({', '.join(shown)})"
+
+
+def not_scanned_note(others: Mapping[str, int]) -> str:
+    """The line that says which files under the folder the scan did not read."""
+    return (
+        f"Not scanned: {describe_others(others)}. The scan reads "
+        f"{', '.join(SCAN_EXTENSIONS)} and extensionless DICOM; convert images of another "
+        "type to one of these, or --exclude what is not an image to silence this."
+    )
 
 
 class Decoded(NamedTuple):

@@ -22,6 +22,7 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_write_text
 from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.inference.contract import describe_fusion, promised_fpr
+from anomalyvae.inference.decoding import not_scanned_note
 from anomalyvae.inference.records import file_rows
 from anomalyvae.version import __version__
 
@@ -66,6 +67,7 @@ TEMPLATE = """<!doctype html>
 {% if s.n_errors %}<p class="bad">{{ s.n_errors }}
  {{ "file" if s.n_errors == 1 else "files" }} could not be scored: see
  <a href="#unreadable">Unreadable files</a>.</p>{% endif %}
+{% if not_scanned %}<p class="sub">{{ not_scanned }}</p>{% endif %}
 {% if calibration_note %}<p class="sub">{{ calibration_note }}</p>{% endif %}
 <h2>Score distribution</h2>
 {% if histogram %}
@@ -295,6 +297,9 @@ def write_report(
             model_card=_model_card(summary.get("model", {})),
             drift_warnings=(summary.get("drift") or {}).get("warnings", []),
             calibration_note=calibration_note(summary.get("model", {})),
+            not_scanned=not_scanned_note(summary["other_files"])
+            if summary.get("other_files")
+            else "",
         )
     )
     atomic_write_text(path, rendered)

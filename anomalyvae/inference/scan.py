@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import (
-    IMAGE_EXTENSIONS,
     atomic_write_bytes,
     display_path,
     walk_images,
@@ -44,7 +44,13 @@ from anomalyvae.imaging.volumes import (
     write_volume_map,
 )
 from anomalyvae.inference.contract import check_threshold
-from anomalyvae.inference.decoding import SCAN_EXTENSIONS, Decoded, decode_stream
+from anomalyvae.inference.decoding import (
+    SCAN_EXTENSIONS,
+    Decoded,
+    decode_stream,
+    describe_others,
+    not_scanned_note,
+)
 from anomalyvae.inference.heatmaps import heatmap_name, output_name, save_heatmap, save_map
 from anomalyvae.inference.records import (
     MANIFEST,
@@ -204,6 +210,9 @@ class ScanSummary(NamedTuple):
             f"Skipped '{earlier}': an earlier scan's output, not input"
             for earlier in self.summary.get("skipped_scan_outputs", [])
         ]
+        others = self.summary.get("other_files") or {}
+        if others:
+            warnings.append(not_scanned_note(others))
         return out, warnings
 
 
@@ -463,6 +472,7 @@ def _scan_unlocked(
         )
     # an earlier scan's output inside the input (marked by its manifest) is not input
     earlier_outputs: list[Path] = []
+    others: Counter[str] = Counter()
     paths = walk_images(
         folder,
         SCAN_EXTENSIONS,
@@ -471,11 +481,13 @@ def _scan_unlocked(
         skip=[output],
         skip_marked=MANIFEST,
         skipped=earlier_outputs,
+        others=others,
     )
     if not paths:
+        found = f"; it holds {describe_others(others)}" if others else ""
         raise ScanOutputError(
-            f"no image files under '{folder}' (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-            "DICOM and NIfTI, minus --exclude); nothing was written"
+            f"no image files under '{folder}' (looked for {', '.join(SCAN_EXTENSIONS)}, "
+            f"minus --exclude{found}); nothing was written"
         )
     parts_dir = output / "parts"
     claim_output(output, folder, config.extend)
@@ -514,6 +526,7 @@ def _scan_unlocked(
     atomic_frame(table, output / "results.csv", "csv")
     summary = summarize(table, detector.metadata, len(todo), scan_seconds, config)
     summary["skipped_scan_outputs"] = [display_path(p.relative_to(folder)) for p in earlier_outputs]
+    summary["other_files"] = dict(sorted(others.items(), key=lambda item: (-item[1], item[0])))
     summary["engine"] = engine_info
     atomic_write_bytes(output / "summary.json", json.dumps(summary, indent=2).encode())
 

@@ -97,6 +97,33 @@ def test_a_folder_of_other_files_is_not_overwritten(onnx_model, synthetic_root, 
     assert again.n_skipped_done == first.n_files == 2
 
 
+def test_files_of_other_types_are_named_not_passed_over_silently(
+    onnx_model, synthetic_root, tmp_path
+):
+    _, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
+    shutil.copy(goods[0], tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "sub").mkdir()
+    for name in ("b.heic", "c.HEIC", "d.jp2", "labels.csv", ".DS_Store"):
+        (tmp_path / "in" / "sub" / name).write_bytes(b"not read")
+    result = scan(onnx_model, tmp_path / "in", tmp_path / "out", progress=False)
+    assert result.summary["other_files"] == {".heic": 2, ".csv": 1, ".jp2": 1}
+    note = result.describe()[1][-1]
+    assert note.startswith("Not scanned: 4 files of other types (2 .heic, 1 .csv, 1 .jp2)")
+    assert note in (tmp_path / "out" / "report.html").read_text().replace("&#39;", "'")
+    excluded = scan(
+        onnx_model,
+        tmp_path / "in",
+        tmp_path / "out2",
+        ScanConfig(exclude=("*.csv", "*.heic", "*.HEIC", "*.jp2")),
+        progress=False,
+    )
+    assert excluded.summary["other_files"] == {}
+    assert not any(line.startswith("Not scanned") for line in excluded.describe()[1])
+    (tmp_path / "in" / "a.png").unlink()
+    with pytest.raises(ScanOutputError, match=r"holds 4 files of other types \(2 .heic"):
+        scan(onnx_model, tmp_path / "in", tmp_path / "out3", progress=False)
+
+
 def test_a_file_replaced_in_place_is_scored_again(onnx_model, synthetic_root, tmp_path):
     defects, goods = _defects_and_goods(synthetic_root, tmp_path / "in", n=1)
     target = tmp_path / "in" / "a.bmp"  # uncompressed: both versions have the same size
