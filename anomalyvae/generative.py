@@ -74,10 +74,9 @@ def sample_to(
 
     With ``interpolate_between`` (two image paths), also a latent interpolation strip.
     """
-    from tqdm.auto import tqdm
-
     from anomalyvae.imaging.io import load_image
     from anomalyvae.models.generate import interpolate, sample
+    from anomalyvae.progress import progress_bar
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     output_dir = Path(output_dir)
@@ -85,7 +84,7 @@ def sample_to(
     written = [
         _save_png(image, output_dir / f"sample_{i:04d}.png")
         for i, image in enumerate(
-            tqdm(images, desc="writing samples", unit="image", disable=not progress)
+            progress_bar(images, desc="writing samples", unit="image", disable=not progress)
         )
     ]
     written.append(_save_png(grid(images), output_dir / "grid.png"))
@@ -110,15 +109,14 @@ def denoise_files(
     :func:`to_file`); the VAE works at model size, so fine detail beyond it is lost. A
     file that cannot be read is skipped with a warning naming it; the others are written.
     """
-    from tqdm.auto import tqdm
-
     from anomalyvae.models.generate import denoise
+    from anomalyvae.progress import progress_bar
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     model, spec = pixel_model(detector), detector.preprocessing_
     names = unique_names(list(paths), "_denoised.png")
     written = []
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(paths), batch_size), desc="denoising", unit="batch", disable=not progress
     ):
         decoded, kept = [], []
@@ -241,12 +239,11 @@ def embed_folder(
     ``logvar_0..``. ``neighbours_of`` adds ``distance`` to that image (Euclidean in
     the latent means) and returns the table sorted by it.
     """
-    from tqdm.auto import tqdm
-
     from anomalyvae.imaging.batch import read_images
     from anomalyvae.imaging.files import display_path, find_images
     from anomalyvae.imaging.io import load_image
     from anomalyvae.models.generate import Embedding, embed
+    from anomalyvae.progress import progress_bar
 
     detector = VAEAnomalyDetector.load(checkpoint, progress=False)
     folder = Path(folder)
@@ -256,7 +253,7 @@ def embed_folder(
     model = pixel_model(detector)
     kept, mu, logvar = [], [], []
     chunk = 64
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(paths), chunk), desc="embedding", unit="batch", disable=not progress
     ):
         images, read, _ = read_images(

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import (
@@ -66,6 +65,7 @@ from anomalyvae.inference.records import (
 )
 from anomalyvae.inference.runtime import OnnxDetector
 from anomalyvae.inference.summary import summarize
+from anomalyvae.progress import progress_bar
 
 #: A scan engine: ``engine(model_path, scorer, todo, writer, bar) -> info`` scores every
 #: job of ``todo`` with ``scorer`` and hands the rows to ``writer``; ``info`` (a dict)
@@ -496,7 +496,7 @@ def _scan_unlocked(
     n_done = len(paths) - len(todo)
     writer = PartWriter(parts_dir, config.chunk_rows, config.flush_s)
     scorer = BatchScorer(detector, output, config, threshold)
-    bar = tqdm(
+    bar = progress_bar(
         total=len(todo),
         desc="scanning",
         unit="img",

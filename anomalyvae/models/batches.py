@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.maps import MapStats, ScoringConfig
 from anomalyvae.models.scoring import score_batch
+from anomalyvae.progress import progress_bar
 
 
 def score_images(
@@ -37,7 +37,7 @@ def score_images(
     model.to(device).eval()
     maps, scores, views = [], [], []
     starts = range(0, len(images), batch_size)
-    bar = tqdm(
+    bar = progress_bar(
         starts,
         desc="scoring",
         unit="batch",

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import coreset_indices, knn_view
 from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
 from anomalyvae.models.feature_vae import FeatureVAE, location_loss
 from anomalyvae.models.fusion import VIEW_NAMES
+from anomalyvae.progress import progress_bar
 
 
 class FeatureTrainResult(NamedTuple):
@@ -48,7 +48,7 @@ def extract_features(
     """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
     out = None  # filled in place: a list joined by torch.cat held the features twice
     with torch.no_grad():
-        for start in tqdm(
+        for start in progress_bar(
             range(0, len(images), batch_size),
             desc="features",
             unit="batch",
@@ -411,7 +411,7 @@ def train_feature_vae(
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = []
     stopped_reason = "max_epochs"
-    bar = tqdm(
+    bar = progress_bar(
         range(1, epochs + 1), desc="training", unit="epoch", disable=not progress, file=sys.stderr
     )
     for epoch in bar:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.vae import ConvVAE, gaussian_nll
+from anomalyvae.progress import progress_bar
 
 MAX_SAMPLES = 10_000
 INPAINT_METHODS = ("clamp", "optimize")
@@ -180,7 +180,7 @@ def inpaint(
     fill = (x * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)
     current = x * known + fill * hole
     model.eval()
-    steps = tqdm(range(iterations), desc="inpainting", unit="step", disable=not progress)
+    steps = progress_bar(range(iterations), desc="inpainting", unit="step", disable=not progress)
     if method == "clamp":
         with torch.no_grad():
             for _ in steps:

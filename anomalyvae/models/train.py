@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from tqdm.auto import tqdm
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from anomalyvae.models.vae import ConvVAE, VAEConfig, vae_loss
+from anomalyvae.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -353,7 +353,7 @@ def train_vae(
 
     started = time.monotonic()
     stopped_reason = "max_epochs"
-    bar = tqdm(
+    bar = progress_bar(
         range(start_epoch, train_config.epochs + 1),
         desc="training",
         unit="epoch",
