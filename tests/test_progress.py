@@ -26,4 +26,3 @@ def test_a_bar_in_a_log_updates_every_30_s_and_in_a_terminal_as_tqdm_does(stream
     if interval == LOG_INTERVAL_S:  # the first draw and the last, not a thousand
         assert stream.getvalue().count("scanning") <= 3
     assert "1000/1000" in stream.getvalue()
-
