@@ -32,11 +32,12 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("pneumonia/run.py", []),
         ("scale/bench.py", []),
         ("cuda/bench.py", ["README.md", "results.json"]),
+        ("budget/run.py", ["README.md", "results.json", "seconds.png"]),
     ],
 )
 def test_pipeline_smoke_mode(script, outputs, tmp_path):
     args = [sys.executable, str(PIPELINES / script), "--smoke"]
-    if script.startswith(("suite", "cuda")):
+    if script.startswith(("suite", "cuda", "budget")):
         args += ["--out", str(tmp_path / "report")]
     if script in (
         "suite/drift.py",
@@ -67,6 +68,14 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    for name in outputs if script == "budget/run.py" else []:
+        assert (tmp_path / "report" / name).is_file(), name
+    if script == "budget/run.py":  # both commands ran, timed, with their peak memory
+        results = json.loads((tmp_path / "report" / "results.json").read_text())
+        assert all(
+            results[c]["seconds"] > 0 and results[c]["peak_mb"] > 0 for c in ("train", "evaluate")
+        )
+        assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
     if script == "cuda/bench.py":
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert results["evaluation"]["image_auroc"] is not None

@@ -1,0 +1,247 @@
+"""The default commands' time and memory on a large colour set: train, then evaluate.
+
+    python pipelines/budget/run.py            # 481 normals + 400 test images, 1130 x 460 RGB
+    python pipelines/budget/run.py --smoke    # a few small images (CI)
+
+The product promises that `anomalyvae train DIR -o model.pt --time-budget 900` (training
+and calibration, the whole command) ends within 15 minutes on 2 cores, and that
+`anomalyvae evaluate` of 400 images of 1130 x 460 px takes at most 3 minutes. This
+pipeline measures both on data shaped like the held-out ball-screw photos those limits
+were set for (RGB, 1130 x 460, 481 normals, pits of about 0.25 % of the image): a
+synthetic brushed-metal texture, tinted, with small dark pits and their masks. Each
+command runs in a fresh process, as a user runs it; its wall time and peak resident
+memory (VmHWM) are recorded, with numpy's matmul peak of the same run. The synthetic
+set's AUROC is printed for completeness, not as evidence of detection quality (the
+suite measures that on real sets).
+
+Writes reports/budget/{README.md,results.json,seconds.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+from common import machine, matmul_peak, write_json  # noqa: E402
+
+from anomalyvae.data import synthetic_texture  # noqa: E402
+from anomalyvae.version import __version__  # noqa: E402
+
+#: The limits the product promises (seconds): train's whole command, evaluate of 400
+#: images of 1130 x 460.
+TRAIN_LIMIT_S = 900.0
+EVALUATE_LIMIT_S = 180.0
+
+#: Runs the CLI in this interpreter and prints the process's peak resident memory at
+#: exit (VmHWM: from exec on; the CLI ends with sys.exit, so atexit prints it).
+_CLI_WITH_PEAK = """
+import atexit, sys
+def _peak():
+    with open('/proc/self/status') as status:
+        kb = [l for l in status if l.startswith('VmHWM')][0].split()[1]
+    print('PEAK_KB', kb, flush=True)
+atexit.register(_peak)
+from anomalyvae.cli import main
+main(sys.argv[1:], prog_name='anomalyvae')
+"""
+
+
+def part_image(rng: np.random.Generator, height: int, width: int, tint: np.ndarray) -> np.ndarray:
+    """A tinted brushed-metal texture (height, width, 3) in [0, 1]."""
+    side = max(height, width)
+    grey = synthetic_texture(rng, side)[:height, :width]
+    return np.clip(grey[..., None] * tint[None, None, :], 0.0, 1.0)
+
+
+def add_pit(rng: np.random.Generator, image: np.ndarray, area: float) -> np.ndarray:
+    """Darken one round pit covering ``area`` of the image; return its mask."""
+    height, width = image.shape[:2]
+    radius = np.sqrt(area * height * width / np.pi)
+    cy = rng.uniform(radius, height - radius)
+    cx = rng.uniform(radius, width - radius)
+    yy, xx = np.mgrid[0:height, 0:width]
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    image[mask] *= 0.35
+    return mask
+
+
+def write_set(
+    root: Path, n_train: int, n_good: int, n_defect: int, height: int, width: int, seed: int = 0
+) -> Path:
+    """An MVTec-style folder: train/good, test/good, test/pit and ground_truth/pit."""
+    rng = np.random.default_rng(seed)
+    tint = np.array([1.0, 0.93, 0.82])  # a warm steel; each part's lighting varies a little
+
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+    def part() -> np.ndarray:
+        return part_image(rng, height, width, tint * rng.uniform(0.95, 1.05, 3))
+
+    for i in range(n_train):
+        save(part(), root / "train" / "good" / f"{i:04d}.png")
+    for i in range(n_good):
+        save(part(), root / "test" / "good" / f"{i:04d}.png")
+    for i in range(n_defect):
+        image = part()
+        mask = add_pit(rng, image, area=0.0025)
+        save(image, root / "test" / "pit" / f"{i:04d}.png")
+        save(mask.astype(np.float32), root / "ground_truth" / "pit" / f"{i:04d}_mask.png")
+    return root
+
+
+def run_cli(*args: str) -> dict:
+    """``anomalyvae ARGS`` in a fresh interpreter: wall seconds and peak memory (MB)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI_WITH_PEAK, *args], capture_output=True, text=True
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"anomalyvae {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    peak = [line for line in done.stdout.splitlines() if line.startswith("PEAK_KB")]
+    return {
+        "seconds": round(seconds, 1),
+        "peak_mb": round(int(peak[-1].split()[1]) / 1024, 1),
+        "stdout": [line for line in done.stdout.splitlines() if not line.startswith("PEAK_KB")],
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["train (whole command)", "evaluate"]
+    seconds = [results["train"]["seconds"], results["evaluate"]["seconds"]]
+    limits = [results["limits_s"]["train"], results["limits_s"]["evaluate"]]
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.barh(names, seconds, color="#4a78b5", label="measured")
+    ax.scatter(limits, names, marker="|", s=400, color="#b00020", label="limit", zorder=3)
+    ax.set_xlabel("seconds")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, out: Path) -> None:
+    data = results["data"]
+    train, evaluate = results["train"], results["evaluate"]
+    rows = [
+        ("`train` (training + calibration)", train, results["limits_s"]["train"]),
+        (f"`evaluate` ({data['n_test']} images)", evaluate, results["limits_s"]["evaluate"]),
+    ]
+    table = ["| command | seconds | limit | within | peak memory MB |", "|---|---|---|---|---|"]
+    for name, run, limit in rows:
+        within = "yes" if run["seconds"] <= limit else "**no**"
+        table.append(
+            f"| {name} | {run['seconds']:.0f} | {limit:.0f} | {within} | {run['peak_mb']:.0f} |"
+        )
+    metrics = results["metrics"]
+    text = f"""# The default commands on a large colour set: time and memory
+
+Produced by `python pipelines/budget/run.py`; every number comes from that run
+({results["date"]}, anomalyvae {results["version"]}).
+Machine: {results["machine"]}. Dense float32 matmul peak measured in the same run (numpy,
+2048²): **{results["matmul_gflops"]:.0f} GFLOP/s**.
+
+Data: synthetic, shaped like the held-out ball-screw photos the limits were set for:
+{data["n_train"]} normal training images and {data["n_test"]} test images
+({data["n_defect"]} with a dark pit of 0.25 % of the image, masks included), RGB,
+{data["width"]} x {data["height"]} px PNG. Each command runs in a fresh process as a
+user runs it (`anomalyvae train DATA -o model.pt --time-budget {data["time_budget"]:.0f}`,
+then `anomalyvae evaluate model.pt DATA -o evaluation`); peak memory is the process's VmHWM.
+
+{chr(10).join(table)}
+
+![seconds against the limits](seconds.png)
+
+What `train` printed: {" / ".join(train["stdout"][:2])}
+
+Evaluate's metrics on this synthetic set (not evidence of detection quality; the suite
+measures that on real sets): image AUROC {metrics["image_auroc"]:.3f}, pixel AUROC
+{metrics["pixel_auroc"]:.3f}, AUPRO {metrics["aupro"]:.3f}; at the calibrated threshold,
+recall {metrics["recall"]:.2f} and false-positive rate {metrics["fpr"]:.3f}.
+"""
+    (out / "README.md").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="a few small images (CI)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="[reports/budget; a smoke run: a scratch folder]"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (kept)")
+    args = parser.parse_args()
+    if args.smoke:
+        shape = {"n_train": 12, "n_good": 4, "n_defect": 4, "height": 100, "width": 160}
+        budget = 60.0
+    else:
+        shape = {"n_train": 481, "n_good": 200, "n_defect": 200, "height": 460, "width": 1130}
+        budget = TRAIN_LIMIT_S
+    work = args.work or Path(tempfile.mkdtemp(prefix="anomalyvae-budget-"))
+    if args.out is None:  # a smoke run's numbers are meaningless: never over the report
+        args.out = work / "report" if args.smoke else ROOT / "reports" / "budget"
+    try:
+        data = write_set(work / "data", **shape)
+        results = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "version": __version__,
+            "machine": machine(),
+            "matmul_gflops": round(matmul_peak(), 1),
+            "smoke": args.smoke,
+            "data": {
+                "n_train": shape["n_train"],
+                "n_test": shape["n_good"] + shape["n_defect"],
+                "n_defect": shape["n_defect"],
+                "height": shape["height"],
+                "width": shape["width"],
+                "time_budget": budget,
+            },
+            "limits_s": {"train": budget, "evaluate": EVALUATE_LIMIT_S},
+        }
+        model = work / "model.pt"
+        print(f"training on {shape['n_train']} images ...", flush=True)
+        results["train"] = run_cli(
+            "train", str(data), "-o", str(model), "--time-budget", str(budget), "--silent"
+        )
+        print(f"train: {results['train']['seconds']:.0f} s", flush=True)
+        evaluation = work / "evaluation"
+        results["evaluate"] = run_cli(
+            "evaluate", str(model), str(data), "-o", str(evaluation), "--silent"
+        )
+        print(f"evaluate: {results['evaluate']['seconds']:.0f} s", flush=True)
+        overall = json.loads((evaluation / "metrics.json").read_text())["metrics"]["overall"]
+        keys = ("image_auroc", "pixel_auroc", "aupro", "recall", "fpr")
+        results["metrics"] = {key: overall.get(key) for key in keys}
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "results.json", results)
+        plot(results, args.out / "seconds.png")
+        report(results, args.out)
+        if args.smoke:
+            print("smoke run: numbers are meaningless", flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
