@@ -350,7 +350,7 @@ def _refuse_foreign_files(output: Path) -> None:
         return
     foreign = sorted(entry.name for entry in output.iterdir() if not entry.name.startswith("."))
     if foreign:
-        shown = ", ".join(f"'{name}'" for name in foreign[:3])
+        shown = ", ".join(f"'{display_path(name)}'" for name in foreign[:3])
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise ScanOutputError(
             f"'{output}' already holds files that are not a scan ({shown}{more}): the scan "
