@@ -18,14 +18,9 @@ from PIL import Image
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import IMAGE_EXTENSIONS, find_images
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    Preprocessing,
-    is_grayscale,
-    preprocess,
-    read_image,
-)
+from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.preprocessing import Preprocessing, is_grayscale, preprocess
 from anomalyvae.imaging.volumes import read_volume
 
 NORMAL_TYPE = "good"

@@ -61,7 +61,8 @@ class VAEAnomalyDetector:
         By default 3 only when the training images carry colour.
     normalization, window_center, window_width, percentile_low, percentile_high
         Intensity normalization of stored values (medical images): "none",
-        "minmax", "percentile" or "window"; see :class:`anomalyvae.imaging.io.Preprocessing`.
+        "minmax", "percentile" or "window"; see
+        :class:`anomalyvae.imaging.preprocessing.Preprocessing`.
     hidden_channels : tuple of int
         Pixel model: encoder channels per stage (each stage halves the resolution).
     latent_dim : int

@@ -23,15 +23,9 @@ from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import atomic_write_text, display_path
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    MaskError,
-    Preprocessing,
-    content_frames,
-    read_image,
-    read_mask,
-)
+from anomalyvae.imaging.io import ImageReadError, content_frames, read_image
 from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.preprocessing import MaskError, Preprocessing, read_mask
 from anomalyvae.imaging.volumes import (
     VolumeInput,
     read_volume,

@@ -18,19 +18,16 @@ import pandas as pd
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.files import atomic_path
-from anomalyvae.imaging.io import (
-    DecodedImage,
-    ImageReadError,
+from anomalyvae.imaging.io import DecodedImage, ImageReadError, read_image, write_png
+from anomalyvae.imaging.medical import intensity_range
+from anomalyvae.imaging.preprocessing import (
     Preprocessing,
     intensities,
     preprocess,
-    read_image,
     read_mask,
     resize,
     to_channels,
-    write_png,
 )
-from anomalyvae.imaging.medical import intensity_range
 
 
 def pixel_model(detector: VAEAnomalyDetector) -> Any:
@@ -74,7 +71,7 @@ def sample_to(
 
     With ``interpolate_between`` (two image paths), also a latent interpolation strip.
     """
-    from anomalyvae.imaging.io import load_image
+    from anomalyvae.imaging.preprocessing import load_image
     from anomalyvae.models.generate import interpolate, sample
     from anomalyvae.progress import progress_bar
 
@@ -241,7 +238,7 @@ def embed_folder(
     """
     from anomalyvae.imaging.batch import read_images
     from anomalyvae.imaging.files import display_path, find_images
-    from anomalyvae.imaging.io import load_image
+    from anomalyvae.imaging.preprocessing import load_image
     from anomalyvae.models.generate import Embedding, embed
     from anomalyvae.progress import progress_bar
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from anomalyvae import calibration as cal
-from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from anomalyvae.models.families import get_family
 from anomalyvae.models.maps import MapStats, ScoringConfig

@@ -16,7 +16,8 @@ from anomalyvae.data import (
     mvtec_samples,
     split_file_samples,
 )
-from anomalyvae.imaging.io import read_image, read_mask
+from anomalyvae.imaging.io import read_image
+from anomalyvae.imaging.preprocessing import read_mask
 
 
 def test_synthetic_dataset_layout_and_exact_masks(tmp_path):

@@ -220,7 +220,7 @@ def test_auto_score_kind(args, expected):
 
 
 def test_feature_family_resolves_auto_to_the_fused_score():
-    from anomalyvae.imaging.io import Preprocessing
+    from anomalyvae.imaging.preprocessing import Preprocessing
     from anomalyvae.models.families import get_family
 
     scoring = get_family("feature").resolve_scoring(VAEAnomalyDetector(), Preprocessing(3, 96, 96))

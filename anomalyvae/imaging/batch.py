@@ -1,9 +1,9 @@
 """Many files to one model-ready array: the loader of training, calibration and scoring.
 
 Its own module so that imports flow one way: it reads 2-D files through
-:mod:`anomalyvae.imaging.io`, NIfTI volumes slice by slice through
+:mod:`anomalyvae.imaging.preprocessing`, NIfTI volumes slice by slice through
 :mod:`anomalyvae.imaging.volumes` and multi-frame files frame by frame through
-:mod:`anomalyvae.imaging.frames`, which themselves build on ``io``.
+:mod:`anomalyvae.imaging.frames`, which themselves build on ``io`` and ``preprocessing``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from numpy.typing import NDArray
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import ImageReadError, Preprocessing, content_frames, load_image
+from anomalyvae.imaging.io import ImageReadError, content_frames
 from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.preprocessing import Preprocessing, load_image
 from anomalyvae.imaging.volumes import volume_slices
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyvae.imaging.io import Preprocessing, load_frames
+from anomalyvae.imaging.preprocessing import Preprocessing, load_frames
 
 
 class FrameInput:

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import resize
+from anomalyvae.imaging.preprocessing import resize
 
 #: Tile offsets are multiples of this (the backbone's coarsest feature stride), so tile
 #: features land on whole cells of the input's feature grid.

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from anomalyvae.imaging.files import atomic_path
-from anomalyvae.imaging.io import ImageReadError, MaskError, Preprocessing, preprocess, resize_mask
+from anomalyvae.imaging.io import ImageReadError
 from anomalyvae.imaging.medical import (
     MedicalReadError,
     NiftiSlices,
@@ -25,6 +25,7 @@ from anomalyvae.imaging.medical import (
     intensity_range,
     read_nifti,
 )
+from anomalyvae.imaging.preprocessing import MaskError, Preprocessing, preprocess, resize_mask
 
 
 def read_volume(path: str | os.PathLike[str], axis: int = 2):

@@ -20,15 +20,9 @@ from numpy.typing import NDArray
 
 from anomalyvae.imaging.files import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, walk_images
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import (
-    ImageReadError,
-    Preprocessing,
-    check_regular_file,
-    content_frames,
-    model_input,
-    read_image,
-)
+from anomalyvae.imaging.io import ImageReadError, check_regular_file, content_frames, read_image
 from anomalyvae.imaging.medical import is_nifti
+from anomalyvae.imaging.preprocessing import Preprocessing, model_input
 from anomalyvae.imaging.volumes import (
     VolumeInput,
 )

@@ -34,7 +34,8 @@ import pandas as pd
 
 from anomalyvae.errors import AnomalyVAEError
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import ImageReadError, Preprocessing
+from anomalyvae.imaging.io import ImageReadError
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.volumes import VolumeInput
 from anomalyvae.inference.decoding import Decoded, decode_file
 from anomalyvae.inference.records import COLUMNS, Job

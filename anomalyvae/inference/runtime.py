@@ -1,7 +1,7 @@
 """``OnnxDetector``: torch-free inference from an exported model.onnx.
 
-Imports numpy, onnx, onnxruntime and :mod:`anomalyvae.imaging.io` only, so an inspection line
-needs no PyTorch (a test checks that ``torch`` stays out of ``sys.modules``).
+Imports numpy, onnx, onnxruntime and the torch-free :mod:`anomalyvae.imaging` only, so an
+inspection line needs no PyTorch (a test checks that ``torch`` stays out of ``sys.modules``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.files import display_path
-from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image
+from anomalyvae.imaging.io import ImageReadError
+from anomalyvae.imaging.preprocessing import Preprocessing, load_image
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.contract import (
     CONTENT_HASH_KEY,

@@ -33,8 +33,9 @@ from anomalyvae.imaging.files import (
     walk_images,
 )
 from anomalyvae.imaging.frames import FrameInput
-from anomalyvae.imaging.io import ImageReadError, load_frames, preprocess, read_image
+from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.imaging.medical import is_nifti, normalize_intensity
+from anomalyvae.imaging.preprocessing import load_frames, preprocess
 from anomalyvae.imaging.tiles import map_to_size
 from anomalyvae.imaging.volumes import (
     VolumeInput,

@@ -38,7 +38,8 @@ from common import (  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.export import export_onnx  # noqa: E402
 from anomalyvae.imaging.files import walk_images  # noqa: E402
-from anomalyvae.imaging.io import ImageReadError, load_image  # noqa: E402
+from anomalyvae.imaging.io import ImageReadError  # noqa: E402
+from anomalyvae.imaging.preprocessing import load_image  # noqa: E402
 from anomalyvae.inference import runtime  # noqa: E402
 from anomalyvae.inference.decoding import SCAN_EXTENSIONS  # noqa: E402
 from anomalyvae.inference.runtime import OnnxDetector  # noqa: E402

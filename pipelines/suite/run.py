@@ -47,7 +47,7 @@ from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
-from anomalyvae.imaging.io import Preprocessing  # noqa: E402
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_POWER,

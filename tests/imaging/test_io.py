@@ -6,13 +6,12 @@ from PIL import Image
 
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import find_images
-from anomalyvae.imaging.io import (
-    ImageReadError,
+from anomalyvae.imaging.io import ImageReadError, read_image
+from anomalyvae.imaging.preprocessing import (
     MaskError,
     Preprocessing,
     load_image,
     preprocess,
-    read_image,
     read_mask,
     to_channels,
 )
@@ -344,7 +343,8 @@ def test_the_walker_goes_on_past_a_file_it_may_not_look_at(tmp_path, monkeypatch
     ],  # an MPO's further pictures are previews, not images of their own
 )
 def test_a_file_of_several_images_lists_its_frames(tmp_path, fmt, suffix, scored):
-    from anomalyvae.imaging.io import content_frames, load_frames
+    from anomalyvae.imaging.io import content_frames
+    from anomalyvae.imaging.preprocessing import load_frames
 
     patch = np.zeros((20, 24, 3), np.uint8)
     patch[6:14, 8:16] = 40  # not blank (a blank frame is an error), through lossy WebP too

@@ -11,8 +11,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from anomalyvae.imaging.files import find_images
-from anomalyvae.imaging.io import ImageReadError, Preprocessing, load_image, read_image
+from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.imaging.medical import normalize_intensity, read_dicom
+from anomalyvae.imaging.preprocessing import Preprocessing, load_image
 from anomalyvae.imaging.volumes import read_volume
 
 
@@ -358,7 +359,7 @@ def test_a_dark_for_high_dicom_reads_bright_for_bright(tmp_path):
     """MONOCHROME1 (radiography, mammography) shows high values dark: the reader turns it
     round after normalization, so one picture reads the same from either kind of file,
     and a window still applies to the stored values."""
-    from anomalyvae.imaging.io import intensities
+    from anomalyvae.imaging.preprocessing import intensities
 
     plain = read_image(_testdata("MR_small.dcm"))
     same_values = read_image(_monochrome1(tmp_path, invert_values=False))
@@ -377,7 +378,7 @@ def test_a_dark_for_high_dicom_comes_back_in_its_own_units(tmp_path):
     """Denoise and inpaint write model-space images back in the file's scale: for a
     MONOCHROME1 file the turn is undone too."""
     from anomalyvae.generative import to_file
-    from anomalyvae.imaging.io import intensities, preprocess
+    from anomalyvae.imaging.preprocessing import intensities, preprocess
 
     source = read_image(_monochrome1(tmp_path, invert_values=False))
     for normalization in ("none", "percentile"):
@@ -392,7 +393,7 @@ def test_a_dark_for_high_dicom_comes_back_in_its_own_units(tmp_path):
 def test_a_model_saved_before_the_turn_keeps_reading_dark_for_high_files_as_stored(tmp_path):
     """A spec stored without ``monochrome1`` (every model saved before it) keeps the
     orientation it was trained on; a new spec round-trips with the turn."""
-    from anomalyvae.imaging.io import intensities
+    from anomalyvae.imaging.preprocessing import intensities
 
     source = read_image(_monochrome1(tmp_path, invert_values=False))
     plain = read_image(_testdata("MR_small.dcm"))
@@ -460,7 +461,7 @@ def test_a_dicom_parametric_map_with_float_pixels_is_read(tmp_path):
 def test_a_multi_frame_dicom_is_read_once_for_all_its_frames(monkeypatch):
     """Reading each frame must not read the whole file again (a 300-frame object took
     4.1 s that way against 0.2 s read once)."""
-    from anomalyvae.imaging.io import load_frames
+    from anomalyvae.imaging.preprocessing import load_frames
 
     path = _testdata("rtdose.dcm")
     real, reads = pydicom.dcmread, []

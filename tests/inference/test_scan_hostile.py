@@ -400,7 +400,7 @@ def test_a_heatmap_of_a_huge_image_is_drawn_at_a_bounded_size():
 def test_predict_reads_files_a_block_at_a_time(onnx_model, synthetic_root, tmp_path, monkeypatch):
     """predict keeps a block of images in memory, not the whole list; rows stay in order."""
     import anomalyvae.inference.runtime as runtime
-    from anomalyvae.imaging.io import load_image
+    from anomalyvae.imaging.preprocessing import load_image
     from anomalyvae.inference.decoding import expand_inputs
 
     monkeypatch.setattr(runtime, "PREDICT_BLOCK", 3)

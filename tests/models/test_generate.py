@@ -232,7 +232,8 @@ def test_inpaint_and_denoise_write_the_input_size_depth_and_known_pixels(trained
 
 def test_to_file_undoes_the_intensity_window(tmp_path):
     from anomalyvae.generative import to_file
-    from anomalyvae.imaging.io import Preprocessing, intensities, preprocess, read_image
+    from anomalyvae.imaging.io import read_image
+    from anomalyvae.imaging.preprocessing import Preprocessing, intensities, preprocess
 
     raw = np.linspace(10000, 50000, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(raw).save(tmp_path / "ct.png")

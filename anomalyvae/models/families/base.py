@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.models.maps import MapStats, ScoreResult, ScoringConfig
 
 if TYPE_CHECKING:

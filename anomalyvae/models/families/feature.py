@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import knn_view

@@ -11,7 +11,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.imaging.io import Preprocessing
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.fusion import fuse_views
 from anomalyvae.models.maps import (
