@@ -201,7 +201,18 @@ def main() -> None:
     if args.out is None:  # a smoke run's numbers are meaningless: never over the report
         args.out = work / "report" if args.smoke else ROOT / "reports" / "budget"
     try:
-        data = write_set(work / "data", **shape)
+        data = work / "data"
+        counts = {
+            "train/good": shape["n_train"],
+            "test/good": shape["n_good"],
+            "test/pit": shape["n_defect"],
+            "ground_truth/pit": shape["n_defect"],
+        }
+        if all(len(list((data / sub).glob("*.png"))) == n for sub, n in counts.items()):
+            print(f"reusing the images in {data}", flush=True)  # same seed, same set
+        else:
+            shutil.rmtree(data, ignore_errors=True)
+            write_set(data, **shape)
         results = {
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "version": __version__,
