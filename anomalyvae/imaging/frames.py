@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyvae.imaging.preprocessing import Preprocessing, load_frames
+from anomalyvae.imaging.io import iter_frames
+from anomalyvae.imaging.preprocessing import Preprocessing, model_input
 
 
 class FrameInput:
@@ -30,6 +31,9 @@ class FrameInput:
         self, path: str | os.PathLike[str], spec: Preprocessing, frames: Sequence[int]
     ) -> None:
         self.path, self.spec, self.frames = Path(path), spec, tuple(int(k) for k in frames)
+        #: each frame read so far: its own width, height, channels and bit depth (a
+        #: TIFF's pages may differ in size, and a row's peak is in its frame's pixels)
+        self.facts: dict[int, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -38,7 +42,15 @@ class FrameInput:
         """(frame indices, model input (m, c, h, w)) of at most ``size`` frames each."""
         index: list[int] = []
         block: list[NDArray[np.float32]] = []
-        for k, image in load_frames(self.path, self.spec, self.frames):
+        max_side = max(self.spec.height, self.spec.width)
+        for k, decoded in iter_frames(self.path, self.frames, max_side):
+            image = model_input(self.path, decoded, self.spec)
+            self.facts[k] = {
+                "width": decoded.width,
+                "height": decoded.height,
+                "channels": decoded.channels,
+                "bit_depth": decoded.bit_depth,
+            }
             index.append(k)
             block.append(image)
             if len(block) >= size:

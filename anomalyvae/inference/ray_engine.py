@@ -138,6 +138,8 @@ def _decode_block(block: pd.DataFrame, spec: dict[str, Any], tally: Any) -> pd.D
         if isinstance(data, (VolumeInput, FrameInput)):
             try:  # a volume or multi-frame file travels as its slices' model input
                 stack = data.stack()
+                if isinstance(data, FrameInput):  # each frame's own size, for its row
+                    info = {**info, "frame_facts": {str(k): v for k, v in data.facts.items()}}
             except ImageReadError as error:  # a later slice or frame: the file errs whole
                 info = {**info, "error": f"{error.reason} ({error.fix})"}
         elif data is not None:

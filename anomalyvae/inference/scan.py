@@ -329,9 +329,11 @@ class BatchScorer:
         worst, worst_map, maps = -1, None, []
         for index, block in blocks:
             result = self._predict(block)
+            facts = _frame_facts(source, item.info)  # the frames of this block are read
             for j, k in enumerate(index):
                 row = self._base_row(item, job, slice_name(job.relative, int(k)))
-                fields = _score_fields(result, j, item.info, self.pixel_threshold)
+                row.update(facts.get(int(k), {}))  # a page's own size (pages may differ)
+                fields = _score_fields(result, j, row, self.pixel_threshold)
                 row.update(slice=int(k), **fields)
                 out.append(row)
                 if worst < 0 or row["score"] > out[worst]["score"]:
@@ -349,10 +351,10 @@ class BatchScorer:
                 self.output / "maps" / output_name(job.relative, ".map.nii.gz"),
                 np.concatenate(maps),
             )
-        elif self.config.save_maps:  # a frame's map at the file's own size, as an image's
-            size = (int(item.info["height"]), int(item.info["width"]))
+        elif self.config.save_maps:  # a frame's map at its own size, as an image's
             for row, anomaly_map in zip(out[:-1], np.concatenate(maps), strict=True):
                 name = output_name(slice_name(job.relative, int(row["slice"])), ".npz")
+                size = (int(row["height"]), int(row["width"]))
                 save_map(self.output / "maps" / name, map_to_size(anomaly_map, *size))
         if self._wants_heatmap(volume["is_anomaly"]):
             k = int(out[worst]["slice"])
@@ -547,6 +549,18 @@ def _scan_unlocked(
         time.monotonic() - started,
         summary,
     )
+
+
+def _frame_facts(source: Any, info: dict[str, Any]) -> dict[int, dict[str, int]]:
+    """Each frame's own width, height, channels and bit depth, by frame number.
+
+    A multi-frame file read here records them as it reads (:class:`FrameInput`); one
+    the Ray engine decoded carries them in ``info["frame_facts"]``. Volumes: none (every
+    slice has the volume's size).
+    """
+    if isinstance(source, FrameInput):
+        return source.facts
+    return {int(k): v for k, v in (info.get("frame_facts") or {}).items()}
 
 
 def _score_fields(

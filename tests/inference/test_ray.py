@@ -54,6 +54,9 @@ def folder(synthetic_root, tmp_path_factory) -> Path:
     pages[0].save(dest / "pages.tif", save_all=True, append_images=pages[1:], tiffinfo={254: 0})
     whole = (dest / "pages.tif").read_bytes()
     (dest / "cut.tif").write_bytes(whole[: len(whole) * 3 // 4])  # its last page cut short
+    # pages of two sizes: each row carries its own page's size and peak
+    first = Image.open(sorted((synthetic_root / "test").rglob("*.png"))[3])
+    first.save(dest / "mixed.tif", save_all=True, append_images=[first.crop((0, 0, 48, 24))])
     return dest
 
 
@@ -81,6 +84,8 @@ def test_ray_engine_matches_local_engine(ray_local, onnx_model, folder, local_ta
     _same_rows(table, local_table)
     assert {"pages.tif#slice=0000", "pages.tif#slice=0002"} <= set(table["relative_path"])
     assert "pages.tif#slice=0001" not in set(table["relative_path"])
+    sizes = table.set_index("relative_path").loc[["mixed.tif#slice=0001"], ["width", "height"]]
+    assert sizes.to_numpy().tolist() == [[48, 24]]
     errors = table.loc[table["error"] != "", "relative_path"].tolist()
     assert result.n_errors == 2 and errors == ["broken.png", "cut.tif"]  # no half-read file
     for heatmap in table.loc[table["heatmap"] != "", "heatmap"]:

@@ -461,6 +461,34 @@ def test_a_multi_page_file_is_scored_page_by_page(onnx_model, tmp_path):
         detector.predict_files([folder / "stack.tif"])
 
 
+def test_pages_of_different_sizes_keep_their_own_size_peak_and_map(onnx_model, tmp_path):
+    """A row, its peak and its saved map are in its own page's pixels, not the first's."""
+    rng = np.random.default_rng(5)
+    small = rng.integers(90, 110, (40, 40), dtype=np.uint8)
+    wide = rng.integers(90, 110, (30, 120), dtype=np.uint8)  # h 30, w 120
+    wide[5:20, 95:115] = 255  # a bright block near its right edge
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(small).save(
+        folder / "mixed.tif", save_all=True, append_images=[Image.fromarray(wide)]
+    )
+    Image.fromarray(wide).save(folder / "wide.png")
+    scan(onnx_model, folder, tmp_path / "out", ScanConfig(save_maps=True), progress=False)
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet").set_index("relative_path")
+    first, second = table.loc["mixed.tif#slice=0000"], table.loc["mixed.tif#slice=0001"]
+    assert (first["width"], first["height"]) == (40, 40)
+    assert (second["width"], second["height"]) == (120, 30)
+    # the wide page reads as the same picture saved alone: the same peak, in its pixels
+    alone = table.loc["wide.png"]
+    assert (second["peak_x"], second["peak_y"]) == (alone["peak_x"], alone["peak_y"])
+    assert second["peak_x"] > 40  # beyond the first page's width: not squeezed into it
+    saved = np.load(tmp_path / "out" / "maps" / "mixed.tif#slice=0001.npz")["anomaly_map"]
+    assert saved.shape == (30, 120)
+    worst = first if first["score"] > second["score"] else second
+    row = table.loc["mixed.tif"]  # the file's row: its worst page, with that page's size
+    assert (row["width"], row["peak_x"]) == (worst["width"], worst["peak_x"])
+
+
 def test_a_tiff_thumbnail_page_is_not_scored_and_a_bad_page_is_an_error_row(onnx_model, tmp_path):
     from anomalyvae.imaging.io import content_frames
 
