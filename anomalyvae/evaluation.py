@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+from numpy.typing import NDArray
 
 from anomalyvae.calibration import DEFAULT_TAIL, normalize
 from anomalyvae.clock import command_budget
@@ -35,6 +36,7 @@ from anomalyvae.imaging.volumes import (
 )
 from anomalyvae.inference.contract import describe_fusion, promised_fpr
 from anomalyvae.metrics import evaluation_table
+from anomalyvae.progress import progress_bar
 
 
 def train_on(
@@ -174,6 +176,54 @@ class Evaluation(NamedTuple):
     left_out: list[dict[str, str]] = []
 
 
+#: Model-input bytes of the images `evaluate` reads and scores at a time: memory holds
+#: one chunk of images and every image's map, not every image (400 colour images of
+#: 1130 x 460 px are 2.3 GB as model input).
+EVALUATE_CHUNK_BYTES = 256 * 2**20
+
+
+def _score_files(
+    detector: VAEAnomalyDetector,
+    samples: list[Sample],
+    left_out: list[dict[str, str]],
+    progress: bool,
+) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32], dict[str, list[NDArray]]]:
+    """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
+
+    Each file is read once, as the model sees it; an unreadable file is left out and
+    named in ``left_out``. The maps (n, h, w) are filled in place, so memory holds every
+    map once and one chunk of images.
+    """
+    spec = detector.preprocessing_
+    per_image = spec.channels * spec.height * spec.width * 4
+    chunk = max(8, EVALUATE_CHUNK_BYTES // per_image)
+    maps = np.empty((len(samples), spec.height, spec.width), np.float32)
+    scores: list[NDArray[np.float64]] = []
+    views: dict[str, list[NDArray]] = {}
+    readable: list[Sample] = []
+    bar = progress_bar(
+        total=len(samples), desc="evaluating", unit="img", disable=not progress or not samples
+    )
+    for start in range(0, len(samples), chunk):
+        part = samples[start : start + chunk]
+        images, kept, errors = read_images([s.path for s in part], spec, "warn", "error")
+        left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
+        if len(kept):
+            found_scores, found_maps, found = detector.score_map_views(images)
+            maps[len(readable) : len(readable) + len(kept)] = found_maps
+            scores.append(found_scores)
+            for name, values in found.items():
+                views.setdefault(name, []).append(values)
+            read = {Path(p) for p in kept}
+            readable += [s for s in part if Path(s.path) in read]
+        del images
+        bar.update(len(part))
+    bar.close()
+    joined = np.concatenate(scores) if scores else np.zeros(0)
+    views = {name: [np.concatenate(parts)] for name, parts in views.items()}
+    return readable, joined, maps[: len(readable)], views
+
+
 def evaluate_on(
     checkpoint: str | os.PathLike[str] | VAEAnomalyDetector,
     source: str | os.PathLike[str],
@@ -205,23 +255,10 @@ def evaluate_on(
     volumes = [s for s in samples if is_nifti(s.path)]
     spec = detector.preprocessing_
     left_out: list[dict[str, str]] = []
-    images = np.zeros((0, spec.channels, spec.height, spec.width), np.float32)
-    if flat:  # read once, as the model sees them; an unreadable file is left out, named
-        images, kept, errors = read_images(
-            [s.path for s in flat], spec, on_error="warn", volumes="error"
-        )
-        left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
-        readable = {Path(p) for p in kept}
-        flat = [s for s in flat if Path(s.path) in readable]
+    flat, scores, maps, views = _score_files(detector, flat, left_out, progress)
     labels = np.array([s.label for s in flat], dtype=np.int64)
     types = [s.defect_type for s in flat]
     names = [display_path(Path(s.path)) for s in flat]  # any file name survives the table
-    scores = np.zeros(0)
-    maps = np.zeros((0, spec.height, spec.width), np.float32)
-    views: dict[str, list[np.ndarray]] = {}
-    if flat:
-        scores, maps, found = detector.score_map_views(images)
-        views = {name: [values] for name, values in found.items()}
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
     masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
     if any(s.mask_path for s in flat):

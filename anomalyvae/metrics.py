@@ -112,27 +112,29 @@ def aupro(
         raise InvalidValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
     if truth.ndim == 2:
         truth, values = truth[None], values[None]
-    weights = np.zeros(truth.shape, dtype=np.float64)
+    # each defect pixel's weight, in the order of the defect pixels of truth.ravel(): only
+    # defect pixels are held (a weight per pixel of a large test set would be gigabytes)
+    defect_weights: list[NDArray[np.float64]] = []
     n_regions = 0
     structure = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in the MVTec evaluation
     for i in range(truth.shape[0]):
         labelled, count = ndimage.label(truth[i], structure=structure)
         if count:
             areas = np.bincount(labelled.ravel())
-            region_weight = np.where(labelled > 0, 1.0 / areas[labelled], 0.0)
-            weights[i] = region_weight
+            inside = labelled.ravel()[truth[i].ravel()]
+            defect_weights.append(1.0 / areas[inside])
             n_regions += count
     if n_regions == 0 or truth.all():
         return float("nan")
-    weights /= n_regions
-    truth, values, weights = truth.ravel(), values.ravel(), weights.ravel()
+    truth, values = truth.ravel(), values.ravel()
     # regions are measured on the whole masks above; the FPR axis may use a sample of
     # the defect-free pixels (every defect pixel kept), which bounds memory on large sets
     keep = _negative_sample(truth, max_negatives)
     if keep is not None:
-        truth, values, weights = truth[keep], values[keep], weights[keep]
+        truth, values = truth[keep], values[keep]
     negatives = ~truth
-    weights[negatives] = 1.0 / negatives.sum()
+    weights = np.full(truth.shape, 1.0 / negatives.sum())
+    weights[truth] = np.concatenate(defect_weights) / n_regions
     fpr, pro, _ = roc_curve(truth, values, sample_weight=weights, drop_intermediate=False)
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     fpr_part, pro_part = fpr[:cut], pro[:cut]
@@ -173,8 +175,12 @@ def evaluation_table(
         row = image_metrics(y[keep], s[keep], threshold)
         if masks is not None and maps is not None:
             pixel_keep = keep if pixel_valid is None else keep & np.asarray(pixel_valid)
-            row["pixel_auroc"] = pixel_auroc(masks[pixel_keep], maps[pixel_keep], max_negatives)
-            row["aupro"] = aupro(masks[pixel_keep], maps[pixel_keep], max_negatives=max_negatives)
+            # every image kept: the arrays as they are (a boolean index would copy them)
+            chosen_masks, chosen_maps = (
+                (masks, maps) if pixel_keep.all() else (masks[pixel_keep], maps[pixel_keep])
+            )
+            row["pixel_auroc"] = pixel_auroc(chosen_masks, chosen_maps, max_negatives)
+            row["aupro"] = aupro(chosen_masks, chosen_maps, max_negatives=max_negatives)
         rows[group] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "defect_type"

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -292,6 +293,37 @@ def test_evaluate_leaves_unreadable_files_out_and_lists_them(
     assert [Path(e["path"]).name for e in metrics["left_out"]] == ["broken.png"]
     assert metrics["metrics"]["overall"]["n_images"] == 51  # 50 + the odd name, scored
     assert "latin1-\\xe9.png" in (out / "scores.csv").read_text()
+
+
+def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
+    trained, synthetic_root, tmp_path, monkeypatch, scores_close
+):
+    """Chunks bound evaluate's memory (one chunk of images, not the set); the scores,
+    maps and metrics are those of one pass, and an unreadable file in a middle chunk is
+    left out without shifting any other file's row."""
+    import shutil
+
+    import anomalyvae.evaluation as evaluation
+
+    detector, _ = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    (root / "test" / "good" / "0007_broken.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="0007_broken.png"):
+        whole = evaluation.evaluate_on(detector, root, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    with pytest.warns(UserWarning, match="0007_broken.png"):
+        chunked = evaluation.evaluate_on(detector, root, tmp_path / "chunked", progress=False)
+    # the same rows in the same order; scores equal up to float rounding (batches differ)
+    columns = ["path", "defect_type", "label", "is_anomaly"]
+    pd.testing.assert_frame_equal(chunked.per_image[columns], whole.per_image[columns])
+    scores_close(chunked.per_image["score"], whole.per_image["score"], rel=1e-4)
+    assert np.allclose(chunked.maps, whole.maps, rtol=0, atol=1e-4 * np.ptp(whole.maps))
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert chunked.table[metric].to_numpy() == pytest.approx(
+            whole.table[metric].to_numpy(), abs=1e-3
+        )
+    assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
 @pytest.mark.parametrize("kept", ["good", "defects"])

@@ -110,3 +110,41 @@ def test_aupro_samples_the_defect_free_pixels_it_is_asked_to(monkeypatch):
     sampled = metrics.aupro(masks, maps, max_negatives=5000)
     assert seen == [5000 + int(masks.sum())]
     assert abs(sampled - full) < 0.02
+
+
+def _dense_aupro(masks, maps, fpr_limit=0.3):
+    """The PRO area with a weight for every pixel: the definition, without shortcuts."""
+    from scipy import ndimage
+    from sklearn.metrics import roc_curve
+
+    weights = np.zeros(masks.shape)
+    n_regions = 0
+    for i in range(len(masks)):
+        labelled, count = ndimage.label(masks[i], structure=np.ones((3, 3), bool))
+        if count:
+            areas = np.bincount(labelled.ravel())
+            weights[i] = np.where(labelled > 0, 1.0 / areas[labelled], 0.0)
+            n_regions += count
+    truth = masks.ravel()
+    weights = weights.ravel() / n_regions
+    weights[~truth] = 1.0 / (~truth).sum()
+    fpr, pro, _ = roc_curve(truth, maps.ravel(), sample_weight=weights, drop_intermediate=False)
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    f, p = fpr[:cut], pro[:cut]
+    if cut < len(fpr) and f[-1] < fpr_limit:
+        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+        f = np.append(f, fpr_limit)
+        p = np.append(p, p0 + (p1 - p0) * (fpr_limit - f0) / max(f1 - f0, 1e-12))
+    return float(np.trapezoid(p, f) / fpr_limit)
+
+
+def test_aupro_equals_the_per_pixel_weighted_definition():
+    """The weights are held for defect pixels only (memory); the area is unchanged."""
+    rng = np.random.default_rng(4)
+    masks = np.zeros((5, 40, 48), bool)
+    masks[0, 5:9, 5:30] = True  # a long region and a small one in one image
+    masks[0, 30:33, 40:44] = True
+    masks[2, 10:25, 10:25] = True
+    masks[4, 0:3, 0:3] = True  # in a corner
+    maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
+    assert aupro(masks, maps) == pytest.approx(_dense_aupro(masks, maps), abs=1e-12)
