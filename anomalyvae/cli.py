@@ -577,16 +577,15 @@ def predict(
       anomalyvae predict model.onnx part_001.png part_002.png
       anomalyvae predict model.onnx incoming/ --json
     """
-    from anomalyvae.imaging.files import IMAGE_EXTENSIONS
-    from anomalyvae.inference.decoding import expand_inputs
+    from anomalyvae.inference.decoding import SCAN_EXTENSIONS, expand_inputs
     from anomalyvae.inference.runtime import OnnxDetector, format_prediction, json_line
 
     paths = expand_inputs(images)
     if not paths:  # an empty folder is no verdict, not an empty success
         raise InvalidValueError(
             f"no image files in {', '.join(repr(str(p)) for p in images)} (folders are "
-            f"searched as `scan` searches them: {', '.join(IMAGE_EXTENSIONS)}, DICOM and "
-            "NIfTI)"
+            f"searched as `scan` searches them: {', '.join(SCAN_EXTENSIONS)} and "
+            "extensionless DICOM)"
         )
     rows = OnnxDetector(model, device=device).predict_rows(paths, threshold)
     if not as_json:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from PIL import Image
 
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
-from anomalyvae.imaging.files import IMAGE_EXTENSIONS, find_images
+from anomalyvae.imaging.files import IMAGE_EXTENSIONS, describe_others, find_images, walk_images
 from anomalyvae.imaging.io import ImageReadError, read_image
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.preprocessing import Preprocessing, is_grayscale, preprocess
@@ -100,13 +101,25 @@ def folder_samples(root: str | os.PathLike[str]) -> list[Sample]:
     """Every image under ``root`` (recursively), all taken as normal; masks left out.
 
     Mask files (see :func:`is_mask_file`) are not training images: they are left out
-    with a warning that says how many.
+    with a warning that says how many. Files of a type not read (say ``.heic`` or a
+    ``labels.csv``) are named in a warning, counted by suffix.
     """
-    paths = find_images(root)
+    root = Path(root)
+    others: Counter[str] = Counter()
+    paths = find_images(root) if root.is_file() else sorted(walk_images(root, others=others))
+    found = f" ({describe_others(others)})" if others else ""
     if not paths:
         raise DatasetError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}, DICOM or NIfTI) found under '{root}'; "
-            "point to a folder of normal images"
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}, DICOM or NIfTI) found under '{root}'"
+            f"{found}; point to a folder of normal images"
+        )
+    if others:  # images of a type not read would be left out of training unseen
+        warnings.warn(
+            f"not read under '{root}': {describe_others(others)}; training reads "
+            f"{', '.join(IMAGE_EXTENSIONS)}, DICOM and NIfTI (convert images of another type "
+            "to one of these)",
+            UserWarning,
+            stacklevel=2,
         )
     names: dict[Path, set[str]] = {}
     for path in paths:

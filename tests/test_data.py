@@ -156,6 +156,23 @@ def test_flat_folders_leave_out_mask_files(tmp_path):
     assert sorted(s.path.name for s in samples) == ["a.jpg", "b.jpg", "c.png"]
 
 
+def test_files_of_other_types_in_a_training_folder_are_named(tmp_path):
+    pixels = np.zeros((8, 8), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    for name in ("b.heic", "c.HEIC", "notes.txt", ".DS_Store"):
+        (tmp_path / "sub" / name).write_bytes(b"not read")
+    with pytest.warns(UserWarning, match=r"3 files of other types \(2 .heic, 1 .txt\)"):
+        samples = discover(tmp_path, "train")
+    assert [s.path.name for s in samples] == ["a.png"]
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"no images .*\(3 files of other types"):
+        discover(tmp_path, "train")
+    # a single image named directly is still a training set of one
+    Image.fromarray(pixels).save(tmp_path / "one.png")
+    assert [s.path.name for s in folder_samples(tmp_path / "one.png")] == ["one.png"]
+
+
 def test_a_missing_subset_of_an_mvtec_root_is_an_error(tmp_path):
     (tmp_path / "train" / "good").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "good" / "a.png")

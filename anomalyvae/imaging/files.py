@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,6 +120,16 @@ def walk_images(
             elif others is not None:
                 others[display_path(path.suffix.lower())] += 1
     return found
+
+
+def describe_others(others: Mapping[str, int]) -> str:
+    """``{".txt": 2, "": 1}`` as "3 files of other types (2 .txt, 1 without a suffix)"."""
+    total = sum(others.values())
+    kinds = sorted(others.items(), key=lambda item: (-item[1], item[0]))
+    shown = [f"{n} {suffix or 'without a suffix'}" for suffix, n in kinds[:5]]
+    if len(kinds) > 5:
+        shown.append(f"{sum(n for _, n in kinds[5:])} of {len(kinds) - 5} more types")
+    return f"{total} {'file' if total == 1 else 'files'} of other types ({', '.join(shown)})"
 
 
 def find_images(

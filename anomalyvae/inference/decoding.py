@@ -18,7 +18,12 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from anomalyvae.imaging.files import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, walk_images
+from anomalyvae.imaging.files import (
+    IMAGE_EXTENSIONS,
+    MEDICAL_EXTENSIONS,
+    describe_others,
+    walk_images,
+)
 from anomalyvae.imaging.frames import FrameInput
 from anomalyvae.imaging.io import ImageReadError, check_regular_file, content_frames, read_image
 from anomalyvae.imaging.medical import is_nifti
@@ -38,16 +43,6 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for path in map(Path, paths):
         out.extend(walk_images(path, SCAN_EXTENSIONS) if path.is_dir() else [path])
     return out
-
-
-def describe_others(others: Mapping[str, int]) -> str:
-    """``{".txt": 2, "": 1}`` as "3 files of other types (2 .txt, 1 without a suffix)"."""
-    total = sum(others.values())
-    kinds = sorted(others.items(), key=lambda item: (-item[1], item[0]))
-    shown = [f"{n} {suffix or 'without a suffix'}" for suffix, n in kinds[:5]]
-    if len(kinds) > 5:
-        shown.append(f"{sum(n for _, n in kinds[5:])} of {len(kinds) - 5} more types")
-    return f"{total} {'file' if total == 1 else 'files'} of other types ({', '.join(shown)})"
 
 
 def not_scanned_note(others: Mapping[str, int]) -> str:
