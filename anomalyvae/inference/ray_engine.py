@@ -40,7 +40,8 @@ from anomalyvae.imaging.volumes import VolumeInput
 from anomalyvae.inference.decoding import Decoded, decode_file
 from anomalyvae.inference.records import COLUMNS, Job
 from anomalyvae.inference.runtime import OnnxDetector
-from anomalyvae.inference.scan import BatchScorer, ScanConfig
+from anomalyvae.inference.scan import ScanConfig
+from anomalyvae.inference.scorer import BatchScorer
 
 #: Ray reports usage statistics to its developers unless told not to.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -225,7 +226,7 @@ def scan_on_ray(
 ) -> dict[str, Any]:
     """Run the to-do list through Ray; rows go to ``writer`` as blocks finish.
 
-    ``scorer`` is the driver's :class:`anomalyvae.inference.scan.BatchScorer` (its detector,
+    ``scorer`` is the driver's :class:`anomalyvae.inference.scorer.BatchScorer` (its detector,
     configuration and threshold are what the actors reproduce).
     """
     from dataclasses import asdict
