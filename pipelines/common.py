@@ -63,11 +63,10 @@ def fresh_process_peak(script: str, *args: str) -> tuple[float, str]:
     """Run Python ``script`` with ``args`` in a fresh interpreter: its peak resident
     memory in MB, and what it printed."""
     done = subprocess.run(
-        [sys.executable, "-c", script + _PRINT_PEAK, *args],
-        check=True,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", script + _PRINT_PEAK, *args], capture_output=True, text=True
     )
+    if done.returncode != 0:  # say why: a bare CalledProcessError hides the child's error
+        raise RuntimeError(f"a fresh process failed ({args}):\n{done.stderr[-3000:]}")
     *printed, peak = done.stdout.strip().splitlines()
     return int(peak.split()[1]) / 1024, "\n".join(printed)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-from common import machine, matmul_peak, write_json  # noqa: E402
+from common import fresh_process_peak, machine, matmul_peak, write_json  # noqa: E402
 
 from anomalyvae.data import synthetic_texture  # noqa: E402
 from anomalyvae.version import __version__  # noqa: E402
@@ -44,18 +43,12 @@ from anomalyvae.version import __version__  # noqa: E402
 TRAIN_LIMIT_S = 900.0
 EVALUATE_LIMIT_S = 180.0
 
-#: Runs the CLI in this interpreter and prints the process's peak resident memory at
-#: exit (VmHWM: from exec on; the CLI ends with sys.exit, so atexit prints it).
-_CLI_WITH_PEAK = """
-import atexit, sys
-def _peak():
-    with open('/proc/self/status') as status:
-        kb = [l for l in status if l.startswith('VmHWM')][0].split()[1]
-    print('PEAK_KB', kb, flush=True)
-atexit.register(_peak)
-from anomalyvae.cli import main
-main(sys.argv[1:], prog_name='anomalyvae')
-"""
+#: The CLI run in a fresh interpreter by :func:`common.fresh_process_peak`, which prints
+#: its peak memory after it: standalone_mode=False returns instead of calling sys.exit.
+_CLI = (
+    "import sys\nfrom anomalyvae.cli import main\n"
+    "main(sys.argv[1:], prog_name='anomalyvae', standalone_mode=False)\n"
+)
 
 
 def part_image(rng: np.random.Generator, height: int, width: int, tint: np.ndarray) -> np.ndarray:
@@ -103,20 +96,15 @@ def write_set(
     return root
 
 
-def run_cli(*args: str) -> dict:
-    """``anomalyvae ARGS`` in a fresh interpreter: wall seconds and peak memory (MB)."""
+def run_cli(work: Path, *args: str) -> dict:
+    """``anomalyvae ARGS`` in a fresh interpreter: wall seconds, peak memory (MB) and what
+    it printed (the scratch folder ``work`` shown as WORK: no machine path in a report)."""
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", _CLI_WITH_PEAK, *args], capture_output=True, text=True
-    )
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"anomalyvae {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    peak = [line for line in done.stdout.splitlines() if line.startswith("PEAK_KB")]
+    peak_mb, printed = fresh_process_peak(_CLI, *args)
     return {
-        "seconds": round(seconds, 1),
-        "peak_mb": round(int(peak[-1].split()[1]) / 1024, 1),
-        "stdout": [line for line in done.stdout.splitlines() if not line.startswith("PEAK_KB")],
+        "seconds": round(time.monotonic() - started, 1),
+        "peak_mb": round(peak_mb, 1),
+        "stdout": [line.replace(str(work), "WORK") for line in printed.splitlines()],
     }
 
 
@@ -232,12 +220,12 @@ def main() -> None:
         model = work / "model.pt"
         print(f"training on {shape['n_train']} images ...", flush=True)
         results["train"] = run_cli(
-            "train", str(data), "-o", str(model), "--time-budget", str(budget), "--silent"
+            work, "train", str(data), "-o", str(model), "--time-budget", str(budget), "--silent"
         )
         print(f"train: {results['train']['seconds']:.0f} s", flush=True)
         evaluation = work / "evaluation"
         results["evaluate"] = run_cli(
-            "evaluate", str(model), str(data), "-o", str(evaluation), "--silent"
+            work, "evaluate", str(model), str(data), "-o", str(evaluation), "--silent"
         )
         print(f"evaluate: {results['evaluate']['seconds']:.0f} s", flush=True)
         overall = json.loads((evaluation / "metrics.json").read_text())["metrics"]["overall"]
