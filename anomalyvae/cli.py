@@ -237,7 +237,17 @@ def _labelled_data_options(func: Any) -> Any:
     type=click.FloatRange(0, min_open=True),
     default=None,
     help="Seconds for the whole command (start-up, loading, training, calibration, "
-    "saving): training stops early enough to leave room for the rest.",
+    "saving): training stops early enough to leave room for the rest, and a set too "
+    "large to read within half of it is read as a seeded random choice (with a warning).",
+)
+@click.option(
+    "--memory-budget",
+    "memory_budget_gb",
+    type=click.FloatRange(1, min_open=True),
+    default=None,
+    help="GB the command may hold [default: half of this machine's memory]. A set "
+    "larger than it holds is read as a seeded random choice of its files (with a "
+    "warning); the model records how many were read.",
 )
 @click.option(
     "--augment/--no-augment", default=False, show_default=True, help="Random flips during training."

@@ -6,9 +6,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from anomalyvae.capacity import Capacity
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import IMAGE_EXTENSIONS, describe_others, find_images, walk_images
@@ -208,6 +210,10 @@ class SourceProbe(NamedTuple):
     aspects: list[float]
     #: whether any of them carries real colour
     colour: bool
+    #: seconds each probed file took to decode, on average
+    seconds_per_file: float = 0.0
+    #: images each probed file holds, on average (a volume's slices, background too)
+    images_per_file: float = 1.0
 
     def summary(self) -> dict[str, Any]:
         """The shapes' ranges, as the model keeps them (``training_data.source_shape``).
@@ -235,12 +241,14 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
     probe = [paths[i] for i in sorted(rng.permutation(len(paths))[:n_probe])]
     shapes, aspects, colour = [], [], False
     first_error: ImageReadError | None = None
+    started, frames = time.perf_counter(), []
     for path in probe:
         try:
             if is_nifti(path):  # a volume: judge its slices
                 data = read_volume(path).data
                 shapes.append(min(data.shape[1], data.shape[2]))
                 aspects.append(data.shape[2] / data.shape[1])
+                frames.append(data.shape[0])
                 continue
             decoded = read_image(path)
         except ImageReadError as error:
@@ -249,12 +257,14 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
         shapes.append(min(decoded.height, decoded.width))
         aspects.append(decoded.width / decoded.height)
         colour = colour or not is_grayscale(decoded.pixels)
+        frames.append(1)
     if not shapes:
         raise DatasetError(
             f"none of the {len(probe)} probed training files could be read; the first: "
             f"{first_error}"
         )
-    return SourceProbe(shapes, aspects, colour)
+    seconds = (time.perf_counter() - started) / len(probe)
+    return SourceProbe(shapes, aspects, colour, seconds, float(np.mean(frames)))
 
 
 def infer_preprocessing(
@@ -280,7 +290,7 @@ def infer_preprocessing(
     """
     if probe is None:
         probe = probe_sources(paths, n_probe)
-    shapes, aspects, colour = probe
+    shapes, aspects, colour = probe.short_sides, probe.aspects, probe.colour
     if channels is None:
         channels = 3 if colour else 1
     if image_size is None:
@@ -341,6 +351,11 @@ INTENSITY_PARAMS = (
 )
 
 
+#: What decides how many normals one training run reads: the model input and the seconds
+#: a file takes to decode (0 for arrays) -> the cap (``VAEAnomalyDetector.training_capacity``).
+CapacityRule = Callable[[Preprocessing, float], Capacity]
+
+
 class TrainingImages(NamedTuple):
     """What :func:`training_images` returns."""
 
@@ -352,6 +367,9 @@ class TrainingImages(NamedTuple):
     n_skipped: int
     #: the probed files' shapes (:meth:`SourceProbe.summary`); None for arrays
     source_shape: dict[str, Any] | None
+    #: the files (or array rows) given, and the cap on images read, when one was set
+    n_given: int = 0
+    capacity: Capacity | None = None
 
     def data_summary(self, n_train: int, n_val: int) -> dict[str, Any]:
         """What a model records of its training data (``data_summary_``)."""
@@ -363,16 +381,38 @@ class TrainingImages(NamedTuple):
         }
         if self.source_shape is not None:  # the scan warns of files shaped unlike these
             summary["source_shape"] = self.source_shape
+        if self.capacity is not None and len(self.images) >= self.capacity.max_images:
+            # a budget cut the set: what was given, and why (capacity.py)
+            summary["n_given"] = int(self.n_given)
+            summary["capacity"] = self.capacity.to_dict()
         return summary
 
 
+#: How a set cut by a budget was chosen, as :func:`capacity_note` says it.
+RANDOM_CHOICE = "a seeded random choice, the same on every run"
+
+
+def capacity_note(
+    n_read: int, n_given: int, unit: str, capacity: Capacity, n_images: int, choice: str
+) -> str:
+    """The warning of a set cut by a budget: how much of it is read, how chosen, why."""
+    return (
+        f"training reads {n_read} of the {n_given} normal {unit} given ({choice}): "
+        f"{capacity.reason(n_images)}"
+    )
+
+
 def training_images(
-    paths: Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
+    paths: Sequence[str | os.PathLike[str]],
+    params: Mapping[str, Any],
+    capacity: CapacityRule | None = None,
 ) -> TrainingImages:
     """Training files read as model input: the input chosen, images, names kept, skipped.
 
-    ``params`` are the detector's (``model``, ``channels``, ``image_size`` and the
-    intensity normalization's). Unreadable files are skipped with a warning naming them.
+    ``params`` are the detector's (``model``, ``channels``, ``image_size``, ``seed`` and
+    the intensity normalization's). Unreadable files are skipped with a warning naming
+    them. ``capacity``: when the files would give more images than it allows, a seeded
+    random choice of them is read, with a warning that says so.
     """
     paths = [Path(p) for p in paths]
     probe = probe_sources(paths)
@@ -380,25 +420,68 @@ def training_images(
         paths, params["model"], params["channels"], params["image_size"], probe=probe
     )
     spec = dataclasses.replace(inferred, **{k: params[k] for k in INTENSITY_PARAMS})
-    images, kept, errors = read_images(paths, spec, on_error="warn")
+    cap = capacity(spec, probe.seconds_per_file) if capacity is not None else None
+    order, max_images = paths, None
+    expected = len(paths) * probe.images_per_file
+    if cap is not None:
+        max_images = cap.max_images  # a hard stop, also where the probe saw too few frames
+        if expected > cap.max_images:  # read in a seeded random order, up to the cap
+            rng = np.random.default_rng(params.get("seed", 0))
+            order = [paths[i] for i in rng.permutation(len(paths))]
+    images, kept, errors = read_images(order, spec, on_error="warn", max_images=max_images)
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")
-    return TrainingImages(spec, images, [p.as_posix() for p in kept], len(errors), probe.summary())
+    if cap is not None and len(images) >= cap.max_images:
+        n_read = len(set(kept)) + len(errors)
+        if n_read < len(paths) or expected > cap.max_images:
+            unit = "files" if probe.images_per_file == 1 else "files (their slices)"
+            # the probe can miss a file's frames: then the stop came in the given order
+            choice = RANDOM_CHOICE if order is not paths else "the first, in the given order"
+            warnings.warn(
+                capacity_note(n_read, len(paths), unit, cap, round(expected), choice),
+                UserWarning,
+                stacklevel=2,
+            )
+    return TrainingImages(
+        spec,
+        images,
+        [p.as_posix() for p in kept],
+        len(errors),
+        probe.summary(),
+        len(paths),
+        cap,
+    )
 
 
 def training_input(
-    X: NDArray[np.floating] | Sequence[str | os.PathLike[str]], params: Mapping[str, Any]
+    X: NDArray[np.floating] | Sequence[str | os.PathLike[str]],
+    params: Mapping[str, Any],
+    capacity: CapacityRule | None = None,
 ) -> TrainingImages:
     """What ``fit`` trains on, checked to hold at least two normals that differ.
 
     ``X``: an array (shaped by the ``channels`` and ``image_size`` of ``params``) or files
-    (:func:`training_images`).
+    (:func:`training_images`). ``capacity``: the cap on the images read (for an array, a
+    seeded random choice of its rows is kept).
     """
     if isinstance(X, np.ndarray):
         spec, images = array_input(X, params["channels"], params["image_size"])
-        loaded = TrainingImages(spec, images, [], 0, None)  # arrays carry no file shape
+        cap = capacity(spec, 0.0) if capacity is not None else None
+        if cap is not None and len(images) > cap.max_images:
+            rng = np.random.default_rng(params.get("seed", 0))
+            rows = np.sort(rng.permutation(len(images))[: cap.max_images])
+            warnings.warn(
+                capacity_note(
+                    cap.max_images, len(images), "images", cap, len(images), RANDOM_CHOICE
+                ),
+                UserWarning,
+                stacklevel=2,
+            )
+            images = images[rows]
+        # arrays carry no file shape
+        loaded = TrainingImages(spec, images, [], 0, None, len(X), cap)
     else:
-        loaded = training_images(X, params)
+        loaded = training_images(X, params, capacity)
     images = loaded.images
     if len(images) < 2:
         raise DatasetError(f"need at least 2 readable normal images to train, got {len(images)}")

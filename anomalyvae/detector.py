@@ -16,9 +16,11 @@ import torch
 from numpy.typing import NDArray
 
 from anomalyvae import calibration as cal
+from anomalyvae.capacity import Capacity, image_capacity, memory_budget_bytes
 from anomalyvae.data import as_nchw, dim_input_note, to_model_input, training_input
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
+from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import self_check as synthetic_self_check
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.inference.drift import intensity_summary
@@ -98,7 +100,13 @@ class VAEAnomalyDetector:
     val_fraction : float
         Share of the normal images held out for early stopping and calibration.
     epochs, batch_size, learning_rate, patience, time_budget_s, augment, seed, device, nproc
-        Training, see :class:`anomalyvae.models.train.TrainConfig`.
+        Training, see :class:`anomalyvae.models.train.TrainConfig`. ``time_budget_s``
+        covers the whole of ``fit``.
+    memory_budget_gb : float, optional
+        What ``fit`` may hold, in GB; None (default): half of this machine's memory.
+        With ``time_budget_s`` it caps the normals read: a larger set is read as a
+        seeded random choice, named in a warning and in ``data_summary_``
+        (:meth:`training_capacity`).
     checkpoint_path : path, optional
         Where ``fit`` writes a checkpoint after every epoch (atomically).
     progress : bool
@@ -172,6 +180,7 @@ class VAEAnomalyDetector:
         learning_rate: float = 1e-3,
         patience: int = 20,
         time_budget_s: float | None = None,
+        memory_budget_gb: float | None = None,
         augment: bool = False,
         seed: int = 0,
         device: str = "cpu",
@@ -206,6 +215,7 @@ class VAEAnomalyDetector:
         self.learning_rate = learning_rate
         self.patience = patience
         self.time_budget_s = time_budget_s
+        self.memory_budget_gb = memory_budget_gb
         self.augment = augment
         self.seed = seed
         self.device = device
@@ -236,8 +246,9 @@ class VAEAnomalyDetector:
             raise InvalidValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         params = self.get_params()
         check_request(params)  # before the (long) data loading
+        memory_budget_bytes(self.memory_budget_gb)  # a clear error, before it too
         train_config = TrainConfig.from_params(params)
-        loaded = training_input(X, params)
+        loaded = training_input(X, params, self.training_capacity)
         if self.time_budget_s is not None:  # what loading took is no longer the training's
             budget = max(1.0, self.time_budget_s - (time.monotonic() - started))
             train_config = dataclasses.replace(train_config, time_budget_s=budget)
@@ -284,6 +295,25 @@ class VAEAnomalyDetector:
         if self.checkpoint_path is not None and is_main_process():
             self.save(self.checkpoint_path)
         return self
+
+    def training_capacity(self, spec: Preprocessing, seconds_per_file: float = 0.0) -> Capacity:
+        """The most normals one ``fit`` reads at model input ``spec``, and why.
+
+        The family's memory per image against ``memory_budget_gb``, and its seconds per
+        image outside the epochs (measured on this machine, plus decoding a file of
+        ``seconds_per_file`` and preprocessing it) against ``time_budget_s``
+        (:func:`anomalyvae.capacity.image_capacity`).
+        """
+        family = get_family(resolve_family(self.model, spec.height, spec.width))
+        seconds = family.training_seconds_per_image(self, spec)
+        if seconds is not None:  # preprocessing takes about as long as decoding
+            seconds += 2.0 * seconds_per_file
+        return image_capacity(
+            family.training_bytes_per_image(spec),
+            seconds,
+            memory_budget_bytes(self.memory_budget_gb),
+            self.time_budget_s,
+        )
 
     def self_check(self, X: ImagesLike, seed: int = 0) -> dict[str, Any]:
         """Estimated detection rate: synthetic defects pasted into normals, scored.

@@ -29,6 +29,7 @@ def read_images(
     spec: Preprocessing,
     on_error: str = "warn",
     volumes: str = "slices",
+    max_images: int | None = None,
 ) -> tuple[NDArray[np.float32], list[Path], list[ImageReadError]]:
     """Load many files to one (n, c, h, w) array; unreadable files are reported, not fatal.
 
@@ -41,6 +42,9 @@ def read_images(
         images (multi-page TIFF, animated GIF, multi-frame DICOM) every frame ("slices",
         for training), or either is an error like any file that is not one 2-D image
         ("error").
+    max_images : int, optional
+        Stop reading once this many images are held (a volume's or a multi-frame file's
+        last stack is cut to fit): the files after it are not opened.
 
     Returns
     -------
@@ -56,7 +60,11 @@ def read_images(
     images: list[NDArray[np.float32]] = []
     kept: list[Path] = []
     errors: list[ImageReadError] = []
+    if max_images is not None and max_images < 1:
+        raise InvalidValueError(f"max_images must be at least 1, got {max_images}")
     for path in paths:
+        if max_images is not None and len(images) >= max_images:
+            break
         try:
             if volumes == "slices" and is_nifti(path):
                 stack = volume_slices(path, spec, skip_background=True)
@@ -73,6 +81,8 @@ def read_images(
                 warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
             errors.append(error)
             continue
+        if max_images is not None:
+            stack = stack[: max_images - len(images)]
         images.extend(stack)
         kept.extend([Path(path)] * len(stack))
     if not images:

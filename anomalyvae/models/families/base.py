@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from anomalyvae.models.train import TrainConfig
 
 
+def input_bytes(spec: Preprocessing) -> int:
+    """Bytes of one model-input image (float32)."""
+    return 4 * spec.channels * spec.height * spec.width
+
+
 class Trained(NamedTuple):
     """What :meth:`ModelFamily.train` returns: the model and how training went."""
 
@@ -115,6 +120,23 @@ class ModelFamily(abc.ABC):
         """How the model input is sized from training files (None: the generic way).
 
         Keyword arguments of :func:`anomalyvae.data.infer_preprocessing`.
+        """
+        return None
+
+    def training_bytes_per_image(self, spec: Preprocessing) -> float:
+        """Memory that training holds per normal image of input ``spec``, in bytes.
+
+        The default: the model input and one working copy of it. :mod:`anomalyvae.capacity`
+        caps the number of normals read with it.
+        """
+        return 2.0 * input_bytes(spec)
+
+    def training_seconds_per_image(
+        self, detector: VAEAnomalyDetector, spec: Preprocessing
+    ) -> float | None:
+        """Seconds each normal costs outside the epochs on this machine, or None.
+
+        None (the default): the epochs take the time, and they stop at the budget.
         """
         return None
 

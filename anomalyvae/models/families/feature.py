@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,10 +16,14 @@ from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.bank import knn_view
-from anomalyvae.models.families.base import ModelFamily, Trained
+from anomalyvae.models.families.base import ModelFamily, Trained, input_bytes
 from anomalyvae.models.feature_config import FeatureVAEConfig
-from anomalyvae.models.feature_training import IMAGE_COMPONENT_CHOICES, train_feature_vae
-from anomalyvae.models.feature_vae import FeatureVAE, fit_map_constants
+from anomalyvae.models.feature_training import (
+    IMAGE_COMPONENT_CHOICES,
+    SCORING_OVER_BACKBONE,
+    train_feature_vae,
+)
+from anomalyvae.models.feature_vae import FEATURE_STRIDE, FeatureVAE, fit_map_constants
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
     LOCAL_EXCESS_WEIGHT,
@@ -107,6 +112,29 @@ class FeatureFamily(ModelFamily):
             raise InvalidValueError("scoring with a valid mask needs the pixel model")
         return feature_scores(model, x, config)
 
+    def training_bytes_per_image(self, spec: Preprocessing) -> float:
+        # the input, and the raw and the standardized features (152 float32 at stride 8)
+        cells = -(-spec.height // FEATURE_STRIDE) * -(-spec.width // FEATURE_STRIDE)
+        channels = FeatureVAEConfig(spec.height, spec.width).feature_channels
+        return input_bytes(spec) + 2.0 * 4 * channels * cells
+
+    def training_seconds_per_image(
+        self, detector: VAEAnomalyDetector, spec: Preprocessing
+    ) -> float | None:
+        # the backbone, timed here on blank input of this size in training's batches;
+        # each normal passes it once, and the held-out share FIT_SCORING_PASSES times
+        # more in whole scoring passes (calibration, fusion, the self-check)
+        model = FeatureVAE(feature_config(detector, spec), pretrained=False).eval()
+        n = min(4, auto_batch_size(spec.height, spec.width, 16))
+        batch = torch.zeros(n, spec.channels, spec.height, spec.width)
+        with torch.no_grad():
+            model.raw_features(batch[:1])  # the first call sets up the kernels
+            started = time.perf_counter()
+            model.raw_features(batch)
+            backbone = (time.perf_counter() - started) / n
+        held_out = detector.val_fraction * FIT_SCORING_PASSES * SCORING_OVER_BACKBONE
+        return backbone * (1.0 + held_out)
+
     def train(
         self,
         detector: VAEAnomalyDetector,
@@ -120,24 +148,8 @@ class FeatureFamily(ModelFamily):
                 "the feature model trains in one process (its backbone is frozen and its "
                 "training takes minutes); use nproc=1, or model='pixel' for DDP"
             )
-        spec = detector.preprocessing_
-        fusion = DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion
-        config = FeatureVAEConfig(
-            height=spec.height,
-            width=spec.width,
-            in_channels=spec.channels,
-            beta=detector.beta,
-            tile_side=detector.tile_size,
-            tile_overlap=detector.tile_size // 4,
-            pool=detector.neighbourhood,
-            fusion=fusion,
-            # the local excess was chosen with the image-share weighting, whose image
-            # view can otherwise outweigh a small defect that only the local views see
-            excess_weight=LOCAL_EXCESS_WEIGHT if fusion == "image-share" else 0.0,
-            excess_z=LOCAL_EXCESS_Z,
-        )
         result = train_feature_vae(
-            config,
+            feature_config(detector, detector.preprocessing_),
             train_images,
             val_images,
             epochs=train_config.epochs,
@@ -286,6 +298,25 @@ class FeatureFamily(ModelFamily):
             "(a quarter of the overlap at weight 1e-3, then linear to 1 over half of it), "
             "summed and divided by the summed weights",
         }
+
+
+def feature_config(detector: VAEAnomalyDetector, spec: Preprocessing) -> FeatureVAEConfig:
+    """The feature model the detector's options ask for, for input ``spec``."""
+    fusion = DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion
+    return FeatureVAEConfig(
+        height=spec.height,
+        width=spec.width,
+        in_channels=spec.channels,
+        beta=detector.beta,
+        tile_side=detector.tile_size,
+        tile_overlap=detector.tile_size // 4,
+        pool=detector.neighbourhood,
+        fusion=fusion,
+        # the local excess was chosen with the image-share weighting, whose image
+        # view can otherwise outweigh a small defect that only the local views see
+        excess_weight=LOCAL_EXCESS_WEIGHT if fusion == "image-share" else 0.0,
+        excess_z=LOCAL_EXCESS_Z,
+    )
 
 
 def feature_scores(model: FeatureVAE, x: Tensor, config: ScoringConfig) -> ScoreResult:
