@@ -16,6 +16,7 @@ from anomalyvae.data import (
     mvtec_samples,
     split_file_samples,
 )
+from anomalyvae.imaging.files import IMAGE_EXTENSIONS
 from anomalyvae.imaging.io import read_image
 from anomalyvae.imaging.preprocessing import read_mask
 
@@ -171,6 +172,18 @@ def test_files_of_other_types_in_a_training_folder_are_named(tmp_path):
     # a single image named directly is still a training set of one
     Image.fromarray(pixels).save(tmp_path / "one.png")
     assert [s.path.name for s in folder_samples(tmp_path / "one.png")] == ["one.png"]
+
+
+def test_training_reads_what_the_scan_reads(tmp_path):
+    from anomalyvae.inference.decoding import SCAN_EXTENSIONS
+
+    # a folder the scan scores whole trains whole: WebP and GIF normals are not left out
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    for name in ("a.png", "b.webp", "c.gif"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    samples = discover(tmp_path, "train")  # no word of files of other types
+    assert sorted(s.path.name for s in samples) == ["a.png", "b.webp", "c.gif"]
+    assert set(SCAN_EXTENSIONS) == {*IMAGE_EXTENSIONS, ".dcm", ".nii", ".nii.gz"}
 
 
 def test_a_missing_subset_of_an_mvtec_root_is_an_error(tmp_path):

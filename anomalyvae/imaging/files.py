@@ -17,7 +17,18 @@ from pathlib import Path
 
 from anomalyvae.imaging.medical import is_dicom
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: The image files training, evaluation and scans read (GIF's and WebP's first frame
+#: too, or every frame where training takes a file of several images as slices).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".webp",
+)
 MEDICAL_EXTENSIONS: tuple[str, ...] = (".dcm", ".nii", ".nii.gz")
 
 

@@ -32,9 +32,9 @@ from anomalyvae.imaging.volumes import (
     VolumeInput,
 )
 
-#: What a scan reads: the training extensions, DICOM and NIfTI, and GIF and WebP. The
-#: scan finds them with the one walker, :func:`anomalyvae.imaging.files.walk_images`.
-SCAN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".gif", ".webp", *MEDICAL_EXTENSIONS)
+#: What a scan reads: what training reads (images, DICOM and NIfTI). The scan finds them
+#: with the one walker, :func:`anomalyvae.imaging.files.walk_images`.
+SCAN_EXTENSIONS = (*IMAGE_EXTENSIONS, *MEDICAL_EXTENSIONS)
 
 
 def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
