@@ -70,8 +70,14 @@ def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]
     summary, data = detector.training_summary_, detector.data_summary_
     tiles = detector.family().tiling(detector.model_).get("n_tiles", 1)
     calibration = detector.calibration_
+    chosen = ""
+    if "n_given" in data:  # a budget cut the set (anomalyvae.capacity)
+        chosen = (
+            f", a seeded choice of the {data['n_given']} given that fits the "
+            f"{data['capacity']['limit']} budget,"
+        )
     lines = [
-        f"Trained on {data['n_train']} images ({data['n_val']} held out) for "
+        f"Trained on {data['n_train']} images ({data['n_val']} held out){chosen} for "
         f"{summary['epochs_run']} epochs in {summary['elapsed_s']:.0f} s (best epoch "
         f"{summary['best_epoch']}, stopped: {summary['stopped_reason']}).",
         f"Model: {detector.family_} ({detector.preprocessing_.height}x"

@@ -130,7 +130,9 @@ def test_an_array_over_the_memory_budget_keeps_a_seeded_choice_of_rows(monkeypat
     assert detector.data_summary_["n_train"] + detector.data_summary_["n_val"] == 8
 
 
-def test_cli_takes_a_memory_budget_in_gb(tmp_path):
+def test_cli_takes_a_memory_budget_in_gb_and_says_what_it_read(
+    synthetic_root, tmp_path, monkeypatch
+):
     from click.testing import CliRunner
 
     from anomalyvae.cli import main
@@ -139,3 +141,14 @@ def test_cli_takes_a_memory_budget_in_gb(tmp_path):
     assert "--memory-budget" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "--memory-budget", "0.5"])
     assert result.exit_code == 2 and "--memory-budget" in result.output
+    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, spec: 1e8)
+    data = tmp_path / "normals"
+    data.mkdir()
+    for path in sorted((synthetic_root / "train" / "good").iterdir())[:30]:
+        (data / path.name).write_bytes(path.read_bytes())
+    args = ["train", str(data), "-o", str(tmp_path / "m.pt"), "--model", "pixel"]
+    args += ["--epochs", "2", "--target-fpr", "0.5", "--memory-budget", str(_budget_for(12))]
+    with pytest.warns(UserWarning, match="reads 12 of the 30 normal files"):
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "a seeded choice of the 30 given that fits the memory budget" in result.output
