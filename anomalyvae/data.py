@@ -428,7 +428,9 @@ def training_images(
         if expected > cap.max_images:  # read in a seeded random order, up to the cap
             rng = np.random.default_rng(params.get("seed", 0))
             order = [paths[i] for i in rng.permutation(len(paths))]
-    images, kept, errors = read_images(order, spec, on_error="warn", max_images=max_images)
+    images, kept, errors = read_images(
+        order, spec, on_error="warn", max_images=max_images, progress=params.get("progress", False)
+    )
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")
     if cap is not None and len(images) >= cap.max_images:

@@ -22,6 +22,7 @@ from anomalyvae.imaging.io import ImageReadError, content_frames
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.preprocessing import Preprocessing, load_image
 from anomalyvae.imaging.volumes import volume_slices
+from anomalyvae.progress import progress_bar
 
 
 def read_images(
@@ -30,6 +31,7 @@ def read_images(
     on_error: str = "warn",
     volumes: str = "slices",
     max_images: int | None = None,
+    progress: bool = False,
 ) -> tuple[NDArray[np.float32], list[Path], list[ImageReadError]]:
     """Load many files to one (n, c, h, w) array; unreadable files are reported, not fatal.
 
@@ -45,6 +47,8 @@ def read_images(
     max_images : int, optional
         Stop reading once this many images are held (a volume's or a multi-frame file's
         last stack is cut to fit): the files after it are not opened.
+    progress : bool
+        A bar of the files read on stderr (:func:`anomalyvae.progress.progress_bar`).
 
     Returns
     -------
@@ -62,29 +66,33 @@ def read_images(
     errors: list[ImageReadError] = []
     if max_images is not None and max_images < 1:
         raise InvalidValueError(f"max_images must be at least 1, got {max_images}")
-    for path in paths:
-        if max_images is not None and len(images) >= max_images:
-            break
-        try:
-            if volumes == "slices" and is_nifti(path):
-                stack = volume_slices(path, spec, skip_background=True)
-            else:
-                frames = content_frames(path) if volumes == "slices" else None
-                if frames is not None and len(frames) > 1:
-                    stack = FrameInput(path, spec, frames).stack()
-                else:  # one image; with volumes="error" a file of several is an error
-                    stack = load_image(path, spec, frames)[None]
-        except ImageReadError as error:
-            if on_error == "raise":
-                raise
-            if on_error == "warn":
-                warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
-            errors.append(error)
-            continue
-        if max_images is not None:
-            stack = stack[: max_images - len(images)]
-        images.extend(stack)
-        kept.extend([Path(path)] * len(stack))
+    files = progress_bar(paths, desc="reading", unit="file", disable=not progress, leave=False)
+    try:
+        for path in files:
+            if max_images is not None and len(images) >= max_images:
+                break
+            try:
+                if volumes == "slices" and is_nifti(path):
+                    stack = volume_slices(path, spec, skip_background=True)
+                else:
+                    frames = content_frames(path) if volumes == "slices" else None
+                    if frames is not None and len(frames) > 1:
+                        stack = FrameInput(path, spec, frames).stack()
+                    else:  # one image; with volumes="error" a file of several is an error
+                        stack = load_image(path, spec, frames)[None]
+            except ImageReadError as error:
+                if on_error == "raise":
+                    raise
+                if on_error == "warn":
+                    warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
+                errors.append(error)
+                continue
+            if max_images is not None:
+                stack = stack[: max_images - len(images)]
+            images.extend(stack)
+            kept.extend([Path(path)] * len(stack))
+    finally:
+        files.close()
     if not images:
         return np.empty((0, spec.channels, spec.height, spec.width), np.float32), kept, errors
     return np.stack(images), kept, errors
