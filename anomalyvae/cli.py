@@ -936,7 +936,7 @@ def score(checkpoint: Path, images: tuple[Path, ...], valid_mask: Path | None) -
     Example:
       anomalyvae score model.pt scan_017.png --valid-mask field_of_view.png
     """
-    from anomalyvae.evaluation import score_files
+    from anomalyvae.file_scores import score_files
 
     rows = score_files(checkpoint, list(images), valid_mask)
     for row in rows:
