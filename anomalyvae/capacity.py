@@ -1,8 +1,8 @@
 """How many normal images one training run can hold, in memory and in time.
 
 Training keeps every normal image as model input until it ends, and the feature family
-keeps two copies of each image's backbone features besides (the raw maps and the
-standardized location vectors the VAE and the memory bank draw from). Each normal also
+keeps each image's backbone features besides (standardized in place: the location
+vectors the VAE and the memory bank draw from). Each normal also
 costs time before the first epoch and after the last (reading it, the backbone, the
 calibration's scoring passes), which no number of epochs can give back. Without a bound,
 a folder of a few thousand large normals runs the machine out of memory, or runs past

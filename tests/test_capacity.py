@@ -81,8 +81,8 @@ def test_feature_family_estimates_what_training_holds():
     spec = Preprocessing(channels=3, height=64, width=96)
     model = FeatureVAE(FeatureVAEConfig(height=64, width=96, in_channels=3), pretrained=False)
     features = extract_features(model, np.zeros((1, 3, 64, 96), np.float32))
-    # the input, the raw features and their standardized copy
-    expected = 4 * 3 * 64 * 96 + 2 * 4 * features[0].numel()
+    # the input and its features (standardized in place: one copy)
+    expected = 4 * 3 * 64 * 96 + 4 * features[0].numel()
     assert family.training_bytes_per_image(spec) == expected
     seconds = family.training_seconds_per_image(VAEAnomalyDetector(), spec)
     assert seconds is not None and 0 < seconds < 60

@@ -42,10 +42,15 @@ class FeatureTrainResult(NamedTuple):
     train_views: NDArray[np.float64] | None = None
 
 
-def extract_features(
+def extract_locations(
     model: FeatureVAE, images: NDArray[np.float32], batch_size: int = 16, progress: bool = False
 ) -> Tensor:
-    """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
+    """Raw backbone features of model-ready images, channels last: (n, h/8, w/8, c).
+
+    Channels last, each location's feature vector is one contiguous row: training
+    standardizes them in place and draws its batches from them without a second copy
+    (:func:`standardize_locations`). ``.permute(0, 3, 1, 2)`` is the (n, c, h, w) view.
+    """
     out = None  # filled in place: a list joined by torch.cat held the features twice
     with torch.no_grad():
         for start in progress_bar(
@@ -57,11 +62,48 @@ def extract_features(
             leave=False,
         ):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            features = model.raw_features(x)
+            features = model.raw_features(x).permute(0, 2, 3, 1)
             if out is None:
                 out = features.new_empty((len(images), *features.shape[1:]))
             out[start : start + len(features)] = features
-    return out if out is not None else model.raw_features(torch.from_numpy(images[:0]))
+    if out is None:
+        return model.raw_features(torch.from_numpy(images[:0])).permute(0, 2, 3, 1)
+    return out
+
+
+def extract_features(
+    model: FeatureVAE, images: NDArray[np.float32], batch_size: int = 16, progress: bool = False
+) -> Tensor:
+    """Raw backbone features of model-ready images, (n, c, h/8, w/8) float32."""
+    locations = extract_locations(model, images, batch_size, progress)
+    return locations.permute(0, 3, 1, 2).contiguous()
+
+
+def image_means(raw: Tensor, chunk: int = 16) -> NDArray[np.float64]:
+    """Each image's mean feature (n, c) of ``raw`` (n, c, h, w), a few images at a time.
+
+    ``raw`` may be a view of channels-last features: each chunk is laid out (c, h, w)
+    first, so the means are those of the features as the backbone gives them.
+    """
+    parts = [raw[i : i + chunk].contiguous().mean(dim=(2, 3)) for i in range(0, len(raw), chunk)]
+    return torch.cat(parts).double().numpy() if parts else np.zeros((0, raw.shape[1]))
+
+
+def standardize_locations(model: FeatureVAE, locations: Tensor) -> Tensor:
+    """Standardize channels-last features (n, h, w, c) in place; rows (n h w, c, 1, 1).
+
+    The rows are a view of ``locations``: the VAE's batches and the memory bank are drawn
+    from them, and no second copy of the features is made.
+    """
+    channels = locations.shape[-1]
+    rows = locations.view(-1, channels)
+    rows.sub_(model.feature_mean.view(channels)).div_(model.feature_std.view(channels))
+    return rows.view(-1, channels, 1, 1)
+
+
+def image_locations(locations: Tensor, index: int) -> Tensor:
+    """Image ``index`` of channels-last features (n, h, w, c) as (1, c, h, w), contiguous."""
+    return locations[index : index + 1].permute(0, 3, 1, 2).contiguous()
 
 
 def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
@@ -72,7 +114,8 @@ def channel_mean_std(raw: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
     total = torch.zeros(raw.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for start in range(0, len(raw), chunk):
-        part = raw[start : start + chunk].double()
+        # contiguous (n, c, h, w) first: a view of channels-last features sums alike
+        part = raw[start : start + chunk].contiguous().double()
         total += part.sum(dim=(0, 2, 3))
         squares += (part**2).sum(dim=(0, 2, 3))
     count = raw.numel() // raw.shape[1]
@@ -261,7 +304,8 @@ CROSS_FIT_FOLDS = 5
 def cross_fitted_views(
     model: FeatureVAE,
     train_images: NDArray[np.float32],
-    train_raw: Tensor,
+    pooled: NDArray[np.float64],
+    locations: Tensor,
     bank_owner: Tensor | None,
     seed: int = 0,
 ) -> NDArray[np.float64] | None:
@@ -272,14 +316,15 @@ def cross_fitted_views(
     taken from *other* images (``bank_owner`` gives each bank row's image). ``global``
     and ``image``: fitted on the other ``CROSS_FIT_FOLDS - 1`` folds. ``local`` and
     ``elbo`` need the VAE retrained without the image: NaN (not fused). None with fewer
-    than 4 images (a fold would leave too few to fit on).
+    than 4 images (a fold would leave too few to fit on). ``pooled``: each image's mean
+    raw feature (:func:`image_means`); ``locations``: the standardized features, channels
+    last (n, h, w, c) (:func:`standardize_locations`).
     """
     n = len(train_images)
     if n < 4:
         return None
     views = np.full((n, len(VIEW_NAMES)), np.nan)
     folds = np.array_split(np.random.default_rng(seed).permutation(n), min(CROSS_FIT_FOLDS, n))
-    pooled = train_raw.mean(dim=(2, 3)).double().numpy()
     if model.config.image_components:  # pooled once: a fold's fancy index copies the images
         small = pooled_images(train_images, model.config)
     column = {name: VIEW_NAMES.index(name) for name in VIEW_NAMES}
@@ -296,7 +341,7 @@ def cross_fitted_views(
         if model.config.bank_size and bank_owner is not None:
             for i in range(n):
                 others = bank_owner != i  # bank rows from other images
-                distances = model.knn_locations(model.standardize(train_raw[i : i + 1]), others)
+                distances = model.knn_locations(image_locations(locations, i), others)
                 views[i, column["knn"]] = float(knn_view(distances, model.config.knn_border)[0])
     return views
 
@@ -351,41 +396,35 @@ def train_feature_vae(
     extract_started = time.monotonic()
     # backbone batches sized from the input, so memory does not grow with it
     step = auto_batch_size(train_images.shape[-2], train_images.shape[-1], 16)
-    train_raw = extract_features(model, train_images, step, progress=progress)
-    val_raw = extract_features(model, val_images, step, progress=progress)
+    # channels last, standardized in place below: one copy of the features, not two
+    train_locations = extract_locations(model, train_images, step, progress=progress)
+    val_locations = extract_locations(model, val_images, step, progress=progress)
     if time_budget_s is not None and reserve_passes > 0:
         per_image = (time.monotonic() - extract_started) / (len(train_images) + len(val_images))
         # a scoring pass adds the VAE, the upsampled map and its blur to the backbone
         time_budget_s -= reserve_passes * len(val_images) * per_image * SCORING_OVER_BACKBONE
+    train_raw = train_locations.permute(0, 3, 1, 2)  # (n, c, h, w) views, no copies
     mean, scale = feature_standardization(train_raw)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(scale)
-    global_mean, precision = fit_global_gaussian(train_raw.mean(dim=(2, 3)).double().numpy())
+    pooled = image_means(train_raw)
+    global_mean, precision = fit_global_gaussian(pooled)
     model.global_mean.copy_(global_mean)
     model.global_precision.copy_(precision)
     if subspace is not None:
         model.image_mean.copy_(subspace[0])
         model.image_basis.copy_(subspace[1])
 
-    def vectors(raw: Tensor) -> Tensor:
-        """Standardized location vectors (n h w, c, 1, 1), written image by image.
-
-        Whole-set temporaries (standardized, then permuted) tripled train's memory.
-        """
-        n, c, h, w = raw.shape
-        out = torch.empty(n * h * w, c, 1, 1)
-        for i in range(n):
-            standardized = model.standardize(raw[i : i + 1])[0]
-            out[i * h * w : (i + 1) * h * w, :, 0, 0] = standardized.permute(1, 2, 0).reshape(-1, c)
-        return out
-
-    train_x, val_x = vectors(train_raw), vectors(val_raw)
+    feature_shape = train_raw.shape[-2:]
+    del train_raw
+    train_x = standardize_locations(model, train_locations)
+    val_x = standardize_locations(model, val_locations)
     bank_owner = None
     if config.bank_size:
         chosen = coreset_indices(train_x.flatten(1), config.bank_size, seed)
         bank = train_x.flatten(1)[chosen].clone()
         # each bank row's image: train_x holds each image's locations in turn
-        bank_owner = chosen // (train_raw.shape[-2] * train_raw.shape[-1])
+        bank_owner = chosen // (feature_shape[0] * feature_shape[1])
         if len(bank) < config.bank_size:  # fewer training locations than the bank holds
             config = dataclasses.replace(config, bank_size=len(bank))
             model.config = config
@@ -393,17 +432,18 @@ def train_feature_vae(
         model.project_bank(projected)  # a no-op when ``projected`` is 0
         config = model.config
         if time_budget_s is not None and reserve_passes > 0 and len(val_images):
-            sample = model.standardize(val_raw[:8])
+            first = range(min(8, len(val_images)))
+            sample = torch.cat([image_locations(val_locations, i) for i in first])
             knn_started = time.monotonic()
             with torch.no_grad():
                 model.knn_distance(sample)
             per_image = (time.monotonic() - knn_started) / len(sample)
             time_budget_s -= reserve_passes * len(val_images) * per_image
-    train_views = cross_fitted_views(model, train_images, train_raw, bank_owner, seed)
+    train_views = cross_fitted_views(model, train_images, pooled, train_locations, bank_owner, seed)
     if len(val_x) > 131072:  # a fixed, seeded sample keeps validation cheap
         keep = torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))
         val_x = val_x[keep[:131072]]
-    del train_raw, val_raw
+    del val_locations  # val_x holds the rows kept
     parameters = list(model.encoder.parameters()) + list(model.decoder.parameters())
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)

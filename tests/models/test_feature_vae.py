@@ -559,7 +559,11 @@ def test_image_view_is_the_top_k_of_the_smoothed_residual_map_and_old_models_kee
 
 def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, feature_root):
     """The training normals get views as if held out, and join the calibration."""
-    from anomalyvae.models.feature_training import cross_fitted_views, extract_features
+    from anomalyvae.models.feature_training import (
+        cross_fitted_views,
+        extract_features,
+        image_means,
+    )
 
     detector, _ = feature_detector
     n_val = len(detector.validation_files_)
@@ -579,14 +583,17 @@ def test_every_normal_calibrates_through_cross_fitted_views(feature_detector, fe
     model_copy.bank = standardized.permute(0, 2, 3, 1).reshape(-1, raw.shape[1]).clone()
     model_copy.config = dataclasses.replace(model.config, bank_size=len(model_copy.bank))
     owner = torch.arange(len(images)).repeat_interleave(locations)
-    views = cross_fitted_views(model_copy, images, raw, owner)
+    channels_last = standardized.permute(0, 2, 3, 1).contiguous()
+    pooled = image_means(raw)
+    views = cross_fitted_views(model_copy, images, pooled, channels_last, owner)
     in_sample = model_copy.knn_distance(standardized)
     knn = VIEW_NAMES.index("knn")
     assert in_sample.max() < 0.05  # 0 up to the rounding of |q|^2 + |b|^2 - 2 q.b
     assert views[:, knn].min() > 5 * float(in_sample.max())
     assert np.isnan(views[:, VIEW_NAMES.index("elbo")]).all()  # needs the VAE refitted
     assert np.isfinite(views[:, [VIEW_NAMES.index("global"), VIEW_NAMES.index("image")]]).all()
-    assert cross_fitted_views(model_copy, images[:3], raw[:3], owner[: 3 * locations]) is None
+    three = owner[: 3 * locations]
+    assert cross_fitted_views(model_copy, images[:3], pooled[:3], channels_last[:3], three) is None
 
 
 def test_image_variance_splits_each_image_into_the_subspace_and_the_rest():

@@ -113,10 +113,10 @@ class FeatureFamily(ModelFamily):
         return feature_scores(model, x, config)
 
     def training_bytes_per_image(self, spec: Preprocessing) -> float:
-        # the input, and the raw and the standardized features (152 float32 at stride 8)
+        # the input, and its features (152 float32 at stride 8), standardized in place
         cells = -(-spec.height // FEATURE_STRIDE) * -(-spec.width // FEATURE_STRIDE)
         channels = FeatureVAEConfig(spec.height, spec.width).feature_channels
-        return input_bytes(spec) + 2.0 * 4 * channels * cells
+        return input_bytes(spec) + 4.0 * channels * cells
 
     def training_seconds_per_image(
         self, detector: VAEAnomalyDetector, spec: Preprocessing
