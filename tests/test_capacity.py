@@ -114,10 +114,16 @@ def test_a_set_over_the_memory_budget_is_read_as_a_seeded_choice(
     whole = VAEAnomalyDetector(**(settings | dict(memory_budget_gb=_budget_for(40)))).fit(files)
     assert whole.data_summary_["n_train"] + whole.data_summary_["n_val"] == 30
     assert "capacity" not in whole.data_summary_
-    # the record survives save and load
+    # the record survives save and load, and reaches the ONNX file's metadata
     first.save(tmp_path / "m.pt")
     loaded = VAEAnomalyDetector.load(tmp_path / "m.pt", progress=False)
     assert loaded.data_summary_["n_given"] == 30
+    from anomalyvae.export import export_onnx
+    from anomalyvae.inference.runtime import read_metadata
+
+    meta = read_metadata(export_onnx(loaded, tmp_path / "m.onnx").path)
+    assert meta["training_data"]["n_given"] == 30
+    assert meta["training_data"]["capacity"]["limit"] == "memory"
 
 
 def test_an_array_over_the_memory_budget_keeps_a_seeded_choice_of_rows(monkeypatch):

@@ -299,6 +299,8 @@ def choose_image_components(
 
 #: Folds in which the global and image views of the training normals are cross-fitted.
 CROSS_FIT_FOLDS = 5
+#: Images whose cross-fitted image view is computed at once.
+CROSS_FIT_CHUNK = 16
 
 
 def cross_fitted_views(
@@ -336,8 +338,11 @@ def cross_fitted_views(
             views[fold, column["global"]] = ((centred @ precision) * centred).sum(1).numpy()
             if model.config.image_components:
                 subspace = fit_pooled_subspace(small[others], model.config)
-                x = torch.from_numpy(np.ascontiguousarray(train_images[fold]))
-                views[fold, column["image"]] = model.image_view(x, subspace).numpy()
+                # a few images at a time: a fold's copy (and its normalized copy) held a
+                # fifth of the set twice over beside the features
+                for part in np.array_split(fold, -(-len(fold) // CROSS_FIT_CHUNK)):
+                    x = torch.from_numpy(np.ascontiguousarray(train_images[part]))
+                    views[part, column["image"]] = model.image_view(x, subspace).numpy()
         if model.config.bank_size and bank_owner is not None:
             for i in range(n):
                 others = bank_owner != i  # bank rows from other images
