@@ -367,7 +367,7 @@ class TrainingImages(NamedTuple):
     n_skipped: int
     #: the probed files' shapes (:meth:`SourceProbe.summary`); None for arrays
     source_shape: dict[str, Any] | None
-    #: the files (or array rows) given, and the cap on images read, when one was set
+    #: the files (or array rows) given, and the cap on images read when it cut the set
     n_given: int = 0
     capacity: Capacity | None = None
 
@@ -381,8 +381,7 @@ class TrainingImages(NamedTuple):
         }
         if self.source_shape is not None:  # the scan warns of files shaped unlike these
             summary["source_shape"] = self.source_shape
-        if self.capacity is not None and len(self.images) >= self.capacity.max_images:
-            # a budget cut the set: what was given, and why (capacity.py)
+        if self.capacity is not None:  # a budget cut the set: what was given, and why (capacity.py)
             summary["n_given"] = int(self.n_given)
             summary["capacity"] = self.capacity.to_dict()
         return summary
@@ -433,9 +432,11 @@ def training_images(
     )
     if not kept:
         raise DatasetError(f"none of the {len(paths)} training files could be read")
+    cut = None  # the cap, when it cut the set (a set of exactly the cap is read whole)
     if cap is not None and len(images) >= cap.max_images:
         n_read = len(set(kept)) + len(errors)
         if n_read < len(paths) or expected > cap.max_images:
+            cut = cap
             unit = "files" if probe.images_per_file == 1 else "files (their slices)"
             # the probe can miss a file's frames: then the stop came in the given order
             choice = RANDOM_CHOICE if order is not paths else "the first, in the given order"
@@ -451,7 +452,7 @@ def training_images(
         len(errors),
         probe.summary(),
         len(paths),
-        cap,
+        cut,
     )
 
 
@@ -469,7 +470,9 @@ def training_input(
     if isinstance(X, np.ndarray):
         spec, images = array_input(X, params["channels"], params["image_size"])
         cap = capacity(spec, 0.0) if capacity is not None else None
-        if cap is not None and len(images) > cap.max_images:
+        if cap is not None and len(images) <= cap.max_images:
+            cap = None  # read whole: no cut to record
+        if cap is not None:
             rng = np.random.default_rng(params.get("seed", 0))
             rows = np.sort(rng.permutation(len(images))[: cap.max_images])
             warnings.warn(

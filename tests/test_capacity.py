@@ -134,6 +134,9 @@ def test_an_array_over_the_memory_budget_keeps_a_seeded_choice_of_rows(monkeypat
     with pytest.warns(UserWarning, match="reads 8 of the 20 normal images"):
         detector = VAEAnomalyDetector(**settings).fit(images)
     assert detector.data_summary_["n_train"] + detector.data_summary_["n_val"] == 8
+    # an array of exactly the cap is read whole: no cut recorded
+    exact = VAEAnomalyDetector(**settings).fit(images[:8])
+    assert "n_given" not in exact.data_summary_ and "capacity" not in exact.data_summary_
 
 
 def test_cli_takes_a_memory_budget_in_gb_and_says_what_it_read(
