@@ -196,8 +196,12 @@ def threshold_from_labels(scores: ArrayLike, labels: ArrayLike, method: str = "f
     )
 
 
+#: Normal-map pixels the pixel threshold is read from, at most (a uniform random sample).
+MAX_PIXELS = 2_000_000
+
+
 def pixel_threshold_from_normals(
-    maps: ArrayLike, target_fpr: float = 0.001, max_pixels: int = 2_000_000, seed: int = 0
+    maps: ArrayLike, target_fpr: float = 0.001, max_pixels: int = MAX_PIXELS, seed: int = 0
 ) -> Threshold:
     """Pixel threshold: the (1 - target_fpr) quantile of all pixels of normal maps.
 
@@ -280,6 +284,46 @@ def calibrate(
     else:
         pixel = pixel_threshold_from_normals(maps[normal], pixel_target_fpr)
     return Calibration(image, pixel, kept)
+
+
+class MapPixelSample:
+    """A uniform sample of the pixels of maps seen a chunk at a time, in bounded memory.
+
+    For a pixel threshold from normals (:func:`pixel_threshold_from_normals`) on a set
+    scored a chunk at a time: each map keeps the same number of its pixels, drawn without
+    replacement, about ``max_pixels`` in all for ``expected_maps`` maps. When more maps
+    come (a volume's slices, a multi-frame file's frames), every map's share is halved
+    whenever the sample grows past twice ``max_pixels``, so memory stays bounded and every
+    pixel seen had the same chance to be kept. Maps that hold ``max_pixels`` or fewer in
+    all keep every pixel, so their threshold is exactly the one the whole maps give.
+    """
+
+    def __init__(self, expected_maps: int, max_pixels: int = MAX_PIXELS, seed: int = 0):
+        self.max_pixels = max_pixels
+        self.per_map = -(-max_pixels // max(1, expected_maps))
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[NDArray[np.float32]] = []
+
+    def _cut(self, flat: NDArray[np.float32], keep: int) -> NDArray[np.float32]:
+        if flat.shape[1] <= keep:
+            return flat
+        picks = np.stack([self.rng.choice(flat.shape[1], keep, replace=False) for _ in flat])
+        return np.take_along_axis(flat, picks, axis=1)
+
+    def add(self, maps: ArrayLike) -> None:
+        """Sample the pixels of ``maps`` (n, ...), one row per map."""
+        maps = np.asarray(maps, dtype=np.float32)
+        self.rows.append(self._cut(maps.reshape(len(maps), -1), self.per_map))
+        while sum(r.size for r in self.rows) > 2 * self.max_pixels and self.per_map > 1:
+            self.per_map = -(-self.per_map // 2)
+            self.rows = [self._cut(r, self.per_map) for r in self.rows]
+
+    def pixels(self) -> NDArray[np.float32]:
+        """The sample so far, (n, k): one row per map added."""
+        if not self.rows:
+            return np.zeros((0, 0), np.float32)
+        width = min(r.shape[1] for r in self.rows)  # every row is cut to the same share
+        return np.concatenate([self._cut(r, width) for r in self.rows])
 
 
 def _subsample(values: NDArray[np.float32], max_pixels: int, seed: int) -> NDArray[np.float32]:

@@ -461,14 +461,30 @@ class VAEAnomalyDetector:
             (:func:`anomalyvae.calibration.threshold_from_normals`).
         """
         self.check_fitted()
-        if method not in cal.CALIBRATION_METHODS:  # before the scoring
-            raise InvalidValueError(
-                f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}"
-            )
-        if tail not in cal.TAILS:
-            raise InvalidValueError(f"tail must be one of {cal.TAILS}, got {tail!r}")
+        self._check_calibration(method, tail)  # before the scoring
         # without labels, a folder of normal volumes calibrates on their slices
         maps, scores = self._score(X, volumes="slices" if y is None else "error")
+        return self.calibrate_scored(scores, maps, y, masks, method, extra_normal_scores, tail)
+
+    def calibrate_scored(
+        self,
+        scores: NDArray[np.float64],
+        maps: NDArray[np.float32],
+        y: NDArray[np.integer] | None = None,
+        masks: NDArray[np.bool_] | None = None,
+        method: str = "normal_quantile",
+        extra_normal_scores: NDArray[np.float64] | None = None,
+        tail: str = cal.DEFAULT_TAIL,
+    ) -> VAEAnomalyDetector:
+        """:meth:`calibrate` on images this model has already scored.
+
+        ``scores`` (n,) are the images' image scores and ``maps`` (n, h, w) their anomaly
+        maps; without ``masks``, ``maps`` may be a sample of each map's pixels, (n, k)
+        (:func:`anomalyvae.calibration.sample_map_pixels`), so that a large set is
+        scored a chunk at a time and calibrates in bounded memory.
+        """
+        self.check_fitted()
+        self._check_calibration(method, tail)
         found = cal.calibrate(
             scores,
             maps,
@@ -488,6 +504,15 @@ class VAEAnomalyDetector:
         self.pixel_threshold_ = self.pixel_calibration_.value
         self.offset_ = -self.threshold_
         return self
+
+    @staticmethod
+    def _check_calibration(method: str, tail: str) -> None:
+        if method not in cal.CALIBRATION_METHODS:
+            raise InvalidValueError(
+                f"method must be one of {cal.CALIBRATION_METHODS}, got {method!r}"
+            )
+        if tail not in cal.TAILS:
+            raise InvalidValueError(f"tail must be one of {cal.TAILS}, got {tail!r}")
 
     def use_score_kind(self, score_kind: str) -> VAEAnomalyDetector:
         """Make another of the model's candidate scores its image score.

@@ -10,6 +10,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from anomalyvae.calibration import DEFAULT_TAIL, normalize
+from anomalyvae.calibration import DEFAULT_TAIL, MapPixelSample, normalize
 from anomalyvae.clock import command_budget
 from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
@@ -139,27 +140,38 @@ def calibrate_on(
     labelled = method != "normal_quantile"
     if not labelled:
         samples = [s for s in samples if s.label == 0]
-    # an unreadable file is skipped with a warning naming it, as training skips it; normal
-    # volumes calibrate on their slices, labelled files keep one image (and label) each
-    images, kept, _ = read_images(
-        [s.path for s in samples],
-        detector.preprocessing_,
-        on_error="warn",
-        volumes="error" if labelled else "slices",
-    )
-    if not len(images):
+    # read and scored a chunk at a time, as evaluate does: memory holds one chunk of
+    # images, and of each map only what the pixel threshold may read (a labelled set's
+    # maps whole, for its masks; else a sample of each normal map's pixels). An unreadable
+    # file is skipped with a warning naming it, as training skips it; normal volumes
+    # calibrate on their slices, labelled files keep one image (and label) each
+    read: list[Sample] = []
+    scores: list[NDArray[np.float64]] = []
+    full_maps: list[NDArray[np.float32]] = []
+    sample = MapPixelSample(len(samples))
+    volumes = "error" if labelled else "slices"
+    for chunk in scored_chunks(
+        detector, samples, [], progress, volumes, views=False, desc="calibrating"
+    ):
+        read += chunk.samples
+        scores.append(chunk.scores)
+        if labelled:
+            full_maps.append(chunk.maps)
+        else:
+            sample.add(chunk.maps)
+    if not scores:
         raise DatasetError(
             f"no readable {'labelled' if labelled else 'normal'} images to calibrate on in "
             f"'{source}' (subset '{subset}')"
         )
+    maps = np.concatenate(full_maps) if labelled else sample.pixels()
     labels, masks = None, None
     if labelled:
-        readable = {Path(p) for p in kept}
-        samples = [s for s in samples if Path(s.path) in readable]
+        samples = read
         labels = np.array([s.label for s in samples])
         if all(s.mask_path or s.label == 0 for s in samples):
             masks = masks_for(samples, detector, mask_threshold)
-    detector.calibrate(images, labels, masks, method, tail=tail)
+    detector.calibrate_scored(np.concatenate(scores), maps, labels, masks, method, tail=tail)
     detector.save(output or checkpoint)
     return detector
 
@@ -186,6 +198,66 @@ class Evaluation(NamedTuple):
 EVALUATE_CHUNK_BYTES = 256 * 2**20
 
 
+class ScoredChunk(NamedTuple):
+    """One chunk of files read and scored by :func:`scored_chunks`."""
+
+    #: the files of the chunk that were read, in order
+    samples: list[Sample]
+    #: the file of each image (a volume's or multi-frame file's path once per image)
+    paths: list[Path]
+    scores: NDArray[np.float64]
+    maps: NDArray[np.float32]
+    #: candidate views by name (only with ``views=True``)
+    views: dict[str, NDArray[np.float64]]
+
+
+def scored_chunks(
+    detector: VAEAnomalyDetector,
+    samples: list[Sample],
+    left_out: list[dict[str, str]],
+    progress: bool,
+    volumes: str = "error",
+    views: bool = True,
+    desc: str = "evaluating",
+) -> Iterator[ScoredChunk]:
+    """Read and score files a chunk at a time, so that memory holds one chunk of images.
+
+    Each file is read once, as the model sees it; an unreadable file is left out with a
+    warning and named in ``left_out``. ``volumes="slices"`` scores every slice of a NIfTI
+    volume (each volume a chunk of its own) and every frame of a multi-frame file;
+    ``views`` adds the model's candidate views (:meth:`VAEAnomalyDetector.score_map_views`).
+    """
+    spec = detector.preprocessing_
+    per_image = spec.channels * spec.height * spec.width * 4
+    size = max(8, EVALUATE_CHUNK_BYTES // per_image)
+    parts: list[list[Sample]] = []
+    for sample in samples:  # a volume alone: its slices are a stack of their own
+        alone = volumes == "slices" and is_nifti(sample.path)
+        if alone or not parts or len(parts[-1]) >= size or is_nifti(parts[-1][-1].path):
+            parts.append([sample])
+        else:
+            parts[-1].append(sample)
+    bar = progress_bar(
+        total=len(samples), desc=desc, unit="img", disable=not progress or not samples
+    )
+    try:
+        for part in parts:
+            images, kept, errors = read_images([s.path for s in part], spec, "warn", volumes)
+            left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
+            if len(kept):
+                if views:
+                    scores, maps, found = detector.score_map_views(images)
+                else:
+                    (scores, maps), found = detector.score_and_map(images), {}
+                del images
+                read = {Path(p) for p in kept}
+                readable = [s for s in part if Path(s.path) in read]
+                yield ScoredChunk(readable, kept, scores, maps, found)
+            bar.update(len(part))
+    finally:
+        bar.close()
+
+
 def _score_files(
     detector: VAEAnomalyDetector,
     samples: list[Sample],
@@ -194,35 +266,20 @@ def _score_files(
 ) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32], dict[str, list[NDArray]]]:
     """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
 
-    Each file is read once, as the model sees it; an unreadable file is left out and
-    named in ``left_out``. The maps (n, h, w) are filled in place, so memory holds every
-    map once and one chunk of images.
+    The maps (n, h, w) are filled in place, so memory holds every map once and one chunk
+    of images (:func:`scored_chunks`).
     """
     spec = detector.preprocessing_
-    per_image = spec.channels * spec.height * spec.width * 4
-    chunk = max(8, EVALUATE_CHUNK_BYTES // per_image)
     maps = np.empty((len(samples), spec.height, spec.width), np.float32)
     scores: list[NDArray[np.float64]] = []
     views: dict[str, list[NDArray]] = {}
     readable: list[Sample] = []
-    bar = progress_bar(
-        total=len(samples), desc="evaluating", unit="img", disable=not progress or not samples
-    )
-    for start in range(0, len(samples), chunk):
-        part = samples[start : start + chunk]
-        images, kept, errors = read_images([s.path for s in part], spec, "warn", "error")
-        left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
-        if len(kept):
-            found_scores, found_maps, found = detector.score_map_views(images)
-            maps[len(readable) : len(readable) + len(kept)] = found_maps
-            scores.append(found_scores)
-            for name, values in found.items():
-                views.setdefault(name, []).append(values)
-            read = {Path(p) for p in kept}
-            readable += [s for s in part if Path(s.path) in read]
-        del images
-        bar.update(len(part))
-    bar.close()
+    for chunk in scored_chunks(detector, samples, left_out, progress):
+        maps[len(readable) : len(readable) + len(chunk.samples)] = chunk.maps
+        scores.append(chunk.scores)
+        for name, values in chunk.views.items():
+            views.setdefault(name, []).append(values)
+        readable += chunk.samples
     joined = np.concatenate(scores) if scores else np.zeros(0)
     views = {name: [np.concatenate(parts)] for name, parts in views.items()}
     return readable, joined, maps[: len(readable)], views

@@ -221,3 +221,32 @@ def test_calibrate_with_labels_and_masks():
         cal.calibrate(scores, maps, np.zeros(3))
     with pytest.raises(ValueError, match="method must be"):
         cal.calibrate(scores, maps, method="nope")
+
+
+def test_map_pixel_sample_keeps_every_pixel_of_a_small_set():
+    maps = np.random.default_rng(0).gamma(2.0, size=(12, 8, 8)).astype(np.float32)
+    sample = cal.MapPixelSample(len(maps), max_pixels=10_000)
+    for start in range(0, len(maps), 5):  # chunks of 5, 5 and 2 maps
+        sample.add(maps[start : start + 5])
+    assert sample.pixels().shape == (12, 64)
+    whole = cal.pixel_threshold_from_normals(maps, 0.01).value
+    assert cal.pixel_threshold_from_normals(sample.pixels(), 0.01).value == whole
+
+
+def test_map_pixel_sample_stays_bounded_and_uniform_when_more_maps_come():
+    rng = np.random.default_rng(1)
+    # the first maps are low, the later ones high: a sample that kept the early maps'
+    # pixels at a higher rate than the later ones' would read a biased quantile
+    maps = np.concatenate([rng.normal(0, 1, (40, 32, 32)), rng.normal(1, 1, (360, 32, 32))]).astype(
+        np.float32
+    )
+    sample = cal.MapPixelSample(expected_maps=40, max_pixels=5_000, seed=3)
+    for start in range(0, len(maps), 16):
+        sample.add(maps[start : start + 16])
+        assert sum(r.size for r in sample.rows) <= 2 * 5_000 + 16 * 1024
+    pixels = sample.pixels()
+    assert pixels.shape[0] == 400 and 5_000 // 4 <= pixels.size <= 2 * 5_000
+    assert len(set(r.shape[1] for r in sample.rows)) <= 2
+    assert pixels.mean() == pytest.approx(maps.mean(), abs=0.1)
+    q = np.quantile(maps, 0.99)
+    assert np.quantile(pixels, 0.99) == pytest.approx(q, abs=0.15)

@@ -326,6 +326,68 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
+@pytest.mark.parametrize("method", ["normal_quantile", "f1"])
+def test_calibrate_reads_a_chunk_at_a_time_with_the_thresholds_of_one_pass(
+    trained, synthetic_root, tmp_path, monkeypatch, method
+):
+    """calibrate scores its set a chunk at a time, as evaluate does, keeping a sample of
+    each normal map's pixels: on a set whose maps fit the sample whole, both thresholds
+    are those the detector reads from the whole set in memory."""
+    import anomalyvae.evaluation as evaluation
+    from anomalyvae.data import discover
+
+    detector, checkpoint = trained
+    samples = discover(synthetic_root, "test")
+    if method == "normal_quantile":
+        samples = [s for s in samples if s.label == 0]
+        labels, masks = None, None
+    else:  # the synthetic set has a mask for every defect
+        labels = np.array([s.label for s in samples])
+        masks = evaluation.masks_for(samples, detector, 0.0)
+    reference = VAEAnomalyDetector.load(checkpoint, progress=False)
+    reference.calibrate([s.path for s in samples], labels, masks, method=method)
+    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    out = tmp_path / "chunked.pt"
+    chunked = evaluation.calibrate_on(checkpoint, synthetic_root, out, method, progress=False)
+    scale = np.ptp(reference.calibration_scores_) if labels is None else 1.0
+    assert chunked.threshold_ == pytest.approx(reference.threshold_, rel=1e-4, abs=1e-4 * scale)
+    assert chunked.pixel_threshold_ == pytest.approx(reference.pixel_threshold_, rel=1e-4)
+    if labels is None:
+        assert len(chunked.calibration_scores_) == len(samples)
+
+
+def test_calibrate_reads_normal_volumes_slice_by_slice_between_images(
+    trained, synthetic_root, tmp_path, monkeypatch
+):
+    """A folder of normals that mixes images and NIfTI volumes calibrates on every image
+    and every non-background slice, each volume scored on its own between the chunks."""
+    import shutil
+
+    import nibabel
+
+    import anomalyvae.evaluation as evaluation
+
+    _, checkpoint = trained
+    good = tmp_path / "data" / "test" / "good"
+    pngs = sorted((synthetic_root / "test" / "good").glob("*.png"))[:10]
+    good.mkdir(parents=True)
+    for png in pngs:
+        shutil.copy(png, good / png.name)
+    rng = np.random.default_rng(0)
+    for name in ("0003_a.nii.gz", "0006_b.nii.gz"):  # sorted between the images
+        volume = (rng.random((32, 32, 4)) * 1000 + 10).astype(np.float32)
+        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(good / name))
+    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    out = tmp_path / "recalibrated.pt"
+    chunked = evaluation.calibrate_on(checkpoint, tmp_path / "data", out, progress=False)
+    reference = VAEAnomalyDetector.load(checkpoint, progress=False)
+    reference.calibrate(sorted(good.iterdir()))
+    assert len(chunked.calibration_scores_) == 10 + 2 * 4
+    np.testing.assert_allclose(
+        chunked.calibration_scores_, reference.calibration_scores_, rtol=1e-4, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("kept", ["good", "defects"])
 def test_evaluate_says_why_ranking_metrics_are_nan_with_one_class(
     runner, trained, synthetic_root, tmp_path, kept
