@@ -17,7 +17,6 @@ from numpy.typing import NDArray
 
 from anomalyvae import calibration as cal
 from anomalyvae.capacity import Capacity, image_capacity, memory_budget_bytes
-from anomalyvae.data import as_nchw, dim_input_note, to_model_input, training_input
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.preprocessing import Preprocessing
@@ -35,6 +34,7 @@ from anomalyvae.models.families import (
 from anomalyvae.models.maps import ScoringConfig, fit_map_stats
 from anomalyvae.models.train import TrainConfig, is_main_process, resolve_device
 from anomalyvae.persistence import read_detector, write_detector
+from anomalyvae.training_data import as_nchw, dim_input_note, to_model_input, training_input
 
 ImagesLike = NDArray[np.floating] | Sequence[str | os.PathLike]
 
@@ -58,7 +58,7 @@ class VAEAnomalyDetector:
         (:func:`resolve_family`).
     image_size : int or (int, int), optional
         Model input size; by default chosen from the training files (see
-        :func:`anomalyvae.data.infer_preprocessing`) or taken from the array shape.
+        :func:`anomalyvae.training_data.infer_preprocessing`) or taken from the array shape.
     channels : {1, 3}, optional
         By default 3 only when the training images carry colour.
     normalization, window_center, window_width, percentile_low, percentile_high

@@ -9,9 +9,7 @@ from PIL import Image
 from anomalyvae.data import (
     DatasetError,
     discover,
-    file_list_hash,
     folder_samples,
-    infer_preprocessing,
     make_synthetic_dataset,
     mvtec_samples,
     split_file_samples,
@@ -19,6 +17,7 @@ from anomalyvae.data import (
 from anomalyvae.imaging.files import IMAGE_EXTENSIONS
 from anomalyvae.imaging.io import read_image
 from anomalyvae.imaging.preprocessing import read_mask
+from anomalyvae.training_data import file_list_hash, infer_preprocessing
 
 
 def test_synthetic_dataset_layout_and_exact_masks(tmp_path):
@@ -101,7 +100,7 @@ def test_infer_preprocessing_detects_colour(tmp_path):
 
 
 def test_the_probe_of_the_training_files_keeps_their_shape_range(tmp_path):
-    from anomalyvae.data import probe_sources, training_images
+    from anomalyvae.training_data import probe_sources, training_images
 
     sizes = [(40, 100), (50, 100), (60, 90), (32, 32)]  # (height, width)
     for i, (height, width) in enumerate(sizes):

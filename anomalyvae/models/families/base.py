@@ -119,7 +119,7 @@ class ModelFamily(abc.ABC):
     def input_sizing(self) -> dict[str, Any] | None:
         """How the model input is sized from training files (None: the generic way).
 
-        Keyword arguments of :func:`anomalyvae.data.infer_preprocessing`.
+        Keyword arguments of :func:`anomalyvae.training_data.infer_preprocessing`.
         """
         return None
 
