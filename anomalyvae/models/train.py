@@ -151,6 +151,10 @@ def _join_launcher_group(device: torch.device) -> bool:
     return True
 
 
+#: Tries of the distributed start when another process takes its port first.
+PORT_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     import socket
 
@@ -224,16 +228,24 @@ def _train_spawned(
         "progress": progress,
     }
     try:
-        mp.spawn(
-            _spawned_worker,
-            args=(train_config.nproc, _free_port(), arguments),
-            nprocs=train_config.nproc,
-            join=True,
-        )
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                mp.spawn(
+                    _spawned_worker,
+                    args=(train_config.nproc, _free_port(), arguments),
+                    nprocs=train_config.nproc,
+                    join=True,
+                )
+                break
+            except mp.ProcessRaisedException as error:
+                # the free port was taken by another process before rank 0 bound it (a
+                # race no port choice avoids): nothing was trained yet, so try a new one
+                if "EADDRINUSE" not in str(error) or attempt == PORT_ATTEMPTS - 1:
+                    last = str(error).strip().splitlines()[-1]
+                    raise RuntimeError(
+                        f"distributed training failed in a worker process: {last}"
+                    ) from error
         saved = read_checkpoint(checkpoint_path)
-    except mp.ProcessRaisedException as error:
-        last = str(error).strip().splitlines()[-1]
-        raise RuntimeError(f"distributed training failed in a worker process: {last}") from error
     finally:
         if scratch is not None:
             scratch.cleanup()

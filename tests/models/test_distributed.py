@@ -105,3 +105,41 @@ def test_torchrun_launch_writes_one_checkpoint(synthetic_root, tmp_path):
     detector = VAEAnomalyDetector.load(out)
     assert detector.training_summary_["world_size"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun.pt"]
+
+
+def test_a_port_taken_before_rank_0_binds_it_is_tried_again(monkeypatch):
+    """The free port is chosen, released, then bound by rank 0: another process can take
+    it in between (Ray's workers start many listeners). The start is tried again on a new
+    port instead of failing the training; a port taken every time still fails clearly."""
+    import socket
+
+    from anomalyvae.models import train
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken = busy.getsockname()[1]
+    real = train._free_port
+    ports = iter([taken, real()])
+    monkeypatch.setattr(train, "_free_port", lambda: next(ports))
+    config = VAEConfig(height=16, width=16, in_channels=1, channels=(8, 16), latent_dim=4)
+    try:
+        result = train_vae(
+            config,
+            TrainConfig(epochs=1, batch_size=8, nproc=2),
+            _images(16),
+            _images(4),
+            progress=False,
+        )
+        assert result.world_size == 2
+        monkeypatch.setattr(train, "_free_port", lambda: taken)
+        with pytest.raises(RuntimeError, match="EADDRINUSE"):
+            train_vae(
+                config,
+                TrainConfig(epochs=1, batch_size=8, nproc=2),
+                _images(16),
+                _images(4),
+                progress=False,
+            )
+    finally:
+        busy.close()
