@@ -70,11 +70,11 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     for name in outputs if script == "budget/run.py" else []:
         assert (tmp_path / "report" / name).is_file(), name
-    if script == "budget/run.py":  # the three commands ran, timed, with their peak memory
+    if script == "budget/run.py":  # the four commands ran, timed, with their peak memory
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert all(
             results[c]["seconds"] > 0 and results[c]["peak_mb"] > 0
-            for c in ("train", "evaluate", "tight")
+            for c in ("train", "evaluate", "tight", "calibrate")
         )
         assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
         tight = results["tight"]  # the tight memory budget cut the set to a choice

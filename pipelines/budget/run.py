@@ -13,7 +13,9 @@ command runs in a fresh process, as a user runs it; its wall time and peak resid
 memory (VmHWM) are recorded, with numpy's matmul peak of the same run. A third run
 trains on the same set under tight budgets (`--time-budget 300 --memory-budget 4`):
 training then reads a seeded random choice of the normals, and the run shows that the
-command keeps to both budgets. The synthetic
+command keeps to both budgets. A fourth run recalibrates the trained model on the 481
+normals (`anomalyvae calibrate model.pt DATA --subset train`): a set of normals larger
+than a chunk, read and scored a chunk at a time. The synthetic
 set's AUROC is printed for completeness, not as evidence of detection quality (the
 suite measures that on real sets).
 
@@ -172,6 +174,7 @@ def report(results: dict, out: Path) -> None:
     data = results["data"]
     train, evaluate = results["train"], results["evaluate"]
     tight = results["tight"]
+    calibrate = results["calibrate"]
     rows = [
         ("`train` (training + calibration)", train, results["limits_s"]["train"], None),
         (f"`evaluate` ({data['n_test']} images)", evaluate, results["limits_s"]["evaluate"], None),
@@ -182,15 +185,25 @@ def report(results: dict, out: Path) -> None:
             results["limits_s"]["tight"],
             tight["memory_budget_gb"] * 1000,
         ),
+        (
+            f"`calibrate --subset train` ({data['n_train']} normals)",
+            calibrate,
+            None,
+            None,
+        ),
     ]
     table = [
         "| command | seconds | limit | within | peak memory MB | memory budget MB |",
         "|---|---|---|---|---|---|",
     ]
     for name, run, limit, memory in rows:
-        within = run["seconds"] <= limit and (memory is None or run["peak_mb"] <= memory)
+        within = (limit is None or run["seconds"] <= limit) and (
+            memory is None or run["peak_mb"] <= memory
+        )
+        shown_limit = "–" if limit is None else f"{limit:.0f}"
+        verdict = "–" if limit is None and memory is None else "yes" if within else "**no**"
         table.append(
-            f"| {name} | {run['seconds']:.0f} | {limit:.0f} | {'yes' if within else '**no**'} | "
+            f"| {name} | {run['seconds']:.0f} | {shown_limit} | {verdict} | "
             f"{run['peak_mb']:.0f} | {'–' if memory is None else f'{memory:.0f}'} |"
         )
     metrics = results["metrics"]
@@ -289,6 +302,20 @@ def main() -> None:
             work, "evaluate", str(model), str(data), "-o", str(evaluation), "--silent"
         )
         print(f"evaluate: {results['evaluate']['seconds']:.0f} s", flush=True)
+        # a normal set larger than one chunk, recalibrated: memory holds a chunk of images
+        # and a sample of the maps' pixels, not the set
+        results["calibrate"] = run_cli(
+            work,
+            "calibrate",
+            str(model),
+            str(data),
+            "--subset",
+            "train",
+            "-o",
+            str(work / "model-recalibrated.pt"),
+            "--silent",
+        )
+        print(f"calibrate: {results['calibrate']['seconds']:.0f} s", flush=True)
         overall = json.loads((evaluation / "metrics.json").read_text())["metrics"]["overall"]
         keys = ("image_auroc", "pixel_auroc", "aupro", "recall", "fpr")
         results["metrics"] = {key: overall.get(key) for key in keys}

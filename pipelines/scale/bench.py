@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import (  # noqa: E402
     PIXEL_CHECKPOINT,
     machine,
+    matmul_peak,
     pixel_checkpoint,
     shown,
     smoke_model,
@@ -194,6 +195,7 @@ def main() -> None:
 
     results: dict = {
         "machine": machine(),
+        "matmul_gflops": round(matmul_peak(), 1),
         "cpus": cpus,
         "checkpoint": shown(args.checkpoint),
         "n_files": args.n_files,
@@ -299,7 +301,13 @@ def render(results: dict, out: Path) -> None:
         f"`{results['checkpoint']}` (input {channels}x{height}x{width}), "
         f"{results['n_files']} synthetic 128 px PNGs, batch {results['batch_size']}, heatmaps "
         f"off. Ray {results['ray_version']} on a "
-        "local instance.",
+        "local instance."
+        + (
+            " Dense float32 matmul peak measured in the same run (numpy, 2048²): "
+            f"**{results['matmul_gflops']:.0f} GFLOP/s**."
+            if "matmul_gflops" in results
+            else ""
+        ),
         "",
         "## Scan: 1 vs 2 Ray inference workers",
         "",
