@@ -480,7 +480,7 @@ class VAEAnomalyDetector:
 
         ``scores`` (n,) are the images' image scores and ``maps`` (n, h, w) their anomaly
         maps; without ``masks``, ``maps`` may be a sample of each map's pixels, (n, k)
-        (:func:`anomalyvae.calibration.sample_map_pixels`), so that a large set is
+        (:class:`anomalyvae.calibration.MapPixelSample`), so that a large set is
         scored a chunk at a time and calibrates in bounded memory.
         """
         self.check_fitted()
