@@ -181,7 +181,8 @@ class Evaluation(NamedTuple):
 
     table: pd.DataFrame
     per_image: pd.DataFrame
-    maps: np.ndarray
+    #: every image's map (n, h, w), kept for the pixel metrics; None for a set without masks
+    maps: np.ndarray | None
     masks: np.ndarray | None
     files: dict[str, Path]
     #: image AUROC of each candidate score of the model (:func:`score_kind_aurocs`)
@@ -263,26 +264,29 @@ def _score_files(
     samples: list[Sample],
     left_out: list[dict[str, str]],
     progress: bool,
-) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32], dict[str, list[NDArray]]]:
+    keep_maps: bool = True,
+) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32] | None, dict[str, list[NDArray]]]:
     """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
 
     The maps (n, h, w) are filled in place, so memory holds every map once and one chunk
-    of images (:func:`scored_chunks`).
+    of images (:func:`scored_chunks`); without ``keep_maps``, no map (None).
     """
     spec = detector.preprocessing_
-    maps = np.empty((len(samples), spec.height, spec.width), np.float32)
+    shape = (len(samples), spec.height, spec.width) if keep_maps else (len(samples), 0, 0)
+    maps = np.empty(shape, np.float32)
     scores: list[NDArray[np.float64]] = []
     views: dict[str, list[NDArray]] = {}
     readable: list[Sample] = []
     for chunk in scored_chunks(detector, samples, left_out, progress):
-        maps[len(readable) : len(readable) + len(chunk.samples)] = chunk.maps
+        if keep_maps:
+            maps[len(readable) : len(readable) + len(chunk.samples)] = chunk.maps
         scores.append(chunk.scores)
         for name, values in chunk.views.items():
             views.setdefault(name, []).append(values)
         readable += chunk.samples
     joined = np.concatenate(scores) if scores else np.zeros(0)
     views = {name: [np.concatenate(parts)] for name, parts in views.items()}
-    return readable, joined, maps[: len(readable)], views
+    return readable, joined, maps[: len(readable)] if keep_maps else None, views
 
 
 def evaluate_on(
@@ -316,15 +320,21 @@ def evaluate_on(
     volumes = [s for s in samples if is_nifti(s.path)]
     spec = detector.preprocessing_
     left_out: list[dict[str, str]] = []
-    flat, scores, maps, views = _score_files(detector, flat, left_out, progress)
+    # the maps serve the pixel metrics only: a set without masks keeps none of them, so
+    # evaluate's memory does not grow with the number of images
+    any_mask = any(s.mask_path for s in samples)
+    flat, scores, maps, views = _score_files(detector, flat, left_out, progress, any_mask)
     labels = np.array([s.label for s in flat], dtype=np.int64)
     types = [s.defect_type for s in flat]
     names = [display_path(Path(s.path)) for s in flat]  # any file name survives the table
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
-    masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
-    if any(s.mask_path for s in flat):
-        masks = masks_for(flat, detector, mask_threshold)
-    any_mask = any(s.mask_path for s in samples)
+    masks = None
+    if any_mask:
+        masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
+        if any(s.mask_path for s in flat):
+            masks = masks_for(flat, detector, mask_threshold)
+    parts = {"scores": [scores], "maps": [maps], "masks": [masks], "labels": [labels]}
+    parts["has_mask"] = [has_mask]
     for sample in volumes:
         try:
             unit = volume_units(sample, detector, mask_threshold)
@@ -335,19 +345,21 @@ def evaluate_on(
         volume_scores, volume_maps, found = detector.score_map_views(unit.images)
         for name, values in found.items():
             views.setdefault(name, []).append(values)
-        scores = np.concatenate([scores, volume_scores])
-        maps = np.concatenate([maps, volume_maps])
-        masks = np.concatenate([masks, unit.masks])
-        labels = np.concatenate([labels, unit.labels])
-        has_mask = np.concatenate([has_mask, unit.has_mask])
+        parts["scores"].append(volume_scores)
+        parts["maps"].append(volume_maps if any_mask else None)
+        parts["masks"].append(unit.masks if any_mask else None)
+        parts["labels"].append(unit.labels)
+        parts["has_mask"].append(unit.has_mask)
         types += [sample.defect_type] * len(unit.labels)
         names += [slice_name(display_path(Path(sample.path)), k) for k in range(len(unit.labels))]
+    scores, labels, has_mask = (np.concatenate(parts[k]) for k in ("scores", "labels", "has_mask"))
+    if any_mask:
+        maps, masks = (np.concatenate(parts[k]) for k in ("maps", "masks"))
     if not len(labels):
         raise DatasetError(f"nothing to evaluate in '{source}': no readable test images")
     threshold = getattr(detector, "threshold_", None)
-    pixel_masks = masks if any_mask else None
     keep = has_mask if any_mask else None
-    table = evaluation_table(labels, scores, types, threshold, pixel_masks, maps, pixel_valid=keep)
+    table = evaluation_table(labels, scores, types, threshold, masks, maps, pixel_valid=keep)
     per_image = pd.DataFrame(
         {"path": names, "defect_type": types, "label": labels, "score": scores}
     )
@@ -360,7 +372,7 @@ def evaluate_on(
     if output_dir is not None:
         files = write_evaluation(table, per_image, detector, Path(output_dir), kinds, left_out)
     return Evaluation(
-        table, per_image, maps, pixel_masks, files, kinds, detector.scoring_.score_kind, left_out
+        table, per_image, maps, masks, files, kinds, detector.scoring_.score_kind, left_out
     )
 
 

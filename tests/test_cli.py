@@ -326,6 +326,27 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
+def test_evaluate_keeps_no_map_for_a_set_without_masks(trained, synthetic_root, tmp_path):
+    """The maps serve the pixel metrics only: without masks evaluate holds none of them
+    (its memory then does not grow with the set), and the image metrics are unchanged."""
+    import shutil
+
+    import anomalyvae.evaluation as evaluation
+
+    detector, _ = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "test", root / "test")  # no ground_truth folder
+    with_masks = evaluation.evaluate_on(detector, synthetic_root, progress=False)
+    without = evaluation.evaluate_on(detector, root, tmp_path / "e", progress=False)
+    assert without.maps is None and without.masks is None
+    assert with_masks.maps is not None and with_masks.maps.shape[0] == len(with_masks.per_image)
+    assert "pixel_auroc" not in without.table and "pixel_auroc" in with_masks.table
+    for metric in ("image_auroc", "recall", "fpr"):
+        assert without.table[metric].to_numpy() == pytest.approx(
+            with_masks.table[metric].to_numpy(), abs=1e-9
+        )
+
+
 @pytest.mark.parametrize("method", ["normal_quantile", "f1"])
 def test_calibrate_reads_a_chunk_at_a_time_with_the_thresholds_of_one_pass(
     trained, synthetic_root, tmp_path, monkeypatch, method
