@@ -352,9 +352,14 @@ def evaluate_on(
         parts["has_mask"].append(unit.has_mask)
         types += [sample.defect_type] * len(unit.labels)
         names += [slice_name(display_path(Path(sample.path)), k) for k in range(len(unit.labels))]
-    scores, labels, has_mask = (np.concatenate(parts[k]) for k in ("scores", "labels", "has_mask"))
+
+    # one part (no volume) is kept as it is: a copy of every map would double the peak
+    def join(name: str) -> Any:
+        return parts[name][0] if len(parts[name]) == 1 else np.concatenate(parts[name])
+
+    scores, labels, has_mask = join("scores"), join("labels"), join("has_mask")
     if any_mask:
-        maps, masks = (np.concatenate(parts[k]) for k in ("maps", "masks"))
+        maps, masks = join("maps"), join("masks")
     if not len(labels):
         raise DatasetError(f"nothing to evaluate in '{source}': no readable test images")
     threshold = getattr(detector, "threshold_", None)

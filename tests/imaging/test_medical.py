@@ -475,3 +475,31 @@ def test_a_multi_frame_dicom_is_read_once_for_all_its_frames(monkeypatch):
     frames = list(load_frames(path, Preprocessing(channels=1, height=8, width=8)))
     assert len(frames) == int(real(path).NumberOfFrames) > 2
     assert len(reads) == 1
+
+
+def test_evaluation_of_volumes_and_images_without_masks_keeps_no_map(
+    trained, synthetic_root, tmp_path
+):
+    """Volumes labelled by folder alone, beside 2-D images: every slice and image gets a
+    row, the image metrics are computed, and no map is held (no pixel metric needs one)."""
+    import shutil
+
+    from anomalyvae.evaluation import evaluate_on
+
+    detector, _ = trained
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for folder, n in (("good", 2), ("lesion", 2)):
+        for i in range(n):
+            data = rng.normal(0.5, 0.05, (32, 32, 3)).astype(np.float32)
+            if folder == "lesion":
+                data[8:20, 8:20, :] = 1.0
+            _nifti(root / "test" / folder / f"{folder}{i}.nii.gz", data)
+    for png in sorted((synthetic_root / "test" / "good").glob("*.png"))[:3]:
+        shutil.copy(png, root / "test" / "good" / png.name)
+    evaluation = evaluate_on(detector, root, progress=False)
+    assert len(evaluation.per_image) == 3 + 4 * 3
+    assert evaluation.maps is None and evaluation.masks is None
+    assert int(evaluation.per_image["label"].sum()) == 2 * 3
+    assert 0.0 <= evaluation.table.loc["overall", "image_auroc"] <= 1.0
+    assert "pixel_auroc" not in evaluation.table.columns
