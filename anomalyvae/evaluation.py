@@ -145,33 +145,33 @@ def calibrate_on(
     # maps whole, for its masks; else a sample of each normal map's pixels). An unreadable
     # file is skipped with a warning naming it, as training skips it; normal volumes
     # calibrate on their slices, labelled files keep one image (and label) each
-    read: list[Sample] = []
-    scores: list[NDArray[np.float64]] = []
-    full_maps: list[NDArray[np.float32]] = []
-    sample = MapPixelSample(len(samples))
-    volumes = "error" if labelled else "slices"
-    for chunk in scored_chunks(
-        detector, samples, [], progress, volumes, views=False, desc="calibrating"
-    ):
-        read += chunk.samples
-        scores.append(chunk.scores)
-        if labelled:
-            full_maps.append(chunk.maps)
-        else:
+    if labelled:  # every map, filled in place as evaluate fills it
+        read, scores, maps, _ = _score_files(
+            detector, samples, [], progress, views=False, desc="calibrating"
+        )
+    else:
+        read = []
+        parts: list[NDArray[np.float64]] = []
+        sample = MapPixelSample(len(samples))
+        for chunk in scored_chunks(
+            detector, samples, [], progress, "slices", views=False, desc="calibrating"
+        ):
+            read += chunk.samples
+            parts.append(chunk.scores)
             sample.add(chunk.maps)
-    if not scores:
+        scores, maps = np.concatenate(parts) if parts else np.zeros(0), sample.pixels()
+    if not read:
         raise DatasetError(
             f"no readable {'labelled' if labelled else 'normal'} images to calibrate on in "
             f"'{source}' (subset '{subset}')"
         )
-    maps = np.concatenate(full_maps) if labelled else sample.pixels()
     labels, masks = None, None
     if labelled:
         samples = read
         labels = np.array([s.label for s in samples])
         if all(s.mask_path or s.label == 0 for s in samples):
             masks = masks_for(samples, detector, mask_threshold)
-    detector.calibrate_scored(np.concatenate(scores), maps, labels, masks, method, tail=tail)
+    detector.calibrate_scored(scores, maps, labels, masks, method, tail=tail)
     detector.save(output or checkpoint)
     return detector
 
@@ -265,6 +265,8 @@ def _score_files(
     left_out: list[dict[str, str]],
     progress: bool,
     keep_maps: bool = True,
+    views: bool = True,
+    desc: str = "evaluating",
 ) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32] | None, dict[str, list[NDArray]]]:
     """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
 
@@ -275,18 +277,18 @@ def _score_files(
     shape = (len(samples), spec.height, spec.width) if keep_maps else (len(samples), 0, 0)
     maps = np.empty(shape, np.float32)
     scores: list[NDArray[np.float64]] = []
-    views: dict[str, list[NDArray]] = {}
+    found: dict[str, list[NDArray]] = {}
     readable: list[Sample] = []
-    for chunk in scored_chunks(detector, samples, left_out, progress):
+    for chunk in scored_chunks(detector, samples, left_out, progress, "error", views, desc):
         if keep_maps:
             maps[len(readable) : len(readable) + len(chunk.samples)] = chunk.maps
         scores.append(chunk.scores)
         for name, values in chunk.views.items():
-            views.setdefault(name, []).append(values)
+            found.setdefault(name, []).append(values)
         readable += chunk.samples
     joined = np.concatenate(scores) if scores else np.zeros(0)
-    views = {name: [np.concatenate(parts)] for name, parts in views.items()}
-    return readable, joined, maps[: len(readable)] if keep_maps else None, views
+    joined_views = {name: [np.concatenate(parts)] for name, parts in found.items()}
+    return readable, joined, maps[: len(readable)] if keep_maps else None, joined_views
 
 
 def evaluate_on(
