@@ -477,8 +477,9 @@ def evaluate(
     if result.left_out:
         n = len(result.left_out)
         click.echo(
-            f"{n} unreadable {'file is' if n == 1 else 'files are'} left out of these metrics "
-            f"(listed in metrics.json 'left_out'); the first: {result.left_out[0]['error']}"
+            f"{n} {'file is' if n == 1 else 'files are'} left out of these metrics (unreadable, "
+            "or its mask is; listed in metrics.json 'left_out'); the first: "
+            f"{result.left_out[0]['error']}"
         )
     hint = describe_score_kinds(result.score_kinds, result.score_kind)
     if hint:

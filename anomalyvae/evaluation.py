@@ -309,7 +309,8 @@ def evaluate_on(
     volume with a mask volume is defective when its mask slice has a defect pixel. A
     volume whose mask disagrees with it in shape or affine, or that cannot be read, is
     left out with a warning naming both files, and the evaluation goes on; so is an
-    unreadable image. Every file left out is listed (``left_out``, and in
+    image whose mask cannot be read or does not fit it, and an unreadable image. Every
+    file left out is listed (``left_out``, and in
     ``metrics.json``), so that no metric silently covers fewer images than the folder.
     """
     detector = (
@@ -320,21 +321,29 @@ def evaluate_on(
     samples = discover(source, subset)
     flat = [s for s in samples if not is_nifti(s.path)]
     volumes = [s for s in samples if is_nifti(s.path)]
-    spec = detector.preprocessing_
     left_out: list[dict[str, str]] = []
     # the maps serve the pixel metrics only: a set without masks keeps none of them, so
     # evaluate's memory does not grow with the number of images
     any_mask = any(s.mask_path for s in samples)
-    flat, scores, maps, views = _score_files(detector, flat, left_out, progress, any_mask)
+    masks = None
+    if any_mask:  # read first: an image whose mask is broken is left out, not scored
+        broken: dict[int, MaskError] = {}
+        masks = masks_for(flat, detector, mask_threshold, broken)
+        for i, error in broken.items():  # its pixel truth is unknown, as a volume's would be
+            warnings.warn(f"left out of the evaluation: {error}", UserWarning, stacklevel=2)
+            left_out.append({"path": display_path(Path(flat[i].path)), "error": str(error)})
+        if broken:
+            keep = [i not in broken for i in range(len(flat))]
+            flat, masks = [s for s, k in zip(flat, keep, strict=True) if k], masks[keep]
+    scored, scores, maps, views = _score_files(detector, flat, left_out, progress, any_mask)
+    if masks is not None and len(scored) < len(flat):  # unreadable images: their rows go
+        read = {Path(s.path) for s in scored}
+        masks = masks[[Path(s.path) in read for s in flat]]
+    flat = scored
     labels = np.array([s.label for s in flat], dtype=np.int64)
     types = [s.defect_type for s in flat]
     names = [display_path(Path(s.path)) for s in flat]  # any file name survives the table
     has_mask = np.array([s.label == 0 or s.mask_path is not None for s in flat], dtype=bool)
-    masks = None
-    if any_mask:
-        masks = np.zeros((len(flat), spec.height, spec.width), dtype=bool)
-        if any(s.mask_path for s in flat):
-            masks = masks_for(flat, detector, mask_threshold)
     parts = {"scores": [scores], "maps": [maps], "masks": [masks], "labels": [labels]}
     parts["has_mask"] = [has_mask]
     for sample in volumes:
@@ -459,18 +468,29 @@ def volume_units(
 
 
 def masks_for(
-    samples: list[Sample], detector: VAEAnomalyDetector, mask_threshold: float
+    samples: list[Sample],
+    detector: VAEAnomalyDetector,
+    mask_threshold: float,
+    errors: dict[int, MaskError] | None = None,
 ) -> np.ndarray:
     """Defect masks (n, h, w) at model resolution; all-False for samples without a mask.
 
-    Each mask must match its image's size (checked, with both files named).
+    Each mask must match its image's size (checked, with both files named). A mask that
+    cannot be read, or does not fit its image, raises :class:`MaskError`; with ``errors``
+    (a dict) it is recorded there by sample index instead, and its row stays all-False
+    (so does the row of an image that cannot be read, whose error is then not raised).
     """
     spec = detector.preprocessing_
     out = np.zeros((len(samples), spec.height, spec.width), dtype=bool)
     for i, sample in enumerate(samples):
         if sample.mask_path is None:
             continue
-        image = read_image(sample.path)
+        try:
+            image = read_image(sample.path)
+        except ImageReadError:
+            if errors is None:
+                raise
+            continue  # the image's own error is the scoring's to report
         try:
             out[i] = read_mask(
                 sample.mask_path,
@@ -479,7 +499,13 @@ def masks_for(
                 expected_shape=(image.height, image.width),
             )
         except MaskError as error:
-            raise MaskError(f"{error} (image '{sample.path}')") from error
+            found = MaskError(
+                f"{error} (image '{sample.path}'; fix or remove the mask, or move the image "
+                "out of the set)"
+            )
+            if errors is None:
+                raise found from error
+            errors[i] = found
     return out
 
 

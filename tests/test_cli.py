@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from anomalyvae import __version__
 from anomalyvae.cli import main
@@ -288,7 +289,7 @@ def test_evaluate_leaves_unreadable_files_out_and_lists_them(
     with pytest.warns(UserWarning, match="broken.png"):
         result = runner.invoke(main, ["evaluate", str(checkpoint), str(root), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "1 unreadable file is left out of these metrics" in result.output
+    assert "1 file is left out of these metrics (unreadable" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert [Path(e["path"]).name for e in metrics["left_out"]] == ["broken.png"]
     assert metrics["metrics"]["overall"]["n_images"] == 51  # 50 + the odd name, scored
@@ -324,6 +325,48 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
             whole.table[metric].to_numpy(), abs=1e-3
         )
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
+
+
+def test_evaluate_leaves_out_an_image_whose_mask_is_broken_and_names_both(
+    runner, trained, synthetic_root, tmp_path
+):
+    """A mask that is a FIFO, one that cannot be decoded and one of another size: each
+    image is left out of the metrics with a warning naming both files (as a volume with
+    a bad mask is), never read from a FIFO, and the evaluation of the rest goes on."""
+    import os
+    import shutil
+
+    import anomalyvae.evaluation as evaluation
+
+    detector, checkpoint = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    masks = sorted((root / "ground_truth").rglob("*_mask.png"))[:3]
+    masks[0].unlink()
+    os.mkfifo(masks[0])
+    masks[1].write_bytes(b"not a png")
+    Image.new("L", (7, 5)).save(masks[2])
+    whole = evaluation.evaluate_on(detector, synthetic_root, progress=False)
+    with pytest.warns(UserWarning, match="left out of the evaluation") as caught:
+        found = evaluation.evaluate_on(detector, root, tmp_path / "e", progress=False)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "a FIFO" in messages and "5x7 but its image is 32x32" in messages
+    assert all(m.name in messages for m in masks) and "fix or remove the mask" in messages
+    assert len(found.left_out) == 3 and len(found.per_image) == len(whole.per_image) - 3
+    images = {str(m).replace("ground_truth", "test").replace("_mask", "") for m in masks}
+    assert {e["path"] for e in found.left_out} == images
+    assert not images & set(found.per_image["path"])
+    assert found.masks.shape[0] == found.maps.shape[0] == len(found.per_image)
+    # the other rows keep their scores
+    moved = whole.per_image["path"].str.replace(str(synthetic_root), str(root), regex=False)
+    kept = whole.per_image.set_index(moved).loc[found.per_image["path"], "score"]
+    np.testing.assert_allclose(found.per_image["score"], kept.to_numpy(), rtol=1e-4)
+    assert "pixel_auroc" in found.table
+    # the command says so, and ends well
+    args = ["evaluate", str(checkpoint), str(root), "-o", str(tmp_path / "c")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "3 files are left out of these metrics" in result.output
 
 
 def test_evaluate_keeps_no_map_for_a_set_without_masks(trained, synthetic_root, tmp_path):
