@@ -10,7 +10,6 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,22 +19,24 @@ from numpy.typing import NDArray
 
 from anomalyvae.calibration import DEFAULT_TAIL, MapPixelSample, normalize
 from anomalyvae.clock import command_budget
-from anomalyvae.data import DatasetError, Sample, discover, make_synthetic_dataset
+from anomalyvae.data import DatasetError, discover, make_synthetic_dataset
 from anomalyvae.detector import VAEAnomalyDetector
-from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import atomic_write_text, display_path
-from anomalyvae.imaging.io import ImageReadError, read_image
+from anomalyvae.imaging.io import ImageReadError
 from anomalyvae.imaging.medical import is_nifti
-from anomalyvae.imaging.preprocessing import MaskError, read_mask
+from anomalyvae.imaging.preprocessing import MaskError
 from anomalyvae.imaging.volumes import (
-    read_volume,
-    read_volume_mask,
     slice_name,
-    volume_slices,
 )
 from anomalyvae.inference.contract import describe_fusion, promised_fpr
 from anomalyvae.metrics import evaluation_table
-from anomalyvae.progress import progress_bar
+from anomalyvae.set_scoring import (
+    masks_for,
+    readable_masks,
+    score_set_files,
+    scored_chunks,
+    volume_units,
+)
 
 
 def train_on(
@@ -146,7 +147,7 @@ def calibrate_on(
     # file is skipped with a warning naming it, as training skips it; normal volumes
     # calibrate on their slices, labelled files keep one image (and label) each
     if labelled:  # every map, filled in place as evaluate fills it
-        read, scores, maps, _ = _score_files(
+        read, scores, maps, _ = score_set_files(
             detector, samples, [], progress, views=False, desc="calibrating"
         )
     else:
@@ -193,104 +194,6 @@ class Evaluation(NamedTuple):
     left_out: list[dict[str, str]] = []
 
 
-#: Model-input bytes of the images `evaluate` reads and scores at a time: memory holds
-#: one chunk of images and every image's map, not every image (400 colour images of
-#: 1130 x 460 px are 2.3 GB as model input).
-EVALUATE_CHUNK_BYTES = 256 * 2**20
-
-
-class ScoredChunk(NamedTuple):
-    """One chunk of files read and scored by :func:`scored_chunks`."""
-
-    #: the files of the chunk that were read, in order
-    samples: list[Sample]
-    #: the file of each image (a volume's or multi-frame file's path once per image)
-    paths: list[Path]
-    scores: NDArray[np.float64]
-    maps: NDArray[np.float32]
-    #: candidate views by name (only with ``views=True``)
-    views: dict[str, NDArray[np.float64]]
-
-
-def scored_chunks(
-    detector: VAEAnomalyDetector,
-    samples: list[Sample],
-    left_out: list[dict[str, str]],
-    progress: bool,
-    volumes: str = "error",
-    views: bool = True,
-    desc: str = "evaluating",
-) -> Iterator[ScoredChunk]:
-    """Read and score files a chunk at a time, so that memory holds one chunk of images.
-
-    Each file is read once, as the model sees it; an unreadable file is left out with a
-    warning and named in ``left_out``. ``volumes="slices"`` scores every slice of a NIfTI
-    volume (each volume a chunk of its own) and every frame of a multi-frame file;
-    ``views`` adds the model's candidate views (:meth:`VAEAnomalyDetector.score_map_views`).
-    """
-    spec = detector.preprocessing_
-    per_image = spec.channels * spec.height * spec.width * 4
-    size = max(8, EVALUATE_CHUNK_BYTES // per_image)
-    parts: list[list[Sample]] = []
-    for sample in samples:  # a volume alone: its slices are a stack of their own
-        alone = volumes == "slices" and is_nifti(sample.path)
-        if alone or not parts or len(parts[-1]) >= size or is_nifti(parts[-1][-1].path):
-            parts.append([sample])
-        else:
-            parts[-1].append(sample)
-    bar = progress_bar(
-        total=len(samples), desc=desc, unit="img", disable=not progress or not samples
-    )
-    try:
-        for part in parts:
-            images, kept, errors = read_images([s.path for s in part], spec, "warn", volumes)
-            left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
-            if len(kept):
-                if views:
-                    scores, maps, found = detector.score_map_views(images)
-                else:
-                    (scores, maps), found = detector.score_and_map(images), {}
-                del images
-                read = {Path(p) for p in kept}
-                readable = [s for s in part if Path(s.path) in read]
-                yield ScoredChunk(readable, kept, scores, maps, found)
-            bar.update(len(part))
-    finally:
-        bar.close()
-
-
-def _score_files(
-    detector: VAEAnomalyDetector,
-    samples: list[Sample],
-    left_out: list[dict[str, str]],
-    progress: bool,
-    keep_maps: bool = True,
-    views: bool = True,
-    desc: str = "evaluating",
-) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32] | None, dict[str, list[NDArray]]]:
-    """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
-
-    The maps (n, h, w) are filled in place, so memory holds every map once and one chunk
-    of images (:func:`scored_chunks`); without ``keep_maps``, no map (None).
-    """
-    spec = detector.preprocessing_
-    shape = (len(samples), spec.height, spec.width) if keep_maps else (len(samples), 0, 0)
-    maps = np.empty(shape, np.float32)
-    scores: list[NDArray[np.float64]] = []
-    found: dict[str, list[NDArray]] = {}
-    readable: list[Sample] = []
-    for chunk in scored_chunks(detector, samples, left_out, progress, "error", views, desc):
-        if keep_maps:
-            maps[len(readable) : len(readable) + len(chunk.samples)] = chunk.maps
-        scores.append(chunk.scores)
-        for name, values in chunk.views.items():
-            found.setdefault(name, []).append(values)
-        readable += chunk.samples
-    joined = np.concatenate(scores) if scores else np.zeros(0)
-    joined_views = {name: [np.concatenate(parts)] for name, parts in found.items()}
-    return readable, joined, maps[: len(readable)] if keep_maps else None, joined_views
-
-
 def evaluate_on(
     checkpoint: str | os.PathLike[str] | VAEAnomalyDetector,
     source: str | os.PathLike[str],
@@ -327,15 +230,8 @@ def evaluate_on(
     any_mask = any(s.mask_path for s in samples)
     masks = None
     if any_mask:  # read first: an image whose mask is broken is left out, not scored
-        broken: dict[int, MaskError] = {}
-        masks = masks_for(flat, detector, mask_threshold, broken)
-        for i, error in broken.items():  # its pixel truth is unknown, as a volume's would be
-            warnings.warn(f"left out of the evaluation: {error}", UserWarning, stacklevel=2)
-            left_out.append({"path": display_path(Path(flat[i].path)), "error": str(error)})
-        if broken:
-            keep = [i not in broken for i in range(len(flat))]
-            flat, masks = [s for s, k in zip(flat, keep, strict=True) if k], masks[keep]
-    scored, scores, maps, views = _score_files(detector, flat, left_out, progress, any_mask)
+        flat, masks = readable_masks(flat, detector, mask_threshold, left_out)
+    scored, scores, maps, views = score_set_files(detector, flat, left_out, progress, any_mask)
     if masks is not None and len(scored) < len(flat):  # unreadable images: their rows go
         read = {Path(s.path) for s in scored}
         masks = masks[[Path(s.path) in read for s in flat]]
@@ -431,82 +327,6 @@ def describe_score_kinds(kinds: dict[str, float], current: str) -> str:
             f"calibrate MODEL DATA --subset val --score-kind {best}"
         )
     return text + "."
-
-
-class VolumeUnits(NamedTuple):
-    """A NIfTI test volume as evaluation units: its slices, their labels and masks."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    masks: np.ndarray
-    has_mask: np.ndarray
-
-
-def volume_units(
-    sample: Sample, detector: VAEAnomalyDetector, mask_threshold: float = 0.0
-) -> VolumeUnits:
-    """Every slice of ``sample``'s volume with its label and mask at model resolution.
-
-    Raises
-    ------
-    MaskError
-        The mask volume's shape or affine differs from the image volume's (both named).
-    """
-    spec = detector.preprocessing_
-    volume = read_volume(sample.path)
-    images = volume_slices(sample.path, spec, volume=volume)  # all slices, in order
-    n = len(images)
-    masks = np.zeros((n, spec.height, spec.width), dtype=bool)
-    if sample.mask_path is None:
-        labels = np.full(n, sample.label, dtype=np.int64)
-        return VolumeUnits(images, labels, masks, np.full(n, sample.label == 0))
-    masks = read_volume_mask(
-        sample.mask_path, volume, sample.path, (spec.height, spec.width), mask_threshold
-    )
-    labels = masks.reshape(n, -1).any(axis=1).astype(np.int64)
-    return VolumeUnits(images, labels, masks, np.ones(n, dtype=bool))
-
-
-def masks_for(
-    samples: list[Sample],
-    detector: VAEAnomalyDetector,
-    mask_threshold: float,
-    errors: dict[int, MaskError] | None = None,
-) -> np.ndarray:
-    """Defect masks (n, h, w) at model resolution; all-False for samples without a mask.
-
-    Each mask must match its image's size (checked, with both files named). A mask that
-    cannot be read, or does not fit its image, raises :class:`MaskError`; with ``errors``
-    (a dict) it is recorded there by sample index instead, and its row stays all-False
-    (so does the row of an image that cannot be read, whose error is then not raised).
-    """
-    spec = detector.preprocessing_
-    out = np.zeros((len(samples), spec.height, spec.width), dtype=bool)
-    for i, sample in enumerate(samples):
-        if sample.mask_path is None:
-            continue
-        try:
-            image = read_image(sample.path)
-        except ImageReadError:
-            if errors is None:
-                raise
-            continue  # the image's own error is the scoring's to report
-        try:
-            out[i] = read_mask(
-                sample.mask_path,
-                (spec.height, spec.width),
-                mask_threshold,
-                expected_shape=(image.height, image.width),
-            )
-        except MaskError as error:
-            found = MaskError(
-                f"{error} (image '{sample.path}'; fix or remove the mask, or move the image "
-                "out of the set)"
-            )
-            if errors is None:
-                raise found from error
-            errors[i] = found
-    return out
 
 
 def write_evaluation(

@@ -30,7 +30,6 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from anomalyvae.calibration import threshold_from_normals  # noqa: E402
 from anomalyvae.data import Sample, synthetic_texture  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.metrics import evaluation_table, sensitivity_at_specificity  # noqa: E402
 from anomalyvae.models.maps import (  # noqa: E402
@@ -38,6 +37,7 @@ from anomalyvae.models.maps import (  # noqa: E402
     gaussian_blur,
     topk_count,
 )
+from anomalyvae.set_scoring import masks_for  # noqa: E402
 
 
 def shown(path: Path) -> str:

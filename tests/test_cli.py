@@ -305,6 +305,7 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     import shutil
 
     import anomalyvae.evaluation as evaluation
+    import anomalyvae.set_scoring as set_scoring
 
     detector, _ = trained
     root = tmp_path / "data"
@@ -312,7 +313,7 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     (root / "test" / "good" / "0007_broken.png").write_bytes(b"not an image")
     with pytest.warns(UserWarning, match="0007_broken.png"):
         whole = evaluation.evaluate_on(detector, root, tmp_path / "whole", progress=False)
-    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files
     with pytest.warns(UserWarning, match="0007_broken.png"):
         chunked = evaluation.evaluate_on(detector, root, tmp_path / "chunked", progress=False)
     # the same rows in the same order; scores equal up to float rounding (batches differ)
@@ -398,6 +399,7 @@ def test_calibrate_reads_a_chunk_at_a_time_with_the_thresholds_of_one_pass(
     each normal map's pixels: on a set whose maps fit the sample whole, both thresholds
     are those the detector reads from the whole set in memory."""
     import anomalyvae.evaluation as evaluation
+    import anomalyvae.set_scoring as set_scoring
     from anomalyvae.data import discover
 
     detector, checkpoint = trained
@@ -407,10 +409,10 @@ def test_calibrate_reads_a_chunk_at_a_time_with_the_thresholds_of_one_pass(
         labels, masks = None, None
     else:  # the synthetic set has a mask for every defect
         labels = np.array([s.label for s in samples])
-        masks = evaluation.masks_for(samples, detector, 0.0)
+        masks = set_scoring.masks_for(samples, detector, 0.0)
     reference = VAEAnomalyDetector.load(checkpoint, progress=False)
     reference.calibrate([s.path for s in samples], labels, masks, method=method)
-    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files
     out = tmp_path / "chunked.pt"
     chunked = evaluation.calibrate_on(checkpoint, synthetic_root, out, method, progress=False)
     scale = np.ptp(reference.calibration_scores_) if labels is None else 1.0
@@ -430,6 +432,7 @@ def test_calibrate_reads_normal_volumes_slice_by_slice_between_images(
     import nibabel
 
     import anomalyvae.evaluation as evaluation
+    import anomalyvae.set_scoring as set_scoring
 
     _, checkpoint = trained
     good = tmp_path / "data" / "test" / "good"
@@ -441,7 +444,7 @@ def test_calibrate_reads_normal_volumes_slice_by_slice_between_images(
     for name in ("0003_a.nii.gz", "0006_b.nii.gz"):  # sorted between the images
         volume = (rng.random((32, 32, 4)) * 1000 + 10).astype(np.float32)
         nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(good / name))
-    monkeypatch.setattr(evaluation, "EVALUATE_CHUNK_BYTES", 1)  # chunks of 8 files
+    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files
     out = tmp_path / "recalibrated.pt"
     chunked = evaluation.calibrate_on(checkpoint, tmp_path / "data", out, progress=False)
     reference = VAEAnomalyDetector.load(checkpoint, progress=False)

@@ -47,11 +47,11 @@ from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.metrics import aupro, pixel_auroc  # noqa: E402
 from anomalyvae.models.bank import MAP_BORDER, edge_rings  # noqa: E402
 from anomalyvae.models.feature_vae import location_maps, ring_constants  # noqa: E402
 from anomalyvae.models.smoothing import gaussian_blur  # noqa: E402
+from anomalyvae.set_scoring import masks_for  # noqa: E402
 
 #: Rings along the edge with their own constants; 0 = one set for the whole map.
 BORDERS = (0, 1, 2, 3)

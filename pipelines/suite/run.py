@@ -45,7 +45,6 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.evaluation import masks_for  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
@@ -54,6 +53,7 @@ from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_SCALE,
     robust_z_constants,
 )
+from anomalyvae.set_scoring import masks_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
