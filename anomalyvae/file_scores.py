@@ -21,6 +21,7 @@ from anomalyvae.imaging.io import ImageReadError, content_frames
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.preprocessing import Preprocessing, read_mask
 from anomalyvae.imaging.volumes import VolumeInput, slice_name
+from anomalyvae.set_scoring import images_per_chunk
 
 
 class ScoredFile(NamedTuple):
@@ -68,7 +69,8 @@ def score_files(
         valid = read_mask(valid_mask, (spec.height, spec.width), 0.0)
     threshold = detector.decision_threshold()
     rows: list[ScoredFile] = []
-    flat: list[Path] = []  # 2-D files, scored together in batches
+    flat: list[Path] = []  # 2-D files, scored together a chunk at a time
+    chunk = images_per_chunk(spec)  # memory holds one chunk of images, not the list
 
     def scored(name: str, value: float) -> ScoredFile:
         normalized = value / threshold if threshold > 0 else float("nan")
@@ -96,6 +98,8 @@ def score_files(
             stack = _stack_of(path, spec)
             if stack is None or len(stack) == 1:
                 flat.append(path)
+                if len(flat) >= chunk:
+                    flush()
                 continue
             slices = detector.anomaly_score(stack.stack(), valid)
         except ImageReadError as error:

@@ -507,6 +507,42 @@ def test_calibrate_skips_an_unreadable_file_and_names_it(
     assert result.exit_code == 1 and "no readable" in result.output
 
 
+def test_score_reads_a_chunk_at_a_time_with_the_rows_of_one_pass(
+    trained, synthetic_root, tmp_path, monkeypatch
+):
+    """score holds one chunk of images, not every file it is given: the rows (names,
+    order, verdicts, an unreadable file's error row in the middle of a chunk) and the
+    scores are those of one pass."""
+    import anomalyvae.file_scores as file_scores
+    import anomalyvae.set_scoring as set_scoring
+    from anomalyvae.file_scores import score_files
+
+    _, checkpoint = trained
+    reads: list[int] = []
+    reader = file_scores.read_images
+
+    def counted(paths, *args, **kwargs):
+        reads.append(len(paths))
+        return reader(paths, *args, **kwargs)
+
+    paths = sorted((synthetic_root / "test").rglob("*.png"))[:20]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths.insert(11, broken)
+    whole = score_files(checkpoint, paths)
+    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files
+    monkeypatch.setattr(file_scores, "read_images", counted)
+    chunked = score_files(checkpoint, paths)
+    assert reads == [8, 8, 5]
+    assert [(r.name, r.is_anomaly, r.error) for r in chunked] == [
+        (r.name, r.is_anomaly, r.error) for r in whole
+    ]
+    assert chunked[11].error.startswith("cannot read image") and len(chunked) == 21
+    np.testing.assert_allclose(
+        [r.score for r in chunked], [r.score for r in whole], rtol=1e-4, equal_nan=True
+    )
+
+
 def test_score_gives_every_file_a_row_and_names_any_file(runner, trained, synthetic_root, tmp_path):
     import os
     import shutil
