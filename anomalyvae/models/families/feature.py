@@ -307,6 +307,7 @@ def feature_config(detector: VAEAnomalyDetector, spec: Preprocessing) -> Feature
         height=spec.height,
         width=spec.width,
         in_channels=spec.channels,
+        backbone=detector.backbone,
         beta=detector.beta,
         tile_side=detector.tile_size,
         tile_overlap=detector.tile_size // 4,
