@@ -211,6 +211,31 @@ def test_retrained_names_each_sets_code_when_a_partial_rerun_left_them_apart():
     assert together["defaults_code"] == "new"
 
 
+def test_retrained_merges_a_variants_runs_on_different_sets(tmp_path):
+    retrained = _suite_module("retrained")
+    (tmp_path / "results.json").write_text(json.dumps({"code": "c0", "sets": {}}))
+
+    def entry(code, args, **sets):
+        rows = {s: {"defaults": {"image_auroc": v}} for s, v in sets.items()}
+        return {"variant": "v", "code": code, "train_args": args, "sets": rows}
+
+    lines = [
+        entry("c1", ["--x"], a=0.5, b=0.6),
+        entry("c1", ["--x"], c=0.7),
+        entry("c2", ["--x"], b=0.9),
+    ]
+    log = tmp_path / "variants.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    merged = retrained.candidates(tmp_path)[1]["v"]
+    auroc = {s: r["defaults"]["image_auroc"] for s, r in merged["sets"].items()}
+    assert auroc == {"a": 0.5, "b": 0.9, "c": 0.7}  # each set's latest run
+    assert merged["code"] == "a c1, b c2, c c1"
+    # the same name with other options starts again
+    log.write_text(log.read_text() + json.dumps(entry("c3", ["--y"], a=0.1)) + "\n")
+    merged = retrained.candidates(tmp_path)[1]["v"]
+    assert list(merged["sets"]) == ["a"] and merged["code"] == "c3"
+
+
 def test_a_finer_image_side_is_also_read_smoothed_over_the_products_extent():
     reductions = _suite_module("reductions")
     sigma = reductions.IMAGE_SIGMA

@@ -5,7 +5,7 @@
 
 The suite's defaults (results.json, from ``run.py``) and every variant trained with
 other options (``run.py --variant NAME --train-args '...' --sets ...``, logged in
-variants.jsonl; the latest entry of each name counts) are compared on image AUROC of
+variants.jsonl; each set's latest run of a name counts) are compared on image AUROC of
 each model's own score, the number a user gets. For each set, the candidate with the
 best mean gain over the defaults on the *other* sets is chosen and scored on the one
 left out (:func:`folds.choose_leave_one_out`, the rule reductions.py uses too): a
@@ -49,15 +49,32 @@ SMOKE_VARIANT = ("neighbourhood1", "--neighbourhood 1", "synthetic96")
 
 
 def candidates(out: Path) -> tuple[dict, dict[str, dict]]:
-    """(results.json, name -> the latest variants.jsonl entry of that name)."""
+    """(results.json, name -> that variant's entries in variants.jsonl, merged).
+
+    A variant trained on some sets in one run and on others in another (``run.py
+    --variant NAME --sets ...`` twice) is one candidate: each set keeps its latest run.
+    When its sets ran at different codes, ``code`` names each set's.
+    """
     results = json.loads((out / "results.json").read_text())
     variants: dict[str, dict] = {}
+    codes: dict[str, dict[str, str]] = {}
     log = out / "variants.jsonl"
     if log.is_file():
         for line in log.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                variants[entry["variant"]] = entry  # later lines replace earlier ones
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            name = entry["variant"]
+            if name in variants and variants[name]["train_args"] != entry["train_args"]:
+                variants.pop(name)  # the name now means other options: start again
+                codes.pop(name)
+            merged = variants.setdefault(name, {**entry, "sets": {}})
+            merged.update({k: v for k, v in entry.items() if k != "sets"})
+            merged["sets"].update(entry["sets"])  # later lines replace earlier ones
+            codes.setdefault(name, {}).update(dict.fromkeys(entry["sets"], entry["code"]))
+    for name, per_set in codes.items():
+        if len(set(per_set.values())) > 1:
+            variants[name]["code"] = ", ".join(f"{s} {c}" for s, c in sorted(per_set.items()))
     return results, variants
 
 
