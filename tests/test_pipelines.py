@@ -79,12 +79,20 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
         tight = results["tight"]  # the tight memory budget cut the set to a choice
         assert 2 <= tight["n_read"] < tight["n_given"] and tight["limit"] == "memory"
+        assert results["train_args"] == []
     if script == "cuda/bench.py":
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert results["evaluation"]["image_auroc"] is not None
         assert all(r["images_per_s"] > 0 for r in results["throughput"].values())
     if script != "cuda/bench.py":
         assert "smoke run" in completed.stdout
+
+
+def test_budget_with_train_options_never_writes_over_the_defaults_report():
+    args = [sys.executable, str(PIPELINES / "budget/run.py"), "--train-args", "--neighbourhood 1"]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "--train-args needs --out" in completed.stderr
 
 
 def test_suite_smoke_logs_a_variant_and_judges_it_leave_one_set_out(tmp_path):
