@@ -695,7 +695,7 @@ def write_experiments(results: dict, out: Path) -> None:
                 + " |"
             )
     lines += map_variant_lines(sets)
-    lines += variant_lines(out, sets)
+    lines += variant_lines(out, sets, results.get("machine", "–"))
     feature_sets = [n for n in names if sets[n]["defaults"]["model_family"] == "feature"]
     if feature_sets:
         means = {
@@ -832,7 +832,7 @@ def map_variant_lines(sets: dict) -> list[str]:
     return lines
 
 
-def variant_lines(out: Path, sets: dict) -> list[str]:
+def variant_lines(out: Path, sets: dict, defaults_machine: str) -> list[str]:
     """experiments.md rows of variants.jsonl: models trained with other CLI options."""
     path = out / "variants.jsonl"
     if not path.is_file():
@@ -843,10 +843,14 @@ def variant_lines(out: Path, sets: dict) -> list[str]:
         "",
         "Each row: `python pipelines/suite/run.py --variant NAME --train-args '...' --sets ...`, "
         "the same training and evaluation as the defaults with the options added. Best view: "
-        "the best of the variant model's candidate scores (chosen with the test labels).",
+        "the best of the variant model's candidate scores (chosen with the test labels). "
+        "CPU: the machine it trained on (the defaults: "
+        f"{defaults_machine.split(',')[0]}); a variant from another CPU "
+        "differs from the defaults by the machine too (its time budget buys other epochs): "
+        "rerun the defaults' options as a variant there before comparing.",
         "",
-        "| date | code | variant | options | set | image AUROC | best view | defaults now |",
-        "|---|---|---|---|---|---|---|---|",
+        "| date | code | CPU | variant | options | set | image AUROC | best view | defaults now |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for line in path.read_text().splitlines():
         run = json.loads(line)
@@ -854,7 +858,8 @@ def variant_lines(out: Path, sets: dict) -> list[str]:
             best = max(r["alternatives"], key=r["alternatives"].get)
             now = sets.get(n, {}).get("defaults", {}).get("image_auroc")
             lines.append(
-                f"| {run['date']} | {run['code']} | {run['variant']} | "
+                f"| {run['date']} | {run['code']} | {run.get('machine', '–').split(',')[0]} | "
+                f"{run['variant']} | "
                 f"`{' '.join(run['train_args'])}` | {n} | "
                 f"{r['defaults']['model_family']}/{r['defaults']['score_kind']} "
                 f"{r['defaults']['image_auroc']:.3f} | {best} {r['alternatives'][best]:.3f} | "
@@ -876,6 +881,7 @@ def run_variant(
     entry = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "code": git_commit(),
+        "machine": machine(),
         "variant": args.variant,
         "train_args": list(extra),
         "time_budget_s": budget,
