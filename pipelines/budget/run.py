@@ -119,6 +119,12 @@ def run_cli(work: Path, *args: str) -> dict:
     }
 
 
+def train_run(work: Path, data: Path, model: Path, time_budget: float, *options: str) -> dict:
+    """``anomalyvae train DATA -o MODEL --time-budget S [OPTIONS]``, timed (:func:`run_cli`)."""
+    budget = ("--time-budget", str(time_budget))
+    return run_cli(work, "train", str(data), "-o", str(model), *budget, "--silent", *options)
+
+
 def tight_run(work: Path, data: Path, smoke: bool, extra: tuple[str, ...] = ()) -> dict:
     """Train under budgets tighter than the set needs; what it read, and what it took."""
     from anomalyvae.capacity import BASE_BYTES
@@ -128,19 +134,7 @@ def tight_run(work: Path, data: Path, smoke: bool, extra: tuple[str, ...] = ()) 
     time_budget = 30.0 if smoke else TIGHT_TIME_S
     memory_gb = (BASE_BYTES + 2_000_000) / 1e9 if smoke else TIGHT_MEMORY_GB
     model = work / "model-tight.pt"
-    run = run_cli(
-        work,
-        "train",
-        str(data),
-        "-o",
-        str(model),
-        "--time-budget",
-        str(time_budget),
-        "--memory-budget",
-        str(memory_gb),
-        "--silent",
-        *extra,
-    )
+    run = train_run(work, data, model, time_budget, "--memory-budget", str(memory_gb), *extra)
     summary = VAEAnomalyDetector.load(model, progress=False).data_summary_
     capacity = summary.get("capacity") or {}
     return run | {
@@ -308,17 +302,7 @@ def main() -> None:
         }
         model = work / "model.pt"
         print(f"training on {shape['n_train']} images ...", flush=True)
-        results["train"] = run_cli(
-            work,
-            "train",
-            str(data),
-            "-o",
-            str(model),
-            "--time-budget",
-            str(budget),
-            "--silent",
-            *extra,
-        )
+        results["train"] = train_run(work, data, model, budget, *extra)
         print(f"train: {results['train']['seconds']:.0f} s", flush=True)
         results["tight"] = tight_run(work, data, args.smoke, extra)
         results["limits_s"]["tight"] = results["tight"]["time_budget"]
