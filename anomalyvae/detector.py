@@ -317,7 +317,7 @@ class VAEAnomalyDetector:
         if seconds is not None:  # preprocessing takes about as long as decoding
             seconds += 2.0 * seconds_per_file
         return image_capacity(
-            family.training_bytes_per_image(spec),
+            family.training_bytes_per_image(self, spec),
             seconds,
             memory_budget_bytes(self.memory_budget_gb),
             self.time_budget_s,

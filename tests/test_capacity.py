@@ -76,14 +76,16 @@ def test_read_images_stops_at_the_cap(tmp_path):
         read_images(paths, spec, max_images=0)
 
 
-def test_feature_family_estimates_what_training_holds():
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_feature_family_estimates_what_training_holds(backbone):
     family = get_family("feature")
     spec = Preprocessing(channels=3, height=64, width=96)
-    model = FeatureVAE(FeatureVAEConfig(height=64, width=96, in_channels=3), pretrained=False)
+    config = FeatureVAEConfig(height=64, width=96, in_channels=3, backbone=backbone)
+    model = FeatureVAE(config, pretrained=False)
     features = extract_features(model, np.zeros((1, 3, 64, 96), np.float32))
-    # the input and its features (standardized in place: one copy)
+    # the input and its features (standardized in place: one copy), whatever the backbone
     expected = 4 * 3 * 64 * 96 + 4 * features[0].numel()
-    assert family.training_bytes_per_image(spec) == expected
+    assert family.training_bytes_per_image(VAEAnomalyDetector(backbone=backbone), spec) == expected
     seconds = family.training_seconds_per_image(VAEAnomalyDetector(), spec)
     assert seconds is not None and 0 < seconds < 60
     assert get_family("pixel").training_seconds_per_image(VAEAnomalyDetector(), spec) is None
@@ -97,7 +99,7 @@ def _budget_for(n_images: int) -> float:
 def test_a_set_over_the_memory_budget_is_read_as_a_seeded_choice(
     synthetic_root, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, spec: 1e8)
+    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, detector, spec: 1e8)
     files = sorted((synthetic_root / "train" / "good").iterdir())[:30]
     settings = TINY | dict(epochs=2, model="pixel", target_fpr=0.5)
     settings["memory_budget_gb"] = _budget_for(12)
@@ -127,7 +129,7 @@ def test_a_set_over_the_memory_budget_is_read_as_a_seeded_choice(
 
 
 def test_an_array_over_the_memory_budget_keeps_a_seeded_choice_of_rows(monkeypatch):
-    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, spec: 1e8)
+    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, detector, spec: 1e8)
     images = np.random.default_rng(0).random((20, 16, 16)).astype(np.float32)
     settings = TINY | dict(epochs=2, model="pixel", target_fpr=0.5)
     settings["memory_budget_gb"] = _budget_for(8)
@@ -150,7 +152,7 @@ def test_cli_takes_a_memory_budget_in_gb_and_says_what_it_read(
     assert "--memory-budget" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "--memory-budget", "0.5"])
     assert result.exit_code == 2 and "--memory-budget" in result.output
-    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, spec: 1e8)
+    monkeypatch.setattr(PixelFamily, "training_bytes_per_image", lambda self, detector, spec: 1e8)
     data = tmp_path / "normals"
     data.mkdir()
     for path in sorted((synthetic_root / "train" / "good").iterdir())[:30]:

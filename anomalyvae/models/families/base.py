@@ -123,8 +123,10 @@ class ModelFamily(abc.ABC):
         """
         return None
 
-    def training_bytes_per_image(self, spec: Preprocessing) -> float:
+    def training_bytes_per_image(self, detector: VAEAnomalyDetector, spec: Preprocessing) -> float:
         """Memory that training holds per normal image of input ``spec``, in bytes.
+
+        ``detector`` carries the options that size the model (the feature model's backbone).
 
         The default: the model input and one working copy of it. :mod:`anomalyvae.capacity`
         caps the number of normals read with it.

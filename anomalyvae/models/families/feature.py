@@ -112,10 +112,11 @@ class FeatureFamily(ModelFamily):
             raise InvalidValueError("scoring with a valid mask needs the pixel model")
         return feature_scores(model, x, config)
 
-    def training_bytes_per_image(self, spec: Preprocessing) -> float:
-        # the input, and its features (152 float32 at stride 8), standardized in place
+    def training_bytes_per_image(self, detector: VAEAnomalyDetector, spec: Preprocessing) -> float:
+        # the input, and its features (float32 at stride 8: the backbone's two taps),
+        # standardized in place
         cells = -(-spec.height // FEATURE_STRIDE) * -(-spec.width // FEATURE_STRIDE)
-        channels = FeatureVAEConfig(spec.height, spec.width).feature_channels
+        channels = feature_config(detector, spec).feature_channels
         return input_bytes(spec) + 4.0 * channels * cells
 
     def training_seconds_per_image(
