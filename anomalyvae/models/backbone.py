@@ -132,6 +132,15 @@ def _same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
 
 
 class _ConvBN(nn.Module):
+    """Convolution, frozen batch norm and ReLU6, run as one convolution.
+
+    The batch norm's statistics never move, so :meth:`forward` folds it into the
+    convolution's weights and a bias, lets a stride-1 convolution pad itself (TensorFlow's
+    "SAME" padding is symmetric there) and clips in place: the same function as
+    :meth:`reference`, the layer as the weights were trained, in about 0.8x its time. The
+    parameters stay those of the conv and batch norm, so saved models load unchanged.
+    """
+
     def __init__(
         self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
     ) -> None:
@@ -141,6 +150,21 @@ class _ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = (self.conv.weight * scale.view(-1, 1, 1, 1)).contiguous(
+            memory_format=torch.channels_last
+        )
+        bias = bn.bias - bn.running_mean * scale
+        if self.stride == 1:
+            x = F.conv2d(x, weight, bias, 1, self.kernel // 2, 1, self.conv.groups)
+        else:
+            x = _same_pad(x, self.kernel, self.stride)
+            x = F.conv2d(x, weight, bias, self.stride, 0, 1, self.conv.groups)
+        return F.hardtanh_(x, 0.0, 6.0) if self.act else x
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The layer unfused: pad, convolve, normalize, clip (tests and benchmarks)."""
         x = self.bn(self.conv(_same_pad(x, self.kernel, self.stride)))
         return F.relu6(x) if self.act else x
 
@@ -193,11 +217,30 @@ class EfficientNetLiteFeatures(nn.Module):
         return super().train(False)  # frozen: batch-norm statistics never move
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = (x - self.mean) / self.std
+        # channels-last: the depthwise convolutions run about 2x faster so on CPU; the taps
+        # come back in the usual layout (a no-op in an exported graph)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         taps = []
         for index, stage in enumerate(self.stages):
             x = stage(x)
+            if index in (TAP_STAGES["stride8"][0], TAP_STAGES["stride16"][0]):
+                taps.append(x.contiguous())
+        return taps[0], taps[1]
+
+    def reference(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` with every layer unfused, as the weights were trained.
+
+        The oracle the fused forward is tested against, and the baseline its speed is
+        measured against (``pipelines/backbone``).
+        """
+        x = self.stem.reference((x - self.mean) / self.std)
+        taps = []
+        for index, stage in enumerate(self.stages):
+            for block in stage:
+                y = block.expand.reference(x) if block.expand is not None else x
+                y = block.project.reference(block.depthwise.reference(y))
+                x = x + y if block.residual else y
             if index in (TAP_STAGES["stride8"][0], TAP_STAGES["stride16"][0]):
                 taps.append(x)
         return taps[0], taps[1]

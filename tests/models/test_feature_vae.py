@@ -80,6 +80,40 @@ def test_every_backbone_gives_its_tap_channels_at_strides_8_and_16(name):
     assert config.feature_channels == sum(tap_channels(name))
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize(("height", "width"), [(70, 45), (64, 96)])
+def test_the_fused_backbone_computes_the_unfused_layers(name, height, width):
+    # batch norms with statistics and affine terms far from the identity, so that a
+    # wrong fold (or a wrong padding side at an odd or even size) shows
+    backbone = load_backbone(name, pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low, high in (
+                (module.weight, 0.5, 2.0),
+                (module.bias, -1.0, 1.0),
+                (module.running_mean, -1.0, 1.0),
+                (module.running_var, 0.2, 3.0),
+            ):
+                tensor.data.uniform_(low, high, generator=generator)
+    x = torch.rand(2, 3, height, width, generator=generator)
+    with torch.no_grad():
+        fused, reference = backbone(x), backbone.reference(x)
+    for a, b in zip(fused, reference, strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        scale = b.abs().max().item()
+        assert scale > 0.1
+        assert (a - b).abs().max().item() <= 1e-4 * scale
+
+
+def test_the_pretrained_backbone_computes_the_unfused_layers():
+    backbone = load_backbone()
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(backbone(x), backbone.reference(x), strict=True):
+            assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
+
+
 def test_larger_backbones_are_lite0_scaled_as_the_lite_builder_scales_it():
     assert scaled_stages(width=1.0, depth=1.0) == LITE0_STAGES
     lite2 = scaled_stages(width=1.1, depth=1.2)
