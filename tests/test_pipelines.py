@@ -33,12 +33,12 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("scale/bench.py", []),
         ("cuda/bench.py", ["README.md", "results.json"]),
         ("budget/run.py", ["README.md", "results.json", "seconds.png"]),
-        ("backbone/bench.py", ["README.md", "results.json"]),
+        ("scoring/bench.py", ["README.md", "results.json"]),
     ],
 )
 def test_pipeline_smoke_mode(script, outputs, tmp_path):
     args = [sys.executable, str(PIPELINES / script), "--smoke"]
-    if script.startswith(("suite", "cuda", "budget", "backbone")):
+    if script.startswith(("suite", "cuda", "budget", "scoring")):
         args += ["--out", str(tmp_path / "report")]
     if script in (
         "suite/drift.py",
@@ -69,7 +69,7 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         return
     completed = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    for name in outputs if script in ("budget/run.py", "backbone/bench.py") else []:
+    for name in outputs if script in ("budget/run.py", "scoring/bench.py") else []:
         assert (tmp_path / "report" / name).is_file(), name
     if script == "budget/run.py":  # the four commands ran, timed, with their peak memory
         results = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -81,12 +81,15 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         tight = results["tight"]  # the tight memory budget cut the set to a choice
         assert 2 <= tight["n_read"] < tight["n_given"] and tight["limit"] == "memory"
         assert results["train_args"] == []
-    if script == "backbone/bench.py":  # every backbone timed both ways, the same features
+    if script == "scoring/bench.py":  # every backbone timed both ways, the same features
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert "efficientnet-lite0" in results["backbones"]
         for r in results["backbones"].values():
             assert r["fused_s"] > 0 and r["unfused_s"] > 0 and r["gflop_per_image"] > 0
             assert r["max_abs_diff"] <= 1e-4 * r["feature_scale"]
+        search = results["search"]  # the bank search both ways, in both engines
+        assert len(search["seconds"]) == 4 and all(v > 0 for v in search["seconds"].values())
+        assert search["max_abs_diff"] <= 1e-4 * search["distance_scale"]
     if script == "cuda/bench.py":
         results = json.loads((tmp_path / "report" / "results.json").read_text())
         assert results["evaluation"]["image_auroc"] is not None

@@ -118,17 +118,21 @@ def _spec(name: str) -> tuple:
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
 
 
-def _same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
-    """TensorFlow "SAME" padding (extra pixel at the bottom/right), as the weights expect."""
+def _same_pads(x: Tensor, kernel: int, stride: int) -> list[int]:
+    """TensorFlow "SAME" padding of ``x`` as F.pad takes it: left, right, top, bottom."""
     height, width = int(x.shape[-2]), int(x.shape[-1])  # constants when traced
     pads = []
     for size in (width, height):
         out = math.ceil(size / stride)
         total = max((out - 1) * stride + kernel - size, 0)
-        pads += [total // 2, total - total // 2]
-    if not any(pads):
-        return x
-    return F.pad(x, pads)
+        pads += [total // 2, total - total // 2]  # the extra pixel at the bottom/right
+    return pads
+
+
+def _same_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """``x`` zero-padded as TensorFlow's "SAME" convolutions, which the weights expect."""
+    pads = _same_pads(x, kernel, stride)
+    return F.pad(x, pads) if any(pads) else x
 
 
 class _ConvBN(nn.Module):
@@ -149,14 +153,17 @@ class _ConvBN(nn.Module):
         self.conv = nn.Conv2d(cin, cout, kernel, stride, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=BN_EPS)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padded: bool = False) -> Tensor:
+        """The layer on ``x``; ``padded``: ``x`` already carries its "SAME" padding."""
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = (self.conv.weight * scale.view(-1, 1, 1, 1)).contiguous(
             memory_format=torch.channels_last
         )
         bias = bn.bias - bn.running_mean * scale
-        if self.stride == 1:
+        if padded:
+            x = F.conv2d(x, weight, bias, self.stride, 0, 1, self.conv.groups)
+        elif self.stride == 1:
             x = F.conv2d(x, weight, bias, 1, self.kernel // 2, 1, self.conv.groups)
         else:
             x = _same_pad(x, self.kernel, self.stride)
@@ -181,9 +188,32 @@ class _MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.expand(x) if self.expand is not None else x
-        y = self.project(self.depthwise(y))
+        narrow_pad = self.expand is not None and self.depthwise.stride > 1
+        if narrow_pad and not torch.jit.is_tracing() and not x.requires_grad:
+            y = self.depthwise(self._expand_padded(x), padded=True)
+        else:
+            y = self.expand(x) if self.expand is not None else x
+            y = self.depthwise(y)
+        y = self.project(y)
         return x + y if self.residual else y
+
+    def _expand_padded(self, x: Tensor) -> Tensor:
+        """The expansion of ``x`` with the strided depthwise convolution's padding.
+
+        Padding the expanded activations copies the widest tensor of the block; padding
+        the narrow input instead copies a sixth of it. The expansion turns each zero of
+        that pad into its bias, so the pad's rows and columns are zeroed again, in place.
+        (An exported graph, or a pass that needs gradients, pads the expansion as
+        :meth:`EfficientNetLiteFeatures.reference` does: the same values.)
+        """
+        left, right, top, bottom = _same_pads(x, self.depthwise.kernel, self.depthwise.stride)
+        y = self.expand(F.pad(x, [left, right, top, bottom]))
+        height, width = y.shape[-2], y.shape[-1]
+        y[:, :, :top].zero_()
+        y[:, :, height - bottom :].zero_()
+        y[:, :, :, :left].zero_()
+        y[:, :, :, width - right :].zero_()
+        return y
 
 
 class EfficientNetLiteFeatures(nn.Module):
@@ -232,7 +262,7 @@ class EfficientNetLiteFeatures(nn.Module):
         """:meth:`forward` with every layer unfused, as the weights were trained.
 
         The oracle the fused forward is tested against, and the baseline its speed is
-        measured against (``pipelines/backbone``).
+        measured against (``pipelines/scoring``).
         """
         x = self.stem.reference((x - self.mean) / self.std)
         taps = []

@@ -17,9 +17,14 @@ from torch import Tensor
 
 T = TypeVar("T", Tensor, np.ndarray)
 
-#: Distances one image's ``knn`` block holds at once (locations x bank chunk): 4 M
-#: floats, 16 MB, so a batch of 32 needs about 0.5 GB whatever the input size.
-KNN_BLOCK = 1 << 22
+#: Distances one image's ``knn`` block holds at once (location chunk x bank chunk): 1 M
+#: floats, 4 MB, so a batch of 32 needs about 128 MB whatever the input size; a block
+#: that stays in the cache while its minimum is taken.
+KNN_BLOCK = 1 << 20
+#: Bank rows per block (the rest of the block is locations). Blocking both ways, not the
+#: bank alone over every location, searches the 7616 locations of a 448 x 1088 input about
+#: 1.7x as fast in torch and 1.2x in ONNX Runtime (reports/scoring).
+KNN_BANK_CHUNK = 1024
 #: Share of an image's locations whose nearest-neighbour distances make its ``knn`` view.
 KNN_TOP_FRACTION = 0.01
 #: Feature locations along each edge of the map that the ``knn`` view leaves out. The
@@ -115,16 +120,22 @@ def coreset_indices(
 
 
 def nearest_distance(
-    features: Tensor, bank: Tensor, projection: tuple[Tensor, Tensor, Tensor] | None = None
+    features: Tensor,
+    bank: Tensor,
+    projection: tuple[Tensor, Tensor, Tensor] | None = None,
+    block: int | None = None,
+    bank_chunk: int | None = None,
 ) -> Tensor:
     """Each location's Euclidean distance to its nearest bank row.
 
     ``features`` (n, c, h, w), ``bank`` (b, c); (n, h, w) out. ``|q - b|^2 = |q|^2 +
-    (|b|^2 - 2 q.b)``, minimized in chunks sized so that one image's distance block stays
-    near ``KNN_BLOCK`` values whatever the input size (static slices: exports as is).
-    ``projection`` (mean (c,), basis (c, d), ``|b - mean|^2`` (b,)) says that ``bank``
-    holds its rows' coordinates (b, d) in that basis (:meth:`FeatureVAE.project_bank`):
-    the norms are then the full, centred ones and only ``q.b`` is taken in the basis.
+    (|b|^2 - 2 q.b)``, minimized block by block: ``bank_chunk`` rows of the bank
+    (``KNN_BANK_CHUNK``) against as many locations as keep one image's block near
+    ``block`` distances (``KNN_BLOCK``), whatever the input size (static slices: exports
+    as is). ``projection`` (mean (c,), basis (c, d), ``|b - mean|^2`` (b,)) says that
+    ``bank`` holds its rows' coordinates (b, d) in that basis
+    (:meth:`FeatureVAE.project_bank`): the norms are then the full, centred ones and only
+    ``q.b`` is taken in the basis.
     """
     height, width = int(features.shape[-2]), int(features.shape[-1])  # fixed per model
     queries = features.flatten(2).transpose(1, 2)  # (n, hw, c)
@@ -139,13 +150,20 @@ def nearest_distance(
     # chunk instead of MatMul + Add over the whole distance block (-22 % of the search's
     # time in ONNX Runtime at 1216 x 480)
     queries = torch.cat([queries, torch.ones_like(query_sq).unsqueeze(-1)], dim=-1)
-    size = len(bank)
-    chunk = max(1, min(size, KNN_BLOCK // max(1, int(queries.shape[1]))))
-    nearest = None
-    for start in range(0, size, chunk):
-        part = bank[start : start + chunk]
-        weights = torch.cat([part * -2.0, bank_sq[start : start + chunk].unsqueeze(-1)], dim=1)
-        best = torch.matmul(queries, weights.T).min(dim=-1).values
-        nearest = best if nearest is None else torch.minimum(nearest, best)
+    size, locations = len(bank), int(queries.shape[1])
+    chunk = max(1, min(size, bank_chunk or KNN_BANK_CHUNK))
+    span = max(1, min(locations, (block or KNN_BLOCK) // chunk))
+    weights = [
+        torch.cat([bank[start : start + chunk] * -2.0, bank_sq[start : start + chunk, None]], 1).T
+        for start in range(0, size, chunk)
+    ]
+    parts = []
+    for first in range(0, locations, span):
+        part, nearest = queries[:, first : first + span], None
+        for chunk_weights in weights:
+            best = torch.matmul(part, chunk_weights).min(dim=-1).values
+            nearest = best if nearest is None else torch.minimum(nearest, best)
+        parts.append(nearest)
+    nearest = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     distance = (nearest + query_sq).clamp(min=0.0).sqrt()
     return distance.unflatten(1, (height, width))  # the batch stays dynamic

@@ -200,7 +200,9 @@ def test_auto_family_follows_input_size(family, size, expected):
 def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
     import anomalyvae.models.bank as bank_module
 
-    monkeypatch.setattr(bank_module, "KNN_BLOCK", 300)  # chunks of 3: the minimum spans them
+    # blocks of 3 bank rows x 4 locations: the minimum spans both ways
+    monkeypatch.setattr(bank_module, "KNN_BANK_CHUNK", 3)
+    monkeypatch.setattr(bank_module, "KNN_BLOCK", 12)
     model = FeatureVAE(FeatureVAEConfig(bank_size=7), pretrained=False).eval()
     c = model.config.feature_channels
     bank = torch.zeros(7, c)
@@ -213,6 +215,19 @@ def test_knn_view_is_the_distance_to_the_nearest_bank_vector(monkeypatch):
     assert distance[0] == 0.0
     assert distance[1] == pytest.approx(3.0)  # top 1 % of 100 locations: the one
     assert model.knn_distance(features[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize(("block", "bank_chunk"), [(None, None), (12, 5), (7, 3), (10**6, 64)])
+def test_the_blocked_bank_search_finds_every_locations_nearest_row(block, bank_chunk):
+    from anomalyvae.models.bank import nearest_distance
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 5, 7, generator=generator)  # 35 locations: uneven blocks
+    bank = torch.randn(23, 6, generator=generator)
+    exact = torch.cdist(features.flatten(2).transpose(1, 2), bank[None]).min(-1).values
+    found = nearest_distance(features, bank, block=block, bank_chunk=bank_chunk)
+    assert found.shape == (2, 5, 7)
+    torch.testing.assert_close(found.flatten(1), exact, rtol=1e-4, atol=1e-4)
 
 
 def test_knn_view_leaves_the_maps_edge_out_where_the_map_is_large_enough():
