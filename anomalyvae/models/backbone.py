@@ -248,8 +248,8 @@ class EfficientNetLiteFeatures(nn.Module):
         return super().train(False)  # frozen: batch-norm statistics never move
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # channels-last: the depthwise convolutions run about 2x faster so on CPU; the taps
-        # come back in the usual layout (a no-op in an exported graph)
+        # channels-last: the folded layers ran about 1.9x as fast in that layout on a 2-core
+        # CPU; the taps come back in the usual layout (a no-op in an exported graph)
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         taps = []
