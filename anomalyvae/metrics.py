@@ -56,23 +56,40 @@ def sensitivity_at_specificity(labels: ArrayLike, scores: ArrayLike, specificity
     return float(tpr[fpr <= 1 - specificity + 1e-12].max())
 
 
+#: Pixels :func:`_negative_sample` scans at a time (its memory: an index of at most this
+#: many pixels, 128 MB, whatever the test set's size).
+SAMPLE_BLOCK = 1 << 24
+
+
 def _negative_sample(
-    truth: NDArray[np.bool_], max_negatives: int | None, seed: int = 0
+    truth: NDArray[np.bool_], max_negatives: int | None, seed: int = 0, block: int = SAMPLE_BLOCK
 ) -> NDArray[np.bool_] | None:
     """A keep-mask: every defect pixel plus at most ``max_negatives`` normal pixels.
 
     A uniform sample of normal pixels estimates every FPR without bias (standard error
     below 0.0005 at a million pixels) and makes the metrics an order of magnitude faster
     on full test sets. None when no sampling is needed.
+
+    The sample is drawn as ranks among the normal pixels (seeded), then found ``block``
+    pixels at a time: the same pixels as indexing every normal pixel at once, without an
+    index of them all (1.6 GB for 400 images of 1130 x 460).
     """
-    negatives = int(truth.size - truth.sum())
+    flat = truth.ravel()
+    negatives = int(flat.size - np.count_nonzero(flat))
     if max_negatives is None or negatives <= max_negatives:
         return None
-    keep = truth.copy()
-    index = np.flatnonzero(~truth)
-    chosen = np.random.default_rng(seed).choice(index.size, max_negatives, replace=False)
-    keep[index[chosen]] = True
-    return keep
+    chosen = np.random.default_rng(seed).choice(negatives, max_negatives, replace=False)
+    chosen.sort()
+    keep = flat.copy()
+    seen = 0  # normal pixels before the current block
+    for start in range(0, flat.size, block):
+        normal = ~flat[start : start + block]
+        count = int(np.count_nonzero(normal))
+        low, high = np.searchsorted(chosen, [seen, seen + count])
+        if high > low:
+            keep[start + np.flatnonzero(normal)[chosen[low:high] - seen]] = True
+        seen += count
+    return keep.reshape(truth.shape)
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike, max_negatives: int | None = None) -> float:

@@ -89,6 +89,23 @@ def test_sampled_negatives_match_exact_metrics():
     assert aupro(masks, maps, max_negatives=5000) == pytest.approx(exact_pro, abs=0.02)
 
 
+@pytest.mark.parametrize("block", [1, 777, 4096, 1 << 24])
+def test_negative_sample_block_by_block_keeps_the_same_pixels(block):
+    """The sample found block by block is the one an index of every normal pixel gives."""
+    from anomalyvae.metrics import _negative_sample
+
+    rng = np.random.default_rng(3)
+    truth = rng.random(20_000) < 0.07
+    index = np.flatnonzero(~truth)
+    chosen = np.random.default_rng(5).choice(index.size, 1500, replace=False)
+    expected = truth.copy()
+    expected[index[chosen]] = True
+    keep = _negative_sample(truth, 1500, seed=5, block=block)
+    np.testing.assert_array_equal(keep, expected)
+    assert int(keep.sum()) == int(truth.sum()) + 1500
+    assert _negative_sample(truth, int((~truth).sum()), block=block) is None
+
+
 def test_aupro_samples_the_defect_free_pixels_it_is_asked_to(monkeypatch):
     """``max_negatives`` bounds what the PRO curve sorts (memory on large test sets), and
     moves the area by no more than the sampling error."""

@@ -25,7 +25,7 @@ from anomalyvae.models.backbone import (
     weights_path,
 )
 from anomalyvae.models.feature_config import FeatureVAEConfig
-from anomalyvae.models.feature_vae import FeatureVAE
+from anomalyvae.models.feature_vae import FeatureVAE, normalize_intensity
 from anomalyvae.models.fusion import LOCAL_EXCESS_WEIGHT, LOCAL_EXCESS_Z, VIEW_NAMES
 from anomalyvae.models.maps import ScoringConfig
 from anomalyvae.models.scoring import score_batch
@@ -240,6 +240,23 @@ def test_knn_view_leaves_the_maps_edge_out_where_the_map_is_large_enough():
     assert knn_view(distances, border=1).tolist() == [0.0, 2.0]
     tiny = torch.tensor([[[1.0, 4.0], [0.0, 0.0]]])  # too small to leave a ring out: whole
     assert knn_view(tiny, border=1).tolist() == [4.0]
+
+
+def test_raw_features_pool_the_backbone_features_as_the_plain_layout_does():
+    """The pool runs channels-last for speed; it must give the plain pool's values."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = FeatureVAE(FeatureVAEConfig(height=64, width=96, pool=3), pretrained=False).eval()
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        features = model._features(
+            normalize_intensity(x, model.config.min_std).expand(-1, 3, -1, -1)
+        )
+        expected = F.avg_pool2d(features, 3, stride=1, padding=1, count_include_pad=False)
+        pooled = model.raw_features(x)
+    assert pooled.is_contiguous()
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
 def test_greedy_coreset_keeps_the_rare_vectors_a_random_sample_would_miss():
