@@ -122,6 +122,10 @@ class FeatureVAEConfig:
         ``tile_overlap`` px of overlap), blended into one feature map
         (:mod:`anomalyvae.imaging.tiles`); everything after the backbone sees the whole
         input. Bounds the backbone's memory for large inputs.
+    tile_tight : bool
+        Each tiled side's tiles are as short as its fewest tiles allow
+        (:func:`~anomalyvae.imaging.tiles.tight_tile`): less backbone work for the same
+        bound. Models saved before it tile at ``tile_side`` (False).
     """
 
     height: int = 256
@@ -149,6 +153,7 @@ class FeatureVAEConfig:
     map_border: int = MAP_BORDER
     tile_side: int = 512
     tile_overlap: int = 128
+    tile_tight: bool = True
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -216,7 +221,9 @@ class FeatureVAEConfig:
     @property
     def layout(self) -> TileLayout:
         """How the backbone covers the input (one tile when it fits in ``tile_side``)."""
-        return tile_layout(self.height, self.width, self.tile_side, self.tile_overlap)
+        return tile_layout(
+            self.height, self.width, self.tile_side, self.tile_overlap, self.tile_tight
+        )
 
     @property
     def image_pool(self) -> int:
@@ -264,7 +271,8 @@ class FeatureVAEConfig:
         # calibrated on the largest z-score; one saved before the bank's map maps the
         # ELBO; one saved before the top-k image view averaged its residual; one saved
         # before the knn view left out the map's edge read every location; one saved
-        # before the map's edge rings z-scored every location with one set of constants
+        # before the map's edge rings z-scored every location with one set of constants;
+        # one saved before tight tiles tiled at the full tile side
         old = {
             "image_components": 0,
             "bank_size": 0,
@@ -274,5 +282,6 @@ class FeatureVAEConfig:
             "image_reduce": "mean",
             "knn_border": 0,
             "map_border": 0,
+            "tile_tight": False,
         }
         return cls(**{**old, **data})

@@ -9,6 +9,7 @@ from anomalyvae.imaging.tiles import (
     TILE_ALIGN,
     map_to_size,
     ramp_weights,
+    tight_tile,
     tile_layout,
     tile_offsets,
 )
@@ -32,6 +33,31 @@ def test_tiles_cover_the_input_evenly_and_overlap_enough(size, tile, overlap):
     for o in offsets:
         covered[o : o + tile] = True
     assert covered.all()
+
+
+@pytest.mark.parametrize("size", [528, 640, 1088, 1216, 1536, 2000])
+@pytest.mark.parametrize(("tile", "overlap"), [(512, 128), (256, 64)])
+def test_tight_tiles_cover_in_the_fewest_tiles_with_the_least_work(size, tile, overlap):
+    """Tight tiles keep the fewest tiles of at most ``tile`` px and shrink them: never more
+    backbone work than full tiles, every pixel covered, every overlap at least asked."""
+    short = tight_tile(size, tile, overlap)
+    assert short % TILE_ALIGN == 0 and short <= tile
+    tight, full = tile_offsets(size, short, overlap), tile_offsets(size, tile, overlap)
+    assert len(tight) <= len(full)
+    assert len(tight) * short <= len(full) * tile
+    assert tight[0] == 0 and tight[-1] + short == size
+    assert (short - np.diff(tight) >= overlap).all()
+    # one tile less would not do: the fewest tiles of at most ``tile`` px
+    assert (len(tight) - 1) * tile - (len(tight) - 2) * overlap < size
+
+
+def test_tight_tiles_cut_the_backbone_work_on_an_elongated_input():
+    full, tight = tile_layout(448, 1088, 512, 128), tile_layout(448, 1088, 512, 128, True)
+    assert (full.tile_width, full.n_tiles) == (512, 3)
+    assert (tight.tile_width, tight.n_tiles) == (448, 3)
+    assert tight.offsets_x == (0, 320, 640) and tight.tile_height == 448
+    assert tile_layout(256, 384, 512, 128, True) == tile_layout(256, 384, 512, 128)
+    assert tile_layout(64, 96, 512, 128, True).n_tiles == 1  # overlap wider than the input
 
 
 def test_an_input_that_fits_is_one_tile():
@@ -58,10 +84,11 @@ def test_ramp_weights_are_positive_symmetric_and_fade_across_the_overlap():
     np.testing.assert_array_equal(ramp_weights(8, 0), np.ones(8))
 
 
+@pytest.mark.parametrize("tight", [False, True])
 @pytest.mark.parametrize("shape", [(480, 1216), (1216, 480), (1024, 1024), (256, 1536)])
-def test_blending_constant_tiles_gives_the_constant_everywhere(shape):
+def test_blending_constant_tiles_gives_the_constant_everywhere(shape, tight):
     """No seam: tiles that agree blend to exactly their common value, at every cell."""
-    layout = tile_layout(*shape, 512, 128)
+    layout = tile_layout(*shape, 512, 128, tight)
     weight, norm = layout.blend(8)
     canvas = np.zeros((shape[0] // 8, shape[1] // 8))
     th, tw = weight.shape

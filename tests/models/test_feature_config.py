@@ -42,6 +42,11 @@ def test_older_configs_fuse_the_views_they_have_with_their_rule():
     assert new.knn_border == 1 and before_image.knn_border == 0
     # saved before the map's edge rings: one set of map constants for every location
     assert new.map_border == MAP_BORDER and before_image.map_border == 0
+    # saved before tight tiles: the full tile side, so its features stay as trained
+    wide = {"height": 448, "width": 1088}
+    old_tiles = FeatureVAEConfig.from_dict({**wide, "image_components": 50}).layout
+    assert FeatureVAEConfig(**wide).tile_tight
+    assert old_tiles.tile_width == 512 and FeatureVAEConfig(**wide).layout.tile_width == 448
     with pytest.raises(ValueError, match="excess_weight"):
         FeatureVAEConfig(excess_weight=-1.0)
 
