@@ -56,6 +56,8 @@ def sensitivity_at_specificity(labels: ArrayLike, scores: ArrayLike, specificity
     return float(tpr[fpr <= 1 - specificity + 1e-12].max())
 
 
+#: The FPR up to which AUPRO integrates its curve (the MVTec AD evaluation's 30 %).
+AUPRO_FPR_LIMIT = 0.3
 #: Pixels :func:`_negative_sample` scans at a time (its memory: an index of at most this
 #: many pixels, 128 MB, whatever the test set's size).
 SAMPLE_BLOCK = 1 << 24
@@ -92,25 +94,90 @@ def _negative_sample(
     return keep.reshape(truth.shape)
 
 
+def _pixels(masks: ArrayLike, maps: ArrayLike) -> tuple[NDArray[np.bool_], NDArray[np.float32]]:
+    """Masks and maps as (n, h, w) arrays of one shape (an (h, w) pair as one image)."""
+    truth = np.asarray(masks, dtype=bool)
+    values = np.asarray(maps, dtype=np.float32)
+    if truth.shape != values.shape:
+        raise InvalidValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
+    if truth.ndim == 2:
+        truth, values = truth[None], values[None]
+    return truth, values
+
+
+def _sampled(
+    truth: NDArray[np.bool_], values: NDArray[np.float32], max_negatives: int | None
+) -> tuple[NDArray[np.bool_], NDArray[np.float32]]:
+    """Every pixel's truth and value, flat; only sampled defect-free pixels with a cap."""
+    truth, values = truth.ravel(), values.ravel()
+    keep = _negative_sample(truth, max_negatives)
+    return (truth, values) if keep is None else (truth[keep], values[keep])
+
+
+def _region_weights(truth: NDArray[np.bool_]) -> NDArray[np.float64] | None:
+    """Each defect pixel's PRO weight, 1 / (region area x regions), in ravel order.
+
+    Regions are 8-connected, as in the MVTec evaluation, and measured on the whole masks.
+    Only defect pixels are held (a weight per pixel of a large test set would be
+    gigabytes). None without a region.
+    """
+    weights: list[NDArray[np.float64]] = []
+    n_regions = 0
+    structure = np.ones((3, 3), dtype=bool)
+    for mask in truth:
+        labelled, count = ndimage.label(mask, structure=structure)
+        if count:
+            areas = np.bincount(labelled.ravel())
+            weights.append(1.0 / areas[labelled.ravel()[mask.ravel()]])
+            n_regions += count
+    return np.concatenate(weights) / n_regions if n_regions else None
+
+
+def _auroc(truth: NDArray[np.bool_], values: NDArray[np.float32]) -> float:
+    return float(roc_auc_score(truth, values))
+
+
+def _aupro(
+    truth: NDArray[np.bool_],
+    values: NDArray[np.float32],
+    defect_weights: NDArray[np.float64],
+    fpr_limit: float,
+) -> float:
+    """AUPRO of flat (sampled) pixels, their defect pixels weighted by ``defect_weights``."""
+    weights = np.full(truth.shape, 1.0 / np.count_nonzero(~truth))
+    weights[truth] = defect_weights
+    fpr, pro, _ = roc_curve(truth, values, sample_weight=weights, drop_intermediate=False)
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    fpr_part, pro_part = fpr[:cut], pro[:cut]
+    if cut < len(fpr) and fpr_part[-1] < fpr_limit:
+        # interpolate the curve at exactly fpr_limit
+        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
+        fpr_part = np.append(fpr_part, fpr_limit)
+        pro_part = np.append(pro_part, p0 + (p1 - p0) * (fpr_limit - f0) / max(f1 - f0, 1e-12))
+    return float(np.trapezoid(pro_part, fpr_part) / fpr_limit)
+
+
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0 < fpr_limit <= 1:
+        raise InvalidValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike, max_negatives: int | None = None) -> float:
     """AUROC over the pixels of all images; NaN without both defect and normal pixels.
 
     ``max_negatives`` samples that many normal pixels (seeded) instead of using all.
     """
-    truth = np.asarray(masks, dtype=bool).ravel()
-    values = np.asarray(maps, dtype=np.float32).ravel()
-    if truth.shape != values.shape:
-        raise InvalidValueError(f"masks and maps differ in size: {truth.size} vs {values.size}")
+    truth, values = _pixels(masks, maps)
     if truth.all() or not truth.any():
         return float("nan")
-    keep = _negative_sample(truth, max_negatives)
-    if keep is not None:
-        truth, values = truth[keep], values[keep]
-    return float(roc_auc_score(truth, values))
+    return _auroc(*_sampled(truth, values, max_negatives))
 
 
 def aupro(
-    masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3, max_negatives: int | None = None
+    masks: ArrayLike,
+    maps: ArrayLike,
+    fpr_limit: float = AUPRO_FPR_LIMIT,
+    max_negatives: int | None = None,
 ) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit``, divided by it.
 
@@ -121,46 +188,35 @@ def aupro(
     ``sklearn.metrics.roc_curve`` compute it exactly, at every distinct score.
     ``max_negatives`` samples that many defect-free pixels (seeded) for the FPR axis.
     """
-    if not 0 < fpr_limit <= 1:
-        raise InvalidValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    truth = np.asarray(masks, dtype=bool)
-    values = np.asarray(maps, dtype=np.float32)
-    if truth.shape != values.shape:
-        raise InvalidValueError(f"masks and maps differ in shape: {truth.shape} vs {values.shape}")
-    if truth.ndim == 2:
-        truth, values = truth[None], values[None]
-    # each defect pixel's weight, in the order of the defect pixels of truth.ravel(): only
-    # defect pixels are held (a weight per pixel of a large test set would be gigabytes)
-    defect_weights: list[NDArray[np.float64]] = []
-    n_regions = 0
-    structure = np.ones((3, 3), dtype=bool)  # 8-connectivity, as in the MVTec evaluation
-    for i in range(truth.shape[0]):
-        labelled, count = ndimage.label(truth[i], structure=structure)
-        if count:
-            areas = np.bincount(labelled.ravel())
-            inside = labelled.ravel()[truth[i].ravel()]
-            defect_weights.append(1.0 / areas[inside])
-            n_regions += count
-    if n_regions == 0 or truth.all():
+    _check_fpr_limit(fpr_limit)
+    truth, values = _pixels(masks, maps)
+    weights = _region_weights(truth)
+    if weights is None or truth.all():
         return float("nan")
-    truth, values = truth.ravel(), values.ravel()
     # regions are measured on the whole masks above; the FPR axis may use a sample of
     # the defect-free pixels (every defect pixel kept), which bounds memory on large sets
-    keep = _negative_sample(truth, max_negatives)
-    if keep is not None:
-        truth, values = truth[keep], values[keep]
-    negatives = ~truth
-    weights = np.full(truth.shape, 1.0 / negatives.sum())
-    weights[truth] = np.concatenate(defect_weights) / n_regions
-    fpr, pro, _ = roc_curve(truth, values, sample_weight=weights, drop_intermediate=False)
-    cut = np.searchsorted(fpr, fpr_limit, side="right")
-    fpr_part, pro_part = fpr[:cut], pro[:cut]
-    if cut < len(fpr) and fpr_part[-1] < fpr_limit:
-        # interpolate the curve at exactly fpr_limit
-        f0, f1, p0, p1 = fpr[cut - 1], fpr[cut], pro[cut - 1], pro[cut]
-        fpr_part = np.append(fpr_part, fpr_limit)
-        pro_part = np.append(pro_part, p0 + (p1 - p0) * (fpr_limit - f0) / max(f1 - f0, 1e-12))
-    return float(np.trapezoid(pro_part, fpr_part) / fpr_limit)
+    return _aupro(*_sampled(truth, values, max_negatives), weights, fpr_limit)
+
+
+def pixel_metrics(
+    masks: ArrayLike,
+    maps: ArrayLike,
+    fpr_limit: float = AUPRO_FPR_LIMIT,
+    max_negatives: int | None = None,
+) -> tuple[float, float]:
+    """:func:`pixel_auroc` and :func:`aupro` of the same pixels, sampled once.
+
+    The same values as the two calls (the sample is seeded), for one pass over the masks
+    and one draw of the defect-free sample instead of two.
+    """
+    _check_fpr_limit(fpr_limit)
+    truth, values = _pixels(masks, maps)
+    if truth.all() or not truth.any():
+        return float("nan"), float("nan")
+    weights = _region_weights(truth)
+    truth, values = _sampled(truth, values, max_negatives)
+    auroc = _auroc(truth, values)
+    return auroc, float("nan") if weights is None else _aupro(truth, values, weights, fpr_limit)
 
 
 def evaluation_table(
@@ -187,17 +243,24 @@ def evaluation_table(
     rows: dict[str, dict] = {}
     groups = ["overall"] + sorted(set(types[y == 1].tolist()))
     normal = y == 0
+    # the pixel metrics of each set of images, measured once: with one defect type, that
+    # type's row holds the same images as "overall"
+    measured: dict[bytes, tuple[float, float]] = {}
     for group in groups:
         keep = np.ones_like(normal) if group == "overall" else (normal | (types == group))
         row = image_metrics(y[keep], s[keep], threshold)
         if masks is not None and maps is not None:
             pixel_keep = keep if pixel_valid is None else keep & np.asarray(pixel_valid)
-            # every image kept: the arrays as they are (a boolean index would copy them)
-            chosen_masks, chosen_maps = (
-                (masks, maps) if pixel_keep.all() else (masks[pixel_keep], maps[pixel_keep])
-            )
-            row["pixel_auroc"] = pixel_auroc(chosen_masks, chosen_maps, max_negatives)
-            row["aupro"] = aupro(chosen_masks, chosen_maps, max_negatives=max_negatives)
+            key = np.packbits(pixel_keep).tobytes()
+            if key not in measured:
+                # every image kept: the arrays as they are (a boolean index would copy them)
+                chosen_masks, chosen_maps = (
+                    (masks, maps) if pixel_keep.all() else (masks[pixel_keep], maps[pixel_keep])
+                )
+                measured[key] = pixel_metrics(
+                    chosen_masks, chosen_maps, max_negatives=max_negatives
+                )
+            row["pixel_auroc"], row["aupro"] = measured[key]
         rows[group] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "defect_type"

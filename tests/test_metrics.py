@@ -89,6 +89,56 @@ def test_sampled_negatives_match_exact_metrics():
     assert aupro(masks, maps, max_negatives=5000) == pytest.approx(exact_pro, abs=0.02)
 
 
+def _regions_and_noise(seed=0):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((6, 64, 64), dtype=bool)
+    masks[:3, 20:30, 20:34] = True
+    masks[1, 40:44, 5:9] = True  # a second, small region
+    maps = rng.random(masks.shape).astype(np.float32) + 0.6 * masks
+    return masks, maps
+
+
+@pytest.mark.parametrize("max_negatives", [None, 5000])
+def test_pixel_metrics_are_the_two_metrics_of_the_same_sample(max_negatives):
+    from anomalyvae.metrics import pixel_metrics
+
+    masks, maps = _regions_and_noise()
+    both = pixel_metrics(masks, maps, max_negatives=max_negatives)
+    assert both == (pixel_auroc(masks, maps, max_negatives), aupro(masks, maps, 0.3, max_negatives))
+    assert 0.5 < both[0] < 1 and 0 < both[1] < 1
+    none = np.zeros_like(masks)
+    assert all(np.isnan(pixel_metrics(none, maps)))
+
+
+def test_evaluation_table_measures_each_set_of_images_pixels_once(monkeypatch):
+    """With one defect type, its row holds overall's images: measured once, copied."""
+    import anomalyvae.metrics as metrics
+
+    masks, maps = _regions_and_noise()
+    labels = masks.any(axis=(1, 2)).astype(int)
+    scores = maps.max(axis=(1, 2))
+    calls = []
+    real = metrics.pixel_metrics
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "pixel_metrics", counting)
+    one_type = metrics.evaluation_table(labels, scores, ["pit"] * 6, None, masks, maps)
+    assert calls == [6]
+    assert one_type.loc["pit", ["pixel_auroc", "aupro"]].tolist() == pytest.approx(
+        [pixel_auroc(masks, maps, 2_000_000), aupro(masks, maps, 0.3, 2_000_000)]
+    )
+    assert one_type.loc["overall", "aupro"] == one_type.loc["pit", "aupro"]
+    types = ["crack", "crack", "stain", "good", "good", "good"]
+    calls.clear()
+    two_types = metrics.evaluation_table(labels, scores, types, None, masks, maps)
+    assert calls == [6, 5, 4]  # overall, then each type with the normals
+    crack = [0, 1, 3, 4, 5]
+    assert two_types.loc["crack", "aupro"] == aupro(masks[crack], maps[crack], 0.3, 2_000_000)
+
+
 @pytest.mark.parametrize("block", [1, 777, 4096, 1 << 24])
 def test_negative_sample_block_by_block_keeps_the_same_pixels(block):
     """The sample found block by block is the one an index of every normal pixel gives."""

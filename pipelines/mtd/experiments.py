@@ -38,7 +38,7 @@ from common import (  # noqa: E402
 from anomalyvae.data import split_file_samples  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
-from anomalyvae.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
+from anomalyvae.metrics import image_metrics, pixel_metrics  # noqa: E402
 from anomalyvae.models.maps import ScoringConfig, gaussian_blur  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "mtd" / "split.json"
@@ -69,8 +69,9 @@ def main() -> None:
             "note": note,
         }
         if maps is not None:
-            row["pixel_auroc"] = pixel_auroc(masks[has_mask], maps[has_mask], 1_000_000)
-            row["aupro"] = aupro(masks[has_mask], maps[has_mask], max_negatives=1_000_000)
+            row["pixel_auroc"], row["aupro"] = pixel_metrics(
+                masks[has_mask], maps[has_mask], max_negatives=1_000_000
+            )
         rows.append(row)
         print(row, flush=True)
 

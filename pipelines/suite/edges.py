@@ -47,7 +47,7 @@ from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
 from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
-from anomalyvae.metrics import aupro, pixel_auroc  # noqa: E402
+from anomalyvae.metrics import pixel_metrics  # noqa: E402
 from anomalyvae.models.bank import MAP_BORDER, edge_rings  # noqa: E402
 from anomalyvae.models.feature_vae import location_maps, ring_constants  # noqa: E402
 from anomalyvae.models.smoothing import gaussian_blur  # noqa: E402
@@ -135,8 +135,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         row = {"normals_peaking_on_edge": edge_peak_share(location[normal, 0].numpy())}
         if masks is not None:
             full = upsampled(detector, location)
-            row["pixel_auroc"] = float(pixel_auroc(masks, full))
-            row["aupro"] = float(aupro(masks, full))
+            row["pixel_auroc"], row["aupro"] = pixel_metrics(masks, full)
         if border in (0, MAP_BORDER) and floor:  # the figure: first normal test image
             first = int(np.flatnonzero(normal)[0])
             example = upsampled(detector, location[first : first + 1])[0]
