@@ -19,7 +19,7 @@ from anomalyvae.data import Sample
 from anomalyvae.detector import VAEAnomalyDetector
 from anomalyvae.imaging.batch import read_images
 from anomalyvae.imaging.files import display_path
-from anomalyvae.imaging.io import ImageReadError, read_image
+from anomalyvae.imaging.io import ImageReadError, stored_size
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.preprocessing import MaskError, Preprocessing, read_mask
 from anomalyvae.imaging.volumes import read_volume, read_volume_mask, volume_slices
@@ -179,7 +179,7 @@ def masks_for(
         if sample.mask_path is None:
             continue
         try:
-            image = read_image(sample.path)
+            size = stored_size(sample.path)
         except ImageReadError:
             if errors is None:
                 raise
@@ -189,7 +189,7 @@ def masks_for(
                 sample.mask_path,
                 (spec.height, spec.width),
                 mask_threshold,
-                expected_shape=(image.height, image.width),
+                expected_shape=size,
             )
         except MaskError as error:
             found = MaskError(

@@ -110,6 +110,27 @@ def read_image(
         frames.close()  # the file is closed now, not when the generator is collected
 
 
+def stored_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(height, width) of the image :func:`read_image` reads from ``path``, as stored.
+
+    Read from the header where Pillow opens the file, so nothing is decoded: checking
+    that a mask fits its image costs no second decode of the image. A DICOM or NIfTI
+    file, or one whose header cannot be read, is decoded (an unreadable file raises the
+    :class:`ImageReadError` of :func:`read_image`).
+    """
+    path = Path(path)
+    frame = content_frames(path)[0]
+    if not (is_nifti(path) or is_dicom(path)):
+        try:
+            with Image.open(path) as image:
+                image.seek(frame)
+                return image.height, image.width
+        except Exception:  # decoded below, which names the cause
+            pass
+    decoded = read_image(path, frame=frame)
+    return decoded.height, decoded.width
+
+
 #: Formats whose further frames are images of their own (pages, animation frames), so a
 #: file of several is scored frame by frame. Other formats' further frames are previews,
 #: layers or icon sizes (JPEG's MPO, PSD, ICO): their first frame is the image.

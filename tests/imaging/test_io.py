@@ -402,3 +402,35 @@ def test_a_tiff_that_opens_with_a_thumbnail_is_read_by_its_image(tmp_path):
     np.testing.assert_allclose(
         load_image(path, spec)[0], np.asarray(image, np.float32) / 255, atol=1e-6
     )
+
+
+def test_stored_size_reads_the_header_and_agrees_with_the_decoded_image(tmp_path, monkeypatch):
+    """A mask's size check needs the image's size, not its pixels: the header gives it
+    (nothing decoded), the same size read_image reports, also for a TIFF that opens with
+    a thumbnail page; a file that is no image raises the reader's own error."""
+    import anomalyvae.imaging.io as io
+
+    rng = np.random.default_rng(0)
+    files = [
+        _save(tmp_path / "grey.png", rng.integers(0, 255, (30, 50), dtype=np.uint8)),
+        _save(tmp_path / "colour.jpg", rng.integers(0, 255, (41, 17, 3), dtype=np.uint8)),
+        _save(tmp_path / "deep.png", rng.integers(0, 65535, (23, 29)).astype(np.uint16)),
+    ]
+    page = Image.fromarray(rng.integers(0, 255, (64, 48), dtype=np.uint8))
+    thumbnail = Image.fromarray(rng.integers(0, 255, (8, 6), dtype=np.uint8))
+    thumbnail.encoderinfo = {"tiffinfo": {254: 1}}  # a reduced-resolution copy
+    page.encoderinfo = {"tiffinfo": {254: 0}}
+    tiff = tmp_path / "pages.tif"
+    thumbnail.save(tiff, save_all=True, append_images=[page], tiffinfo={254: 1})
+    files.append(tiff)
+    expected = {f.name: (read_image(f).height, read_image(f).width) for f in files}
+    assert expected["pages.tif"] == (64, 48)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(io, "_decode_frame", no_decoding)
+    assert {f.name: io.stored_size(f) for f in files} == expected
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ImageReadError, match="broken.png"):
+        io.stored_size(tmp_path / "broken.png")
