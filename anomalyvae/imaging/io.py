@@ -119,6 +119,7 @@ def stored_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     :class:`ImageReadError` of :func:`read_image`).
     """
     path = Path(path)
+    check_regular_file(path)  # never open a FIFO or device: opening it could block
     frame = content_frames(path)[0]
     if not (is_nifti(path) or is_dicom(path)):
         try:

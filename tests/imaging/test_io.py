@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -434,3 +436,26 @@ def test_stored_size_reads_the_header_and_agrees_with_the_decoded_image(tmp_path
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ImageReadError, match="broken.png"):
         io.stored_size(tmp_path / "broken.png")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_stored_size_refuses_a_fifo_without_opening_it(tmp_path):
+    """Opening a FIFO blocks until a writer comes: the size check must refuse it first."""
+    import threading
+
+    import anomalyvae.imaging.io as io
+
+    os.mkfifo(tmp_path / "pipe.png")
+    raised: list[Exception] = []
+
+    def size() -> None:
+        try:
+            io.stored_size(tmp_path / "pipe.png")
+        except Exception as error:
+            raised.append(error)
+
+    worker = threading.Thread(target=size, daemon=True)  # a hang fails, not blocks, the run
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "stored_size blocked on a FIFO"
+    assert isinstance(raised[0], ImageReadError) and "a FIFO" in str(raised[0])
