@@ -107,6 +107,8 @@ BACKBONE_CHOICES: tuple[str, ...] = ("auto", *BACKBONES)
 #: would take evaluate of 400 images past the 3 minutes it may take (reports/budget),
 #: while at 512 x 512 and below a Lite2 image still costs less than a Lite0 image there.
 AUTO_LITE2_MAX_PIXELS = 512 * 512
+#: What "auto" resolves to: (up to AUTO_LITE2_MAX_PIXELS, above).
+AUTO_BACKBONES: tuple[str, str] = ("efficientnet-lite2", "efficientnet-lite0")
 #: Feature taps: the last block of stage 3 (stride 8) and of stage 5 (stride 16) - mid-level
 #: features, local enough for small defects: (stage index, stride) of each.
 TAP_STAGES = {"stride8": (2, 8), "stride16": (4, 16)}
@@ -124,16 +126,17 @@ def resolve_backbone(name: str, height: int, width: int) -> str:
     A named backbone is itself; "auto" is EfficientNet-Lite2 up to
     :data:`AUTO_LITE2_MAX_PIXELS` pixels and EfficientNet-Lite0 above.
     """
-    if name == "auto":
-        small = height * width <= AUTO_LITE2_MAX_PIXELS
-        return "efficientnet-lite2" if small else "efficientnet-lite0"
-    _spec(name)  # a clear error for an unknown name
-    return name
+    if name not in BACKBONE_CHOICES:
+        raise InvalidValueError(f"backbone must be one of {BACKBONE_CHOICES}, got {name!r}")
+    if name != "auto":
+        return name
+    small, large = AUTO_BACKBONES
+    return small if height * width <= AUTO_LITE2_MAX_PIXELS else large
 
 
 def backbones_of(name: str) -> tuple[str, ...]:
     """Every backbone ``name`` can resolve to (whose weights it may need)."""
-    return ("efficientnet-lite2", "efficientnet-lite0") if name == "auto" else (name,)
+    return AUTO_BACKBONES if name == "auto" else (name,)
 
 
 def _spec(name: str) -> tuple:
