@@ -184,6 +184,32 @@ def test_knn_border_variants_of_reductions_leave_the_edge_out_as_the_product_doe
     assert shares["top 1%"]["test"].tolist() == [0.0, 4.0]
 
 
+def test_image_likelihood_variants_see_a_move_along_a_normal_direction_the_residual_misses():
+    reductions = _suite_module("reductions")
+    rng = np.random.default_rng(0)
+    direction = np.zeros(64)
+    direction[:32] = 1 / np.sqrt(32)  # the normals vary along one direction, little else
+    train = rng.normal(size=(40, 1)) * direction + 0.01 * rng.normal(size=(40, 64))
+    val = rng.normal(size=(20, 1)) * direction + 0.01 * rng.normal(size=(20, 64))
+    far = 10 * direction  # inside the subspace, ten standard deviations out
+    off = 0.5 * np.eye(64)[40]  # off the subspace, a small step
+    test = np.stack([val[0], far, off])
+    pca = reductions.subspace(train)
+    groups = {"val": val.reshape(20, 1, 8, 8), "test": test.reshape(3, 1, 8, 8)}
+    maps = reductions.residual_maps(pca, 1, groups)
+    residual = {g: m.reshape(len(m), -1).mean(1) for g, m in maps.items()}
+    views = reductions.likelihood_views(pca, 1, groups, residual)
+    assert list(views) == list(reductions.LIKELIHOODS)
+    assert views[reductions.LIKELIHOODS[0]] is residual  # the product's view, unchanged
+    inside = views["Mahalanobis inside it alone"]["test"]
+    assert inside[1] > 50 and inside[0] < 9 and inside[2] < 9  # only the far image
+    assert residual["test"][1] < residual["test"][2]  # the residual misses it
+    whole = views["probabilistic PCA negative log-likelihood"]["test"]
+    assert whole[1] > whole[0] and whole[2] > whole[0]  # the likelihood sees both
+    both = views["+ Mahalanobis inside it, mean z"]["test"]
+    assert both[1] > both[0] and both[2] > both[0]
+
+
 def test_suite_header_says_when_a_table_mixes_runs():
     suite = _suite_module("run")
     timed = {"a": {"seconds": 60.0}, "b": {"seconds": 120.0}}

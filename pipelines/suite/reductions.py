@@ -3,7 +3,7 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Seven choices of the feature family's fused views are re-made on the models the suite
+Nine choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
@@ -32,7 +32,14 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
 - **image mirrors**: the training normals the ``image`` subspace is fitted on, with
   left-right (and up-down) mirrored copies added: more normals to span the subspace
   where there are few, at the price of a looser subspace where the normals are not
-  mirror-symmetric.
+  mirror-symmetric;
+- **image likelihood**: what the ``image`` view reads off the normal subspace (the model's
+  own number of components): the residual off it (the product's), the Mahalanobis
+  distance of the image's coordinates inside it (a defect that moves the image along
+  normal directions, further than any normal), both (the mean of their robust
+  z-scores), or the whole negative log-likelihood of probabilistic PCA (the subspace's
+  Mahalanobis distance plus the residual over the discarded variance per dimension):
+  the linear-Gaussian special case of a VAE, in full.
 
 Each variant is scored alone and inside the fused score (the robust z-scores of
 ``knn``, ``global`` and ``image`` with the variant in place, weighed by the model's own
@@ -119,7 +126,15 @@ VIEW_OF = {
     "image reduction": "image",
     "image side": "image",
     "image mirrors": "image",
+    "image likelihood": "image",
 }
+#: The image likelihood variants (the first is the product's view).
+LIKELIHOODS = (
+    "residual off the subspace",
+    "+ Mahalanobis inside it, mean z",
+    "Mahalanobis inside it alone",
+    "probabilistic PCA negative log-likelihood",
+)
 #: The image subspace's training normals, mirrored copies added (a generic augmentation:
 #: which mirrors a data set is invariant to is not known without labels).
 MIRRORS = {
@@ -250,6 +265,31 @@ def image_views(
     return counts, reductions
 
 
+def likelihood_views(
+    pca: PCA, k: int, groups: dict[str, np.ndarray], residual: dict[str, np.ndarray]
+) -> dict[str, dict]:
+    """The :data:`LIKELIHOODS` variants of each group (pooled inputs, the held-out normals
+    as "val"): ``residual`` is the product's view off the first ``k`` components of
+    ``pca``; the Mahalanobis distance uses their variances, the probabilistic PCA
+    likelihood adds the squared residual over the mean variance of the discarded
+    directions (its maximum-likelihood noise)."""
+    variance = pca.explained_variance_
+    k = max(1, min(k, len(variance)))
+    basis = pca.components_[:k]
+    noise = max(float(variance[k:].sum()) / max(pca.mean_.size - k, 1), 1e-300)
+    inside, whole = {}, {}
+    for group, x in groups.items():
+        centred = x.reshape(len(x), -1).astype(np.float64) - pca.mean_
+        coords = centred @ basis.T
+        inside[group] = (coords**2 / variance[:k]).sum(1)
+        off = np.maximum((centred**2).sum(1) - (coords**2).sum(1), 0.0)
+        whole[group] = inside[group] + off / noise
+    both = {
+        g: (z_of(residual["val"], residual[g]) + z_of(inside["val"], inside[g])) / 2 for g in groups
+    }
+    return dict(zip(LIKELIHOODS, (residual, both, inside, whole), strict=True))
+
+
 def image_key(sigma: float, share: float) -> str:
     return f"smoothed {sigma:g} px, top {share:.1%}"
 
@@ -371,10 +411,16 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     for x in batches(detector, [train[i] for i in train_index]):
         for box in boxes:
             pooled_train[box].append(pooled(x, box))
+    own_pca = subspace(np.concatenate(pooled_train[pool]))
+    own_groups = {"val": val["pooled"], "test": tested["pooled"]}
     counts, reductions = image_views(
-        np.concatenate(pooled_train[pool]),
-        {"val": val["pooled"], "test": tested["pooled"]},
+        np.concatenate(pooled_train[pool]), own_groups, config.image_components, pca=own_pca
+    )
+    likelihoods = likelihood_views(
+        own_pca,
         config.image_components,
+        own_groups,
+        reductions[image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION)],
     )
     sides = {}
     for side, box in side_pools(config).items():
@@ -426,6 +472,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "image reduction": reductions,
         "image side": sides,
         "image mirrors": mirrors,
+        "image likelihood": likelihoods,
     }
     default = {
         "knn": knn_key(KNN_TOP_FRACTION),
@@ -436,6 +483,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
         "image side": f"{config.image_side} px",
         "image mirrors": "as they are",
+        "image likelihood": LIKELIHOODS[0],
     }
     views = {"val": val, "test": tested}
     unexplained = float(val["residual"].sum() / max(val["spread"].sum(), 1e-300))
@@ -538,6 +586,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         "components)",
         "image mirrors": "image view: the normals its subspace is fitted on, mirrored copies "
         "added (model's own components)",
+        "image likelihood": "image view: what it reads off the normal subspace (model's own "
+        "components)",
     }
     for family, decision in decisions.items():
         lines += [f"## {titles[family]}", ""]
