@@ -9,7 +9,8 @@
    in one run.
 2. A 10,000-file synthetic folder (PNG): the same comparison.
 3. Peak RSS of a scan of 1,000 vs 10,000 files (each in a fresh process).
-Writes reports/scan/{README.md,results.json}.
+numpy's dense float32 matmul peak is measured before and after (the machine's ceiling, so
+the rates can be compared with another machine's). Writes reports/scan/{README.md,results.json}.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 from common import (  # noqa: E402
     fresh_process_peak,
     machine,
+    matmul_peak,
     shown,
     smoke_model,
     synthetic_folder,
@@ -161,6 +163,8 @@ def main() -> None:
 
     results = {
         "machine": machine(),
+        "matmul_peak_gflops": [matmul_peak()],
+        "backbone": getattr(detector.model_.config, "backbone", None),
         "batch_size": args.batch_size,
         "workers": args.workers,
         "input": [
@@ -191,10 +195,12 @@ def main() -> None:
             large.preprocessing_.height,
             large.preprocessing_.width,
         ],
+        "backbone": getattr(large.model_.config, "backbone", None),
         "batch_size": large_batch,
         **compare(large_model, args.large, large_batch, args.workers, work / "large"),
         "peak_rss": peak_rss(large_model, args.large, work / "rss-large"),
     }
+    results["matmul_peak_gflops"].append(matmul_peak())
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
     def line(name: str, row: dict) -> str:
@@ -212,8 +218,12 @@ def main() -> None:
         + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/scan/bench.py`; every number comes from that run.",
-        f"Machine: {machine()}. Model input {results['input']}, batch {args.batch_size}, "
-        f"{args.workers} decoding workers, heatmaps off (they are extra PNG writes).",
+        f"Machine: {machine()}; numpy float32 matmul peak "
+        + " GFLOP/s before, ".join(f"{g:.0f}" for g in results["matmul_peak_gflops"])
+        + " GFLOP/s after. "
+        f"Model input {results['input']} ({results['backbone'] or 'pixel model'}), batch "
+        f"{args.batch_size}, {args.workers} decoding workers, heatmaps off (they are extra PNG "
+        "writes).",
         "",
         "End to end = discovery, decoding and preprocessing on the worker pool, ONNX Runtime "
         "batches, per-file rows, Parquet/CSV, summary and HTML report. Model only = "
@@ -230,7 +240,8 @@ def main() -> None:
         ),
         line("synthetic PNG 128 px", results["synthetic"]),
         line(
-            f"large input {results['large']['input']} (batch {large_batch}): "
+            f"large input {results['large']['input']} "
+            f"({results['large']['backbone'] or 'pixel model'}, batch {large_batch}): "
             + ("synthetic" if args.smoke else "KolektorSDD 500 x 1250 folder (+ masks)"),
             results["large"],
         ),
