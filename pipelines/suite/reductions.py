@@ -411,11 +411,10 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
     for x in batches(detector, [train[i] for i in train_index]):
         for box in boxes:
             pooled_train[box].append(pooled(x, box))
-    own_pca = subspace(np.concatenate(pooled_train[pool]))
+    base = np.concatenate(pooled_train[pool])  # the model's own pooled training normals
+    own_pca = subspace(base)
     own_groups = {"val": val["pooled"], "test": tested["pooled"]}
-    counts, reductions = image_views(
-        np.concatenate(pooled_train[pool]), own_groups, config.image_components, pca=own_pca
-    )
+    counts, reductions = image_views(base, own_groups, config.image_components, pca=own_pca)
     likelihoods = likelihood_views(
         own_pca,
         config.image_components,
@@ -445,12 +444,11 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
             **{g: np.mean([z_of(p["val"], p[g]) for p in parts], axis=0) for g in ("val", "test")},
         }
     mirrors = {}
-    base = np.concatenate(pooled_train[pool])
     for name, axes in MIRRORS.items():
         stack = np.concatenate([base, *(np.flip(base, axis) for axis in axes)])
         own, _ = image_views(
             stack,
-            {"val": val["pooled"], "test": tested["pooled"]},
+            own_groups,
             config.image_components,
             counts_only=True,
         )
