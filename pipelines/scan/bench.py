@@ -213,14 +213,14 @@ def main() -> None:
             f"({100 * row['end_to_end_process_share_of_model_only']:.0f} %) |"
         )
 
+    peak_before, peak_after = results["matmul_peak_gflops"]
     text = [
         "# Scan throughput and memory"
         + (" (smoke run: meaningless numbers)" if args.smoke else ""),
         "",
         "Produced by `python pipelines/scan/bench.py`; every number comes from that run.",
-        f"Machine: {machine()}; numpy float32 matmul peak "
-        + " GFLOP/s before, ".join(f"{g:.0f}" for g in results["matmul_peak_gflops"])
-        + " GFLOP/s after. "
+        f"Machine: {machine()}; numpy float32 matmul peak {peak_before:.0f} GFLOP/s before, "
+        f"{peak_after:.0f} GFLOP/s after. "
         f"Model input {results['input']} ({results['backbone'] or 'pixel model'}), batch "
         f"{args.batch_size}, {args.workers} decoding workers, heatmaps off (they are extra PNG "
         "writes).",
