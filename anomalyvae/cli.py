@@ -80,6 +80,19 @@ def _check_family(value: str) -> str:
     return value
 
 
+def _check_bank_size(value: str) -> int | str:
+    """The bank rows asked for: "auto" or at least 16, else a usage error (exit 2)."""
+    if value == "auto":
+        return value
+    try:
+        rows = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number of rows") from None
+    if rows < 16:
+        raise click.BadParameter(f"the bank needs at least 16 rows, got {rows}")
+    return rows
+
+
 def _check_heatmaps(value: str) -> str:
     """The library's heatmap-mode check, as click's usage error (exit 2)."""
     from anomalyvae.inference.scan import top_n
@@ -226,6 +239,15 @@ def _labelled_data_options(func: Any) -> Any:
     show_default=True,
     help="Feature model: side of the backbone-cell neighbourhood averaged into each "
     "location's feature (odd; 1 = each cell on its own).",
+)
+@click.option(
+    "--bank-size",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: _check_bank_size(value),
+    help="Feature model: normal feature vectors the memory bank keeps. auto: 8192 for model "
+    "inputs of at most 512 x 512 pixels, fewer in proportion above (4096 at 448 x 1088), so "
+    "that the nearest-neighbour search costs an image no more than at 512 x 512.",
 )
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)

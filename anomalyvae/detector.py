@@ -88,6 +88,12 @@ class VAEAnomalyDetector:
         Feature model: side (in backbone cells) of the average that gives each location
         its feature before the VAE and the memory bank see it; 1 keeps each cell on its
         own, 3 (default) averages a 3 x 3 neighbourhood. A positive odd number.
+    bank_size : int or "auto"
+        Feature model: normal feature vectors the memory bank keeps (a coreset of the
+        training locations; the ``knn`` view and the map search it). "auto" (default):
+        8192 for model inputs of at most 512 x 512 pixels, fewer in proportion above
+        (:func:`anomalyvae.models.bank.auto_bank_size`), so that the search costs an
+        image no more than at 512 x 512. At least 16.
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`; "auto" kinds are the
         family's defaults (``resolve_scoring`` in :mod:`anomalyvae.models.families`).
@@ -174,6 +180,7 @@ class VAEAnomalyDetector:
         tile_size: int = 512,
         backbone: str = "auto",
         neighbourhood: int = 3,
+        bank_size: int | str = "auto",
         map_kind: str = "auto",
         score_kind: str = "auto",
         fusion: str = "auto",
@@ -210,6 +217,7 @@ class VAEAnomalyDetector:
         self.tile_size = tile_size
         self.backbone = backbone
         self.neighbourhood = neighbourhood
+        self.bank_size = bank_size
         self.map_kind = map_kind
         self.score_kind = score_kind
         self.fusion = fusion

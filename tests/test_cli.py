@@ -143,6 +143,9 @@ def test_usage_error_exit_code(runner, tmp_path):
     # an unknown family, and settings the library rejects, are command-line mistakes
     result = runner.invoke(main, ["train", str(tmp_path), "--model", "nope"])
     assert result.exit_code == 2 and "'nope' is not one of auto, pixel, feature" in result.output
+    for rows, message in (("many", "neither 'auto' nor a number"), ("8", "at least 16 rows")):
+        result = runner.invoke(main, ["train", str(tmp_path), "--bank-size", rows])
+        assert result.exit_code == 2 and message in result.output
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     args = ["scan", str(model), str(tmp_path), "-o", str(tmp_path / "o"), "--address", "auto"]

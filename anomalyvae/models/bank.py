@@ -46,6 +46,37 @@ KNN_BORDER = 1
 #: constants.
 MAP_BORDER = 3
 
+#: Rows of the bank of a model whose input has at most :data:`BANK_FULL_PIXELS` pixels.
+BANK_SIZE = 8192
+#: Above this many model-input pixels the bank shrinks in proportion to the input
+#: (:func:`auto_bank_size`): the search costs locations x rows, and the locations grow
+#: with the input, so an image's search never costs more than it does at 512 x 512.
+BANK_FULL_PIXELS = 512 * 512
+#: A shrunk bank's rows are a multiple of this, and at least :data:`BANK_MIN_ROWS`.
+BANK_ROW_STEP = 512
+BANK_MIN_ROWS = 1024
+
+
+def auto_bank_size(height: int, width: int) -> int:
+    """Rows of the memory bank for a model input of ``height`` x ``width`` ("auto").
+
+    :data:`BANK_SIZE` up to :data:`BANK_FULL_PIXELS` pixels; above, the rows that keep
+    the search's locations x rows at its 512 x 512 cost (rounded down to a multiple of
+    :data:`BANK_ROW_STEP`, at least :data:`BANK_MIN_ROWS`): 4096 rows at 448 x 1088,
+    3584 at 1216 x 480. On the commutators (1216 x 480) a bank cut to 4096 or 2048 rows
+    ranked images and pixels within 0.004 of 8192 (reports/suite/bank.md).
+    """
+    pixels = height * width
+    if pixels <= BANK_FULL_PIXELS:
+        return BANK_SIZE
+    rows = int(BANK_SIZE * BANK_FULL_PIXELS / pixels) // BANK_ROW_STEP * BANK_ROW_STEP
+    return max(BANK_MIN_ROWS, rows)
+
+
+def resolve_bank_size(bank_size: int | str, height: int, width: int) -> int:
+    """The rows ``bank_size`` stands for at a model input of ``height`` x ``width``."""
+    return auto_bank_size(height, width) if bank_size == "auto" else int(bank_size)
+
 
 def interior(distances: T, border: int) -> T:
     """Location values (n, h, w) without ``border`` locations along each edge.

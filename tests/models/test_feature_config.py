@@ -57,3 +57,26 @@ def test_a_config_round_trips_and_unknown_fields_are_refused():
     assert config.min_std == MIN_STD
     with pytest.raises(ValueError, match="unknown FeatureVAEConfig fields"):
         FeatureVAEConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+def test_the_bank_shrinks_above_512_squared_so_an_image_search_never_costs_more():
+    from anomalyvae.models.bank import (
+        BANK_FULL_PIXELS,
+        BANK_MIN_ROWS,
+        BANK_ROW_STEP,
+        BANK_SIZE,
+        auto_bank_size,
+        resolve_bank_size,
+    )
+
+    assert auto_bank_size(256, 256) == auto_bank_size(512, 512) == BANK_SIZE
+    assert auto_bank_size(448, 1088) == 4096 and auto_bank_size(1216, 480) == 3584
+    for height, width in ((520, 512), (448, 1088), (1216, 480), (1024, 1024), (4096, 4096)):
+        rows = auto_bank_size(height, width)
+        assert rows % BANK_ROW_STEP == 0 and rows >= BANK_MIN_ROWS
+        if rows > BANK_MIN_ROWS:  # locations x rows at most the 512 x 512 search
+            assert height * width * rows <= BANK_FULL_PIXELS * BANK_SIZE
+            assert height * width * (rows + BANK_ROW_STEP) > BANK_FULL_PIXELS * BANK_SIZE
+    assert auto_bank_size(4096, 4096) == BANK_MIN_ROWS
+    assert resolve_bank_size("auto", 1216, 480) == 3584
+    assert resolve_bank_size(100, 1216, 480) == 100

@@ -376,6 +376,8 @@ def test_feature_map_is_position_independent():
         (dict(model="feature", nproc=2), "one process"),
         (dict(model="feature", tile_size=100), "multiple of 16"),
         (dict(model="feature", neighbourhood=2), "positive odd"),
+        (dict(model="feature", bank_size=8), "at least 16 rows"),
+        (dict(model="feature", bank_size="large"), "at least 16 rows"),
         (dict(model="nope"), "model must be one of"),
     ],
 )
@@ -881,6 +883,26 @@ def test_a_one_cell_neighbourhood_reaches_the_model_and_survives_a_reload(featur
     detector.save(tmp_path / "one.pt")
     reloaded = VAEAnomalyDetector.load(tmp_path / "one.pt", progress=False)
     assert reloaded.model_.config.pool == 1 and reloaded.neighbourhood == 1
+
+
+def test_a_bank_size_reaches_the_model_and_survives_a_reload(feature_root, tmp_path):
+    """``bank_size`` rows are kept (the first rows of a larger bank's coreset); "auto"
+    keeps the size rule's rows, capped by the training locations there are."""
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:24]
+    small = VAEAnomalyDetector(model="feature", bank_size=64, **{**FEATURE_TINY, "epochs": 1})
+    small.fit(paths)
+    assert small.model_.config.bank_size == 64 and small.model_.bank.shape[0] == 64
+    larger = VAEAnomalyDetector(model="feature", bank_size=128, **{**FEATURE_TINY, "epochs": 1})
+    torch.testing.assert_close(small.model_.bank, larger.fit(paths).model_.bank[:64])
+    auto = VAEAnomalyDetector(model="feature", **{**FEATURE_TINY, "epochs": 1}).fit(paths)
+    # 64 x 64 inputs: every training location, fewer than the rule's 8192 rows
+    assert auto.bank_size == "auto" and 128 < auto.model_.bank.shape[0] < 8192
+    small.save(tmp_path / "small.pt")
+    reloaded = VAEAnomalyDetector.load(tmp_path / "small.pt", progress=False)
+    assert reloaded.bank_size == 64 and reloaded.model_.bank.shape[0] == 64
+    np.testing.assert_allclose(
+        reloaded.anomaly_score(paths[:4]), small.anomaly_score(paths[:4]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_evaluate_ranks_every_score_kind_and_calibrate_switches_to_one(

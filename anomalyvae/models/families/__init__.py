@@ -76,8 +76,7 @@ def check_request(params: Mapping[str, Any]) -> None:
 
     ``params`` are the detector's: the family name, ``tile_size``, ``backbone`` (whose
     weights, for "auto" both candidates', must be installed unless the pixel model is
-    asked for), ``neighbourhood``
-    and, when not
+    asked for), ``neighbourhood``, ``bank_size`` and, when not
     "auto", the scoring (``map_kind``, ``score_kind``, ``smoothing_sigma``,
     ``topk_fraction``).
     """
@@ -96,6 +95,9 @@ def check_request(params: Mapping[str, Any]) -> None:
     side = params["neighbourhood"]
     if side < 1 or side % 2 == 0:
         raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")
+    rows = params["bank_size"]
+    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 16):
+        raise InvalidValueError(f"bank_size must be 'auto' or at least 16 rows, got {rows!r}")
     if params["map_kind"] != "auto":
         score_kind = params["score_kind"]
         ScoringConfig(

@@ -16,7 +16,7 @@ from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
 from anomalyvae.models.backbone import resolve_backbone
-from anomalyvae.models.bank import knn_view
+from anomalyvae.models.bank import knn_view, resolve_bank_size
 from anomalyvae.models.families.base import ModelFamily, Trained, input_bytes
 from anomalyvae.models.feature_config import FeatureVAEConfig
 from anomalyvae.models.feature_training import (
@@ -314,6 +314,7 @@ def feature_config(detector: VAEAnomalyDetector, spec: Preprocessing) -> Feature
         tile_side=detector.tile_size,
         tile_overlap=detector.tile_size // 4,
         pool=detector.neighbourhood,
+        bank_size=resolve_bank_size(detector.bank_size, spec.height, spec.width),
         fusion=fusion,
         # the local excess was chosen with the image-share weighting, whose image
         # view can otherwise outweigh a small defect that only the local views see
