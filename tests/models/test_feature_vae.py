@@ -885,7 +885,9 @@ def test_a_one_cell_neighbourhood_reaches_the_model_and_survives_a_reload(featur
     assert reloaded.model_.config.pool == 1 and reloaded.neighbourhood == 1
 
 
-def test_a_bank_size_reaches_the_model_and_survives_a_reload(feature_root, tmp_path):
+def test_a_bank_size_reaches_the_model_and_survives_a_reload(
+    feature_root, feature_detector, tmp_path
+):
     """``bank_size`` rows are kept (the first rows of a larger bank's coreset); "auto"
     keeps the size rule's rows, capped by the training locations there are."""
     paths = [s.path for s in mvtec_samples(feature_root, "train")][:24]
@@ -894,8 +896,7 @@ def test_a_bank_size_reaches_the_model_and_survives_a_reload(feature_root, tmp_p
     assert small.model_.config.bank_size == 64 and small.model_.bank.shape[0] == 64
     larger = VAEAnomalyDetector(model="feature", bank_size=128, **{**FEATURE_TINY, "epochs": 1})
     torch.testing.assert_close(small.model_.bank, larger.fit(paths).model_.bank[:64])
-    auto = VAEAnomalyDetector(model="feature", **{**FEATURE_TINY, "epochs": 1}).fit(paths)
-    # 64 x 64 inputs: every training location, fewer than the rule's 8192 rows
+    auto, _ = feature_detector  # 64 x 64 inputs: every training location, < 8192 rows
     assert auto.bank_size == "auto" and 128 < auto.model_.bank.shape[0] < 8192
     small.save(tmp_path / "small.pt")
     reloaded = VAEAnomalyDetector.load(tmp_path / "small.pt", progress=False)
