@@ -143,12 +143,11 @@ def calibrate_on(
     labelled = method != "normal_quantile"
     if not labelled:
         samples = [s for s in samples if s.label == 0]
-    # read and scored a chunk at a time, as evaluate does: memory holds two chunks of
-    # images (one scored, the next read), and of each map only what the pixel threshold
-    # may read (a labelled set's maps whole, for its masks; else a sample of each normal
-    # map's pixels). An unreadable file is skipped with a warning naming it, as training
-    # skips it; normal volumes calibrate on their slices, labelled files keep one image
-    # (and label) each
+    # read and scored a chunk at a time, as evaluate does: memory holds one chunk of
+    # images, and of each map only what the pixel threshold may read (a labelled set's
+    # maps whole, for its masks; else a sample of each normal map's pixels). An unreadable
+    # file is skipped with a warning naming it, as training skips it; normal volumes
+    # calibrate on their slices, labelled files keep one image (and label) each
     if labelled:  # every map, filled in place as evaluate fills it
         read, scores, maps, _ = score_set_files(
             detector, samples, [], progress, views=False, desc="calibrating"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,9 +25,8 @@ from anomalyvae.imaging.preprocessing import MaskError, Preprocessing, read_mask
 from anomalyvae.imaging.volumes import read_volume, read_volume_mask, volume_slices
 from anomalyvae.progress import progress_bar
 
-#: Model-input bytes of the images read and scored at a time: memory holds the chunk being
-#: scored and the next one being read, not the set (400 colour images of 1130 x 460 px
-#: are 2.3 GB as model input).
+#: Model-input bytes of the images read and scored at a time: memory holds one chunk of
+#: images, not the set (400 colour images of 1130 x 460 px are 2.3 GB as model input).
 CHUNK_BYTES = 256 * 2**20
 
 
@@ -59,9 +57,8 @@ def scored_chunks(
     views: bool = True,
     desc: str = "evaluating",
 ) -> Iterator[ScoredChunk]:
-    """Read and score files a chunk at a time, so that memory holds two chunks of images.
+    """Read and score files a chunk at a time, so that memory holds one chunk of images.
 
-    The next chunk is read in a worker thread while the current one is scored.
     Each file is read once, as the model sees it; an unreadable file is left out with a
     warning and named in ``left_out``. ``volumes="slices"`` scores every slice of a NIfTI
     volume (each volume a chunk of its own) and every frame of a multi-frame file;
@@ -79,24 +76,9 @@ def scored_chunks(
     bar = progress_bar(
         total=len(samples), desc=desc, unit="img", disable=not progress or not samples
     )
-
-    def read_part(
-        part: list[Sample],
-    ) -> tuple[NDArray[np.float32], list[Path], list[ImageReadError]]:
-        return read_images([s.path for s in part], spec, "ignore", volumes)
-
-    # the next chunk is decoded in a worker thread while this one is scored (decoding
-    # and resizing release the GIL): memory holds at most two chunks of images
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomalyvae-read")
-    ahead: Future | None = None
     try:
-        ahead = reader.submit(read_part, parts[0]) if parts else None
-        for index, part in enumerate(parts):
-            assert ahead is not None
-            images, kept, errors = ahead.result()
-            ahead = reader.submit(read_part, parts[index + 1]) if index + 1 < len(parts) else None
-            for error in errors:  # on the caller's thread, in file order
-                warnings.warn(f"skipping {error}", UserWarning, stacklevel=2)
+        for part in parts:
+            images, kept, errors = read_images([s.path for s in part], spec, "warn", volumes)
             left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
             if len(kept):
                 if views:
@@ -109,9 +91,6 @@ def scored_chunks(
                 yield ScoredChunk(readable, kept, scores, maps, found)
             bar.update(len(part))
     finally:
-        if ahead is not None:  # a consumer that stops early: the read ahead is dropped
-            ahead.cancel()
-        reader.shutdown(wait=True)
         bar.close()
 
 
@@ -126,7 +105,7 @@ def score_set_files(
 ) -> tuple[list[Sample], NDArray[np.float64], NDArray[np.float32] | None, dict[str, list[NDArray]]]:
     """Read and score 2-D files a chunk at a time: (readable samples, scores, maps, views).
 
-    The maps (n, h, w) are filled in place, so memory holds every map once and two chunks
+    The maps (n, h, w) are filled in place, so memory holds every map once and one chunk
     of images (:func:`scored_chunks`); without ``keep_maps``, no map (None).
     """
     spec = detector.preprocessing_

@@ -331,44 +331,6 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
-def test_evaluate_reads_the_next_chunk_while_it_scores_this_one(
-    trained, synthetic_root, monkeypatch
-):
-    """The next chunk is read in a worker thread before this chunk's scores are handed
-    on (so decoding overlaps scoring), in file order; a consumer that stops after the
-    first chunk leaves no reader thread behind."""
-    import threading
-
-    import anomalyvae.set_scoring as set_scoring
-    from anomalyvae.data import discover
-
-    detector, _ = trained
-    samples = discover(synthetic_root, "test")[:20]
-    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files: 8, 8, 4
-    events: list[tuple[str, str, int]] = []
-    real = set_scoring.read_images
-
-    def recorded(paths, *args, **kwargs):
-        events.append(("read", threading.current_thread().name, len(paths)))
-        return real(paths, *args, **kwargs)
-
-    monkeypatch.setattr(set_scoring, "read_images", recorded)
-    chunks = []
-    for chunk in set_scoring.scored_chunks(detector, samples, [], progress=False):
-        events.append(("scored", threading.current_thread().name, len(chunk.samples)))
-        chunks.append(chunk)
-    assert [e[0] for e in events] == ["read", "read", "scored", "read", "scored", "scored"]
-    assert all(e[1].startswith("anomalyvae-read") for e in events if e[0] == "read")
-    assert [p for c in chunks for p in c.paths] == [Path(s.path) for s in samples]
-
-    before = threading.active_count()
-    stopped = set_scoring.scored_chunks(detector, samples, [], progress=False)
-    next(stopped)
-    stopped.close()
-    assert threading.active_count() == before
-    assert not any(t.name.startswith("anomalyvae-read") for t in threading.enumerate())
-
-
 def test_evaluate_leaves_out_an_image_whose_mask_is_broken_and_names_both(
     runner, trained, synthetic_root, tmp_path
 ):
