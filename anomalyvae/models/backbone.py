@@ -101,14 +101,14 @@ BACKBONE_SPECS = {
 BACKBONES: tuple[str, ...] = tuple(BACKBONE_SPECS)
 #: The backbone names a detector accepts: "auto" (:func:`resolve_backbone`) and BACKBONES.
 BACKBONE_CHOICES: tuple[str, ...] = ("auto", *BACKBONES)
-#: "auto" gives Lite2 to inputs of at most this many pixels and Lite0 to larger ones.
-#: Lite2 was the leave-one-set-out choice of every fold over Lite0 (reports/suite/
-#: retrained.md), and its features cost about 1.3-1.4x Lite0's: at 448 x 1088 that
-#: would take evaluate of 400 images past the 3 minutes it may take (reports/budget),
-#: while at 512 x 512 and below a Lite2 image still costs less than a Lite0 image there.
-AUTO_LITE2_MAX_PIXELS = 512 * 512
-#: What "auto" resolves to: (up to AUTO_LITE2_MAX_PIXELS, above).
-AUTO_BACKBONES: tuple[str, str] = ("efficientnet-lite2", "efficientnet-lite0")
+#: What "auto" resolves to, at every input size. Lite2 was the leave-one-set-out choice
+#: of every fold over Lite0 (reports/suite/retrained.md). Its features cost about 1.4x
+#: Lite0's; above 512 x 512 pixels the memory bank shrinks in proportion to the input
+#: (:func:`anomalyvae.models.bank.auto_bank_size`), which pays for it: evaluate of 400
+#: images of 1130 x 460 took 136-143 s with Lite2 and 4096 rows against 136-149 s with
+#: Lite0 and 8192 in one run (reports/budget), and on the commutators (1216 x 480) Lite2
+#: with 3584 rows ranks pixels 0.919 against Lite0's 0.892 (AUPRO 0.795 against 0.754).
+AUTO_BACKBONE = "efficientnet-lite2"
 #: Feature taps: the last block of stage 3 (stride 8) and of stage 5 (stride 16) - mid-level
 #: features, local enough for small defects: (stage index, stride) of each.
 TAP_STAGES = {"stride8": (2, 8), "stride16": (4, 16)}
@@ -123,20 +123,19 @@ def tap_channels(name: str = "efficientnet-lite0") -> tuple[int, int]:
 def resolve_backbone(name: str, height: int, width: int) -> str:
     """The backbone ``name`` stands for at a model input of ``height`` x ``width``.
 
-    A named backbone is itself; "auto" is EfficientNet-Lite2 up to
-    :data:`AUTO_LITE2_MAX_PIXELS` pixels and EfficientNet-Lite0 above.
+    A named backbone is itself; "auto" is :data:`AUTO_BACKBONE` (EfficientNet-Lite2) at
+    every size (models trained before it took Lite0 above 512 x 512 pixels and keep it:
+    a saved model names its backbone).
     """
     if name not in BACKBONE_CHOICES:
         raise InvalidValueError(f"backbone must be one of {BACKBONE_CHOICES}, got {name!r}")
-    if name != "auto":
-        return name
-    small, large = AUTO_BACKBONES
-    return small if height * width <= AUTO_LITE2_MAX_PIXELS else large
+    del height, width  # the rule once depended on the input size; callers still pass it
+    return AUTO_BACKBONE if name == "auto" else name
 
 
 def backbones_of(name: str) -> tuple[str, ...]:
     """Every backbone ``name`` can resolve to (whose weights it may need)."""
-    return AUTO_BACKBONES if name == "auto" else (name,)
+    return (AUTO_BACKBONE,) if name == "auto" else (name,)
 
 
 def _spec(name: str) -> tuple:

@@ -755,13 +755,15 @@ def write_experiments(results: dict, out: Path) -> None:
             "first measured).",
             "- Kept per-image intensity normalization in the feature model, and the pixel "
             "model for small inputs (`auto`: feature from 96 px up).",
-            "- The feature model's backbone is `--backbone auto` since code f712404: "
-            "EfficientNet-Lite2 for model inputs of at most 512 x 512 pixels, Lite0 above. "
+            "- The feature model's backbone is `--backbone auto`: EfficientNet-Lite2 (since "
+            "code f712404 up to 512 x 512 pixels, Lite0 above; at every size since the "
+            "memory bank shrinks above 512 x 512 pixels, `--bank-size auto`). "
             "Lite2 was the leave-one-set-out choice over Lite0 in every fold of "
             "retrained.md (the `lite2` rows against the Lite0 defaults of that run; "
             "`lite0-rerun` above is Lite0 retrained at a later code). Its features cost "
-            "1.3-1.4x Lite0's, so inputs above 512 x 512 pixels keep Lite0, which holds "
-            "evaluate of 400 images of 1130 x 460 within its 3 minutes (reports/budget).",
+            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank pays for that, "
+            "which holds evaluate of 400 images of 1130 x 460 within its 3 minutes "
+            "(reports/budget).",
         ]
         if probed:
             top = max(probed, key=probed.get)
