@@ -107,7 +107,8 @@ BACKBONE_CHOICES: tuple[str, ...] = ("auto", *BACKBONES)
 #: (:func:`anomalyvae.models.bank.auto_bank_size`), which pays for it: evaluate of 400
 #: images of 1130 x 460 took 136-143 s with Lite2 and 4096 rows against 136-149 s with
 #: Lite0 and 8192 in one run (reports/budget), and on the commutators (1216 x 480) Lite2
-#: with 3584 rows ranks pixels 0.919 against Lite0's 0.892 (AUPRO 0.795 against 0.754).
+#: with 3584 rows ranks pixels 0.925 against Lite0's 0.892 with 8192 (AUPRO 0.811 against
+#: 0.754, image AUROC 0.804 against 0.805; reports/suite/retrained.md).
 AUTO_BACKBONE = "efficientnet-lite2"
 #: Feature taps: the last block of stage 3 (stride 8) and of stage 5 (stride 16) - mid-level
 #: features, local enough for small defects: (stage index, stride) of each.
