@@ -761,8 +761,8 @@ def write_experiments(results: dict, out: Path) -> None:
             "Lite2 was the leave-one-set-out choice over Lite0 in every fold of "
             "retrained.md (the `lite2` rows against the Lite0 defaults of that run; "
             "`lite0-rerun` above is Lite0 retrained at a later code). Its features cost "
-            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank pays for that, "
-            "which holds evaluate of 400 images of 1130 x 460 within its 3 minutes "
+            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank pays for most of "
+            "that: evaluate of 400 images of 1130 x 460 took 182 s against its 3 minutes "
             "(reports/budget).",
         ]
         if probed:
