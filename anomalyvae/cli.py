@@ -81,16 +81,15 @@ def _check_family(value: str) -> str:
 
 
 def _check_bank_size(value: str) -> int | str:
-    """The bank rows asked for: "auto" or at least 16, else a usage error (exit 2)."""
-    if value == "auto":
-        return value
+    """The library's bank-size check, as click's usage error (exit 2)."""
+    from anomalyvae.models.bank import check_bank_size
+
     try:
-        rows = int(value)
+        rows: int | str = value if value == "auto" else int(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither 'auto' nor a number of rows") from None
-    if rows < 16:
-        raise click.BadParameter(f"the bank needs at least 16 rows, got {rows}")
-    return rows
+    with _usage_errors(click.BadParameter):
+        return check_bank_size(rows)
 
 
 def _check_heatmaps(value: str) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomalyvae.errors import InvalidValueError
+
 T = TypeVar("T", Tensor, np.ndarray)
 
 #: Distances one image's ``knn`` block holds at once (location chunk x bank chunk): 1 M
@@ -71,6 +73,22 @@ def auto_bank_size(height: int, width: int) -> int:
         return BANK_SIZE
     rows = int(BANK_SIZE * BANK_FULL_PIXELS / pixels) // BANK_ROW_STEP * BANK_ROW_STEP
     return max(BANK_MIN_ROWS, rows)
+
+
+#: The fewest bank rows a model may be asked for.
+BANK_MIN_REQUEST = 16
+
+
+def check_bank_size(bank_size: object) -> int | str:
+    """``bank_size`` if it is "auto" or an int of at least :data:`BANK_MIN_REQUEST` rows."""
+    if bank_size == "auto":
+        return "auto"
+    whole = isinstance(bank_size, int) and not isinstance(bank_size, bool)
+    if not whole or bank_size < BANK_MIN_REQUEST:
+        raise InvalidValueError(
+            f"bank_size must be 'auto' or at least {BANK_MIN_REQUEST} rows, got {bank_size!r}"
+        )
+    return bank_size
 
 
 def resolve_bank_size(bank_size: int | str, height: int, width: int) -> int:

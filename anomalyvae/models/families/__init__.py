@@ -14,6 +14,7 @@ from torch import nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.backbone import BACKBONE_CHOICES, backbones_of, weights_path
+from anomalyvae.models.bank import check_bank_size
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
@@ -95,9 +96,7 @@ def check_request(params: Mapping[str, Any]) -> None:
     side = params["neighbourhood"]
     if side < 1 or side % 2 == 0:
         raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")
-    rows = params["bank_size"]
-    if rows != "auto" and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 16):
-        raise InvalidValueError(f"bank_size must be 'auto' or at least 16 rows, got {rows!r}")
+    check_bank_size(params["bank_size"])
     if params["map_kind"] != "auto":
         score_kind = params["score_kind"]
         ScoringConfig(
