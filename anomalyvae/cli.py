@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +80,24 @@ def _check_family(value: str) -> str:
     return value
 
 
-def _check_bank_size(value: str) -> int | str:
-    """The library's bank-size check, as click's usage error (exit 2)."""
-    from anomalyvae.models.bank import check_bank_size
+def _auto_or_count(check: str, what: str) -> Callable[..., int | str]:
+    """A click callback for "auto" or a whole number, checked by the library.
 
-    try:
-        rows: int | str = value if value == "auto" else int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number of rows") from None
-    with _usage_errors(click.BadParameter):
-        return check_bank_size(rows)
+    ``check`` names the check in :mod:`anomalyvae.models.bank`; its error becomes click's
+    usage error (exit 2).
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+        from anomalyvae.models import bank
+
+        try:
+            parsed: int | str = value if value == "auto" else int(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is neither 'auto' nor {what}") from None
+        with _usage_errors(click.BadParameter):
+            return getattr(bank, check)(parsed)
+
+    return callback
 
 
 def _check_heatmaps(value: str) -> str:
@@ -243,10 +251,19 @@ def _labelled_data_options(func: Any) -> Any:
     "--bank-size",
     default="auto",
     show_default=True,
-    callback=lambda ctx, param, value: _check_bank_size(value),
+    callback=_auto_or_count("check_bank_size", "a number of rows"),
     help="Feature model: normal feature vectors the memory bank keeps. auto: 8192 for model "
     "inputs of at most 512 x 512 pixels, fewer in proportion above (4096 at 448 x 1088), so "
     "that the nearest-neighbour search costs an image no more than at 512 x 512.",
+)
+@click.option(
+    "--bank-dim",
+    default="auto",
+    show_default=True,
+    callback=_auto_or_count("check_bank_dim", "a number of directions"),
+    help="Feature model: principal directions of the memory bank the nearest-neighbour "
+    "search takes its dot products in (distances keep their exact norms); 0 = every "
+    "feature channel. auto: every channel up to 512 x 512 pixels, 96 above.",
 )
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)

@@ -93,6 +93,11 @@ class VAEAnomalyDetector:
         8192 for model inputs of at most 512 x 512 pixels, fewer in proportion above
         (:func:`anomalyvae.models.bank.auto_bank_size`), so that the search costs an
         image no more than at 512 x 512. At least 16.
+    bank_dim : int or "auto"
+        Feature model: principal directions of the bank in which the search takes its dot
+        products (the distances' norms stay exact); 0 keeps every feature channel, as does
+        a number at or above the backbone's channels. "auto" (default): every channel up
+        to 512 x 512 pixels, 96 above (:func:`anomalyvae.models.bank.auto_bank_dim`).
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`; "auto" kinds are the
         family's defaults (``resolve_scoring`` in :mod:`anomalyvae.models.families`).
@@ -180,6 +185,7 @@ class VAEAnomalyDetector:
         backbone: str = "auto",
         neighbourhood: int = 3,
         bank_size: int | str = "auto",
+        bank_dim: int | str = "auto",
         map_kind: str = "auto",
         score_kind: str = "auto",
         fusion: str = "auto",
@@ -217,6 +223,7 @@ class VAEAnomalyDetector:
         self.backbone = backbone
         self.neighbourhood = neighbourhood
         self.bank_size = bank_size
+        self.bank_dim = bank_dim
         self.map_kind = map_kind
         self.score_kind = score_kind
         self.fusion = fusion

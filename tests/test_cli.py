@@ -143,8 +143,13 @@ def test_usage_error_exit_code(runner, tmp_path):
     # an unknown family, and settings the library rejects, are command-line mistakes
     result = runner.invoke(main, ["train", str(tmp_path), "--model", "nope"])
     assert result.exit_code == 2 and "'nope' is not one of auto, pixel, feature" in result.output
-    for rows, message in (("many", "neither 'auto' nor a number"), ("8", "at least 16 rows")):
-        result = runner.invoke(main, ["train", str(tmp_path), "--bank-size", rows])
+    for option, value, message in (
+        ("--bank-size", "many", "neither 'auto' nor a number of rows"),
+        ("--bank-size", "8", "at least 16 rows"),
+        ("--bank-dim", "wide", "neither 'auto' nor a number of directions"),
+        ("--bank-dim", "-1", "bank_dim must be"),
+    ):
+        result = runner.invoke(main, ["train", str(tmp_path), option, value])
         assert result.exit_code == 2 and message in result.output
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")

@@ -221,8 +221,12 @@ def test_feature_model_exports_one_graph_with_parity(tmp_path):
         tmp_path / "d", n_train=24, n_test_good=4, n_test_defect=4, size=64
     )
     paths = [s.path for s in mvtec_samples(root, "train")]
-    detector = VAEAnomalyDetector(model="feature", epochs=2, target_fpr=0.25, progress=False)
+    # a bank searched in its principal directions (the default above 512 x 512 pixels)
+    detector = VAEAnomalyDetector(
+        model="feature", bank_dim=16, epochs=2, target_fpr=0.25, progress=False
+    )
     detector.fit(paths)
+    assert detector.model_.config.bank_dim == 16
     test = [s.path for s in mvtec_samples(root, "test")]
     images = detector.preprocess(test)
     result = export_onnx(detector, tmp_path / "feature.onnx", images)

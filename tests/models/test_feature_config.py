@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.bank import MAP_BORDER
 from anomalyvae.models.feature_config import MIN_STD, FeatureVAEConfig
 from anomalyvae.models.fusion import VIEW_NAMES
@@ -80,3 +81,39 @@ def test_the_bank_shrinks_above_512_squared_so_an_image_search_never_costs_more(
     assert auto_bank_size(4096, 4096) == BANK_MIN_ROWS
     assert resolve_bank_size("auto", 1216, 480) == 3584
     assert resolve_bank_size(100, 1216, 480) == 100
+
+
+def test_the_bank_is_searched_in_fewer_directions_above_512_squared_only():
+    from anomalyvae.models.bank import (
+        BANK_LARGE_DIM,
+        auto_bank_dim,
+        check_bank_dim,
+        resolve_bank_dim,
+    )
+
+    lite2 = 168  # Lite2's stride-8 and stride-16 channels
+    assert auto_bank_dim(256, 256, lite2) == auto_bank_dim(512, 512, lite2) == 0
+    assert auto_bank_dim(448, 1088, lite2) == auto_bank_dim(1216, 480, lite2) == BANK_LARGE_DIM
+    assert auto_bank_dim(1216, 480, BANK_LARGE_DIM) == 0  # no fewer directions to keep
+    assert resolve_bank_dim("auto", 1216, 480, lite2) == BANK_LARGE_DIM
+    assert resolve_bank_dim("auto", 256, 256, lite2) == 0
+    assert resolve_bank_dim(32, 256, 256, lite2) == 32  # a request holds at any size
+    assert resolve_bank_dim(lite2, 1216, 480, lite2) == 0  # every channel: no projection
+    assert check_bank_dim("auto") == "auto" and check_bank_dim(0) == 0
+    for bad in (-1, 1.5, True, "many"):
+        with pytest.raises(InvalidValueError, match="bank_dim must be"):
+            check_bank_dim(bad)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "bank_dim", "expected"),
+    [(256, 256, "auto", 0), (448, 1088, "auto", 96), (448, 1088, 0, 0), (64, 64, 24, 24)],
+)
+def test_the_detectors_bank_dim_reaches_the_feature_config(height, width, bank_dim, expected):
+    from anomalyvae.detector import VAEAnomalyDetector
+    from anomalyvae.imaging.preprocessing import Preprocessing
+    from anomalyvae.models.families.feature import feature_config
+
+    detector = VAEAnomalyDetector(bank_dim=bank_dim, progress=False)
+    spec = Preprocessing(height=height, width=width, channels=1)
+    assert feature_config(detector, spec).bank_dim == expected

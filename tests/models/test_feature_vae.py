@@ -378,6 +378,7 @@ def test_feature_map_is_position_independent():
         (dict(model="feature", neighbourhood=2), "positive odd"),
         (dict(model="feature", bank_size=8), "at least 16 rows"),
         (dict(model="feature", bank_size="large"), "at least 16 rows"),
+        (dict(model="feature", bank_dim=-1), "bank_dim must be"),
         (dict(model="nope"), "model must be one of"),
     ],
 )
@@ -903,6 +904,29 @@ def test_a_bank_size_reaches_the_model_and_survives_a_reload(
     assert reloaded.bank_size == 64 and reloaded.model_.bank.shape[0] == 64
     np.testing.assert_allclose(
         reloaded.anomaly_score(paths[:4]), small.anomaly_score(paths[:4]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_a_bank_dim_projects_the_trained_bank_and_survives_a_reload(feature_root, tmp_path):
+    """``bank_dim`` directions: the coreset's rows kept in their principal subspace, the
+    norms exact; the model scores the same after a reload."""
+    paths = [s.path for s in mvtec_samples(feature_root, "train")][:24]
+    params = {**FEATURE_TINY, "epochs": 1}
+    full = VAEAnomalyDetector(model="feature", bank_size=64, bank_dim=0, **params).fit(paths)
+    projected = VAEAnomalyDetector(model="feature", bank_size=64, bank_dim=8, **params)
+    projected.fit(paths)
+    model = projected.model_
+    assert full.model_.config.bank_dim == 0 and model.config.bank_dim == 8
+    assert model.bank.shape == (64, 8) and model.bank_basis.shape[1] == 8
+    # the same coreset: its rows' squared distances to their mean are kept exactly
+    rows = full.model_.bank.double()
+    centred_sq = ((rows - rows.mean(0)) ** 2).sum(-1).float()
+    torch.testing.assert_close(model.bank_sq, centred_sq, rtol=1e-4, atol=1e-4)
+    projected.save(tmp_path / "projected.pt")
+    reloaded = VAEAnomalyDetector.load(tmp_path / "projected.pt", progress=False)
+    assert reloaded.bank_dim == 8 and reloaded.model_.config.bank_dim == 8
+    np.testing.assert_allclose(
+        reloaded.anomaly_score(paths[:4]), projected.anomaly_score(paths[:4]), rtol=1e-5, atol=1e-6
     )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.models.backbone import BACKBONE_CHOICES, backbones_of, weights_path
-from anomalyvae.models.bank import check_bank_size
+from anomalyvae.models.bank import check_bank_dim, check_bank_size
 from anomalyvae.models.families.base import ModelFamily, Trained
 from anomalyvae.models.families.feature import FeatureFamily
 from anomalyvae.models.families.pixel import PixelFamily
@@ -77,7 +77,7 @@ def check_request(params: Mapping[str, Any]) -> None:
 
     ``params`` are the detector's: the family name, ``tile_size``, ``backbone`` (whose
     weights, for "auto" both candidates', must be installed unless the pixel model is
-    asked for), ``neighbourhood``, ``bank_size`` and, when not
+    asked for), ``neighbourhood``, ``bank_size``, ``bank_dim`` and, when not
     "auto", the scoring (``map_kind``, ``score_kind``, ``smoothing_sigma``,
     ``topk_fraction``).
     """
@@ -97,6 +97,7 @@ def check_request(params: Mapping[str, Any]) -> None:
     if side < 1 or side % 2 == 0:
         raise InvalidValueError(f"neighbourhood must be a positive odd number, got {side}")
     check_bank_size(params["bank_size"])
+    check_bank_dim(params["bank_dim"])
     if params["map_kind"] != "auto":
         score_kind = params["score_kind"]
         ScoringConfig(

@@ -15,8 +15,8 @@ from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.imaging.synthetic_defects import paste_defects
 from anomalyvae.imaging.tiles import auto_batch_size
-from anomalyvae.models.backbone import resolve_backbone
-from anomalyvae.models.bank import knn_view, resolve_bank_size
+from anomalyvae.models.backbone import resolve_backbone, tap_channels
+from anomalyvae.models.bank import knn_view, resolve_bank_dim, resolve_bank_size
 from anomalyvae.models.families.base import ModelFamily, Trained, input_bytes
 from anomalyvae.models.feature_config import FeatureVAEConfig
 from anomalyvae.models.feature_training import (
@@ -305,16 +305,19 @@ class FeatureFamily(ModelFamily):
 def feature_config(detector: VAEAnomalyDetector, spec: Preprocessing) -> FeatureVAEConfig:
     """The feature model the detector's options ask for, for input ``spec``."""
     fusion = DEFAULT_FUSION if detector.fusion == "auto" else detector.fusion
+    backbone = resolve_backbone(detector.backbone, spec.height, spec.width)
+    channels = sum(tap_channels(backbone))
     return FeatureVAEConfig(
         height=spec.height,
         width=spec.width,
         in_channels=spec.channels,
-        backbone=resolve_backbone(detector.backbone, spec.height, spec.width),
+        backbone=backbone,
         beta=detector.beta,
         tile_side=detector.tile_size,
         tile_overlap=detector.tile_size // 4,
         pool=detector.neighbourhood,
         bank_size=resolve_bank_size(detector.bank_size, spec.height, spec.width),
+        bank_dim=resolve_bank_dim(detector.bank_dim, spec.height, spec.width, channels),
         fusion=fusion,
         # the local excess was chosen with the image-share weighting, whose image
         # view can otherwise outweigh a small defect that only the local views see
