@@ -87,3 +87,17 @@ def test_the_local_excess_is_chosen_by_synthetic_defects_among_settings_that_cos
         others = [s for s in dumps if s != name]
         assert all(chosen[s] >= none[s] - result["tolerance"] for s in others)
     assert result["in_sample"][loso.NO_EXCESS]["synthetic"]["set0"] < 0.7
+
+
+def test_every_rule_scores_a_defect_far_past_every_normal():
+    """A test view hundreds of robust z above the held-out normals (a tiny smoke model's
+    views can be) still gets a finite score from every rule; the soft maximum overflowed."""
+    loso = _loso()
+    rng = np.random.default_rng(2)
+    dumps = {f"set{i}": _dump(rng, good) for i, good in enumerate(["knn", "image"])}
+    for name in ("knn", "global", "image"):
+        dumps["set0"]["test"][name][-1] = 1e4
+    for rule, fn in loso.make_rules().items():
+        scores = fn(dumps["set0"])
+        assert np.isfinite(scores).all(), rule
+        assert scores[-1] >= np.max(scores[:40]), rule  # the far defect ranks above normals
