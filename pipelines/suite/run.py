@@ -526,6 +526,20 @@ def run_time(results: dict, seconds: float) -> str:
     return f"{seconds / 60:.0f} min on " if seconds else "on "
 
 
+def budget_line() -> str:
+    """What the budget report measured for evaluate of the large photos, as a phrase."""
+    path = ROOT / "reports" / "budget" / "results.json"
+    if not path.is_file():
+        return "reports/budget has not been run"
+    budget = json.loads(path.read_text())
+    seconds, limit = budget["evaluate"]["seconds"], budget["limits_s"]["evaluate"]
+    data = budget["data"]
+    return (
+        f"evaluate of {data['n_test']} images of {data['width']} x {data['height']} took "
+        f"{seconds:.0f} s against its {limit:.0f} (reports/budget, {budget['date']})"
+    )
+
+
 def write_report(results: dict, out: Path, budget: float, seconds: float, smoke: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
@@ -761,9 +775,9 @@ def write_experiments(results: dict, out: Path) -> None:
             "Lite2 was the leave-one-set-out choice over Lite0 in every fold of "
             "retrained.md (the `lite2` rows against the Lite0 defaults of that run; "
             "`lite0-rerun` above is Lite0 retrained at a later code). Its features cost "
-            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank pays for most of "
-            "that: evaluate of 400 images of 1130 x 460 took 182 s against its 3 minutes "
-            "(reports/budget).",
+            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank, searched in its "
+            "96 principal directions since code a0c62d8 (`--bank-dim auto`, "
+            "reports/suite/bank.md), pays for that: " + budget_line() + ".",
         ]
         if probed:
             top = max(probed, key=probed.get)
