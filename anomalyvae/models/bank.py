@@ -65,8 +65,9 @@ def auto_bank_size(height: int, width: int) -> int:
     :data:`BANK_SIZE` up to :data:`BANK_FULL_PIXELS` pixels; above, the rows that keep
     the search's locations x rows at its 512 x 512 cost (rounded down to a multiple of
     :data:`BANK_ROW_STEP`, at least :data:`BANK_MIN_ROWS`): 4096 rows at 448 x 1088,
-    3584 at 1216 x 480. On the commutators (1216 x 480) a bank cut to 4096 or 2048 rows
-    ranked images and pixels within 0.004 of 8192 (reports/suite/bank.md).
+    3584 at 1216 x 480. On the commutators (1216 x 480) a bank cut to a half, a quarter
+    or an eighth of its 3584 rows ranked images and pixels within 0.005 of it
+    (reports/suite/bank.md; with Lite0, 4096 and 2048 rows were within 0.004 of 8192).
     """
     pixels = height * width
     if pixels <= BANK_FULL_PIXELS:
