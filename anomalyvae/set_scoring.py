@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,14 +26,19 @@ from anomalyvae.imaging.preprocessing import MaskError, Preprocessing, read_mask
 from anomalyvae.imaging.volumes import read_volume, read_volume_mask, volume_slices
 from anomalyvae.progress import progress_bar
 
-#: Model-input bytes of the images read and scored at a time: memory holds one chunk of
-#: images, not the set (400 colour images of 1130 x 460 px are 2.3 GB as model input).
-CHUNK_BYTES = 256 * 2**20
+#: Model-input bytes of the images read and scored at a time: memory holds a chunk being
+#: scored and the next one being read, not the set (400 colour images of 1130 x 460 px
+#: are 2.3 GB as model input).
+CHUNK_BYTES = 128 * 2**20
 
 
 def images_per_chunk(spec: Preprocessing) -> int:
     """How many images of ``spec``'s model input make a chunk (at least 8)."""
     return max(8, CHUNK_BYTES // (spec.channels * spec.height * spec.width * 4))
+
+
+#: What :func:`read_images` hands back: images, the file of each, the files it could not read.
+Read = tuple[NDArray[np.float32], list[Path], list[ImageReadError]]
 
 
 class ScoredChunk(NamedTuple):
@@ -57,10 +63,12 @@ def scored_chunks(
     views: bool = True,
     desc: str = "evaluating",
 ) -> Iterator[ScoredChunk]:
-    """Read and score files a chunk at a time, so that memory holds one chunk of images.
+    """Read and score files a chunk at a time, so that memory holds two chunks of images.
 
     Each file is read once, as the model sees it; an unreadable file is left out with a
-    warning and named in ``left_out``. ``volumes="slices"`` scores every slice of a NIfTI
+    warning and named in ``left_out``. The next chunk is read in a thread while this one
+    is scored (decoding and resizing are about a tenth of a large image's time, and the
+    scoring leaves gaps on the cores). ``volumes="slices"`` scores every slice of a NIfTI
     volume (each volume a chunk of its own) and every frame of a multi-frame file;
     ``views`` adds the model's candidate views (:meth:`VAEAnomalyDetector.score_map_views`).
     """
@@ -76,9 +84,17 @@ def scored_chunks(
     bar = progress_bar(
         total=len(samples), desc=desc, unit="img", disable=not progress or not samples
     )
+
+    def read_part(part: list[Sample]) -> Read:
+        return read_images([s.path for s in part], spec, "warn", volumes)
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="anomalyvae-read")
     try:
-        for part in parts:
-            images, kept, errors = read_images([s.path for s in part], spec, "warn", volumes)
+        pending = [reader.submit(read_part, parts[0])] if parts else []
+        for index, part in enumerate(parts):
+            images, kept, errors = pending.pop().result()
+            if index + 1 < len(parts):
+                pending.append(reader.submit(read_part, parts[index + 1]))
             left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
             if len(kept):
                 if views:
@@ -91,6 +107,7 @@ def scored_chunks(
                 yield ScoredChunk(readable, kept, scores, maps, found)
             bar.update(len(part))
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)  # a read under way ends first
         bar.close()
 
 

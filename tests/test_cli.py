@@ -336,6 +336,44 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
+def test_evaluate_reads_the_next_chunk_while_it_scores_one(
+    trained, synthetic_root, monkeypatch
+):
+    """The next chunk's files are read in a thread while a chunk is scored: the first
+    chunk's scoring waits for the second chunk's read to begin, which only a read ahead
+    can start (read in turn, the wait runs out and the test fails)."""
+    import threading
+
+    import anomalyvae.evaluation as evaluation
+    import anomalyvae.set_scoring as set_scoring
+
+    detector, _ = trained
+    monkeypatch.setattr(set_scoring, "CHUNK_BYTES", 1)  # chunks of 8 files
+    readers: list[str] = []
+    second_read = threading.Event()
+    real_read, real_score = set_scoring.read_images, detector.score_map_views
+
+    def read_images(paths, *args, **kwargs):
+        readers.append(threading.current_thread().name)
+        if len(readers) == 2:
+            second_read.set()
+        return real_read(paths, *args, **kwargs)
+
+    overlapped: list[bool] = []
+
+    def score_map_views(images):
+        if not overlapped:
+            overlapped.append(second_read.wait(timeout=30))
+        return real_score(images)
+
+    monkeypatch.setattr(set_scoring, "read_images", read_images)
+    monkeypatch.setattr(detector, "score_map_views", score_map_views)
+    found = evaluation.evaluate_on(detector, synthetic_root, progress=False)
+    assert overlapped == [True]
+    assert len(readers) == -(-len(found.per_image) // 8) > 2
+    assert threading.current_thread().name not in readers
+
+
 def test_evaluate_leaves_out_an_image_whose_mask_is_broken_and_names_both(
     runner, trained, synthetic_root, tmp_path
 ):
