@@ -263,7 +263,7 @@ def _labelled_data_options(func: Any) -> Any:
     callback=_auto_or_count("check_bank_dim", "a number of directions"),
     help="Feature model: principal directions of the memory bank the nearest-neighbour "
     "search takes its dot products in (distances keep their exact norms); 0 = every "
-    "feature channel. auto: every channel up to 512 x 512 pixels, 96 above.",
+    "feature channel. auto: every channel up to 512 x 512 pixels, 64 above.",
 )
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)

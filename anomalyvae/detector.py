@@ -97,7 +97,7 @@ class VAEAnomalyDetector:
         Feature model: principal directions of the bank in which the search takes its dot
         products (the distances' norms stay exact); 0 keeps every feature channel, as does
         a number at or above the backbone's channels. "auto" (default): every channel up
-        to 512 x 512 pixels, 96 above (:func:`anomalyvae.models.bank.auto_bank_dim`).
+        to 512 x 512 pixels, 64 above (:func:`anomalyvae.models.bank.auto_bank_dim`).
     map_kind, score_kind, smoothing_sigma, topk_fraction, standardize
         Scoring, see :class:`anomalyvae.models.maps.ScoringConfig`; "auto" kinds are the
         family's defaults (``resolve_scoring`` in :mod:`anomalyvae.models.families`).

@@ -336,9 +336,7 @@ def test_evaluate_reads_a_chunk_at_a_time_with_the_same_results(
     assert [e["path"] for e in chunked.left_out] == [e["path"] for e in whole.left_out]
 
 
-def test_evaluate_reads_the_next_chunk_while_it_scores_one(
-    trained, synthetic_root, monkeypatch
-):
+def test_evaluate_reads_the_next_chunk_while_it_scores_one(trained, synthetic_root, monkeypatch):
     """The next chunk's files are read in a thread while a chunk is scored: the first
     chunk's scoring waits for the second chunk's read to begin, which only a read ahead
     can start (read in turn, the wait runs out and the test fails)."""

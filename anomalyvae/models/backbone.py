@@ -104,11 +104,10 @@ BACKBONE_CHOICES: tuple[str, ...] = ("auto", *BACKBONES)
 #: What "auto" resolves to, at every input size. Lite2 was the leave-one-set-out choice
 #: of every fold over Lite0 (reports/suite/retrained.md). Its features cost about 1.4x
 #: Lite0's; above 512 x 512 pixels the memory bank shrinks in proportion to the input
-#: (:func:`anomalyvae.models.bank.auto_bank_size`) and is searched in 96 directions
-#: (:func:`~anomalyvae.models.bank.auto_bank_dim`), which pays for most of it: evaluate of
-#: 400 images of 1130 x 460 took 182 s with Lite2 and 4096 rows (174 s with Lite0 and 8192
-#: in an earlier run), 188 s with 96 directions at a lower matmul peak (reports/budget; 8 %
-#: less per image than every channel in one run), and on the commutators (1216 x 480) Lite2
+#: (:func:`anomalyvae.models.bank.auto_bank_size`) and is searched in 64 directions
+#: (:func:`~anomalyvae.models.bank.auto_bank_dim`), which pays for it: reports/budget
+#: times evaluate of 400 images of 1130 x 460 against its 3 minutes (174 s with Lite0 and
+#: 8192 rows in an earlier run), and on the commutators (1216 x 480) Lite2
 #: with 3584 rows ranks pixels 0.925 against Lite0's 0.892 with 8192 (AUPRO 0.811 against
 #: 0.754, image AUROC 0.804 against 0.805; reports/suite/retrained.md).
 AUTO_BACKBONE = "efficientnet-lite2"

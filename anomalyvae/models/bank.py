@@ -79,13 +79,17 @@ def auto_bank_size(height: int, width: int) -> int:
 #: Principal directions of the bank that the search takes its dot products in, above
 #: :data:`BANK_FULL_PIXELS` model-input pixels (:func:`auto_bank_dim`; the norms stay
 #: exact, :meth:`~anomalyvae.models.feature_vae.FeatureVAE.project_bank`). Up to
-#: 512 x 512 the bank keeps every feature channel. The mildest projection
-#: reports/suite/bank.md measured: on the commutators (1216 x 480, the suite's only set
-#: above 512 x 512) 96 of Lite2's 168 channels ranked images and pixels as well as all of
-#: them (image / pixel AUROC / AUPRO 0.801 / 0.926 / 0.814 against 0.801 / 0.925 /
-#: 0.811), for 18 % less of the graph; at 8192 rows and 256 x 256 it cost MTD and the
-#: screws at most 0.007, which is why smaller inputs keep every channel.
-BANK_LARGE_DIM = 96
+#: 512 x 512 the bank keeps every feature channel. On the commutators (1216 x 480, the
+#: suite's only set above 512 x 512) every projection reports/suite/bank.md measured
+#: ranked images and pixels as well as all 168 of Lite2's channels: 64 directions 0.803 /
+#: 0.927 / 0.817 image / pixel AUROC / AUPRO against 0.801 / 0.925 / 0.811 (96: 0.801 /
+#: 0.926 / 0.814). 64 is where the search's matrix products get cheap on a CPU (a 65-wide
+#: inner dimension, the norms' column included, runs in about half the time of 97 in
+#: one run, 128 no slower than 97), so an image of 448 x 1088 scores in about 0.9 of the
+#: time of 96 directions. At 256 x 256 and 8192 rows 96 directions already cost the
+#: screws 0.007 image AUROC and 64 cost them 0.021, which is why smaller inputs keep
+#: every channel.
+BANK_LARGE_DIM = 64
 
 
 def auto_bank_dim(height: int, width: int, channels: int) -> int:
@@ -93,9 +97,8 @@ def auto_bank_dim(height: int, width: int, channels: int) -> int:
 
     0 (every one of the backbone's ``channels``) up to :data:`BANK_FULL_PIXELS` pixels,
     :data:`BANK_LARGE_DIM` above (0 again where the backbone has no more channels than
-    that): at 448 x 1088 an image scores in 0.92 of the time of every channel (one run
-    on a 2-core CPU); reports/budget times evaluate of 400 images of 1130 x 460 against
-    its 3 minutes (188 s in its last run, still over).
+    that); reports/budget times evaluate of 400 images of 1130 x 460 against its 3
+    minutes.
     """
     if height * width <= BANK_FULL_PIXELS or channels <= BANK_LARGE_DIM:
         return 0

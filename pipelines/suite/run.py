@@ -775,9 +775,9 @@ def write_experiments(results: dict, out: Path) -> None:
             "Lite2 was the leave-one-set-out choice over Lite0 in every fold of "
             "retrained.md (the `lite2` rows against the Lite0 defaults of that run; "
             "`lite0-rerun` above is Lite0 retrained at a later code). Its features cost "
-            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank, searched in its "
-            "96 principal directions since code a0c62d8 (`--bank-dim auto`, "
-            "reports/suite/bank.md), pays for most of that: " + budget_line() + ".",
+            "about 1.4x Lite0's; above 512 x 512 pixels the smaller bank, searched in "
+            "its 64 principal directions (`--bank-dim auto`, reports/suite/bank.md), "
+            "pays for that: " + budget_line() + ".",
         ]
         if probed:
             top = max(probed, key=probed.get)

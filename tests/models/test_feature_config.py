@@ -107,7 +107,7 @@ def test_the_bank_is_searched_in_fewer_directions_above_512_squared_only():
 
 @pytest.mark.parametrize(
     ("height", "width", "bank_dim", "expected"),
-    [(256, 256, "auto", 0), (448, 1088, "auto", 96), (448, 1088, 0, 0), (64, 64, 24, 24)],
+    [(256, 256, "auto", 0), (448, 1088, "auto", 64), (448, 1088, 0, 0), (64, 64, 24, 24)],
 )
 def test_the_detectors_bank_dim_reaches_the_feature_config(height, width, bank_dim, expected):
     from anomalyvae.detector import VAEAnomalyDetector
