@@ -162,7 +162,9 @@ def plot(results: dict, path: Path) -> None:
     ax.barh(names, seconds, color="#4a78b5", label="measured")
     ax.scatter(limits, names, marker="|", s=400, color="#b00020", label="limit", zorder=3)
     ax.set_xlabel("seconds")
-    ax.legend(loc="lower right", fontsize=8)
+    # room right of the longest bar, so that the legend covers no bar and no limit
+    ax.set_xlim(0, 1.3 * max(seconds + limits))
+    ax.legend(loc="upper right", fontsize=8, markerscale=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
