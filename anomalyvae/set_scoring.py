@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,10 +35,6 @@ CHUNK_BYTES = 128 * 2**20
 def images_per_chunk(spec: Preprocessing) -> int:
     """How many images of ``spec``'s model input make a chunk (at least 8)."""
     return max(8, CHUNK_BYTES // (spec.channels * spec.height * spec.width * 4))
-
-
-#: What :func:`read_images` hands back: images, the file of each, the files it could not read.
-Read = tuple[NDArray[np.float32], list[Path], list[ImageReadError]]
 
 
 class ScoredChunk(NamedTuple):
@@ -84,17 +80,17 @@ def scored_chunks(
     bar = progress_bar(
         total=len(samples), desc=desc, unit="img", disable=not progress or not samples
     )
-
-    def read_part(part: list[Sample]) -> Read:
-        return read_images([s.path for s in part], spec, "warn", volumes)
-
     reader = ThreadPoolExecutor(1, thread_name_prefix="anomalyvae-read")
+
+    def read_ahead(part: list[Sample]) -> Future:
+        return reader.submit(read_images, [s.path for s in part], spec, "warn", volumes)
+
     try:
-        pending = [reader.submit(read_part, parts[0])] if parts else []
+        pending = [read_ahead(part) for part in parts[:1]]
         for index, part in enumerate(parts):
             images, kept, errors = pending.pop().result()
             if index + 1 < len(parts):
-                pending.append(reader.submit(read_part, parts[index + 1]))
+                pending.append(read_ahead(parts[index + 1]))
             left_out += [{"path": display_path(e.path), "error": str(e)} for e in errors]
             if len(kept):
                 if views:
