@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from anomalyvae.data import make_synthetic_dataset, mvtec_samples
-from anomalyvae.detector import VAEAnomalyDetector
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores, before torch starts.
+
+    Every worker otherwise starts torch (and the pipelines' subprocesses, which inherit
+    the environment) with one thread per core: N workers then run N x cores threads on
+    the cores and spin against each other. A thread count the caller set is kept.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_workers()
+
+# after the thread setting: the package imports torch
+from anomalyvae.data import make_synthetic_dataset, mvtec_samples  # noqa: E402
+from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 
 # Small enough for seconds on 2 CPU cores, big enough to rank defects well.
 TINY = dict(
