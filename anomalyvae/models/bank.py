@@ -105,17 +105,22 @@ def auto_bank_dim(height: int, width: int, channels: int) -> int:
     return BANK_LARGE_DIM
 
 
+def _auto_or_at_least(value: object, minimum: int, message: str) -> int | str:
+    """``value`` if it is "auto" or an int (not a bool) >= ``minimum``; else the error."""
+    if value == "auto":
+        return "auto"
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidValueError(f"{message}, got {value!r}")
+    return value
+
+
 def check_bank_dim(bank_dim: object) -> int | str:
     """``bank_dim`` if it is "auto" or a whole number of directions >= 0 (0: every channel)."""
-    if bank_dim == "auto":
-        return "auto"
-    whole = isinstance(bank_dim, int) and not isinstance(bank_dim, bool)
-    if not whole or bank_dim < 0:
-        raise InvalidValueError(
-            f"bank_dim must be 'auto', 0 (every feature channel) or a number of principal "
-            f"directions, got {bank_dim!r}"
-        )
-    return bank_dim
+    return _auto_or_at_least(
+        bank_dim,
+        0,
+        "bank_dim must be 'auto', 0 (every feature channel) or a number of principal directions",
+    )
 
 
 def resolve_bank_dim(bank_dim: int | str, height: int, width: int, channels: int) -> int:
@@ -130,14 +135,9 @@ BANK_MIN_REQUEST = 16
 
 def check_bank_size(bank_size: object) -> int | str:
     """``bank_size`` if it is "auto" or an int of at least :data:`BANK_MIN_REQUEST` rows."""
-    if bank_size == "auto":
-        return "auto"
-    whole = isinstance(bank_size, int) and not isinstance(bank_size, bool)
-    if not whole or bank_size < BANK_MIN_REQUEST:
-        raise InvalidValueError(
-            f"bank_size must be 'auto' or at least {BANK_MIN_REQUEST} rows, got {bank_size!r}"
-        )
-    return bank_size
+    return _auto_or_at_least(
+        bank_size, BANK_MIN_REQUEST, f"bank_size must be 'auto' or at least {BANK_MIN_REQUEST} rows"
+    )
 
 
 def resolve_bank_size(bank_size: int | str, height: int, width: int) -> int:

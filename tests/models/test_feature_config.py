@@ -105,6 +105,17 @@ def test_the_bank_is_searched_in_fewer_directions_above_512_squared_only():
             check_bank_dim(bad)
 
 
+def test_a_bank_size_is_auto_or_a_whole_number_of_at_least_the_minimum_rows():
+    from anomalyvae.errors import InvalidValueError
+    from anomalyvae.models.bank import BANK_MIN_REQUEST, check_bank_size
+
+    assert check_bank_size("auto") == "auto"
+    assert check_bank_size(BANK_MIN_REQUEST) == BANK_MIN_REQUEST
+    for bad in (BANK_MIN_REQUEST - 1, 100.0, True, "many", None):
+        with pytest.raises(InvalidValueError, match=f"at least {BANK_MIN_REQUEST} rows, got"):
+            check_bank_size(bad)
+
+
 @pytest.mark.parametrize(
     ("height", "width", "bank_dim", "expected"),
     [(256, 256, "auto", 0), (448, 1088, "auto", 64), (448, 1088, 0, 0), (64, 64, 24, 24)],
