@@ -50,6 +50,10 @@ class SourceProbe(NamedTuple):
     seconds_per_file: float = 0.0
     #: images each probed file holds, on average (a volume's slices, background too)
     images_per_file: float = 1.0
+    #: the brightest value of the probed 8-bit files, in [0, 1] (None: no 8-bit file)
+    brightest_8bit: float | None = None
+    #: one probed 8-bit file, to name in a message about them
+    example_8bit: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The shapes' ranges, as the model keeps them (``training_data.source_shape``).
@@ -78,6 +82,7 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
     shapes, aspects, colour = [], [], False
     first_error: ImageReadError | None = None
     started, frames = time.perf_counter(), []
+    brightest, example = None, ""  # of the 8-bit files (few_levels_note)
     for path in probe:
         try:
             if is_nifti(path):  # a volume: judge its slices
@@ -94,13 +99,39 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
         aspects.append(decoded.width / decoded.height)
         colour = colour or not is_grayscale(decoded.pixels)
         frames.append(1)
-    if not shapes:
-        raise DatasetError(
-            f"none of the {len(probe)} probed training files could be read; the first: "
-            f"{first_error}"
-        )
+        if decoded.bit_depth == 8 and not decoded.inverted:
+            top = float(decoded.pixels.max())
+            brightest = top if brightest is None else max(brightest, top)
+            example = example or str(path)
     seconds = (time.perf_counter() - started) / len(probe)
-    return SourceProbe(shapes, aspects, colour, seconds, float(np.mean(frames)))
+    mean_frames = float(np.mean(frames))
+    return SourceProbe(shapes, aspects, colour, seconds, mean_frames, brightest, example)
+
+
+#: Files whose brightest stored value is at most this many levels of 255 hold a silhouette.
+FEW_LEVELS_MAX = 3
+
+
+def few_levels_note(probe: SourceProbe) -> str | None:
+    """Plain words when every probed 8-bit training file uses only its darkest levels.
+
+    Values of at most :data:`FEW_LEVELS_MAX` of 255 in every file are the mark of images
+    in [0, 1] written to 8-bit without scaling by 255: what is left is a silhouette of
+    two or three grey levels, whatever the model or normalization. None otherwise (or
+    without 8-bit files: 12-bit data in 16-bit files keeps its levels).
+    """
+    if probe.brightest_8bit is None:
+        return None
+    top = round(probe.brightest_8bit * 255)
+    if top > FEW_LEVELS_MAX:
+        return None
+    return (
+        f"every probed 8-bit training file holds at most {top + 1} grey levels (its "
+        f"brightest value is {top} of 255; e.g. '{probe.example_8bit}'): images in [0, 1] "
+        "written to 8-bit files without scaling by 255 keep only a silhouette of "
+        "themselves. Write them scaled to 0-255 (or as 16-bit) and train again; the "
+        "model learns only what the files hold"
+    )
 
 
 def infer_preprocessing(
@@ -251,6 +282,9 @@ def training_images(
     """
     paths = [Path(p) for p in paths]
     probe = probe_sources(paths)
+    few_levels = few_levels_note(probe)
+    if few_levels:
+        warnings.warn(few_levels, UserWarning, stacklevel=2)
     inferred = infer_model_input(
         paths, params["model"], params["channels"], params["image_size"], probe=probe
     )

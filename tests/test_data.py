@@ -190,3 +190,45 @@ def test_a_missing_subset_of_an_mvtec_root_is_an_error(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "good" / "a.png")
     with pytest.raises(DatasetError, match="without a 'val' folder.*'train'"):
         discover(tmp_path, "val")
+
+
+def _silhouettes(folder, n: int, scale: int, bits: int = 8):
+    """``n`` PNGs whose stored values are 0, 1 or 2 times ``scale`` (8- or 16-bit)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        values = rng.integers(0, 3, (32, 32)) * scale
+        array = values.astype(np.uint8 if bits == 8 else np.uint16)
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def test_8bit_files_of_a_few_dark_levels_are_named_as_unscaled_floats(tmp_path):
+    """Images in [0, 1] written to 8-bit without x 255 keep values 0-2: say so, and the fix."""
+    from anomalyvae.training_data import few_levels_note, probe_sources
+
+    note = few_levels_note(probe_sources(_silhouettes(tmp_path / "float", 6, 1)))
+    assert note and "at most 3 grey levels" in note and "2 of 255" in note
+    assert str(tmp_path / "float") in note and "scaled to 0-255" in note  # a file, the fix
+    assert few_levels_note(probe_sources(_silhouettes(tmp_path / "scaled", 6, 100))) is None
+    # 12-bit or dim data in 16-bit files keeps its levels: no word
+    assert few_levels_note(probe_sources(_silhouettes(tmp_path / "wide", 6, 1, 16))) is None
+
+
+def test_training_on_unscaled_float_files_warns_with_the_fix(tmp_path):
+    from anomalyvae.detector import VAEAnomalyDetector
+
+    paths = _silhouettes(tmp_path / "float", 12, 1)
+    detector = VAEAnomalyDetector(
+        model="pixel",
+        hidden_channels=(8, 16),
+        latent_dim=4,
+        epochs=1,
+        target_fpr=0.25,
+        progress=False,
+        normalization="percentile",
+    )
+    with pytest.warns(UserWarning, match="without scaling by 255"):
+        detector.fit(paths)
