@@ -103,6 +103,11 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
             top = float(decoded.pixels.max())
             brightest = top if brightest is None else max(brightest, top)
             example = example or str(path)
+    if not shapes:
+        raise DatasetError(
+            f"none of the {len(probe)} probed training files could be read; the first: "
+            f"{first_error}"
+        )
     seconds = (time.perf_counter() - started) / len(probe)
     mean_frames = float(np.mean(frames))
     return SourceProbe(shapes, aspects, colour, seconds, mean_frames, brightest, example)
