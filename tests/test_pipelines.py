@@ -288,3 +288,24 @@ def test_a_finer_image_side_is_also_read_smoothed_over_the_products_extent():
     assert finer == {"256 px": sigma, f"256 px, smoothed {2 * sigma:g} px": 2 * sigma}
     assert reductions.side_sigmas(128, 10, 10) == {"128 px": sigma}
     assert reductions.side_sigmas(64, 19, 10) == {"64 px": sigma}
+
+
+def test_the_suite_report_carries_trains_data_warnings_without_machine_paths(tmp_path):
+    """A set of [0, 1] images written to 8-bit unscaled is named in the suite's report,
+    its example file shown relative to the repository as every path in a report."""
+    from PIL import Image
+
+    suite = _suite_module("run")
+    rng = np.random.default_rng(0)
+    sets = {}
+    for name, scale in (("unscaled", 1), ("scaled", 100)):
+        good = tmp_path / name / "train" / "good"
+        good.mkdir(parents=True)
+        for i in range(4):
+            values = (rng.integers(0, 3, (32, 32)) * scale).astype(np.uint8)
+            Image.fromarray(values).save(good / f"{i}.png")
+        sets[name] = tmp_path / name
+    notes = suite.data_notes(sets)
+    assert list(notes) == ["unscaled"] and "2 of 255" in notes["unscaled"]
+    assert "e.g. '/" not in notes["unscaled"]  # relative to the repository, not absolute
+    assert "/unscaled/train/good/" in notes["unscaled"]

@@ -54,6 +54,7 @@ from anomalyvae.models.fusion import (  # noqa: E402
     robust_z_constants,
 )
 from anomalyvae.set_scoring import masks_for  # noqa: E402
+from anomalyvae.training_data import few_levels_note, probe_sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
@@ -540,7 +541,26 @@ def budget_line() -> str:
     )
 
 
-def write_report(results: dict, out: Path, budget: float, seconds: float, smoke: bool) -> None:
+def data_notes(sets: dict[str, Path]) -> dict[str, str]:
+    """What ``anomalyvae train`` warns of each set's training files (its own data checks)."""
+    notes = {}
+    for name, source in sets.items():
+        train = [s.path for s in discover(source, "train") if s.label == 0]
+        probe = probe_sources(train) if train else None
+        note = few_levels_note(probe) if probe else None
+        if note:  # the file it names, as the reports show paths
+            notes[name] = note.replace(probe.example_8bit, shown(Path(probe.example_8bit)))
+    return notes
+
+
+def write_report(
+    results: dict,
+    out: Path,
+    budget: float,
+    seconds: float,
+    smoke: bool,
+    notes: dict[str, str] | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     sets = results["sets"]
@@ -595,6 +615,9 @@ def write_report(results: dict, out: Path, budget: float, seconds: float, smoke:
             f"{'met' if r['meets_rule'] else '**not met**'} | "
             f"{r['best_alternative']['name']} {r['best_alternative']['image_auroc']:.3f} |"
         )
+    if notes:
+        lines += ["", "What `anomalyvae train` warns of the sets' training files:", ""]
+        lines += [f"- {name}: {note}." for name, note in notes.items()]
     lines += [
         "",
         "![image AUROC per set](auroc.png)",
@@ -1023,7 +1046,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         out = args.out or DEFAULT_OUT
         results = json.loads((out / "results.json").read_text())
-        write_report(results, out, results["time_budget_s"], results.get("seconds", 0.0), False)
+        found = discover_sets(args.data_root) if args.data_root.is_dir() else {}
+        notes = data_notes({n: found[n] for n in results["sets"] if n in found})
+        seconds = results.get("seconds", 0.0)
+        write_report(results, out, results["time_budget_s"], seconds, False, notes)
         import loso
 
         if len(loso.load_dumps(out)) >= 2:
@@ -1081,7 +1107,8 @@ def main(argv: list[str] | None = None) -> int:
             append_history(results, out, list(sets))
         results["seconds"] = time.monotonic() - started
         results["sets_run"] = list(sets)
-        write_report(results, out, budget, results["seconds"], args.smoke)
+        notes = data_notes({n: sets[n] for n in results["sets"] if n in sets})
+        write_report(results, out, budget, results["seconds"], args.smoke, notes)
         print(f"wrote {out / 'README.md'}")
         import loso
 
