@@ -23,7 +23,7 @@ from anomalyvae.capacity import Capacity
 from anomalyvae.data import DatasetError
 from anomalyvae.errors import InvalidValueError
 from anomalyvae.imaging.batch import read_images
-from anomalyvae.imaging.io import ImageReadError, read_image
+from anomalyvae.imaging.io import DecodedImage, ImageReadError, read_image
 from anomalyvae.imaging.medical import is_nifti
 from anomalyvae.imaging.preprocessing import Preprocessing, is_grayscale, preprocess
 from anomalyvae.imaging.volumes import read_volume
@@ -50,10 +50,11 @@ class SourceProbe(NamedTuple):
     seconds_per_file: float = 0.0
     #: images each probed file holds, on average (a volume's slices, background too)
     images_per_file: float = 1.0
-    #: the brightest value of the probed 8-bit files, in [0, 1] (None: no 8-bit file)
-    brightest_8bit: float | None = None
-    #: one probed 8-bit file, to name in a message about them
-    example_8bit: str = ""
+    #: the brightest stored value of the probed 8- and 16-bit files, in the files' own
+    #: units (None: no such file)
+    brightest_stored: float | None = None
+    #: one of those files, to name in a message about them
+    example_file: str = ""
 
     def summary(self) -> dict[str, Any]:
         """The shapes' ranges, as the model keeps them (``training_data.source_shape``).
@@ -82,7 +83,7 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
     shapes, aspects, colour = [], [], False
     first_error: ImageReadError | None = None
     started, frames = time.perf_counter(), []
-    brightest, example = None, ""  # of the 8-bit files (few_levels_note)
+    brightest, example = None, ""  # of the 8- and 16-bit files (few_levels_note)
     for path in probe:
         try:
             if is_nifti(path):  # a volume: judge its slices
@@ -99,8 +100,8 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
         aspects.append(decoded.width / decoded.height)
         colour = colour or not is_grayscale(decoded.pixels)
         frames.append(1)
-        if decoded.bit_depth == 8 and not decoded.inverted:
-            top = float(decoded.pixels.max())
+        top = _brightest_stored(decoded)
+        if top is not None:
             brightest = top if brightest is None else max(brightest, top)
             example = example or str(path)
     if not shapes:
@@ -113,28 +114,43 @@ def probe_sources(paths: Sequence[str | os.PathLike[str]], n_probe: int = 64) ->
     return SourceProbe(shapes, aspects, colour, seconds, mean_frames, brightest, example)
 
 
-#: Files whose brightest stored value is at most this many levels of 255 hold a silhouette.
+def _brightest_stored(decoded: DecodedImage) -> float | None:
+    """The brightest value an 8- or 16-bit file stores, else None.
+
+    None also for a file shown dark-for-high: its stored values are turned round.
+    """
+    if decoded.inverted:
+        return None
+    if decoded.bit_depth == 8:
+        return float(decoded.pixels.max()) * 255.0
+    if decoded.bit_depth == 16 and decoded.raw is not None:
+        return float(decoded.raw.max())
+    return None
+
+
+#: Files whose brightest stored value is at most this hold a silhouette of a few levels.
 FEW_LEVELS_MAX = 3
 
 
 def few_levels_note(probe: SourceProbe) -> str | None:
-    """Plain words when every probed 8-bit training file uses only its darkest levels.
+    """Plain words when the probed training files store only their darkest levels.
 
-    Values of at most :data:`FEW_LEVELS_MAX` of 255 in every file are the mark of images
-    in [0, 1] written to 8-bit without scaling by 255: what is left is a silhouette of
-    two or three grey levels, whatever the model or normalization. None otherwise (or
-    without 8-bit files: 12-bit data in 16-bit files keeps its levels).
+    Stored values of at most :data:`FEW_LEVELS_MAX` in every file are the mark of images in
+    [0, 1] written to integer files without scaling (by 255, or 65535): what is left is a
+    silhouette of two or three grey levels, whatever the model or normalization. Dim data
+    (12-bit values in 16-bit files) stores far more levels and gets no word. None
+    without 8- or 16-bit files.
     """
-    if probe.brightest_8bit is None:
+    if probe.brightest_stored is None:
         return None
-    top = round(probe.brightest_8bit * 255)
+    top = round(probe.brightest_stored)
     if top > FEW_LEVELS_MAX:
         return None
     return (
-        f"every probed 8-bit training file holds at most {top + 1} grey levels (its "
-        f"brightest value is {top} of 255; e.g. '{probe.example_8bit}'): images in [0, 1] "
-        "written to 8-bit files without scaling by 255 keep only a silhouette of "
-        "themselves. Write them scaled to 0-255 (or as 16-bit) and train again; the "
+        f"every probed training file holds at most {top + 1} grey levels (the brightest "
+        f"stored value is {top}; e.g. '{probe.example_file}'): images in [0, 1] written to "
+        "8- or 16-bit files without scaling by 255 or 65535 keep only a silhouette of "
+        "themselves. Write them scaled to the file's full range and train again; the "
         "model learns only what the files hold"
     )
 

@@ -205,16 +205,18 @@ def _silhouettes(folder, n: int, scale: int, bits: int = 8):
     return paths
 
 
-def test_8bit_files_of_a_few_dark_levels_are_named_as_unscaled_floats(tmp_path):
-    """Images in [0, 1] written to 8-bit without x 255 keep values 0-2: say so, and the fix."""
+def test_files_of_a_few_dark_levels_are_named_as_unscaled_floats(tmp_path):
+    """Images in [0, 1] written to integer files without x 255 (or x 65535) keep values
+    0-2: say so, name a file and give the fix."""
     from anomalyvae.training_data import few_levels_note, probe_sources
 
-    note = few_levels_note(probe_sources(_silhouettes(tmp_path / "float", 6, 1)))
-    assert note and "at most 3 grey levels" in note and "2 of 255" in note
-    assert str(tmp_path / "float") in note and "scaled to 0-255" in note  # a file, the fix
+    for bits in (8, 16):
+        note = few_levels_note(probe_sources(_silhouettes(tmp_path / f"float{bits}", 6, 1, bits)))
+        assert note and "at most 3 grey levels" in note and "stored value is 2" in note
+        assert str(tmp_path / f"float{bits}") in note and "full range" in note
     assert few_levels_note(probe_sources(_silhouettes(tmp_path / "scaled", 6, 100))) is None
-    # 12-bit or dim data in 16-bit files keeps its levels: no word
-    assert few_levels_note(probe_sources(_silhouettes(tmp_path / "wide", 6, 1, 16))) is None
+    # dim data (12-bit values in 16-bit files) stores far more levels: no word
+    assert few_levels_note(probe_sources(_silhouettes(tmp_path / "wide", 6, 2000, 16))) is None
 
 
 def test_training_on_unscaled_float_files_warns_with_the_fix(tmp_path):

@@ -306,6 +306,6 @@ def test_the_suite_report_carries_trains_data_warnings_without_machine_paths(tmp
             Image.fromarray(values).save(good / f"{i}.png")
         sets[name] = tmp_path / name
     notes = suite.data_notes(sets)
-    assert list(notes) == ["unscaled"] and "2 of 255" in notes["unscaled"]
+    assert list(notes) == ["unscaled"] and "stored value is 2" in notes["unscaled"]
     assert "e.g. '/" not in notes["unscaled"]  # relative to the repository, not absolute
     assert "/unscaled/train/good/" in notes["unscaled"]

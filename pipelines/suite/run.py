@@ -549,7 +549,7 @@ def data_notes(sets: dict[str, Path]) -> dict[str, str]:
         probe = probe_sources(train) if train else None
         note = few_levels_note(probe) if probe else None
         if note:  # the file it names, as the reports show paths
-            notes[name] = note.replace(probe.example_8bit, shown(Path(probe.example_8bit)))
+            notes[name] = note.replace(probe.example_file, shown(Path(probe.example_file)))
     return notes
 
 
