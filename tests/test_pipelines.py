@@ -305,7 +305,9 @@ def test_the_suite_report_carries_trains_data_warnings_without_machine_paths(tmp
             values = (rng.integers(0, 3, (32, 32)) * scale).astype(np.uint8)
             Image.fromarray(values).save(good / f"{i}.png")
         sets[name] = tmp_path / name
-    notes = suite.data_notes(sets)
+    notes = suite.data_notes(["unscaled", "scaled"], tmp_path / "absent", sets)
     assert list(notes) == ["unscaled"] and "stored value is 2" in notes["unscaled"]
+    # a set this run did not train is found under the data root, its note kept
+    assert suite.data_notes(["unscaled"], tmp_path) == notes
     assert "e.g. '/" not in notes["unscaled"]  # relative to the repository, not absolute
     assert "/unscaled/train/good/" in notes["unscaled"]

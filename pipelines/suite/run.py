@@ -541,10 +541,16 @@ def budget_line() -> str:
     )
 
 
-def data_notes(sets: dict[str, Path]) -> dict[str, str]:
-    """What ``anomalyvae train`` warns of each set's training files (its own data checks)."""
+def data_notes(
+    names: list[str], data_root: Path, sets: dict[str, Path] | None = None
+) -> dict[str, str]:
+    """What ``anomalyvae train`` warns of the training files of the sets ``names`` (its
+    own data checks), found in ``sets`` or under ``data_root``: a partial rerun keeps the
+    notes of the sets it did not train."""
+    found = discover_sets(data_root) if data_root.is_dir() else {}
+    found.update(sets or {})
     notes = {}
-    for name, source in sets.items():
+    for name, source in ((n, found[n]) for n in names if n in found):
         train = [s.path for s in discover(source, "train") if s.label == 0]
         probe = probe_sources(train) if train else None
         note = few_levels_note(probe) if probe else None
@@ -1046,8 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         out = args.out or DEFAULT_OUT
         results = json.loads((out / "results.json").read_text())
-        found = discover_sets(args.data_root) if args.data_root.is_dir() else {}
-        notes = data_notes({n: found[n] for n in results["sets"] if n in found})
+        notes = data_notes(list(results["sets"]), args.data_root)
         seconds = results.get("seconds", 0.0)
         write_report(results, out, results["time_budget_s"], seconds, False, notes)
         import loso
@@ -1107,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             append_history(results, out, list(sets))
         results["seconds"] = time.monotonic() - started
         results["sets_run"] = list(sets)
-        notes = data_notes({n: sets[n] for n in results["sets"] if n in sets})
+        notes = data_notes(list(results["sets"]), args.data_root, sets)
         write_report(results, out, budget, results["seconds"], args.smoke, notes)
         print(f"wrote {out / 'README.md'}")
         import loso
