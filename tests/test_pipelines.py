@@ -184,6 +184,30 @@ def test_knn_border_variants_of_reductions_leave_the_edge_out_as_the_product_doe
     assert shares["top 1%"]["test"].tolist() == [0.0, 4.0]
 
 
+def test_knn_extent_variants_tell_a_thin_crack_from_scattered_specks_the_top_share_ties():
+    reductions = _suite_module("reductions")
+    kernels = reductions.line_kernels(5)
+    # every direction is a line of 5 locations through the centre, weights summing to 1
+    assert kernels.shape == (reductions.LINE_ORIENTATIONS, 1, 5, 5)
+    assert ((kernels > 0).sum(dim=(1, 2, 3)) == 5).all()
+    assert np.allclose(kernels.sum(dim=(1, 2, 3)).numpy(), 1.0)
+    distances = np.zeros((3, 20, 30))  # 18 x 28 inside the border: the top 1 % is 5
+    distances[1, 9:14, 12] = 2.0  # a faint crack, five locations down a column
+    for row, col in ((3, 3), (3, 20), (10, 25), (16, 5), (16, 16)):
+        distances[2, row, col] = 2.0  # five specks, no two within a kernel's reach
+    distances[:, 0, :] = 50.0  # a lifted edge the model's border leaves out
+    views = reductions.extent_views({"val": distances[:1], "test": distances}, border=1)
+    top = views[reductions.knn_key(reductions.KNN_TOP_FRACTION)]["test"]
+    assert top.tolist() == [0.0, 2.0, 2.0]  # the top share ranks them alike
+    lines = views[reductions.extent_key("lines", 5)]["test"]
+    assert np.allclose(lines, [0.0, 2.0, 0.4])  # the line keeps the whole crack
+    squares = views[reductions.extent_key("squares", 3)]["test"]
+    assert np.allclose(squares, [0.0, 6 / 9, 2 / 9])
+    # a map smaller than the kernel is averaged whole
+    small = reductions.extent_view(np.ones((2, 3, 3)), reductions.line_kernels(17))
+    assert small.tolist() == [1.0, 1.0]
+
+
 def test_image_likelihood_variants_see_a_move_along_a_normal_direction_the_residual_misses():
     reductions = _suite_module("reductions")
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
     python pipelines/suite/reductions.py            # every feature model the suite trained
     python pipelines/suite/reductions.py --smoke    # tiny synthetic model (CI)
 
-Nine choices of the feature family's fused views are re-made on the models the suite
+Ten choices of the feature family's fused views are re-made on the models the suite
 trained (``runs/suite/<set>/model.pt``), without retraining:
 
 - **knn**: which share of an image's locations the ``knn`` view averages (the default
@@ -16,6 +16,10 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
   bank (the model's ``pool``); the standardization and the coreset bank are rebuilt
   from the training split's features as training builds them; also the mean z-score of
   the views of several neighbourhoods' banks (defects of several sizes);
+- **knn extent**: the extent the location distances are averaged over before the
+  largest average becomes the ``knn`` view: squares, or lines in 12 directions (a thin
+  crack's evidence lies along its length), against the product's top share of locations
+  wherever they lie; also the mean z-score of the top share and a line's;
 - **global covariance**: how the ``global`` view's covariance of the mean feature
   vectors is estimated (Ledoit-Wolf, OAS, diagonal);
 - **image**: how many principal components of the training normals (pooled, as the
@@ -23,7 +27,8 @@ trained (``runs/suite/<set>/model.pt``), without retraining:
   explain a share of the variance. The subspace is refitted on the model's own
   training split, as training fits it;
 - **image reduction**: how the ``image`` view's residual map (off the model's own number
-  of components) becomes one number: its smoothing and the top share averaged;
+  of components) becomes one number: its smoothing and the top share averaged, or the
+  largest mean along a line (as the knn extent);
 - **image side**: the longest side the input is box-averaged to before the ``image``
   view's PCA (the model's own number of components, refitted at each side), a finer side
   with the residual smoothed over the same extent of the input as the product's (the
@@ -104,6 +109,8 @@ IMAGE_SHARES = (0.9, 0.95, 0.99)
 #: image reduction variants: smoothing of the residual map (px) and the top share averaged.
 IMAGE_SIGMAS = (1.0, 2.0)
 IMAGE_TOPS = (0.002, 0.005, 0.01, 0.05)
+#: ... or the largest mean of the unsmoothed residual along lines of these lengths (px).
+IMAGE_LINES = (5, 9)
 #: image side variants: the longest side (px) the input is box-averaged to for the view.
 IMAGE_SIDES = (64, 128, 256)
 #: ... and sides read together, the mean of each side's robust z-score.
@@ -113,6 +120,14 @@ KNN_BORDERS = (0, 1, 2)
 #: knn neighbourhood variants: the side of the box each location's features average.
 NEIGHBOURHOODS = (1, 3, 5)
 NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
+#: knn extent variants: the side (feature locations) of the squares, and the length of
+#: the lines (in :data:`LINE_ORIENTATIONS` directions), the location distances are
+#: averaged over before the largest average is the view: evidence integrated over a
+#: defect's extent (an area, or a thin crack's length) instead of the top share of
+#: locations wherever they lie.
+EXTENT_SQUARES = (3, 5, 9)
+EXTENT_LINES = (5, 9, 17)
+LINE_ORIENTATIONS = 12
 BATCH = 16
 #: The views the product's fused score weighs (in this order).
 FUSED = ("knn", "global", "image")
@@ -121,6 +136,7 @@ VIEW_OF = {
     "knn": "knn",
     "knn border": "knn",
     "knn neighbourhood": "knn",
+    "knn extent": "knn",
     "global covariance": "global",
     "image": "image",
     "image reduction": "image",
@@ -262,6 +278,11 @@ def image_views(
         for sigma in IMAGE_SIGMAS
         for top in IMAGE_TOPS
     }
+    for length in IMAGE_LINES:  # the residual's evidence along a line (a thin crack's)
+        lines = line_kernels(length)
+        reductions[extent_key("lines", length)] = {
+            g: extent_view(m[:, 0], lines) for g, m in maps.items()
+        }
     return counts, reductions
 
 
@@ -323,6 +344,59 @@ def knn_views(groups: dict[str, np.ndarray], border: int = 0) -> dict[str, dict]
             g: combine([z_of(s["val"], s[g]) for s in scales], axis=0) for g in groups
         }
     return out
+
+
+def line_kernels(length: int, orientations: int = LINE_ORIENTATIONS) -> torch.Tensor:
+    """Averaging kernels (orientations, 1, length, length) along lines through the centre,
+    the directions evenly spread over half a turn, each line ``length`` locations long
+    along its steeper axis (one location per row or column; weights 1 / length)."""
+    radius = length // 2
+    kernels = torch.zeros(orientations, 1, length, length)
+    steps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    for i in range(orientations):
+        angle = np.pi * i / orientations
+        sin, cos = np.sin(angle), np.cos(angle)
+        stretch = 1.0 / max(abs(sin), abs(cos))  # a diagonal line spans the whole kernel
+        rows = torch.round(radius + steps * sin * stretch).long()
+        cols = torch.round(radius + steps * cos * stretch).long()
+        kernels[i, 0, rows, cols] = 1.0
+    return kernels / kernels.sum(dim=(2, 3), keepdim=True)
+
+
+def extent_view(distances: np.ndarray, kernels: torch.Tensor) -> np.ndarray:
+    """(n,) the largest average of the location distances (n, h, w) under any of the
+    averaging ``kernels`` (k, 1, s, s), inside the map only (no padding); a map smaller
+    than a kernel is averaged whole."""
+    x = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32))[:, None]
+    side = int(kernels.shape[-1])
+    if min(x.shape[-2:]) < side:
+        return x.flatten(1).mean(1).double().numpy()
+    return F.conv2d(x, kernels).flatten(1).amax(1).double().numpy()
+
+
+def extent_views(groups: dict[str, np.ndarray], border: int) -> dict[str, dict]:
+    """The knn view of each group under every extent (the model's ``border`` left out),
+    the product's top share first."""
+    groups = {g: interior(d, border) for g, d in groups.items()}
+    k = {g: max(1, int(KNN_TOP_FRACTION * d[0].size)) for g, d in groups.items()}
+    out = {knn_key(KNN_TOP_FRACTION): {g: top_mean(d, k[g]) for g, d in groups.items()}}
+    for side in EXTENT_SQUARES:
+        square = torch.full((1, 1, side, side), 1.0 / side**2)
+        out[extent_key("squares", side)] = {g: extent_view(d, square) for g, d in groups.items()}
+    for length in EXTENT_LINES:
+        lines = line_kernels(length)
+        out[extent_key("lines", length)] = {g: extent_view(d, lines) for g, d in groups.items()}
+    top = out[knn_key(KNN_TOP_FRACTION)]
+    for length in EXTENT_LINES[:2]:
+        line = out[extent_key("lines", length)]
+        out[f"{knn_key(KNN_TOP_FRACTION)} + lines of {length}, mean z"] = {
+            g: (z_of(top["val"], top[g]) + z_of(line["val"], line[g])) / 2 for g in groups
+        }
+    return out
+
+
+def extent_key(kind: str, size: int) -> str:
+    return f"largest mean over {kind} of {size}" + (" x " + str(size) if kind == "squares" else "")
 
 
 def features(detector: VAEAnomalyDetector, paths: list[Path]) -> torch.Tensor:
@@ -465,6 +539,9 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "knn": knn_views({"val": val["distances"], "test": tested["distances"]}, config.knn_border),
         "knn border": border_views({"val": val["distances"], "test": tested["distances"]}),
         "knn neighbourhood": neighbourhoods,
+        "knn extent": extent_views(
+            {"val": val["distances"], "test": tested["distances"]}, config.knn_border
+        ),
         "global covariance": covariances,
         "image": counts,
         "image reduction": reductions,
@@ -476,6 +553,7 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         "knn": knn_key(KNN_TOP_FRACTION),
         "knn border": border_key(config.knn_border),
         "knn neighbourhood": neighbourhood_key(config.pool),
+        "knn extent": knn_key(KNN_TOP_FRACTION),
         "global covariance": "Ledoit-Wolf",
         "image": f"{config.image_components} components",
         "image reduction": image_key(IMAGE_SIGMA, IMAGE_TOP_FRACTION),
@@ -577,6 +655,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         "knn border": "knn view: the feature locations along each edge of the map it leaves out",
         "knn neighbourhood": "knn view: the neighbourhood each location's features average "
         "(bank rebuilt)",
+        "knn extent": "knn view: the extent its location distances are averaged over "
+        "(squares or lines, in feature locations)",
         "global covariance": "global view: the covariance of the mean feature vectors",
         "image": "image view: how many principal components span the normals",
         "image reduction": "image view: how its residual map is reduced (model's own components)",
