@@ -129,6 +129,8 @@ EXTENT_SQUARES = (3, 5, 9)
 EXTENT_LINES = (5, 9, 17)
 LINE_ORIENTATIONS = 12
 BATCH = 16
+#: Each set's per-image values of every variant, saved beside its model.
+VALUES_FILE = "reduction_values.npz"
 #: The views the product's fused score weighs (in this order).
 FUSED = ("knn", "global", "image")
 #: The fused view each family of variants replaces.
@@ -607,6 +609,17 @@ def measure(detector: VAEAnomalyDetector, source: Path) -> dict:
         out["families"][family] = rows
     # the product's own image view (the model's subspace) beside its refitted twin
     out["product_image_view"] = float(roc_auc_score(labels, tested["image"]))
+    # every variant's per-image values, for fusions measured on them later (not reported)
+    arrays = {"labels": labels, "unexplained": np.array(unexplained)}
+    for group in views:
+        for name in FUSED:
+            own = families["knn"][default["knn"]] if name == "knn" else None
+            arrays[f"{group}/{name}"] = own[group] if own else views[group][name]
+    for family, variants in families.items():
+        for name, values in variants.items():
+            for group in views:
+                arrays[f"{group}/{family}/{name}"] = np.asarray(values[group], dtype=np.float64)
+    out["values"] = arrays
     return out
 
 
@@ -722,7 +735,11 @@ def feature_models(args) -> Iterator[tuple[str, Path, VAEAnomalyDetector]]:
 
 def main() -> None:
     args = options(__doc__)
-    results = {name: measure(detector, source) for name, source, detector in feature_models(args)}
+    results = {}
+    for name, source, detector in feature_models(args):
+        results[name] = measure(detector, source)
+        # beside the model: each image's value under every variant (runs/, not reports/)
+        np.savez_compressed(args.runs / name / VALUES_FILE, **results[name].pop("values"))
     write(results, args.out, args.smoke)
 
 
