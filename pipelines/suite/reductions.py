@@ -127,6 +127,9 @@ NEIGHBOURHOOD_MIXES = ((1, 3), (1, 3, 5))
 #: locations wherever they lie.
 EXTENT_SQUARES = (3, 5, 9)
 EXTENT_LINES = (5, 9, 17)
+#: ... and lines as long as these shares of the map's longer side (the defects' extent in
+#: proportion to the image, whatever its size).
+EXTENT_SHARES = (0.1, 0.2)
 LINE_ORIENTATIONS = 12
 BATCH = 16
 #: Each set's per-image values of every variant, saved beside its model.
@@ -388,6 +391,12 @@ def extent_views(groups: dict[str, np.ndarray], border: int) -> dict[str, dict]:
     for length in EXTENT_LINES:
         lines = line_kernels(length)
         out[extent_key("lines", length)] = {g: extent_view(d, lines) for g, d in groups.items()}
+    longer = max(next(iter(groups.values())).shape[-2:])
+    for share in EXTENT_SHARES:  # a length in proportion to the map (odd, at least 3)
+        lines = line_kernels(max(3, 2 * round(share * longer / 2) + 1))
+        out[f"largest mean over lines of {share:.0%} of the map's longer side"] = {
+            g: extent_view(d, lines) for g, d in groups.items()
+        }
     top = out[knn_key(KNN_TOP_FRACTION)]
     for length in EXTENT_LINES[:2]:
         line = out[extent_key("lines", length)]
