@@ -24,6 +24,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
         ("suite/drift.py", ["drift.md", "drift.json"]),
         ("suite/bank.py", ["bank.md", "bank.json"]),
         ("suite/reductions.py", ["reductions.md", "reductions.json"]),
+        ("suite/extent.py", ["extent.md", "extent.json"]),
         ("suite/components.py", ["components.md", "components.json"]),
         ("suite/edges.py", ["edges.md", "edges.json"]),
         ("scan/bench.py", []),
@@ -44,6 +45,7 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
         "suite/drift.py",
         "suite/bank.py",
         "suite/reductions.py",
+        "suite/extent.py",
         "suite/components.py",
         "suite/edges.py",
     ):
@@ -59,6 +61,12 @@ def test_pipeline_smoke_mode(script, outputs, tmp_path):
             assert 0.65 < darker["stored_mean_ratio"] < 0.75
             flatter = drift["sets"]["synthetic32"]["lighting"]["flatter (contrast x0.7)"]
             assert "contrast" in flatter  # the smoke model has the contrast range
+        if script == "suite/extent.py":  # every candidate scored, the product's among them
+            extent = json.loads((tmp_path / "report" / "extent.json").read_text())
+            rows = extent["sets"]["synthetic"]
+            assert "no excess" in rows and len(rows) > 100
+            assert all(0 <= v <= 1 for v in rows.values())
+            assert extent["loso"]["majority"] in rows
         if script == "suite/edges.py":  # every border measured, one chosen by the folds
             edges = json.loads((tmp_path / "report" / "edges.json").read_text())
             borders = edges["sets"]["synthetic"]["borders"]
@@ -206,6 +214,35 @@ def test_knn_extent_variants_tell_a_thin_crack_from_scattered_specks_the_top_sha
     # a map smaller than the kernel is averaged whole
     small = reductions.extent_view(np.ones((2, 3, 3)), reductions.line_kernels(17))
     assert small.tolist() == [1.0, 1.0]
+
+
+def test_extent_candidates_keep_the_products_score_and_fall_into_one_family_each():
+    extent = _suite_module("extent")
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(20), np.ones(10)]
+    values = {"labels": labels, "unexplained": np.array(0.5)}
+    for group, n in (("val", 15), ("test", 30)):
+        for name in ("knn", "global", "image"):
+            values[f"{group}/{name}"] = rng.normal(size=n)
+        lifted = rng.normal(size=n) + (3 * labels if group == "test" else 0)
+        values[f"{group}/knn extent/top 1%"] = values[f"{group}/knn"]
+        values[f"{group}/knn extent/largest mean over lines of 5"] = lifted
+    rows = extent.candidates(values)
+    grid = len(extent.WEIGHTS) * len(extent.LEVELS)
+    assert len(rows) == 1 + 2 * 2 * grid  # no excess, and two modes of two variants
+    # the excess reads the knn view itself: "replace" is the same score
+    top = extent.setting("excess", "top 1%", 1.0, 1.0)
+    assert rows[top] == rows[extent.setting("replace", "top 1%", 1.0, 1.0)]
+    # a variant that sees the defects lifts the fused score
+    assert rows[extent.setting("excess", "largest mean over lines of 5", 1.0, 1.0)] > rows[top]
+    assert extent.kind_of(top) == "excess, top share"
+    kinds = {extent.kind_of(k) for k in rows if k != "no excess"}
+    assert kinds == {
+        "excess, top share",
+        "replace, top share",
+        "excess, lines of fixed length",
+        "replace, lines of fixed length",
+    }
 
 
 def test_image_likelihood_variants_see_a_move_along_a_normal_direction_the_residual_misses():
