@@ -21,7 +21,7 @@ def _loso():
 
 def _dump(rng, good: str, n: int = 40) -> dict:
     """Views of a feature model where only the view ``good`` sees the defects."""
-    names = ("local", "elbo", "global", "image", "knn", "pca128_topk", "grey")
+    names = ("local", "elbo", "global", "image", "knn", "extent", "pca128_topk", "grey")
     label = np.r_[np.zeros(n), np.ones(n)]
     test = {name: rng.standard_normal(2 * n) for name in names}
     test[good] = test[good] + 3 * label
@@ -87,6 +87,14 @@ def test_the_local_excess_is_chosen_by_synthetic_defects_among_settings_that_cos
         others = [s for s in dumps if s != name]
         assert all(chosen[s] >= none[s] - result["tolerance"] for s in others)
     assert result["in_sample"][loso.NO_EXCESS]["synthetic"]["set0"] < 0.7
+    assert loso.excess_name(("extent",), 1.0, 1.0) in result["in_sample"]
+    # dumps written before the extent probe: its settings are left out, not a KeyError
+    for dump in dumps.values():
+        for group in ("val", "synthetic", "test"):
+            dump[group].pop("extent")
+    older = loso.excess_loso(dumps)
+    assert not any(name.startswith("extent") for name in older["in_sample"])
+    assert older["folds"].keys() == result["folds"].keys()
 
 
 def test_every_rule_scores_a_defect_far_past_every_normal():

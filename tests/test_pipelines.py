@@ -193,10 +193,10 @@ def test_knn_border_variants_of_reductions_leave_the_edge_out_as_the_product_doe
 
 
 def test_knn_extent_variants_tell_a_thin_crack_from_scattered_specks_the_top_share_ties():
-    reductions = _suite_module("reductions")
-    kernels = reductions.line_kernels(5)
+    reductions, lines = _suite_module("reductions"), _suite_module("lines")
+    kernels = lines.line_kernels(5)
     # every direction is a line of 5 locations through the centre, weights summing to 1
-    assert kernels.shape == (reductions.LINE_ORIENTATIONS, 1, 5, 5)
+    assert kernels.shape == (lines.LINE_ORIENTATIONS, 1, 5, 5)
     assert ((kernels > 0).sum(dim=(1, 2, 3)) == 5).all()
     assert np.allclose(kernels.sum(dim=(1, 2, 3)).numpy(), 1.0)
     distances = np.zeros((3, 20, 30))  # 18 x 28 inside the border: the top 1 % is 5
@@ -207,13 +207,14 @@ def test_knn_extent_variants_tell_a_thin_crack_from_scattered_specks_the_top_sha
     views = reductions.extent_views({"val": distances[:1], "test": distances}, border=1)
     top = views[reductions.knn_key(reductions.KNN_TOP_FRACTION)]["test"]
     assert top.tolist() == [0.0, 2.0, 2.0]  # the top share ranks them alike
-    lines = views[reductions.extent_key("lines", 5)]["test"]
-    assert np.allclose(lines, [0.0, 2.0, 0.4])  # the line keeps the whole crack
+    along = views[reductions.extent_key("lines", 5)]["test"]
+    assert np.allclose(along, [0.0, 2.0, 0.4])  # the line keeps the whole crack
     squares = views[reductions.extent_key("squares", 3)]["test"]
     assert np.allclose(squares, [0.0, 6 / 9, 2 / 9])
     # a map smaller than the kernel is averaged whole
-    small = reductions.extent_view(np.ones((2, 3, 3)), reductions.line_kernels(17))
+    small = lines.extent_view(np.ones((2, 3, 3)), lines.line_kernels(17))
     assert small.tolist() == [1.0, 1.0]
+    assert [lines.share_length(0.2, side) for side in (10, 30, 150)] == [3, 7, 31]
 
 
 def test_extent_candidates_keep_the_products_score_and_fall_into_one_family_each():

@@ -134,8 +134,11 @@ def image_share_rule(
         weights = share_weights(unexplained, scale, power=power)
         z = z_scores({n: data[group][n] for n in {*names, *views}}, data["val"])
         score = sum(weights[VIEW_NAMES.index(n)] * z[n] for n in names)
-        index = tuple(VIEW_NAMES.index(n) for n in views)
-        return score + LocalExcess(index, weight, level).of(z)
+        known = tuple(n for n in views if n in VIEW_NAMES)  # the product's own views
+        score = score + LocalExcess(tuple(map(VIEW_NAMES.index, known)), weight, level).of(z)
+        # a probe view (the bank distances along a line, run.py's ``extent``): the same term
+        over = [np.maximum(z[n] - level, 0.0) for n in views if n not in known]
+        return score + (weight * np.sum(over, axis=0) if over and weight > 0 else 0.0)
 
     return rule
 
@@ -321,8 +324,15 @@ def loso(dumps: dict[str, dict], floors: dict[str, float]) -> dict:
 CURRENT = "fixed (as trained)"
 
 #: The local excess settings tried on top of the product's image-share weights: which
-#: local views, the z level they count above and the weight of their excess.
-EXCESS_VIEW_CHOICES: tuple[tuple[str, ...], ...] = (("knn",), ("local",), ("local", "knn"))
+#: local views, the z level they count above and the weight of their excess. ``extent``
+#: is run.py's probe view (the bank distances averaged along a line, lines.py), in the
+#: dumps written since it exists (``run.py --probes-only`` adds it to older ones).
+EXCESS_VIEW_CHOICES: tuple[tuple[str, ...], ...] = (
+    ("knn",),
+    ("local",),
+    ("local", "knn"),
+    ("extent",),
+)
 EXCESS_LEVELS = (1.0, 2.0, 3.0, 4.0)
 EXCESS_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
 #: A setting is admissible in a fold only if it costs no more than this image AUROC, on
@@ -331,7 +341,9 @@ EXCESS_TOLERANCE = 0.005
 #: ... and reads only views the training normals' cross-fitted scores have (the VAE's
 #: local view would need the VAE retrained per fold), so that every normal still
 #: calibrates the threshold. The other settings are measured and logged, not chosen.
-CROSS_FITTED_VIEWS = ("knn", "global", "image")
+#: ``extent`` is a reduction of the same bank distances as ``knn``, which the training
+#: normals' cross-fitted scores have (each normal's distances leave its own locations out).
+CROSS_FITTED_VIEWS = ("knn", "global", "image", "extent")
 NO_EXCESS = "none"
 
 
@@ -362,7 +374,12 @@ def excess_loso(dumps: dict[str, dict], tolerance: float = EXCESS_TOLERANCE) -> 
     over the fold's other feature-model sets; ties: the smaller weight). Reported per
     held-out set: the real image AUROC and the synthetic separation, chosen against none.
     """
-    grid = excess_grid()
+    feature_dumps = [d for d in dumps.values() if "adaptation" in d]
+    grid = {  # a probe view the dumps lack (written before it existed) cannot be scored
+        name: setting
+        for name, setting in excess_grid().items()
+        if all(v in d[g] for d in feature_dumps for g in ("val", "test") for v in setting[0])
+    }
     rules = {name: image_share_rule(excess=setting) for name, setting in grid.items()}
     real = {
         name: {s: float(roc_auc_score(d["test"]["label"], rule(d))) for s, d in dumps.items()}

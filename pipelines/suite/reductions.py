@@ -78,6 +78,7 @@ sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine  # noqa: E402
 from folds import choose_leave_one_out  # noqa: E402
+from lines import extent_view, line_kernels, share_length  # noqa: E402
 from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
@@ -130,7 +131,6 @@ EXTENT_LINES = (5, 9, 17)
 #: ... and lines as long as these shares of the map's longer side (the defects' extent in
 #: proportion to the image, whatever its size).
 EXTENT_SHARES = (0.1, 0.2)
-LINE_ORIENTATIONS = 12
 BATCH = 16
 #: Each set's per-image values of every variant, saved beside its model.
 VALUES_FILE = "reduction_values.npz"
@@ -351,34 +351,6 @@ def knn_views(groups: dict[str, np.ndarray], border: int = 0) -> dict[str, dict]
     return out
 
 
-def line_kernels(length: int, orientations: int = LINE_ORIENTATIONS) -> torch.Tensor:
-    """Averaging kernels (orientations, 1, length, length) along lines through the centre,
-    the directions evenly spread over half a turn, each line ``length`` locations long
-    along its steeper axis (one location per row or column; weights 1 / length)."""
-    radius = length // 2
-    kernels = torch.zeros(orientations, 1, length, length)
-    steps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    for i in range(orientations):
-        angle = np.pi * i / orientations
-        sin, cos = np.sin(angle), np.cos(angle)
-        stretch = 1.0 / max(abs(sin), abs(cos))  # a diagonal line spans the whole kernel
-        rows = torch.round(radius + steps * sin * stretch).long()
-        cols = torch.round(radius + steps * cos * stretch).long()
-        kernels[i, 0, rows, cols] = 1.0
-    return kernels / kernels.sum(dim=(2, 3), keepdim=True)
-
-
-def extent_view(distances: np.ndarray, kernels: torch.Tensor) -> np.ndarray:
-    """(n,) the largest average of the location distances (n, h, w) under any of the
-    averaging ``kernels`` (k, 1, s, s), inside the map only (no padding); a map smaller
-    than a kernel is averaged whole."""
-    x = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32))[:, None]
-    side = int(kernels.shape[-1])
-    if min(x.shape[-2:]) < side:
-        return x.flatten(1).mean(1).double().numpy()
-    return F.conv2d(x, kernels).flatten(1).amax(1).double().numpy()
-
-
 def extent_views(groups: dict[str, np.ndarray], border: int) -> dict[str, dict]:
     """The knn view of each group under every extent (the model's ``border`` left out),
     the product's top share first."""
@@ -393,7 +365,7 @@ def extent_views(groups: dict[str, np.ndarray], border: int) -> dict[str, dict]:
         out[extent_key("lines", length)] = {g: extent_view(d, lines) for g, d in groups.items()}
     longer = max(next(iter(groups.values())).shape[-2:])
     for share in EXTENT_SHARES:  # a length in proportion to the map (odd, at least 3)
-        lines = line_kernels(max(3, 2 * round(share * longer / 2) + 1))
+        lines = line_kernels(share_length(share, longer))
         out[f"largest mean over lines of {share:.0%} of the map's longer side"] = {
             g: extent_view(d, lines) for g, d in groups.items()
         }

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from common import cli, machine, pca_baseline, plt, shown, tables  # noqa: E402
+from lines import PROBE_LINE_SHARE, extent_view, line_kernels, share_length  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from anomalyvae.data import discover, make_synthetic_dataset  # noqa: E402
@@ -48,6 +49,7 @@ from anomalyvae.detector import VAEAnomalyDetector  # noqa: E402
 from anomalyvae.imaging.batch import read_images  # noqa: E402
 from anomalyvae.imaging.preprocessing import Preprocessing
 from anomalyvae.metrics import sensitivity_at_specificity  # noqa: E402
+from anomalyvae.models.bank import interior  # noqa: E402
 from anomalyvae.models.fusion import (  # noqa: E402
     IMAGE_SHARE_POWER,
     IMAGE_SHARE_SCALE,
@@ -166,7 +168,8 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
     with a synthetic defect pasted in, and of the test images (with labels), plus two
     probes: ``pca128`` (squared residual of a PCA of the training normals pooled to at
     most 128 px), ``pca128_topk`` (the same residual as a map, smoothed at 2 px, top-k
-    mean) and ``grey`` (|z| of the mean grey level against the training normals).
+    mean), ``grey`` (|z| of the mean grey level against the training normals) and, for a
+    feature model with a bank, ``extent`` (the bank distances along a line, lines.py).
     pipelines/suite/loso.py chooses fusion rules from these, leave-one-set-out.
     ``model_views=False`` computes the probes only (``--probes-only``). For a feature
     model, ``adaptation`` holds the label-free signal of the image-share fusion: the share
@@ -214,6 +217,28 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
             "grey": np.abs(grey - grey_mean) / grey_std,
         }
 
+    model = detector.model_
+    has_bank = bool(getattr(model.config, "bank_size", 0)) and hasattr(model, "knn_locations")
+
+    def extent_probe(chunks) -> dict[str, np.ndarray]:
+        """``extent``: the largest mean of the bank distances along a line of
+        ``PROBE_LINE_SHARE`` of the location map (the model's border left out); feature
+        models with a bank only. ``chunks`` yields model-ready image arrays."""
+        if not has_bank:
+            return {}
+        parts = []
+        with torch.no_grad():
+            for images in chunks:
+                x = torch.from_numpy(np.ascontiguousarray(images))
+                distances = model.knn_locations(model.standardize(model.raw_features(x)))
+                parts.append(interior(distances.numpy(), model.config.knn_border))
+        distances = np.concatenate(parts)
+        length = share_length(PROBE_LINE_SHARE, max(distances.shape[-2:]))
+        return {"extent": extent_view(distances, line_kernels(length))}
+
+    def in_chunks(images: np.ndarray):
+        return (images[start : start + 16] for start in range(0, len(images), 16))
+
     val_images = detector.preprocess(val_paths)
     synthetic = paste_defects(val_images, seed=0).images
 
@@ -236,6 +261,8 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
         ),
     ):
         groups[group] = {**views, **probes_of(flat, grey)}
+    groups["val"].update(extent_probe(in_chunks(val_images)))
+    groups["synthetic"].update(extent_probe(in_chunks(synthetic)))
     test_paths = [s.path for s in test]
     test_flat, test_grey = pooled_files(test_paths)
     scores = getattr(detector, "calibration_scores_", None)
@@ -245,9 +272,13 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
     if hasattr(family, "unexplained_share"):  # the image-share fusion's signal
         share = family.unexplained_share(detector, val_images)
         groups["adaptation"] = {"image_unexplained": np.array([share])}
+    test_chunks = (
+        detector.preprocess(test_paths[i : i + 16]) for i in range(0, len(test_paths), 16)
+    )
     groups["test"] = {
         **views_of(test_paths),
         **probes_of(test_flat, test_grey),
+        **extent_probe(test_chunks),
         "label": np.array([s.label for s in test], dtype=float),
     }
     return {
