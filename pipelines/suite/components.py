@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
-from folds import choose_leave_one_out  # noqa: E402
+from folds import choose_leave_one_out, fold_table  # noqa: E402
 from reductions import FUSED, batches, feature_models, pooled, reduced, z_of  # noqa: E402
 from trained import options  # noqa: E402
 
@@ -160,16 +160,7 @@ def write(results: dict, out: Path, smoke: bool) -> None:
         shown = ", ".join(f"{k}: {v:.0f}" for k, v in r["likelihoods"].items())
         lines.append(f"- {name}: {shown or 'too few normals to compare'}")
     if decision:
-        lines += [
-            "",
-            "| left out | chosen on the others | their mean gain | held-out gain |",
-            "|---|---|---|---|",
-        ]
-        for held, fold in decision["folds"].items():
-            lines.append(
-                f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | "
-                f"{fold['held_gain']:+.3f} |"
-            )
+        lines += ["", *fold_table(decision)]
         verdict = "**adopted**" if decision["adopt"] else "**not adopted**"
         lines += [
             "",

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine, plt  # noqa: E402
-from folds import choose_leave_one_out  # noqa: E402
+from folds import choose_leave_one_out, fold_table  # noqa: E402
 from trained import options, trained_models  # noqa: E402
 
 from anomalyvae.data import discover  # noqa: E402
@@ -246,14 +246,8 @@ def write(results: dict, out: Path, smoke: bool) -> None:
             "Each set with masks left out in turn; the border is chosen on the others by the "
             "mean of pixel AUROC and AUPRO (gain over one set of constants, `border 0`).",
             "",
-            "| left out | chosen on the others | their mean gain | held-out gain |",
-            "|---|---|---|---|",
+            *fold_table(decision, digits=4),
         ]
-        for n, fold in decision["folds"].items():
-            lines.append(
-                f"| {n} | {fold['chosen']} | {fold['others_gain']:+.4f} | "
-                f"{fold['held_gain']:+.4f} |"
-            )
         verdict = (
             f"adopt {decision['majority']}"
             if decision["adopt"]

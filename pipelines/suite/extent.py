@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine  # noqa: E402
-from folds import choose_leave_one_out  # noqa: E402
+from folds import choose_leave_one_out, fold_table  # noqa: E402
 from reductions import FUSED, VALUES_FILE, knn_key, measure, z_of  # noqa: E402
 from trained import options  # noqa: E402
 
@@ -191,14 +191,8 @@ def write(results: dict[str, dict[str, float]], out: Path, smoke: bool) -> None:
         f"The {SHOWN} best of {len(ranked)} candidates by mean gain over the product's "
         "setting in-sample; every one is in extent.json.",
         "",
-        "| left out | chosen on the others | their mean gain | held-out AUROC | held-out gain |",
-        "|---|---|---|---|---|",
+        *fold_table(decision, held_score=lambda held, chosen: results[held][chosen]),
     ]
-    for held, fold in decision["folds"].items():
-        lines.append(
-            f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | "
-            f"{results[held][fold['chosen']]:.3f} | {fold['held_gain']:+.3f} |"
-        )
     verdict = (
         "**qualifies as the default** (to adopt it: the product's fused score and its "
         "cross-fitted calibration read the variant, retrain, rerun the suite; this script "

@@ -9,6 +9,8 @@ the estimate for a set nobody tuned on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 #: What a missing candidate counts as on a set (it cannot be chosen for what it lacks).
@@ -35,3 +37,28 @@ def choose_leave_one_out(gain: dict[str, dict[str, float]], default: str) -> dic
     mean_gain = float(np.mean([f["held_gain"] for f in folds.values()])) if folds else 0.0
     adopt = top != default and choices.count(top) * 2 > len(choices) and mean_gain > 0
     return {"folds": folds, "majority": top, "held_mean_gain": mean_gain, "adopt": bool(adopt)}
+
+
+def fold_table(
+    decision: dict,
+    digits: int = 3,
+    held_score: Callable[[str, str], float] | None = None,
+    score_label: str = "held-out AUROC",
+) -> list[str]:
+    """The markdown rows of a :func:`choose_leave_one_out` decision's folds: the set left
+    out, the choice made on the others, their mean gain and the held-out gain (gains with
+    ``digits`` decimals); ``held_score(set, chosen)`` adds a column before the last."""
+    extra = held_score is not None
+    rows = [
+        "| left out | chosen on the others | their mean gain | "
+        + (f"{score_label} | " if extra else "")
+        + "held-out gain |",
+        "|---|---|---|" + ("---|" if extra else "") + "---|",
+    ]
+    for held, fold in decision["folds"].items():
+        score = f"{held_score(held, fold['chosen']):.3f} | " if held_score else ""
+        rows.append(
+            f"| {held} | {fold['chosen']} | {fold['others_gain']:+.{digits}f} | "
+            f"{score}{fold['held_gain']:+.{digits}f} |"
+        )
+    return rows

@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine  # noqa: E402
-from folds import choose_leave_one_out  # noqa: E402
+from folds import choose_leave_one_out, fold_table  # noqa: E402
 from lines import extent_view, line_kernels, share_length  # noqa: E402
 from trained import options, trained_models  # noqa: E402
 
@@ -674,13 +674,7 @@ def write(results: dict, out: Path, smoke: bool) -> None:
                 extra = f" [{row['components']}]" if row and "components" in row else ""
                 cells.append(f"{row['alone']:.3f}{extra} | {row['fused']:.3f}" if row else "– | –")
             lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
-        lines += ["", "| left out | chosen on the others | their mean gain | held-out gain |"]
-        lines += ["|---|---|---|---|"]
-        for held, fold in decision["folds"].items():
-            lines.append(
-                f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | "
-                f"{fold['held_gain']:+.3f} |"
-            )
+        lines += ["", *fold_table(decision)]
         verdict = (
             "**qualifies as the default** (to adopt it: set it in the product, retrain, "
             "rerun the suite; this script changes nothing)"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT / "pipelines" / "suite"))
 
 from common import machine  # noqa: E402
-from folds import choose_leave_one_out  # noqa: E402
+from folds import choose_leave_one_out, fold_table  # noqa: E402
 
 DEFAULTS = "defaults"
 #: The columns shown per candidate and set (key in the run's ``defaults``, header).
@@ -197,13 +197,8 @@ def write(judged: dict, out: Path, smoke: bool) -> None:
         "",
         "## Leave-one-set-out on image AUROC",
         "",
-        "| left out | chosen on the others | their mean gain | held-out gain |",
-        "|---|---|---|---|",
+        *fold_table(decision),
     ]
-    for held, fold in decision["folds"].items():
-        lines.append(
-            f"| {held} | {fold['chosen']} | {fold['others_gain']:+.3f} | {fold['held_gain']:+.3f} |"
-        )
     verdict = (
         f"**{decision['majority']} qualifies as the default**"
         if decision["adopt"]
