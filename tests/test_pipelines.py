@@ -169,6 +169,22 @@ def test_a_variant_qualifies_only_by_a_majority_of_folds_and_a_held_out_gain(win
         assert fold["held_gain"] == (wins[held] if others > 0 else 0.0)
 
 
+def test_a_tied_fold_choice_names_the_earliest_folds_choice_whatever_the_hashing():
+    folds = _suite_module("folds")
+    sets = ["zeta", "alpha", "mu", "beta"]
+    gain = {s: {"default": 0.0} for s in sets}
+    for i, held in enumerate(sets):  # each fold's other sets prefer another variant
+        for j, name in enumerate(sets):
+            gain[held][f"v_{name}"] = -1.0 if i == j else 0.1 * ((j - i) % 4)
+    decision = folds.choose_leave_one_out(gain, "default")
+    choices = [f["chosen"] for f in decision["folds"].values()]
+    assert choices == ["v_zeta", "v_alpha", "v_mu", "v_beta"]  # one fold each: a tie
+    assert decision["majority"] == "v_zeta" and not decision["adopt"]
+    rows = folds.fold_table(decision, held_score=lambda held, chosen: 0.5)
+    assert rows[0].count("|") == 6 and len(rows) == 2 + len(sets)
+    assert rows[2] == "| zeta | v_zeta | +0.200 | 0.500 | -1.000 |"
+
+
 def test_every_knn_share_of_reductions_gets_its_own_row():
     reductions = _suite_module("reductions")
     distances = np.arange(2 * 1000, dtype=float).reshape(2, 1000)

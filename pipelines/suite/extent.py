@@ -193,6 +193,7 @@ def write(results: dict[str, dict[str, float]], out: Path, smoke: bool) -> None:
         "",
         *fold_table(decision, held_score=lambda held, chosen: results[held][chosen]),
     ]
+    picked = [fold["chosen"] for fold in decision["folds"].values()]
     verdict = (
         "**qualifies as the default** (to adopt it: the product's fused score and its "
         "cross-fitted calibration read the variant, retrain, rerun the suite; this script "
@@ -202,7 +203,8 @@ def write(results: dict[str, dict[str, float]], out: Path, smoke: bool) -> None:
     )
     lines += [
         "",
-        f"Majority choice: {decision['majority']}; held-out mean gain of the fold choices "
+        f"Majority choice: {decision['majority']} ({picked.count(decision['majority'])} of "
+        f"{len(picked)} folds); held-out mean gain of the fold choices "
         f"{decision['held_mean_gain']:+.3f} image AUROC: {verdict}.",
         "",
         "The same choice inside each family of candidates (one mode, one shape; the "

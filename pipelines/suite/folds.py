@@ -33,7 +33,9 @@ def choose_leave_one_out(gain: dict[str, dict[str, float]], default: str) -> dic
             "held_gain": float(gain[held][chosen]),
         }
     choices = [f["chosen"] for f in folds.values()]
-    top = max(set(choices), key=lambda v: (choices.count(v), v == default))
+    # ties: the default, then the choice of the earliest fold (never the set order of
+    # the names, which changes from run to run with Python's string hashing)
+    top = max(dict.fromkeys(choices), key=lambda v: (choices.count(v), v == default))
     mean_gain = float(np.mean([f["held_gain"] for f in folds.values()])) if folds else 0.0
     adopt = top != default and choices.count(top) * 2 > len(choices) and mean_gain > 0
     return {"folds": folds, "majority": top, "held_mean_gain": mean_gain, "adopt": bool(adopt)}
