@@ -188,12 +188,30 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
         x = torch.from_numpy(np.ascontiguousarray(images))
         return (F.avg_pool2d(x, pool) if pool > 1 else x).flatten(1).double().numpy()
 
-    def pooled_files(paths) -> tuple[np.ndarray, np.ndarray]:
+    model = detector.model_
+    has_bank = bool(getattr(model.config, "bank_size", 0)) and hasattr(model, "knn_locations")
+
+    def extent_of(images: np.ndarray) -> np.ndarray:
+        """(n,) the largest mean of the bank distances along a line of
+        ``PROBE_LINE_SHARE`` of the location map (the model's border left out) of
+        model-ready images; feature models with a bank only."""
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(images))
+            distances = model.knn_locations(model.standardize(model.raw_features(x))).numpy()
+        distances = interior(distances, model.config.knn_border)
+        length = share_length(PROBE_LINE_SHARE, max(distances.shape[-2:]))
+        return extent_view(distances, line_kernels(length))
+
+    def pooled_files(paths, extents: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled images and mean grey levels of ``paths``; each chunk's ``extent_of``
+        appended to ``extents`` when given (the files are read once)."""
         parts, greys = [], []
         for start in range(0, len(paths), 32):
             images = detector.preprocess(paths[start : start + 32])
             parts.append(pooled(images))
             greys.append(images.reshape(len(images), -1).mean(1))
+            if extents is not None:
+                extents.append(extent_of(images))
         return np.concatenate(parts), np.concatenate(greys)
 
     train_pooled, train_grey = pooled_files(train_paths)
@@ -217,27 +235,14 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
             "grey": np.abs(grey - grey_mean) / grey_std,
         }
 
-    model = detector.model_
-    has_bank = bool(getattr(model.config, "bank_size", 0)) and hasattr(model, "knn_locations")
+    def extent_probe(parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """``extent`` of the chunks' :func:`extent_of` values (nothing without a bank)."""
+        return {"extent": np.concatenate(parts)} if has_bank and parts else {}
 
-    def extent_probe(chunks) -> dict[str, np.ndarray]:
-        """``extent``: the largest mean of the bank distances along a line of
-        ``PROBE_LINE_SHARE`` of the location map (the model's border left out); feature
-        models with a bank only. ``chunks`` yields model-ready image arrays."""
+    def extents_in(images: np.ndarray) -> list[np.ndarray]:
         if not has_bank:
-            return {}
-        parts = []
-        with torch.no_grad():
-            for images in chunks:
-                x = torch.from_numpy(np.ascontiguousarray(images))
-                distances = model.knn_locations(model.standardize(model.raw_features(x)))
-                parts.append(interior(distances.numpy(), model.config.knn_border))
-        distances = np.concatenate(parts)
-        length = share_length(PROBE_LINE_SHARE, max(distances.shape[-2:]))
-        return {"extent": extent_view(distances, line_kernels(length))}
-
-    def in_chunks(images: np.ndarray):
-        return (images[start : start + 16] for start in range(0, len(images), 16))
+            return []
+        return [extent_of(images[start : start + 32]) for start in range(0, len(images), 32)]
 
     val_images = detector.preprocess(val_paths)
     synthetic = paste_defects(val_images, seed=0).images
@@ -261,10 +266,11 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
         ),
     ):
         groups[group] = {**views, **probes_of(flat, grey)}
-    groups["val"].update(extent_probe(in_chunks(val_images)))
-    groups["synthetic"].update(extent_probe(in_chunks(synthetic)))
+    groups["val"].update(extent_probe(extents_in(val_images)))
+    groups["synthetic"].update(extent_probe(extents_in(synthetic)))
     test_paths = [s.path for s in test]
-    test_flat, test_grey = pooled_files(test_paths)
+    test_extents: list[np.ndarray] | None = [] if has_bank else None
+    test_flat, test_grey = pooled_files(test_paths, test_extents)
     scores = getattr(detector, "calibration_scores_", None)
     if model_views and scores is not None:  # what the product's threshold was read from
         groups["calibration"] = {"fused": np.asarray(scores)}
@@ -272,13 +278,10 @@ def view_dump(detector, train_paths, val_paths, test, model_views: bool = True) 
     if hasattr(family, "unexplained_share"):  # the image-share fusion's signal
         share = family.unexplained_share(detector, val_images)
         groups["adaptation"] = {"image_unexplained": np.array([share])}
-    test_chunks = (
-        detector.preprocess(test_paths[i : i + 16]) for i in range(0, len(test_paths), 16)
-    )
     groups["test"] = {
         **views_of(test_paths),
         **probes_of(test_flat, test_grey),
-        **extent_probe(test_chunks),
+        **extent_probe(test_extents or []),
         "label": np.array([s.label for s in test], dtype=float),
     }
     return {
